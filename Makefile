@@ -1,0 +1,50 @@
+# Switchyard: `make serve` and `make test` each set everything up from nothing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REPOSITORY ?= models
+PROTO_SRC := protos/inference.proto
+PROTO_OUT := protos/inference_pb2.py protos/inference_pb2_grpc.py protos/inference_pb2.pyi
+PYTEST_ARGS ?=
+
+.PHONY: serve test bench demo protos check-protos lint typecheck clean models
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[models,dev]'
+	@touch $(STAMP)
+
+# Regenerate the protobuf and gRPC code from protos/*.proto (committed; a test
+# fails when it is stale).
+protos: $(STAMP)
+	$(PY) -m gateway.protogen --out .
+
+check-protos: $(STAMP)
+	$(PY) -m gateway.protogen --check
+
+# The demo model repository, built from code (trained and exported here, nothing downloaded).
+$(REPOSITORY)/.built: $(STAMP) backends/demo_models.py
+	$(PY) -m backends.demo_models --repository $(REPOSITORY)
+	@touch $@
+
+models: $(REPOSITORY)/.built
+
+serve: models
+	$(VENV)/bin/switchyard serve
+
+test: models
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway backends tests
+	$(VENV)/bin/mypy gateway backends
+
+typecheck: lint
+
+bench: models
+	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) $(REPOSITORY) .pytest_cache

@@ -1,0 +1,149 @@
+"""Tensor datatypes and signatures of the Open Inference Protocol, as domain types.
+
+Maps protocol datatypes (`FP32`, `BYTES`, ...) to numpy dtypes and to the
+typed-contents fields of the protocol, encodes and decodes the length-prefixed
+BYTES layout, and validates shapes against a model's signature. Imports numpy
+only: no protobuf, no runtime.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+# Protocol datatype -> numpy dtype. BYTES tensors are object arrays of `bytes`.
+NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+# Protocol datatype -> the InferTensorContents field that carries it typed.
+# FP16 has no typed field: it travels only as raw contents.
+CONTENTS_FIELDS: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+# Triton model-config enum names (ModelConfig's DataType) per protocol datatype.
+CONFIG_TYPES: dict[str, str] = {
+    dt: ("TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}") for dt in NUMPY_DTYPES
+}
+
+# The most elements one tensor may declare; larger shapes are rejected before
+# any allocation (a shape is caller input, and so is its product).
+MAX_ELEMENTS = 1 << 31
+
+
+def datatype_of(dtype: np.dtype[np.generic]) -> str:
+    """The protocol datatype for a numpy dtype (str and object arrays are BYTES)."""
+    if dtype.kind in ("O", "U", "S"):
+        return "BYTES"
+    for name, candidate in NUMPY_DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"no protocol datatype for numpy dtype {dtype}")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output of a model: name, protocol datatype, shape (-1 = any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def check_shape(self, shape: Sequence[int]) -> str | None:
+        """Why `shape` does not fit this spec, or None when it does."""
+        if len(shape) != len(self.shape):
+            return (
+                f"shape {list(shape)} has rank {len(shape)}, "
+                f"the model takes rank {len(self.shape)} {list(self.shape)}"
+            )
+        for axis, (got, want) in enumerate(zip(shape, self.shape, strict=True)):
+            if want >= 0 and got != want:
+                return (
+                    f"shape {list(shape)} does not match the model's {list(self.shape)} "
+                    f"at dimension {axis}"
+                )
+        return None
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements of `shape` (Python ints: no overflow)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def shape_problem(shape: Sequence[int]) -> str | None:
+    """Why a caller-given shape is malformed (negative or overflowing), or None."""
+    for dim in shape:
+        if dim < 0:
+            return f"shape {list(shape)} has a negative dimension {dim}"
+    if element_count(shape) > MAX_ELEMENTS:
+        return f"shape {list(shape)} has more than {MAX_ELEMENTS} elements"
+    return None
+
+
+def decode_bytes_tensor(raw: bytes, count: int) -> npt.NDArray[np.object_] | str:
+    """Decodes BYTES raw contents (each element: uint32 little-endian length, then
+    the bytes) into an object array of `count` elements; a string says what is wrong."""
+    out = np.empty(count, dtype=np.object_)
+    view = memoryview(raw)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(view):
+            return f"raw BYTES contents end after {index} of {count} elements"
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            return f"raw BYTES element {index} declares {length} bytes past the end"
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        return f"raw BYTES contents hold {len(view) - offset} bytes after {count} elements"
+    return out
+
+
+def encode_bytes_tensor(array: npt.NDArray[np.generic]) -> bytes:
+    """Encodes an object/str array in the length-prefixed BYTES layout."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def as_bytes_items(array: npt.NDArray[np.generic]) -> list[bytes]:
+    """Elements of a BYTES tensor as `bytes` (str elements encoded as UTF-8)."""
+    return [
+        item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        for item in array.reshape(-1)
+    ]

@@ -1,0 +1,436 @@
+"""The backend worker: serves a model repository over the Open Inference Protocol.
+
+`switchyard backend --repository DIR --listen HOST:PORT --threads N
+--hardware-class NAME [--models ...]` loads one variant per model (ONNX Runtime
+for now), verifies each artifact's sha256 against its manifest, and answers the
+same gRPC API as the gateway, so the gateway can route to it or to any other v2
+server alike. Inference runs in worker threads behind a dynamic batcher, never
+on the event loop. On start it prints one JSON line,
+`{"event": "listening", "address": ..., "pid": ...}`, for supervisors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from backends import __version__
+from backends.batching import Batcher, RunFn
+from backends.codec import DecodedRequest, Signature, decode_request, encode_response
+from backends.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
+from backends.repository import ManifestError, ModelRepository, Variant
+from backends.runtime import Array, RuntimeAdapter
+from backends.status import code_for
+from backends.tensors import CONFIG_TYPES
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("switchyard.backend")
+
+MODEL_VERSION = "1"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a worker runs."""
+
+    repository: Path
+    threads: int = 1
+    """Threads for inference: the runtime's intra-op pool, so the worker stands for an
+    instance with this many cores."""
+    hardware_class: str = "cpu"
+    models: tuple[str, ...] = ()
+    """Models to serve; empty: every model in the repository."""
+    emulate_latency_ms: float = 0.0
+    """Added to every execution, standing for slower hardware (reported in metadata)."""
+    max_queue_delay_us: int = 0
+    """How long a batch may wait for more requests; 0 batches only what is already queued."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+class ServedModel:
+    """One model as this worker serves it: a loaded variant behind a batcher."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        adapter: RuntimeAdapter,
+        batcher: Batcher,
+        settings: WorkerSettings,
+    ) -> None:
+        self.name = variant.model
+        self.variant = variant
+        self.adapter = adapter
+        self.batcher = batcher
+        self.signature = Signature(
+            adapter.inputs, adapter.outputs, variant.manifest.max_batch_size
+        )
+        self.output_specs = {s.name: s for s in adapter.outputs}
+        self.settings = settings
+        self.success = [0, 0]  # count, ns
+        self.fail = [0, 0]
+        self.last_inference_ms = 0
+
+    def check_version(self, version: str) -> None:
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version!r} (versions: {MODEL_VERSION})"
+            )
+
+    def metadata(self) -> pb.ModelMetadataResponse:
+        reply = pb.ModelMetadataResponse(
+            name=self.name, versions=[MODEL_VERSION], platform=self.platform
+        )
+        for spec in self.adapter.inputs:
+            reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in self.adapter.outputs:
+            reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return reply
+
+    @property
+    def platform(self) -> str:
+        return "onnxruntime_onnx" if self.variant.manifest.runtime == "onnxruntime" else (
+            self.variant.manifest.runtime
+        )
+
+    def config(self) -> pb.ModelConfig:
+        batch = self.signature.max_batch_size
+        cfg = pb.ModelConfig(
+            name=self.name,
+            platform=self.platform,
+            backend=self.variant.manifest.runtime,
+            max_batch_size=batch,
+        )
+        for spec in self.adapter.inputs:
+            cfg.input.add(
+                name=spec.name,
+                data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]),
+                dims=spec.shape[1:] if batch > 0 else spec.shape,
+            )
+        for spec in self.adapter.outputs:
+            cfg.output.add(
+                name=spec.name,
+                data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]),
+                dims=spec.shape[1:] if batch > 0 else spec.shape,
+            )
+        cfg.instance_group.add(name=f"{self.name}_0", count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+        if batch > 0:
+            cfg.dynamic_batching.max_queue_delay_microseconds = self.settings.max_queue_delay_us
+        manifest = self.variant.manifest
+        params = {
+            "switchyard_variant": manifest.variant,
+            "switchyard_runtime": f"{manifest.runtime} {manifest.runtime_version}",
+            "switchyard_target": manifest.target,
+            "switchyard_precision": manifest.precision,
+            "switchyard_hardware_class": self.settings.hardware_class,
+            "switchyard_threads": str(self.settings.threads),
+            "switchyard_emulated_latency_ms": str(self.settings.emulate_latency_ms),
+        }
+        for key, value in params.items():
+            cfg.parameters[key].string_value = value
+        return cfg
+
+    def statistics(self) -> pb.ModelStatistics:
+        stats = self.batcher.stats
+        reply = pb.ModelStatistics(
+            name=self.name,
+            version=MODEL_VERSION,
+            last_inference=self.last_inference_ms,
+            inference_count=stats.inferences,
+            execution_count=stats.executions,
+        )
+        inf = reply.inference_stats
+        inf.success.count, inf.success.ns = self.success
+        inf.fail.count, inf.fail.ns = self.fail
+        inf.queue.count, inf.queue.ns = self.success[0], stats.queue_ns
+        inf.compute_infer.count, inf.compute_infer.ns = stats.executions, stats.compute_ns
+        for size, (count, ns) in sorted(stats.by_size.items()):
+            batch = reply.batch_stats.add(batch_size=size)
+            batch.compute_infer.count, batch.compute_infer.ns = count, ns
+        return reply
+
+    async def infer(self, request: DecodedRequest) -> dict[str, Array]:
+        return await self.batcher.infer(request.inputs, request.batch_size)
+
+
+def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[str, ServedModel]:
+    """Loads one variant per model; a variant that fails verification is skipped, loudly."""
+    from backends.ort_adapter import OrtAdapter  # heavy import stays in its adapter
+
+    repository = ModelRepository(settings.repository)
+    names = list(settings.models) or repository.models()
+    served: dict[str, ServedModel] = {}
+    for name in names:
+        try:
+            variants = [v for v in repository.variants(name) if v.manifest.runtime == "onnxruntime"]
+        except ManifestError as exc:
+            log.error("model %s not served: %s", name, exc)
+            continue
+        if not variants:
+            log.error("model %s not served: no ONNX Runtime variant in %s", name, settings.repository)
+            continue
+        variant = variants[0]
+        try:
+            variant.verify()
+        except ManifestError as exc:
+            log.error("model %s not served: %s", name, exc)
+            continue
+        adapter = OrtAdapter(variant.artifact_path, threads=settings.threads)
+        run = adapter.run
+        if settings.emulate_latency_ms > 0:
+            run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
+        batcher = Batcher(
+            run,
+            executor,
+            [s.name for s in adapter.outputs],
+            variant.manifest.max_batch_size,
+            settings.max_queue_delay_us / 1e6,
+        )
+        served[name] = ServedModel(variant, adapter, batcher, settings)
+        log.info("serving %s as %s", name, variant.name)
+    return served
+
+
+def _with_delay(run: RunFn, delay_s: float) -> RunFn:
+    def delayed(inputs: dict[str, Array], outputs: Sequence[str]) -> list[Array]:
+        time.sleep(delay_s)  # in a worker thread: occupies it as slower compute would
+        return run(inputs, outputs)
+
+    return delayed
+
+
+
+class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The v2 API over the served models."""
+
+    def __init__(self, models: dict[str, ServedModel], settings: WorkerSettings) -> None:
+        self.models = models
+        self.settings = settings
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        model.check_version(version)
+        return model
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: E501
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:  # noqa: E501
+        return pb.ServerReadyResponse(ready=bool(self.models))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:  # noqa: E501
+        model = self.models.get(request.name)
+        ready = model is not None and request.version in ("", MODEL_VERSION)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: E501
+        return pb.ServerMetadataResponse(
+            name="switchyard-backend",
+            version=__version__,
+            extensions=["model_configuration", "statistics", "model_repository"],
+        )
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: E501
+        try:
+            return self._model(request.name, request.version).metadata()
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+            raise
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:  # noqa: E501
+        try:
+            return pb.ModelConfigResponse(config=self._model(request.name, request.version).config())
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+            raise
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:  # noqa: E501
+        try:
+            if request.name:
+                chosen = [self._model(request.name, request.version)]
+            else:
+                chosen = [self.models[name] for name in sorted(self.models)]
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+            raise
+        return pb.ModelStatisticsResponse(model_stats=[m.statistics() for m in chosen])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: E501
+        reply = pb.RepositoryIndexResponse()
+        for name in sorted(self.models):
+            reply.models.add(name=name, version=MODEL_VERSION, state="READY")
+        return reply
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: E501
+        response = await self._infer(request)
+        if isinstance(response, SwitchyardError):
+            await context.abort(code_for(response), str(response))
+            raise response
+        return response
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:  # noqa: E501
+        async for request in request_iterator:
+            response = await self._infer(request)
+            if isinstance(response, SwitchyardError):
+                yield pb.ModelStreamInferResponse(error_message=str(response))
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse | SwitchyardError:
+        start_ns = time.perf_counter_ns()
+        model: ServedModel | None = None
+        try:
+            model = self._model(request.model_name, request.model_version)
+            decoded = decode_request(request, model.signature)
+            try:
+                outputs = await model.infer(decoded)
+            except SwitchyardError:
+                raise
+            except Exception as exc:  # a runtime rejected what validation let through
+                raise _runtime_error(model.name, exc) from exc
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=MODEL_VERSION, id=decoded.id
+            )
+            encode_response(
+                response,
+                model.output_specs,
+                decoded.outputs,
+                [outputs[name] for name in decoded.outputs],
+                decoded.raw_output,
+            )
+            response.parameters["switchyard_variant"].string_param = model.variant.name
+            elapsed = time.perf_counter_ns() - start_ns
+            model.success[0] += 1
+            model.success[1] += elapsed
+            model.last_inference_ms = int(time.time() * 1000)
+            return response
+        except SwitchyardError as exc:
+            if model is not None:
+                model.fail[0] += 1
+                model.fail[1] += time.perf_counter_ns() - start_ns
+            return exc
+
+
+def _runtime_error(model: str, exc: Exception) -> SwitchyardError:
+    kind = type(exc).__name__
+    if kind in ("InvalidArgument", "InvalidGraph"):
+        return InvalidInput(f"model {model!r} rejected the input: {exc}")
+    log.exception("model %s failed", model)
+    return Internal(f"model {model!r} failed: {kind}: {exc}")
+
+
+async def start_worker(
+    settings: WorkerSettings, listen: str
+) -> tuple[grpc.aio.Server, int, dict[str, ServedModel], ThreadPoolExecutor]:
+    """Loads the models and starts serving on `listen`; returns the bound port."""
+    executor = ThreadPoolExecutor(max_workers=max(2, settings.threads), thread_name_prefix="infer")
+    models = await asyncio.get_running_loop().run_in_executor(
+        None, load_models, settings, executor
+    )
+    for model in models.values():
+        model.batcher.start()
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(WorkerServicer(models, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await health_servicer.set("", serving)
+    await health_servicer.set("inference.GRPCInferenceService", serving)
+    for name in models:
+        await health_servicer.set(name, serving)
+    return server, port, models, executor
+
+
+async def serve(settings: WorkerSettings, listen: str) -> None:
+    server, port, models, executor = await start_worker(settings, listen)
+    host = listen.rsplit(":", 1)[0]
+    print(
+        json.dumps({"event": "listening", "address": f"{host}:{port}", "pid": os.getpid(),
+                    "models": sorted(models)}),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2.0)
+    for model in models.values():
+        await model.batcher.stop()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", type=Path, required=True, help="model repository directory")
+    parser.add_argument("--listen", default="127.0.0.1:9101", help="HOST:PORT (port 0: any free)")
+    parser.add_argument("--threads", type=int, default=1, help="inference threads (the instance size)")
+    parser.add_argument("--hardware-class", default="cpu", help="what this worker stands for")
+    parser.add_argument("--models", nargs="*", default=[], help="models to serve (default: all)")
+    parser.add_argument("--emulate-latency-ms", type=float, default=0.0,
+                        help="added service time per execution, standing for slower hardware")
+    parser.add_argument("--max-queue-delay-us", type=int, default=0,
+                        help="dynamic batching: how long a batch may wait for more requests")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest request or response accepted")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        print("--threads must be at least 1", file=sys.stderr)
+        return 2
+    settings = WorkerSettings(
+        repository=args.repository,
+        threads=args.threads,
+        hardware_class=args.hardware_class,
+        models=tuple(args.models),
+        emulate_latency_ms=args.emulate_latency_ms,
+        max_queue_delay_us=args.max_queue_delay_us,
+        max_message_bytes=args.max_message_bytes,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _use_uvloop()
+    asyncio.run(serve(settings, args.listen))
+    return 0
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchyard backend", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

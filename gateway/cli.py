@@ -1,0 +1,42 @@
+"""`switchyard`: the one command-line entry point.
+
+Subcommands parse their own arguments here and hand off to their modules; no
+module reads argv or the environment at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="switchyard",
+        description="Open Inference Protocol gateway routing each request to the cheapest "
+        "backend that meets its latency SLA.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway (default: the embedded demo fleet)")
+    from gateway import server
+
+    server.add_arguments(serve)
+
+    backend = sub.add_parser("backend", help="run one backend worker over a model repository")
+    from backends import worker
+
+    worker.add_arguments(backend)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return server.run(args)
+    if args.command == "backend":
+        return worker.run(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
