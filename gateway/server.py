@@ -1,4 +1,258 @@
-"""placeholder"""
+"""`switchyard serve`: assembles the gateway from a fleet file.
+
+Starts the launched backend workers, the prober, the Open Inference Protocol
+server (with `grpc.health.v1`), and the Prometheus endpoint; prints where to
+send requests; stops everything cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
 import argparse
-def add_arguments(p: argparse.ArgumentParser) -> None: pass
-def run(a: argparse.Namespace) -> int: return 0
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from gateway.config import ConfigError, FleetConfig, load_fleet
+from gateway.fleet import BackendState, FleetState
+from gateway.metrics import GatewayMetrics
+from gateway.policy import PolicyBook
+from gateway.pool import BackendPool
+from gateway.prober import Prober
+from gateway.servicer import SERVICE, GatewayServicer, generic_handler
+from gateway.supervisor import Supervisor
+
+log = logging.getLogger("switchyard.gateway")
+
+
+class StartupError(Exception):
+    """The gateway cannot start (a port in use, a missing repository)."""
+
+
+@dataclass(slots=True)
+class Gateway:
+    """A running gateway and its parts."""
+
+    config: FleetConfig
+    fleet: FleetState
+    pool: BackendPool
+    prober: Prober
+    supervisor: Supervisor
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    registry: CollectorRegistry
+    servicer: GatewayServicer
+    health: health.aio.HealthServicer
+    _metrics_server: object
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.gateway.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=2.0)
+        await self.prober.stop()
+        await self.supervisor.stop()
+        await self.pool.close()
+        shutdown = getattr(self._metrics_server, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def build_fleet(config: FleetConfig) -> FleetState:
+    return FleetState(
+        [
+            BackendState(
+                name=b.name,
+                address=b.address,
+                hardware_class=b.hardware_class,
+                price_usd_per_hour=b.price_usd_per_hour,
+                slots=b.launch.threads if b.launch else 1,
+                expected_models=tuple(b.models or ()),
+            )
+            for b in config.backends
+        ]
+    )
+
+
+async def start_gateway(config: FleetConfig) -> Gateway:
+    """Starts every part; returns once launched backends listen and the server is up."""
+    settings = config.gateway
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    fleet = build_fleet(config)
+    pool = BackendPool(settings.max_message_bytes)
+    health_servicer = health.aio.HealthServicer()
+    loop = asyncio.get_running_loop()
+
+    def refresh() -> None:
+        for b in fleet.backends.values():
+            metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
+            metrics.price.labels(b.name).set(b.price_usd_per_hour)
+        for model in fleet.known_models():
+            metrics.model_ready.labels(model).set(1 if fleet.model_ready(model) else 0)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if fleet.any_ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE):
+            loop.create_task(health_servicer.set(service, status))
+
+    prober = Prober(
+        fleet, pool, time.monotonic, settings.probe_interval_s, settings.probe_timeout_s, refresh
+    )
+
+    def on_exit(name: str, reason: str) -> None:
+        fleet.record_failure(name, time.monotonic(), reason)
+        refresh()
+
+    def on_address(name: str, address: str) -> None:
+        fleet.set_address(name, address)
+        prober.forget(address)
+        loop.create_task(prober.probe(fleet.backends[name]))
+
+    servicer = GatewayServicer(fleet, pool, PolicyBook(config.policies), metrics)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Bind both ports before launching anything: a port in use fails fast.
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {settings.listen}: {exc}") from exc
+    host, metrics_port_text = settings.metrics.rsplit(":", 1)
+    try:
+        metrics_server, _ = start_http_server(int(metrics_port_text), addr=host, registry=registry)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {settings.metrics}: {exc}") from exc
+
+    supervisor = Supervisor(config.backends, config.repository, on_address, on_exit)
+    supervisor.start()
+    late = await supervisor.wait_listening(settings.startup_timeout_s)
+    if late:
+        log.error("backends not listening after %.0fs: %s", settings.startup_timeout_s, late)
+    await prober.probe_all()
+    prober.start()
+    await server.start()
+    refresh()
+    return Gateway(
+        config=config,
+        fleet=fleet,
+        pool=pool,
+        prober=prober,
+        supervisor=supervisor,
+        server=server,
+        port=port,
+        metrics_port=metrics_server.server_port,
+        registry=registry,
+        servicer=servicer,
+        health=health_servicer,
+        _metrics_server=metrics_server,
+    )
+
+
+def describe(gateway: Gateway) -> str:
+    metrics_host = gateway.config.gateway.metrics.rsplit(":", 1)[0]
+    lines = [
+        f"switchyard gateway listening on {gateway.address} (Open Inference Protocol gRPC)",
+        f"  metrics:  http://{metrics_host}:{gateway.metrics_port}/metrics",
+    ]
+    for b in gateway.fleet.backends.values():
+        state = "ready" if b.healthy else f"not ready ({b.last_error or 'starting'})"
+        models = ", ".join(sorted(b.models)) or "-"
+        lines.append(
+            f"  backend {b.name:<12} {b.address:<18} {b.hardware_class:<20} "
+            f"${b.price_usd_per_hour:.4f}/h  {state}  models: {models}"
+        )
+    lines.append(
+        "  try:      python -c \"import tritonclient.grpc as g; "
+        f"print(g.InferenceServerClient('{gateway.address}').get_model_repository_index())\""
+    )
+    return "\n".join(lines)
+
+
+async def serve(config: FleetConfig, ready_file: Path | None) -> None:
+    gateway = await start_gateway(config)
+    print(describe(gateway), flush=True)
+    if ready_file is not None:
+        ready_file.write_text(
+            json.dumps(
+                {
+                    "address": gateway.address,
+                    "metrics_port": gateway.metrics_port,
+                    "backends": {
+                        b.name: {"address": b.address, "healthy": b.healthy}
+                        for b in gateway.fleet.backends.values()
+                    },
+                    "pids": gateway.supervisor.pids(),
+                }
+            )
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await gateway.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="fleet file (YAML); default: the embedded demo fleet")
+    parser.add_argument("--listen", default=None, help="override gateway.listen (HOST:PORT)")
+    parser.add_argument("--metrics", default=None, help="override gateway.metrics (HOST:PORT)")
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="write a JSON description here once serving (for scripts and tests)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG shows the workers' logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        config = load_fleet(args.config)
+    except ConfigError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("listen", args.listen), ("metrics", args.metrics)) if v}
+    if overrides:
+        config = config.model_copy(
+            update={"gateway": config.gateway.model_copy(update=overrides)}
+        )
+    if not config.repository.is_dir() and any(b.launch for b in config.backends):
+        print(
+            f"switchyard: model repository {config.repository} does not exist "
+            "(`make models` builds the demo repository)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(config, args.ready_file))
+    except StartupError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 1
+    return 0

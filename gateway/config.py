@@ -1,0 +1,143 @@
+"""The fleet file: which backends exist, what they cost, which the gateway launches,
+and the SLA policies. YAML, validated with pydantic; unknown keys are errors, so a
+typo in a fleet file fails loudly instead of becoming a silent default.
+
+Relative paths in a fleet file are relative to the file's folder. With no file,
+`switchyard serve` uses the embedded demo fleet (`gateway/demo_fleet.yaml`),
+whose repository is `models` under the current directory.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+HostPort = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Strict):
+    listen: HostPort = "127.0.0.1:8001"
+    """Open Inference Protocol gRPC endpoint (port 0: any free port)."""
+    metrics: HostPort = "127.0.0.1:8002"
+    """Prometheus text endpoint, served at /metrics."""
+    admin: HostPort = "127.0.0.1:8003"
+    """Admin gRPC endpoint (bearer token), for the SRE's controls."""
+    max_message_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """Largest request or response accepted; larger requests get RESOURCE_EXHAUSTED."""
+    probe_interval_s: float = Field(1.0, gt=0)
+    """How often each backend's readiness and models are probed."""
+    probe_timeout_s: float = Field(1.0, gt=0)
+    """How long a probe may take before the backend counts as unhealthy."""
+    startup_timeout_s: float = Field(60.0, gt=0)
+    """How long launched backends may take to start listening."""
+
+
+class LaunchSettings(_Strict):
+    """A backend the gateway starts and supervises as a local worker process."""
+
+    threads: int = Field(1, ge=1)
+    """Inference threads: the instance size the worker stands for."""
+    models: list[str] | None = None
+    """Models it serves; default: every model in the repository."""
+    emulate_latency_ms: float = Field(0.0, ge=0)
+    """Added service time per execution, standing for slower hardware (marked in metadata)."""
+    max_queue_delay_us: int = Field(0, ge=0)
+    """Dynamic batching: how long a batch may wait for more requests."""
+
+
+class BackendSettings(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Unique name, shown in responses (`switchyard_backend`), metrics and the admin API."""
+    address: HostPort
+    """Where it serves the Open Inference Protocol; port 0 with `launch`: any free port."""
+    hardware_class: str = "cpu"
+    """What it runs on, e.g. `cpu-x86-64-v4-2c`, `gpu-cuda-h100`."""
+    price_usd_per_hour: float = Field(0.0, ge=0)
+    """What it costs, live (the admin API and price schedules change it at run time)."""
+    carbon_g_per_kwh: float | None = Field(None, ge=0)
+    """Carbon intensity of its power, for the carbon objective."""
+    power_w: float | None = Field(None, ge=0)
+    """Power draw while busy, for the carbon objective."""
+    models: list[str] | None = None
+    """Models to expect on it, for v2 servers without the RepositoryIndex extension
+    (KServe, MLServer); default: asked from the backend."""
+    launch: LaunchSettings | None = None
+    """Start and supervise it as a local worker process."""
+
+
+class PolicySettings(_Strict):
+    """An SLA policy; in `classes` and `models`, unset fields inherit the default."""
+
+    latency_ms: float | None = Field(None, gt=0)
+    percentile: float | None = Field(None, gt=0, le=100)
+    objective: Literal["cost", "carbon", "latency"] | None = None
+    on_infeasible: Literal["fastest", "reject"] | None = None
+    max_cost_usd_per_1m: float | None = Field(None, gt=0)
+
+
+class PoliciesSettings(_Strict):
+    default: PolicySettings = PolicySettings(
+        latency_ms=100, percentile=99, objective="cost", on_infeasible="fastest"
+    )
+    classes: dict[str, PolicySettings] = {}
+    models: dict[str, PolicySettings] = {}
+
+
+class FleetConfig(_Strict):
+    repository: Path = Path("models")
+    """Model repository directory used by launched backends."""
+    gateway: GatewaySettings = GatewaySettings()
+    backends: list[BackendSettings] = Field(min_length=1)
+    policies: PoliciesSettings = PoliciesSettings()
+
+    @model_validator(mode="after")
+    def _unique(self) -> FleetConfig:
+        names = [b.name for b in self.backends]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique: {', '.join(duplicates)}")
+        fixed = [b.address for b in self.backends if not b.address.endswith(":0")]
+        clashes = sorted({a for a in fixed if fixed.count(a) > 1})
+        if clashes:
+            raise ValueError(f"backend addresses must be unique: {', '.join(clashes)}")
+        return self
+
+
+class ConfigError(Exception):
+    """The fleet file cannot be read or is not valid."""
+
+
+def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        config = FleetConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    if not config.repository.is_absolute():
+        config = config.model_copy(update={"repository": base_dir / config.repository})
+    return config
+
+
+def load_fleet(path: Path | None) -> FleetConfig:
+    """Reads a fleet file; None gives the embedded demo fleet."""
+    if path is None:
+        text = resources.files("gateway").joinpath("demo_fleet.yaml").read_text()
+        return parse_fleet(text, Path.cwd(), "embedded demo fleet")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read fleet file {path}: {exc}") from exc
+    return parse_fleet(text, path.resolve().parent, str(path))

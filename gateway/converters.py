@@ -1,0 +1,158 @@
+"""Protocol messages to and from the gateway's domain types.
+
+With the servicers and the prober, the only gateway module that imports
+generated protobuf code.
+"""
+
+from __future__ import annotations
+
+from backends.errors import InvalidInput
+from backends.tensors import CONFIG_TYPES, TensorSpec
+from gateway.fleet import ModelInfo
+from gateway.router import RouteRequest
+from protos import gateway_pb2
+from protos import inference_pb2 as pb
+
+REMOTE_VARIANT = "remote"
+_CONFIG_TO_DATATYPE = {v: k for k, v in CONFIG_TYPES.items()}
+
+
+def model_info(
+    metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
+) -> ModelInfo:
+    """A backend's model metadata (and configuration, when it has the extension)."""
+    inputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs)
+    outputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.outputs)
+    variant = REMOTE_VARIANT
+    max_batch_size = 0
+    if config is not None:
+        max_batch_size = config.max_batch_size
+        if "switchyard_variant" in config.parameters:
+            variant = config.parameters["switchyard_variant"].string_value
+    return ModelInfo(
+        name=metadata.name,
+        versions=tuple(metadata.versions),
+        platform=metadata.platform,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        variant=variant,
+    )
+
+
+def metadata_message(info: ModelInfo) -> pb.ModelMetadataResponse:
+    reply = pb.ModelMetadataResponse(
+        name=info.name, versions=list(info.versions), platform=info.platform
+    )
+    for spec in info.inputs:
+        reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    for spec in info.outputs:
+        reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    return reply
+
+
+def config_message(info: ModelInfo, variants: list[str]) -> pb.ModelConfig:
+    """The model's configuration as the gateway serves it: Triton's layout, with the
+    batch dimension left out of `dims` when the model batches."""
+    batch = info.max_batch_size
+    cfg = pb.ModelConfig(
+        name=info.name, platform=info.platform, backend="switchyard", max_batch_size=batch
+    )
+    for spec in info.inputs:
+        cfg.input.add(
+            name=spec.name,
+            data_type=pb.DataType.Value(CONFIG_TYPES.get(spec.datatype, "TYPE_INVALID")),
+            dims=spec.shape[1:] if batch > 0 else spec.shape,
+        )
+    for spec in info.outputs:
+        cfg.output.add(
+            name=spec.name,
+            data_type=pb.DataType.Value(CONFIG_TYPES.get(spec.datatype, "TYPE_INVALID")),
+            dims=spec.shape[1:] if batch > 0 else spec.shape,
+        )
+    if batch > 0:
+        cfg.dynamic_batching.SetInParent()
+    cfg.parameters["switchyard_variants"].string_value = ",".join(variants)
+    return cfg
+
+
+def _number(param: pb.InferParameter, key: str) -> float:
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "double_param", "uint64_param"):
+        return float(getattr(param, kind))
+    if kind == "string_param":
+        try:
+            return float(param.string_param)
+        except ValueError:
+            pass
+    raise InvalidInput(f"request parameter {key!r} must be a number")
+
+
+def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> RouteRequest:
+    """What routing needs from a request header; bad parameters raise InvalidInput."""
+    params = header.parameters
+    sla_ms = None
+    if "sla_ms" in params:
+        sla_ms = _number(params["sla_ms"], "sla_ms")
+        if sla_ms <= 0:
+            raise InvalidInput("request parameter 'sla_ms' must be positive")
+    sla_class = None
+    if "sla_class" in params:
+        if params["sla_class"].WhichOneof("parameter_choice") != "string_param":
+            raise InvalidInput("request parameter 'sla_class' must be a string")
+        sla_class = params["sla_class"].string_param
+    priority = int(_number(params["priority"], "priority")) if "priority" in params else 0
+    batch = 1
+    if max_batch_size > 0 and header.inputs and header.inputs[0].shape:
+        batch = max(1, header.inputs[0].shape[0])
+    return RouteRequest(
+        model=header.model_name,
+        batch_size=batch,
+        sla_ms=sla_ms,
+        sla_class=sla_class,
+        priority=priority,
+    )
+
+
+def timeout_param_s(header: gateway_pb2.InferRequestHeader) -> float | None:
+    """Triton's `timeout` request parameter (microseconds), in seconds."""
+    if "timeout" not in header.parameters:
+        return None
+    micros = _number(header.parameters["timeout"], "timeout")
+    if micros <= 0:
+        raise InvalidInput("request parameter 'timeout' must be positive (microseconds)")
+    return micros / 1e6
+
+
+def response_parameters(params: dict[str, str]) -> bytes:
+    """Serialized ModelInferResponse holding only `parameters`: appended to a backend's
+    response bytes, protobuf merges it in (map entries later on the wire win)."""
+    message = pb.ModelInferResponse()
+    for key, value in params.items():
+        message.parameters[key].string_param = value
+    return message.SerializeToString()
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """Wraps serialized ModelInferResponse bytes as a ModelStreamInferResponse."""
+    return _field_bytes(2, infer_response)
+
+
+def stream_error(message: str) -> bytes:
+    return pb.ModelStreamInferResponse(error_message=message).SerializeToString()
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the gateway, on a registry passed in (never the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "switchyard_requests",
+            "Inference requests answered, by model, route and outcome (gRPC status name).",
+            ["model", "backend", "variant", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "switchyard_request_latency_seconds",
+            "Gateway-observed latency of inference requests, by model and backend.",
+            ["model", "backend"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "switchyard_backend_attempts",
+            "Attempts sent to backends, by backend and outcome.",
+            ["backend", "outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "switchyard_backend_in_flight",
+            "Requests in flight per backend.",
+            ["backend"],
+            registry=registry,
+        )
+        self.healthy = Gauge(
+            "switchyard_backend_healthy",
+            "1 when the backend passes its health probes.",
+            ["backend"],
+            registry=registry,
+        )
+        self.price = Gauge(
+            "switchyard_backend_price_usd_per_hour",
+            "Current price of each backend.",
+            ["backend"],
+            registry=registry,
+        )
+        self.model_ready = Gauge(
+            "switchyard_model_ready",
+            "1 when some healthy backend has the model ready.",
+            ["model"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "switchyard_decisions",
+            "Routing decisions by reason.",
+            ["model", "reason"],
+            registry=registry,
+        )

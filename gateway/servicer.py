@@ -1,0 +1,353 @@
+"""The gateway's Open Inference Protocol servicer.
+
+ModelInfer and ModelStreamInfer take the request as serialized bytes, parse only
+the header routing needs, and forward the original bytes to the chosen backend;
+the backend's response bytes come back with the gateway's response parameters
+appended (protobuf merges them). Metadata, readiness, configuration and the
+repository index are answered from the fleet state; statistics from the
+gateway's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from backends import __version__
+from backends.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    SwitchyardError,
+    Unavailable,
+)
+from backends.status import code_for
+from gateway.converters import (
+    config_message,
+    metadata_message,
+    response_parameters,
+    route_request,
+    stream_error,
+    stream_response,
+    timeout_param_s,
+)
+from gateway.fleet import FleetState, ModelInfo, Route
+from gateway.metrics import GatewayMetrics
+from gateway.policy import PolicyBook
+from gateway.pool import BackendPool
+from gateway.router import choose
+from gateway.stats import ModelCounters
+from protos import gateway_pb2
+from protos import inference_pb2 as pb
+
+log = logging.getLogger("switchyard.gateway")
+
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchyard_routing"]
+# Codes on which an attempt is retried on the next route: the request did not run.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+STREAM_WINDOW = 64
+
+
+class ForwardedError(Exception):
+    """A backend's error status, passed to the caller unchanged."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class GatewayServicer:
+    def __init__(
+        self,
+        fleet: FleetState,
+        pool: BackendPool,
+        policies: PolicyBook,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fleet = fleet
+        self.pool = pool
+        self.policies = policies
+        self.metrics = metrics
+        self.clock = clock
+        self.counters: dict[str, ModelCounters] = {}
+        self._suffixes: dict[tuple[str, str, int], bytes] = {}
+
+    # ---- inference ---------------------------------------------------------------
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await self._infer(request, context.time_remaining())
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+        except ForwardedError as exc:
+            await context.abort(exc.code, exc.details)
+        raise AssertionError("unreachable")
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Each request is routed on its own; responses come back in request order,
+        with up to STREAM_WINDOW requests in flight."""
+        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.ensure_future(self._infer(request, context.time_remaining()))
+                await pending.put(task)
+            await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    yield stream_response(await task)
+                except (SwitchyardError, ForwardedError) as exc:
+                    yield stream_error(str(exc))
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def _infer(self, request: bytes, time_remaining: float | None) -> bytes:
+        start_ns = time.perf_counter_ns()
+        model_label = "(unknown)"  # unknown names stay out of metric labels
+        backend = variant = "none"
+        outcome = "OK"
+        batch_size = 1
+        backend_ns = 0
+        counters: ModelCounters | None = None
+        try:
+            try:
+                header = gateway_pb2.InferRequestHeader.FromString(request)
+            except DecodeError as exc:
+                raise InvalidInput("request is not a valid ModelInferRequest") from exc
+            model = header.model_name
+            info = self._model_info(model, header.model_version)
+            model_label = model
+            counters = self.counters.setdefault(model, ModelCounters())
+            route_req = route_request(header, info.max_batch_size)
+            batch_size = route_req.batch_size
+            policy = self.policies.resolve(route_req)
+            timeout_s = _earliest(time_remaining, timeout_param_s(header))
+            deadline = None if timeout_s is None else self.clock() + timeout_s
+            decision = choose(route_req, self.fleet.routes(model), policy, self.clock())
+            self.metrics.decisions.labels(model, decision.reason).inc()
+            if not decision.routes:
+                raise Unavailable(f"no healthy backend serves model {model!r} right now")
+            last_error: ForwardedError | None = None
+            for attempt, route in enumerate(decision.routes, start=1):
+                backend, variant = route.backend, route.variant
+                remaining = None if deadline is None else deadline - self.clock()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"deadline passed after {attempt - 1} attempt(s) for model {model!r}"
+                    )
+                sent_ns = time.perf_counter_ns()
+                try:
+                    reply = await self._attempt(route, request, remaining)
+                except ForwardedError as exc:
+                    backend_ns += time.perf_counter_ns() - sent_ns
+                    last_error = exc
+                    if exc.code in RETRYABLE:
+                        continue
+                    raise
+                backend_ns += time.perf_counter_ns() - sent_ns
+                return reply + self._suffix(route, attempt)
+            assert last_error is not None
+            raise last_error
+        except SwitchyardError as exc:
+            outcome = code_for(exc).name
+            raise
+        except ForwardedError as exc:
+            outcome = exc.code.name
+            raise
+        finally:
+            elapsed_ns = time.perf_counter_ns() - start_ns
+            if counters is not None:
+                counters.record(
+                    outcome == "OK", elapsed_ns, batch_size, int(time.time() * 1000), backend_ns
+                )
+            self.metrics.requests.labels(model_label, backend, variant, outcome).inc()
+            self.metrics.latency.labels(model_label, backend).observe(elapsed_ns / 1e9)
+
+    async def _attempt(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
+        client = self.pool.client(route.address)
+        self.fleet.acquire(route.backend)
+        self.metrics.in_flight.labels(route.backend).inc()
+        try:
+            reply: bytes = await client.infer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            self.metrics.attempts.labels(route.backend, code.name).inc()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # Passive health: a backend that refuses connections leaves the routes
+                # until a probe finds it ready again.
+                self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
+                log.warning("backend %s unavailable: %s", route.backend, exc.details())
+            raise ForwardedError(code, exc.details() or code.name) from exc
+        finally:
+            self.fleet.release(route.backend)
+            self.metrics.in_flight.labels(route.backend).dec()
+        self.metrics.attempts.labels(route.backend, "OK").inc()
+        return reply
+
+    def _suffix(self, route: Route, attempts: int) -> bytes:
+        key = (route.backend, route.variant, attempts)
+        suffix = self._suffixes.get(key)
+        if suffix is None:
+            suffix = response_parameters(
+                {
+                    "switchyard_backend": route.backend,
+                    "switchyard_variant": route.variant,
+                    "switchyard_attempts": str(attempts),
+                }
+            )
+            self._suffixes[key] = suffix
+        return suffix
+
+    def _model_info(self, model: str, version: str) -> ModelInfo:
+        info = self.fleet.model_info(model)
+        if info is None:
+            if model in self.fleet.known_models():
+                raise Unavailable(f"model {model!r} is not ready on any backend")
+            raise ModelNotFound(f"unknown model {model!r}")
+        if version and version not in info.versions:
+            raise ModelNotFound(
+                f"model {model!r} has no version {version!r} (versions: {', '.join(info.versions)})"
+            )
+        return info
+
+    # ---- health, metadata, configuration, statistics, repository ----------------------
+
+    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.fleet.any_ready())
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        ready = self.fleet.model_ready(request.name)
+        if ready and request.version:
+            info = self.fleet.model_info(request.name)
+            ready = info is not None and request.version in info.versions
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="switchyard", version=__version__, extensions=EXTENSIONS)
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        info = await self._described(request.name, request.version, context)
+        return metadata_message(info)
+
+    async def model_config(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        info = await self._described(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=config_message(info, self.fleet.variants(request.name)))
+
+    async def _described(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ModelInfo:
+        info = self.fleet.model_info(name)
+        try:
+            if info is None:
+                raise ModelNotFound(f"unknown model {name!r}")
+            if version and version not in info.versions:
+                raise ModelNotFound(f"model {name!r} has no version {version!r}")
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+        assert info is not None
+        return info
+
+    async def model_statistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        if request.name:
+            info = await self._described(request.name, request.version, context)
+            names = [info.name]
+        else:
+            names = self.fleet.known_models()
+        reply = pb.ModelStatisticsResponse()
+        for name in names:
+            counters = self.counters.get(name, ModelCounters())
+            info = self.fleet.model_info(name)
+            stats = reply.model_stats.add(
+                name=name,
+                version=info.versions[0] if info and info.versions else "",
+                last_inference=counters.last_inference_ms,
+                inference_count=counters.inference_count,
+                execution_count=counters.success_count,
+            )
+            inf = stats.inference_stats
+            inf.success.count, inf.success.ns = counters.success_count, counters.success_ns
+            inf.fail.count, inf.fail.ns = counters.fail_count, counters.fail_ns
+            # perf_analyzer needs queue and equal compute counts: the gateway's own time
+            # is its queue, the backend round trip its compute.
+            inf.queue.count, inf.queue.ns = counters.success_count, counters.queue_ns
+            inf.compute_input.count = counters.success_count
+            inf.compute_infer.count, inf.compute_infer.ns = (
+                counters.success_count,
+                counters.backend_ns,
+            )
+            inf.compute_output.count = counters.success_count
+        return reply
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        reply = pb.RepositoryIndexResponse()
+        for name in self.fleet.known_models():
+            ready = self.fleet.model_ready(name)
+            if request.ready and not ready:
+                continue
+            info = self.fleet.model_info(name)
+            reply.models.add(
+                name=name,
+                version=info.versions[0] if info and info.versions else "",
+                state="READY" if ready else "UNAVAILABLE",
+                reason="" if ready else "no healthy backend holds it",
+            )
+        return reply
+
+
+def _earliest(*timeouts: float | None) -> float | None:
+    given = [t for t in timeouts if t is not None]
+    return min(given) if given else None
+
+
+def generic_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
+    """The servicer's methods under `inference.GRPCInferenceService`; inference
+    methods take and return bytes, the rest typed messages."""
+
+    def typed(fn: Callable[..., Awaitable[Any]], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "ServerLive": typed(servicer.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": typed(servicer.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": typed(servicer.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": typed(
+                servicer.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+            ),
+            "ModelMetadata": typed(
+                servicer.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+            "ModelConfig": typed(servicer.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": typed(
+                servicer.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+            ),
+            "RepositoryIndex": typed(
+                servicer.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
+            ),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(servicer.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.model_stream_infer),
+        },
+    )

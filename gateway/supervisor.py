@@ -1,0 +1,164 @@
+"""Launches and supervises the local backend workers a fleet file names under
+`launch`: starts each as its own process, learns its address from the JSON line
+it prints, restarts it with growing back-off when it exits, and stops them all
+on shutdown. Workers are asked to die with the gateway (Linux PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.config import BackendSettings
+
+log = logging.getLogger("switchyard.supervisor")
+
+PR_SET_PDEATHSIG = 1
+MIN_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+STABLE_AFTER_S = 30.0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_command(backend: BackendSettings, repository: Path, listen: str) -> list[str]:
+    launch = backend.launch
+    assert launch is not None
+    command = [
+        sys.executable, "-m", "backends.worker",
+        "--repository", str(repository),
+        "--listen", listen,
+        "--threads", str(launch.threads),
+        "--hardware-class", backend.hardware_class,
+        "--emulate-latency-ms", str(launch.emulate_latency_ms),
+        "--max-queue-delay-us", str(launch.max_queue_delay_us),
+    ]
+    if launch.models:
+        command += ["--models", *launch.models]
+    return command
+
+
+@dataclass(slots=True)
+class Supervised:
+    backend: BackendSettings
+    process: asyncio.subprocess.Process | None = None
+    address: str = ""
+    restarts: int = 0
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        backends: list[BackendSettings],
+        repository: Path,
+        on_address: Callable[[str, str], None],
+        on_exit: Callable[[str, str], None],
+    ) -> None:
+        self.repository = repository
+        self.on_address = on_address
+        self.on_exit = on_exit
+        self.workers = {b.name: Supervised(b) for b in backends if b.launch is not None}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._supervise(w)) for w in self.workers.values()]
+
+    async def wait_listening(self, timeout_s: float) -> list[str]:
+        """Waits until every worker listens; returns the names of those that did not."""
+        waits = {name: w.listening.wait() for name, w in self.workers.items()}
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits.values()), timeout_s)
+        return [name for name, w in self.workers.items() if not w.listening.is_set()]
+
+    def pids(self) -> dict[str, int]:
+        return {
+            name: w.process.pid
+            for name, w in self.workers.items()
+            if w.process is not None and w.process.returncode is None
+        }
+
+    async def _supervise(self, worker: Supervised) -> None:
+        backoff = MIN_BACKOFF_S
+        loop = asyncio.get_running_loop()
+        listen = worker.backend.address
+        while not self._stopping:
+            started = loop.time()
+            # A restarted worker reuses the port it got the first time.
+            worker.process = await asyncio.create_subprocess_exec(
+                *worker_command(worker.backend, self.repository, worker.address or listen),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                preexec_fn=_die_with_parent,
+            )
+            log.info("started backend %s (pid %d)", worker.backend.name, worker.process.pid)
+            readers = [
+                loop.create_task(self._read_stdout(worker, worker.process)),
+                loop.create_task(self._relay_stderr(worker.backend.name, worker.process)),
+            ]
+            code = await worker.process.wait()
+            for reader in readers:
+                reader.cancel()
+            if self._stopping:
+                return
+            reason = f"worker exited with status {code}"
+            log.warning("backend %s: %s; restarting in %.1fs", worker.backend.name, reason, backoff)
+            self.on_exit(worker.backend.name, reason)
+            worker.restarts += 1
+            if loop.time() - started > STABLE_AFTER_S:
+                backoff = MIN_BACKOFF_S
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    async def _read_stdout(self, worker: Supervised, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "listening":
+                worker.address = str(event["address"])
+                self.on_address(worker.backend.name, worker.address)
+                worker.listening.set()
+
+    async def _relay_stderr(self, name: str, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        backend_log = logging.getLogger(f"switchyard.backend.{name}")
+        async for line in process.stderr:
+            text = line.decode(errors="replace").rstrip()
+            backend_log.info("%s", text)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        processes = [w.process for w in self.workers.values() if w.process is not None]
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
