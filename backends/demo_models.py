@@ -149,12 +149,14 @@ ECHO_TYPES = {
 }
 
 
-def build_echo(model_dir: Path) -> None:
+def build_echo(model_dir: Path, datatypes: tuple[str, ...] = tuple(ECHO_TYPES)) -> None:
+    """An identity model with one input `in_<datatype>` and output `out_<datatype>` each."""
     import onnx
     from onnx import TensorProto, helper
 
     inputs, outputs, nodes = [], [], []
-    for datatype, onnx_type in ECHO_TYPES.items():
+    for datatype in datatypes:
+        onnx_type = ECHO_TYPES[datatype]
         name = datatype.lower()
         elem = getattr(TensorProto, onnx_type)
         inputs.append(helper.make_tensor_value_info(f"in_{name}", elem, ["N", 4]))

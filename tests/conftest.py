@@ -1,0 +1,21 @@
+"""Shared fixtures: the demo model repository, built once per test session from code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backends.demo_models import ECHO_TYPES, build, build_echo
+from backends.repository import ModelRepository
+from backends.variants import build_ort_fp32
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    build(root)
+    # FP16 has no typed-contents field, so typed requests need a model without it.
+    build_echo(root / "echo_typed", tuple(t for t in ECHO_TYPES if t != "FP16"))
+    build_ort_fp32(ModelRepository(root), "echo_typed")
+    return root

@@ -1,0 +1,205 @@
+"""The backend worker over real gRPC: metadata, inference against reference
+outputs, every datatype raw and typed, and every kind of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from backends.demo_models import ECHO_TYPES
+from backends.tensors import NUMPY_DTYPES, encode_bytes_tensor
+from protos import inference_pb2 as pb
+from tests.integration.conftest import output, raw_request, samples
+
+
+async def test_metadata_config_and_index(stub) -> None:  # type: ignore[no-untyped-def]
+    assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+    assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="digits"))).ready
+    assert not (await stub.ModelReady(pb.ModelReadyRequest(name="nope"))).ready
+    meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 64])]
+    assert {t.name for t in meta.outputs} == {"label", "probabilities"}
+    config = (await stub.ModelConfig(pb.ModelConfigRequest(name="cnn"))).config
+    assert config.max_batch_size == 64
+    assert list(config.input[0].dims) == [3, 32, 32]
+    assert config.input[0].data_type == pb.TYPE_FP32
+    assert config.parameters["switchyard_variant"].string_value == "ort-cpu-fp32"
+    assert config.parameters["switchyard_hardware_class"].string_value == "test-1c"
+    index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
+    assert [m.name for m in index.models] == ["cnn", "digits", "echo", "echo_typed"]
+
+
+@pytest.mark.parametrize("model", ["digits", "cnn"])
+async def test_inference_matches_reference(stub, repository: Path, model: str) -> None:  # type: ignore[no-untyped-def]
+    inputs, reference = samples(repository, model)
+    meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
+    types = {t.name: t.datatype for t in meta.inputs}
+    reply = await stub.ModelInfer(raw_request(model, inputs, types))
+    assert reply.parameters["switchyard_variant"].string_param == "ort-cpu-fp32"
+    for name, expected in reference.items():
+        got = output(reply, name, expected.dtype.type)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    if model == "digits":
+        assert (output(reply, "label", np.int64) == reference["label"]).all()
+
+
+def _echo_inputs() -> dict[str, np.ndarray]:
+    arrays = {}
+    for datatype in ECHO_TYPES:
+        if datatype == "BYTES":
+            arrays[datatype] = np.array([[b"a", b"", "é".encode(), b"xyz"]] * 2, dtype=np.object_)
+        elif datatype == "BOOL":
+            arrays[datatype] = np.array([[True, False, True, True]] * 2)
+        else:
+            info = np.iinfo if NUMPY_DTYPES[datatype].kind in "iu" else np.finfo
+            lim = info(NUMPY_DTYPES[datatype])  # type: ignore[arg-type]
+            arrays[datatype] = np.array([[lim.min, lim.max, 0, 1]] * 2, dtype=NUMPY_DTYPES[datatype])
+    return arrays
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+async def test_every_datatype_round_trips(stub, raw: bool) -> None:  # type: ignore[no-untyped-def]
+    arrays = _echo_inputs()
+    req = pb.ModelInferRequest(model_name="echo" if raw else "echo_typed", id="req-7")
+    for datatype, array in arrays.items():
+        tensor = req.inputs.add(name=f"in_{datatype.lower()}", datatype=datatype, shape=array.shape)
+        if raw or datatype == "FP16":
+            continue
+        field = {"BOOL": "bool_contents", "BYTES": "bytes_contents", "FP32": "fp32_contents",
+                 "FP64": "fp64_contents", "INT64": "int64_contents", "UINT64": "uint64_contents"}.get(
+            datatype, "int_contents" if datatype.startswith("INT") else "uint_contents")
+        getattr(tensor.contents, field).extend(array.ravel().tolist())
+    if not raw:
+        del req.inputs[[t.name for t in req.inputs].index("in_fp16")]
+        arrays.pop("FP16")
+    else:
+        for datatype, array in arrays.items():
+            data = encode_bytes_tensor(array) if datatype == "BYTES" else array.tobytes()
+            req.raw_input_contents.append(data)
+    reply = await stub.ModelInfer(req)
+    assert reply.id == "req-7"
+    by_name = {o.name: (i, o) for i, o in enumerate(reply.outputs)}
+    for datatype, array in arrays.items():
+        index, out = by_name[f"out_{datatype.lower()}"]
+        assert out.datatype == datatype
+        assert list(out.shape) == list(array.shape)
+        if raw:
+            if datatype == "BYTES":
+                assert reply.raw_output_contents[index] == encode_bytes_tensor(array)
+            else:
+                got = np.frombuffer(reply.raw_output_contents[index], NUMPY_DTYPES[datatype])
+                assert got.tolist() == array.ravel().tolist()
+        else:
+            assert not reply.raw_output_contents
+            field = [f for f, v in out.contents.ListFields()]
+            assert len(field) == 1
+            values = list(getattr(out.contents, field[0].name))
+            assert values == array.ravel().tolist()
+
+
+def _digits(batch: int = 1) -> pb.ModelInferRequest:
+    return raw_request("digits", {"input": np.zeros((batch, 64), np.float32)}, {"input": "FP32"})
+
+
+def _bad(mutate) -> pb.ModelInferRequest:  # type: ignore[no-untyped-def]
+    req = _digits(2)
+    mutate(req)
+    return req
+
+
+BAD_REQUESTS = [
+    ("unknown model", _bad(lambda r: setattr(r, "model_name", "nope")), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+    ("unknown version", _bad(lambda r: setattr(r, "model_version", "7")), grpc.StatusCode.NOT_FOUND, "no version '7'"),
+    ("wrong input name", _bad(lambda r: setattr(r.inputs[0], "name", "image")), grpc.StatusCode.INVALID_ARGUMENT, "unexpected input 'image'"),
+    ("missing input", _bad(lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents"))), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'input'"),
+    ("wrong datatype", _bad(lambda r: setattr(r.inputs[0], "datatype", "FP64")), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': datatype FP64"),
+    ("shape vs model", _bad(lambda r: r.inputs[0].shape.__setitem__(1, 63)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': shape [2, 63]"),
+    ("shape vs content", _bad(lambda r: r.inputs[0].shape.__setitem__(0, 3)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': raw contents hold 512 bytes"),
+    ("raw count", _bad(lambda r: r.raw_input_contents.append(b"x")), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries for 1 inputs"),
+    ("raw size", _bad(lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 5)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': raw contents hold 5 bytes"),
+    ("negative dim", _bad(lambda r: r.inputs[0].shape.__setitem__(0, -1)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': shape [-1, 64] has a negative dimension"),
+    ("overflowing dim", _bad(lambda r: r.inputs[0].shape.__setitem__(0, 2**62)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': shape"),
+    ("batch too big", _bad(lambda r: (r.inputs[0].shape.__setitem__(0, 65), r.raw_input_contents.__setitem__(0, b"\0" * 65 * 256))), grpc.StatusCode.INVALID_ARGUMENT, "max_batch_size 64"),
+]
+
+
+@pytest.mark.parametrize(("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+async def test_bad_input_gets_a_clear_status(stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ModelInfer(request_)
+    assert info.value.code() == code, info.value.details()
+    assert message in (info.value.details() or "")
+
+
+async def test_non_utf8_bytes_for_a_string_model(stub) -> None:  # type: ignore[no-untyped-def]
+    arrays = _echo_inputs()
+    arrays["BYTES"] = np.array([[b"\xff", b"", b"", b""]] * 2, dtype=np.object_)
+    req = pb.ModelInferRequest(model_name="echo")
+    for datatype, array in arrays.items():
+        req.inputs.add(name=f"in_{datatype.lower()}", datatype=datatype, shape=array.shape)
+        req.raw_input_contents.append(encode_bytes_tensor(array) if datatype == "BYTES" else array.tobytes())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ModelInfer(req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'in_bytes': element 0 is not valid UTF-8" in (info.value.details() or "")
+
+
+async def test_bad_requests_do_not_disturb_concurrent_good_ones(stub, repository: Path) -> None:  # type: ignore[no-untyped-def]
+    inputs, reference = samples(repository, "digits")
+    good = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+
+    async def call(req: pb.ModelInferRequest) -> object:
+        try:
+            return await stub.ModelInfer(req)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+
+    requests = [good if i % 2 else BAD_REQUESTS[i % len(BAD_REQUESTS)][1] for i in range(120)]
+    results = await asyncio.gather(*(call(r) for r in requests))
+    for req, result in zip(requests, results, strict=True):
+        if req is good:
+            assert isinstance(result, pb.ModelInferResponse)
+            assert output(result, "label", np.int64)[0] == reference["label"][0]
+        else:
+            assert isinstance(result, grpc.StatusCode) and result != grpc.StatusCode.OK
+    assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+
+
+async def test_concurrent_requests_are_batched_and_answered_correctly(stub, repository: Path) -> None:  # type: ignore[no-untyped-def]
+    inputs, reference = samples(repository, "cnn")
+    requests = [
+        raw_request("cnn", {"image": inputs["image"][i : i + 1]}, {"image": "FP32"}) for i in range(32)
+    ]
+    replies = await asyncio.gather(*(stub.ModelInfer(r) for r in requests))
+    for i, reply in enumerate(replies):
+        np.testing.assert_allclose(
+            output(reply, "probabilities", np.float32)[0], reference["probabilities"][i], rtol=1e-4, atol=1e-5
+        )
+    stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="cnn"))).model_stats[0]
+    assert stats.inference_count == 32
+    assert stats.inference_stats.success.count == 32
+    # One request per execution would make these equal; batching makes fewer executions.
+    assert stats.execution_count < 32
+    assert sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats) == 32
+
+
+async def test_streaming_inference(stub, repository: Path) -> None:  # type: ignore[no-untyped-def]
+    inputs, reference = samples(repository, "digits")
+
+    async def requests():  # type: ignore[no-untyped-def]
+        for i in range(4):
+            req = raw_request("digits", {"input": inputs["input"][i : i + 1]}, {"input": "FP32"})
+            req.id = str(i)
+            yield req
+        yield _bad(lambda r: setattr(r.inputs[0], "datatype", "INT8"))
+
+    replies = [r async for r in stub.ModelStreamInfer(requests())]
+    assert [r.infer_response.id for r in replies[:4]] == ["0", "1", "2", "3"]
+    for i, r in enumerate(replies[:4]):
+        assert output(r.infer_response, "label", np.int64)[0] == reference["label"][i]
+    assert "datatype INT8 does not match" in replies[4].error_message
