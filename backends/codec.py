@@ -52,6 +52,9 @@ class DecodedRequest:
     inputs: dict[str, Array]
     outputs: list[str]
     raw_output: bool
+    """Outputs go in raw_output_contents (the default, as Triton does) unless the request
+    asks for typed contents with `binary_data_output: false` (request) or
+    `binary_data: false` (every requested output)."""
     batch_size: int
     parameters: dict[str, ParamValue] = field(default_factory=dict)
 
@@ -139,10 +142,18 @@ def decode_request(request: pb.ModelInferRequest, signature: Signature) -> Decod
         id=request.id,
         inputs=arrays,
         outputs=outputs,
-        raw_output=bool(raw) or not request.inputs,
+        raw_output=_raw_output(request, parameters),
         batch_size=batch_sizes.pop() if batch_sizes else 1,
         parameters=parameters,
     )
+
+
+def _raw_output(request: pb.ModelInferRequest, parameters: dict[str, ParamValue]) -> bool:
+    if parameters.get("binary_data_output") is False:
+        return False
+    asked = [parameter_value(o.parameters["binary_data"]) for o in request.outputs
+             if "binary_data" in o.parameters]
+    return not (asked and len(asked) == len(request.outputs) and not any(asked))
 
 
 def _from_raw(name: str, datatype: str, shape: list[int], data: bytes) -> Array:

@@ -66,6 +66,8 @@ def _echo_inputs() -> dict[str, np.ndarray]:
 async def test_every_datatype_round_trips(stub, raw: bool) -> None:  # type: ignore[no-untyped-def]
     arrays = _echo_inputs()
     req = pb.ModelInferRequest(model_name="echo" if raw else "echo_typed", id="req-7")
+    if not raw:
+        req.parameters["binary_data_output"].bool_param = False
     for datatype, array in arrays.items():
         tensor = req.inputs.add(name=f"in_{datatype.lower()}", datatype=datatype, shape=array.shape)
         if raw or datatype == "FP16":

@@ -51,7 +51,12 @@ def test_typed_request_decodes() -> None:
     n.contents.int_contents.extend([-128, 127])
     decoded = decode_request(req, SIG)
     assert decoded.inputs["n"].tolist() == [[-128, 127]]
-    assert not decoded.raw_output
+    assert decoded.raw_output  # raw outputs by default, as Triton answers
+    req.parameters["binary_data_output"].bool_param = False
+    assert not decode_request(req, SIG).raw_output
+    del req.parameters["binary_data_output"]
+    req.outputs.add(name="y").parameters["binary_data"].bool_param = False
+    assert not decode_request(req, SIG).raw_output
 
 
 def _err(req: pb.ModelInferRequest) -> str:

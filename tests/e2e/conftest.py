@@ -1,0 +1,111 @@
+"""Real processes: `switchyard serve` launching real backend workers, driven by
+the reference client and perf_analyzer in their own processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SWITCHYARD = [sys.executable, "-m", "gateway.cli"]
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen[bytes]
+    info: dict  # type: ignore[type-arg]
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return str(self.info["address"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_fleet(path: Path, repository: Path, backends: list[dict]) -> Path:  # type: ignore[type-arg]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "repository": str(repository),
+                "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0", "probe_interval_s": 0.2},
+                "backends": backends,
+            }
+        )
+    )
+    return path
+
+
+def start_serve(fleet: Path, workdir: Path, timeout_s: float = 60) -> RunningGateway:
+    ready = workdir / "ready.json"
+    log_path = workdir / "gateway.log"
+    process = subprocess.Popen(
+        [*SWITCHYARD, "serve", "--config", str(fleet), "--ready-file", str(ready)],
+        cwd=ROOT,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"gateway did not start:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    return RunningGateway(process, json.loads(ready.read_text()), log_path)
+
+
+def stop(gateway: RunningGateway) -> None:
+    if gateway.process.poll() is None:
+        gateway.process.send_signal(signal.SIGTERM)
+        try:
+            gateway.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            gateway.process.kill()
+            gateway.process.wait()
+    # Workers must not outlive the gateway.
+    for pid in gateway.info.get("pids", {}).values():
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), f"worker {pid} outlived the gateway"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    workdir = tmp_path_factory.mktemp("serve")
+    fleet = write_fleet(
+        workdir / "fleet.yaml",
+        repository,
+        [
+            {"name": "small", "address": "127.0.0.1:0", "hardware_class": "cpu-1c",
+             "price_usd_per_hour": 0.04, "launch": {"threads": 1}},
+            {"name": "big", "address": "127.0.0.1:0", "hardware_class": "cpu-2c",
+             "price_usd_per_hour": 0.08, "launch": {"threads": 2}},
+        ],
+    )
+    gateway = start_serve(fleet, workdir)
+    yield gateway
+    stop(gateway)
