@@ -91,8 +91,7 @@ def decode_request(request: pb.ModelInferRequest, signature: Signature) -> Decod
         spec = specs.get(name)
         if spec is None:
             raise InvalidInput(
-                f"unexpected input {name!r}: the model takes "
-                + ", ".join(repr(s) for s in specs)
+                f"unexpected input {name!r}: the model takes " + ", ".join(repr(s) for s in specs)
             )
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given more than once")
@@ -151,8 +150,11 @@ def decode_request(request: pb.ModelInferRequest, signature: Signature) -> Decod
 def _raw_output(request: pb.ModelInferRequest, parameters: dict[str, ParamValue]) -> bool:
     if parameters.get("binary_data_output") is False:
         return False
-    asked = [parameter_value(o.parameters["binary_data"]) for o in request.outputs
-             if "binary_data" in o.parameters]
+    asked = [
+        parameter_value(o.parameters["binary_data"])
+        for o in request.outputs
+        if "binary_data" in o.parameters
+    ]
     return not (asked and len(asked) == len(request.outputs) and not any(asked))
 
 
@@ -237,6 +239,4 @@ def encode_response(
         elif spec.datatype == "BYTES":
             out.contents.bytes_contents.extend(as_bytes_items(array))
         else:
-            getattr(out.contents, CONTENTS_FIELDS[spec.datatype]).extend(
-                array.reshape(-1).tolist()
-            )
+            getattr(out.contents, CONTENTS_FIELDS[spec.datatype]).extend(array.reshape(-1).tolist())

@@ -31,7 +31,9 @@ SAMPLES = 32
 F32 = npt.NDArray[np.float32]
 
 
-def save_samples(model_dir: Path, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:  # noqa: E501
+def save_samples(
+    model_dir: Path, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> None:
     samples = model_dir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     np.savez(samples / "inputs.npz", **inputs)  # type: ignore[arg-type]
@@ -142,9 +144,18 @@ def cnn_reference(images: F32, w: dict[str, F32]) -> F32:
 
 # Protocol datatype -> ONNX element type of the echo model.
 ECHO_TYPES = {
-    "BOOL": "BOOL", "UINT8": "UINT8", "UINT16": "UINT16", "UINT32": "UINT32",
-    "UINT64": "UINT64", "INT8": "INT8", "INT16": "INT16", "INT32": "INT32",
-    "INT64": "INT64", "FP16": "FLOAT16", "FP32": "FLOAT", "FP64": "DOUBLE",
+    "BOOL": "BOOL",
+    "UINT8": "UINT8",
+    "UINT16": "UINT16",
+    "UINT32": "UINT32",
+    "UINT64": "UINT64",
+    "INT8": "INT8",
+    "INT16": "INT16",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "FP16": "FLOAT16",
+    "FP32": "FLOAT",
+    "FP64": "DOUBLE",
     "BYTES": "STRING",
 }
 
@@ -185,7 +196,9 @@ def build(root: Path, models: list[str] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # noqa: E501
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("models", nargs="*", choices=[*BUILDERS, []], help="default: all")
     args = parser.parse_args(argv)

@@ -94,16 +94,16 @@ class Variant:
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(
-            TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in self.manifest.outputs
-        )
+        return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in self.manifest.outputs)
 
     def verify(self) -> None:
         """Raises ManifestError unless every artifact exists and matches its sha256."""
         for artifact in self.manifest.artifacts:
             path = self.directory / artifact.path
             if not path.is_file():
-                raise ManifestError(f"{self.model}/{self.name}: artifact {artifact.path} is missing")
+                raise ManifestError(
+                    f"{self.model}/{self.name}: artifact {artifact.path} is missing"
+                )
             digest = sha256_file(path)
             if digest != artifact.sha256:
                 raise ManifestError(

@@ -144,6 +144,5 @@ def encode_bytes_tensor(array: npt.NDArray[np.generic]) -> bytes:
 def as_bytes_items(array: npt.NDArray[np.generic]) -> list[bytes]:
     """Elements of a BYTES tensor as `bytes` (str elements encoded as UTF-8)."""
     return [
-        item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        for item in array.reshape(-1)
+        item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in array.reshape(-1)
     ]

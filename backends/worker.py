@@ -76,9 +76,7 @@ class ServedModel:
         self.variant = variant
         self.adapter = adapter
         self.batcher = batcher
-        self.signature = Signature(
-            adapter.inputs, adapter.outputs, variant.manifest.max_batch_size
-        )
+        self.signature = Signature(adapter.inputs, adapter.outputs, variant.manifest.max_batch_size)
         self.output_specs = {s.name: s for s in adapter.outputs}
         self.settings = settings
         self.success = [0, 0]  # count, ns
@@ -105,8 +103,10 @@ class ServedModel:
 
     @property
     def platform(self) -> str:
-        return "onnxruntime_onnx" if self.variant.manifest.runtime == "onnxruntime" else (
-            self.variant.manifest.runtime
+        return (
+            "onnxruntime_onnx"
+            if self.variant.manifest.runtime == "onnxruntime"
+            else (self.variant.manifest.runtime)
         )
 
     def config(self) -> pb.ModelConfig:
@@ -186,7 +186,9 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
             log.error("model %s not served: %s", name, exc)
             continue
         if not variants:
-            log.error("model %s not served: no ONNX Runtime variant in %s", name, settings.repository)
+            log.error(
+                "model %s not served: no ONNX Runtime variant in %s", name, settings.repository
+            )
             continue
         variant = variants[0]
         try:
@@ -218,7 +220,6 @@ def _with_delay(run: RunFn, delay_s: float) -> RunFn:
     return delayed
 
 
-
 class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The v2 API over the served models."""
 
@@ -233,39 +234,55 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         model.check_version(version)
         return model
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: E501
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:  # noqa: E501
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=bool(self.models))
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:  # noqa: E501
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         model = self.models.get(request.name)
         ready = model is not None and request.version in ("", MODEL_VERSION)
         return pb.ModelReadyResponse(ready=ready)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: E501
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="switchyard-backend",
             version=__version__,
             extensions=["model_configuration", "statistics", "model_repository"],
         )
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: E501
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         try:
             return self._model(request.name, request.version).metadata()
         except SwitchyardError as exc:
             await context.abort(code_for(exc), str(exc))
             raise
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:  # noqa: E501
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         try:
-            return pb.ModelConfigResponse(config=self._model(request.name, request.version).config())
+            return pb.ModelConfigResponse(
+                config=self._model(request.name, request.version).config()
+            )
         except SwitchyardError as exc:
             await context.abort(code_for(exc), str(exc))
             raise
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:  # noqa: E501
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         try:
             if request.name:
                 chosen = [self._model(request.name, request.version)]
@@ -276,20 +293,28 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         return pb.ModelStatisticsResponse(model_stats=[m.statistics() for m in chosen])
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: E501
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
         reply = pb.RepositoryIndexResponse()
         for name in sorted(self.models):
             reply.models.add(name=name, version=MODEL_VERSION, state="READY")
         return reply
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: E501
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         response = await self._infer(request)
         if isinstance(response, SwitchyardError):
             await context.abort(code_for(response), str(response))
             raise response
         return response
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:  # noqa: E501
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             response = await self._infer(request)
             if isinstance(response, SwitchyardError):
@@ -297,7 +322,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse | SwitchyardError:
+    async def _infer(
+        self, request: pb.ModelInferRequest
+    ) -> pb.ModelInferResponse | SwitchyardError:
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
         try:
@@ -349,9 +376,7 @@ async def start_worker(
 ) -> tuple[grpc.aio.Server, int, dict[str, ServedModel], ThreadPoolExecutor]:
     """Loads the models and starts serving on `listen`; returns the bound port."""
     executor = ThreadPoolExecutor(max_workers=max(2, settings.threads), thread_name_prefix="infer")
-    models = await asyncio.get_running_loop().run_in_executor(
-        None, load_models, settings, executor
-    )
+    models = await asyncio.get_running_loop().run_in_executor(None, load_models, settings, executor)
     for model in models.values():
         model.batcher.start()
     options = [
@@ -379,8 +404,14 @@ async def serve(settings: WorkerSettings, listen: str) -> None:
     server, port, models, executor = await start_worker(settings, listen)
     host = listen.rsplit(":", 1)[0]
     print(
-        json.dumps({"event": "listening", "address": f"{host}:{port}", "pid": os.getpid(),
-                    "models": sorted(models)}),
+        json.dumps(
+            {
+                "event": "listening",
+                "address": f"{host}:{port}",
+                "pid": os.getpid(),
+                "models": sorted(models),
+            }
+        ),
         flush=True,
     )
     stop = asyncio.Event()
@@ -397,15 +428,29 @@ async def serve(settings: WorkerSettings, listen: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, required=True, help="model repository directory")
     parser.add_argument("--listen", default="127.0.0.1:9101", help="HOST:PORT (port 0: any free)")
-    parser.add_argument("--threads", type=int, default=1, help="inference threads (the instance size)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="inference threads (the instance size)"
+    )
     parser.add_argument("--hardware-class", default="cpu", help="what this worker stands for")
     parser.add_argument("--models", nargs="*", default=[], help="models to serve (default: all)")
-    parser.add_argument("--emulate-latency-ms", type=float, default=0.0,
-                        help="added service time per execution, standing for slower hardware")
-    parser.add_argument("--max-queue-delay-us", type=int, default=0,
-                        help="dynamic batching: how long a batch may wait for more requests")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="largest request or response accepted")
+    parser.add_argument(
+        "--emulate-latency-ms",
+        type=float,
+        default=0.0,
+        help="added service time per execution, standing for slower hardware",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        help="dynamic batching: how long a batch may wait for more requests",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request or response accepted",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

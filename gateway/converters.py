@@ -17,9 +17,7 @@ REMOTE_VARIANT = "remote"
 _CONFIG_TO_DATATYPE = {v: k for k, v in CONFIG_TYPES.items()}
 
 
-def model_info(
-    metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
-) -> ModelInfo:
+def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None) -> ModelInfo:
     """A backend's model metadata (and configuration, when it has the extension)."""
     inputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs)
     outputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.outputs)

@@ -136,7 +136,9 @@ class FleetState:
         return any(b.healthy and b.models for b in self.backends.values())
 
     def variants(self, model: str) -> list[str]:
-        return sorted({b.models[model].variant for b in self.backends.values() if model in b.models})
+        return sorted(
+            {b.models[model].variant for b in self.backends.values() if model in b.models}
+        )
 
     def snapshot(self) -> list[BackendState]:
         return [replace(b, models=dict(b.models)) for b in self.backends.values()]

@@ -33,9 +33,7 @@ class PolicyBook:
             cls = self.settings.classes.get(request.sla_class)
             if cls is None:
                 known = ", ".join(sorted(self.settings.classes)) or "none"
-                raise InvalidInput(
-                    f"unknown sla_class {request.sla_class!r} (classes: {known})"
-                )
+                raise InvalidInput(f"unknown sla_class {request.sla_class!r} (classes: {known})")
             policy = _apply(policy, cls)
         if request.sla_ms is not None:
             policy = replace(policy, latency_ms=request.sla_ms)

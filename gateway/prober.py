@@ -92,7 +92,9 @@ class Prober:
         if backend.expected_models:
             names = list(backend.expected_models)
         else:
-            index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=timeout)
+            index = await stub.RepositoryIndex(
+                pb.RepositoryIndexRequest(ready=True), timeout=timeout
+            )
             names = [m.name for m in index.models if m.state in ("", "READY")]
         found: dict[str, ModelInfo] = {}
         for name in names:
@@ -107,14 +109,14 @@ class Prober:
             found[name] = info
         return found
 
-    async def _describe(self, stub: object, name: str, timeout: float) -> ModelInfo:
+    async def _describe(self, stub: object, name: str, timeout_s: float) -> ModelInfo:
         metadata = await stub.ModelMetadata(  # type: ignore[attr-defined]
-            pb.ModelMetadataRequest(name=name), timeout=timeout
+            pb.ModelMetadataRequest(name=name), timeout=timeout_s
         )
         config = None
         try:
             reply = await stub.ModelConfig(  # type: ignore[attr-defined]
-                pb.ModelConfigRequest(name=name), timeout=timeout
+                pb.ModelConfigRequest(name=name), timeout=timeout_s
             )
             config = reply.config
         except grpc.aio.AioRpcError as exc:

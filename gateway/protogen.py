@@ -21,9 +21,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 def generate(out_dir: Path) -> list[Path]:
     """Runs protoc for every proto; returns the generated files under `out_dir`."""
-    from grpc_tools import protoc  # development dependency
-
     import grpc_tools
+    from grpc_tools import protoc  # development dependency
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +59,9 @@ def stale_files() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT, help="output root (default: the repository)"
+    )
     parser.add_argument("--check", action="store_true", help="fail if committed code is stale")
     args = parser.parse_args(argv)
     if args.check:

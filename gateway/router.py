@@ -48,7 +48,9 @@ class Decision:
         return self.routes[0] if self.routes else None
 
 
-def choose(request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float) -> Decision:
+def choose(
+    request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
+) -> Decision:
     """Orders the healthy routes for `request`; empty when none can serve it."""
     if not routes:
         return Decision((), "no-healthy-route")

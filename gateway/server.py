@@ -14,8 +14,10 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -93,6 +95,12 @@ async def start_gateway(config: FleetConfig) -> Gateway:
     pool = BackendPool(settings.max_message_bytes)
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
+    background: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     def refresh() -> None:
         for b in fleet.backends.values():
@@ -106,7 +114,7 @@ async def start_gateway(config: FleetConfig) -> Gateway:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", SERVICE):
-            loop.create_task(health_servicer.set(service, status))
+            spawn(health_servicer.set(service, status))
 
     prober = Prober(
         fleet, pool, time.monotonic, settings.probe_interval_s, settings.probe_timeout_s, refresh
@@ -119,7 +127,7 @@ async def start_gateway(config: FleetConfig) -> Gateway:
     def on_address(name: str, address: str) -> None:
         fleet.set_address(name, address)
         prober.forget(address)
-        loop.create_task(prober.probe(fleet.backends[name]))
+        spawn(prober.probe(fleet.backends[name]))
 
     servicer = GatewayServicer(fleet, pool, PolicyBook(config.policies), metrics)
     server = grpc.aio.server(
@@ -181,7 +189,7 @@ def describe(gateway: Gateway) -> str:
             f"${b.price_usd_per_hour:.4f}/h  {state}  models: {models}"
         )
     lines.append(
-        "  try:      python -c \"import tritonclient.grpc as g; "
+        '  try:      python -c "import tritonclient.grpc as g; '
         f"print(g.InferenceServerClient('{gateway.address}').get_model_repository_index())\""
     )
     return "\n".join(lines)
@@ -191,7 +199,8 @@ async def serve(config: FleetConfig, ready_file: Path | None) -> None:
     gateway = await start_gateway(config)
     print(describe(gateway), flush=True)
     if ready_file is not None:
-        ready_file.write_text(
+        await asyncio.to_thread(
+            ready_file.write_text,
             json.dumps(
                 {
                     "address": gateway.address,
@@ -202,7 +211,7 @@ async def serve(config: FleetConfig, ready_file: Path | None) -> None:
                     },
                     "pids": gateway.supervisor.pids(),
                 }
-            )
+            ),
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -214,12 +223,20 @@ async def serve(config: FleetConfig, ready_file: Path | None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="fleet file (YAML); default: the embedded demo fleet")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="fleet file (YAML); default: the embedded demo fleet",
+    )
     parser.add_argument("--listen", default=None, help="override gateway.listen (HOST:PORT)")
     parser.add_argument("--metrics", default=None, help="override gateway.metrics (HOST:PORT)")
-    parser.add_argument("--ready-file", type=Path, default=None,
-                        help="write a JSON description here once serving (for scripts and tests)")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write a JSON description here once serving (for scripts and tests)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG shows the workers' logs")
 
 
@@ -234,9 +251,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     overrides = {k: v for k, v in (("listen", args.listen), ("metrics", args.metrics)) if v}
     if overrides:
-        config = config.model_copy(
-            update={"gateway": config.gateway.model_copy(update=overrides)}
-        )
+        config = config.model_copy(update={"gateway": config.gateway.model_copy(update=overrides)})
     if not config.repository.is_dir() and any(b.launch for b in config.backends):
         print(
             f"switchyard: model repository {config.repository} does not exist "

@@ -231,31 +231,49 @@ class GatewayServicer:
 
     # ---- health, metadata, configuration, statistics, repository ----------------------
 
-    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def server_ready(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.fleet.any_ready())
 
-    async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def model_ready(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
         ready = self.fleet.model_ready(request.name)
         if ready and request.version:
             info = self.fleet.model_info(request.name)
             ready = info is not None and request.version in info.versions
         return pb.ModelReadyResponse(ready=ready)
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="switchyard", version=__version__, extensions=EXTENSIONS)
+    async def server_metadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="switchyard", version=__version__, extensions=EXTENSIONS
+        )
 
-    async def model_metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         info = await self._described(request.name, request.version, context)
         return metadata_message(info)
 
-    async def model_config(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def model_config(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         info = await self._described(request.name, request.version, context)
-        return pb.ModelConfigResponse(config=config_message(info, self.fleet.variants(request.name)))
+        return pb.ModelConfigResponse(
+            config=config_message(info, self.fleet.variants(request.name))
+        )
 
-    async def _described(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ModelInfo:
+    async def _described(
+        self, name: str, version: str, context: grpc.aio.ServicerContext
+    ) -> ModelInfo:
         info = self.fleet.model_info(name)
         try:
             if info is None:
@@ -267,7 +285,9 @@ class GatewayServicer:
         assert info is not None
         return info
 
-    async def model_statistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+    async def model_statistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         if request.name:
             info = await self._described(request.name, request.version, context)
             names = [info.name]
@@ -298,7 +318,9 @@ class GatewayServicer:
             inf.compute_output.count = counters.success_count
         return reply
 
-    async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
         reply = pb.RepositoryIndexResponse()
         for name in self.fleet.known_models():
             ready = self.fleet.model_ready(name)
@@ -332,7 +354,9 @@ def generic_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
         SERVICE,
         {
             "ServerLive": typed(servicer.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-            "ServerReady": typed(servicer.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ServerReady": typed(
+                servicer.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse
+            ),
             "ModelReady": typed(servicer.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ServerMetadata": typed(
                 servicer.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
@@ -340,7 +364,9 @@ def generic_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
             "ModelMetadata": typed(
                 servicer.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
             ),
-            "ModelConfig": typed(servicer.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelConfig": typed(
+                servicer.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse
+            ),
             "ModelStatistics": typed(
                 servicer.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
             ),

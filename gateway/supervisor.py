@@ -38,13 +38,21 @@ def worker_command(backend: BackendSettings, repository: Path, listen: str) -> l
     launch = backend.launch
     assert launch is not None
     command = [
-        sys.executable, "-m", "backends.worker",
-        "--repository", str(repository),
-        "--listen", listen,
-        "--threads", str(launch.threads),
-        "--hardware-class", backend.hardware_class,
-        "--emulate-latency-ms", str(launch.emulate_latency_ms),
-        "--max-queue-delay-us", str(launch.max_queue_delay_us),
+        sys.executable,
+        "-m",
+        "backends.worker",
+        "--repository",
+        str(repository),
+        "--listen",
+        listen,
+        "--threads",
+        str(launch.threads),
+        "--hardware-class",
+        backend.hardware_class,
+        "--emulate-latency-ms",
+        str(launch.emulate_latency_ms),
+        "--max-queue-delay-us",
+        str(launch.max_queue_delay_us),
     ]
     if launch.models:
         command += ["--models", *launch.models]

@@ -39,7 +39,11 @@ def write_fleet(path: Path, repository: Path, backends: list[dict]) -> Path:  # 
         yaml.safe_dump(
             {
                 "repository": str(repository),
-                "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0", "probe_interval_s": 0.2},
+                "gateway": {
+                    "listen": "127.0.0.1:0",
+                    "metrics": "127.0.0.1:0",
+                    "probe_interval_s": 0.2,
+                },
                 "backends": backends,
             }
         )
@@ -100,10 +104,20 @@ def served(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         workdir / "fleet.yaml",
         repository,
         [
-            {"name": "small", "address": "127.0.0.1:0", "hardware_class": "cpu-1c",
-             "price_usd_per_hour": 0.04, "launch": {"threads": 1}},
-            {"name": "big", "address": "127.0.0.1:0", "hardware_class": "cpu-2c",
-             "price_usd_per_hour": 0.08, "launch": {"threads": 2}},
+            {
+                "name": "small",
+                "address": "127.0.0.1:0",
+                "hardware_class": "cpu-1c",
+                "price_usd_per_hour": 0.04,
+                "launch": {"threads": 1},
+            },
+            {
+                "name": "big",
+                "address": "127.0.0.1:0",
+                "hardware_class": "cpu-2c",
+                "price_usd_per_hour": 0.08,
+                "launch": {"threads": 2},
+            },
         ],
     )
     gateway = start_serve(fleet, workdir)

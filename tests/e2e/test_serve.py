@@ -23,7 +23,10 @@ HERE = Path(__file__).resolve().parent
 def run_client(address: str, repository: Path) -> dict:  # type: ignore[type-arg]
     proc = subprocess.run(
         [sys.executable, str(HERE / "triton_client_check.py"), address, str(repository)],
-        capture_output=True, text=True, timeout=60, cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=HERE,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
@@ -34,7 +37,11 @@ def test_reference_client_sees_a_complete_server(served: RunningGateway, reposit
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert not seen["unknown_model_ready"]
     assert seen["server_metadata"]["name"] == "switchyard"
-    assert seen["model_metadata"]["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}
+    assert seen["model_metadata"]["inputs"][0] == {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": ["-1", "64"],
+    }
     assert seen["model_config"]["config"]["maxBatchSize"] == 64
     assert {m["name"] for m in seen["index"]["models"]} >= {"digits", "cnn", "echo"}
     for mode in ("raw", "typed"):
@@ -57,7 +64,9 @@ def _perf_analyzer() -> str | None:
     script = ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh"
     if not script.exists() or shutil.which("g++") is None:
         return None
-    proc = subprocess.run(["bash", str(script), str(binary.parents[1])], capture_output=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(script), str(binary.parents[1])], capture_output=True, timeout=600
+    )
     return str(binary) if proc.returncode == 0 and binary.exists() else None
 
 
@@ -67,22 +76,45 @@ def test_perf_analyzer_drives_the_gateway(served: RunningGateway, tmp_path: Path
         pytest.skip("perf_analyzer is not available (needs ../shared/tools/perf_analyzer/build.sh)")
     csv = tmp_path / "pa.csv"
     proc = subprocess.run(
-        [binary, "-i", "grpc", "-u", served.address, "-m", "digits", "--concurrency-range", "2",
-         "--measurement-interval", "1000", "--max-trials", "3", "--stability-percentage", "100",
-         "-f", str(csv)],
-        capture_output=True, text=True, timeout=120,
+        [
+            binary,
+            "-i",
+            "grpc",
+            "-u",
+            served.address,
+            "-m",
+            "digits",
+            "--concurrency-range",
+            "2",
+            "--measurement-interval",
+            "1000",
+            "--max-trials",
+            "3",
+            "--stability-percentage",
+            "100",
+            "-f",
+            str(csv),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     header, row = csv.read_text().splitlines()[:2]
-    throughput = float(dict(zip(header.split(","), row.split(","), strict=False))["Inferences/Second"])
+    throughput = float(
+        dict(zip(header.split(","), row.split(","), strict=False))["Inferences/Second"]
+    )
     assert throughput > 0
 
 
-def test_a_killed_worker_is_restarted_and_costs_no_request(served: RunningGateway, repository: Path) -> None:
-    from protos import inference_pb2 as pb
-    from protos import inference_pb2_grpc as pb_grpc
+def test_a_killed_worker_is_restarted_and_costs_no_request(
+    served: RunningGateway, repository: Path
+) -> None:
     import grpc
     import numpy as np
+
+    from protos import inference_pb2 as pb
+    from protos import inference_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(served.address)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -125,7 +157,12 @@ def test_a_killed_worker_is_restarted_and_costs_no_request(served: RunningGatewa
 def test_invalid_fleet_file_fails_with_a_clear_message(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("backends:\n  - name: a\n    address: 127.0.0.1:1\n    pricee: 3\n")
-    proc = subprocess.run([*SWITCHYARD, "serve", "--config", str(fleet)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [*SWITCHYARD, "serve", "--config", str(fleet)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert "pricee" in proc.stderr and "Extra inputs are not permitted" in proc.stderr

@@ -28,8 +28,9 @@ class Worker:
 
 
 async def launch_worker(repository: Path, **settings: object) -> Worker:
-    server, port, models, _executor = await start_worker(
-        WorkerSettings(repository=repository, **settings), "127.0.0.1:0"  # type: ignore[arg-type]
+    server, port, _models, _executor = await start_worker(
+        WorkerSettings(repository=repository, **settings),
+        "127.0.0.1:0",  # type: ignore[arg-type]
     )
     return Worker(f"127.0.0.1:{port}", server)
 
@@ -50,8 +51,12 @@ async def stub(worker: Worker) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub
 def fleet_config(addresses: dict[str, tuple[str, float]], **gateway: object) -> FleetConfig:
     return FleetConfig.model_validate(
         {
-            "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0",
-                        "probe_interval_s": 0.2, **gateway},
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "metrics": "127.0.0.1:0",
+                "probe_interval_s": 0.2,
+                **gateway,
+            },
             "backends": [
                 {"name": name, "address": address, "price_usd_per_hour": price}
                 for name, (address, price) in addresses.items()
@@ -88,7 +93,9 @@ def samples(repository: Path, model: str) -> tuple[dict[str, np.ndarray], dict[s
     return dict(np.load(folder / "inputs.npz")), dict(np.load(folder / "reference.npz"))
 
 
-def raw_request(model: str, inputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> pb.ModelInferRequest:
+def raw_request(
+    model: str, inputs: dict[str, np.ndarray], datatypes: dict[str, str]
+) -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name=model)
     for name, array in inputs.items():
         req.inputs.add(name=name, datatype=datatypes[name], shape=array.shape)
@@ -99,5 +106,7 @@ def raw_request(model: str, inputs: dict[str, np.ndarray], datatypes: dict[str, 
 def output(response: pb.ModelInferResponse, name: str, dtype: type) -> np.ndarray:
     for index, out in enumerate(response.outputs):
         if out.name == name:
-            return np.frombuffer(response.raw_output_contents[index], dtype=dtype).reshape(out.shape)
+            return np.frombuffer(response.raw_output_contents[index], dtype=dtype).reshape(
+                out.shape
+            )
     raise KeyError(name)

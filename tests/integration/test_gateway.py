@@ -39,7 +39,10 @@ async def test_health_metadata_and_config_come_from_the_fleet(gateway, gw_stub) 
     assert config.parameters["switchyard_variants"].string_value == "ort-cpu-fp32"
     index = await gw_stub.RepositoryIndex(pb.RepositoryIndexRequest())
     assert {m.name: m.state for m in index.models} == {
-        "cnn": "READY", "digits": "READY", "echo": "READY", "echo_typed": "READY"
+        "cnn": "READY",
+        "digits": "READY",
+        "echo": "READY",
+        "echo_typed": "READY",
     }
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gw_stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
@@ -57,7 +60,9 @@ async def test_inference_through_the_gateway(gateway, gw_stub, repository: Path)
     reply = await gw_stub.ModelInfer(req)
     assert reply.id == "abc" and reply.model_name == "digits"
     assert (output(reply, "label", np.int64) == reference["label"]).all()
-    np.testing.assert_allclose(output(reply, "probabilities", np.float32), reference["probabilities"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        output(reply, "probabilities", np.float32), reference["probabilities"], rtol=1e-4, atol=1e-6
+    )
     params = {k: v.string_param for k, v in reply.parameters.items()}
     assert params["switchyard_backend"] in {"cheap", "dear"}
     assert params["switchyard_variant"] == "ort-cpu-fp32"
@@ -66,13 +71,23 @@ async def test_inference_through_the_gateway(gateway, gw_stub, repository: Path)
     assert stats.inference_stats.success.count == 1
     assert stats.inference_count == len(reference["label"])
     assert stats.inference_stats.queue.count == stats.inference_stats.compute_infer.count == 1
-    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics").read().decode()
+    body = (
+        (
+            await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+            )
+        )
+        .read()
+        .decode()
+    )
     assert 'switchyard_requests_total{backend="' in body
     assert 'model="digits",outcome="OK"' in body
     assert 'switchyard_backend_healthy{backend="cheap"} 1.0' in body
 
 
-@pytest.mark.parametrize(("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
 async def test_bad_input_through_the_gateway(gw_stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gw_stub.ModelInfer(request_)
@@ -115,11 +130,15 @@ async def test_oversized_message_is_resource_exhausted(two_workers) -> None:  # 
             from protos import inference_pb2_grpc as pb_grpc
 
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            big = raw_request("digits", {"input": np.zeros((300, 64), np.float32)}, {"input": "FP32"})
+            big = raw_request(
+                "digits", {"input": np.zeros((300, 64), np.float32)}, {"input": "FP32"}
+            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.ModelInfer(big)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            small = raw_request("digits", {"input": np.zeros((1, 64), np.float32)}, {"input": "FP32"})
+            small = raw_request(
+                "digits", {"input": np.zeros((1, 64), np.float32)}, {"input": "FP32"}
+            )
             assert (await stub.ModelInfer(small)).outputs
     finally:
         await gw.stop()

@@ -22,7 +22,9 @@ async def test_metadata_config_and_index(stub) -> None:  # type: ignore[no-untyp
     assert (await stub.ModelReady(pb.ModelReadyRequest(name="digits"))).ready
     assert not (await stub.ModelReady(pb.ModelReadyRequest(name="nope"))).ready
     meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 64])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("input", "FP32", [-1, 64])
+    ]
     assert {t.name for t in meta.outputs} == {"label", "probabilities"}
     config = (await stub.ModelConfig(pb.ModelConfigRequest(name="cnn"))).config
     assert config.max_batch_size == 64
@@ -58,7 +60,9 @@ def _echo_inputs() -> dict[str, np.ndarray]:
         else:
             info = np.iinfo if NUMPY_DTYPES[datatype].kind in "iu" else np.finfo
             lim = info(NUMPY_DTYPES[datatype])  # type: ignore[arg-type]
-            arrays[datatype] = np.array([[lim.min, lim.max, 0, 1]] * 2, dtype=NUMPY_DTYPES[datatype])
+            arrays[datatype] = np.array(
+                [[lim.min, lim.max, 0, 1]] * 2, dtype=NUMPY_DTYPES[datatype]
+            )
     return arrays
 
 
@@ -72,9 +76,14 @@ async def test_every_datatype_round_trips(stub, raw: bool) -> None:  # type: ign
         tensor = req.inputs.add(name=f"in_{datatype.lower()}", datatype=datatype, shape=array.shape)
         if raw or datatype == "FP16":
             continue
-        field = {"BOOL": "bool_contents", "BYTES": "bytes_contents", "FP32": "fp32_contents",
-                 "FP64": "fp64_contents", "INT64": "int64_contents", "UINT64": "uint64_contents"}.get(
-            datatype, "int_contents" if datatype.startswith("INT") else "uint_contents")
+        field = {
+            "BOOL": "bool_contents",
+            "BYTES": "bytes_contents",
+            "FP32": "fp32_contents",
+            "FP64": "fp64_contents",
+            "INT64": "int64_contents",
+            "UINT64": "uint64_contents",
+        }.get(datatype, "int_contents" if datatype.startswith("INT") else "uint_contents")
         getattr(tensor.contents, field).extend(array.ravel().tolist())
     if not raw:
         del req.inputs[[t.name for t in req.inputs].index("in_fp16")]
@@ -115,22 +124,89 @@ def _bad(mutate) -> pb.ModelInferRequest:  # type: ignore[no-untyped-def]
 
 
 BAD_REQUESTS = [
-    ("unknown model", _bad(lambda r: setattr(r, "model_name", "nope")), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
-    ("unknown version", _bad(lambda r: setattr(r, "model_version", "7")), grpc.StatusCode.NOT_FOUND, "no version '7'"),
-    ("wrong input name", _bad(lambda r: setattr(r.inputs[0], "name", "image")), grpc.StatusCode.INVALID_ARGUMENT, "unexpected input 'image'"),
-    ("missing input", _bad(lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents"))), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'input'"),
-    ("wrong datatype", _bad(lambda r: setattr(r.inputs[0], "datatype", "FP64")), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': datatype FP64"),
-    ("shape vs model", _bad(lambda r: r.inputs[0].shape.__setitem__(1, 63)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': shape [2, 63]"),
-    ("shape vs content", _bad(lambda r: r.inputs[0].shape.__setitem__(0, 3)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': raw contents hold 512 bytes"),
-    ("raw count", _bad(lambda r: r.raw_input_contents.append(b"x")), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries for 1 inputs"),
-    ("raw size", _bad(lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 5)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': raw contents hold 5 bytes"),
-    ("negative dim", _bad(lambda r: r.inputs[0].shape.__setitem__(0, -1)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': shape [-1, 64] has a negative dimension"),
-    ("overflowing dim", _bad(lambda r: r.inputs[0].shape.__setitem__(0, 2**62)), grpc.StatusCode.INVALID_ARGUMENT, "input 'input': shape"),
-    ("batch too big", _bad(lambda r: (r.inputs[0].shape.__setitem__(0, 65), r.raw_input_contents.__setitem__(0, b"\0" * 65 * 256))), grpc.StatusCode.INVALID_ARGUMENT, "max_batch_size 64"),
+    (
+        "unknown model",
+        _bad(lambda r: setattr(r, "model_name", "nope")),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown model 'nope'",
+    ),
+    (
+        "unknown version",
+        _bad(lambda r: setattr(r, "model_version", "7")),
+        grpc.StatusCode.NOT_FOUND,
+        "no version '7'",
+    ),
+    (
+        "wrong input name",
+        _bad(lambda r: setattr(r.inputs[0], "name", "image")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected input 'image'",
+    ),
+    (
+        "missing input",
+        _bad(lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents"))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing input 'input'",
+    ),
+    (
+        "wrong datatype",
+        _bad(lambda r: setattr(r.inputs[0], "datatype", "FP64")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input': datatype FP64",
+    ),
+    (
+        "shape vs model",
+        _bad(lambda r: r.inputs[0].shape.__setitem__(1, 63)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input': shape [2, 63]",
+    ),
+    (
+        "shape vs content",
+        _bad(lambda r: r.inputs[0].shape.__setitem__(0, 3)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input': raw contents hold 512 bytes",
+    ),
+    (
+        "raw count",
+        _bad(lambda r: r.raw_input_contents.append(b"x")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "raw_input_contents has 2 entries for 1 inputs",
+    ),
+    (
+        "raw size",
+        _bad(lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input': raw contents hold 5 bytes",
+    ),
+    (
+        "negative dim",
+        _bad(lambda r: r.inputs[0].shape.__setitem__(0, -1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input': shape [-1, 64] has a negative dimension",
+    ),
+    (
+        "overflowing dim",
+        _bad(lambda r: r.inputs[0].shape.__setitem__(0, 2**62)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'input': shape",
+    ),
+    (
+        "batch too big",
+        _bad(
+            lambda r: (
+                r.inputs[0].shape.__setitem__(0, 65),
+                r.raw_input_contents.__setitem__(0, b"\0" * 65 * 256),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_batch_size 64",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
 async def test_bad_input_gets_a_clear_status(stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ModelInfer(request_)
@@ -144,7 +220,9 @@ async def test_non_utf8_bytes_for_a_string_model(stub) -> None:  # type: ignore[
     req = pb.ModelInferRequest(model_name="echo")
     for datatype, array in arrays.items():
         req.inputs.add(name=f"in_{datatype.lower()}", datatype=datatype, shape=array.shape)
-        req.raw_input_contents.append(encode_bytes_tensor(array) if datatype == "BYTES" else array.tobytes())
+        req.raw_input_contents.append(
+            encode_bytes_tensor(array) if datatype == "BYTES" else array.tobytes()
+        )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ModelInfer(req)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -172,15 +250,21 @@ async def test_bad_requests_do_not_disturb_concurrent_good_ones(stub, repository
     assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
 
 
-async def test_concurrent_requests_are_batched_and_answered_correctly(stub, repository: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_requests_are_batched_and_answered_correctly(
+    stub, repository: Path
+) -> None:  # type: ignore[no-untyped-def]
     inputs, reference = samples(repository, "cnn")
     requests = [
-        raw_request("cnn", {"image": inputs["image"][i : i + 1]}, {"image": "FP32"}) for i in range(32)
+        raw_request("cnn", {"image": inputs["image"][i : i + 1]}, {"image": "FP32"})
+        for i in range(32)
     ]
     replies = await asyncio.gather(*(stub.ModelInfer(r) for r in requests))
     for i, reply in enumerate(replies):
         np.testing.assert_allclose(
-            output(reply, "probabilities", np.float32)[0], reference["probabilities"][i], rtol=1e-4, atol=1e-5
+            output(reply, "probabilities", np.float32)[0],
+            reference["probabilities"][i],
+            rtol=1e-4,
+            atol=1e-5,
         )
     stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="cnn"))).model_stats[0]
     assert stats.inference_count == 32

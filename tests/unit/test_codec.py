@@ -19,7 +19,9 @@ SIG = Signature(
 )
 
 
-def raw_request(shapes: dict[str, list[int]] | None = None, **overrides: bytes) -> pb.ModelInferRequest:
+def raw_request(
+    shapes: dict[str, list[int]] | None = None, **overrides: bytes
+) -> pb.ModelInferRequest:
     shapes = shapes or {"x": [2, 4], "n": [2, 2]}
     req = pb.ModelInferRequest(model_name="m")
     data = {
@@ -74,9 +76,18 @@ def _err(req: pb.ModelInferRequest) -> str:
         (lambda r: r.inputs[0].shape.append(1), "input 'x': shape [2, 4, 1] has rank 3"),
         (lambda r: r.inputs[0].shape.__setitem__(0, -2), "input 'x': shape [-2, 4] has a negative"),
         (lambda r: r.inputs[0].shape.__setitem__(0, 2**62), "more than"),
-        (lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 7), "input 'x': raw contents hold 7 bytes"),
-        (lambda r: r.raw_input_contents.append(b""), "raw_input_contents has 3 entries for 2 inputs"),
-        (lambda r: r.inputs[1].shape.__setitem__(0, 3), "input 'n': raw contents hold 4 bytes; shape [3, 2]"),
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 7),
+            "input 'x': raw contents hold 7 bytes",
+        ),
+        (
+            lambda r: r.raw_input_contents.append(b""),
+            "raw_input_contents has 3 entries for 2 inputs",
+        ),
+        (
+            lambda r: r.inputs[1].shape.__setitem__(0, 3),
+            "input 'n': raw contents hold 4 bytes; shape [3, 2]",
+        ),
     ],
 )
 def test_bad_raw_inputs_name_the_input(mutate, expected) -> None:  # type: ignore[no-untyped-def]
