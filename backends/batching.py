@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from backends.runtime import Array
 
-RunFn = Callable[[dict[str, Array], Sequence[str]], list[Array]]
+RunFn = Callable[[Mapping[str, Array], Sequence[str]], list[Array]]
 
 
 @dataclass(slots=True)

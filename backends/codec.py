@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,11 +29,14 @@ from protos import inference_pb2 as pb
 
 ParamValue = bool | int | float | str
 
+
+def _int_range(datatype: str) -> tuple[int, int]:
+    info = np.iinfo(cast("np.dtype[np.integer[Any]]", NUMPY_DTYPES[datatype]))
+    return int(info.min), int(info.max)
+
+
 # Value ranges of the typed fields that carry narrower integer types.
-_INT_RANGES = {
-    dt: (int(np.iinfo(NUMPY_DTYPES[dt]).min), int(np.iinfo(NUMPY_DTYPES[dt]).max))
-    for dt in ("INT8", "INT16", "UINT8", "UINT16")
-}
+_INT_RANGES = {dt: _int_range(dt) for dt in ("INT8", "INT16", "UINT8", "UINT16")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +65,7 @@ class DecodedRequest:
 
 def parameter_value(param: pb.InferParameter) -> ParamValue | None:
     kind = param.WhichOneof("parameter_choice")
-    return None if kind is None else getattr(param, kind)  # type: ignore[no-any-return]
+    return None if kind is None else getattr(param, kind)
 
 
 def set_parameter(target: pb.InferParameter, value: ParamValue) -> None:

@@ -75,7 +75,8 @@ def _cnn_weights() -> dict[str, F32]:
 
     def he(*shape: int) -> F32:
         fan_in = int(np.prod(shape[1:]))
-        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        scaled: npt.NDArray[np.float64] = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+        return scaled.astype(np.float32)
 
     return {
         "conv1_w": he(8, 3, 3, 3),
@@ -127,7 +128,7 @@ def _conv3x3(x: F32, weight: F32, bias: F32) -> F32:
         [padded[:, :, i : i + h, j : j + wd] for i in range(3) for j in range(3)], axis=2
     )  # n, c, 9, h, w
     cols = cols.reshape(n, c * 9, h * wd)
-    out = np.einsum("ok,nkp->nop", weight.reshape(weight.shape[0], -1), cols)
+    out: F32 = np.einsum("ok,nkp->nop", weight.reshape(weight.shape[0], -1), cols)
     return (out.reshape(n, -1, h, wd) + bias[None, :, None, None]).astype(np.float32)
 
 
@@ -138,8 +139,9 @@ def cnn_reference(images: F32, w: dict[str, F32]) -> F32:
     p1 = r1.reshape(n, c, h // 2, 2, wd // 2, 2).max(axis=(3, 5))
     r2 = np.maximum(_conv3x3(p1, w["conv2_w"], w["conv2_b"]), 0)
     logits = r2.mean(axis=(2, 3)) @ w["fc_w"].T + w["fc_b"]
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    e: F32 = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities: F32 = e / e.sum(axis=1, keepdims=True)
+    return probabilities.astype(np.float32)
 
 
 # Protocol datatype -> ONNX element type of the echo model.

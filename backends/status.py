@@ -19,7 +19,7 @@ _CODES: dict[type[errors.SwitchyardError], grpc.StatusCode] = {
 def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
     """The status code a caller receives for `error`."""
     for cls in type(error).__mro__:
-        code = _CODES.get(cls)  # type: ignore[arg-type]
+        code = _CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN

@@ -11,9 +11,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 # Protocol datatype -> numpy dtype. BYTES tensors are object arrays of `bytes`.
 NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
@@ -135,7 +139,7 @@ def encode_bytes_tensor(array: npt.NDArray[np.generic]) -> bytes:
     """Encodes an object/str array in the length-prefixed BYTES layout."""
     parts: list[bytes] = []
     for item in array.reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        data = _item_bytes(item)
         parts.append(struct.pack("<I", len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -143,6 +147,11 @@ def encode_bytes_tensor(array: npt.NDArray[np.generic]) -> bytes:
 
 def as_bytes_items(array: npt.NDArray[np.generic]) -> list[bytes]:
     """Elements of a BYTES tensor as `bytes` (str elements encoded as UTF-8)."""
-    return [
-        item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in array.reshape(-1)
-    ]
+    return [_item_bytes(item) for item in array.reshape(-1)]
+
+
+def _item_bytes(item: object) -> bytes:
+    """One BYTES element as `bytes`: str encoded as UTF-8, else a bytes-like object."""
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    return bytes(cast("ReadableBuffer", item))

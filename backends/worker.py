@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +197,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
             log.error("model %s not served: %s", name, exc)
             continue
         adapter = OrtAdapter(variant.artifact_path, threads=settings.threads)
-        run = adapter.run
+        run: RunFn = adapter.run
         if settings.emulate_latency_ms > 0:
             run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
         batcher = Batcher(
@@ -213,7 +213,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
 
 
 def _with_delay(run: RunFn, delay_s: float) -> RunFn:
-    def delayed(inputs: dict[str, Array], outputs: Sequence[str]) -> list[Array]:
+    def delayed(inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
         time.sleep(delay_s)  # in a worker thread: occupies it as slower compute would
         return run(inputs, outputs)
 

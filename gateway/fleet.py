@@ -123,7 +123,7 @@ class FleetState:
         return fallback
 
     def known_models(self) -> list[str]:
-        names = set()
+        names: set[str] = set()
         for b in self.backends.values():
             names.update(b.models)
             names.update(b.expected_models)

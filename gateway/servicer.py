@@ -289,8 +289,8 @@ class GatewayServicer:
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         if request.name:
-            info = await self._described(request.name, request.version, context)
-            names = [info.name]
+            described = await self._described(request.name, request.version, context)
+            names = [described.name]
         else:
             names = self.fleet.known_models()
         reply = pb.ModelStatisticsResponse()

@@ -13,7 +13,8 @@ import pytest
 from backends.demo_models import ECHO_TYPES
 from backends.tensors import NUMPY_DTYPES, encode_bytes_tensor
 from protos import inference_pb2 as pb
-from tests.integration.conftest import output, raw_request, samples
+from protos import inference_pb2_grpc as pb_grpc
+from tests.integration.conftest import launch_worker, output, raw_request, samples
 
 
 async def test_metadata_config_and_index(stub) -> None:  # type: ignore[no-untyped-def]
@@ -250,9 +251,17 @@ async def test_bad_requests_do_not_disturb_concurrent_good_ones(stub, repository
     assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
 
 
-async def test_concurrent_requests_are_batched_and_answered_correctly(
-    stub, repository: Path
-) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_requests_are_batched_and_answered_correctly(repository: Path) -> None:
+    # A batch may wait 100 ms for company, so concurrent requests meet even on a busy machine.
+    worker = await launch_worker(repository, threads=1, max_queue_delay_us=100_000)
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            await _check_batched(pb_grpc.GRPCInferenceServiceStub(channel), repository)
+    finally:
+        await worker.stop()
+
+
+async def _check_batched(stub: pb_grpc.GRPCInferenceServiceStub, repository: Path) -> None:
     inputs, reference = samples(repository, "cnn")
     requests = [
         raw_request("cnn", {"image": inputs["image"][i : i + 1]}, {"image": "FP32"})
