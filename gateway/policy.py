@@ -12,29 +12,40 @@ from gateway.config import PoliciesSettings, PolicySettings
 from gateway.router import Policy, RouteRequest
 
 
-def _apply(policy: Policy, settings: PolicySettings) -> Policy:
-    updates = {k: v for k, v in settings.model_dump().items() if v is not None}
-    return replace(policy, **updates)
+def _updates(settings: PolicySettings) -> dict[str, object]:
+    return {k: v for k, v in settings.model_dump().items() if v is not None}
 
 
 class PolicyBook:
-    """The fleet's SLA policies; replaced whole when they change."""
+    """The fleet's SLA policies; replaced whole when they change. Overrides are
+    flattened once here, so resolving a request's policy costs no validation."""
 
     def __init__(self, settings: PoliciesSettings) -> None:
         self.settings = settings
-        self._default = _apply(Policy(), settings.default)
+        self._default = replace(Policy(), **_updates(settings.default))  # type: ignore[arg-type]
+        self._models = {
+            name: replace(self._default, **_updates(s))  # type: ignore[arg-type]
+            for name, s in settings.models.items()
+        }
+        self._classes = {name: _updates(s) for name, s in settings.classes.items()}
+        self._resolved: dict[tuple[str, str], Policy] = {}
 
     def resolve(self, request: RouteRequest) -> Policy:
-        policy = self._default
-        model = self.settings.models.get(request.model)
-        if model is not None:
-            policy = _apply(policy, model)
+        policy = self._models.get(request.model, self._default)
         if request.sla_class is not None:
-            cls = self.settings.classes.get(request.sla_class)
-            if cls is None:
-                known = ", ".join(sorted(self.settings.classes)) or "none"
-                raise InvalidInput(f"unknown sla_class {request.sla_class!r} (classes: {known})")
-            policy = _apply(policy, cls)
+            key = (request.model, request.sla_class)
+            cached = self._resolved.get(key)
+            if cached is None:
+                updates = self._classes.get(request.sla_class)
+                if updates is None:
+                    known = ", ".join(sorted(self._classes)) or "none"
+                    raise InvalidInput(
+                        f"unknown sla_class {request.sla_class!r} (classes: {known})"
+                    )
+                cached = replace(policy, **updates)  # type: ignore[arg-type]
+                # Bounded: models are known ones and classes are validated above.
+                self._resolved[key] = cached
+            policy = cached
         if request.sla_ms is not None:
             policy = replace(policy, latency_ms=request.sla_ms)
         return policy
