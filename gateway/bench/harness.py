@@ -1,0 +1,228 @@
+"""The processes `make bench` starts, and the tools it sets up: the backend worker,
+the gateway, KServe's ModelServer (in its own virtualenv), the load client and
+Triton's perf_analyzer.
+
+Every child runs in its own session (process group) and is asked to die with the
+bench (Linux PR_SET_PDEATHSIG); `Child.stop` ends the whole group, so the
+gateway's launched workers go too. Children write to files, never to pipes that
+nobody reads. Ports are always 0 and read back. This module must not import the
+project's `protos` package nor tritonclient: the load client and KServe run in
+their own processes for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+PEER_PACKAGES = ("kserve==0.21.0", "onnxruntime==1.32.0", "numpy")
+PERF_ANALYZER_CSV_USEC = ("p50 latency", "p90 latency", "p99 latency")
+
+
+class BenchError(Exception):
+    """A part of the benchmark cannot be set up or run."""
+
+
+def die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """One process the bench started, with its output in `log_dir`."""
+
+    def __init__(self, name: str, command: Sequence[str], log_dir: Path, cwd: Path) -> None:
+        self.name = name
+        self.command = list(command)
+        self.stdout_path = log_dir / f"{name}.out"
+        self.stderr_path = log_dir / f"{name}.err"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def failure(self, what: str) -> BenchError:
+        return BenchError(
+            f"{self.name}: {what} (exit status {self.exited()}); "
+            f"last lines of {self.stderr_path}:\n{self.stderr_tail()}"
+        )
+
+    def wait_listening(self, timeout_s: float) -> str:
+        """Waits for the `{"event": "listening", "address": ...}` line on stdout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                for line in self.stdout_path.read_text(errors="replace").splitlines():
+                    with contextlib.suppress(ValueError):
+                        event = json.loads(line)
+                        if isinstance(event, dict) and event.get("event") == "listening":
+                            return str(event["address"])
+            if self.exited() is not None:
+                raise self.failure("exited before listening")
+            time.sleep(0.1)
+        raise self.failure(f"not listening after {timeout_s:.0f}s")
+
+    def wait_ready_file(self, path: Path, timeout_s: float) -> dict[str, Any]:
+        """Waits for `switchyard serve --ready-file` to write its JSON description."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                ready = json.loads(path.read_text())
+                if isinstance(ready, dict) and "address" in ready:
+                    return ready
+            if self.exited() is not None:
+                raise self.failure("exited before serving")
+            time.sleep(0.1)
+        raise self.failure(f"no ready file after {timeout_s:.0f}s")
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM to the child's process group, SIGKILL after `grace_s`."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                continue
+            # The leader is gone; its group (a gateway's workers) may linger briefly.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            return
+
+
+# -- the peers' virtualenv (KServe) ------------------------------------------------
+
+
+def ensure_peers_venv(venv: Path, log: Any) -> Path:
+    """Creates `venv` with KServe 0.21 and ONNX Runtime when it is missing; returns its
+    python. A stamp file records a finished install, so a half-made venv is redone."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".bench-installed"
+    wanted = " ".join(PEER_PACKAGES)
+    if python.exists() and stamp.is_file() and stamp.read_text().strip() == wanted:
+        return python
+    base = shutil.which("python3.11") or sys.executable
+    log(f"creating the KServe virtualenv {venv} ({wanted}); once only, takes a minute or two")
+    try:
+        if not python.exists():
+            subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             *PEER_PACKAGES],
+            check=True, capture_output=True, timeout=900,
+        )
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode(errors="replace")[-2000:]
+        raise BenchError(f"cannot set up {venv}: {exc}\n{detail}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"cannot set up {venv}: pip timed out") from exc
+    stamp.write_text(wanted + "\n")
+    return python
+
+
+def installed_version(python: Path, package: str) -> str:
+    result = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+        capture_output=True, text=True, check=False,
+    )
+    return result.stdout.strip() or "?"
+
+
+# -- perf_analyzer -----------------------------------------------------------------
+
+
+def ensure_perf_analyzer(out_dir: Path, build_script: Path, log: Any) -> Path:
+    """Builds Triton's perf_analyzer into `out_dir` with the shared build script."""
+    binary = out_dir / "bin" / "perf_analyzer"
+    if os.access(binary, os.X_OK):
+        return binary
+    if not build_script.is_file():
+        raise BenchError(f"no perf_analyzer build script at {build_script}")
+    log(f"building perf_analyzer into {out_dir} (once only)")
+    result = subprocess.run(["bash", str(build_script), str(out_dir)],
+                            capture_output=True, text=True, check=False, timeout=600)
+    if result.returncode != 0 or not os.access(binary, os.X_OK):
+        raise BenchError(f"perf_analyzer build failed: {result.stderr[-2000:]}")
+    return binary
+
+
+@dataclass(frozen=True, slots=True)
+class PerfAnalyzerLevel:
+    concurrency: int
+    throughput_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+def run_perf_analyzer(
+    binary: Path, address: str, model: str, concurrency: Sequence[int],
+    measurement_interval_ms: int, work_dir: Path, timeout_s: float,
+) -> list[PerfAnalyzerLevel]:
+    """perf_analyzer over gRPC at each concurrency; parses its CSV (latencies in us)."""
+    levels = []
+    for c in concurrency:
+        csv_path = work_dir / f"pa-{model}-{address.replace(':', '_')}-c{c}.csv"
+        command = [
+            str(binary), "-i", "grpc", "-u", address, "-m", model,
+            "--concurrency-range", f"{c}:{c}", "--measurement-interval",
+            str(measurement_interval_ms), "--stability-percentage", "50", "--max-trials", "10",
+            "-f", str(csv_path),
+        ]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, cwd=work_dir,
+                                    timeout=timeout_s, check=False,
+                                    preexec_fn=die_with_parent)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"perf_analyzer timed out on {model} at {address}") from exc
+        if result.returncode != 0 or not csv_path.is_file():
+            tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+            raise BenchError(f"perf_analyzer failed on {model} at {address}: {' | '.join(tail)}")
+        with csv_path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                levels.append(
+                    PerfAnalyzerLevel(
+                        concurrency=int(row["Concurrency"]),
+                        throughput_per_s=float(row["Inferences/Second"]),
+                        latency_p50_ms=float(row["p50 latency"]) / 1000.0,
+                        latency_p99_ms=float(row["p99 latency"]) / 1000.0,
+                    )
+                )
+    return levels
+
+
+def probe_perf_analyzer(binary: Path, address: str, model: str, work_dir: Path) -> str:
+    """Whether perf_analyzer can drive a server at all; returns its error, or ''."""
+    result = subprocess.run(
+        [str(binary), "-i", "grpc", "-u", address, "-m", model, "--concurrency-range", "1:1",
+         "--measurement-interval", "500", "--max-trials", "1", "--stability-percentage", "100"],
+        capture_output=True, text=True, cwd=work_dir, timeout=60, check=False,
+    )
+    if result.returncode == 0:
+        return ""
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    errors = [line for line in lines if "rror" in line]
+    return (errors or lines or [f"exit status {result.returncode}"])[0].strip()

@@ -1,0 +1,176 @@
+"""The KServe peer for `make bench`: KServe 0.21's ModelServer serving ONNX models
+with ONNX Runtime over the Open Inference Protocol gRPC API, bound to 127.0.0.1.
+
+Runs in its own virtualenv and process (`.bench/peers-venv`, made by
+`gateway.bench`): it imports only kserve, onnxruntime and numpy, never this
+project's `protos` package (two protobuf packages named `inference` clash in one
+process) nor anything else from Switchyard. Run it by path:
+
+    .bench/peers-venv/bin/python -I gateway/bench/kserve_peer.py \
+        --model digits=models/digits/variants/ort-cpu-fp32/model.onnx
+
+Prints one JSON line `{"event": "listening", "address": "127.0.0.1:PORT", ...}` on
+stdout once it serves, like `backends.worker`.
+
+What differs from `ModelServer.start()`, and why:
+- the gRPC server listens on 127.0.0.1 port 0 (read back) instead of `[::]:8081`:
+  KServe 0.21 hard-codes `[::]` and takes only a port, so the start-up is
+  `GRPCServer.start()` with that one line changed (same servicer, interceptors,
+  thread pool, options and data plane);
+- the REST (uvicorn) server is not started: it would bind 0.0.0.0:8080 and the
+  benchmark only speaks gRPC;
+- KServe parses `sys.argv` when `kserve` is imported, so argv is cleared first;
+- SIGTERM ends the process at once (KServe's own handler did not stop it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from concurrent import futures
+from typing import Any
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=MODEL.onnx",
+                        help="a model to serve (repeat for more)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--kserve-logging", choices=("default", "quiet"), default="quiet",
+                        help="default: KServe's INFO log line per gRPC call and latency log; "
+                        "quiet: warnings only")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    options = parse_args()
+    sys.argv = sys.argv[:1]  # kserve.model_server parses argv on import
+
+    import numpy as np
+    import onnxruntime as ort
+    from grpc import aio
+    from kserve import (  # type: ignore[import-not-found]
+        InferOutput,
+        InferRequest,
+        InferResponse,
+        Model,
+        ModelServer,
+    )
+    from kserve.logging import (  # type: ignore[import-not-found]
+        logger as kserve_logger,
+    )
+    from kserve.logging import trace_logger
+    from kserve.protocol.grpc import (  # type: ignore[import-not-found]
+        grpc_predict_v2_pb2_grpc,
+    )
+    from kserve.protocol.grpc.interceptors import (  # type: ignore[import-not-found]
+        ExceptionToStatusInterceptor,
+        LoggingInterceptor,
+    )
+    from kserve.protocol.grpc.server import GRPCServer  # type: ignore[import-not-found]
+    from kserve.protocol.grpc.servicer import (  # type: ignore[import-not-found]
+        InferenceServicer,
+    )
+    from kserve.utils.numpy_codec import from_np_dtype  # type: ignore[import-not-found]
+
+    class OnnxModel(Model):  # type: ignore[misc]
+        """A custom KServe model: ONNX Runtime on the v2 InferRequest's tensors."""
+
+        def __init__(self, name: str, path: str, threads: int) -> None:
+            super().__init__(name)
+            self.path = path
+            self.threads = threads
+            self.session: Any = None
+            self.load()
+
+        def load(self) -> bool:
+            session_options = ort.SessionOptions()
+            session_options.intra_op_num_threads = self.threads
+            session_options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(
+                self.path, session_options, providers=["CPUExecutionProvider"]
+            )
+            self.output_names = [o.name for o in self.session.get_outputs()]
+            self.ready = True
+            return self.ready
+
+        def predict(
+            self, payload: InferRequest, headers: dict[str, str] | None = None,
+            response_headers: dict[str, str] | None = None,
+        ) -> InferResponse:
+            feeds = {tensor.name: tensor.as_numpy() for tensor in payload.inputs}
+            results = self.session.run(self.output_names, feeds)
+            outputs = []
+            for name, value in zip(self.output_names, results, strict=True):
+                value = np.ascontiguousarray(value)
+                output = InferOutput(name=name, shape=list(value.shape),
+                                     datatype=from_np_dtype(value.dtype))
+                output.set_data_from_numpy(value, binary_data=True)
+                outputs.append(output)
+            return InferResponse(model_name=self.name, infer_outputs=outputs,
+                                 response_id=payload.id, use_binary_outputs=True)
+
+    class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
+        """KServe's GRPCServer.start(), listening on 127.0.0.1:0 instead of [::]:PORT."""
+
+        async def start(self, max_workers: int) -> None:
+            servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+            self._server = aio.server(
+                futures.ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                options=[
+                    ("grpc.max_send_message_length",
+                     self._kwargs.get("grpc_max_send_message_length")),
+                    ("grpc.max_receive_message_length",
+                     self._kwargs.get("grpc_max_receive_message_length")),
+                ],
+            )
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                servicer, self._server
+            )
+            port = self._server.add_insecure_port("127.0.0.1:0")
+            if port == 0:
+                raise OSError("cannot listen on 127.0.0.1:0")
+            await self._server.start()
+            print(json.dumps({"event": "listening", "address": f"127.0.0.1:{port}",
+                              "pid": os.getpid(), "models": sorted(served)}), flush=True)
+            await self._server.wait_for_termination()
+
+    class LoopbackModelServer(ModelServer):  # type: ignore[misc]
+        """ModelServer.start() with the gRPC server only, on the loopback interface."""
+
+        def start(self, models: list[Model]) -> None:
+            from kserve.model_server import args as kserve_args  # type: ignore[import-not-found]
+
+            self._register_and_check_atleast_one_model_is_ready(models)
+            self._grpc_server = LoopbackGRPCServer(
+                0, self.dataplane, self.model_repository_extension,
+                kwargs=vars(kserve_args), grace_period=self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+            self.setup_event_loop()
+            self.register_signal_handler()
+            asyncio.run(self._serve())
+
+        def register_signal_handler(self) -> None:
+            # KServe's handler (signal.signal + asyncio.create_task) did not stop the server
+            # on SIGTERM here: the benchmark ends the peer with SIGTERM's default action.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    served = dict(spec.split("=", 1) for spec in options.model)
+    quiet = options.kserve_logging == "quiet"
+    server = LoopbackModelServer(enable_grpc=True, enable_latency_logging=not quiet, grace_period=1)
+    if quiet:
+        kserve_logger.setLevel(logging.WARNING)
+        trace_logger.setLevel(logging.WARNING)
+    server.start([OnnxModel(name, path, options.threads) for name, path in served.items()])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

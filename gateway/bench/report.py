@@ -1,0 +1,254 @@
+"""The results of `make bench`: the tables on the terminal (rich) and BENCHMARKS.md.
+
+Pure formatting over plain data; imports no gRPC or protobuf code.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+GATEWAY_VS_KSERVE_TARGET = 0.8
+"""Gateway throughput at the highest concurrency over KServe's must be at least this."""
+OVERHEAD_P50_TARGET_MS = 1.0
+"""Gateway p50 minus backend-direct p50 at the lowest concurrency must be at most this."""
+
+DIRECT = "direct"
+GATEWAY = "gateway"
+KSERVE = "kserve"
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    throughput_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    requests: int = 0
+    errors: int = 0
+    throughput_min_per_s: float = math.nan
+    """Over rounds: the lowest and highest throughput (nan: one measurement)."""
+    throughput_max_per_s: float = math.nan
+    rounds: int = 1
+    cpu_us_per_infer: dict[str, float] = field(default_factory=dict)
+    """Process (`client`, `gateway`, `worker`, `kserve`) -> CPU microseconds per call."""
+
+
+def combine(rounds: Sequence[Measurement]) -> Measurement:
+    """Several rounds of one cell: the median of each figure, and the throughput range."""
+    return Measurement(
+        throughput_per_s=statistics.median(m.throughput_per_s for m in rounds),
+        latency_p50_ms=statistics.median(m.latency_p50_ms for m in rounds),
+        latency_p99_ms=statistics.median(m.latency_p99_ms for m in rounds),
+        requests=sum(m.requests for m in rounds),
+        errors=sum(m.errors for m in rounds),
+        throughput_min_per_s=min(m.throughput_per_s for m in rounds),
+        throughput_max_per_s=max(m.throughput_per_s for m in rounds),
+        rounds=len(rounds),
+        cpu_us_per_infer={
+            name: statistics.median(m.cpu_us_per_infer.get(name, math.nan) for m in rounds)
+            for name in rounds[0].cpu_us_per_infer
+        },
+    )
+
+
+@dataclass(slots=True)
+class Results:
+    """Everything one run measured; missing cells are simply absent."""
+
+    models: list[str]
+    concurrency: list[int]
+    targets: dict[str, str]
+    """Target key -> label, in display order."""
+    loadgen: dict[tuple[str, str, int], Measurement] = field(default_factory=dict)
+    """(target, model, concurrency) -> the rounds combined."""
+    rounds: dict[tuple[str, str, int], list[Measurement]] = field(default_factory=dict)
+    """(target, model, concurrency) -> each round's measurement."""
+    perf_analyzer: dict[tuple[str, str, int], Measurement] = field(default_factory=dict)
+    rounds_run: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Target or tool -> why it was not measured."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    name: str
+    value: float
+    unit: str
+    target: str
+    met: bool | None
+
+
+def ratios(cells: dict[tuple[str, str, int], Measurement], model: str,
+           concurrency: Sequence[int]) -> list[Ratio]:
+    """The figures the project tracks, from one model's cells (nan where missing)."""
+    low, high = min(concurrency), max(concurrency)
+
+    def get(target: str, c: int) -> Measurement | None:
+        return cells.get((target, model, c))
+
+    def divide(a: Measurement | None, b: Measurement | None) -> float:
+        if a is None or b is None or b.throughput_per_s <= 0:
+            return math.nan
+        return a.throughput_per_s / b.throughput_per_s
+
+    gw_high, gw_low = get(GATEWAY, high), get(GATEWAY, low)
+    vs_kserve = divide(gw_high, get(KSERVE, high))
+    vs_direct = divide(gw_high, get(DIRECT, high))
+    direct_low = get(DIRECT, low)
+    overhead = (gw_low.latency_p50_ms - direct_low.latency_p50_ms
+                if gw_low is not None and direct_low is not None else math.nan)
+    return [
+        Ratio(f"gateway / KServe throughput, c={high}", vs_kserve, "x",
+              f">= {GATEWAY_VS_KSERVE_TARGET}",
+              None if math.isnan(vs_kserve) else vs_kserve >= GATEWAY_VS_KSERVE_TARGET),
+        Ratio(f"gateway / backend-direct throughput, c={high}", vs_direct, "x", "-", None),
+        Ratio(f"gateway p50 - backend-direct p50, c={low}", overhead, "ms",
+              f"<= {OVERHEAD_P50_TARGET_MS:g} ms",
+              None if math.isnan(overhead) else overhead <= OVERHEAD_P50_TARGET_MS),
+    ]
+
+
+def _num(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _met(ratio: Ratio) -> str:
+    return {True: "met", False: "NOT met", None: "-"}[ratio.met]
+
+
+def _ratio_value(ratio: Ratio) -> str:
+    if ratio.unit == "ms":
+        return "n/a" if math.isnan(ratio.value) else f"{ratio.value:+.3f} ms"
+    return _num(ratio.value, 3)
+
+
+def _spread(m: Measurement) -> str:
+    if math.isnan(m.throughput_min_per_s):
+        return "-"
+    return f"{m.throughput_min_per_s:,.0f}-{m.throughput_max_per_s:,.0f}"
+
+
+def _rows(results: Results, cells: dict[tuple[str, str, int], Measurement],
+          model: str, spread: bool = False) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for key, label in results.targets.items():
+        for c in results.concurrency:
+            m = cells.get((key, model, c))
+            if m is None:
+                why = results.skipped.get(key, "not measured")
+                rows.append((label, str(c), "-", *(("-",) if spread else ()), "-",
+                             f"- ({why})" if c == results.concurrency[0] else "-"))
+                continue
+            rows.append((label, str(c), _num(m.throughput_per_s, 1),
+                         *((_spread(m),) if spread else ()),
+                         _num(m.latency_p50_ms, 3), _num(m.latency_p99_ms, 3)))
+    return rows
+
+
+def print_tables(results: Results, console: Console | None = None) -> None:
+    console = console or Console()
+    for model in results.models:
+        table = Table(title=f"{model}: closed-loop load client (gRPC, batch 1), "
+                            f"median of {results.rounds_run} round(s)")
+        table.add_column("target", no_wrap=True)
+        for column in ("c", "infer/s", "range", "p50 ms", "p99 ms"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for row in _rows(results, results.loadgen, model, spread=True):
+            table.add_row(*row)
+        console.print(table)
+        ratio_table = Table(title=f"{model}: tracked figures")
+        for column in ("figure", "value", "target", ""):
+            ratio_table.add_column(column)
+        for r in ratios(results.loadgen, model, results.concurrency):
+            style = {True: "green", False: "bold red", None: ""}[r.met]
+            ratio_table.add_row(r.name, _ratio_value(r), r.target, f"[{style}]{_met(r)}[/]"
+                                if style else _met(r))
+        console.print(ratio_table)
+        rows = cpu_rows(results, model)
+        if rows:
+            cpu_table = Table(title=f"{model}: CPU microseconds per inference")
+            cpu_table.add_column("target", no_wrap=True)
+            for column in CPU_HEADER[1:]:
+                cpu_table.add_column(column, justify="right", no_wrap=True)
+            for row in rows:
+                cpu_table.add_row(*row)
+            console.print(cpu_table)
+        if any(k[1] == model for k in results.perf_analyzer):
+            pa = Table(title=f"{model}: cross-check with Triton perf_analyzer")
+            pa.add_column("target", no_wrap=True)
+            for column in ("c", "infer/s", "p50 ms", "p99 ms"):
+                pa.add_column(column, justify="right", no_wrap=True)
+            for row in _rows(results, results.perf_analyzer, model):
+                if row[2] != "-":
+                    pa.add_row(*row)
+            console.print(pa)
+
+
+CPU_PROCESSES = ("client", "gateway", "worker", "kserve")
+
+
+def cpu_rows(results: Results, model: str) -> list[tuple[str, ...]]:
+    """CPU microseconds per call, by process, for every measured cell."""
+    rows: list[tuple[str, ...]] = []
+    for key, label in results.targets.items():
+        for c in results.concurrency:
+            m = results.loadgen.get((key, model, c))
+            if m is None or not m.cpu_us_per_infer:
+                continue
+            cells = [m.cpu_us_per_infer.get(p, math.nan) for p in CPU_PROCESSES]
+            servers = sum(v for p, v in zip(CPU_PROCESSES, cells, strict=True)
+                          if p != "client" and not math.isnan(v))
+            rows.append((label, str(c), *("-" if math.isnan(v) else f"{v:,.0f}" for v in cells),
+                         f"{servers:,.0f}"))
+    return rows
+
+
+CPU_HEADER = ("target", "c", "client", "gateway", "worker", "kserve", "servers total")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   right: Sequence[bool]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---:" if r else "---" for r in right) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_markdown(results: Results, model: str) -> str:
+    parts = [f"### {model}", ""]
+    parts.append(markdown_table(
+        ("target", "concurrency", "throughput (infer/s)", "throughput range over rounds",
+         "p50 (ms)", "p99 (ms)"),
+        _rows(results, results.loadgen, model, spread=True),
+        (False, True, True, True, True, True)))
+    parts += ["", "Tracked figures (load client above):", ""]
+    parts.append(markdown_table(
+        ("figure", "value", "target", "status"),
+        [(r.name, _ratio_value(r), r.target, _met(r))
+         for r in ratios(results.loadgen, model, results.concurrency)],
+        (False, True, False, False)))
+    rows = cpu_rows(results, model)
+    if rows:
+        parts += ["", "CPU time per inference (microseconds, user + system, all threads; "
+                  "median over rounds):", ""]
+        parts.append(markdown_table(CPU_HEADER, rows, (False, *([True] * 6))))
+    return "\n".join(parts)
+
+
+def perf_analyzer_markdown(results: Results, model: str) -> str:
+    rows = [row for row in _rows(results, results.perf_analyzer, model) if row[2] != "-"]
+    if not rows:
+        return ""
+    table = markdown_table(("target", "concurrency", "throughput (infer/s)", "p50 (ms)",
+                            "p99 (ms)"), rows, (False, True, True, True, True))
+    figures = [r for r in ratios(results.perf_analyzer, model, results.concurrency)
+               if not math.isnan(r.value)]
+    lines = [f"#### {model}", "", table]
+    if figures:
+        lines += ["", "; ".join(f"{r.name}: {_ratio_value(r)}" for r in figures) + "."]
+    return "\n".join(lines)
