@@ -38,6 +38,12 @@ class GatewaySettings(_Strict):
     """How long a probe may take before the backend counts as unhealthy."""
     startup_timeout_s: float = Field(60.0, gt=0)
     """How long launched backends may take to start listening."""
+    coalesce_in_flight: int = Field(1, ge=0)
+    """Calls in flight per backend and model before further requests for that model
+    wait and travel together as one batched call (their batches concatenated, the
+    answer split back). Under load this divides the per-call cost of both hops; idle
+    it adds nothing. Raise it for backends that run several calls at once well (a
+    large GPU); 0 sends every request on its own."""
 
 
 class LaunchSettings(_Strict):

@@ -12,6 +12,15 @@ from protos import inference_pb2_grpc as pb_grpc
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
+class BackendCallError(Exception):
+    """A backend answered a call with an error status (passed to callers unchanged)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 class BackendClient:
     """Channel and calls for one backend address."""
 

@@ -129,7 +129,13 @@ async def start_gateway(config: FleetConfig) -> Gateway:
         prober.forget(address)
         spawn(prober.probe(fleet.backends[name]))
 
-    servicer = GatewayServicer(fleet, pool, PolicyBook(config.policies), metrics)
+    servicer = GatewayServicer(
+        fleet,
+        pool,
+        PolicyBook(config.policies),
+        metrics,
+        coalesce_in_flight=settings.coalesce_in_flight,
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -28,6 +28,7 @@ from backends.errors import (
     Unavailable,
 )
 from backends.status import code_for
+from gateway.coalescer import Coalescer
 from gateway.converters import (
     config_message,
     metadata_message,
@@ -40,6 +41,7 @@ from gateway.converters import (
 from gateway.fleet import FleetState, ModelInfo, Route
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
+from gateway.pool import BackendCallError as ForwardedError
 from gateway.pool import BackendPool
 from gateway.router import choose
 from gateway.stats import ModelCounters
@@ -55,15 +57,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 STREAM_WINDOW = 64
 
 
-class ForwardedError(Exception):
-    """A backend's error status, passed to the caller unchanged."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 class GatewayServicer:
     def __init__(
         self,
@@ -72,6 +65,7 @@ class GatewayServicer:
         policies: PolicyBook,
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
+        coalesce_in_flight: int = 1,
     ) -> None:
         self.fleet = fleet
         self.pool = pool
@@ -80,6 +74,7 @@ class GatewayServicer:
         self.clock = clock
         self.counters: dict[str, ModelCounters] = {}
         self._suffixes: dict[tuple[str, str, int], bytes] = {}
+        self.coalescer = Coalescer(self._send, clock, coalesce_in_flight)
 
     # ---- inference ---------------------------------------------------------------
 
@@ -156,7 +151,7 @@ class GatewayServicer:
                     )
                 sent_ns = time.perf_counter_ns()
                 try:
-                    reply = await self._attempt(route, request, remaining)
+                    reply = await self._attempt(route, request, header, info, remaining)
                 except ForwardedError as exc:
                     backend_ns += time.perf_counter_ns() - sent_ns
                     last_error = exc
@@ -182,10 +177,26 @@ class GatewayServicer:
             self.metrics.requests.labels(model_label, backend, variant, outcome).inc()
             self.metrics.latency.labels(model_label, backend).observe(elapsed_ns / 1e9)
 
-    async def _attempt(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
-        client = self.pool.client(route.address)
+    async def _attempt(
+        self,
+        route: Route,
+        request: bytes,
+        header: gateway_pb2.InferRequestHeader,
+        info: ModelInfo,
+        timeout_s: float | None,
+    ) -> bytes:
+        """One attempt on `route`; the coalescer sends it alone or merged with others."""
         self.fleet.acquire(route.backend)
         self.metrics.in_flight.labels(route.backend).inc()
+        try:
+            return await self.coalescer.call(route, request, header, info, timeout_s)
+        finally:
+            self.fleet.release(route.backend)
+            self.metrics.in_flight.labels(route.backend).dec()
+
+    async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
+        """One backend call, as the coalescer makes it."""
+        client = self.pool.client(route.address)
         try:
             reply: bytes = await client.infer(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -197,9 +208,6 @@ class GatewayServicer:
                 self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
                 log.warning("backend %s unavailable: %s", route.backend, exc.details())
             raise ForwardedError(code, exc.details() or code.name) from exc
-        finally:
-            self.fleet.release(route.backend)
-            self.metrics.in_flight.labels(route.backend).dec()
         self.metrics.attempts.labels(route.backend, "OK").inc()
         return reply
 

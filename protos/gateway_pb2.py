@@ -25,19 +25,29 @@ _sym_db = _symbol_database.Default()
 from protos import inference_pb2 as protos_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/gateway.proto\x12\x12switchyard.gateway\x1a\x16protos/inference.proto\"\xe7\x02\n\x12InferRequestHeader\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12J\n\nparameters\x18\x04 \x03(\x0b\x32\x36.switchyard.gateway.InferRequestHeader.ParametersEntry\x12\x42\n\x06inputs\x18\x05 \x03(\x0b\x32\x32.switchyard.gateway.InferRequestHeader.InputHeader\x1a<\n\x0bInputHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/gateway.proto\x12\x12switchyard.gateway\x1a\x16protos/inference.proto\"\x9a\x06\n\x12InferRequestHeader\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12J\n\nparameters\x18\x04 \x03(\x0b\x32\x36.switchyard.gateway.InferRequestHeader.ParametersEntry\x12\x42\n\x06inputs\x18\x05 \x03(\x0b\x32\x32.switchyard.gateway.InferRequestHeader.InputHeader\x12\x44\n\x07outputs\x18\x06 \x03(\x0b\x32\x33.switchyard.gateway.InferRequestHeader.OutputHeader\x1a\xe2\x01\n\x0bInputHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12V\n\nparameters\x18\x04 \x03(\x0b\x32\x42.switchyard.gateway.InferRequestHeader.InputHeader.ParametersEntry\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x1a\xc3\x01\n\x0cOutputHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12W\n\nparameters\x18\x02 \x03(\x0b\x32\x43.switchyard.gateway.InferRequestHeader.OutputHeader.ParametersEntry\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INFERREQUESTHEADER_INPUTHEADER_PARAMETERSENTRY']._loaded_options = None
+  _globals['_INFERREQUESTHEADER_INPUTHEADER_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_INFERREQUESTHEADER_OUTPUTHEADER_PARAMETERSENTRY']._loaded_options = None
+  _globals['_INFERREQUESTHEADER_OUTPUTHEADER_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_INFERREQUESTHEADER_PARAMETERSENTRY']._loaded_options = None
   _globals['_INFERREQUESTHEADER_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_INFERREQUESTHEADER']._serialized_start=69
-  _globals['_INFERREQUESTHEADER']._serialized_end=428
-  _globals['_INFERREQUESTHEADER_INPUTHEADER']._serialized_start=290
-  _globals['_INFERREQUESTHEADER_INPUTHEADER']._serialized_end=350
-  _globals['_INFERREQUESTHEADER_PARAMETERSENTRY']._serialized_start=352
-  _globals['_INFERREQUESTHEADER_PARAMETERSENTRY']._serialized_end=428
+  _globals['_INFERREQUESTHEADER']._serialized_end=863
+  _globals['_INFERREQUESTHEADER_INPUTHEADER']._serialized_start=361
+  _globals['_INFERREQUESTHEADER_INPUTHEADER']._serialized_end=587
+  _globals['_INFERREQUESTHEADER_INPUTHEADER_PARAMETERSENTRY']._serialized_start=511
+  _globals['_INFERREQUESTHEADER_INPUTHEADER_PARAMETERSENTRY']._serialized_end=587
+  _globals['_INFERREQUESTHEADER_OUTPUTHEADER']._serialized_start=590
+  _globals['_INFERREQUESTHEADER_OUTPUTHEADER']._serialized_end=785
+  _globals['_INFERREQUESTHEADER_OUTPUTHEADER_PARAMETERSENTRY']._serialized_start=511
+  _globals['_INFERREQUESTHEADER_OUTPUTHEADER_PARAMETERSENTRY']._serialized_end=587
+  _globals['_INFERREQUESTHEADER_PARAMETERSENTRY']._serialized_start=511
+  _globals['_INFERREQUESTHEADER_PARAMETERSENTRY']._serialized_end=587
 # @@protoc_insertion_point(module_scope)

@@ -8,16 +8,39 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InferRequestHeader(_message.Message):
-    __slots__ = ("model_name", "model_version", "id", "parameters", "inputs")
+    __slots__ = ("model_name", "model_version", "id", "parameters", "inputs", "outputs")
     class InputHeader(_message.Message):
-        __slots__ = ("name", "datatype", "shape")
+        __slots__ = ("name", "datatype", "shape", "parameters")
+        class ParametersEntry(_message.Message):
+            __slots__ = ("key", "value")
+            KEY_FIELD_NUMBER: _ClassVar[int]
+            VALUE_FIELD_NUMBER: _ClassVar[int]
+            key: str
+            value: _inference_pb2.InferParameter
+            def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_inference_pb2.InferParameter, _Mapping]] = ...) -> None: ...
         NAME_FIELD_NUMBER: _ClassVar[int]
         DATATYPE_FIELD_NUMBER: _ClassVar[int]
         SHAPE_FIELD_NUMBER: _ClassVar[int]
+        PARAMETERS_FIELD_NUMBER: _ClassVar[int]
         name: str
         datatype: str
         shape: _containers.RepeatedScalarFieldContainer[int]
-        def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+        parameters: _containers.MessageMap[str, _inference_pb2.InferParameter]
+        def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ...) -> None: ...
+    class OutputHeader(_message.Message):
+        __slots__ = ("name", "parameters")
+        class ParametersEntry(_message.Message):
+            __slots__ = ("key", "value")
+            KEY_FIELD_NUMBER: _ClassVar[int]
+            VALUE_FIELD_NUMBER: _ClassVar[int]
+            key: str
+            value: _inference_pb2.InferParameter
+            def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_inference_pb2.InferParameter, _Mapping]] = ...) -> None: ...
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        parameters: _containers.MessageMap[str, _inference_pb2.InferParameter]
+        def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ...) -> None: ...
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,9 +53,11 @@ class InferRequestHeader(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     id: str
     parameters: _containers.MessageMap[str, _inference_pb2.InferParameter]
     inputs: _containers.RepeatedCompositeFieldContainer[InferRequestHeader.InputHeader]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ..., inputs: _Optional[_Iterable[_Union[InferRequestHeader.InputHeader, _Mapping]]] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[InferRequestHeader.OutputHeader]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ..., inputs: _Optional[_Iterable[_Union[InferRequestHeader.InputHeader, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[InferRequestHeader.OutputHeader, _Mapping]]] = ...) -> None: ...

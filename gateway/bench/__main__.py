@@ -68,8 +68,9 @@ def model_spec(repository: Path, name: str, variant: str) -> ModelSpec:
         f"{i['name']}:{i['datatype']}:{','.join(str(d) for d in i['shape'])}"
         for i in manifest["inputs"]
     ]
-    return ModelSpec(name, variant_dir / "model.onnx", inputs,
-                     repository / name / "samples" / "inputs.npz")
+    return ModelSpec(
+        name, variant_dir / "model.onnx", inputs, repository / name / "samples" / "inputs.npz"
+    )
 
 
 def fleet_yaml(repository: Path, threads: int) -> str:
@@ -95,7 +96,11 @@ def running(child: Child) -> Iterator[Child]:
 
 @contextlib.contextmanager
 def start_target(
-    key: str, round_number: int, args: argparse.Namespace, specs: list[ModelSpec], work: Path,
+    key: str,
+    round_number: int,
+    args: argparse.Namespace,
+    specs: list[ModelSpec],
+    work: Path,
     peers_python: Path | None,
 ) -> Iterator[tuple[str, dict[str, int]]]:
     """Starts one target; yields the address to send requests to and the pids of its
@@ -104,9 +109,19 @@ def start_target(
     work = work / f"round{round_number}"
     work.mkdir(exist_ok=True)
     if key == DIRECT:
-        command = [sys.executable, "-m", "backends.worker", "--repository", str(repository),
-                   "--listen", "127.0.0.1:0", "--threads", str(args.threads),
-                   "--hardware-class", "cpu"]
+        command = [
+            sys.executable,
+            "-m",
+            "backends.worker",
+            "--repository",
+            str(repository),
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            str(args.threads),
+            "--hardware-class",
+            "cpu",
+        ]
         with running(Child("backend", command, work, ROOT)) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"worker": child.process.pid}
     elif key == GATEWAY:
@@ -126,8 +141,15 @@ def start_target(
             yield str(description["address"]), pids
     elif key == KSERVE:
         assert peers_python is not None
-        command = [str(peers_python), "-I", str(Path(__file__).with_name("kserve_peer.py")),
-                   "--threads", str(args.threads), "--kserve-logging", args.kserve_logging]
+        command = [
+            str(peers_python),
+            "-I",
+            str(Path(__file__).with_name("kserve_peer.py")),
+            "--threads",
+            str(args.threads),
+            "--kserve-logging",
+            args.kserve_logging,
+        ]
         for spec in specs:
             command += ["--model", f"{spec.name}={spec.model_file}"]
         with running(Child("kserve", command, work, work)) as child:
@@ -136,35 +158,65 @@ def start_target(
         raise BenchError(f"unknown target {key}")
 
 
-def run_loadgen(args: argparse.Namespace, address: str, pids: dict[str, int],
-                spec: ModelSpec) -> list[Measurement]:
-    command = [sys.executable, "-m", "gateway.bench.loadgen", "--target", address,
-               "--model", spec.name, "--samples", str(spec.samples),
-               "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
-               "--concurrency", *map(str, args.concurrency)]
+def run_loadgen(
+    args: argparse.Namespace, address: str, pids: dict[str, int], spec: ModelSpec
+) -> list[Measurement]:
+    command = [
+        sys.executable,
+        "-m",
+        "gateway.bench.loadgen",
+        "--target",
+        address,
+        "--model",
+        spec.name,
+        "--samples",
+        str(spec.samples),
+        "--warmup-s",
+        str(args.warmup_s),
+        "--window-s",
+        str(args.window_s),
+        "--concurrency",
+        *map(str, args.concurrency),
+    ]
     for text in spec.inputs:
         command += ["--input", text]
     for name, pid in pids.items():
         command += ["--cpu-pid", f"{name}={pid}"]
     timeout_s = 60 + len(args.concurrency) * (args.warmup_s + args.window_s + 10)
     try:
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                timeout=timeout_s, check=False,
-                                preexec_fn=harness.die_with_parent)
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=timeout_s,
+            check=False,
+            preexec_fn=harness.die_with_parent,
+        )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"load client timed out on {spec.name} at {address}") from exc
     if result.returncode != 0:
-        raise BenchError(f"load client failed on {spec.name} at {address}: "
-                         f"{result.stderr.strip()[-1500:]}")
+        raise BenchError(
+            f"load client failed on {spec.name} at {address}: {result.stderr.strip()[-1500:]}"
+        )
     levels = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     out = []
     for level in levels:
         if level["errors"]:
-            raise BenchError(f"{level['errors']} errors on {spec.name} at {address} "
-                             f"(c={level['concurrency']}): {level['first_error']}")
-        out.append(Measurement(level["throughput_per_s"], level["latency_p50_ms"],
-                               level["latency_p99_ms"], level["requests"], level["errors"],
-                               cpu_us_per_infer=level["cpu_us_per_infer"]))
+            raise BenchError(
+                f"{level['errors']} errors on {spec.name} at {address} "
+                f"(c={level['concurrency']}): {level['first_error']}"
+            )
+        out.append(
+            Measurement(
+                level["throughput_per_s"],
+                level["latency_p50_ms"],
+                level["latency_p99_ms"],
+                level["requests"],
+                level["errors"],
+                cpu_us_per_infer=level["cpu_us_per_infer"],
+            )
+        )
     return out
 
 
@@ -179,8 +231,10 @@ def machine_note() -> str:
             if key.strip() == "flags":
                 avx512 = "avx512f" in value.split()
     isa = "x86-64 with AVX-512" if avx512 else platform.machine()
-    return (f"{cores} CPU cores ({model}, {isa}), Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cores} CPU cores ({model}, {isa}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def version(package: str) -> str:
@@ -190,8 +244,15 @@ def version(package: str) -> str:
         return "?"
 
 
-def write_markdown(path: Path, results: Results, args: argparse.Namespace, started: dt.datetime,
-                   elapsed_s: float, notes: list[str], kserve_versions: str) -> None:
+def write_markdown(
+    path: Path,
+    results: Results,
+    args: argparse.Namespace,
+    started: dt.datetime,
+    elapsed_s: float,
+    notes: list[str],
+    kserve_versions: str,
+) -> None:
     argv = shlex.join(["python", "-m", "gateway.bench", *sys.argv[1:]])
     low, high = min(args.concurrency), max(args.concurrency)
     lines = [
@@ -205,9 +266,12 @@ def write_markdown(path: Path, results: Results, args: argparse.Namespace, start
         "KServe all share these cores: the client's own CPU time is taken from the servers, "
         "and through the gateway two server processes (gateway and worker) share them per "
         "request.",
-        (f"- Command: `make bench` (runs `{argv}`)" if os.environ.get("MAKELEVEL")
-         else f"- Command: `{argv}` (`make bench` runs it with `--repository models "
-         "--out BENCHMARKS.md`)"),
+        (
+            f"- Command: `make bench` (runs `{argv}`)"
+            if os.environ.get("MAKELEVEL")
+            else f"- Command: `{argv}` (`make bench` runs it with `--repository models "
+            "--out BENCHMARKS.md`)"
+        ),
         f"- Software: ONNX Runtime {version('onnxruntime')} and grpcio {version('grpcio')} "
         f"(Switchyard); {kserve_versions} (KServe's own virtualenv, `.bench/peers-venv`).",
         "",
@@ -245,8 +309,9 @@ def write_markdown(path: Path, results: Results, args: argparse.Namespace, start
     ]
     for model in results.models:
         lines += [report.model_markdown(results, model), ""]
-    pa_sections = [s for s in (report.perf_analyzer_markdown(results, m)
-                               for m in results.models) if s]
+    pa_sections = [
+        s for s in (report.perf_analyzer_markdown(results, m) for m in results.models) if s
+    ]
     if pa_sections:
         lines += [
             "## Cross-check with Triton perf_analyzer",
@@ -273,41 +338,78 @@ def write_markdown(path: Path, results: Results, args: argparse.Namespace, start
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gateway.bench",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repository", type=Path, default=Path("models"),
-                        help="model repository (make models builds the demo one)")
-    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
-                        help="the Markdown report to write")
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("models"),
+        help="model repository (make models builds the demo one)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("BENCHMARKS.md"), help="the Markdown report to write"
+    )
     parser.add_argument("--models", nargs="+", default=["digits", "cnn"])
-    parser.add_argument("--variant", default="ort-cpu-fp32",
-                        help="the variant whose model.onnx KServe serves")
+    parser.add_argument(
+        "--variant", default="ort-cpu-fp32", help="the variant whose model.onnx KServe serves"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per server")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over all targets; each cell reports the median")
-    parser.add_argument("--warmup-s", type=float, default=1.0,
-                        help="load before each measurement window")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over all targets; each cell reports the median",
+    )
+    parser.add_argument(
+        "--warmup-s", type=float, default=1.0, help="load before each measurement window"
+    )
     parser.add_argument("--window-s", type=float, default=3.5, help="measurement window")
-    parser.add_argument("--targets", nargs="+", choices=list(TARGET_LABELS),
-                        default=list(TARGET_LABELS))
-    parser.add_argument("--kserve-logging", choices=("quiet", "default"), default="quiet",
-                        help="quiet: KServe warnings only; default: its INFO line per gRPC "
-                        "call and per-request latency log, as shipped")
-    parser.add_argument("--peers-venv", type=Path, default=ROOT / ".bench" / "peers-venv",
-                        help="KServe's virtualenv (made when missing)")
-    parser.add_argument("--perf-analyzer", choices=("auto", "off"), default="auto",
-                        help="auto: build perf_analyzer when missing and cross-check with it")
+    parser.add_argument(
+        "--targets", nargs="+", choices=list(TARGET_LABELS), default=list(TARGET_LABELS)
+    )
+    parser.add_argument(
+        "--kserve-logging",
+        choices=("quiet", "default"),
+        default="quiet",
+        help="quiet: KServe warnings only; default: its INFO line per gRPC "
+        "call and per-request latency log, as shipped",
+    )
+    parser.add_argument(
+        "--peers-venv",
+        type=Path,
+        default=ROOT / ".bench" / "peers-venv",
+        help="KServe's virtualenv (made when missing)",
+    )
+    parser.add_argument(
+        "--perf-analyzer",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: build perf_analyzer when missing and cross-check with it",
+    )
     parser.add_argument("--perf-analyzer-dir", type=Path, default=ROOT / ".bench" / "perf_analyzer")
-    parser.add_argument("--perf-analyzer-build", type=Path,
-                        default=ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh")
-    parser.add_argument("--perf-analyzer-models", nargs="*", default=None,
-                        help="models perf_analyzer cross-checks (default: the first of --models)")
-    parser.add_argument("--log-dir", type=Path, default=None,
-                        help="keep the servers' logs, fleet file and CSVs here "
-                        "(default: a temporary folder, removed)")
-    parser.add_argument("--pa-interval-ms", type=int, default=3000,
-                        help="perf_analyzer --measurement-interval")
+    parser.add_argument(
+        "--perf-analyzer-build",
+        type=Path,
+        default=ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh",
+    )
+    parser.add_argument(
+        "--perf-analyzer-models",
+        nargs="*",
+        default=None,
+        help="models perf_analyzer cross-checks (default: the first of --models)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep the servers' logs, fleet file and CSVs here "
+        "(default: a temporary folder, removed)",
+    )
+    parser.add_argument(
+        "--pa-interval-ms", type=int, default=3000, help="perf_analyzer --measurement-interval"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -332,8 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         console.print(f"[red]bench:[/] {exc}")
         return 2
-    results = Results(models=args.models, concurrency=args.concurrency,
-                      targets={k: TARGET_LABELS[k] for k in TARGET_LABELS if k in args.targets})
+    results = Results(
+        models=args.models,
+        concurrency=args.concurrency,
+        targets={k: TARGET_LABELS[k] for k in TARGET_LABELS if k in args.targets},
+    )
     notes: list[str] = []
     kserve_versions = "KServe not run"
 
@@ -343,15 +448,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             peers_python = harness.ensure_peers_venv(args.peers_venv, console.log)
             kserve_versions = ", ".join(
                 f"{p} {harness.installed_version(peers_python, p)}"
-                for p in ("kserve", "onnxruntime", "grpcio"))
+                for p in ("kserve", "onnxruntime", "grpcio")
+            )
         except BenchError as exc:
             results.skipped[KSERVE] = "KServe virtualenv could not be made"
             notes.append(f"KServe not measured: {exc}")
     pa_binary: Path | None = None
     if args.perf_analyzer == "auto":
         try:
-            pa_binary = harness.ensure_perf_analyzer(args.perf_analyzer_dir,
-                                                     args.perf_analyzer_build, console.log)
+            pa_binary = harness.ensure_perf_analyzer(
+                args.perf_analyzer_dir, args.perf_analyzer_build, console.log
+            )
         except (BenchError, subprocess.TimeoutExpired) as exc:
             notes.append(f"perf_analyzer cross-check skipped: {exc}")
 
@@ -368,9 +475,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if key in results.skipped:
                     continue
                 try:
-                    measure_target(key, round_number, args, specs, work, peers_python,
-                                   pa_binary if round_number == 1 else None, pa_models,
-                                   results, notes, console)
+                    measure_target(
+                        key,
+                        round_number,
+                        args,
+                        specs,
+                        work,
+                        peers_python,
+                        pa_binary if round_number == 1 else None,
+                        pa_models,
+                        results,
+                        notes,
+                        console,
+                    )
                 except BenchError as exc:
                     label = TARGET_LABELS[key]
                     console.print(f"[red]{label} failed:[/] {exc}")
@@ -389,21 +506,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_target(
-    key: str, round_number: int, args: argparse.Namespace, specs: list[ModelSpec], work: Path,
-    peers_python: Path | None, pa_binary: Path | None, pa_models: set[str], results: Results,
-    notes: list[str], console: Console,
+    key: str,
+    round_number: int,
+    args: argparse.Namespace,
+    specs: list[ModelSpec],
+    work: Path,
+    peers_python: Path | None,
+    pa_binary: Path | None,
+    pa_models: set[str],
+    results: Results,
+    notes: list[str],
+    console: Console,
 ) -> None:
     """Starts one target, runs the load client (and perf_analyzer) on it, stops it."""
     label = TARGET_LABELS[key]
-    with start_target(key, round_number, args, specs, work,
-                      peers_python if key == KSERVE else None) as (address, pids):
+    with start_target(
+        key, round_number, args, specs, work, peers_python if key == KSERVE else None
+    ) as (address, pids):
         console.log(f"round {round_number}/{args.rounds}: {label} serving at {address}")
         for spec in specs:
             levels = run_loadgen(args, address, pids, spec)
             for c, m in zip(args.concurrency, levels, strict=True):
                 results.rounds.setdefault((key, spec.name, c), []).append(m)
-                console.log(f"  {spec.name} c={c}: {m.throughput_per_s:,.1f} infer/s"
-                            f"  p50 {m.latency_p50_ms:.3f} ms  p99 {m.latency_p99_ms:.3f} ms")
+                console.log(
+                    f"  {spec.name} c={c}: {m.throughput_per_s:,.1f} infer/s"
+                    f"  p50 {m.latency_p50_ms:.3f} ms  p99 {m.latency_p99_ms:.3f} ms"
+                )
             if pa_binary is None or spec.name not in pa_models:
                 continue
             if key == KSERVE:
@@ -412,18 +540,27 @@ def measure_target(
                     notes.append(
                         f"perf_analyzer against KServe 0.21 ({spec.name}) stops before sending "
                         f"load: `{error}` (it calls Triton's ModelConfig RPC first, which "
-                        "KServe does not implement); hence the common load client.")
+                        "KServe does not implement); hence the common load client."
+                    )
                 continue
             try:
                 for level in harness.run_perf_analyzer(
-                    pa_binary, address, spec.name, args.concurrency, args.pa_interval_ms, work,
+                    pa_binary,
+                    address,
+                    spec.name,
+                    args.concurrency,
+                    args.pa_interval_ms,
+                    work,
                     timeout_s=180,
                 ):
                     results.perf_analyzer[(key, spec.name, level.concurrency)] = Measurement(
-                        level.throughput_per_s, level.latency_p50_ms, level.latency_p99_ms)
-                    console.log(f"  {spec.name} c={level.concurrency} (perf_analyzer): "
-                                f"{level.throughput_per_s:,.1f} infer/s"
-                                f"  p50 {level.latency_p50_ms:.3f} ms")
+                        level.throughput_per_s, level.latency_p50_ms, level.latency_p99_ms
+                    )
+                    console.log(
+                        f"  {spec.name} c={level.concurrency} (perf_analyzer): "
+                        f"{level.throughput_per_s:,.1f} infer/s"
+                        f"  p50 {level.latency_p50_ms:.3f} ms"
+                    )
             except BenchError as exc:
                 notes.append(f"perf_analyzer on {label}: {exc}")
 
@@ -455,11 +592,14 @@ def static_notes(args: argparse.Namespace) -> list[str]:
         "By default KServe logs an INFO line per gRPC call (`LoggingInterceptor`) and a "
         "latency line per request; the bench runs it with `--kserve-logging "
         f"{args.kserve_logging}`"
-        + (" (warnings only), the stronger baseline; `python -m gateway.bench --targets kserve "
-           "--kserve-logging default` measures it as shipped (in separate runs of "
-           "that on this machine, 2 rounds each, digits at c=16 gave about 2,150-2,200 infer/s "
-           "with the default logging against 2,950-3,050 quiet, about 27% less)."
-           if args.kserve_logging == "quiet" else " (as shipped)."),
+        + (
+            " (warnings only), the stronger baseline; `python -m gateway.bench --targets kserve "
+            "--kserve-logging default` measures it as shipped (in separate runs of "
+            "that on this machine, 2 rounds each, digits at c=16 gave about 2,150-2,200 infer/s "
+            "with the default logging against 2,950-3,050 quiet, about 27% less)."
+            if args.kserve_logging == "quiet"
+            else " (as shipped)."
+        ),
         "The protobuf packages of Switchyard (`protos`) and of tritonclient/KServe are all "
         "named `inference`, so they never share a process: the bench driver imports neither, "
         "the load client imports only tritonclient's, KServe runs in its own virtualenv.",

@@ -51,8 +51,13 @@ class Child:
         self.stderr_path = log_dir / f"{name}.err"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd,
-                start_new_session=True, preexec_fn=die_with_parent,
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     def exited(self) -> int | None:
@@ -131,9 +136,18 @@ def ensure_peers_venv(venv: Path, log: Any) -> Path:
         if not python.exists():
             subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             *PEER_PACKAGES],
-            check=True, capture_output=True, timeout=900,
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                *PEER_PACKAGES,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=900,
         )
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or b"").decode(errors="replace")[-2000:]
@@ -147,7 +161,9 @@ def ensure_peers_venv(venv: Path, log: Any) -> Path:
 def installed_version(python: Path, package: str) -> str:
     result = subprocess.run(
         [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return result.stdout.strip() or "?"
 
@@ -163,8 +179,13 @@ def ensure_perf_analyzer(out_dir: Path, build_script: Path, log: Any) -> Path:
     if not build_script.is_file():
         raise BenchError(f"no perf_analyzer build script at {build_script}")
     log(f"building perf_analyzer into {out_dir} (once only)")
-    result = subprocess.run(["bash", str(build_script), str(out_dir)],
-                            capture_output=True, text=True, check=False, timeout=600)
+    result = subprocess.run(
+        ["bash", str(build_script), str(out_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     if result.returncode != 0 or not os.access(binary, os.X_OK):
         raise BenchError(f"perf_analyzer build failed: {result.stderr[-2000:]}")
     return binary
@@ -179,23 +200,47 @@ class PerfAnalyzerLevel:
 
 
 def run_perf_analyzer(
-    binary: Path, address: str, model: str, concurrency: Sequence[int],
-    measurement_interval_ms: int, work_dir: Path, timeout_s: float,
+    binary: Path,
+    address: str,
+    model: str,
+    concurrency: Sequence[int],
+    measurement_interval_ms: int,
+    work_dir: Path,
+    timeout_s: float,
 ) -> list[PerfAnalyzerLevel]:
     """perf_analyzer over gRPC at each concurrency; parses its CSV (latencies in us)."""
     levels = []
     for c in concurrency:
         csv_path = work_dir / f"pa-{model}-{address.replace(':', '_')}-c{c}.csv"
         command = [
-            str(binary), "-i", "grpc", "-u", address, "-m", model,
-            "--concurrency-range", f"{c}:{c}", "--measurement-interval",
-            str(measurement_interval_ms), "--stability-percentage", "50", "--max-trials", "10",
-            "-f", str(csv_path),
+            str(binary),
+            "-i",
+            "grpc",
+            "-u",
+            address,
+            "-m",
+            model,
+            "--concurrency-range",
+            f"{c}:{c}",
+            "--measurement-interval",
+            str(measurement_interval_ms),
+            "--stability-percentage",
+            "50",
+            "--max-trials",
+            "10",
+            "-f",
+            str(csv_path),
         ]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, cwd=work_dir,
-                                    timeout=timeout_s, check=False,
-                                    preexec_fn=die_with_parent)
+            result = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                cwd=work_dir,
+                timeout=timeout_s,
+                check=False,
+                preexec_fn=die_with_parent,
+            )
         except subprocess.TimeoutExpired as exc:
             raise BenchError(f"perf_analyzer timed out on {model} at {address}") from exc
         if result.returncode != 0 or not csv_path.is_file():
@@ -217,9 +262,28 @@ def run_perf_analyzer(
 def probe_perf_analyzer(binary: Path, address: str, model: str, work_dir: Path) -> str:
     """Whether perf_analyzer can drive a server at all; returns its error, or ''."""
     result = subprocess.run(
-        [str(binary), "-i", "grpc", "-u", address, "-m", model, "--concurrency-range", "1:1",
-         "--measurement-interval", "500", "--max-trials", "1", "--stability-percentage", "100"],
-        capture_output=True, text=True, cwd=work_dir, timeout=60, check=False,
+        [
+            str(binary),
+            "-i",
+            "grpc",
+            "-u",
+            address,
+            "-m",
+            model,
+            "--concurrency-range",
+            "1:1",
+            "--measurement-interval",
+            "500",
+            "--max-trials",
+            "1",
+            "--stability-percentage",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work_dir,
+        timeout=60,
+        check=False,
     )
     if result.returncode == 0:
         return ""

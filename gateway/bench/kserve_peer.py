@@ -38,12 +38,20 @@ from typing import Any
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=MODEL.onnx",
-                        help="a model to serve (repeat for more)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=MODEL.onnx",
+        help="a model to serve (repeat for more)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--kserve-logging", choices=("default", "quiet"), default="quiet",
-                        help="default: KServe's INFO log line per gRPC call and latency log; "
-                        "quiet: warnings only")
+    parser.add_argument(
+        "--kserve-logging",
+        choices=("default", "quiet"),
+        default="quiet",
+        help="default: KServe's INFO log line per gRPC call and latency log; quiet: warnings only",
+    )
     return parser.parse_args(argv)
 
 
@@ -100,7 +108,9 @@ def main() -> int:
             return self.ready
 
         def predict(
-            self, payload: InferRequest, headers: dict[str, str] | None = None,
+            self,
+            payload: InferRequest,
+            headers: dict[str, str] | None = None,
             response_headers: dict[str, str] | None = None,
         ) -> InferResponse:
             feeds = {tensor.name: tensor.as_numpy() for tensor in payload.inputs}
@@ -108,12 +118,17 @@ def main() -> int:
             outputs = []
             for name, value in zip(self.output_names, results, strict=True):
                 value = np.ascontiguousarray(value)
-                output = InferOutput(name=name, shape=list(value.shape),
-                                     datatype=from_np_dtype(value.dtype))
+                output = InferOutput(
+                    name=name, shape=list(value.shape), datatype=from_np_dtype(value.dtype)
+                )
                 output.set_data_from_numpy(value, binary_data=True)
                 outputs.append(output)
-            return InferResponse(model_name=self.name, infer_outputs=outputs,
-                                 response_id=payload.id, use_binary_outputs=True)
+            return InferResponse(
+                model_name=self.name,
+                infer_outputs=outputs,
+                response_id=payload.id,
+                use_binary_outputs=True,
+            )
 
     class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
         """KServe's GRPCServer.start(), listening on 127.0.0.1:0 instead of [::]:PORT."""
@@ -124,10 +139,14 @@ def main() -> int:
                 futures.ThreadPoolExecutor(max_workers=max_workers),
                 interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
                 options=[
-                    ("grpc.max_send_message_length",
-                     self._kwargs.get("grpc_max_send_message_length")),
-                    ("grpc.max_receive_message_length",
-                     self._kwargs.get("grpc_max_receive_message_length")),
+                    (
+                        "grpc.max_send_message_length",
+                        self._kwargs.get("grpc_max_send_message_length"),
+                    ),
+                    (
+                        "grpc.max_receive_message_length",
+                        self._kwargs.get("grpc_max_receive_message_length"),
+                    ),
                 ],
             )
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -137,8 +156,17 @@ def main() -> int:
             if port == 0:
                 raise OSError("cannot listen on 127.0.0.1:0")
             await self._server.start()
-            print(json.dumps({"event": "listening", "address": f"127.0.0.1:{port}",
-                              "pid": os.getpid(), "models": sorted(served)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "listening",
+                        "address": f"127.0.0.1:{port}",
+                        "pid": os.getpid(),
+                        "models": sorted(served),
+                    }
+                ),
+                flush=True,
+            )
             await self._server.wait_for_termination()
 
     class LoopbackModelServer(ModelServer):  # type: ignore[misc]
@@ -149,8 +177,11 @@ def main() -> int:
 
             self._register_and_check_atleast_one_model_is_ready(models)
             self._grpc_server = LoopbackGRPCServer(
-                0, self.dataplane, self.model_repository_extension,
-                kwargs=vars(kserve_args), grace_period=self.grace_period,
+                0,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=vars(kserve_args),
+                grace_period=self.grace_period,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
             self.setup_event_loop()

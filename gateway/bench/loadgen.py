@@ -93,9 +93,15 @@ def parse_pid(text: str) -> tuple[str, int]:
 
 
 NUMPY_DTYPES = {
-    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "UINT8": np.uint8, "BOOL": np.bool_,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -169,7 +175,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def closed_loop(
-    call: Call, payload: bytes, concurrency: int, warmup_s: float, window_s: float,
+    call: Call,
+    payload: bytes,
+    concurrency: int,
+    warmup_s: float,
+    window_s: float,
     watched: dict[str, int],
 ) -> tuple[list[int], int, str, dict[str, float]]:
     """Keeps `concurrency` requests in flight; returns the latencies (ns) of the answers
@@ -213,8 +223,10 @@ async def closed_loop(
 
 async def run(args: argparse.Namespace) -> list[LevelResult]:
     payload = build_request(args.model, args.input, args.samples)
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-               ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    options = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         stub = channel.unary_unary(INFER_METHOD)  # no (de)serializers: bytes in, bytes out
 
@@ -257,21 +269,34 @@ async def run(args: argparse.Namespace) -> list[LevelResult]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="HOST:PORT of a v2 gRPC server")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--input", type=parse_input, action="append", required=True,
-                        help="NAME:DATATYPE:SHAPE, e.g. input:FP32:-1,64 (repeat per input)")
-    parser.add_argument("--samples", type=Path, default=None,
-                        help="an .npz of sample inputs, keyed by input name")
+    parser.add_argument(
+        "--input",
+        type=parse_input,
+        action="append",
+        required=True,
+        help="NAME:DATATYPE:SHAPE, e.g. input:FP32:-1,64 (repeat per input)",
+    )
+    parser.add_argument(
+        "--samples", type=Path, default=None, help="an .npz of sample inputs, keyed by input name"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--ready-timeout-s", type=float, default=30.0)
-    parser.add_argument("--cpu-pid", type=parse_pid, action="append", default=[],
-                        metavar="NAME=PID", help="a server process whose CPU time to report")
+    parser.add_argument(
+        "--cpu-pid",
+        type=parse_pid,
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="a server process whose CPU time to report",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.bench.loadgen",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.bench.loadgen", description=__doc__.split("\n\n")[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -83,8 +83,9 @@ class Ratio:
     met: bool | None
 
 
-def ratios(cells: dict[tuple[str, str, int], Measurement], model: str,
-           concurrency: Sequence[int]) -> list[Ratio]:
+def ratios(
+    cells: dict[tuple[str, str, int], Measurement], model: str, concurrency: Sequence[int]
+) -> list[Ratio]:
     """The figures the project tracks, from one model's cells (nan where missing)."""
     low, high = min(concurrency), max(concurrency)
 
@@ -100,16 +101,27 @@ def ratios(cells: dict[tuple[str, str, int], Measurement], model: str,
     vs_kserve = divide(gw_high, get(KSERVE, high))
     vs_direct = divide(gw_high, get(DIRECT, high))
     direct_low = get(DIRECT, low)
-    overhead = (gw_low.latency_p50_ms - direct_low.latency_p50_ms
-                if gw_low is not None and direct_low is not None else math.nan)
+    overhead = (
+        gw_low.latency_p50_ms - direct_low.latency_p50_ms
+        if gw_low is not None and direct_low is not None
+        else math.nan
+    )
     return [
-        Ratio(f"gateway / KServe throughput, c={high}", vs_kserve, "x",
-              f">= {GATEWAY_VS_KSERVE_TARGET}",
-              None if math.isnan(vs_kserve) else vs_kserve >= GATEWAY_VS_KSERVE_TARGET),
+        Ratio(
+            f"gateway / KServe throughput, c={high}",
+            vs_kserve,
+            "x",
+            f">= {GATEWAY_VS_KSERVE_TARGET}",
+            None if math.isnan(vs_kserve) else vs_kserve >= GATEWAY_VS_KSERVE_TARGET,
+        ),
         Ratio(f"gateway / backend-direct throughput, c={high}", vs_direct, "x", "-", None),
-        Ratio(f"gateway p50 - backend-direct p50, c={low}", overhead, "ms",
-              f"<= {OVERHEAD_P50_TARGET_MS:g} ms",
-              None if math.isnan(overhead) else overhead <= OVERHEAD_P50_TARGET_MS),
+        Ratio(
+            f"gateway p50 - backend-direct p50, c={low}",
+            overhead,
+            "ms",
+            f"<= {OVERHEAD_P50_TARGET_MS:g} ms",
+            None if math.isnan(overhead) else overhead <= OVERHEAD_P50_TARGET_MS,
+        ),
     ]
 
 
@@ -133,28 +145,49 @@ def _spread(m: Measurement) -> str:
     return f"{m.throughput_min_per_s:,.0f}-{m.throughput_max_per_s:,.0f}"
 
 
-def _rows(results: Results, cells: dict[tuple[str, str, int], Measurement],
-          model: str, spread: bool = False) -> list[tuple[str, ...]]:
+def _rows(
+    results: Results,
+    cells: dict[tuple[str, str, int], Measurement],
+    model: str,
+    spread: bool = False,
+) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for key, label in results.targets.items():
         for c in results.concurrency:
             m = cells.get((key, model, c))
             if m is None:
                 why = results.skipped.get(key, "not measured")
-                rows.append((label, str(c), "-", *(("-",) if spread else ()), "-",
-                             f"- ({why})" if c == results.concurrency[0] else "-"))
+                rows.append(
+                    (
+                        label,
+                        str(c),
+                        "-",
+                        *(("-",) if spread else ()),
+                        "-",
+                        f"- ({why})" if c == results.concurrency[0] else "-",
+                    )
+                )
                 continue
-            rows.append((label, str(c), _num(m.throughput_per_s, 1),
-                         *((_spread(m),) if spread else ()),
-                         _num(m.latency_p50_ms, 3), _num(m.latency_p99_ms, 3)))
+            rows.append(
+                (
+                    label,
+                    str(c),
+                    _num(m.throughput_per_s, 1),
+                    *((_spread(m),) if spread else ()),
+                    _num(m.latency_p50_ms, 3),
+                    _num(m.latency_p99_ms, 3),
+                )
+            )
     return rows
 
 
 def print_tables(results: Results, console: Console | None = None) -> None:
     console = console or Console()
     for model in results.models:
-        table = Table(title=f"{model}: closed-loop load client (gRPC, batch 1), "
-                            f"median of {results.rounds_run} round(s)")
+        table = Table(
+            title=f"{model}: closed-loop load client (gRPC, batch 1), "
+            f"median of {results.rounds_run} round(s)"
+        )
         table.add_column("target", no_wrap=True)
         for column in ("c", "infer/s", "range", "p50 ms", "p99 ms"):
             table.add_column(column, justify="right", no_wrap=True)
@@ -166,8 +199,9 @@ def print_tables(results: Results, console: Console | None = None) -> None:
             ratio_table.add_column(column)
         for r in ratios(results.loadgen, model, results.concurrency):
             style = {True: "green", False: "bold red", None: ""}[r.met]
-            ratio_table.add_row(r.name, _ratio_value(r), r.target, f"[{style}]{_met(r)}[/]"
-                                if style else _met(r))
+            ratio_table.add_row(
+                r.name, _ratio_value(r), r.target, f"[{style}]{_met(r)}[/]" if style else _met(r)
+            )
         console.print(ratio_table)
         rows = cpu_rows(results, model)
         if rows:
@@ -201,41 +235,71 @@ def cpu_rows(results: Results, model: str) -> list[tuple[str, ...]]:
             if m is None or not m.cpu_us_per_infer:
                 continue
             cells = [m.cpu_us_per_infer.get(p, math.nan) for p in CPU_PROCESSES]
-            servers = sum(v for p, v in zip(CPU_PROCESSES, cells, strict=True)
-                          if p != "client" and not math.isnan(v))
-            rows.append((label, str(c), *("-" if math.isnan(v) else f"{v:,.0f}" for v in cells),
-                         f"{servers:,.0f}"))
+            servers = sum(
+                v
+                for p, v in zip(CPU_PROCESSES, cells, strict=True)
+                if p != "client" and not math.isnan(v)
+            )
+            rows.append(
+                (
+                    label,
+                    str(c),
+                    *("-" if math.isnan(v) else f"{v:,.0f}" for v in cells),
+                    f"{servers:,.0f}",
+                )
+            )
     return rows
 
 
 CPU_HEADER = ("target", "c", "client", "gateway", "worker", "kserve", "servers total")
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
-                   right: Sequence[bool]) -> str:
-    lines = ["| " + " | ".join(header) + " |",
-             "| " + " | ".join("---:" if r else "---" for r in right) + " |"]
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]
+) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---:" if r else "---" for r in right) + " |",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def model_markdown(results: Results, model: str) -> str:
     parts = [f"### {model}", ""]
-    parts.append(markdown_table(
-        ("target", "concurrency", "throughput (infer/s)", "throughput range over rounds",
-         "p50 (ms)", "p99 (ms)"),
-        _rows(results, results.loadgen, model, spread=True),
-        (False, True, True, True, True, True)))
+    parts.append(
+        markdown_table(
+            (
+                "target",
+                "concurrency",
+                "throughput (infer/s)",
+                "throughput range over rounds",
+                "p50 (ms)",
+                "p99 (ms)",
+            ),
+            _rows(results, results.loadgen, model, spread=True),
+            (False, True, True, True, True, True),
+        )
+    )
     parts += ["", "Tracked figures (load client above):", ""]
-    parts.append(markdown_table(
-        ("figure", "value", "target", "status"),
-        [(r.name, _ratio_value(r), r.target, _met(r))
-         for r in ratios(results.loadgen, model, results.concurrency)],
-        (False, True, False, False)))
+    parts.append(
+        markdown_table(
+            ("figure", "value", "target", "status"),
+            [
+                (r.name, _ratio_value(r), r.target, _met(r))
+                for r in ratios(results.loadgen, model, results.concurrency)
+            ],
+            (False, True, False, False),
+        )
+    )
     rows = cpu_rows(results, model)
     if rows:
-        parts += ["", "CPU time per inference (microseconds, user + system, all threads; "
-                  "median over rounds):", ""]
+        parts += [
+            "",
+            "CPU time per inference (microseconds, user + system, all threads; "
+            "median over rounds):",
+            "",
+        ]
         parts.append(markdown_table(CPU_HEADER, rows, (False, *([True] * 6))))
     return "\n".join(parts)
 
@@ -244,10 +308,16 @@ def perf_analyzer_markdown(results: Results, model: str) -> str:
     rows = [row for row in _rows(results, results.perf_analyzer, model) if row[2] != "-"]
     if not rows:
         return ""
-    table = markdown_table(("target", "concurrency", "throughput (infer/s)", "p50 (ms)",
-                            "p99 (ms)"), rows, (False, True, True, True, True))
-    figures = [r for r in ratios(results.perf_analyzer, model, results.concurrency)
-               if not math.isnan(r.value)]
+    table = markdown_table(
+        ("target", "concurrency", "throughput (infer/s)", "p50 (ms)", "p99 (ms)"),
+        rows,
+        (False, True, True, True, True),
+    )
+    figures = [
+        r
+        for r in ratios(results.perf_analyzer, model, results.concurrency)
+        if not math.isnan(r.value)
+    ]
     lines = [f"#### {model}", "", table]
     if figures:
         lines += ["", "; ".join(f"{r.name}: {_ratio_value(r)}" for r in figures) + "."]
