@@ -81,22 +81,31 @@ def group_key(header: gateway_pb2.InferRequestHeader, info: ModelInfo) -> GroupK
         tensors.append((tensor.name, tensor.datatype, tuple(tensor.shape[1:])))
     if any(out.parameters for out in header.outputs):
         return None
-    for key, param in header.parameters.items():
-        if key not in ROUTING_PARAMETERS and not (
-            key == "binary_data_output"
-            and param.WhichOneof("parameter_choice") == "bool_param"
-            and param.bool_param
-        ):
-            return None
+    # Requests merge only with requests carrying the same parameters (the routing
+    # ones aside), so the merged request forwards them exactly.
+    parameters = tuple(
+        sorted(
+            (key, param.SerializeToString())
+            for key, param in header.parameters.items()
+            if key not in ROUTING_PARAMETERS
+        )
+    )
     outputs = tuple(out.name for out in header.outputs)
-    return (header.model_name, header.model_version, tuple(tensors), outputs)
+    return (header.model_name, header.model_version, tuple(tensors), outputs, parameters)
 
 
 class Coalescer:
     """Per-route call slots and the merge of waiting requests."""
 
-    def __init__(self, send: Send, clock: Callable[[], float], limit: int = 1) -> None:
+    def __init__(
+        self,
+        send: Send,
+        clock: Callable[[], float],
+        limit: int = 1,
+        on_merged: Callable[[Route, int], None] | None = None,
+    ) -> None:
         self._send = send
+        self._on_merged = on_merged
         self._clock = clock
         self._limit = limit
         self._routes: dict[tuple[str, str], _RouteState] = {}
@@ -115,11 +124,11 @@ class Coalescer:
         """Sends `request` on `route`, alone or merged with others; a backend's error
         status raises BackendCallError."""
         state = self._routes.setdefault((route.backend, route.model), _RouteState())
-        key = group_key(header, info) if self._limit > 0 else None
-        if key is None or state.in_flight < self._limit:
+        if state.in_flight < self._limit or self._limit <= 0:
             return await self._direct(route, state, request, timeout_s)
-        parsed = _checked(request)
-        if parsed is None:
+        key = group_key(header, info)
+        parsed = None if key is None else _checked(request)
+        if key is None or parsed is None:
             return await self._direct(route, state, request, timeout_s)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else self._clock() + timeout_s
@@ -174,6 +183,8 @@ class Coalescer:
                 return
             self.merged_calls += 1
             self.merged_requests += len(batch)
+            if self._on_merged is not None:
+                self._on_merged(route, len(batch))
             requests = [w.parsed for w in batch]
             merged = merge_requests(requests)
             try:

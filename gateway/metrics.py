@@ -67,6 +67,13 @@ class GatewayMetrics:
             ["model"],
             registry=registry,
         )
+        self.merged_batch = Histogram(
+            "switchyard_coalesced_requests_per_call",
+            "Requests merged into one backend call by the gateway's coalescer.",
+            ["backend", "model"],
+            buckets=(2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
         self.decisions = Counter(
             "switchyard_decisions",
             "Routing decisions by reason.",

@@ -74,7 +74,12 @@ class GatewayServicer:
         self.clock = clock
         self.counters: dict[str, ModelCounters] = {}
         self._suffixes: dict[tuple[str, str, int], bytes] = {}
-        self.coalescer = Coalescer(self._send, clock, coalesce_in_flight)
+        self.coalescer = Coalescer(
+            self._send,
+            clock,
+            coalesce_in_flight,
+            lambda route, n: metrics.merged_batch.labels(route.backend, route.model).observe(n),
+        )
 
     # ---- inference ---------------------------------------------------------------
 

@@ -86,6 +86,23 @@ def main() -> int:
     )
     from kserve.utils.numpy_codec import from_np_dtype  # type: ignore[import-not-found]
 
+    ort_types = {
+        "tensor(float)": "FP32",
+        "tensor(double)": "FP64",
+        "tensor(int64)": "INT64",
+        "tensor(int32)": "INT32",
+        "tensor(float16)": "FP16",
+        "tensor(bool)": "BOOL",
+        "tensor(uint8)": "UINT8",
+        "tensor(int8)": "INT8",
+        "tensor(string)": "BYTES",
+    }
+
+    def _describe(node: Any) -> dict[str, Any]:
+        """ModelMetadata's tensor entry for an ONNX Runtime input or output."""
+        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in node.shape]
+        return {"name": node.name, "datatype": ort_types.get(node.type, node.type), "shape": shape}
+
     class OnnxModel(Model):  # type: ignore[misc]
         """A custom KServe model: ONNX Runtime on the v2 InferRequest's tensors."""
 
@@ -106,6 +123,12 @@ def main() -> int:
             self.output_names = [o.name for o in self.session.get_outputs()]
             self.ready = True
             return self.ready
+
+        def get_input_types(self) -> list[dict[str, Any]]:
+            return [_describe(node) for node in self.session.get_inputs()]
+
+        def get_output_types(self) -> list[dict[str, Any]]:
+            return [_describe(node) for node in self.session.get_outputs()]
 
         def predict(
             self,

@@ -87,7 +87,12 @@ def test_group_key_only_for_mergeable_requests() -> None:
     assert group_key(header(wrong_type), INFO) is None
     custom = request(1, 0, "a")
     custom.parameters["tenant"].string_param = "x"
-    assert group_key(header(custom), INFO) is None
+    same = request(2, 0, "b")
+    same.parameters["tenant"].string_param = "x"
+    assert group_key(header(custom), INFO) == group_key(header(same), INFO)
+    assert group_key(header(custom), INFO) != group_key(header(request(1, 0, "c")), INFO)
+    merged = merge_requests([custom, same])
+    assert merged.parameters["tenant"].string_param == "x"
     asked = request(1, 0, "a")
     asked.outputs.add(name="y")
     assert group_key(header(asked), INFO) != group_key(header(request(1, 0, "b")), INFO)
