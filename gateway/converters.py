@@ -14,6 +14,7 @@ from protos import gateway_pb2
 from protos import inference_pb2 as pb
 
 REMOTE_VARIANT = "remote"
+DEFAULT_VERSION = "1"
 _CONFIG_TO_DATATYPE = {v: k for k, v in CONFIG_TYPES.items()}
 
 
@@ -29,7 +30,9 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
             variant = config.parameters["switchyard_variant"].string_value
     return ModelInfo(
         name=metadata.name,
-        versions=tuple(metadata.versions),
+        # Servers that list no versions (KServe) serve one; clients such as
+        # perf_analyzer need a numeric version to match statistics to.
+        versions=tuple(metadata.versions) or (DEFAULT_VERSION,),
         platform=metadata.platform,
         inputs=inputs,
         outputs=outputs,
