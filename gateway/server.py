@@ -181,6 +181,13 @@ async def start_gateway(config: FleetConfig) -> Gateway:
     )
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` so that readers see no file or the whole file, never a part."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def describe(gateway: Gateway) -> str:
     metrics_host = gateway.config.gateway.metrics.rsplit(":", 1)[0]
     lines = [
@@ -206,7 +213,8 @@ async def serve(config: FleetConfig, ready_file: Path | None) -> None:
     print(describe(gateway), flush=True)
     if ready_file is not None:
         await asyncio.to_thread(
-            ready_file.write_text,
+            write_atomically,
+            ready_file,
             json.dumps(
                 {
                     "address": gateway.address,
