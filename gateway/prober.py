@@ -64,7 +64,6 @@ class Prober:
             self.on_change()
 
     async def probe(self, backend: BackendState) -> None:
-        was_healthy = backend.healthy
         address = backend.address
         if address.endswith(":0"):  # launched, not listening yet
             return
@@ -75,10 +74,12 @@ class Prober:
                 error = f"{exc.code().name}: {exc.details()}"
             else:
                 error = str(exc)
+            was_healthy = backend.healthy
             self.fleet.record_failure(backend.name, self.clock(), error)
             if was_healthy:
                 log.warning("backend %s unhealthy: %s", backend.name, error)
             return
+        was_healthy = backend.healthy
         self.fleet.record_probe(backend.name, self.clock(), models)
         if not was_healthy:
             log.info("backend %s ready at %s with %s", backend.name, address, sorted(models))

@@ -202,7 +202,7 @@ def describe(gateway: Gateway) -> str:
             f"${b.price_usd_per_hour:.4f}/h  {state}  models: {models}"
         )
     lines.append(
-        '  try:      python -c "import tritonclient.grpc as g; '
+        '  try:      .venv/bin/python -c "import tritonclient.grpc as g; '
         f"print(g.InferenceServerClient('{gateway.address}').get_model_repository_index())\""
     )
     return "\n".join(lines)
