@@ -27,7 +27,7 @@ MAX_BACKOFF_S = 10.0
 STABLE_AFTER_S = 30.0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -113,7 +113,7 @@ class Supervisor:
                 *worker_command(worker.backend, self.repository, worker.address or listen),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
             log.info("started backend %s (pid %d)", worker.backend.name, worker.process.pid)
             readers = [

@@ -38,6 +38,7 @@ from rich.console import Console
 from gateway.bench import harness, report
 from gateway.bench.harness import BenchError, Child
 from gateway.bench.report import DIRECT, GATEWAY, KSERVE, Measurement, Results
+from gateway.supervisor import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_LABELS = {
@@ -191,7 +192,7 @@ def run_loadgen(
             cwd=ROOT,
             timeout=timeout_s,
             check=False,
-            preexec_fn=harness.die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"load client timed out on {spec.name} at {address}") from exc
@@ -589,6 +590,12 @@ def static_notes(args: argparse.Namespace) -> list[str]:
         "on the event loop, one inference at a time; ONNX Runtime uses 2 intra-op threads. "
         "The Switchyard worker runs inference in an executor with dynamic batching "
         "(max_queue_delay 0: it batches what is already queued).",
+        "The gateway runs with its defaults: it forwards each request's bytes untouched and, "
+        "once a call to the backend is in flight for a model (`coalesce_in_flight: 1`), "
+        "merges the requests that arrive meanwhile into one batched call and splits the "
+        "answer back by rows. That is why, at c=16, both the gateway's and the worker's CPU "
+        "per inference fall below the worker's alone (`switchyard_coalesced_requests_per_call` "
+        "in the gateway's metrics shows the merge sizes); at c=1 nothing waits or merges.",
         "By default KServe logs an INFO line per gRPC call (`LoggingInterceptor`) and a "
         "latency line per request; the bench runs it with `--kserve-logging "
         f"{args.kserve_logging}`"

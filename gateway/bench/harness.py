@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import json
 import os
 import shutil
@@ -27,18 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
-PEER_PACKAGES = ("kserve==0.21.0", "onnxruntime==1.32.0", "numpy")
+from gateway.supervisor import die_with_parent
+
+PEER_PACKAGES = ("kserve==0.21.0", "onnxruntime==1.32.0", "numpy==2.4.6")
 PERF_ANALYZER_CSV_USEC = ("p50 latency", "p90 latency", "p99 latency")
 
 
 class BenchError(Exception):
     """A part of the benchmark cannot be set up or run."""
-
-
-def die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Child:
