@@ -51,6 +51,33 @@ class ArtifactEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class AccuracyEntry(BaseModel):
+    """How the variant compares with the fp32 source model on the sample inputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    samples: int
+    max_abs_diff: float
+    """Largest absolute difference over every float output element."""
+    top1_agreement: float | None = None
+    """Share of samples whose top-1 class agrees (classifiers only)."""
+    tolerance_max_abs_diff: float
+    min_top1_agreement: float | None = None
+    passed: bool
+    """False: the variant is never served (policy may not override this for int8)."""
+
+
+class TuningEntry(BaseModel):
+    """What tuning went into a compiled variant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tuned: bool
+    """False: untuned TVM, 10-75x slower than ONNX Runtime on CPU; never preferred."""
+    trials: int
+    tasks: int
+    reused: bool
+    """The tuning records already covered every task (no new trials ran)."""
+
+
 class Manifest(BaseModel):
     """`manifest.json`: what a variant is and which files make it."""
 
@@ -73,6 +100,19 @@ class Manifest(BaseModel):
     """Files of the variant; the first is the one the runtime loads."""
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """sha256 of the source model.onnx it was built from."""
+    versions: dict[str, str] = {}
+    """Versions of what built it (onnxruntime, onnx, tvm, ...)."""
+    compiled_batch: int | None = None
+    """Static batch size of a compiled artifact (TVM); None for a dynamic batch dimension."""
+    required_cpu_flags: list[str] = []
+    """/proc/cpuinfo flags a CPU needs to run it (avx2, avx512f, ...); workers refuse it
+    on CPUs without them."""
+    device: str = "cpu"
+    """Where it runs: `cpu` or `cuda`."""
+    accuracy: AccuracyEntry | None = None
+    tuning: TuningEntry | None = None
+    build_s: float | None = None
+    """Wall time the build took (tuning included)."""
 
 
 @dataclass(frozen=True, slots=True)

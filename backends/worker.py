@@ -29,12 +29,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import __version__
 from backends.batching import Batcher, RunFn
-from backends.codec import DecodedRequest, Signature, decode_request, encode_response
+from backends.codec import Signature, decode_request, encode_response
+from backends.cpu import cpu_flags, missing_flags
 from backends.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
+from backends.loader import load_adapter
+from backends.profiles import profiled_p50_ms
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtime import Array, RuntimeAdapter
 from backends.status import code_for
 from backends.tensors import CONFIG_TYPES
+from backends.variants import ORT_FP32
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
@@ -60,23 +64,38 @@ class WorkerSettings:
     max_queue_delay_us: int = 0
     """How long a batch may wait for more requests; 0 batches only what is already queued."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    precisions: tuple[str, ...] = ()
+    """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
+    check passed. Variants that failed their check are never served."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVariant:
+    """One variant loaded in this worker, behind its own batcher."""
+
+    variant: Variant
+    adapter: RuntimeAdapter
+    batcher: Batcher
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
 
 
 class ServedModel:
-    """One model as this worker serves it: a loaded variant behind a batcher."""
+    """One model as this worker serves it: its servable variants, one the default."""
 
     def __init__(
-        self,
-        variant: Variant,
-        adapter: RuntimeAdapter,
-        batcher: Batcher,
-        settings: WorkerSettings,
+        self, loaded: dict[str, LoadedVariant], default: str, settings: WorkerSettings
     ) -> None:
-        self.name = variant.model
-        self.variant = variant
-        self.adapter = adapter
-        self.batcher = batcher
-        self.signature = Signature(adapter.inputs, adapter.outputs, variant.manifest.max_batch_size)
+        first = loaded[default]
+        self.name = first.variant.model
+        self.variants = loaded
+        self.default = default
+        adapter = first.adapter
+        self.signature = Signature(
+            adapter.inputs, adapter.outputs, first.variant.manifest.max_batch_size
+        )
         self.output_specs = {s.name: s for s in adapter.outputs}
         self.settings = settings
         self.success = [0, 0]  # count, ns
@@ -91,39 +110,46 @@ class ServedModel:
                 f"model {self.name!r} has no version {version!r} (versions: {MODEL_VERSION})"
             )
 
+    def choose(self, requested: object) -> LoadedVariant:
+        """The variant a request names (`switchyard_variant`), else the default."""
+        if requested is None:
+            return self.variants[self.default]
+        chosen = self.variants.get(str(requested))
+        if chosen is None:
+            raise ModelNotFound(
+                f"model {self.name!r} has no variant {requested!r} on this backend "
+                f"(serves: {', '.join(sorted(self.variants))})"
+            )
+        return chosen
+
     def metadata(self) -> pb.ModelMetadataResponse:
         reply = pb.ModelMetadataResponse(
             name=self.name, versions=[MODEL_VERSION], platform=self.platform
         )
-        for spec in self.adapter.inputs:
+        for spec in self.signature.inputs:
             reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
-        for spec in self.adapter.outputs:
+        for spec in self.signature.outputs:
             reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         return reply
 
     @property
     def platform(self) -> str:
-        return (
-            "onnxruntime_onnx"
-            if self.variant.manifest.runtime == "onnxruntime"
-            else (self.variant.manifest.runtime)
-        )
+        runtime = self.variants[self.default].variant.manifest.runtime
+        return "onnxruntime_onnx" if runtime == "onnxruntime" else runtime
 
     def config(self) -> pb.ModelConfig:
         batch = self.signature.max_batch_size
+        manifest = self.variants[self.default].variant.manifest
         cfg = pb.ModelConfig(
-            name=self.name,
-            platform=self.platform,
-            backend=self.variant.manifest.runtime,
-            max_batch_size=batch,
+            name=self.name, platform=self.platform, backend=manifest.runtime, max_batch_size=batch
         )
-        for spec in self.adapter.inputs:
+        for spec in self.signature.inputs:
             cfg.input.add(
                 name=spec.name,
                 data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]),
                 dims=spec.shape[1:] if batch > 0 else spec.shape,
             )
-        for spec in self.adapter.outputs:
+        for spec in self.signature.outputs:
             cfg.output.add(
                 name=spec.name,
                 data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]),
@@ -132,9 +158,9 @@ class ServedModel:
         cfg.instance_group.add(name=f"{self.name}_0", count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
         if batch > 0:
             cfg.dynamic_batching.max_queue_delay_microseconds = self.settings.max_queue_delay_us
-        manifest = self.variant.manifest
         params = {
             "switchyard_variant": manifest.variant,
+            "switchyard_variants": ",".join(sorted(self.variants)),
             "switchyard_runtime": f"{manifest.runtime} {manifest.runtime_version}",
             "switchyard_target": manifest.target,
             "switchyard_precision": manifest.precision,
@@ -147,68 +173,128 @@ class ServedModel:
         return cfg
 
     def statistics(self) -> pb.ModelStatistics:
-        stats = self.batcher.stats
+        executions = inferences = queue_ns = compute_ns = 0
+        by_size: dict[int, list[int]] = {}
+        for loaded in self.variants.values():
+            stats = loaded.batcher.stats
+            executions += stats.executions
+            inferences += stats.inferences
+            queue_ns += stats.queue_ns
+            compute_ns += stats.compute_ns
+            for size, (count, ns) in stats.by_size.items():
+                total = by_size.setdefault(size, [0, 0])
+                total[0] += count
+                total[1] += ns
         reply = pb.ModelStatistics(
             name=self.name,
             version=MODEL_VERSION,
             last_inference=self.last_inference_ms,
-            inference_count=stats.inferences,
-            execution_count=stats.executions,
+            inference_count=inferences,
+            execution_count=executions,
         )
         inf = reply.inference_stats
         inf.success.count, inf.success.ns = self.success
         inf.fail.count, inf.fail.ns = self.fail
-        inf.queue.count, inf.queue.ns = self.success[0], stats.queue_ns
+        inf.queue.count, inf.queue.ns = self.success[0], queue_ns
         # Equal counts for the three compute phases, as Triton reports (perf_analyzer checks).
-        inf.compute_input.count, inf.compute_input.ns = stats.executions, self.decode_ns
-        inf.compute_infer.count, inf.compute_infer.ns = stats.executions, stats.compute_ns
-        inf.compute_output.count, inf.compute_output.ns = stats.executions, self.encode_ns
-        for size, (count, ns) in sorted(stats.by_size.items()):
+        inf.compute_input.count, inf.compute_input.ns = executions, self.decode_ns
+        inf.compute_infer.count, inf.compute_infer.ns = executions, compute_ns
+        inf.compute_output.count, inf.compute_output.ns = executions, self.encode_ns
+        for size, (count, ns) in sorted(by_size.items()):
             batch = reply.batch_stats.add(batch_size=size)
             batch.compute_infer.count, batch.compute_infer.ns = count, ns
         return reply
 
-    async def infer(self, request: DecodedRequest) -> dict[str, Array]:
-        return await self.batcher.infer(request.inputs, request.batch_size)
+    def batchers(self) -> list[Batcher]:
+        return [loaded.batcher for loaded in self.variants.values()]
+
+
+def servable(variant: Variant, settings: WorkerSettings, flags: frozenset[str]) -> str | None:
+    """Why this worker must not serve `variant`, or None when it may."""
+    manifest = variant.manifest
+    accuracy = manifest.accuracy
+    if accuracy is not None and not accuracy.passed:
+        return (
+            f"failed its accuracy check (max |diff| {accuracy.max_abs_diff:.3g} > "
+            f"{accuracy.tolerance_max_abs_diff:g} or top-1 below the floor)"
+        )
+    if accuracy is None and manifest.precision != "fp32":
+        return "was never checked against the fp32 reference"
+    if settings.precisions and manifest.precision not in settings.precisions:
+        return f"precision {manifest.precision} is not allowed here"
+    if manifest.device != "cpu":
+        return f"needs a {manifest.device} device"
+    missing = missing_flags(manifest.required_cpu_flags, flags)
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    try:
+        variant.verify()
+    except ManifestError as exc:
+        return str(exc)
+    return None
+
+
+def default_variant(loaded: dict[str, LoadedVariant], settings: WorkerSettings) -> str:
+    """The fastest variant by its profile on this hardware class and thread count;
+    without profiles, ONNX Runtime fp32. Untuned TVM is never the default."""
+    candidates = {
+        name: lv
+        for name, lv in loaded.items()
+        if lv.variant.manifest.tuning is None or lv.variant.manifest.tuning.tuned
+    } or loaded
+    timed = {
+        name: p50
+        for name, lv in candidates.items()
+        if (p50 := profiled_p50_ms(lv.variant, settings.hardware_class, settings.threads))
+        is not None
+    }
+    if timed:
+        return min(timed, key=lambda n: (timed[n], n))
+    if ORT_FP32 in candidates:
+        return ORT_FP32
+    return sorted(candidates)[0]
 
 
 def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[str, ServedModel]:
-    """Loads one variant per model; a variant that fails verification is skipped, loudly."""
-    from backends.ort_adapter import OrtAdapter  # heavy import stays in its adapter
-
+    """Loads every servable variant of each model; what is refused is logged with why."""
     repository = ModelRepository(settings.repository)
     names = list(settings.models) or repository.models()
+    flags = cpu_flags()
     served: dict[str, ServedModel] = {}
     for name in names:
         try:
-            variants = [v for v in repository.variants(name) if v.manifest.runtime == "onnxruntime"]
+            variants = repository.variants(name)
         except ManifestError as exc:
             log.error("model %s not served: %s", name, exc)
             continue
-        if not variants:
-            log.error(
-                "model %s not served: no ONNX Runtime variant in %s", name, settings.repository
+        loaded: dict[str, LoadedVariant] = {}
+        for variant in variants:
+            reason = servable(variant, settings, flags)
+            if reason is None:
+                try:
+                    adapter = load_adapter(variant, settings.threads)
+                except Exception as exc:  # a runtime missing here, a broken artifact
+                    reason = f"does not load: {exc}"
+            if reason is not None:
+                log.warning("model %s: variant %s not served: %s", name, variant.name, reason)
+                continue
+            run: RunFn = adapter.run
+            if settings.emulate_latency_ms > 0:
+                run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
+            batcher = Batcher(
+                run,
+                executor,
+                [s.name for s in adapter.outputs],
+                variant.manifest.max_batch_size,
+                settings.max_queue_delay_us / 1e6,
             )
+            loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
+        if not loaded:
+            log.error("model %s not served: no servable variant in %s", name, settings.repository)
             continue
-        variant = variants[0]
-        try:
-            variant.verify()
-        except ManifestError as exc:
-            log.error("model %s not served: %s", name, exc)
-            continue
-        adapter = OrtAdapter(variant.artifact_path, threads=settings.threads)
-        run: RunFn = adapter.run
-        if settings.emulate_latency_ms > 0:
-            run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
-        batcher = Batcher(
-            run,
-            executor,
-            [s.name for s in adapter.outputs],
-            variant.manifest.max_batch_size,
-            settings.max_queue_delay_us / 1e6,
-        )
-        served[name] = ServedModel(variant, adapter, batcher, settings)
-        log.info("serving %s as %s", name, variant.name)
+        default = default_variant(loaded, settings)
+        served[name] = ServedModel(loaded, default, settings)
+        log.info("serving %s as %s (variants: %s)", name, default, ", ".join(sorted(loaded)))
     return served
 
 
@@ -331,8 +417,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self._model(request.model_name, request.model_version)
             decoded = decode_request(request, model.signature)
             model.decode_ns += time.perf_counter_ns() - start_ns
+            chosen = model.choose(decoded.parameters.get("switchyard_variant"))
             try:
-                outputs = await model.infer(decoded)
+                outputs = await chosen.batcher.infer(decoded.inputs, decoded.batch_size)
             except SwitchyardError:
                 raise
             except Exception as exc:  # a runtime rejected what validation let through
@@ -348,7 +435,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 [outputs[name] for name in decoded.outputs],
                 decoded.raw_output,
             )
-            response.parameters["switchyard_variant"].string_param = model.variant.name
+            response.parameters["switchyard_variant"].string_param = chosen.name
             done_ns = time.perf_counter_ns()
             model.encode_ns += done_ns - computed_ns
             elapsed = done_ns - start_ns
@@ -378,7 +465,8 @@ async def start_worker(
     executor = ThreadPoolExecutor(max_workers=max(2, settings.threads), thread_name_prefix="infer")
     models = await asyncio.get_running_loop().run_in_executor(None, load_models, settings, executor)
     for model in models.values():
-        model.batcher.start()
+        for batcher in model.batchers():
+            batcher.start()
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -421,7 +509,8 @@ async def serve(settings: WorkerSettings, listen: str) -> None:
     await stop.wait()
     await server.stop(grace=2.0)
     for model in models.values():
-        await model.batcher.stop()
+        for batcher in model.batchers():
+            await batcher.stop()
     executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -446,6 +535,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dynamic batching: how long a batch may wait for more requests",
     )
     parser.add_argument(
+        "--precisions",
+        nargs="*",
+        default=[],
+        help="precisions allowed (fp32 fp16 int8); default: any that passed its accuracy check",
+    )
+    parser.add_argument(
         "--max-message-bytes",
         type=int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -465,6 +560,7 @@ def run(args: argparse.Namespace) -> int:
         emulate_latency_ms=args.emulate_latency_ms,
         max_queue_delay_us=args.max_queue_delay_us,
         max_message_bytes=args.max_message_bytes,
+        precisions=tuple(args.precisions),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _use_uvloop()

@@ -29,11 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker.add_arguments(backend)
 
+    compile_ = sub.add_parser("compile", help="build and check every variant of a model")
+    from backends import compiler
+
+    compiler.add_arguments(compile_)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return server.run(args)
     if args.command == "backend":
         return worker.run(args)
+    if args.command == "compile":
+        return compiler.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,276 @@
+"""`switchyard compile`: builds every variant of a model that applies, checks each
+against the fp32 source on sample inputs, and records it in the repository.
+
+Variants: ONNX Runtime fp32 (graph-optimised, saved), fp16, int8 dynamic and
+int8 static QDQ (per-channel, calibrated); Apache TVM for each CPU ISA level and
+CUDA target asked for, tuned with MetaSchedule (records kept in the repository
+and reused). A variant that does not apply is skipped with the reason; one that
+misses its accuracy tolerance is kept on disk, marked rejected with the numbers,
+and never served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backends.loader import load_adapter
+from backends.repository import Manifest, ModelRepository, TuningEntry, Variant
+from backends.runtime import Array
+from backends.tensors import NUMPY_DTYPES, TensorSpec
+from backends.variants import (
+    DEFAULT_TOLERANCES,
+    ORT_FP16,
+    ORT_FP32,
+    ORT_INT8_DYNAMIC,
+    ORT_INT8_QDQ,
+    BuildSkipped,
+    Tolerance,
+    build_ort_fp16,
+    build_ort_fp32,
+    build_ort_int8_dynamic,
+    build_ort_int8_qdq,
+    check_accuracy,
+    reference_outputs,
+)
+
+SAMPLE_ROWS = 32
+ORT_TARGET = "ort"
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one variant."""
+
+    variant: str
+    status: str
+    """built, rejected (accuracy), skipped (does not apply), failed (an error)."""
+    detail: str
+    manifest: Manifest | None = None
+    build_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    variant: str
+    precision: str
+    build: Callable[[], Manifest]
+
+
+def load_samples(
+    repository: ModelRepository, model: str, inputs: Sequence[TensorSpec], calibration: Path | None
+) -> dict[str, Array]:
+    """Sample inputs: `--calibration` (an .npz by input name), else the model's
+    `samples/inputs.npz`, else seeded random inputs of the right shape (written there)."""
+    if calibration is not None:
+        return dict(np.load(calibration))
+    stored = repository.root / model / "samples" / "inputs.npz"
+    if stored.is_file():
+        return dict(np.load(stored))
+    rng = np.random.default_rng(0)
+    samples: dict[str, Array] = {}
+    for spec in inputs:
+        shape = [
+            SAMPLE_ROWS if i == 0 and d < 0 else (d if d > 0 else 1)
+            for i, d in enumerate(spec.shape)
+        ]
+        dtype = NUMPY_DTYPES[spec.datatype]
+        if dtype.kind == "f":
+            samples[spec.name] = rng.random(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            samples[spec.name] = rng.integers(0, 2, shape).astype(dtype)
+        elif dtype.kind == "b":
+            samples[spec.name] = rng.random(shape) < 0.5
+        else:
+            raise BuildSkipped(f"cannot make sample inputs for {spec.datatype} input {spec.name!r}")
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(stored, **samples)  # type: ignore[arg-type]
+    return samples
+
+
+def ort_plans(
+    repository: ModelRepository, model: str, calibration: Mapping[str, Array]
+) -> list[Plan]:
+    return [
+        Plan(ORT_FP32, "fp32", lambda: build_ort_fp32(repository, model)),
+        Plan(ORT_FP16, "fp16", lambda: build_ort_fp16(repository, model)),
+        Plan(ORT_INT8_DYNAMIC, "int8", lambda: build_ort_int8_dynamic(repository, model)),
+        Plan(ORT_INT8_QDQ, "int8", lambda: build_ort_int8_qdq(repository, model, calibration)),
+    ]
+
+
+def compile_model(
+    source: Path,
+    name: str,
+    repository: ModelRepository,
+    *,
+    targets: Sequence[str] = (ORT_TARGET,),
+    calibration: Path | None = None,
+    trials: int = 0,
+    tolerances: Mapping[str, Tolerance] = DEFAULT_TOLERANCES,
+    progress: ProgressFn | None = None,
+    extra_plans: Callable[[ModelRepository, str, Mapping[str, Array]], list[Plan]] | None = None,
+) -> list[Outcome]:
+    """Builds and checks the variants of `source` as model `name`."""
+    say = progress or (lambda _: None)
+    destination = repository.source(name)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != destination.resolve():
+        shutil.copyfile(source, destination)
+    from backends.ort_adapter import signature
+
+    inputs, _ = signature(destination)
+    samples = load_samples(repository, name, inputs, calibration)
+    reference = reference_outputs(destination, samples)
+    plans: list[Plan] = []
+    if ORT_TARGET in targets:
+        plans += ort_plans(repository, name, samples)
+    if extra_plans is not None:
+        plans += extra_plans(repository, name, samples)
+    outcomes = []
+    for plan in plans:
+        say(f"{name}: building {plan.variant}")
+        outcomes.append(_build(repository, name, plan, samples, reference, tolerances))
+    return outcomes
+
+
+def _build(
+    repository: ModelRepository,
+    model: str,
+    plan: Plan,
+    samples: Mapping[str, Array],
+    reference: Mapping[str, Array],
+    tolerances: Mapping[str, Tolerance],
+) -> Outcome:
+    start = time.perf_counter()
+    try:
+        manifest = plan.build()
+    except BuildSkipped as exc:
+        return Outcome(plan.variant, "skipped", str(exc))
+    except Exception as exc:  # a builder's failure is one row of the table, not the end
+        return Outcome(plan.variant, "failed", f"{type(exc).__name__}: {exc}")
+    build_s = time.perf_counter() - start
+    variant = Variant(
+        model, manifest.variant, repository.root / model / "variants" / manifest.variant, manifest
+    )
+    if manifest.device != "cpu":
+        manifest = manifest.model_copy(update={"build_s": build_s})
+        repository.write_variant(manifest)
+        return Outcome(
+            manifest.variant,
+            "built",
+            f"not checked: needs a {manifest.device} device",
+            manifest,
+            build_s,
+        )
+    try:
+        adapter = load_adapter(variant, threads=1)
+        accuracy = check_accuracy(adapter, samples, reference, tolerances[manifest.precision])
+    except Exception as exc:
+        return Outcome(manifest.variant, "failed", f"check failed: {type(exc).__name__}: {exc}")
+    manifest = manifest.model_copy(update={"accuracy": accuracy, "build_s": build_s})
+    repository.write_variant(manifest)
+    detail = f"max |diff| {accuracy.max_abs_diff:.2g}" + (
+        f", top-1 {accuracy.top1_agreement:.1%}" if accuracy.top1_agreement is not None else ""
+    )
+    if manifest.tuning is not None and not manifest.tuning.tuned:
+        detail += ", untuned"
+    status = "built" if accuracy.passed else "rejected"
+    return Outcome(manifest.variant, status, detail, manifest, build_s)
+
+
+def tuning_entry(tuned: bool, trials: int, tasks: int, reused: bool) -> TuningEntry:
+    return TuningEntry(tuned=tuned, trials=trials, tasks=tasks, reused=reused)
+
+
+def parse_tolerances(items: Sequence[str]) -> dict[str, Tolerance]:
+    """`int8=0.1` or `int8=0.1:0.98` (max abs diff, min top-1 agreement) per precision."""
+    tolerances = dict(DEFAULT_TOLERANCES)
+    for item in items:
+        precision, _, value = item.partition("=")
+        if precision not in tolerances or not value:
+            raise ValueError(f"bad --tolerance {item!r}: expected PRECISION=MAXDIFF[:MINTOP1]")
+        diff, _, top1 = value.partition(":")
+        base = tolerances[precision]
+        tolerances[precision] = Tolerance(
+            float(diff), float(top1) if top1 else base.min_top1_agreement
+        )
+    return tolerances
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="the ONNX model to compile")
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=[ORT_TARGET],
+        help=f"what to build: {ORT_TARGET} (ONNX Runtime fp32, fp16, int8), "
+        "tvm-llvm-x86-64, tvm-llvm-avx2, tvm-llvm-avx512, tvm-cuda-sm_90, ...",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="sample inputs (.npz by input name) for calibration and checks",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=0, help="MetaSchedule trials per TVM target (0: untuned)"
+    )
+    parser.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        help="PRECISION=MAXDIFF[:MINTOP1], e.g. int8=0.1:0.99",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not args.model.is_file():
+        console.print(f"[red]no such model file: {args.model}[/red]")
+        return 2
+    try:
+        tolerances = parse_tolerances(args.tolerance)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    repository = ModelRepository(args.repository)
+    with console.status("compiling") as status:
+        outcomes = compile_model(
+            args.model,
+            args.name,
+            repository,
+            targets=args.targets,
+            calibration=args.calibration,
+            trials=args.trials,
+            tolerances=tolerances,
+            progress=lambda text: status.update(text),
+        )
+    table = Table(title=f"{args.name}: variants in {args.repository}")
+    for column in ("variant", "status", "precision", "runtime", "build s", "accuracy / reason"):
+        table.add_column(column)
+    colours = {"built": "green", "rejected": "red", "skipped": "yellow", "failed": "red"}
+    for outcome in outcomes:
+        m = outcome.manifest
+        table.add_row(
+            outcome.variant,
+            f"[{colours[outcome.status]}]{outcome.status}[/]",
+            m.precision if m else "",
+            f"{m.runtime} {m.runtime_version}" if m else "",
+            f"{outcome.build_s:.1f}" if m else "",
+            outcome.detail,
+        )
+    console.print(table)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0

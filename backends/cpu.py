@@ -1,0 +1,24 @@
+"""What this machine's CPU can run: its /proc/cpuinfo flags."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+
+@cache
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The flags of the first processor listed (empty where /proc is unavailable)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def missing_flags(required: list[str] | tuple[str, ...], flags: frozenset[str]) -> list[str]:
+    """The required flags this CPU lacks (empty: it can run the variant)."""
+    return [flag for flag in required if flag not in flags]

@@ -1,0 +1,67 @@
+"""Variant profiles: measured latency and throughput of a variant on a hardware
+class, stored next to the variant (`profile.json`) as the router's prior and the
+worker's choice of default variant. Written by `switchyard profile`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.repository import Variant
+
+PROFILE = "profile.json"
+
+
+class ProfileEntry(BaseModel):
+    """One measurement: a variant on a hardware class, at a thread count and batch size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hardware_class: str
+    threads: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    p50_ms: float = Field(ge=0)
+    p99_ms: float = Field(ge=0)
+    throughput_per_s: float = Field(ge=0)
+    """Inferences (rows) per second at this batch size, one call at a time."""
+    runs: int = Field(ge=1)
+    emulated_latency_ms: float = 0.0
+    """Service delay added to stand for slower hardware (included in the figures)."""
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format_version: int = 1
+    model: str
+    variant: str
+    entries: list[ProfileEntry] = []
+
+
+def read_profile(variant: Variant) -> Profile | None:
+    path = variant.directory / PROFILE
+    try:
+        return Profile.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError, ValidationError):
+        return None
+
+
+def write_profile(directory: Path, profile: Profile) -> None:
+    (directory / PROFILE).write_text(profile.model_dump_json(indent=2) + "\n")
+
+
+def profiled_p50_ms(
+    variant: Variant, hardware_class: str, threads: int, batch_size: int = 1
+) -> float | None:
+    """The variant's measured p50 on this hardware class and thread count, if any."""
+    profile = read_profile(variant)
+    if profile is None:
+        return None
+    for entry in profile.entries:
+        if (entry.hardware_class, entry.threads, entry.batch_size) == (
+            hardware_class,
+            threads,
+            batch_size,
+        ):
+            return entry.p50_ms
+    return None
