@@ -30,6 +30,7 @@ from backends.errors import (
 from backends.status import code_for
 from gateway.coalescer import Coalescer
 from gateway.converters import (
+    REMOTE_VARIANT,
     config_message,
     metadata_message,
     response_parameters,
@@ -220,13 +221,12 @@ class GatewayServicer:
         key = (route.backend, route.variant, attempts)
         suffix = self._suffixes.get(key)
         if suffix is None:
-            suffix = response_parameters(
-                {
-                    "switchyard_backend": route.backend,
-                    "switchyard_variant": route.variant,
-                    "switchyard_attempts": str(attempts),
-                }
-            )
+            params = {"switchyard_backend": route.backend, "switchyard_attempts": str(attempts)}
+            if route.variant == REMOTE_VARIANT:
+                # Switchyard workers name the variant that ran (the request may have
+                # chosen one); other v2 servers do not, so the gateway says it.
+                params["switchyard_variant"] = route.variant
+            suffix = response_parameters(params)
             self._suffixes[key] = suffix
         return suffix
 
