@@ -34,6 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     compiler.add_arguments(compile_)
 
+    from gateway import shoparound
+
+    profile = sub.add_parser("profile", help="measure every variant on each hardware class")
+    shoparound.add_profile_arguments(profile)
+    report = sub.add_parser("report", help="the shop-around table and chart")
+    shoparound.add_report_arguments(report)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return server.run(args)
@@ -41,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker.run(args)
     if args.command == "compile":
         return compiler.run(args)
+    if args.command == "profile":
+        return shoparound.run_profile(args)
+    if args.command == "report":
+        return shoparound.run_report(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
