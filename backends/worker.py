@@ -535,6 +535,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dynamic batching: how long a batch may wait for more requests",
     )
     parser.add_argument(
+        "--cpus",
+        type=int,
+        nargs="*",
+        default=[],
+        help="pin the worker to these CPU numbers (default: no pinning)",
+    )
+    parser.add_argument(
         "--precisions",
         nargs="*",
         default=[],
@@ -563,9 +570,23 @@ def run(args: argparse.Namespace) -> int:
         precisions=tuple(args.precisions),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.cpus:
+        try:
+            os.sched_setaffinity(0, set(args.cpus))
+        except (OSError, ValueError) as exc:
+            print(f"cannot pin to CPUs {args.cpus}: {exc}", file=sys.stderr)
+            return 2
+    prepare_runtimes(settings.threads)
     _use_uvloop()
     asyncio.run(serve(settings, args.listen))
     return 0
+
+
+def prepare_runtimes(threads: int) -> None:
+    """Before any runtime loads in this worker process: TVM's runtime library only (not
+    its compiler), with exactly `threads` threads."""
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
 def _use_uvloop() -> None:

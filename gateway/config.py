@@ -57,6 +57,10 @@ class LaunchSettings(_Strict):
     """Added service time per execution, standing for slower hardware (marked in metadata)."""
     max_queue_delay_us: int = Field(0, ge=0)
     """Dynamic batching: how long a batch may wait for more requests."""
+    cpus: list[int] | None = None
+    """Pin the worker to these CPU numbers, so instance sizes do not share cores."""
+    precisions: list[Literal["fp32", "fp16", "int8"]] | None = None
+    """Precisions it may serve; default: any variant whose accuracy check passed."""
 
 
 class BackendSettings(_Strict):

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -56,7 +57,23 @@ def worker_command(backend: BackendSettings, repository: Path, listen: str) -> l
     ]
     if launch.models:
         command += ["--models", *launch.models]
+    if launch.cpus:
+        command += ["--cpus", *map(str, launch.cpus)]
+    if launch.precisions:
+        command += ["--precisions", *launch.precisions]
     return command
+
+
+def worker_environment(backend: BackendSettings) -> dict[str, str]:
+    """The worker's environment: the runtimes' thread counts fixed from its first
+    instruction, TVM's runtime library only."""
+    threads = str(backend.launch.threads if backend.launch else 1)
+    return {
+        **os.environ,
+        "TVM_USE_RUNTIME_LIB": "1",
+        "TVM_NUM_THREADS": threads,
+        "OMP_NUM_THREADS": threads,
+    }
 
 
 @dataclass(slots=True)
@@ -114,6 +131,7 @@ class Supervisor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=die_with_parent,
+                env=worker_environment(worker.backend),
             )
             log.info("started backend %s (pid %d)", worker.backend.name, worker.process.pid)
             readers = [

@@ -109,7 +109,7 @@ def served(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 "address": "127.0.0.1:0",
                 "hardware_class": "cpu-1c",
                 "price_usd_per_hour": 0.04,
-                "launch": {"threads": 1},
+                "launch": {"threads": 1, "cpus": [0]},
             },
             {
                 "name": "big",

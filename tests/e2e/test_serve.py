@@ -56,6 +56,14 @@ def test_reference_client_sees_a_complete_server(served: RunningGateway, reposit
     assert int(seen["statistics"]["modelStats"][0]["inferenceStats"]["success"]["count"]) >= 2
 
 
+def test_launched_workers_run_with_their_cpus_and_threads(served: RunningGateway) -> None:
+    status = Path(f"/proc/{served.info['pids']['small']}/status").read_text()
+    allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    assert allowed.split(":")[1].strip() == "0"
+    environ = Path(f"/proc/{served.info['pids']['big']}/environ").read_bytes().split(b"\0")
+    assert b"TVM_NUM_THREADS=2" in environ and b"TVM_USE_RUNTIME_LIB=1" in environ
+
+
 def _perf_analyzer() -> str | None:
     """perf_analyzer, built once into .bench/ by the shared build script when present."""
     binary = ROOT / ".bench" / "perf_analyzer" / "bin" / "perf_analyzer"
