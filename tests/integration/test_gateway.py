@@ -43,6 +43,10 @@ async def test_health_metadata_and_config_come_from_the_fleet(gateway, gw_stub) 
         "digits": "READY",
         "echo": "READY",
         "echo_typed": "READY",
+        "magika": "READY",
+        "mobilenet": "READY",
+        "resnet": "READY",
+        "transformer": "READY",
     }
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gw_stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))

@@ -34,10 +34,19 @@ async def test_metadata_config_and_index(stub) -> None:  # type: ignore[no-untyp
     assert config.parameters["switchyard_variant"].string_value == "ort-cpu-fp32"
     assert config.parameters["switchyard_hardware_class"].string_value == "test-1c"
     index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
-    assert [m.name for m in index.models] == ["cnn", "digits", "echo", "echo_typed"]
+    assert [m.name for m in index.models] == [
+        "cnn",
+        "digits",
+        "echo",
+        "echo_typed",
+        "magika",
+        "mobilenet",
+        "resnet",
+        "transformer",
+    ]
 
 
-@pytest.mark.parametrize("model", ["digits", "cnn"])
+@pytest.mark.parametrize("model", ["digits", "cnn", "resnet", "mobilenet", "transformer", "magika"])
 async def test_inference_matches_reference(stub, repository: Path, model: str) -> None:  # type: ignore[no-untyped-def]
     inputs, reference = samples(repository, model)
     meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
