@@ -8,6 +8,7 @@ classifiers). The compiler (`backends.compiler`) drives these and the TVM ones.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -154,10 +155,12 @@ def _preprocessed(source: Path, scratch: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = scratch / "pre.onnx"
-    try:
-        quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
-    except Exception:
-        return source
+    # It leaves temporary models in the working directory: give it the scratch one.
+    with contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
+        except Exception:
+            return source
     return out
 
 
