@@ -143,6 +143,8 @@ async def test_worker_refuses_what_it_must_not_serve(compiled: Path, tmp_path: P
 
 
 def test_compile_command_prints_the_table(repository: Path, tmp_path: Path) -> None:
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
     proc = subprocess.run(
         [
             sys.executable,
@@ -158,9 +160,15 @@ def test_compile_command_prints_the_table(repository: Path, tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=120,
-        env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"},
+        env={
+            "COLUMNS": "160",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).parents[2]),
+        },
+        cwd=workdir,
     )
     assert proc.returncode == 0, proc.stderr
+    assert list(workdir.iterdir()) == []  # nothing left behind where it ran
     for variant in ORT_VARIANTS:
         assert variant in proc.stdout
     assert "built" in proc.stdout
