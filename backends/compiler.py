@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from backends.variants import (
     check_accuracy,
     reference_outputs,
 )
+
+if TYPE_CHECKING:
+    from backends.tvm_compile import TvmTarget
 
 SAMPLE_ROWS = 32
 ORT_TARGET = "ort"
@@ -106,6 +110,100 @@ def ort_plans(
     ]
 
 
+TVM_PREFIX = "tvm-"
+DEFAULT_TVM_BATCH = 1
+
+
+def tvm_targets(names: Sequence[str]) -> list[TvmTarget]:
+    """TVM targets named `tvm-<target>` (`tvm-host`: this CPU's best ISA level)."""
+    from backends import tvm_compile as tc
+
+    known = {**tc.CPU_TARGETS, **tc.CUDA_TARGETS}
+    found: list[TvmTarget] = []
+    for name in names:
+        if not name.startswith(TVM_PREFIX):
+            continue
+        key = name.removeprefix(TVM_PREFIX)
+        if key == "host":
+            target = tc.best_cpu_target(tc.host_cpu_flags())
+        elif key in known:
+            target = known[key]
+        else:
+            raise ValueError(
+                f"unknown target {name!r}: tvm-host, " + ", ".join(TVM_PREFIX + k for k in known)
+            )
+        if target not in found:
+            found.append(target)
+    return found
+
+
+def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials: int) -> Manifest:
+    """The model compiled by Apache TVM for `target` (static batch of 1), tuned with
+    `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused)."""
+    from backends import tvm_compile as tc
+    from backends.ort_adapter import signature
+    from backends.repository import ArtifactEntry, TensorEntry, sha256_file
+    from backends.variants import DEFAULT_MAX_BATCH_SIZE, batchable, variant_dir
+
+    source = repository.source(model)
+    inputs, outputs = signature(source)
+    batched = batchable(inputs, outputs)
+    shapes = {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
+    name = f"tvm-{target.name}-fp32"
+    directory = variant_dir(repository, model, name)
+    try:
+        build = tc.compile_onnx(
+            source,
+            directory,
+            target,
+            shapes,
+            tuning_dir=repository.root / model / "tuning",
+            trials=trials,
+        )
+    except (tc.TvmImportError, tc.ToolchainMissing) as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise BuildSkipped(str(exc)) from exc
+    manifest = Manifest(
+        model=model,
+        variant=name,
+        runtime="tvm",
+        runtime_version=build.tvm_version,
+        target=target.name,
+        precision="fp32",
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE if batched else 0,
+        inputs=[TensorEntry(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in inputs],
+        outputs=[
+            TensorEntry(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in outputs
+        ],
+        artifacts=[ArtifactEntry(path=build.library.name, sha256=sha256_file(build.library))],
+        source_sha256=sha256_file(source),
+        versions={"tvm": build.tvm_version},
+        compiled_batch=DEFAULT_TVM_BATCH if batched else 0,
+        required_cpu_flags=list(target.required_cpu_flags),
+        device="cuda" if target.is_cuda else "cpu",
+        tuning=TuningEntry(
+            tuned=build.tuned, trials=build.trials, tasks=build.tasks, reused=build.tuning_reused
+        ),
+    )
+    repository.write_variant(manifest)
+    return manifest
+
+
+def tvm_plans(
+    repository: ModelRepository, model: str, targets: Sequence[str], trials: int
+) -> list[Plan]:
+    plans = []
+    for target in tvm_targets(targets):
+        plans.append(
+            Plan(
+                f"tvm-{target.name}-fp32",
+                "fp32",
+                lambda t=target: build_tvm(repository, model, t, trials),  # type: ignore[misc]
+            )
+        )
+    return plans
+
+
 def compile_model(
     source: Path,
     name: str,
@@ -132,6 +230,8 @@ def compile_model(
     plans: list[Plan] = []
     if ORT_TARGET in targets:
         plans += ort_plans(repository, name, samples)
+    if any(t.startswith(TVM_PREFIX) for t in targets):
+        plans += tvm_plans(repository, name, targets, trials)
     if extra_plans is not None:
         plans += extra_plans(repository, name, samples)
     outcomes = []
@@ -180,8 +280,14 @@ def _build(
     detail = f"max |diff| {accuracy.max_abs_diff:.2g}" + (
         f", top-1 {accuracy.top1_agreement:.1%}" if accuracy.top1_agreement is not None else ""
     )
-    if manifest.tuning is not None and not manifest.tuning.tuned:
-        detail += ", untuned"
+    if manifest.tuning is not None:
+        tuning = manifest.tuning
+        detail += (
+            f", tuned {tuning.trials} trials / {tuning.tasks} tasks"
+            + (" (records reused)" if tuning.reused else "")
+            if tuning.tuned
+            else ", untuned (never preferred)"
+        )
     status = "built" if accuracy.passed else "rejected"
     return Outcome(manifest.variant, status, detail, manifest, build_s)
 
@@ -237,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 132))
     if not args.model.is_file():
         console.print(f"[red]no such model file: {args.model}[/red]")
         return 2
