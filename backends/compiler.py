@@ -149,7 +149,7 @@ def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials
     inputs, outputs = signature(source)
     batched = batchable(inputs, outputs)
     shapes = {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
-    name = f"tvm-{target.name}-fp32"
+    name = tvm_variant_name(target.name, trials)
     directory = variant_dir(repository, model, name)
     try:
         build = tc.compile_onnx(
@@ -189,6 +189,12 @@ def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials
     return manifest
 
 
+def tvm_variant_name(target: str, trials: int) -> str:
+    """`tvm-llvm-avx512-fp32`; an untuned build says so in its name, so it never
+    replaces a tuned one."""
+    return f"tvm-{target}-fp32" + ("" if trials > 0 else "-untuned")
+
+
 def tvm_plans(
     repository: ModelRepository, model: str, targets: Sequence[str], trials: int
 ) -> list[Plan]:
@@ -196,7 +202,7 @@ def tvm_plans(
     for target in tvm_targets(targets):
         plans.append(
             Plan(
-                f"tvm-{target.name}-fp32",
+                tvm_variant_name(target.name, trials),
                 "fp32",
                 lambda t=target: build_tvm(repository, model, t, trials),  # type: ignore[misc]
             )
