@@ -335,7 +335,9 @@ def write_markdown(
         f"{report.OVERHEAD_P50_TARGET_MS:g} ms).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    # The variants section comes from another run: keep it.
+    kept = report.find_section(path.read_text()) if path.exists() else ""
+    path.write_text("\n".join(lines) + (f"\n{kept}\n" if kept else ""))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

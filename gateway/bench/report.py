@@ -322,3 +322,21 @@ def perf_analyzer_markdown(results: Results, model: str) -> str:
     if figures:
         lines += ["", "; ".join(f"{r.name}: {_ratio_value(r)}" for r in figures) + "."]
     return "\n".join(lines)
+
+
+VARIANTS_BEGIN = "<!-- variants: written by `python -m gateway.bench.variants` -->"
+VARIANTS_END = "<!-- /variants -->"
+
+
+def find_section(text: str, begin: str = VARIANTS_BEGIN, end: str = VARIANTS_END) -> str:
+    """The marked section of `text`, markers included; empty when there is none."""
+    start = text.find(begin)
+    stop = text.find(end, start) if start >= 0 else -1
+    return text[start : stop + len(end)] if start >= 0 and stop >= 0 else ""
+
+
+def with_section(text: str, body: str, begin: str = VARIANTS_BEGIN, end: str = VARIANTS_END) -> str:
+    """`text` with its marked section replaced by `body` (appended when missing)."""
+    old = find_section(text, begin, end)
+    rest = text.replace(old, "").rstrip() if old else text.rstrip()
+    return f"{rest}\n\n{begin}\n{body.rstrip()}\n{end}\n"

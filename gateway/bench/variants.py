@@ -1,0 +1,203 @@
+"""The variant benchmark (`make bench`, second part): every demo model compiled
+here (ONNX Runtime fp32, fp16, int8 dynamic and QDQ; TVM untuned and tuned for
+this CPU), each variant measured one call at a time on one pinned core, and the
+figures the variant compiler is held to, side by side from one run:
+
+- the fastest servable variant against the best of ONNX Runtime fp32 and untuned TVM;
+- int8 QDQ against fp32 on the conv nets, with its top-1 agreement;
+- tuned TVM against ONNX Runtime fp32;
+- a second compile of a tuned model against the first (tuning records reused).
+
+Writes its section of BENCHMARKS.md (between markers) and leaves the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from backends.compiler import ORT_TARGET, compile_model
+from backends.profiler import HardwareClass, measure_in_process
+from backends.repository import ModelRepository
+from gateway.bench.report import with_section
+
+ROOT = Path(__file__).resolve().parents[2]
+CONV_NETS = ("cnn", "resnet", "mobilenet")
+HARDWARE = HardwareClass("bench-1c", threads=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    variant: str
+    p50_ms: float
+    throughput_per_s: float
+    passed: bool
+    top1: float | None
+    max_abs_diff: float | None
+    untuned: bool
+
+
+def measure_all(repository: ModelRepository, model: str, runs: int) -> list[Row]:
+    rows = []
+    for variant in repository.variants(model):
+        if variant.manifest.device != "cpu":
+            continue
+        entries = measure_in_process(variant, HARDWARE, (1, 16), runs)
+        single = next(e for e in entries if e.batch_size == 1)
+        accuracy = variant.manifest.accuracy
+        tuning = variant.manifest.tuning
+        rows.append(
+            Row(
+                variant=variant.name,
+                p50_ms=single.p50_ms,
+                throughput_per_s=max(e.throughput_per_s for e in entries),
+                passed=accuracy is None or accuracy.passed,
+                top1=accuracy.top1_agreement if accuracy else None,
+                max_abs_diff=accuracy.max_abs_diff if accuracy else None,
+                untuned=tuning is not None and not tuning.tuned,
+            )
+        )
+    return sorted(rows, key=lambda r: r.p50_ms)
+
+
+def _prepare(source_repo: Path, work: Path, model: str) -> ModelRepository:
+    target = work / model
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copyfile(source_repo / model / "model.onnx", target / "model.onnx")
+    shutil.copytree(source_repo / model / "samples", target / "samples")
+    return ModelRepository(work)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    work = args.work.resolve()
+    lines = [
+        "## Variants",
+        "",
+        f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; command: `make bench` "
+        f"(`python -m gateway.bench.variants --trials {args.trials}`).",
+        f"- Each variant measured alone in a process pinned to one core with one runtime "
+        f"thread ({args.runs} timed calls per batch size, batch 1 and 16); p50 at batch 1, "
+        "throughput the better of the two. Accuracy: against the fp32 source on the 32 "
+        "sample inputs (the compile-time check). TVM: this CPU's best target "
+        f"(`tvm-host`), untuned and tuned with {args.trials} MetaSchedule trials.",
+        "",
+    ]
+    summary = [
+        "| model | fastest servable | vs best of ORT fp32 / untuned TVM "
+        "| int8 QDQ vs fp32 (top-1) | tuned TVM vs ORT fp32 | 2nd compile / 1st |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for model in args.models:
+        repository = _prepare(args.repository, work, model)
+        console.log(f"{model}: compiling")
+        compile_model(
+            repository.source(model), model, repository, targets=[ORT_TARGET, "tvm-host"], trials=0
+        )
+        first_s = second_s = None
+        if args.trials > 0:
+            start = time.perf_counter()
+            compile_model(
+                repository.source(model),
+                model,
+                repository,
+                targets=["tvm-host"],
+                trials=args.trials,
+            )
+            first_s = time.perf_counter() - start
+            start = time.perf_counter()
+            compile_model(
+                repository.source(model),
+                model,
+                repository,
+                targets=["tvm-host"],
+                trials=args.trials,
+            )
+            second_s = time.perf_counter() - start
+        console.log(f"{model}: measuring")
+        rows = measure_all(repository, model, args.runs)
+        by_name = {r.variant: r for r in rows}
+        lines += [
+            f"### {model}",
+            "",
+            "| variant | p50 ms (batch 1) | infer/s | accuracy | top-1 |",
+            "| --- | ---: | ---: | --- | ---: |",
+        ]
+        for r in rows:
+            status = "passed" if r.passed else "rejected"
+            diff = f" (max diff {r.max_abs_diff:.2g})" if r.max_abs_diff is not None else ""
+            top1 = f"{r.top1:.1%}" if r.top1 is not None else "-"
+            name = r.variant + (" (untuned: never preferred)" if r.untuned else "")
+            lines.append(
+                f"| {name} | {r.p50_ms:.3f} | {r.throughput_per_s:,.0f} | {status}{diff} | {top1} |"
+            )
+        lines.append("")
+        servable = [r for r in rows if r.passed and not r.untuned]
+        fastest = min(servable, key=lambda r: r.p50_ms)
+        baselines = [r for r in rows if r.variant == "ort-cpu-fp32" or r.untuned]
+        best_base = min(baselines, key=lambda r: r.p50_ms)
+        fp32 = by_name["ort-cpu-fp32"]
+        qdq = by_name.get("ort-cpu-int8-qdq")
+        qdq_text = "-"
+        if qdq is not None and model in CONV_NETS:
+            qdq_text = f"{fp32.p50_ms / qdq.p50_ms:.2f}x"
+            if qdq.top1 is not None:
+                qdq_text += f" ({qdq.top1:.0%})"
+        tuned = next((r for r in rows if r.variant.startswith("tvm-") and not r.untuned), None)
+        tuned_text = (
+            f"{tuned.p50_ms / fp32.p50_ms:.2f}x slower"
+            if tuned and tuned.p50_ms > fp32.p50_ms
+            else (f"{fp32.p50_ms / tuned.p50_ms:.2f}x faster" if tuned else "not importable")
+        )
+        compile_text = (
+            f"{second_s / first_s:.3f} ({second_s:.1f} s / {first_s:.1f} s)"
+            if first_s and second_s and tuned
+            else "-"
+        )
+        summary.append(
+            f"| {model} | {fastest.variant} | {best_base.p50_ms / fastest.p50_ms:.2f}x "
+            f"| {qdq_text} | {tuned_text} | {compile_text} |"
+        )
+    lines += [
+        "### Summary",
+        "",
+        *summary,
+        "",
+        "Targets: fastest >= best of ORT fp32 and untuned TVM (>= 1.00x); int8 QDQ >= 2x fp32 "
+        "on the conv nets with top-1 >= 99%; tuned TVM within 1.5x of ORT fp32; second "
+        "compile under 0.1 of the first.",
+        "",
+    ]
+    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+    args.out.write_text(with_section(text, "\n".join(lines)))
+    console.log(f"wrote the variants section of {args.out}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "variants")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["cnn", "resnet", "mobilenet", "transformer", "magika", "digits"],
+    )
+    parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials for tuned TVM")
+    parser.add_argument("--runs", type=int, default=50)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
