@@ -182,7 +182,10 @@ def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials
         required_cpu_flags=list(target.required_cpu_flags),
         device="cuda" if target.is_cuda else "cpu",
         tuning=TuningEntry(
-            tuned=build.tuned, trials=build.trials, tasks=build.tasks, reused=build.tuning_reused
+            tuned=build.tuned,
+            trials=build.trial_budget if build.tuned else 0,
+            tasks=build.tasks,
+            reused=build.tuning_reused,
         ),
     )
     repository.write_variant(manifest)
