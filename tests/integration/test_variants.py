@@ -211,3 +211,44 @@ async def test_the_gateway_passes_the_variant_choice_through(compiled: Path) -> 
     finally:
         await gateway.stop()
         await worker.stop()
+
+
+async def test_worker_serves_a_tvm_variant_but_never_prefers_it_untuned(
+    repository: Path, tmp_path: Path
+) -> None:
+    from backends.compiler import tvm_targets
+
+    shutil.copytree(repository / "cnn" / "samples", tmp_path / "cnn" / "samples")
+    outcomes = compile_model(
+        repository / "cnn" / "model.onnx",
+        "cnn",
+        ModelRepository(tmp_path),
+        targets=["ort", "tvm-host"],
+    )
+    host = tvm_targets(["tvm-host"])[0]
+    name = f"tvm-{host.name}-fp32-untuned"
+    tvm = next(o for o in outcomes if o.variant == name)
+    assert tvm.status == "built", tvm.detail
+    assert tvm.manifest is not None and tvm.manifest.runtime == "tvm"
+    assert tvm.manifest.tuning is not None and not tvm.manifest.tuning.tuned
+    assert tvm.manifest.required_cpu_flags == list(host.required_cpu_flags)
+    assert tvm.manifest.compiled_batch == 1
+    inputs, reference = samples(repository, "cnn")
+    worker = await launch_worker(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = (await stub.ModelConfig(pb.ModelConfigRequest(name="cnn"))).config
+            assert name in config.parameters["switchyard_variants"].string_value.split(",")
+            assert config.parameters["switchyard_variant"].string_value == "ort-cpu-fp32"
+            req = raw_request("cnn", {"image": inputs["image"][:5]}, {"image": "FP32"})
+            req.parameters["switchyard_variant"].string_param = name
+            reply = await stub.ModelInfer(req)
+            assert reply.parameters["switchyard_variant"].string_param == name
+            np.testing.assert_allclose(
+                output(reply, "probabilities", np.float32),
+                reference["probabilities"][:5],
+                atol=1e-5,
+            )
+    finally:
+        await worker.stop()
