@@ -27,12 +27,14 @@ from backends.runtime import Array
 from backends.tensors import NUMPY_DTYPES, TensorSpec
 from backends.variants import (
     DEFAULT_TOLERANCES,
+    ORT_CUDA_FP32,
     ORT_FP16,
     ORT_FP32,
     ORT_INT8_DYNAMIC,
     ORT_INT8_QDQ,
     BuildSkipped,
     Tolerance,
+    build_ort_cuda_fp32,
     build_ort_fp16,
     build_ort_fp32,
     build_ort_int8_dynamic,
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
 SAMPLE_ROWS = 32
 ORT_TARGET = "ort"
+ORT_CUDA_TARGET = "ort-cuda"
 ProgressFn = Callable[[str], None]
 
 
@@ -227,6 +230,17 @@ def compile_model(
 ) -> list[Outcome]:
     """Builds and checks the variants of `source` as model `name`."""
     say = progress or (lambda _: None)
+    unknown = [
+        t
+        for t in targets
+        if t not in (ORT_TARGET, ORT_CUDA_TARGET) and not t.startswith(TVM_PREFIX)
+    ]
+    if unknown:
+        raise ValueError(
+            f"unknown target {unknown[0]!r}: "
+            f"{ORT_TARGET}, {ORT_CUDA_TARGET}, tvm-host, tvm-<target>"
+        )
+    tvm_targets([t for t in targets if t.startswith(TVM_PREFIX)])  # fails early on a bad name
     destination = repository.source(name)
     destination.parent.mkdir(parents=True, exist_ok=True)
     if source.resolve() != destination.resolve():
@@ -239,6 +253,8 @@ def compile_model(
     plans: list[Plan] = []
     if ORT_TARGET in targets:
         plans += ort_plans(repository, name, samples)
+    if ORT_CUDA_TARGET in targets:
+        plans.append(Plan(ORT_CUDA_FP32, "fp32", lambda: build_ort_cuda_fp32(repository, name)))
     if any(t.startswith(TVM_PREFIX) for t in targets):
         plans += tvm_plans(repository, name, targets, trials)
     if extra_plans is not None:
@@ -328,7 +344,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets",
         nargs="+",
         default=[ORT_TARGET],
-        help=f"what to build: {ORT_TARGET} (ONNX Runtime fp32, fp16, int8), "
+        help=f"what to build: {ORT_TARGET} (ONNX Runtime fp32, fp16, int8), {ORT_CUDA_TARGET}, "
         "tvm-llvm-x86-64, tvm-llvm-avx2, tvm-llvm-avx512, tvm-cuda-sm_90, ...",
     )
     parser.add_argument(
@@ -363,16 +379,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     repository = ModelRepository(args.repository)
     with console.status("compiling") as status:
-        outcomes = compile_model(
-            args.model,
-            args.name,
-            repository,
-            targets=args.targets,
-            calibration=args.calibration,
-            trials=args.trials,
-            tolerances=tolerances,
-            progress=lambda text: status.update(text),
-        )
+        try:
+            outcomes = compile_model(
+                args.model,
+                args.name,
+                repository,
+                targets=args.targets,
+                calibration=args.calibration,
+                trials=args.trials,
+                tolerances=tolerances,
+                progress=lambda text: status.update(text),
+            )
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
     table = Table(title=f"{args.name}: variants in {args.repository}")
     for column in ("variant", "status", "precision", "runtime", "build s", "accuracy / reason"):
         table.add_column(column)

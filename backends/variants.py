@@ -34,6 +34,7 @@ ORT_FP32 = "ort-cpu-fp32"
 ORT_FP16 = "ort-cpu-fp16"
 ORT_INT8_DYNAMIC = "ort-cpu-int8-dyn"
 ORT_INT8_QDQ = "ort-cpu-int8-qdq"
+ORT_CUDA_FP32 = "ort-cuda-fp32"
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
@@ -119,6 +120,24 @@ def build_ort_fp32(
         str(repository.source(model)), sess_options=options, providers=["CPUExecutionProvider"]
     )
     manifest = onnx_manifest(repository, model, ORT_FP32, artifact, "fp32", max_batch_size)
+    repository.write_variant(manifest)
+    return manifest
+
+
+def build_ort_cuda_fp32(repository: ModelRepository, model: str) -> Manifest:
+    """The source model for ONNX Runtime's CUDA execution provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BuildSkipped(
+            "onnxruntime-gpu is not installed here (no CUDAExecutionProvider); "
+            "install it where a CUDA variant for ONNX Runtime is wanted"
+        )
+    directory = variant_dir(repository, model, ORT_CUDA_FP32)
+    artifact = directory / "model.onnx"
+    shutil.copyfile(repository.source(model), artifact)
+    manifest = onnx_manifest(repository, model, ORT_CUDA_FP32, artifact, "fp32")
+    manifest = manifest.model_copy(update={"target": "cuda", "device": "cuda"})
     repository.write_variant(manifest)
     return manifest
 

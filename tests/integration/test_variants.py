@@ -252,3 +252,40 @@ async def test_worker_serves_a_tvm_variant_but_never_prefers_it_untuned(
             )
     finally:
         await worker.stop()
+
+
+def test_targets_that_cannot_be_built_here_say_why(repository: Path, tmp_path: Path) -> None:
+    shutil.copytree(repository / "cnn" / "samples", tmp_path / "cnn" / "samples")
+    outcomes = {
+        o.variant: o
+        for o in compile_model(
+            repository / "cnn" / "model.onnx",
+            "cnn",
+            ModelRepository(tmp_path),
+            targets=["ort-cuda"],
+        )
+    }
+    assert outcomes["ort-cuda-fp32"].status == "skipped"
+    assert "onnxruntime-gpu is not installed" in outcomes["ort-cuda-fp32"].detail
+    digits = {
+        o.variant: o
+        for o in compile_model(
+            repository / "digits" / "model.onnx",
+            "digits",
+            ModelRepository(tmp_path),
+            targets=["tvm-llvm-x86-64"],
+        )
+    }
+    assert digits["tvm-llvm-x86-64-fp32-untuned"].status == "skipped"
+    assert "ai.onnx.ml" in digits["tvm-llvm-x86-64-fp32-untuned"].detail
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        compile_model(
+            repository / "cnn" / "model.onnx", "cnn", ModelRepository(tmp_path), targets=["tpu"]
+        )
+    with pytest.raises(ValueError, match="unknown target 'tvm-riscv'"):
+        compile_model(
+            repository / "cnn" / "model.onnx",
+            "cnn",
+            ModelRepository(tmp_path),
+            targets=["tvm-riscv"],
+        )
