@@ -48,10 +48,14 @@ def measure_all(repository: ModelRepository, model: str, runs: int) -> list[Row]
     for variant in repository.variants(model):
         if variant.manifest.device != "cpu":
             continue
-        entries = measure_in_process(variant, HARDWARE, (1, 16), runs)
+        tuning = variant.manifest.tuning
+        untuned = tuning is not None and not tuning.tuned
+        # Untuned TVM can be 100x slower: batch 1 and a few runs say enough about it.
+        entries = measure_in_process(
+            variant, HARDWARE, (1,) if untuned else (1, 16), min(runs, 10) if untuned else runs
+        )
         single = next(e for e in entries if e.batch_size == 1)
         accuracy = variant.manifest.accuracy
-        tuning = variant.manifest.tuning
         rows.append(
             Row(
                 variant=variant.name,
@@ -60,7 +64,7 @@ def measure_all(repository: ModelRepository, model: str, runs: int) -> list[Row]
                 passed=accuracy is None or accuracy.passed,
                 top1=accuracy.top1_agreement if accuracy else None,
                 max_abs_diff=accuracy.max_abs_diff if accuracy else None,
-                untuned=tuning is not None and not tuning.tuned,
+                untuned=untuned,
             )
         )
     return sorted(rows, key=lambda r: r.p50_ms)
