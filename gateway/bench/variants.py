@@ -156,11 +156,13 @@ def run(args: argparse.Namespace) -> int:
             if qdq.top1 is not None:
                 qdq_text += f" ({qdq.top1:.0%})"
         tuned = next((r for r in rows if r.variant.startswith("tvm-") and not r.untuned), None)
-        tuned_text = (
-            f"{tuned.p50_ms / fp32.p50_ms:.2f}x slower"
-            if tuned and tuned.p50_ms > fp32.p50_ms
-            else (f"{fp32.p50_ms / tuned.p50_ms:.2f}x faster" if tuned else "not importable")
-        )
+        if tuned is not None:
+            ratio = tuned.p50_ms / fp32.p50_ms
+            tuned_text = f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+        elif any(r.variant.startswith("tvm-") for r in rows):
+            tuned_text = "not tuned in this run"
+        else:
+            tuned_text = "TVM cannot import it"
         compile_text = (
             f"{second_s / first_s:.3f} ({second_s:.1f} s / {first_s:.1f} s)"
             if first_s and second_s and tuned
