@@ -88,7 +88,9 @@ def servable_variants(repository: ModelRepository, model: str) -> list[Variant]:
 def offers(repository: ModelRepository, model: str, config: FleetConfig) -> list[Offer]:
     classes = hardware_classes(config)
     rows = []
-    for variant in repository.variants(model):
+    # Only what a worker here would serve: a stale profile of a variant that has
+    # since failed its accuracy check is not an offer.
+    for variant in servable_variants(repository, model):
         profile = read_profile(variant)
         if profile is None:
             continue
