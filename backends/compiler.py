@@ -145,8 +145,13 @@ def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials
     `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused)."""
     from backends import tvm_compile as tc
     from backends.ort_adapter import signature
-    from backends.repository import ArtifactEntry, TensorEntry, sha256_file
-    from backends.variants import DEFAULT_MAX_BATCH_SIZE, batchable, variant_dir
+    from backends.repository import ArtifactEntry, sha256_file
+    from backends.variants import (
+        DEFAULT_MAX_BATCH_SIZE,
+        batchable,
+        tensor_entries,
+        variant_dir,
+    )
 
     source = repository.source(model)
     inputs, outputs = signature(source)
@@ -174,10 +179,8 @@ def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials
         target=target.name,
         precision="fp32",
         max_batch_size=DEFAULT_MAX_BATCH_SIZE if batched else 0,
-        inputs=[TensorEntry(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in inputs],
-        outputs=[
-            TensorEntry(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in outputs
-        ],
+        inputs=tensor_entries(inputs),
+        outputs=tensor_entries(outputs),
         artifacts=[ArtifactEntry(path=build.library.name, sha256=sha256_file(build.library))],
         source_sha256=sha256_file(source),
         versions={"tvm": build.tvm_version},

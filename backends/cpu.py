@@ -14,8 +14,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     except OSError:
         return frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
     return frozenset()
 
 

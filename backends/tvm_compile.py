@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backends.cpu import cpu_flags
+
 LIBRARY = "model.so"
 """File name of the exported library inside `out_dir`."""
 
@@ -159,15 +161,7 @@ class TvmBuild:
 
 def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     """The CPU flags of this machine (empty where /proc/cpuinfo is missing)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+    return cpu_flags(cpuinfo)
 
 
 def runnable_cpu_targets(flags: frozenset[str]) -> list[TvmTarget]:

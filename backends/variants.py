@@ -64,7 +64,7 @@ def batchable(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -
     return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
 
 
-def _entries(specs: Sequence[TensorSpec]) -> list[TensorEntry]:
+def tensor_entries(specs: Sequence[TensorSpec]) -> list[TensorEntry]:
     return [TensorEntry(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in specs]
 
 
@@ -87,8 +87,8 @@ def onnx_manifest(
         target="cpu",
         precision=precision,
         max_batch_size=max_batch_size if batchable(inputs, outputs) else 0,
-        inputs=_entries(inputs),
-        outputs=_entries(outputs),
+        inputs=tensor_entries(inputs),
+        outputs=tensor_entries(outputs),
         artifacts=[ArtifactEntry(path=artifact.name, sha256=sha256_file(artifact))],
         source_sha256=sha256_file(repository.source(model)),
         versions={"onnxruntime": RUNTIME_VERSION, **(versions or {})},

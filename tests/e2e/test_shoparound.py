@@ -46,7 +46,7 @@ def shop(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
                         "name": "slow",
                         "address": "127.0.0.1:0",
                         "hardware_class": "cpu-slow",
-                        "price_usd_per_hour": 0.0001,
+                        "price_usd_per_hour": 0.00001,
                         "launch": {"threads": 1, "emulate_latency_ms": 60},
                     },
                 ],
