@@ -471,13 +471,24 @@ def _untuned_tasks(
     budgets: Mapping[str, int],
     per_task: int,
 ) -> list[str]:
-    """Names of the tasks that lack a valid record, or were tuned with fewer trials."""
-    return [
+    """Names of the tasks to tune: those searched with fewer trials than this compile's
+    share. A task searched with its share that found no valid schedule keeps TVM's
+    default one: searching again with the same budget would make every compile of
+    the model a first compile. When no task has a record at all (the records were
+    removed), every task is tuned."""
+    short = [
         task.task_name
         for task, key in zip(tasks, keys, strict=True)
         if budgets.get(key, 0) < per_task
-        or database.query_tuning_record(task.dispatched[0], target, task.task_name) is None
     ]
+    recorded = [
+        task.task_name
+        for task in tasks
+        if database.query_tuning_record(task.dispatched[0], target, task.task_name) is not None
+    ]
+    if short or not recorded:
+        return short or [task.task_name for task in tasks]
+    return []
 
 
 def _quiet_meta_schedule() -> None:
