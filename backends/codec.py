@@ -16,6 +16,7 @@ import numpy as np
 from backends.errors import InvalidInput
 from backends.runtime import Array
 from backends.tensors import (
+    CONFIG_TYPES,
     CONTENTS_FIELDS,
     NUMPY_DTYPES,
     TensorSpec,
@@ -61,6 +62,37 @@ class DecodedRequest:
     `binary_data: false` (every requested output)."""
     batch_size: int
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+def metadata_message(
+    name: str,
+    versions: Sequence[str],
+    platform: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+) -> pb.ModelMetadataResponse:
+    """ModelMetadata for a model's signature (shapes with -1 for any size)."""
+    reply = pb.ModelMetadataResponse(name=name, versions=list(versions), platform=platform)
+    for spec in inputs:
+        reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    for spec in outputs:
+        reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    return reply
+
+
+def add_config_tensors(
+    config: pb.ModelConfig, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> None:
+    """Fills ModelConfig's input and output lists in Triton's layout: the batch
+    dimension left out of `dims` when the model batches (max_batch_size > 0)."""
+    batch = config.max_batch_size
+    for specs, target in ((inputs, config.input), (outputs, config.output)):
+        for spec in specs:
+            target.add(
+                name=spec.name,
+                data_type=pb.DataType.Value(CONFIG_TYPES.get(spec.datatype, "TYPE_INVALID")),
+                dims=spec.shape[1:] if batch > 0 else spec.shape,
+            )
 
 
 def parameter_value(param: pb.InferParameter) -> ParamValue | None:

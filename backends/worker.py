@@ -29,7 +29,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import __version__
 from backends.batching import Batcher, RunFn
-from backends.codec import Signature, decode_request, encode_response
+from backends.codec import (
+    Signature,
+    add_config_tensors,
+    decode_request,
+    encode_response,
+    metadata_message,
+)
 from backends.cpu import cpu_flags, missing_flags
 from backends.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
 from backends.loader import load_adapter
@@ -37,7 +43,6 @@ from backends.profiles import profiled_p50_ms
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtime import Array, RuntimeAdapter
 from backends.status import code_for
-from backends.tensors import CONFIG_TYPES
 from backends.variants import ORT_FP32
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -123,14 +128,13 @@ class ServedModel:
         return chosen
 
     def metadata(self) -> pb.ModelMetadataResponse:
-        reply = pb.ModelMetadataResponse(
-            name=self.name, versions=[MODEL_VERSION], platform=self.platform
+        return metadata_message(
+            self.name,
+            [MODEL_VERSION],
+            self.platform,
+            self.signature.inputs,
+            self.signature.outputs,
         )
-        for spec in self.signature.inputs:
-            reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
-        for spec in self.signature.outputs:
-            reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
-        return reply
 
     @property
     def platform(self) -> str:
@@ -143,18 +147,7 @@ class ServedModel:
         cfg = pb.ModelConfig(
             name=self.name, platform=self.platform, backend=manifest.runtime, max_batch_size=batch
         )
-        for spec in self.signature.inputs:
-            cfg.input.add(
-                name=spec.name,
-                data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]),
-                dims=spec.shape[1:] if batch > 0 else spec.shape,
-            )
-        for spec in self.signature.outputs:
-            cfg.output.add(
-                name=spec.name,
-                data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]),
-                dims=spec.shape[1:] if batch > 0 else spec.shape,
-            )
+        add_config_tensors(cfg, self.signature.inputs, self.signature.outputs)
         cfg.instance_group.add(name=f"{self.name}_0", count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
         if batch > 0:
             cfg.dynamic_batching.max_queue_delay_microseconds = self.settings.max_queue_delay_us

@@ -6,8 +6,9 @@ generated protobuf code.
 
 from __future__ import annotations
 
+from backends import codec
 from backends.errors import InvalidInput
-from backends.tensors import CONFIG_TYPES, TensorSpec
+from backends.tensors import TensorSpec
 from gateway.fleet import ModelInfo
 from gateway.router import RouteRequest
 from protos import gateway_pb2
@@ -15,7 +16,6 @@ from protos import inference_pb2 as pb
 
 REMOTE_VARIANT = "remote"
 DEFAULT_VERSION = "1"
-_CONFIG_TO_DATATYPE = {v: k for k, v in CONFIG_TYPES.items()}
 
 
 def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None) -> ModelInfo:
@@ -42,36 +42,21 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
 
 
 def metadata_message(info: ModelInfo) -> pb.ModelMetadataResponse:
-    reply = pb.ModelMetadataResponse(
-        name=info.name, versions=list(info.versions), platform=info.platform
+    return codec.metadata_message(
+        info.name, info.versions, info.platform, info.inputs, info.outputs
     )
-    for spec in info.inputs:
-        reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
-    for spec in info.outputs:
-        reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
-    return reply
 
 
 def config_message(info: ModelInfo, variants: list[str]) -> pb.ModelConfig:
-    """The model's configuration as the gateway serves it: Triton's layout, with the
-    batch dimension left out of `dims` when the model batches."""
-    batch = info.max_batch_size
+    """The model's configuration as the gateway serves it, in Triton's layout."""
     cfg = pb.ModelConfig(
-        name=info.name, platform=info.platform, backend="switchyard", max_batch_size=batch
+        name=info.name,
+        platform=info.platform,
+        backend="switchyard",
+        max_batch_size=info.max_batch_size,
     )
-    for spec in info.inputs:
-        cfg.input.add(
-            name=spec.name,
-            data_type=pb.DataType.Value(CONFIG_TYPES.get(spec.datatype, "TYPE_INVALID")),
-            dims=spec.shape[1:] if batch > 0 else spec.shape,
-        )
-    for spec in info.outputs:
-        cfg.output.add(
-            name=spec.name,
-            data_type=pb.DataType.Value(CONFIG_TYPES.get(spec.datatype, "TYPE_INVALID")),
-            dims=spec.shape[1:] if batch > 0 else spec.shape,
-        )
-    if batch > 0:
+    codec.add_config_tensors(cfg, info.inputs, info.outputs)
+    if info.max_batch_size > 0:
         cfg.dynamic_batching.SetInParent()
     cfg.parameters["switchyard_variants"].string_value = ",".join(variants)
     return cfg
