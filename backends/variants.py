@@ -173,8 +173,9 @@ def _preprocessed(source: Path, scratch: Path) -> Path:
     graph clean-up); the source itself when it does not apply."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = scratch / "pre.onnx"
-    # It leaves temporary models in the working directory: give it the scratch one.
+    # It leaves temporary models in the working directory: give it the scratch one,
+    # and absolute paths (resolved here, before the directory changes).
+    source, out = source.resolve(), scratch.resolve() / "pre.onnx"
     with contextlib.chdir(scratch):
         try:
             quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
