@@ -3,18 +3,19 @@ against the fp32 source on sample inputs, and records it in the repository.
 
 Variants: ONNX Runtime fp32 (graph-optimised, saved), fp16, int8 dynamic and
 int8 static QDQ (per-channel, calibrated); Apache TVM for each CPU ISA level and
-CUDA target asked for, tuned with MetaSchedule (records kept in the repository
-and reused). A variant that does not apply is skipped with the reason; one that
-misses its accuracy tolerance is kept on disk, marked rejected with the numbers,
-and never served.
+CUDA target asked for, or that the hardware classes of a fleet file need, tuned
+with MetaSchedule (records kept in the repository and reused). A variant that
+does not apply is skipped with the reason; one that misses its accuracy
+tolerance is kept on disk, marked rejected with the numbers, and never served.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,6 +139,77 @@ def tvm_targets(names: Sequence[str]) -> list[TvmTarget]:
         if target not in found:
             found.append(target)
     return found
+
+
+# x86-64 microarchitecture level -> CPU target; GPU model -> CUDA architecture.
+_X86_64_LEVEL_TARGETS = {
+    "1": "llvm-x86-64",
+    "2": "llvm-x86-64",
+    "3": "llvm-avx2",
+    "4": "llvm-avx512",
+}
+_CUDA_ARCHS = {
+    "a100": "sm_80",
+    "l4": "sm_89",
+    "l40": "sm_89",
+    "l40s": "sm_89",
+    "ada": "sm_89",
+    "h100": "sm_90",
+    "h200": "sm_90",
+}
+_CPU_CLASS = re.compile(r"cpu-x86-64-v(?P<level>[1-4])(?:-.+)?")
+_GPU_CLASS = re.compile(r"gpu-cuda-(?P<gpu>[a-z0-9]+)(?:-.+)?")
+
+
+class UnknownHardwareClass(ValueError):
+    """A hardware class whose name says no TVM target."""
+
+    def __init__(self, hardware_class: str) -> None:
+        super().__init__(
+            f"no TVM target for hardware class {hardware_class!r}: expected "
+            "cpu-x86-64-v1..v4[-...] or gpu-cuda-{" + ",".join(_CUDA_ARCHS) + "}[-...]"
+        )
+        self.hardware_class = hardware_class
+
+
+def tvm_target_for_class(hardware_class: str) -> str:
+    """The TVM target a backend of `hardware_class` needs: `cpu-x86-64-v4-*` ->
+    `tvm-llvm-avx512`, `v3` -> `tvm-llvm-avx2`, `v2`/`v1` -> `tvm-llvm-x86-64`;
+    `gpu-cuda-h100`/`h200` -> `tvm-cuda-sm_90`, `a100` -> `sm_80`, `l4`/`l40`/`ada` -> `sm_89`."""
+    if cpu := _CPU_CLASS.fullmatch(hardware_class):
+        return TVM_PREFIX + _X86_64_LEVEL_TARGETS[cpu["level"]]
+    gpu = _GPU_CLASS.fullmatch(hardware_class)
+    if gpu and gpu["gpu"] in _CUDA_ARCHS:
+        return f"{TVM_PREFIX}cuda-{_CUDA_ARCHS[gpu['gpu']]}"
+    raise UnknownHardwareClass(hardware_class)
+
+
+def fleet_targets(hardware_classes: Iterable[str]) -> list[str]:
+    """`ort` and the TVM target each hardware class needs, once each, in fleet order."""
+    targets = [ORT_TARGET]
+    for hardware_class in hardware_classes:
+        target = tvm_target_for_class(hardware_class)
+        if target not in targets:
+            targets.append(target)
+    return targets
+
+
+def fleet_file_targets(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The targets the hardware classes of the fleet file at `path` need (see
+    `fleet_targets`), and each class's TVM target. ValueError names the file and,
+    for a class without a target, the backends of that class."""
+    from gateway.config import ConfigError, load_fleet
+
+    try:
+        fleet_backends = load_fleet(path).backends
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+    classes = list(dict.fromkeys(b.hardware_class for b in fleet_backends))
+    try:
+        return fleet_targets(classes), {c: tvm_target_for_class(c) for c in classes}
+    except UnknownHardwareClass as exc:
+        names = ", ".join(b.name for b in fleet_backends if b.hardware_class == exc.hardware_class)
+        raise ValueError(f"{path}: backend {names}: {exc}") from exc
 
 
 def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials: int) -> Manifest:
@@ -346,9 +418,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
         nargs="+",
-        default=[ORT_TARGET],
+        default=None,
         help=f"what to build: {ORT_TARGET} (ONNX Runtime fp32, fp16, int8), {ORT_CUDA_TARGET}, "
-        "tvm-llvm-x86-64, tvm-llvm-avx2, tvm-llvm-avx512, tvm-cuda-sm_90, ...",
+        "tvm-host, tvm-llvm-x86-64, tvm-llvm-avx2, tvm-llvm-avx512, tvm-cuda-sm_80/89/90 "
+        f"(default: {ORT_TARGET}; with --fleet: built as well as the fleet's)",
+    )
+    parser.add_argument(
+        "--fleet",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"fleet file: build {ORT_TARGET} and the TVM target each backend's hardware class "
+        "needs (cpu-x86-64-v4-*: tvm-llvm-avx512, v3: tvm-llvm-avx2, v1/v2: tvm-llvm-x86-64; "
+        "gpu-cuda-h100/h200: tvm-cuda-sm_90, a100: tvm-cuda-sm_80, l4/l40/ada: tvm-cuda-sm_89)",
     )
     parser.add_argument(
         "--calibration",
@@ -380,6 +462,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2
+    targets: list[str] = list(args.targets or [])
+    if args.fleet is not None:
+        try:
+            chosen, by_class = fleet_file_targets(args.fleet)
+        except ValueError as exc:
+            console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+            return 2
+        targets = chosen + [t for t in targets if t not in chosen]
+        mapping = ", ".join(f"{c} -> {t}" for c, t in by_class.items())
+        console.print(
+            f"hardware classes in {args.fleet}: {mapping}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    targets = targets or [ORT_TARGET]
+    console.print(f"targets: {' '.join(targets)}", markup=False, highlight=False, soft_wrap=True)
     repository = ModelRepository(args.repository)
     with console.status("compiling") as status:
         try:
@@ -387,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
                 args.model,
                 args.name,
                 repository,
-                targets=args.targets,
+                targets=targets,
                 calibration=args.calibration,
                 trials=args.trials,
                 tolerances=tolerances,
