@@ -50,6 +50,23 @@ def write_profile(directory: Path, profile: Profile) -> None:
     (directory / PROFILE).write_text(profile.model_dump_json(indent=2) + "\n")
 
 
+def profiled_entry(
+    variant: Variant, hardware_class: str, threads: int, batch_size: int = 1
+) -> ProfileEntry | None:
+    """The variant's measurement on this hardware class, thread count and batch size."""
+    profile = read_profile(variant)
+    if profile is None:
+        return None
+    for entry in profile.entries:
+        if (entry.hardware_class, entry.threads, entry.batch_size) == (
+            hardware_class,
+            threads,
+            batch_size,
+        ):
+            return entry
+    return None
+
+
 def profiled_p50_ms(
     variant: Variant, hardware_class: str, threads: int, batch_size: int = 1
 ) -> float | None:

@@ -39,7 +39,7 @@ from backends.codec import (
 from backends.cpu import cpu_flags, missing_flags
 from backends.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
 from backends.loader import load_adapter
-from backends.profiles import profiled_p50_ms
+from backends.profiles import profiled_entry, profiled_p50_ms
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtime import Array, RuntimeAdapter
 from backends.status import code_for
@@ -161,9 +161,26 @@ class ServedModel:
             "switchyard_threads": str(self.settings.threads),
             "switchyard_emulated_latency_ms": str(self.settings.emulate_latency_ms),
         }
+        profile = self.profile()
+        if profile:
+            params["switchyard_profile"] = profile
         for key, value in params.items():
             cfg.parameters[key].string_value = value
         return cfg
+
+    def profile(self) -> str:
+        """`variant:p50_ms:p99_ms` per profiled variant at batch 1 on this worker's
+        hardware class and threads, `;`-separated: the gateway's latency prior.
+        Figures are adjusted for this worker's emulated delay."""
+        settings = self.settings
+        parts = []
+        for name, loaded in sorted(self.variants.items()):
+            entry = profiled_entry(loaded.variant, settings.hardware_class, settings.threads)
+            if entry is None:
+                continue
+            shift = settings.emulate_latency_ms - entry.emulated_latency_ms
+            parts.append(f"{name}:{entry.p50_ms + shift:.4g}:{entry.p99_ms + shift:.4g}")
+        return ";".join(parts)
 
     def statistics(self) -> pb.ModelStatistics:
         executions = inferences = queue_ns = compute_ns = 0

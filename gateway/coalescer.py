@@ -108,10 +108,18 @@ class Coalescer:
         self._on_merged = on_merged
         self._clock = clock
         self._limit = limit
-        self._routes: dict[tuple[str, str], _RouteState] = {}
+        self._routes: dict[tuple[str, str, str], _RouteState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.merged_calls = 0
         self.merged_requests = 0
+
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting for a call slot, per backend."""
+        depths: dict[str, int] = {}
+        for (backend, _, _), state in self._routes.items():
+            waiting = sum(len(group) for group in state.waiting.values())
+            depths[backend] = depths.get(backend, 0) + waiting
+        return depths
 
     async def call(
         self,
@@ -123,7 +131,7 @@ class Coalescer:
     ) -> bytes:
         """Sends `request` on `route`, alone or merged with others; a backend's error
         status raises BackendCallError."""
-        state = self._routes.setdefault((route.backend, route.model), _RouteState())
+        state = self._routes.setdefault(route.key, _RouteState())
         if state.in_flight < self._limit or self._limit <= 0:
             return await self._direct(route, state, request, timeout_s)
         key = group_key(header, info)

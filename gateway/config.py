@@ -38,6 +38,26 @@ class GatewaySettings(_Strict):
     """How long a probe may take before the backend counts as unhealthy."""
     startup_timeout_s: float = Field(60.0, gt=0)
     """How long launched backends may take to start listening."""
+    admin_token_file: Path | None = None
+    """File holding the admin API's bearer token (created with a random token when
+    missing) when the SWITCHYARD_ADMIN_TOKEN environment variable is not set."""
+    eject_after_failures: int = Field(3, ge=1)
+    """Passive outlier detection: consecutive failed or timed-out attempts that eject
+    a backend (a refused connection takes it out at once)."""
+    eject_base_s: float = Field(1.0, gt=0)
+    """First ejection's length; each further ejection in a row doubles it."""
+    eject_max_s: float = Field(30.0, gt=0)
+    latency_probe_interval_s: float = Field(5.0, ge=0)
+    """Routes that got no traffic for this long get one probe inference (zeros of
+    the model's input shape), so their latency estimates stay fresh; 0: never."""
+    price_schedule: Path | None = None
+    """CSV of price changes replayed against the clock (`offset_s,backend,usd_per_hour`,
+    offsets from the gateway's start), such as a spot-price trace."""
+    price_schedule_loop: bool = False
+    """Replay the schedule again from the start when it ends."""
+    watch_config_s: float = Field(1.0, ge=0)
+    """How often the fleet file is checked for changes (prices, carbon and policies
+    apply at once); 0: never."""
     coalesce_in_flight: int = Field(1, ge=0)
     """Calls in flight per backend and model before further requests for that model
     wait and travel together as one batched call (their batches concatenated, the
@@ -70,6 +90,9 @@ class BackendSettings(_Strict):
     """Where it serves the Open Inference Protocol; port 0 with `launch`: any free port."""
     hardware_class: str = "cpu"
     """What it runs on, e.g. `cpu-x86-64-v4-2c`, `gpu-cuda-h100`."""
+    slots: int | None = Field(None, ge=1)
+    """Requests it runs at once, for queue-wait predictions; default: the launched
+    worker's threads, else 1."""
     price_usd_per_hour: float = Field(0.0, ge=0)
     """What it costs, live (the admin API and price schedules change it at run time)."""
     carbon_g_per_kwh: float | None = Field(None, ge=0)
@@ -91,6 +114,11 @@ class PolicySettings(_Strict):
     objective: Literal["cost", "carbon", "latency"] | None = None
     on_infeasible: Literal["fastest", "reject"] | None = None
     max_cost_usd_per_1m: float | None = Field(None, gt=0)
+    retries: int | None = Field(None, ge=0, le=10)
+    """Further attempts on the next-best routes after a failed one (default 2)."""
+    hedge: bool | None = None
+    """Send a second attempt to the next route when the first runs past its predicted
+    p95; the first answer wins and the other is cancelled (default off)."""
 
 
 class PoliciesSettings(_Strict):
@@ -138,6 +166,13 @@ def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetC
         raise ConfigError(f"{source}: {exc}") from exc
     if not config.repository.is_absolute():
         config = config.model_copy(update={"repository": base_dir / config.repository})
+    updates = {}
+    for key in ("admin_token_file", "price_schedule"):
+        value = getattr(config.gateway, key)
+        if value is not None and not value.is_absolute():
+            updates[key] = base_dir / value
+    if updates:
+        config = config.model_copy(update={"gateway": config.gateway.model_copy(update=updates)})
     return config
 
 

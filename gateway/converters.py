@@ -24,10 +24,17 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
     outputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.outputs)
     variant = REMOTE_VARIANT
     max_batch_size = 0
+    variants: tuple[str, ...] = ()
+    profile: tuple[tuple[str, float, float], ...] = ()
     if config is not None:
         max_batch_size = config.max_batch_size
-        if "switchyard_variant" in config.parameters:
-            variant = config.parameters["switchyard_variant"].string_value
+        params = config.parameters
+        if "switchyard_variant" in params:
+            variant = params["switchyard_variant"].string_value
+        if "switchyard_variants" in params:
+            variants = tuple(v for v in params["switchyard_variants"].string_value.split(",") if v)
+        if "switchyard_profile" in params:
+            profile = _profile(params["switchyard_profile"].string_value)
     return ModelInfo(
         name=metadata.name,
         # Servers that list no versions (KServe) serve one; clients such as
@@ -38,7 +45,25 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
         outputs=outputs,
         max_batch_size=max_batch_size,
         variant=variant,
+        variants=variants if variant in variants else (),
+        profile=profile,
     )
+
+
+def _profile(text: str) -> tuple[tuple[str, float, float], ...]:
+    """Parses a worker's `switchyard_profile` (`variant:p50:p99;...`); bad entries are skipped."""
+    entries = []
+    for part in text.split(";"):
+        fields = part.split(":")
+        if len(fields) != 3:
+            continue
+        try:
+            p50, p99 = float(fields[1]), float(fields[2])
+        except ValueError:
+            continue
+        if p50 > 0 and p99 > 0:
+            entries.append((fields[0], p50, p99))
+    return tuple(entries)
 
 
 def metadata_message(info: ModelInfo) -> pb.ModelMetadataResponse:
@@ -117,6 +142,19 @@ def response_parameters(params: dict[str, str]) -> bytes:
     for key, value in params.items():
         message.parameters[key].string_param = value
     return message.SerializeToString()
+
+
+def request_parameters(params: dict[str, str]) -> bytes:
+    """Serialized ModelInferRequest holding only `parameters`, to append to a request."""
+    message = pb.ModelInferRequest()
+    for key, value in params.items():
+        message.parameters[key].string_param = value
+    return message.SerializeToString()
+
+
+def cost_parameter(cost_usd: float) -> bytes:
+    """The `switchyard_cost_usd` response parameter, to append to a response."""
+    return response_parameters({"switchyard_cost_usd": f"{cost_usd:.6g}"})
 
 
 def stream_response(infer_response: bytes) -> bytes:

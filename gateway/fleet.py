@@ -1,15 +1,24 @@
-"""Fleet state: what each backend is, whether it is healthy, which models it
-holds, and what is in flight on it. Updated by the prober and the backend pool,
-read by the router through immutable snapshots.
+"""Fleet state: what each backend is and costs, whether it may take traffic
+(healthy, not drained, not ejected), which models and variants it holds, what
+is in flight on it, and each route's live latency estimate. Updated by the
+prober, the servicer (attempt outcomes), the admin API and price schedules;
+read by the router.
 
 Pure state: no I/O, no clock. Every method that depends on time takes `now_s`.
+Routes are long-lived objects (their estimates persist), rebuilt only when a
+backend's models or variants change; the router reads them without copying.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from backends.tensors import TensorSpec
+from gateway.estimates import LatencyEstimate, NetworkEstimate
+
+DEFAULT_SERVICE_MS = 1.0
+"""The service-time guess for a route with neither profile nor samples."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,21 +32,14 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     variant: str
-    """The variant the backend serves it with (`remote` when the backend does not say)."""
+    """The variant the backend serves it with by default (`remote` when it does not say)."""
+    variants: tuple[str, ...] = ()
+    """Every variant the backend can serve it with (a request may name one)."""
+    profile: tuple[tuple[str, float, float], ...] = ()
+    """(variant, p50 ms, p99 ms) at batch 1 on the backend's hardware, as profiled."""
 
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A (backend, variant) pair that can serve a model, with what routing weighs."""
-
-    backend: str
-    model: str
-    variant: str
-    address: str
-    hardware_class: str
-    price_usd_per_hour: float
-    in_flight: int
-    slots: int
+    def all_variants(self) -> tuple[str, ...]:
+        return self.variants or (self.variant,)
 
 
 @dataclass(slots=True)
@@ -47,44 +49,193 @@ class BackendState:
     hardware_class: str
     price_usd_per_hour: float
     slots: int = 1
-    """How many requests it runs at once (its threads), for load-aware choices."""
+    """How many requests it runs at once (its threads), for queue-wait predictions."""
     expected_models: tuple[str, ...] = ()
     """Models configured for v2 servers that cannot list their own."""
+    carbon_g_per_kwh: float | None = None
+    power_w: float | None = None
     healthy: bool = False
+    drained: bool = False
+    ejected_until_s: float | None = None
+    """Set while passive outlier detection keeps it out of the routes."""
+    ejections: int = 0
+    """Ejections in a row without a clean spell: the back-off doubles with each."""
+    attempt_failures: int = 0
+    """Consecutive failed or timed-out attempts (passive outlier detection)."""
+    available: bool = False
+    """Healthy, not drained, not ejected: the router's one check."""
     models: dict[str, ModelInfo] = field(default_factory=dict)
     in_flight: int = 0
     last_probe_s: float | None = None
     last_error: str = ""
     consecutive_failures: int = 0
+    network: NetworkEstimate = field(default_factory=NetworkEstimate)
+    usd_per_busy_ms: float = 0.0
+    """Price per millisecond of one slot's time: cost of a request = this x service ms."""
+    g_co2_per_busy_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        self.set_price(self.price_usd_per_hour)
+        self.set_carbon(self.carbon_g_per_kwh, self.power_w)
+        self.refresh()
+
+    def set_price(self, usd_per_hour: float) -> None:
+        self.price_usd_per_hour = usd_per_hour
+        self.usd_per_busy_ms = usd_per_hour / 3_600_000.0 / max(1, self.slots)
+
+    def set_carbon(self, g_per_kwh: float | None, power_w: float | None) -> None:
+        self.carbon_g_per_kwh, self.power_w = g_per_kwh, power_w
+        if g_per_kwh is None or power_w is None:
+            self.g_co2_per_busy_ms = None
+        else:
+            # W x ms = J / 1000; 1 kWh = 3.6e6 J.
+            self.g_co2_per_busy_ms = power_w / 1000.0 / 3.6e6 * g_per_kwh / max(1, self.slots)
+
+    def refresh(self) -> None:
+        self.available = self.healthy and not self.drained and self.ejected_until_s is None
+
+    @property
+    def status(self) -> str:
+        if not self.healthy:
+            return "unhealthy"
+        if self.drained:
+            return "drained"
+        if self.ejected_until_s is not None:
+            return "ejected"
+        return "ready"
+
+
+class Route:
+    """A (backend, variant) pair that can serve a model, with its live estimates.
+
+    `state` is the backend's shared state (price, health, in-flight); the
+    estimates are the route's own. `observed` tracks end-to-end latency as the
+    gateway saw it (for SREs); `estimate` the service time the router predicts with.
+    """
+
+    __slots__ = (
+        "backend",
+        "default",
+        "estimate",
+        "failures",
+        "model",
+        "observed",
+        "requests",
+        "state",
+        "variant",
+    )
+
+    def __init__(self, state: BackendState, model: str, variant: str, default: bool) -> None:
+        self.backend = state.name
+        self.model = model
+        self.variant = variant
+        self.default = default
+        """The variant the backend serves when a request names none."""
+        self.state = state
+        self.estimate = LatencyEstimate(DEFAULT_SERVICE_MS)
+        self.observed = LatencyEstimate(DEFAULT_SERVICE_MS)
+        self.requests = 0
+        self.failures = 0
+
+    @property
+    def address(self) -> str:
+        return self.state.address
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.backend, self.model, self.variant)
+
+    def __repr__(self) -> str:
+        return f"Route({self.backend}/{self.model}/{self.variant})"
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """Passive outlier detection settings."""
+
+    after_failures: int = 3
+    """Consecutive failed attempts (errors or timeouts) that eject a backend."""
+    base_s: float = 1.0
+    """First ejection's length; each ejection in a row doubles it."""
+    max_s: float = 30.0
 
 
 class FleetState:
-    """All backends, keyed by name."""
+    """All backends, keyed by name, and the routes of each model."""
 
-    def __init__(self, backends: list[BackendState]) -> None:
+    def __init__(self, backends: Iterable[BackendState], ejection: Ejection = Ejection()) -> None:
         self.backends = {b.name: b for b in backends}
+        self.ejection = ejection
+        self._routes: dict[str, list[Route]] = {}
+        self._by_key: dict[tuple[str, str, str], Route] = {}
 
     # ---- updates (prober, pool, supervisor, admin) ----
 
     def set_address(self, backend: str, address: str) -> None:
         self.backends[backend].address = address
 
-    def record_probe(self, backend: str, now_s: float, models: dict[str, ModelInfo]) -> None:
-        """A successful probe: the backend is ready with exactly these models."""
+    def record_probe(
+        self, backend: str, now_s: float, models: dict[str, ModelInfo], rtt_ms: float | None = None
+    ) -> None:
+        """A successful probe: the backend is ready with exactly these models. An
+        ejected backend whose back-off has passed is re-admitted."""
         state = self.backends[backend]
+        changed = state.models != models
         state.healthy = True
         state.models = dict(models)
         state.last_probe_s = now_s
         state.last_error = ""
         state.consecutive_failures = 0
+        if rtt_ms is not None:
+            state.network.observe(rtt_ms)
+        if state.ejected_until_s is not None and now_s >= state.ejected_until_s:
+            state.ejected_until_s = None
+            state.attempt_failures = 0
+        state.refresh()
+        if changed:
+            self._rebuild()
 
     def record_failure(self, backend: str, now_s: float, error: str) -> None:
-        """A failed probe or a failed connection: the backend leaves the routes."""
+        """A failed probe or a refused connection: the backend leaves the routes
+        until a probe finds it ready again."""
         state = self.backends[backend]
         state.healthy = False
         state.last_probe_s = now_s
         state.last_error = error
         state.consecutive_failures += 1
+        state.refresh()
+
+    def record_attempt(self, route: Route, ok: bool, now_s: float, error: str = "") -> bool:
+        """An attempt's outcome, for passive outlier detection; True when this
+        failure ejected the backend."""
+        state = route.state
+        route.requests += 1
+        if ok:
+            state.attempt_failures = 0
+            if state.ejected_until_s is None:
+                state.ejections = 0
+            return False
+        route.failures += 1
+        state.attempt_failures += 1
+        if state.attempt_failures < self.ejection.after_failures or state.ejected_until_s:
+            return False
+        backoff = min(self.ejection.max_s, self.ejection.base_s * 2**state.ejections)
+        state.ejections += 1
+        state.ejected_until_s = now_s + backoff
+        state.last_error = (
+            f"ejected for {backoff:g} s after {state.attempt_failures} failures: {error}"
+        )
+        state.refresh()
+        return True
+
+    def set_drained(self, backend: str, drained: bool) -> BackendState:
+        state = self.backends[backend]
+        state.drained = drained
+        state.refresh()
+        return state
+
+    def set_price(self, backend: str, usd_per_hour: float) -> None:
+        self.backends[backend].set_price(usd_per_hour)
 
     def acquire(self, backend: str) -> None:
         self.backends[backend].in_flight += 1
@@ -92,24 +243,40 @@ class FleetState:
     def release(self, backend: str) -> None:
         self.backends[backend].in_flight -= 1
 
+    def _rebuild(self) -> None:
+        routes: dict[str, list[Route]] = {}
+        by_key: dict[tuple[str, str, str], Route] = {}
+        for state in self.backends.values():
+            for model, info in state.models.items():
+                profile = {v: (p50, p99) for v, p50, p99 in info.profile}
+                for variant in info.all_variants():
+                    key = (state.name, model, variant)
+                    route = self._by_key.get(key)
+                    if route is None or route.state is not state:
+                        route = Route(state, model, variant, variant == info.variant)
+                        prior = profile.get(variant)
+                        if prior is not None:
+                            route.estimate.seed(*prior)
+                    route.default = variant == info.variant
+                    by_key[key] = route
+                    routes.setdefault(model, []).append(route)
+        self._routes, self._by_key = routes, by_key
+
     # ---- reads ----
 
     def routes(self, model: str) -> list[Route]:
-        """Healthy routes for `model`, in configuration order."""
-        return [
-            Route(
-                backend=b.name,
-                model=model,
-                variant=info.variant,
-                address=b.address,
-                hardware_class=b.hardware_class,
-                price_usd_per_hour=b.price_usd_per_hour,
-                in_flight=b.in_flight,
-                slots=b.slots,
-            )
-            for b in self.backends.values()
-            if b.healthy and (info := b.models.get(model)) is not None
-        ]
+        """Every route of `model` (available or not), in configuration order.
+        Shared, long-lived objects: do not modify the list."""
+        return self._routes.get(model, [])
+
+    def available_routes(self, model: str) -> list[Route]:
+        return [r for r in self.routes(model) if r.state.available]
+
+    def route(self, backend: str, model: str, variant: str) -> Route | None:
+        return self._by_key.get((backend, model, variant))
+
+    def all_routes(self) -> list[Route]:
+        return list(self._by_key.values())
 
     def model_info(self, model: str) -> ModelInfo | None:
         """The model's metadata from a healthy backend, else from any backend that had it."""
@@ -130,15 +297,10 @@ class FleetState:
         return sorted(names)
 
     def model_ready(self, model: str) -> bool:
-        return any(b.healthy and model in b.models for b in self.backends.values())
+        return any(b.available and model in b.models for b in self.backends.values())
 
     def any_ready(self) -> bool:
-        return any(b.healthy and b.models for b in self.backends.values())
+        return any(b.available and b.models for b in self.backends.values())
 
     def variants(self, model: str) -> list[str]:
-        return sorted(
-            {b.models[model].variant for b in self.backends.values() if model in b.models}
-        )
-
-    def snapshot(self) -> list[BackendState]:
-        return [replace(b, models=dict(b.models)) for b in self.backends.values()]
+        return sorted({r.variant for r in self.routes(model)})

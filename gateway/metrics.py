@@ -74,9 +74,58 @@ class GatewayMetrics:
             buckets=(2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
+        self.sla = Counter(
+            "switchyard_sla_requests",
+            "Requests by SLA class and whether they met their latency target at the gateway.",
+            ["model", "sla_class", "outcome"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "switchyard_cost_usd",
+            "Cost of answered requests (price x busy time / slots), accumulated.",
+            ["model", "backend"],
+            registry=registry,
+        )
+        self.carbon = Counter(
+            "switchyard_carbon_grams",
+            "Estimated CO2 of answered requests (power x busy time x grid intensity).",
+            ["model", "backend"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "switchyard_backend_ejections",
+            "Backends ejected by passive outlier detection.",
+            ["backend"],
+            registry=registry,
+        )
+        self.available = Gauge(
+            "switchyard_backend_available",
+            "1 when the backend takes traffic (healthy, not drained, not ejected).",
+            ["backend"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "switchyard_backend_queue_depth",
+            "Requests waiting in the gateway for a call slot on the backend (coalescer).",
+            ["backend"],
+            registry=registry,
+        )
+        self.route_latency = Gauge(
+            "switchyard_route_latency_ms",
+            "Per route: predicted service time and observed latency, at p50 and p99.",
+            ["backend", "model", "variant", "kind", "quantile"],
+            registry=registry,
+        )
+        self.route_cost = Gauge(
+            "switchyard_route_cost_usd_per_1m",
+            "Per route: cost of one million inferences at the current price and estimate.",
+            ["backend", "model", "variant"],
+            registry=registry,
+        )
         self.decisions = Counter(
             "switchyard_decisions",
-            "Routing decisions by reason.",
+            "Routing decisions by reason (cheapest-feasible, infeasible-fallback, "
+            "infeasible-reject, retry, hedge, ...).",
             ["model", "reason"],
             registry=registry,
         )

@@ -42,10 +42,10 @@ class PolicyBook:
                     raise InvalidInput(
                         f"unknown sla_class {request.sla_class!r} (classes: {known})"
                     )
-                cached = replace(policy, **updates)  # type: ignore[arg-type]
+                cached = replace(policy, name=request.sla_class, **updates)  # type: ignore[arg-type]
                 # Bounded: models are known ones and classes are validated above.
                 self._resolved[key] = cached
             policy = cached
         if request.sla_ms is not None:
-            policy = replace(policy, latency_ms=request.sla_ms)
+            policy = replace(policy, latency_ms=request.sla_ms, name="custom")
         return policy

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
 
+from backends.tensors import NUMPY_DTYPES
 from gateway.converters import model_info
-from gateway.fleet import BackendState, FleetState, ModelInfo
+from gateway.fleet import BackendState, FleetState, ModelInfo, Route
 from gateway.pool import BackendPool
 from protos import inference_pb2 as pb
 
@@ -32,6 +34,7 @@ class Prober:
         interval_s: float,
         timeout_s: float,
         on_change: Callable[[], None] | None = None,
+        latency_interval_s: float = 0.0,
     ) -> None:
         self.fleet = fleet
         self.pool = pool
@@ -39,6 +42,7 @@ class Prober:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.on_change = on_change
+        self.latency_interval_s = latency_interval_s
         self._cache: dict[tuple[str, str], ModelInfo] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -54,8 +58,13 @@ class Prober:
                 pass
 
     async def _loop(self) -> None:
+        last_latency_probe = self.clock()
         while True:
             await self.probe_all()
+            now = self.clock()
+            if self.latency_interval_s > 0 and now - last_latency_probe >= self.latency_interval_s:
+                last_latency_probe = now
+                await self.probe_latency(now, self.latency_interval_s)
             await asyncio.sleep(self.interval_s)
 
     async def probe_all(self) -> None:
@@ -67,6 +76,7 @@ class Prober:
         address = backend.address
         if address.endswith(":0"):  # launched, not listening yet
             return
+        started = time.perf_counter()
         try:
             models = await self._models(backend, address)
         except (grpc.aio.AioRpcError, BackendNotReady) as exc:
@@ -80,9 +90,47 @@ class Prober:
                 log.warning("backend %s unhealthy: %s", backend.name, error)
             return
         was_healthy = backend.healthy
-        self.fleet.record_probe(backend.name, self.clock(), models)
+        rtt_ms = (time.perf_counter() - started) * 1000.0 / self._calls(backend, models)
+        was_ejected = backend.ejected_until_s is not None
+        self.fleet.record_probe(backend.name, self.clock(), models, rtt_ms)
+        if was_ejected and backend.ejected_until_s is None:
+            log.info("backend %s re-admitted after ejection", backend.name)
         if not was_healthy:
             log.info("backend %s ready at %s with %s", backend.name, address, sorted(models))
+
+    @staticmethod
+    def _calls(backend: BackendState, models: dict[str, ModelInfo]) -> int:
+        """Round trips a probe made (ServerReady, RepositoryIndex, one ModelReady per
+        model): the probe's time over these is the network estimate."""
+        return 1 + (0 if backend.expected_models else 1) + max(1, len(models))
+
+    async def probe_latency(self, now_s: float, idle_s: float) -> int:
+        """One probe inference on each available route that got no traffic for
+        `idle_s`, so its estimate stays fresh; returns how many were sent."""
+        stale = [
+            r
+            for r in self.fleet.all_routes()
+            if r.state.available
+            and (r.estimate.last_sample_s is None or now_s - r.estimate.last_sample_s >= idle_s)
+        ]
+        results = await asyncio.gather(*(self._latency_probe(r) for r in stale))
+        return sum(results)
+
+    async def _latency_probe(self, route: Route) -> bool:
+        info = route.state.models.get(route.model)
+        request = None if info is None else zeros_request(info, route)
+        if request is None:
+            return False
+        client = self.pool.client(route.address)
+        started = time.perf_counter()
+        try:
+            await client.infer(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("latency probe of %r failed: %s", route, exc.details())
+            return False
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        route.estimate.observe(elapsed_ms - route.state.network.rtt_ms, self.clock())
+        return True
 
     async def _models(self, backend: BackendState, address: str) -> dict[str, ModelInfo]:
         stub = self.pool.client(address).stub
@@ -129,3 +177,26 @@ class Prober:
         """Drops cached metadata for an address (its backend restarted or changed)."""
         for key in [k for k in self._cache if k[0] == address]:
             del self._cache[key]
+
+
+def zeros_request(info: ModelInfo, route: Route) -> bytes | None:
+    """A one-row request of zeros for the model (None when an input is BYTES or
+    has a variable non-batch dimension), naming the route's variant."""
+    request = pb.ModelInferRequest(model_name=info.name)
+    for spec in info.inputs:
+        dtype = NUMPY_DTYPES.get(spec.datatype)
+        if dtype is None or spec.datatype == "BYTES":
+            return None
+        shape = list(spec.shape)
+        if info.max_batch_size > 0 and shape and shape[0] == -1:
+            shape[0] = 1
+        if any(d < 0 for d in shape):
+            return None
+        count = 1
+        for d in shape:
+            count *= d
+        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
+        request.raw_input_contents.append(bytes(count * dtype.itemsize))
+    if not route.default:
+        request.parameters["switchyard_variant"].string_param = route.variant
+    return request.SerializeToString()

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("protos/inference.proto", "protos/gateway.proto")
+PROTOS = ("protos/inference.proto", "protos/gateway.proto", "protos/admin.proto")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 

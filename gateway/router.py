@@ -1,17 +1,33 @@
 """The router: chooses a route for one request. A pure function of (request,
-routes, policy, now): no I/O, no clock, no randomness of its own.
+routes, policy, now): no I/O, no clock, no randomness of its own; simulation
+replays it with an injected clock.
 
-This is the seam the SLA router fills: today it prefers the least-loaded route
-(in-flight per slot) and, among equally loaded ones, the cheapest; it returns
-every candidate in preference order so the backend pool can retry on the next.
+For every available route it predicts the request's latency at the policy's
+percentile:
+
+    predicted = network round trip + queue wait + service time at the percentile
+
+where the queue wait is the work ahead of the request (requests in flight on
+the backend beyond its parallel slots, each taking the mean service time,
+shared by the slots), and the service time grows with the batch. It keeps the
+routes that meet the SLA (and the cost cap) and chooses the cheapest, the
+lowest-carbon or the fastest as the policy's objective says. When none is
+feasible: the fastest route (best effort) or a rejection with the reason.
+
+The cost of a request on a route is the backend's price for the busy time it
+takes: USD per hour x mean service time / parallel slots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from gateway.fleet import Route
+
+ROW_FRACTION = 0.5
+"""Extra service time per extra row of a batch, as a fraction of one row's."""
+INF = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,28 +50,245 @@ class Policy:
     objective: str = "cost"
     on_infeasible: str = "fastest"
     max_cost_usd_per_1m: float | None = None
+    retries: int = 2
+    """Further attempts on the next-best routes after a failed one (deadline allowing)."""
+    hedge: bool = False
+    """Send a second attempt to the next route when the first runs past its predicted p95."""
+    name: str = "default"
+    """The class name for metrics: the request's `sla_class`, `custom` for its own
+    `sla_ms`, else `default`."""
 
 
-@dataclass(frozen=True, slots=True)
+REASONS = {
+    "cost": "cheapest-feasible",
+    "carbon": "lowest-carbon-feasible",
+    "latency": "fastest-feasible",
+}
+
+
+@dataclass(slots=True)
 class Decision:
-    """The router's choice: routes in preference order (first is chosen), and why."""
+    """The router's choice for one request, and why."""
 
-    routes: tuple[Route, ...]
+    route: Route | None
     reason: str
+    """cheapest-feasible, lowest-carbon-feasible, fastest-feasible, infeasible-fallback,
+    infeasible-reject or no-healthy-route."""
+    predicted_ms: float = INF
+    cost_usd: float = 0.0
+    message: str = ""
+    """For rejections: what was infeasible, for the caller."""
+    _ranked: list[tuple[tuple[float, ...], Route]] = field(default_factory=list, repr=False)
 
-    @property
-    def route(self) -> Route | None:
-        return self.routes[0] if self.routes else None
+    def alternatives(self) -> list[Route]:
+        """The other available routes, best first (feasible by objective, then the
+        rest fastest first): where retries and hedges go."""
+        ordered = sorted(self._ranked, key=lambda item: item[0])
+        return [route for _, route in ordered if route is not self.route]
+
+
+def batch_factor(batch_size: int) -> float:
+    return 1.0 + ROW_FRACTION * (batch_size - 1) if batch_size > 1 else 1.0
+
+
+def predict_ms(route: Route, percentile: float, batch_size: int = 1) -> float:
+    """Predicted latency of one more request on `route` now (the router's formula)."""
+    state = route.state
+    est = route.estimate
+    slots = state.slots
+    ahead = state.in_flight - slots + 1
+    wait = ahead * est.mean_ms / slots if ahead > 0 else 0.0
+    return state.network.rtt_ms + wait + est.quantile_ms(percentile) * batch_factor(batch_size)
+
+
+def hedge_after_ms(route: Route, policy: Policy, batch_size: int = 1) -> float:
+    """How long an attempt on `route` may run before it is hedged: its predicted p95."""
+    return predict_ms(route, 95.0, batch_size)
+
+
+def cost_usd(route: Route, batch_size: int = 1) -> float:
+    return route.state.usd_per_busy_ms * route.estimate.mean_ms * batch_factor(batch_size)
+
+
+def carbon_g(route: Route, batch_size: int = 1) -> float | None:
+    per_ms = route.state.g_co2_per_busy_ms
+    if per_ms is None:
+        return None
+    return per_ms * route.estimate.mean_ms * batch_factor(batch_size)
 
 
 def choose(
     request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
 ) -> Decision:
-    """Orders the healthy routes for `request`; empty when none can serve it."""
-    if not routes:
-        return Decision((), "no-healthy-route")
-    ordered = sorted(
-        routes,
-        key=lambda r: (r.in_flight / max(1, r.slots), r.price_usd_per_hour, r.backend),
-    )
-    return Decision(tuple(ordered), "least-loaded")
+    """Chooses the route for `request` among `routes` (unavailable ones are skipped)."""
+    sla = policy.latency_ms
+    pct = policy.percentile
+    objective = policy.objective
+    factor = batch_factor(request.batch_size)
+    cap = INF
+    if policy.max_cost_usd_per_1m is not None:
+        cap = policy.max_cost_usd_per_1m / 1e6 * request.batch_size
+    ranked: list[tuple[tuple[float, ...], Route]] = []
+    best: Route | None = None
+    best_key: tuple[float, ...] = (INF,)
+    best_pred = best_cost = 0.0
+    fastest: Route | None = None
+    fastest_pred = fastest_cost = INF
+    for route in routes:
+        state = route.state
+        if not state.available:
+            continue
+        est = route.estimate
+        mean = est.mean_ms
+        slots = state.slots
+        ahead = state.in_flight - slots + 1
+        if pct == 99.0:
+            service = est.p99_ms
+        else:
+            service = est.quantile_ms(pct)
+        pred = state.network.rtt_ms + service * factor
+        if ahead > 0:
+            pred += ahead * mean / slots
+        cost = state.usd_per_busy_ms * mean * factor
+        if pred <= sla and cost <= cap:
+            if objective == "cost":
+                key: tuple[float, ...] = (0.0, cost, pred, 0.0 if route.default else 1.0)
+            elif objective == "latency":
+                key = (0.0, pred, cost)
+            else:
+                per_ms = state.g_co2_per_busy_ms
+                carbon = INF if per_ms is None else per_ms * mean * factor
+                key = (0.0, carbon, cost, pred)
+            if key < best_key:
+                best, best_key, best_pred, best_cost = route, key, pred, cost
+        else:
+            key = (1.0, pred, cost)
+        ranked.append((key, route))
+        if pred < fastest_pred:
+            fastest, fastest_pred, fastest_cost = route, pred, cost
+    if best is not None:
+        return Decision(
+            best, REASONS.get(objective, "cheapest-feasible"), best_pred, best_cost, "", ranked
+        )
+    if fastest is None:
+        return Decision(None, "no-healthy-route", message=f"no healthy route for {request.model!r}")
+    if policy.on_infeasible == "reject":
+        message = (
+            f"no route for model {request.model!r} meets p{pct:g} <= {sla:g} ms"
+            + (f" within ${policy.max_cost_usd_per_1m:g}/1M" if cap < INF else "")
+            + f": fastest is {fastest.backend}/{fastest.variant} at {fastest_pred:.2f} ms predicted"
+        )
+        return Decision(None, "infeasible-reject", fastest_pred, fastest_cost, message, ranked)
+    return Decision(fastest, "infeasible-fallback", fastest_pred, fastest_cost, "", ranked)
+
+
+# ---- explain: the same rule, with every route's verdict, for SREs ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    route: Route
+    status: str
+    """ready, unhealthy, drained, ejected."""
+    predicted_ms: float
+    cost_usd_per_1m: float
+    carbon_g_per_1m: float | None
+    feasible: bool
+    chosen: bool
+    why: str
+
+
+def explain(
+    request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
+) -> tuple[Decision, list[Verdict]]:
+    """The decision `choose` makes now, and for every route why it was or was not chosen."""
+    decision = choose(request, routes, policy, now_s)
+    rows = request.batch_size
+    verdicts = []
+    chosen_cost = decision.cost_usd / rows * 1e6 if decision.route is not None else None
+    for route in routes:
+        state = route.state
+        pred = predict_ms(route, policy.percentile, rows)
+        cost_1m = cost_usd(route, rows) / rows * 1e6
+        carbon = carbon_g(route, rows)
+        carbon_1m = None if carbon is None else carbon / rows * 1e6
+        over_sla = pred > policy.latency_ms
+        over_cap = policy.max_cost_usd_per_1m is not None and cost_1m > policy.max_cost_usd_per_1m
+        feasible = state.available and not over_sla and not over_cap
+        chosen = route is decision.route
+        if not state.available:
+            why = state.status + (f": {state.last_error}" if state.last_error else "")
+        elif chosen:
+            why = f"chosen: {decision.reason}"
+        elif over_sla:
+            why = f"predicted p{policy.percentile:g} {pred:.2f} ms > SLA {policy.latency_ms:g} ms"
+        elif over_cap:
+            why = f"${cost_1m:.4f}/1M over the cap ${policy.max_cost_usd_per_1m:g}/1M"
+        elif chosen_cost is not None and decision.reason == "cheapest-feasible":
+            why = f"feasible, ${cost_1m - chosen_cost:.4f}/1M dearer than the chosen route"
+        else:
+            why = f"feasible, not best by objective {policy.objective}"
+        verdicts.append(
+            Verdict(route, state.status, pred, cost_1m, carbon_1m, feasible, chosen, why)
+        )
+    return decision, verdicts
+
+
+# ---- baselines: simple rules the router is measured against -------------------------
+
+Chooser = Callable[[RouteRequest, Sequence[Route], Policy, float], Decision]
+
+
+def _available(routes: Sequence[Route]) -> list[Route]:
+    return [r for r in routes if r.state.available]
+
+
+def fastest_only(
+    request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
+) -> Decision:
+    """Always the route with the lowest unloaded service time, whatever it costs."""
+    live = _available(routes)
+    if not live:
+        return Decision(None, "no-healthy-route")
+    route = min(live, key=lambda r: (r.estimate.p50_ms, r.backend))
+    return Decision(route, "fastest-only", cost_usd=cost_usd(route, request.batch_size))
+
+
+def cheapest_only(
+    request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
+) -> Decision:
+    """Always the route with the lowest cost per inference, whatever its latency."""
+    live = _available(routes)
+    if not live:
+        return Decision(None, "no-healthy-route")
+    route = min(live, key=lambda r: (cost_usd(r), r.backend))
+    return Decision(route, "cheapest-only", cost_usd=cost_usd(route, request.batch_size))
+
+
+def least_loaded(
+    request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
+) -> Decision:
+    """The route whose backend has the fewest requests in flight per slot; ties cheapest."""
+    live = _available(routes)
+    if not live:
+        return Decision(None, "no-healthy-route")
+    route = min(live, key=lambda r: (r.state.in_flight / r.state.slots, cost_usd(r), r.backend))
+    return Decision(route, "least-loaded", cost_usd=cost_usd(route, request.batch_size))
+
+
+class RoundRobin:
+    """Each available route in turn (per model)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def __call__(
+        self, request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
+    ) -> Decision:
+        live = _available(routes)
+        if not live:
+            return Decision(None, "no-healthy-route")
+        turn = self._next.get(request.model, 0)
+        self._next[request.model] = turn + 1
+        route = live[turn % len(live)]
+        return Decision(route, "round-robin", cost_usd=cost_usd(route, request.batch_size))

@@ -23,12 +23,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from gateway.admin import AdminServicer, add_to_server, admin_token
 from gateway.config import ConfigError, FleetConfig, load_fleet
-from gateway.fleet import BackendState, FleetState
+from gateway.control import Control, read_price_schedule, replay_prices, watch_fleet_file
+from gateway.fleet import BackendState, Ejection, FleetState
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
 from gateway.pool import BackendPool
 from gateway.prober import Prober
+from gateway.router import cost_usd
 from gateway.servicer import SERVICE, GatewayServicer, generic_handler
 from gateway.supervisor import Supervisor
 
@@ -54,13 +57,29 @@ class Gateway:
     registry: CollectorRegistry
     servicer: GatewayServicer
     health: health.aio.HealthServicer
+    control: Control
+    admin_server: grpc.aio.Server | None
+    admin_port: int | None
     _metrics_server: object
+    _stop: asyncio.Event
+    _tasks: list[asyncio.Task[None]]
 
     @property
     def address(self) -> str:
         return f"{self.config.gateway.listen.rsplit(':', 1)[0]}:{self.port}"
 
+    @property
+    def admin_address(self) -> str | None:
+        if self.admin_port is None:
+            return None
+        return f"{self.config.gateway.admin.rsplit(':', 1)[0]}:{self.admin_port}"
+
     async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        if self.admin_server is not None:
+            await self.admin_server.stop(grace=0.5)
         await self.server.stop(grace=2.0)
         await self.prober.stop()
         await self.supervisor.stop()
@@ -71,6 +90,7 @@ class Gateway:
 
 
 def build_fleet(config: FleetConfig) -> FleetState:
+    settings = config.gateway
     return FleetState(
         [
             BackendState(
@@ -78,15 +98,18 @@ def build_fleet(config: FleetConfig) -> FleetState:
                 address=b.address,
                 hardware_class=b.hardware_class,
                 price_usd_per_hour=b.price_usd_per_hour,
-                slots=b.launch.threads if b.launch else 1,
+                slots=b.slots or (b.launch.threads if b.launch else 1),
                 expected_models=tuple(b.models or ()),
+                carbon_g_per_kwh=b.carbon_g_per_kwh,
+                power_w=b.power_w,
             )
             for b in config.backends
-        ]
+        ],
+        Ejection(settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s),
     )
 
 
-async def start_gateway(config: FleetConfig) -> Gateway:
+async def start_gateway(config: FleetConfig, config_path: Path | None = None) -> Gateway:
     """Starts every part; returns once launched backends listen and the server is up."""
     settings = config.gateway
     registry = CollectorRegistry()
@@ -105,7 +128,21 @@ async def start_gateway(config: FleetConfig) -> Gateway:
     def refresh() -> None:
         for b in fleet.backends.values():
             metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
+            metrics.available.labels(b.name).set(1 if b.available else 0)
             metrics.price.labels(b.name).set(b.price_usd_per_hour)
+        for b_name, depth in servicer.coalescer.queue_depths().items():
+            metrics.queue_depth.labels(b_name).set(depth)
+        for r in fleet.all_routes():
+            labels = (r.backend, r.model, r.variant)
+            rtt = r.state.network.rtt_ms
+            for quantile, predicted, observed in (
+                ("0.5", r.estimate.p50_ms, r.observed.p50_ms),
+                ("0.99", r.estimate.p99_ms, r.observed.p99_ms),
+            ):
+                metrics.route_latency.labels(*labels, "predicted", quantile).set(rtt + predicted)
+                if r.observed.samples:
+                    metrics.route_latency.labels(*labels, "observed", quantile).set(observed)
+            metrics.route_cost.labels(*labels).set(cost_usd(r) * 1e6)
         for model in fleet.known_models():
             metrics.model_ready.labels(model).set(1 if fleet.model_ready(model) else 0)
         status = (
@@ -117,7 +154,13 @@ async def start_gateway(config: FleetConfig) -> Gateway:
             spawn(health_servicer.set(service, status))
 
     prober = Prober(
-        fleet, pool, time.monotonic, settings.probe_interval_s, settings.probe_timeout_s, refresh
+        fleet,
+        pool,
+        time.monotonic,
+        settings.probe_interval_s,
+        settings.probe_timeout_s,
+        refresh,
+        settings.latency_probe_interval_s,
     )
 
     def on_exit(name: str, reason: str) -> None:
@@ -136,6 +179,12 @@ async def start_gateway(config: FleetConfig) -> Gateway:
         metrics,
         coalesce_in_flight=settings.coalesce_in_flight,
     )
+
+    def set_policies(book: PolicyBook) -> None:
+        servicer.policies = book
+
+    control = Control(fleet, metrics, lambda: servicer.policies, set_policies)
+    schedule = read_price_schedule(settings.price_schedule) if settings.price_schedule else []
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -156,6 +205,21 @@ async def start_gateway(config: FleetConfig) -> Gateway:
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {settings.metrics}: {exc}") from exc
 
+    admin_server = None
+    admin_port = None
+    token = admin_token(config)
+    if token is None:
+        log.warning(
+            "admin API off: set SWITCHYARD_ADMIN_TOKEN or gateway.admin_token_file to enable it"
+        )
+    else:
+        admin_server = grpc.aio.server()
+        add_to_server(admin_server, AdminServicer(control, token, time.monotonic))
+        try:
+            admin_port = admin_server.add_insecure_port(settings.admin)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot serve the admin API on {settings.admin}: {exc}") from exc
+
     supervisor = Supervisor(config.backends, config.repository, on_address, on_exit)
     supervisor.start()
     late = await supervisor.wait_listening(settings.startup_timeout_s)
@@ -164,7 +228,21 @@ async def start_gateway(config: FleetConfig) -> Gateway:
     await prober.probe_all()
     prober.start()
     await server.start()
+    if admin_server is not None:
+        await admin_server.start()
     refresh()
+    stop = asyncio.Event()
+    tasks = []
+    if config_path is not None and settings.watch_config_s > 0:
+        tasks.append(
+            loop.create_task(watch_fleet_file(control, config_path, settings.watch_config_s, stop))
+        )
+    if schedule:
+        tasks.append(
+            loop.create_task(
+                replay_prices(control, schedule, time.monotonic, settings.price_schedule_loop, stop)
+            )
+        )
     return Gateway(
         config=config,
         fleet=fleet,
@@ -177,7 +255,12 @@ async def start_gateway(config: FleetConfig) -> Gateway:
         registry=registry,
         servicer=servicer,
         health=health_servicer,
+        control=control,
+        admin_server=admin_server,
+        admin_port=admin_port,
         _metrics_server=metrics_server,
+        _stop=stop,
+        _tasks=tasks,
     )
 
 
@@ -193,6 +276,8 @@ def describe(gateway: Gateway) -> str:
     lines = [
         f"switchyard gateway listening on {gateway.address} (Open Inference Protocol gRPC)",
         f"  metrics:  http://{metrics_host}:{gateway.metrics_port}/metrics",
+        f"  admin:    {gateway.admin_address or 'off (no admin token)'}"
+        + ("  (`switchyard admin routes`)" if gateway.admin_address else ""),
     ]
     for b in gateway.fleet.backends.values():
         state = "ready" if b.healthy else f"not ready ({b.last_error or 'starting'})"
@@ -208,8 +293,10 @@ def describe(gateway: Gateway) -> str:
     return "\n".join(lines)
 
 
-async def serve(config: FleetConfig, ready_file: Path | None) -> None:
-    gateway = await start_gateway(config)
+async def serve(
+    config: FleetConfig, ready_file: Path | None, config_path: Path | None = None
+) -> None:
+    gateway = await start_gateway(config, config_path)
     print(describe(gateway), flush=True)
     if ready_file is not None:
         await asyncio.to_thread(
@@ -219,6 +306,7 @@ async def serve(config: FleetConfig, ready_file: Path | None) -> None:
                 {
                     "address": gateway.address,
                     "metrics_port": gateway.metrics_port,
+                    "admin": gateway.admin_address,
                     "backends": {
                         b.name: {"address": b.address, "healthy": b.healthy}
                         for b in gateway.fleet.backends.values()
@@ -280,8 +368,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(serve(config, args.ready_file))
-    except StartupError as exc:
+        asyncio.run(serve(config, args.ready_file, args.config))
+    except (StartupError, ConfigError) as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1
     return 0

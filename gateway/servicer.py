@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from backends import __version__
 from backends.errors import (
     DeadlineExceeded,
+    Exhausted,
     InvalidInput,
     ModelNotFound,
     SwitchyardError,
@@ -32,7 +33,9 @@ from gateway.coalescer import Coalescer
 from gateway.converters import (
     REMOTE_VARIANT,
     config_message,
+    cost_parameter,
     metadata_message,
+    request_parameters,
     response_parameters,
     route_request,
     stream_error,
@@ -44,7 +47,15 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
 from gateway.pool import BackendCallError as ForwardedError
 from gateway.pool import BackendPool
-from gateway.router import choose
+from gateway.router import (
+    Chooser,
+    Decision,
+    Policy,
+    carbon_g,
+    choose,
+    cost_usd,
+    hedge_after_ms,
+)
 from gateway.stats import ModelCounters
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
@@ -53,8 +64,19 @@ log = logging.getLogger("switchyard.gateway")
 
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchyard_routing"]
-# Codes on which an attempt is retried on the next route: the request did not run.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# Codes on which an attempt is retried on the next route: the backend could not
+# run it (down, overloaded) or failed on its side; inference is idempotent.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+# Codes that count against a backend in passive outlier detection (the caller's
+# own errors, such as INVALID_ARGUMENT, do not).
+BACKEND_FAULTS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
 STREAM_WINDOW = 64
 
 
@@ -67,6 +89,7 @@ class GatewayServicer:
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
         coalesce_in_flight: int = 1,
+        chooser: Chooser = choose,
     ) -> None:
         self.fleet = fleet
         self.pool = pool
@@ -74,7 +97,9 @@ class GatewayServicer:
         self.metrics = metrics
         self.clock = clock
         self.counters: dict[str, ModelCounters] = {}
+        self.chooser = chooser
         self._suffixes: dict[tuple[str, str, int], bytes] = {}
+        self._variant_suffixes: dict[str, bytes] = {}
         self.coalescer = Coalescer(
             self._send,
             clock,
@@ -129,6 +154,7 @@ class GatewayServicer:
         batch_size = 1
         backend_ns = 0
         counters: ModelCounters | None = None
+        policy: Policy | None = None
         try:
             try:
                 header = gateway_pb2.InferRequestHeader.FromString(request)
@@ -143,31 +169,24 @@ class GatewayServicer:
             policy = self.policies.resolve(route_req)
             timeout_s = _earliest(time_remaining, timeout_param_s(header))
             deadline = None if timeout_s is None else self.clock() + timeout_s
-            decision = choose(route_req, self.fleet.routes(model), policy, self.clock())
+            decision = self.chooser(route_req, self.fleet.routes(model), policy, self.clock())
             self.metrics.decisions.labels(model, decision.reason).inc()
-            if not decision.routes:
+            if decision.route is None:
+                if decision.reason == "infeasible-reject":
+                    raise Exhausted(decision.message)
                 raise Unavailable(f"no healthy backend serves model {model!r} right now")
-            last_error: ForwardedError | None = None
-            for attempt, route in enumerate(decision.routes, start=1):
-                backend, variant = route.backend, route.variant
-                remaining = None if deadline is None else deadline - self.clock()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(
-                        f"deadline passed after {attempt - 1} attempt(s) for model {model!r}"
-                    )
-                sent_ns = time.perf_counter_ns()
-                try:
-                    reply = await self._attempt(route, request, header, info, remaining)
-                except ForwardedError as exc:
-                    backend_ns += time.perf_counter_ns() - sent_ns
-                    last_error = exc
-                    if exc.code in RETRYABLE:
-                        continue
-                    raise
-                backend_ns += time.perf_counter_ns() - sent_ns
-                return reply + self._suffix(route, attempt)
-            assert last_error is not None
-            raise last_error
+            started = time.perf_counter_ns()
+            reply, route, attempts = await self._attempts(
+                decision, policy, request, header, info, deadline
+            )
+            backend_ns = time.perf_counter_ns() - started
+            backend, variant = route.backend, route.variant
+            cost = cost_usd(route, batch_size)
+            self.metrics.cost.labels(model, backend).inc(cost)
+            carbon = carbon_g(route, batch_size)
+            if carbon is not None:
+                self.metrics.carbon.labels(model, backend).inc(carbon)
+            return reply + self._suffix(route, attempts) + cost_parameter(cost)
         except SwitchyardError as exc:
             outcome = code_for(exc).name
             raise
@@ -182,6 +201,104 @@ class GatewayServicer:
                 )
             self.metrics.requests.labels(model_label, backend, variant, outcome).inc()
             self.metrics.latency.labels(model_label, backend).observe(elapsed_ns / 1e9)
+            if policy is not None and counters is not None:
+                met = outcome == "OK" and elapsed_ns / 1e6 <= policy.latency_ms
+                self.metrics.sla.labels(model_label, policy.name, "met" if met else "missed").inc()
+
+    async def _attempts(
+        self,
+        decision: Decision,
+        policy: Policy,
+        request: bytes,
+        header: gateway_pb2.InferRequestHeader,
+        info: ModelInfo,
+        deadline: float | None,
+    ) -> tuple[bytes, Route, int]:
+        """Runs the decision: the chosen route first; on a retryable failure the
+        next-best route while retries and the deadline allow; with hedging, a
+        second attempt when the first runs past its predicted p95 (the first
+        answer wins, the other is cancelled). Returns the reply, the route that
+        answered and the number of attempts."""
+        assert decision.route is not None
+        model = decision.route.model
+        queue: list[Route] | None = None  # alternatives, computed on first need
+        tried = 0
+        pending: dict[asyncio.Task[bytes], Route] = {}
+        hedged = not policy.hedge
+        last_error: ForwardedError | SwitchyardError | None = None
+
+        def next_route() -> Route | None:
+            nonlocal queue
+            if tried > policy.retries:
+                return None
+            if queue is None:
+                queue = decision.alternatives()
+            while queue:
+                candidate = queue.pop(0)
+                if candidate.state.available:
+                    return candidate
+            return None
+
+        def launch(route: Route) -> None:
+            nonlocal tried
+            tried += 1
+            remaining = None if deadline is None else deadline - self.clock()
+            task = asyncio.ensure_future(self._attempt(route, request, header, info, remaining))
+            pending[task] = route
+
+        launch(decision.route)
+        try:
+            while pending:
+                wait_s = None
+                if not hedged:
+                    first = next(iter(pending.values()))
+                    wait_s = hedge_after_ms(first, policy) / 1000.0
+                if deadline is not None:
+                    left = deadline - self.clock()
+                    wait_s = left if wait_s is None else min(wait_s, left)
+                done, _ = await asyncio.wait(
+                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    if deadline is not None and self.clock() >= deadline:
+                        raise DeadlineExceeded(
+                            f"deadline passed after {tried} attempt(s) for model {model!r}"
+                        )
+                    hedged = True
+                    hedge = next_route()
+                    if hedge is not None:
+                        self.metrics.decisions.labels(model, "hedge").inc()
+                        launch(hedge)
+                    continue
+                for task in done:
+                    route = pending.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        return task.result(), route, tried
+                    if not isinstance(error, ForwardedError | SwitchyardError):
+                        raise error
+                    last_error = error
+                    retryable = isinstance(error, ForwardedError) and error.code in RETRYABLE
+                    if not retryable:
+                        if not pending:
+                            raise error
+                        continue
+                    if deadline is not None and self.clock() >= deadline:
+                        continue
+                    retry = next_route()
+                    if retry is not None:
+                        self.metrics.decisions.labels(model, "retry").inc()
+                        launch(retry)
+            assert last_error is not None
+            if isinstance(last_error, ForwardedError) and last_error.code in RETRYABLE:
+                if deadline is not None and self.clock() >= deadline:
+                    raise DeadlineExceeded(
+                        f"deadline passed after {tried} attempt(s) for model {model!r}"
+                    )
+            raise last_error
+        finally:
+            for task in pending:
+                task.cancel()
 
     async def _attempt(
         self,
@@ -191,14 +308,44 @@ class GatewayServicer:
         info: ModelInfo,
         timeout_s: float | None,
     ) -> bytes:
-        """One attempt on `route`; the coalescer sends it alone or merged with others."""
+        """One attempt on `route`; the coalescer sends it alone or merged with others.
+        Its latency feeds the route's estimates, its outcome outlier detection."""
+        state = route.state
+        ahead = state.in_flight - state.slots + 1
+        wait_ms = ahead * route.estimate.mean_ms / state.slots if ahead > 0 else 0.0
+        if not route.default:
+            request = request + self._variant_parameter(route.variant)
         self.fleet.acquire(route.backend)
         self.metrics.in_flight.labels(route.backend).inc()
+        sent = time.perf_counter()
+        ok = False
+        error = ""
         try:
-            return await self.coalescer.call(route, request, header, info, timeout_s)
+            reply = await self.coalescer.call(route, request, header, info, timeout_s)
+            ok = True
+            return reply
+        except ForwardedError as exc:
+            error = f"{exc.code.name}: {exc.details}"
+            ok = exc.code not in BACKEND_FAULTS
+            raise
         finally:
             self.fleet.release(route.backend)
             self.metrics.in_flight.labels(route.backend).dec()
+            now = self.clock()
+            if ok and not error:
+                latency_ms = (time.perf_counter() - sent) * 1000.0
+                route.observed.observe(latency_ms, now)
+                route.estimate.observe(latency_ms - state.network.rtt_ms - wait_ms, now)
+            if self.fleet.record_attempt(route, ok, now, error):
+                self.metrics.ejections.labels(route.backend).inc()
+                log.warning("backend %s ejected: %s", route.backend, state.last_error)
+
+    def _variant_parameter(self, variant: str) -> bytes:
+        suffix = self._variant_suffixes.get(variant)
+        if suffix is None:
+            suffix = request_parameters({"switchyard_variant": variant})
+            self._variant_suffixes[variant] = suffix
+        return suffix
 
     async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
         """One backend call, as the coalescer makes it."""

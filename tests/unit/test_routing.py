@@ -1,4 +1,5 @@
-"""The router seam, the policy book and the fleet state: pure logic, no I/O."""
+"""The router, the policy book, the fleet state and the latency estimates: pure
+logic, no I/O, driven with tables and properties."""
 
 from __future__ import annotations
 
@@ -9,52 +10,217 @@ from hypothesis import strategies as st
 from backends.errors import InvalidInput
 from backends.tensors import TensorSpec
 from gateway.config import PoliciesSettings, PolicySettings
-from gateway.fleet import BackendState, FleetState, ModelInfo, Route
+from gateway.estimates import LatencyEstimate
+from gateway.fleet import BackendState, Ejection, FleetState, ModelInfo, Route
 from gateway.policy import PolicyBook
-from gateway.router import RouteRequest, choose
-
-
-def route(name: str, price: float, in_flight: int = 0, slots: int = 1) -> Route:
-    return Route(name, "m", "v", "127.0.0.1:1", "cpu", price, in_flight, slots)
-
-
-@pytest.mark.parametrize(
-    ("routes", "expected"),
-    [
-        ([route("a", 0.2), route("b", 0.1)], ["b", "a"]),
-        ([route("a", 0.1, in_flight=2), route("b", 0.2)], ["b", "a"]),
-        ([route("a", 0.1, in_flight=2, slots=4), route("b", 0.2, in_flight=1)], ["a", "b"]),
-        ([route("b", 0.1), route("a", 0.1)], ["a", "b"]),
-    ],
+from gateway.router import (
+    Policy,
+    RoundRobin,
+    RouteRequest,
+    cheapest_only,
+    choose,
+    cost_usd,
+    explain,
+    fastest_only,
+    least_loaded,
+    predict_ms,
 )
-def test_choose_orders_by_load_then_price(routes: list[Route], expected: list[str]) -> None:
-    decision = choose(
-        RouteRequest("m"), routes, PolicyBook(PoliciesSettings()).resolve(RouteRequest("m")), 0.0
-    )
-    assert [r.backend for r in decision.routes] == expected
-    assert decision.route is not None and decision.route.backend == expected[0]
+
+REQ = RouteRequest("m")
 
 
-def test_no_routes_is_an_empty_decision() -> None:
-    decision = choose(
-        RouteRequest("m"), [], PolicyBook(PoliciesSettings()).resolve(RouteRequest("m")), 0.0
-    )
-    assert decision.route is None and decision.reason == "no-healthy-route"
+def route(
+    name: str,
+    price: float,
+    p50: float = 1.0,
+    p99: float = 2.0,
+    in_flight: int = 0,
+    slots: int = 1,
+    available: bool = True,
+    carbon: tuple[float, float] | None = None,
+) -> Route:
+    state = BackendState(name, "127.0.0.1:1", "cpu", price, slots=slots)
+    state.network.rtt_ms = 0.0
+    state.healthy = available
+    state.in_flight = in_flight
+    if carbon is not None:
+        state.set_carbon(*carbon)
+    state.refresh()
+    r = Route(state, "m", "v", True)
+    r.estimate.seed(p50, p99)
+    return r
 
 
-@given(
-    st.lists(
-        st.tuples(st.floats(0, 10), st.integers(0, 50), st.integers(1, 8)), min_size=1, max_size=20
-    )
+def names(routes: list[Route]) -> list[str]:
+    return [r.backend for r in routes]
+
+
+def test_cheapest_feasible_route_is_chosen() -> None:
+    cheap, dear = route("cheap", 0.1), route("dear", 0.4)
+    decision = choose(REQ, [dear, cheap], Policy(latency_ms=10), 0.0)
+    assert decision.route is cheap and decision.reason == "cheapest-feasible"
+    assert decision.cost_usd == pytest.approx(cost_usd(cheap))
+    assert names(decision.alternatives()) == ["dear"]
+
+
+def test_a_route_too_slow_for_the_sla_is_skipped_even_when_cheap() -> None:
+    slow = route("slow", 0.01, p50=15, p99=20)
+    fast = route("fast", 0.5)
+    assert choose(REQ, [slow, fast], Policy(latency_ms=10), 0.0).route is fast
+    # A looser SLA lets the cheap route take it.
+    assert choose(REQ, [slow, fast], Policy(latency_ms=50), 0.0).route is slow
+
+
+def test_load_spills_to_the_next_route_and_comes_back_when_it_drains() -> None:
+    cheap = route("cheap", 0.1, p50=2, p99=3)
+    dear = route("dear", 0.3, p50=2, p99=3)
+    policy = Policy(latency_ms=10)
+    chosen = []
+    for in_flight in (0, 2, 4, 6, 2, 0):
+        cheap.state.in_flight = in_flight
+        chosen.append(choose(REQ, [cheap, dear], policy, 0.0).route)
+    # 3 ms + 2 ms per request ahead: feasible up to 3 ahead (in flight 3).
+    assert names(chosen) == ["cheap", "cheap", "dear", "dear", "cheap", "cheap"]  # type: ignore[arg-type]
+
+
+def test_parallel_slots_shorten_the_predicted_wait() -> None:
+    one = route("one", 0.1, p50=2, p99=2, in_flight=4, slots=1)
+    four = route("four", 0.1, p50=2, p99=2, in_flight=4, slots=4)
+    assert predict_ms(one, 99.0) == pytest.approx(2 + 4 * 2.0, rel=0.02)
+    assert predict_ms(four, 99.0) == pytest.approx(2 + 1 * 2.0 / 4, rel=0.05)
+
+
+def test_infeasible_falls_back_to_the_fastest_or_rejects_with_the_reason() -> None:
+    a = route("a", 0.1, p50=30, p99=40)
+    b = route("b", 0.2, p50=20, p99=25)
+    fallback = choose(REQ, [a, b], Policy(latency_ms=10), 0.0)
+    assert fallback.route is b and fallback.reason == "infeasible-fallback"
+    reject = choose(REQ, [a, b], Policy(latency_ms=10, on_infeasible="reject"), 0.0)
+    assert reject.route is None and reject.reason == "infeasible-reject"
+    assert "model 'm'" in reject.message and "p99 <= 10 ms" in reject.message
+    assert "fastest is b/v" in reject.message
+
+
+def test_cost_cap_makes_a_route_infeasible() -> None:
+    dear = route("dear", 36.0, p50=1, p99=1)  # 36 USD/h = 10 USD per 1M ms: 10/1M
+    cheap_slow = route("cheap", 0.036, p50=30, p99=30)
+    capped = Policy(latency_ms=10, max_cost_usd_per_1m=5.0, on_infeasible="reject")
+    decision = choose(REQ, [dear, cheap_slow], capped, 0.0)
+    assert decision.route is None and "within $5/1M" in decision.message
+    assert choose(REQ, [dear], Policy(latency_ms=10, max_cost_usd_per_1m=20.0), 0.0).route is dear
+
+
+def test_objectives_latency_and_carbon() -> None:
+    fast_dear = route("fast", 1.0, p50=1, p99=1, carbon=(500, 100))
+    slow_green = route("green", 0.5, p50=3, p99=4, carbon=(20, 100))
+    cheap_dirty = route("dirty", 0.1, p50=3, p99=4, carbon=(900, 100))
+    routes = [fast_dear, slow_green, cheap_dirty]
+    assert choose(REQ, routes, Policy(latency_ms=10), 0.0).route is cheap_dirty
+    latency = choose(REQ, routes, Policy(latency_ms=10, objective="latency"), 0.0)
+    assert latency.route is fast_dear and latency.reason == "fastest-feasible"
+    carbon = choose(REQ, routes, Policy(latency_ms=10, objective="carbon"), 0.0)
+    assert carbon.route is slow_green and carbon.reason == "lowest-carbon-feasible"
+
+
+def test_unavailable_routes_are_never_chosen() -> None:
+    down = route("down", 0.01, available=False)
+    drained = route("drained", 0.02)
+    drained.state.drained = True
+    drained.state.refresh()
+    up = route("up", 0.5)
+    decision = choose(REQ, [down, drained, up], Policy(latency_ms=10), 0.0)
+    assert decision.route is up and decision.alternatives() == []
+    assert choose(REQ, [down], Policy(), 0.0).reason == "no-healthy-route"
+
+
+def test_alternatives_are_feasible_by_cost_then_the_rest_fastest_first() -> None:
+    routes = [
+        route("slow-cheap", 0.01, p50=50, p99=60),
+        route("ok-dear", 0.9),
+        route("ok-mid", 0.5),
+        route("slower-cheap", 0.02, p50=70, p99=80),
+        route("ok-cheap", 0.1),
+    ]
+    decision = choose(REQ, routes, Policy(latency_ms=10), 0.0)
+    assert decision.route is not None and decision.route.backend == "ok-cheap"
+    assert names(decision.alternatives()) == ["ok-mid", "ok-dear", "slow-cheap", "slower-cheap"]
+
+
+def test_explain_agrees_with_choose_and_says_why() -> None:
+    down = route("down", 0.01, available=False)
+    down.state.last_error = "connection refused"
+    routes = [route("slow", 0.02, p50=30, p99=40), down, route("dear", 0.9), route("ok", 0.1)]
+    decision, verdicts = explain(REQ, routes, Policy(latency_ms=10), 0.0)
+    assert decision.route is not None and decision.route.backend == "ok"
+    why = {v.route.backend: v.why for v in verdicts}
+    assert why["ok"] == "chosen: cheapest-feasible"
+    assert why["down"] == "unhealthy: connection refused"
+    assert why["slow"].startswith("predicted p99 40.") and why["slow"].endswith("> SLA 10 ms")
+    assert why["dear"].startswith("feasible, $") and "dearer than the chosen" in why["dear"]
+    assert [v.feasible for v in verdicts] == [False, False, True, True]
+    chosen = next(v for v in verdicts if v.chosen)
+    assert chosen.predicted_ms == pytest.approx(decision.predicted_ms)
+
+
+ROUTE_SPECS = st.lists(
+    st.tuples(
+        st.floats(0.0, 5.0),  # price
+        st.floats(0.1, 30.0),  # p50
+        st.floats(0.0, 30.0),  # p99 - p50
+        st.integers(0, 20),  # in flight
+        st.integers(1, 4),  # slots
+        st.booleans(),  # available
+    ),
+    min_size=1,
+    max_size=12,
 )
-def test_choose_returns_every_route_once_and_is_pure(specs: list[tuple[float, int, int]]) -> None:
-    routes = [route(f"b{i}", p, f, s) for i, (p, f, s) in enumerate(specs)]
-    policy = PolicyBook(PoliciesSettings()).resolve(RouteRequest("m"))
-    first = choose(RouteRequest("m"), routes, policy, 1.0)
-    assert sorted(r.backend for r in first.routes) == sorted(r.backend for r in routes)
-    assert choose(RouteRequest("m"), list(reversed(routes)), policy, 1.0) == first
-    loads = [r.in_flight / r.slots for r in first.routes]
-    assert loads == sorted(loads)
+
+
+@given(ROUTE_SPECS, st.floats(1.0, 60.0))
+def test_choice_is_feasible_and_cheapest_among_feasible(
+    specs: list[tuple[float, float, float, int, int, bool]], sla: float
+) -> None:
+    routes = [
+        route(f"b{i}", price, p50, p50 + extra, in_flight, slots, up)
+        for i, (price, p50, extra, in_flight, slots, up) in enumerate(specs)
+    ]
+    policy = Policy(latency_ms=sla)
+    decision = choose(REQ, routes, policy, 0.0)
+    live = [r for r in routes if r.state.available]
+    feasible = [r for r in live if predict_ms(r, 99.0) <= sla]
+    if not live:
+        assert decision.route is None
+    elif feasible:
+        assert decision.route in feasible and decision.reason == "cheapest-feasible"
+        assert cost_usd(decision.route) <= min(cost_usd(r) for r in feasible) + 1e-18
+    else:
+        assert decision.reason == "infeasible-fallback" and decision.route is not None
+        assert predict_ms(decision.route, 99.0) == min(predict_ms(r, 99.0) for r in live)
+    # Every other available route is offered once for retries.
+    if decision.route is not None:
+        assert sorted(names(decision.alternatives())) == sorted(
+            r.backend for r in live if r is not decision.route
+        )
+
+
+def test_baselines() -> None:
+    fast = route("fast", 1.0, p50=0.5, p99=1)
+    cheap = route("cheap", 0.1, p50=2, p99=3, in_flight=3)
+    mid = route("mid", 0.5, p50=1, p99=2, in_flight=1, slots=2)
+    routes = [fast, cheap, mid]
+    assert fastest_only(REQ, routes, Policy(), 0.0).route is fast
+    assert cheapest_only(REQ, routes, Policy(), 0.0).route is cheap
+    assert least_loaded(REQ, routes, Policy(), 0.0).route is fast
+    rr = RoundRobin()
+    assert names([rr(REQ, routes, Policy(), 0.0).route for _ in range(4)]) == [  # type: ignore[misc]
+        "fast",
+        "cheap",
+        "mid",
+        "fast",
+    ]
+
+
+# ---- policies ---------------------------------------------------------------------
 
 
 def test_policy_resolution_order() -> None:
@@ -63,38 +229,140 @@ def test_policy_resolution_order() -> None:
             default=PolicySettings(
                 latency_ms=100, percentile=99, objective="cost", on_infeasible="fastest"
             ),
-            classes={"gold": PolicySettings(latency_ms=10, on_infeasible="reject")},
-            models={"digits": PolicySettings(latency_ms=20)},
+            classes={"gold": PolicySettings(latency_ms=10, on_infeasible="reject", hedge=True)},
+            models={"digits": PolicySettings(latency_ms=20, retries=1)},
         )
     )
     assert book.resolve(RouteRequest("cnn")).latency_ms == 100
-    assert book.resolve(RouteRequest("digits")).latency_ms == 20
+    assert book.resolve(RouteRequest("cnn")).name == "default"
+    digits = book.resolve(RouteRequest("digits"))
+    assert (digits.latency_ms, digits.retries, digits.hedge) == (20, 1, False)
     gold = book.resolve(RouteRequest("digits", sla_class="gold"))
-    assert (gold.latency_ms, gold.on_infeasible, gold.objective) == (10, "reject", "cost")
-    assert book.resolve(RouteRequest("digits", sla_class="gold", sla_ms=3)).latency_ms == 3
+    assert (gold.latency_ms, gold.on_infeasible, gold.objective, gold.name) == (
+        10,
+        "reject",
+        "cost",
+        "gold",
+    )
+    assert gold.hedge and gold.retries == 1
+    custom = book.resolve(RouteRequest("digits", sla_class="gold", sla_ms=3))
+    assert (custom.latency_ms, custom.name) == (3, "custom")
     with pytest.raises(InvalidInput, match="unknown sla_class 'tin' \\(classes: gold\\)"):
         book.resolve(RouteRequest("digits", sla_class="tin"))
 
 
+# ---- fleet state --------------------------------------------------------------------
+
 INFO = ModelInfo(
-    "m", ("1",), "onnxruntime_onnx", (TensorSpec("x", "FP32", (-1, 2)),), (), 8, "ort-cpu-fp32"
+    "m",
+    ("1",),
+    "onnxruntime_onnx",
+    (TensorSpec("x", "FP32", (-1, 2)),),
+    (),
+    8,
+    "ort-cpu-fp32",
+    ("ort-cpu-fp32", "ort-cpu-int8-qdq"),
+    (("ort-cpu-fp32", 2.0, 3.0), ("ort-cpu-int8-qdq", 1.0, 1.5)),
 )
 
 
-def test_fleet_routes_follow_health_and_models() -> None:
-    fleet = FleetState(
-        [BackendState("a", "127.0.0.1:1", "cpu", 0.1), BackendState("b", "127.0.0.1:2", "cpu", 0.2)]
+def two_backends() -> FleetState:
+    return FleetState(
+        [BackendState("a", "127.0.0.1:1", "cpu", 0.1), BackendState("b", "127.0.0.1:2", "cpu", 0.2)],
+        Ejection(after_failures=2, base_s=1.0, max_s=4.0),
     )
+
+
+def test_fleet_has_a_route_per_backend_and_variant_seeded_from_the_profile() -> None:
+    fleet = two_backends()
     assert fleet.routes("m") == [] and not fleet.any_ready()
     fleet.record_probe("a", 1.0, {"m": INFO})
     fleet.record_probe("b", 1.0, {})
-    assert [r.backend for r in fleet.routes("m")] == ["a"]
-    assert fleet.model_ready("m") and fleet.known_models() == ["m"]
+    routes = fleet.routes("m")
+    assert [(r.backend, r.variant, r.default) for r in routes] == [
+        ("a", "ort-cpu-fp32", True),
+        ("a", "ort-cpu-int8-qdq", False),
+    ]
+    assert routes[1].estimate.p50_ms == pytest.approx(1.0, rel=0.08)
+    assert routes[0].estimate.p99_ms == pytest.approx(3.0, rel=0.08)
+    # The faster variant costs less busy time: the router picks it.
+    decision = choose(REQ, routes, Policy(latency_ms=10), 2.0)
+    assert decision.route is routes[1]
+    # Estimates survive a re-probe with the same models.
+    routes[1].estimate.observe(5.0, 2.0)
+    fleet.record_probe("a", 3.0, {"m": INFO})
+    assert fleet.routes("m")[1] is routes[1]
     fleet.acquire("a")
-    assert fleet.routes("m")[0].in_flight == 1
+    assert routes[0].state.in_flight == 1
     fleet.release("a")
-    fleet.record_failure("a", 2.0, "connection refused")
-    assert fleet.routes("m") == [] and not fleet.model_ready("m")
-    # Metadata survives for the API while no backend is healthy.
-    assert fleet.model_info("m") == INFO
+    fleet.record_failure("a", 4.0, "connection refused")
+    assert fleet.available_routes("m") == [] and not fleet.model_ready("m")
+    assert fleet.model_info("m") == INFO  # metadata survives for the API
     assert fleet.backends["a"].consecutive_failures == 1
+
+
+def test_passive_outlier_detection_ejects_with_growing_back_off() -> None:
+    fleet = two_backends()
+    fleet.record_probe("a", 0.0, {"m": INFO})
+    r = fleet.routes("m")[0]
+    assert not fleet.record_attempt(r, False, 1.0, "INTERNAL: boom")
+    assert fleet.record_attempt(r, False, 1.0, "INTERNAL: boom")
+    assert r.state.status == "ejected" and not r.state.available
+    assert "after 2 failures" in r.state.last_error
+    # A probe before the back-off passes does not re-admit; after it, it does.
+    fleet.record_probe("a", 1.5, {"m": INFO})
+    assert not r.state.available
+    fleet.record_probe("a", 2.0, {"m": INFO})
+    assert r.state.available
+    # Failing again right away: twice as long.
+    fleet.record_attempt(r, False, 2.1)
+    fleet.record_attempt(r, False, 2.1)
+    assert r.state.ejected_until_s == pytest.approx(4.1)
+    fleet.record_probe("a", 4.1, {"m": INFO})
+    assert r.state.available
+    # A success resets the back-off.
+    fleet.record_attempt(r, True, 4.2)
+    fleet.record_attempt(r, False, 5.0)
+    fleet.record_attempt(r, False, 5.0)
+    assert r.state.ejected_until_s == pytest.approx(6.0)
+
+
+def test_drain_and_price_change_reach_the_router() -> None:
+    fleet = two_backends()
+    fleet.record_probe("a", 0.0, {"m": INFO})
+    fleet.record_probe("b", 0.0, {"m": INFO})
+    policy = Policy(latency_ms=10)
+    assert choose(REQ, fleet.routes("m"), policy, 0.0).route.backend == "a"  # type: ignore[union-attr]
+    fleet.set_price("a", 1.0)
+    assert choose(REQ, fleet.routes("m"), policy, 0.0).route.backend == "b"  # type: ignore[union-attr]
+    fleet.set_drained("b", True)
+    assert choose(REQ, fleet.routes("m"), policy, 0.0).route.backend == "a"  # type: ignore[union-attr]
+    assert fleet.backends["b"].status == "drained"
+
+
+# ---- estimates ------------------------------------------------------------------------
+
+
+def test_estimate_follows_samples_and_forgets_old_ones() -> None:
+    est = LatencyEstimate()
+    est.seed(2.0, 4.0)
+    assert est.p50_ms == pytest.approx(2.0, rel=0.08) and est.p99_ms == pytest.approx(4.0, rel=0.08)
+    for i in range(200):
+        est.observe(10.0, 1.0 + i * 0.01)
+    assert est.p50_ms == pytest.approx(10.0, rel=0.08)
+    assert est.mean_ms == pytest.approx(10.0, rel=0.01)
+    # Much later, a few fast samples dominate the decayed history.
+    for i in range(40):
+        est.observe(1.0, 200.0 + i * 0.01)
+    assert est.p50_ms == pytest.approx(1.0, rel=0.08)
+    assert est.quantile_ms(90.0) <= est.p99_ms
+
+
+@given(st.lists(st.floats(0.01, 1000.0), min_size=1, max_size=300))
+def test_estimate_quantiles_are_ordered_and_within_the_samples(samples: list[float]) -> None:
+    est = LatencyEstimate()
+    for s in samples:
+        est.observe(s, 0.0)
+    est.observe(samples[-1], 0.0)
+    assert est.p50_ms <= est.p95_ms <= est.p99_ms
+    assert min(samples) * 0.99 <= est.p50_ms <= max(samples) * 1.09

@@ -1,0 +1,188 @@
+"""The control plane: every change an SRE or a schedule makes to a running
+gateway goes through here (prices, policies, drains), from the admin API, the
+fleet file when it changes on disk, and price schedules replayed against the
+clock. Routing reads the result on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import ConfigError, FleetConfig, PoliciesSettings, load_fleet
+from gateway.fleet import BackendState, FleetState
+from gateway.metrics import GatewayMetrics
+from gateway.policy import PolicyBook
+
+log = logging.getLogger("switchyard.control")
+
+
+class UnknownBackend(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown backend {name!r} (backends: {', '.join(known)})")
+
+
+@dataclass(frozen=True, slots=True)
+class PriceChange:
+    offset_s: float
+    backend: str
+    usd_per_hour: float
+
+
+def read_price_schedule(path: Path) -> list[PriceChange]:
+    """A price schedule: CSV rows `offset_s,backend,usd_per_hour` (a header row is
+    allowed), offsets in seconds from the start, in any order."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read price schedule {path}: {exc}") from exc
+    changes = []
+    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or row[0].strip().startswith("#"):
+            continue
+        if number == 1 and row[0].strip() == "offset_s":
+            continue
+        if len(row) != 3:
+            raise ConfigError(f"{path}:{number}: expected offset_s,backend,usd_per_hour")
+        try:
+            offset, price = float(row[0]), float(row[2])
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from exc
+        if offset < 0 or price < 0:
+            raise ConfigError(f"{path}:{number}: offset and price must not be negative")
+        changes.append(PriceChange(offset, row[1].strip(), price))
+    return sorted(changes, key=lambda c: c.offset_s)
+
+
+class Control:
+    """Applies changes to the fleet and the policies, and keeps metrics in step."""
+
+    def __init__(
+        self,
+        fleet: FleetState,
+        metrics: GatewayMetrics,
+        policies: Callable[[], PolicyBook],
+        set_policies: Callable[[PolicyBook], None],
+    ) -> None:
+        self.fleet = fleet
+        self.metrics = metrics
+        self._policies = policies
+        self._set_policies = set_policies
+
+    def backend(self, name: str) -> BackendState:
+        state = self.fleet.backends.get(name)
+        if state is None:
+            raise UnknownBackend(name, sorted(self.fleet.backends))
+        return state
+
+    def set_price(self, backend: str, usd_per_hour: float, source: str) -> BackendState:
+        if usd_per_hour < 0:
+            raise ValueError("a price must not be negative")
+        state = self.backend(backend)
+        if state.price_usd_per_hour != usd_per_hour:
+            log.info(
+                "price of %s: %.4f -> %.4f USD/h (%s)",
+                backend,
+                state.price_usd_per_hour,
+                usd_per_hour,
+                source,
+            )
+        self.fleet.set_price(backend, usd_per_hour)
+        self.metrics.price.labels(backend).set(usd_per_hour)
+        return state
+
+    def set_drained(self, backend: str, drained: bool) -> BackendState:
+        self.backend(backend)
+        state = self.fleet.set_drained(backend, drained)
+        self.metrics.available.labels(backend).set(1 if state.available else 0)
+        log.info("backend %s %s", backend, "drained" if drained else "undrained")
+        return state
+
+    @property
+    def policies(self) -> PolicyBook:
+        return self._policies()
+
+    def set_policies(self, settings: PoliciesSettings, source: str) -> None:
+        self._set_policies(PolicyBook(settings))
+        log.info("policies replaced (%s)", source)
+
+    def apply_fleet(self, config: FleetConfig, source: str) -> None:
+        """Applies what can change live from a fleet file: prices, carbon, policies.
+        Other changes (backends added or removed, addresses) need a restart."""
+        names = {b.name for b in config.backends}
+        if names != set(self.fleet.backends):
+            log.warning("%s: backends added or removed; restart the gateway to apply", source)
+        for b in config.backends:
+            state = self.fleet.backends.get(b.name)
+            if state is None:
+                continue
+            self.set_price(b.name, b.price_usd_per_hour, source)
+            state.set_carbon(b.carbon_g_per_kwh, b.power_w)
+        if config.policies != self.policies.settings:
+            self.set_policies(config.policies, source)
+
+
+async def watch_fleet_file(
+    control: Control, path: Path, interval_s: float, stop: asyncio.Event
+) -> None:
+    """Re-reads the fleet file whenever it changes and applies it; a file that does
+    not validate is logged and ignored (the running settings stay)."""
+
+    def stamp() -> tuple[float, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    seen = stamp()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+            return
+        except TimeoutError:
+            pass
+        current = stamp()
+        if current is None or current == seen:
+            continue
+        seen = current
+        try:
+            config = load_fleet(path)
+        except ConfigError as exc:
+            log.error("fleet file changed but is not valid, keeping the running settings: %s", exc)
+            continue
+        control.apply_fleet(config, f"fleet file {path}")
+
+
+async def replay_prices(
+    control: Control,
+    schedule: list[PriceChange],
+    clock: Callable[[], float],
+    loop_schedule: bool,
+    stop: asyncio.Event,
+) -> None:
+    """Applies each price change when its offset from the start comes round."""
+    if not schedule:
+        return
+    period = schedule[-1].offset_s
+    start = clock()
+    while not stop.is_set():
+        for change in schedule:
+            delay = start + change.offset_s - clock()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    return
+                except TimeoutError:
+                    pass
+            try:
+                control.set_price(change.backend, change.usd_per_hour, "price schedule")
+            except UnknownBackend as exc:
+                log.error("price schedule: %s", exc)
+        if not loop_schedule or period <= 0:
+            return
+        start += period

@@ -1,0 +1,159 @@
+"""Live latency estimates per route: an EWMA of the service time and a decayed
+quantile sketch, seeded from the compile-time profile.
+
+A sample is a route's observed service time (the attempt's latency less the
+network round trip and less the queue wait predicted when it was sent), so the
+estimate describes the route unloaded and the router adds the wait for the load
+it sees. The sketch keeps counts in logarithmic buckets (relative error under
+5%); every count decays with a half-life, so old behaviour fades and a route
+that got slower shows it within a few seconds of traffic. Quantiles are
+recomputed at most every few samples and read as plain attributes, because the
+router reads them for every route of every request.
+
+Pure: time comes in as `now_s`.
+"""
+
+from __future__ import annotations
+
+import math
+
+GAMMA = 1.08
+_LOG_GAMMA = math.log(GAMMA)
+MIN_MS = 0.01
+BUCKETS = 240  # 0.01 ms .. about 1,000 s
+HALF_LIFE_S = 10.0
+EWMA_WEIGHT = 0.1
+REFRESH_EVERY = 8
+"""Samples between quantile refreshes."""
+PRIOR_WEIGHT = 20.0
+"""How many samples a profile's figures count for when seeding the sketch."""
+
+
+def _bucket(ms: float) -> int:
+    if ms <= MIN_MS:
+        return 0
+    return min(BUCKETS - 1, int(math.log(ms / MIN_MS) / _LOG_GAMMA) + 1)
+
+
+def _bucket_ms(index: int) -> float:
+    """A bucket's representative value (its upper edge: estimates err slow)."""
+    return float(MIN_MS * GAMMA**index)
+
+
+class LatencyEstimate:
+    """One route's service-time estimate, in milliseconds."""
+
+    __slots__ = (
+        "_counts",
+        "_decayed_s",
+        "_extra",
+        "_since_refresh",
+        "_total",
+        "last_sample_s",
+        "mean_ms",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "samples",
+        "seeded",
+    )
+
+    def __init__(self, default_ms: float = 1.0) -> None:
+        self.mean_ms = default_ms
+        self.p50_ms = default_ms
+        self.p95_ms = default_ms
+        self.p99_ms = default_ms
+        self.samples = 0
+        """Samples observed (not counting the prior)."""
+        self.last_sample_s: float | None = None
+        self.seeded = False
+        """True once a profile or a sample informs it (else the figures are a guess)."""
+        self._counts = [0.0] * BUCKETS
+        self._total = 0.0
+        self._since_refresh = 0
+        self._decayed_s: float | None = None
+        self._extra: dict[float, float] = {}
+
+    def seed(self, p50_ms: float, p99_ms: float) -> None:
+        """Starts from a profile: a prior worth PRIOR_WEIGHT samples, spread so
+        its median and 99th percentile match the profile's."""
+        p99_ms = max(p99_ms, p50_ms)
+        self._counts = [0.0] * BUCKETS
+        self._counts[_bucket(p50_ms)] += PRIOR_WEIGHT * 0.9
+        self._counts[_bucket((p50_ms + p99_ms) / 2)] += PRIOR_WEIGHT * 0.085
+        self._counts[_bucket(p99_ms)] += PRIOR_WEIGHT * 0.015
+        self._total = PRIOR_WEIGHT
+        self.mean_ms = p50_ms * 0.9 + (p50_ms + p99_ms) / 2 * 0.085 + p99_ms * 0.015
+        self.seeded = True
+        self._refresh()
+
+    def observe(self, service_ms: float, now_s: float) -> None:
+        service_ms = max(service_ms, MIN_MS)
+        self._decay(now_s)
+        if self.samples == 0 and not self.seeded:
+            self.mean_ms = service_ms
+        else:
+            self.mean_ms += EWMA_WEIGHT * (service_ms - self.mean_ms)
+        self._counts[_bucket(service_ms)] += 1.0
+        self._total += 1.0
+        self.samples += 1
+        self.last_sample_s = now_s
+        self._since_refresh += 1
+        if not self.seeded or self._since_refresh >= REFRESH_EVERY:
+            self.seeded = True
+            self._refresh()
+
+    def quantile_ms(self, percentile: float) -> float:
+        """The service time at `percentile` (0..100)."""
+        if percentile == 99.0:
+            return self.p99_ms
+        if percentile == 50.0:
+            return self.p50_ms
+        if percentile == 95.0:
+            return self.p95_ms
+        value = self._extra.get(percentile)
+        if value is None:
+            value = self._extra[percentile] = self._quantile(percentile)
+        return value
+
+    def _decay(self, now_s: float) -> None:
+        if self._decayed_s is None:
+            self._decayed_s = now_s
+            return
+        elapsed = now_s - self._decayed_s
+        if elapsed < 1.0:
+            return
+        factor = 0.5 ** (elapsed / HALF_LIFE_S)
+        self._counts = [c * factor for c in self._counts]
+        self._total *= factor
+        self._decayed_s = now_s
+
+    def _refresh(self) -> None:
+        self._since_refresh = 0
+        self.p50_ms = self._quantile(50.0)
+        self.p95_ms = self._quantile(95.0)
+        self.p99_ms = self._quantile(99.0)
+        self._extra = {}
+
+    def _quantile(self, percentile: float) -> float:
+        if self._total <= 0:
+            return self.mean_ms
+        rank = self._total * percentile / 100.0
+        running = 0.0
+        for index, count in enumerate(self._counts):
+            running += count
+            if running >= rank and count > 0:
+                return _bucket_ms(index)
+        return self.mean_ms
+
+
+class NetworkEstimate:
+    """Round-trip time to a backend (EWMA of probe round trips), in milliseconds."""
+
+    __slots__ = ("rtt_ms",)
+
+    def __init__(self, rtt_ms: float = 0.2) -> None:
+        self.rtt_ms = rtt_ms
+
+    def observe(self, rtt_ms: float) -> None:
+        self.rtt_ms += 0.2 * (rtt_ms - self.rtt_ms)
