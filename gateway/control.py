@@ -110,43 +110,57 @@ class Control:
         self._set_policies(PolicyBook(settings))
         log.info("policies replaced (%s)", source)
 
-    def apply_fleet(self, config: FleetConfig, source: str) -> None:
-        """Applies what can change live from a fleet file: prices, carbon, policies.
-        Other changes (backends added or removed, addresses) need a restart."""
+    def apply_fleet(self, previous: FleetConfig, config: FleetConfig, source: str) -> None:
+        """Applies what a fleet file edit changed and can change live: prices, carbon,
+        policies (values the edit left alone keep what the admin API or a price
+        schedule set since). Other changes (backends, addresses) need a restart."""
         names = {b.name for b in config.backends}
         if names != set(self.fleet.backends):
             log.warning("%s: backends added or removed; restart the gateway to apply", source)
+        before = {b.name: b for b in previous.backends}
         for b in config.backends:
             state = self.fleet.backends.get(b.name)
+            old = before.get(b.name)
             if state is None:
                 continue
-            self.set_price(b.name, b.price_usd_per_hour, source)
-            state.set_carbon(b.carbon_g_per_kwh, b.power_w)
-        if config.policies != self.policies.settings:
+            if old is None or old.price_usd_per_hour != b.price_usd_per_hour:
+                self.set_price(b.name, b.price_usd_per_hour, source)
+            if old is None or (old.carbon_g_per_kwh, old.power_w) != (
+                b.carbon_g_per_kwh,
+                b.power_w,
+            ):
+                state.set_carbon(b.carbon_g_per_kwh, b.power_w)
+        if config.policies != previous.policies:
             self.set_policies(config.policies, source)
 
 
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a file changed: its modification time and size."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 async def watch_fleet_file(
-    control: Control, path: Path, interval_s: float, stop: asyncio.Event
+    control: Control,
+    path: Path,
+    loaded: FleetConfig,
+    interval_s: float,
+    stop: asyncio.Event,
+    seen: tuple[int, int] | None,
 ) -> None:
-    """Re-reads the fleet file whenever it changes and applies it; a file that does
-    not validate is logged and ignored (the running settings stay)."""
-
-    def stamp() -> tuple[float, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime, st.st_size)
-
-    seen = stamp()
+    """Re-reads the fleet file whenever it changes from `seen` (its stamp when it
+    was loaded) and applies it; a file that does not validate is logged and
+    ignored (the running settings stay)."""
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), interval_s)
             return
         except TimeoutError:
             pass
-        current = stamp()
+        current = file_stamp(path)
         if current is None or current == seen:
             continue
         seen = current
@@ -155,7 +169,8 @@ async def watch_fleet_file(
         except ConfigError as exc:
             log.error("fleet file changed but is not valid, keeping the running settings: %s", exc)
             continue
-        control.apply_fleet(config, f"fleet file {path}")
+        control.apply_fleet(loaded, config, f"fleet file {path}")
+        loaded = config
 
 
 async def replay_prices(

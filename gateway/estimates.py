@@ -147,8 +147,18 @@ class LatencyEstimate:
         return self.mean_ms
 
 
+def service_sample(latency_ms: float, rtt_ms: float, wait_ms: float = 0.0) -> float:
+    """A route's service time from an attempt's latency: less the network round trip
+    and the queue wait predicted at send time, but never below a quarter of what
+    remains after the wait (a noisy round-trip estimate must not make a route look
+    free)."""
+    after_wait = max(latency_ms - wait_ms, MIN_MS)
+    return max(after_wait - rtt_ms, after_wait * 0.25)
+
+
 class NetworkEstimate:
-    """Round-trip time to a backend (EWMA of probe round trips), in milliseconds."""
+    """Round-trip time to a backend (EWMA of its cheapest call's round trip, from the
+    health probes), in milliseconds."""
 
     __slots__ = ("rtt_ms",)
 

@@ -14,6 +14,7 @@ import grpc
 
 from backends.tensors import NUMPY_DTYPES
 from gateway.converters import model_info
+from gateway.estimates import service_sample
 from gateway.fleet import BackendState, FleetState, ModelInfo, Route
 from gateway.pool import BackendPool
 from protos import inference_pb2 as pb
@@ -76,9 +77,8 @@ class Prober:
         address = backend.address
         if address.endswith(":0"):  # launched, not listening yet
             return
-        started = time.perf_counter()
         try:
-            models = await self._models(backend, address)
+            models, rtt_ms = await self._models(backend, address)
         except (grpc.aio.AioRpcError, BackendNotReady) as exc:
             if isinstance(exc, grpc.aio.AioRpcError):
                 error = f"{exc.code().name}: {exc.details()}"
@@ -90,19 +90,12 @@ class Prober:
                 log.warning("backend %s unhealthy: %s", backend.name, error)
             return
         was_healthy = backend.healthy
-        rtt_ms = (time.perf_counter() - started) * 1000.0 / self._calls(backend, models)
         was_ejected = backend.ejected_until_s is not None
         self.fleet.record_probe(backend.name, self.clock(), models, rtt_ms)
         if was_ejected and backend.ejected_until_s is None:
             log.info("backend %s re-admitted after ejection", backend.name)
         if not was_healthy:
             log.info("backend %s ready at %s with %s", backend.name, address, sorted(models))
-
-    @staticmethod
-    def _calls(backend: BackendState, models: dict[str, ModelInfo]) -> int:
-        """Round trips a probe made (ServerReady, RepositoryIndex, one ModelReady per
-        model): the probe's time over these is the network estimate."""
-        return 1 + (0 if backend.expected_models else 1) + max(1, len(models))
 
     async def probe_latency(self, now_s: float, idle_s: float) -> int:
         """One probe inference on each available route that got no traffic for
@@ -129,13 +122,19 @@ class Prober:
             log.debug("latency probe of %r failed: %s", route, exc.details())
             return False
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        route.estimate.observe(elapsed_ms - route.state.network.rtt_ms, self.clock())
+        route.estimate.observe(service_sample(elapsed_ms, route.state.network.rtt_ms), self.clock())
         return True
 
-    async def _models(self, backend: BackendState, address: str) -> dict[str, ModelInfo]:
+    async def _models(
+        self, backend: BackendState, address: str
+    ) -> tuple[dict[str, ModelInfo], float]:
         stub = self.pool.client(address).stub
         timeout = self.timeout_s
+        started = time.perf_counter()
         ready = await stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)
+        # The cheapest call there is: its round trip stands for the network and
+        # gRPC overhead of every call to this backend.
+        rtt_ms = (time.perf_counter() - started) * 1000.0
         if not ready.ready:
             raise BackendNotReady("backend reports not ready")
         if backend.expected_models:
@@ -156,7 +155,7 @@ class Prober:
                 info = await self._describe(stub, name, timeout)
                 self._cache[key] = info
             found[name] = info
-        return found
+        return found, rtt_ms
 
     async def _describe(self, stub: object, name: str, timeout_s: float) -> ModelInfo:
         metadata = await stub.ModelMetadata(  # type: ignore[attr-defined]

@@ -25,7 +25,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from gateway.admin import AdminServicer, add_to_server, admin_token
 from gateway.config import ConfigError, FleetConfig, load_fleet
-from gateway.control import Control, read_price_schedule, replay_prices, watch_fleet_file
+from gateway.control import (
+    Control,
+    file_stamp,
+    read_price_schedule,
+    replay_prices,
+    watch_fleet_file,
+)
 from gateway.fleet import BackendState, Ejection, FleetState
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
@@ -112,6 +118,7 @@ def build_fleet(config: FleetConfig) -> FleetState:
 async def start_gateway(config: FleetConfig, config_path: Path | None = None) -> Gateway:
     """Starts every part; returns once launched backends listen and the server is up."""
     settings = config.gateway
+    loaded_stamp = None if config_path is None else file_stamp(config_path)
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     fleet = build_fleet(config)
@@ -235,7 +242,11 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     tasks = []
     if config_path is not None and settings.watch_config_s > 0:
         tasks.append(
-            loop.create_task(watch_fleet_file(control, config_path, settings.watch_config_s, stop))
+            loop.create_task(
+                watch_fleet_file(
+                    control, config_path, config, settings.watch_config_s, stop, loaded_stamp
+                )
+            )
         )
     if schedule:
         tasks.append(

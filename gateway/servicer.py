@@ -42,6 +42,7 @@ from gateway.converters import (
     stream_response,
     timeout_param_s,
 )
+from gateway.estimates import service_sample
 from gateway.fleet import FleetState, ModelInfo, Route
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
@@ -335,7 +336,9 @@ class GatewayServicer:
             if ok and not error:
                 latency_ms = (time.perf_counter() - sent) * 1000.0
                 route.observed.observe(latency_ms, now)
-                route.estimate.observe(latency_ms - state.network.rtt_ms - wait_ms, now)
+                route.estimate.observe(
+                    service_sample(latency_ms, state.network.rtt_ms, wait_ms), now
+                )
             if self.fleet.record_attempt(route, ok, now, error):
                 self.metrics.ejections.labels(route.backend).inc()
                 log.warning("backend %s ejected: %s", route.backend, state.last_error)

@@ -1,0 +1,285 @@
+"""The SLA router in a real gateway over real workers: prices, SLAs, drains,
+policies and `explain` through the admin API, and the response parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.server import Gateway, start_gateway
+from protos import admin_pb2 as apb
+from protos import admin_pb2_grpc
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from tests.integration.conftest import Worker, fleet_config, launch_worker, raw_request, samples
+
+TOKEN = "test-token-123"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture
+async def slow_and_fast(repository: Path) -> AsyncIterator[tuple[Worker, Worker]]:
+    slow = await launch_worker(
+        repository, threads=1, hardware_class="test-slow", emulate_latency_ms=25, models=("digits",)
+    )
+    fast = await launch_worker(
+        repository, threads=1, hardware_class="test-fast", models=("digits",)
+    )
+    yield slow, fast
+    await slow.stop()
+    await fast.stop()
+
+
+@pytest.fixture
+async def routed(
+    slow_and_fast: tuple[Worker, Worker], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Gateway]:
+    monkeypatch.setenv("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+    slow, fast = slow_and_fast
+    config = fleet_config(
+        {"cheap-slow": (slow.address, 0.002), "dear-fast": (fast.address, 0.4)},
+        admin="127.0.0.1:0",
+        latency_probe_interval_s=0.5,
+    )
+    config = config.model_copy(
+        update={
+            "policies": config.policies.model_validate(
+                {
+                    "default": {"latency_ms": 200, "on_infeasible": "fastest"},
+                    "classes": {"gold": {"latency_ms": 10}, "tin": {"latency_ms": 0.01}},
+                }
+            )
+        }
+    )
+    gw = await start_gateway(config)
+    yield gw
+    await gw.stop()
+
+
+async def infer_many(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    request: pb.ModelInferRequest,
+    count: int,
+    **params: str | float,
+) -> list[pb.ModelInferResponse]:
+    request = pb.ModelInferRequest.FromString(request.SerializeToString())
+    for key, value in params.items():
+        if isinstance(value, str):
+            request.parameters[key].string_param = value
+        else:
+            request.parameters[key].double_param = value
+    return [await stub.ModelInfer(request) for _ in range(count)]
+
+
+def backends(replies: list[pb.ModelInferResponse]) -> Counter[str]:
+    return Counter(r.parameters["switchyard_backend"].string_param for r in replies)
+
+
+async def test_sla_price_drain_and_policy_steer_traffic(routed: Gateway, repository: Path) -> None:
+    inputs, _ = samples(repository, "digits")
+    request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+    assert routed.admin_address is not None
+    async with (
+        grpc.aio.insecure_channel(routed.address) as channel,
+        grpc.aio.insecure_channel(routed.admin_address) as admin_channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        admin = admin_pb2_grpc.AdminStub(admin_channel)
+
+        # A loose SLA: the cheap, slow route takes everything.
+        loose = await infer_many(stub, request, 10)
+        assert backends(loose) == {"cheap-slow": 10}
+        cost = float(loose[-1].parameters["switchyard_cost_usd"].string_param)
+        assert 0 < cost < 1e-6
+        # Gold (10 ms at p99): the slow route is learnt to take ~25 ms, so gold goes fast.
+        gold = await infer_many(stub, request, 10, sla_class="gold")
+        assert backends(gold) == {"dear-fast": 10}
+        # So does a request's own target.
+        assert backends(await infer_many(stub, request, 5, sla_ms=8.0)) == {"dear-fast": 5}
+
+        # A price change: new requests follow at once.
+        await admin.SetPrice(
+            apb.SetPriceRequest(backend="cheap-slow", usd_per_hour=4.0), metadata=AUTH
+        )
+        assert backends(await infer_many(stub, request, 20)) == {"dear-fast": 20}
+        await admin.SetPrice(
+            apb.SetPriceRequest(backend="cheap-slow", usd_per_hour=0.002), metadata=AUTH
+        )
+        assert backends(await infer_many(stub, request, 5)) == {"cheap-slow": 5}
+
+        # Drain: traffic leaves with no error; undrain brings it back.
+        drained = await admin.Drain(apb.DrainRequest(backend="cheap-slow"), metadata=AUTH)
+        assert drained.status == "drained"
+        assert backends(await infer_many(stub, request, 5)) == {"dear-fast": 5}
+        await admin.Undrain(apb.DrainRequest(backend="cheap-slow"), metadata=AUTH)
+        assert backends(await infer_many(stub, request, 5)) == {"cheap-slow": 5}
+
+        # An infeasible class falls back to the fastest route...
+        tin = await infer_many(stub, request, 3, sla_class="tin")
+        assert backends(tin) == {"dear-fast": 3}
+        # ...until the policy says reject.
+        await admin.SetPolicy(
+            apb.PolicyDocument(
+                yaml="classes:\n  gold: {latency_ms: 10}\n"
+                "  tin: {latency_ms: 0.01, on_infeasible: reject}\n"
+            ),
+            metadata=AUTH,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await infer_many(stub, request, 1, sla_class="tin")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no route for model 'digits' meets p99 <= 0.01 ms" in (info.value.details() or "")
+        policy = await admin.GetPolicy(apb.GetPolicyRequest(), metadata=AUTH)
+        assert "on_infeasible: reject" in policy.yaml
+
+        # explain: the decision and every route's verdict.
+        why = await admin.Explain(apb.ExplainRequest(model="digits", sla_ms=10), metadata=AUTH)
+        assert (why.chosen_backend, why.reason) == ("dear-fast", "cheapest-feasible")
+        verdicts = {v.route.backend: v for v in why.routes}
+        assert not verdicts["cheap-slow"].feasible
+        assert "> SLA 10 ms" in verdicts["cheap-slow"].why
+
+        # routes: live state, traffic shares, estimates.
+        routes = {
+            r.backend: r
+            for r in (
+                await admin.ListRoutes(apb.ListRoutesRequest(model="digits"), metadata=AUTH)
+            ).routes
+        }
+        assert routes["cheap-slow"].predicted_p50_ms > 20
+        assert routes["dear-fast"].predicted_p50_ms < 10
+        assert routes["cheap-slow"].requests > 0 and routes["dear-fast"].requests > 0
+        total_share = sum(r.traffic_share for r in routes.values())
+        assert total_share == pytest.approx(1.0)
+
+        # Metrics carry decisions, SLA outcomes, cost and prices.
+        body = await asyncio.to_thread(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{routed.metrics_port}/metrics")
+                .read()
+                .decode()
+            )
+        )
+        for needle in (
+            'switchyard_decisions_total{model="digits",reason="cheapest-feasible"}',
+            'switchyard_decisions_total{model="digits",reason="infeasible-fallback"}',
+            'switchyard_decisions_total{model="digits",reason="infeasible-reject"}',
+            'switchyard_sla_requests_total{model="digits",outcome="met",sla_class="gold"}',
+            'switchyard_cost_usd_total{backend="cheap-slow",model="digits"}',
+            'switchyard_backend_price_usd_per_hour{backend="cheap-slow"} 0.002',
+            'switchyard_route_latency_ms{backend="cheap-slow",kind="predicted"',
+        ):
+            assert needle in body, needle
+
+
+async def test_admin_api_needs_the_token_and_names_bad_input(routed: Gateway) -> None:
+    assert routed.admin_address is not None
+    async with grpc.aio.insecure_channel(routed.admin_address) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await admin.ListRoutes(apb.ListRoutesRequest(), metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        cases = [
+            (
+                admin.SetPrice(apb.SetPriceRequest(backend="nope", usd_per_hour=1), metadata=AUTH),
+                grpc.StatusCode.NOT_FOUND,
+                "unknown backend 'nope'",
+            ),
+            (
+                admin.SetPrice(
+                    apb.SetPriceRequest(backend="dear-fast", usd_per_hour=-1), metadata=AUTH
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "must not be negative",
+            ),
+            (
+                admin.SetPolicy(
+                    apb.PolicyDocument(yaml="default: {latency_msx: 3}"), metadata=AUTH
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "latency_msx",
+            ),
+            (
+                admin.SetPolicy(apb.PolicyDocument(yaml="[1, 2"), metadata=AUTH),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "not valid YAML",
+            ),
+            (
+                admin.Explain(apb.ExplainRequest(model="nope"), metadata=AUTH),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unknown model 'nope'",
+            ),
+            (
+                admin.Drain(apb.DrainRequest(backend=""), metadata=AUTH),
+                grpc.StatusCode.NOT_FOUND,
+                "unknown backend ''",
+            ),
+        ]
+        for call, code, text in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == code and text in (info.value.details() or "")
+        # Nothing was changed by the bad calls.
+        routes = (await admin.ListRoutes(apb.ListRoutesRequest(), metadata=AUTH)).routes
+        assert {r.backend: r.price_usd_per_hour for r in routes} == {
+            "cheap-slow": 0.002,
+            "dear-fast": 0.4,
+        }
+
+
+async def test_fleet_file_changes_and_price_schedules_apply_live(
+    slow_and_fast: tuple[Worker, Worker], tmp_path: Path, repository: Path
+) -> None:
+    slow, fast = slow_and_fast
+    fleet = tmp_path / "fleet.yaml"
+    schedule = tmp_path / "prices.csv"
+    schedule.write_text("offset_s,backend,usd_per_hour\n0.5,b,0.01\n")
+
+    def write(price_a: float) -> None:
+        fleet.write_text(
+            "gateway: {listen: '127.0.0.1:0', metrics: '127.0.0.1:0', admin: '127.0.0.1:0',\n"
+            "  probe_interval_s: 0.2, watch_config_s: 0.1, price_schedule: prices.csv}\n"
+            "backends:\n"
+            f"  - {{name: a, address: '{fast.address}', price_usd_per_hour: {price_a}}}\n"
+            f"  - {{name: b, address: '{slow.address}', price_usd_per_hour: 0.5}}\n"
+        )
+
+    write(0.1)
+    from gateway.config import load_fleet
+
+    gw = await start_gateway(load_fleet(fleet), fleet)
+    try:
+        assert gw.fleet.backends["a"].price_usd_per_hour == 0.1
+        write(0.3)
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if gw.fleet.backends["a"].price_usd_per_hour == 0.3:
+                break
+        assert gw.fleet.backends["a"].price_usd_per_hour == 0.3
+        # The schedule sets b's price half a second after the start; a later edit
+        # of a's price leaves it.
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if gw.fleet.backends["b"].price_usd_per_hour == 0.01:
+                break
+        assert gw.fleet.backends["b"].price_usd_per_hour == 0.01
+        write(0.2)
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if gw.fleet.backends["a"].price_usd_per_hour == 0.2:
+                break
+        assert gw.fleet.backends["a"].price_usd_per_hour == 0.2
+        assert gw.fleet.backends["b"].price_usd_per_hour == 0.01
+        # An invalid edit keeps the running settings.
+        fleet.write_text("backends: [")
+        await asyncio.sleep(0.4)
+        assert gw.fleet.backends["a"].price_usd_per_hour == 0.2
+    finally:
+        await gw.stop()
