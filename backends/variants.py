@@ -224,19 +224,36 @@ class _Calibration:
         return next(self._items, None)
 
 
+# Ops that pool or reshape features on their way into the head's dense layer.
+_HEAD_INPUT_OPS = frozenset({"GlobalAveragePool", "AveragePool", "Flatten", "Reshape", "Squeeze"})
+
+
 def _named(model_path: Path, scratch: Path) -> tuple[Path, list[str]]:
     """The model with every node named (quantiser exclusions go by name) and the
-    name of its last MatMul or Gemm, the head."""
+    names of its head: its last MatMul or Gemm, and a Softmax reading that
+    node's output."""
     import onnx
 
     model = onnx.load(str(model_path))
     for index, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{index}"
-    heads = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    dense = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    head = [n.name for n in dense[-1:]]
+    if dense:
+        producers = {output: n for n in model.graph.node for output in n.output}
+        feed = producers.get(dense[-1].input[0])
+        while feed is not None and feed.op_type in _HEAD_INPUT_OPS:
+            head.append(feed.name)
+            feed = producers.get(feed.input[0])
+        head += [
+            n.name
+            for n in model.graph.node
+            if n.op_type == "Softmax" and n.input[0] in dense[-1].output
+        ]
     out = scratch / "named.onnx"
     onnx.save(model, str(out))
-    return out, heads[-1:]
+    return out, head
 
 
 def build_ort_int8_qdq(
@@ -267,8 +284,9 @@ def build_ort_int8_qdq(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            # The classifier head stays fp32, as is usual: it is a sliver of the
-            # compute and where int8 error turns into flipped classes.
+            # The classifier head (dense layer and its softmax) stays fp32, as is
+            # usual: it is a sliver of the compute and where int8 error turns into
+            # flipped classes (quantised probabilities also tie close calls).
             nodes_to_exclude=head,
         )
     manifest = onnx_manifest(repository, model, ORT_INT8_QDQ, artifact, "int8")
