@@ -3,15 +3,18 @@
 - `digits`: a logistic-regression classifier trained with scikit-learn on its
   bundled 8x8 digits dataset, converted with skl2onnx. Reference outputs come
   from scikit-learn itself.
-- `cnn`: a small CIFAR-shaped convolutional network (conv-relu-pool, conv-relu,
-  global pool, dense, softmax) built with the onnx helper API and seeded weights.
-  Reference outputs come from a plain numpy implementation of the same network.
+- `cnn`, `resnet`, `mobilenet`: conv nets that classify scikit-learn's bundled
+  8x8 digits, scaled up to 3 x 32 x 32 images. Each has a seeded conv body and
+  a dense classifier fitted (logistic regression) to the body's features of 256
+  training digits; the samples are 32 held-out digits. The classifier pools the
+  last feature map to a 4 x 4 grid, flattens it, and ends in dense 10, softmax.
+- `cnn`: conv-BN-ReLU (32), conv-BN-ReLU (64), 2x2 max pool, conv-BN-ReLU (128).
 - `resnet`: a CIFAR-style ResNet-8 (conv-BN-ReLU stem, three stages of one basic
-  residual block each with 16/32/64 channels, strided downsampling with 1x1
-  projection shortcuts, global average pool, dense 10, softmax).
+  residual block each with 32/64/128 channels, strided downsampling with 1x1
+  projection shortcuts).
 - `mobilenet`: a MobileNet-style network (conv-BN-ReLU6 stem, five depthwise
   separable blocks: 3x3 depthwise Conv with group=channels and 1x1 pointwise
-  Conv, each followed by BN and ReLU6 as Clip(0, 6); global pool, dense 10, softmax).
+  Conv (64/256/256/512/512), each followed by BN and ReLU6 as Clip(0, 6)).
 - `transformer`: one transformer encoder block over 16 tokens of width 64:
   4-head self-attention (MatMul/Reshape/Transpose/Softmax), residual and
   LayerNormalization, feed-forward 64->256->64 with exact (erf) GELU, residual
@@ -25,12 +28,12 @@
 - `echo`: one input per protocol datatype (BOOL ... FP64, BYTES), each returned
   unchanged, for clients that want to check tensor transport.
 
-`resnet`, `mobilenet` and `transformer` have seeded weights and reference
-outputs from a plain numpy implementation (float64, written from the operator
-definitions, not from ONNX Runtime). Batch-norm running statistics and each
-classifier's dense layer are fitted to a seeded calibration batch the way
-training would leave them (normalised activations, centred logits), so the
-sample predictions spread over the classes.
+The conv nets and `transformer` have reference outputs from a plain numpy
+implementation (float64, written from the operator definitions, not from ONNX
+Runtime). The conv nets' batch-norm running statistics are measured on their
+training digits, as training would leave them; `transformer` has seeded weights.
+The conv nets are wide enough that convolution, not per-call overhead, sets
+their latency, which is what int8 speeds up.
 
 Each model gets its source `model.onnx`, sample inputs and reference outputs
 under `samples/`, and its ONNX Runtime fp32 variant. Needs the `models` extra
@@ -127,90 +130,45 @@ def build_digits(model_dir: Path) -> None:
     )
 
 
-def _cnn_weights() -> dict[str, F32]:
-    rng = np.random.default_rng(7)
-
-    def he(*shape: int) -> F32:
-        fan_in = int(np.prod(shape[1:]))
-        scaled: F64 = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-        return scaled.astype(np.float32)
-
-    return {
-        "conv1_w": he(8, 3, 3, 3),
-        "conv1_b": (rng.standard_normal(8) * 0.1).astype(np.float32),
-        "conv2_w": he(16, 8, 3, 3),
-        "conv2_b": (rng.standard_normal(16) * 0.1).astype(np.float32),
-        "fc_w": he(10, 16),
-        "fc_b": (rng.standard_normal(10) * 0.1).astype(np.float32),
-    }
-
-
-def build_cnn(model_dir: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = _cnn_weights()
-    nodes = [
-        helper.make_node("Conv", ["image", "conv1_w", "conv1_b"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["p1", "conv2_w", "conv2_b"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"], axis=1),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()],
-    )
-    _save_model(model_dir, helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]))
-    images = np.random.default_rng(11).random((SAMPLES, 3, 32, 32), dtype=np.float32)
-    save_samples(model_dir, {"image": images}, {"probabilities": cnn_reference(images, w)})
-
-
 def conv2d(x: F64, weight: F64, stride: int = 1, groups: int = 1) -> F64:
     """ONNX Conv without bias, square kernel, zero padding kernel // 2 on every side.
 
     x is [N, C, H, W], weight is [O, C / groups, K, K]; the result is
-    [N, O, H', W'], summed over the K * K kernel offsets, one batched matmul
-    per group and offset.
+    [N, O, H', W']. Each group is one matrix product of its kernels with the
+    image's columns (every kernel offset of every output position, im2col),
+    taken over a few images at a time to bound memory.
     """
-    n, _, height, width = x.shape
+    n, channels, height, width = x.shape
     out_channels, group_channels, kernel, _ = weight.shape
     pad = kernel // 2
     out_h = (height + 2 * pad - kernel) // stride + 1
     out_w = (width + 2 * pad - kernel) // stride + 1
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    kernels = weight.reshape(groups, out_channels // groups, group_channels, kernel, kernel)
-    out: F64 = np.zeros((n, groups, out_channels // groups, out_h * out_w))
-    for i in range(kernel):
-        for j in range(kernel):
-            window = padded[:, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride]
-            columns = window.reshape(n, groups, group_channels, out_h * out_w)
-            out += np.matmul(kernels[:, :, :, i, j], columns)
-    return out.reshape(n, out_channels, out_h, out_w)
+    kernels = weight.reshape(groups, out_channels // groups, group_channels * kernel * kernel)
+    out: F64 = np.empty((n, out_channels, out_h, out_w))
+    step = max(1, (1 << 22) // (channels * kernel * kernel * out_h * out_w))
+    for start in range(0, n, step):
+        part = padded[start : start + step]
+        rows = len(part)
+        columns = np.empty((groups, group_channels, kernel, kernel, rows, out_h, out_w))
+        for i in range(kernel):
+            for j in range(kernel):
+                window = part[
+                    :, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride
+                ]
+                grouped = window.reshape(rows, groups, group_channels, out_h, out_w)
+                columns[:, :, i, j] = grouped.transpose(1, 2, 0, 3, 4)
+        product = np.matmul(kernels, columns.reshape(groups, -1, rows * out_h * out_w))
+        out[start : start + rows] = product.reshape(out_channels, rows, out_h, out_w).transpose(
+            1, 0, 2, 3
+        )
+    return out
 
 
 def softmax(x: F64, axis: int = -1) -> F64:
     e: F64 = np.exp(x - x.max(axis=axis, keepdims=True))
     out: F64 = e / e.sum(axis=axis, keepdims=True)
     return out
-
-
-def cnn_reference(images: F32, w: dict[str, F32]) -> F32:
-    """The cnn model in plain numpy: an independent reference for its outputs."""
-    p = {k: v.astype(np.float64) for k, v in w.items()}
-    bias = {k: p[f"{k}_b"][None, :, None, None] for k in ("conv1", "conv2")}
-    r1 = np.maximum(conv2d(images.astype(np.float64), p["conv1_w"]) + bias["conv1"], 0)
-    n, c, h, wd = r1.shape
-    p1 = r1.reshape(n, c, h // 2, 2, wd // 2, 2).max(axis=(3, 5))
-    r2 = np.maximum(conv2d(p1, p["conv2_w"]) + bias["conv2"], 0)
-    logits = r2.mean(axis=(2, 3)) @ p["fc_w"].T + p["fc_b"]
-    return softmax(logits, axis=1).astype(np.float32)
 
 
 # A tensor while a conv net grows: its ONNX name and its numpy value on the batch.
@@ -220,17 +178,19 @@ Tensor = tuple[str, F64]
 class ConvNet:
     """Grows an ONNX conv net and evaluates each layer in numpy on one batch as it goes.
 
-    The batch is `calibration` seeded images followed by the sample images. The
-    numpy side is the reference. Batch-norm running statistics, and the centring
-    and scaling folded into the dense layer, are measured on the calibration
-    rows only; scale and bias are seeded. Parameters are rounded to float32
+    The batch is labelled training images followed by the sample images. The
+    numpy side is the reference. The conv weights and batch-norm scale and bias
+    are seeded; batch-norm running statistics are measured on the training rows,
+    and the dense classifier is fitted to them (logistic regression on the pooled
+    features), as training would leave them. Parameters are rounded to float32
     before numpy uses them, so the reference sees the stored weights exactly.
     """
 
-    def __init__(self, name: str, seed: int, image: F32, calibration: int) -> None:
+    def __init__(self, name: str, seed: int, image: F32, labels: npt.NDArray[np.int64]) -> None:
         self.name = name
         self.rng = np.random.default_rng(seed)
-        self.calibration = calibration
+        self.labels = labels
+        self.training = len(labels)
         self.image: Tensor = ("image", image.astype(np.float64))
         self.nodes: list[Any] = []
         self.initializers: dict[str, F32] = {}
@@ -267,12 +227,12 @@ class ConvNet:
         )
 
     def batch_norm(self, x: Tensor, epsilon: float = 1e-5) -> Tensor:
-        calibration = x[1][: self.calibration]
+        training = x[1][: self.training]
         channels = int(x[1].shape[1])
         scale, s = self._param("bn_scale", self.rng.uniform(0.5, 1.5, channels))
         bias, b = self._param("bn_bias", self.rng.normal(0.0, 0.25, channels))
-        mean, m = self._param("bn_mean", calibration.mean(axis=(0, 2, 3)))
-        var, v = self._param("bn_var", calibration.var(axis=(0, 2, 3)))
+        mean, m = self._param("bn_mean", training.mean(axis=(0, 2, 3)))
+        var, v = self._param("bn_var", training.var(axis=(0, 2, 3)))
         shape = (1, channels, 1, 1)
         y = (x[1] - m.reshape(shape)) / np.sqrt(v.reshape(shape) + epsilon)
         value = y * s.reshape(shape) + b.reshape(shape)
@@ -289,24 +249,35 @@ class ConvNet:
             self.initializers["relu6_max"] = np.array(6.0, np.float32)
         return self._node("Clip", [x[0], "relu6_min", "relu6_max"], np.clip(x[1], 0.0, 6.0))
 
+    def max_pool(self, x: Tensor) -> Tensor:
+        """2x2 max pool, stride 2."""
+        n, c, h, w = x[1].shape
+        value = x[1].reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+        return self._node("MaxPool", [x[0]], value, kernel_shape=[2, 2], strides=[2, 2])
+
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         return self._node("Add", [a[0], b[0]], a[1] + b[1])
 
-    def classifier(self, x: Tensor, classes: int) -> Tensor:
-        """Global average pool, dense (fitted to centred, unit-variance features), softmax."""
+    def classifier(self, x: Tensor, grid: int = 4) -> Tensor:
+        """Average pool to a grid x grid map, flatten, dense, softmax. The dense
+        layer is a logistic regression fitted to the training rows' features
+        (standardised, the standardisation folded into its weights). The grid
+        keeps where in the image each feature fired, which a global pool loses."""
         from onnx import helper
+        from sklearn.linear_model import LogisticRegression
 
-        pooled = self._node("GlobalAveragePool", [x[0]], x[1].mean(axis=(2, 3), keepdims=True))
-        flat = self._node("Flatten", [pooled[0]], pooled[1].reshape(len(pooled[1]), -1), axis=1)
-        features = flat[1][: self.calibration]
-        std = features.std(axis=0) + 1e-2
-        raw = self.rng.standard_normal((classes, features.shape[1])) * math.sqrt(
-            4.0 / features.shape[1]
+        n, channels, height, _ = x[1].shape
+        kernel = height // grid
+        value = x[1].reshape(n, channels, grid, kernel, grid, kernel).mean(axis=(3, 5))
+        pooled = self._node(
+            "AveragePool", [x[0]], value, kernel_shape=[kernel, kernel], strides=[kernel, kernel]
         )
-        weight, w = self._param("fc_w", raw / std)
-        bias, b = self._param(
-            "fc_b", self.rng.normal(0.0, 0.1, classes) - w @ features.mean(axis=0)
-        )
+        flat = self._node("Flatten", [pooled[0]], pooled[1].reshape(n, -1), axis=1)
+        features = flat[1][: self.training]
+        centre, spread = features.mean(axis=0), features.std(axis=0) + 1e-2
+        fitted = LogisticRegression(max_iter=2000).fit((features - centre) / spread, self.labels)
+        weight, w = self._param("fc_w", fitted.coef_ / spread)
+        bias, b = self._param("fc_b", fitted.intercept_ - w @ centre)
         logits = self._node("Gemm", [flat[0], weight, bias], flat[1] @ w.T + b, transB=1)
         probabilities = softmax(logits[1], axis=1)
         self.nodes.append(helper.make_node("Softmax", [logits[0]], ["probabilities"], axis=1))
@@ -331,58 +302,67 @@ class ConvNet:
         _save_model(
             model_dir, helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         )
-        samples = self.image[1][self.calibration :].astype(np.float32)
-        reference = output[1][self.calibration :].astype(np.float32)
+        samples = self.image[1][self.training :].astype(np.float32)
+        reference = output[1][self.training :].astype(np.float32)
         save_samples(model_dir, {"image": samples}, {output[0]: reference})
 
 
-def demo_images(seed: int, count: int, size: int = 32) -> F32:
-    """Seeded images, roughly normalised like CIFAR inputs: coarse colour blobs,
-    a tint, a stripe texture of random frequency and orientation, and noise."""
-    rng = np.random.default_rng(seed)
-    block = size // 4
-    coarse = rng.standard_normal((count, 3, 4, 4))
-    blobs = np.repeat(np.repeat(coarse, block, axis=2), block, axis=3)
-    tint = rng.standard_normal((count, 3, 1, 1)) * 0.5
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    angle = rng.uniform(0, np.pi, (count, 1, 1, 1))
-    frequency = rng.uniform(1, 8, (count, 1, 1, 1))
-    phase = np.cos(angle) * xx + np.sin(angle) * yy
-    stripes = np.sin(2 * np.pi * frequency * phase) * rng.uniform(0, 1, (count, 3, 1, 1))
-    noise = rng.standard_normal((count, 3, size, size)) * 0.3
-    images: F64 = blobs + tint + stripes + noise
-    return images.astype(np.float32)
+IMAGE_SIZE = 32
+# Training images per conv net: they set batch-norm statistics and fit the dense layer.
+TRAINING = 256
 
 
-CALIBRATION = 64
+def digit_images() -> tuple[F32, npt.NDArray[np.int64]]:
+    """scikit-learn's bundled 8x8 digits as 3 x 32 x 32 images, with their labels:
+    each pixel repeated over a 4 x 4 block, the grey level copied to the three
+    channels, normalised to zero mean and unit variance over the dataset."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    scale = IMAGE_SIZE // 8
+    grey = np.kron(data.images, np.ones((1, scale, scale)))
+    grey = (grey - grey.mean()) / grey.std()
+    images: F32 = np.repeat(grey[:, None], 3, axis=1).astype(np.float32)
+    return images, data.target.astype(np.int64)
 
 
 def _conv_net(name: str, seed: int) -> ConvNet:
-    batch = np.concatenate([demo_images(seed, CALIBRATION), demo_images(seed + 1, SAMPLES)])
-    return ConvNet(name, seed + 2, batch, CALIBRATION)
+    """A net over `TRAINING` training digits followed by `SAMPLES` held-out ones
+    (the same seeded split for every conv net)."""
+    images, labels = digit_images()
+    order = np.random.default_rng(0).permutation(len(images))[: TRAINING + SAMPLES]
+    return ConvNet(name, seed, images[order], labels[order[:TRAINING]])
+
+
+def build_cnn(model_dir: Path) -> None:
+    net = _conv_net("cnn", 2)
+    x = net.relu(net.batch_norm(net.conv(net.image, 32, 3)))
+    x = net.max_pool(net.relu(net.batch_norm(net.conv(x, 64, 3))))
+    x = net.relu(net.batch_norm(net.conv(x, 128, 3)))
+    net.save(model_dir, net.classifier(x))
 
 
 def build_resnet(model_dir: Path) -> None:
-    net = _conv_net("resnet", 100)
-    x = net.relu(net.batch_norm(net.conv(net.image, 16, 3)))
-    for channels, stride in ((16, 1), (32, 2), (64, 2)):
+    net = _conv_net("resnet", 102)
+    x = net.relu(net.batch_norm(net.conv(net.image, 32, 3)))
+    for channels, stride in ((32, 1), (64, 2), (128, 2)):
         y = net.relu(net.batch_norm(net.conv(x, channels, 3, stride)))
         y = net.batch_norm(net.conv(y, channels, 3))
         shortcut = x
         if stride != 1 or x[1].shape[1] != channels:
             shortcut = net.batch_norm(net.conv(x, channels, 1, stride))
         x = net.relu(net.add(y, shortcut))
-    net.save(model_dir, net.classifier(x, 10))
+    net.save(model_dir, net.classifier(x))
 
 
 def build_mobilenet(model_dir: Path) -> None:
-    net = _conv_net("mobilenet", 200)
-    x = net.relu6(net.batch_norm(net.conv(net.image, 16, 3)))
-    for channels, stride in ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1)):
+    net = _conv_net("mobilenet", 202)
+    x = net.relu6(net.batch_norm(net.conv(net.image, 32, 3)))
+    for channels, stride in ((64, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
         depth = x[1].shape[1]
         x = net.relu6(net.batch_norm(net.conv(x, depth, 3, stride, groups=depth)))
         x = net.relu6(net.batch_norm(net.conv(x, channels, 1)))
-    net.save(model_dir, net.classifier(x, 10))
+    net.save(model_dir, net.classifier(x))
 
 
 SEQUENCE = 16

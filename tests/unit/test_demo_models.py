@@ -15,6 +15,7 @@ import pytest
 
 from backends.demo_models import (
     SAMPLES,
+    digit_images,
     magika_config,
     magika_corpus,
     transformer_reference,
@@ -37,7 +38,7 @@ def _run(repository: Path, model: str, inputs: Arrays) -> Arrays:
     return dict(zip(names, session.run(names, inputs), strict=True))
 
 
-@pytest.mark.parametrize("model", ["resnet", "mobilenet", "transformer", "magika"])
+@pytest.mark.parametrize("model", ["cnn", "resnet", "mobilenet", "transformer", "magika"])
 def test_onnx_runtime_reproduces_the_reference(repository: Path, model: str) -> None:
     inputs, reference = _samples(repository, model)
     assert all(len(a) == SAMPLES for a in [*inputs.values(), *reference.values()])
@@ -51,6 +52,7 @@ def test_onnx_runtime_reproduces_the_reference(repository: Path, model: str) -> 
 @pytest.mark.parametrize(
     ("model", "output", "classes", "at_least"),
     [
+        ("cnn", "probabilities", 10, 6),
         ("resnet", "probabilities", 10, 6),
         ("mobilenet", "probabilities", 10, 6),
         ("magika", "target_label", 214, 20),
@@ -65,6 +67,19 @@ def test_classifier_predictions_are_diverse(
     predicted = probabilities.argmax(axis=1)
     assert len(set(predicted.tolist())) >= at_least
     assert np.bincount(predicted).max() <= SAMPLES // 3
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet", "mobilenet"])
+def test_conv_nets_classify_their_held_out_digits(repository: Path, model: str) -> None:
+    """The samples are held-out digits; the fitted heads get nearly all right, confidently."""
+    images, labels = digit_images()
+    inputs, reference = _samples(repository, model)
+    held_out = [
+        int(np.flatnonzero((images == image).all(axis=(1, 2, 3)))[0]) for image in inputs["image"]
+    ]
+    probabilities = reference["probabilities"]
+    assert np.mean(probabilities.argmax(axis=1) == labels[held_out]) >= 0.9
+    assert np.median(probabilities.max(axis=1)) >= 0.9
 
 
 def test_transformer_numpy_reference_matches_onnx_runtime(repository: Path) -> None:
