@@ -170,7 +170,10 @@ class GatewayServicer:
             policy = self.policies.resolve(route_req)
             timeout_s = _earliest(time_remaining, timeout_param_s(header))
             deadline = None if timeout_s is None else self.clock() + timeout_s
-            decision = self.chooser(route_req, self.fleet.routes(model), policy, self.clock())
+            routes = self.fleet.routes(model)
+            if "switchyard_variant" in header.parameters:
+                routes = self._pinned(model, routes, header.parameters["switchyard_variant"])
+            decision = self.chooser(route_req, routes, policy, self.clock())
             self.metrics.decisions.labels(model, decision.reason).inc()
             if decision.route is None:
                 if decision.reason == "infeasible-reject":
@@ -379,6 +382,19 @@ class GatewayServicer:
             suffix = response_parameters(params)
             self._suffixes[key] = suffix
         return suffix
+
+    def _pinned(self, model: str, routes: list[Route], param: pb.InferParameter) -> list[Route]:
+        """The routes serving the variant a request names (`switchyard_variant`)."""
+        if param.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidInput("request parameter 'switchyard_variant' must be a string")
+        wanted = param.string_param
+        pinned = [r for r in routes if r.variant == wanted]
+        if not pinned:
+            known = ", ".join(self.fleet.variants(model)) or "none"
+            raise ModelNotFound(
+                f"no backend serves model {model!r} as variant {wanted!r} (variants: {known})"
+            )
+        return pinned
 
     def _model_info(self, model: str, version: str) -> ModelInfo:
         info = self.fleet.model_info(model)

@@ -18,6 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SWITCHYARD = [sys.executable, "-m", "gateway.cli"]
+ADMIN_TOKEN = "e2e-admin-token"
 
 
 @dataclass
@@ -29,6 +30,17 @@ class RunningGateway:
     @property
     def address(self) -> str:
         return str(self.info["address"])
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Runs `switchyard admin --target ... ARGS` against this gateway."""
+        return subprocess.run(
+            [*SWITCHYARD, "admin", "--target", str(self.info["admin"]), *args],
+            cwd=ROOT,
+            env={**os.environ, "SWITCHYARD_ADMIN_TOKEN": ADMIN_TOKEN},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -42,6 +54,7 @@ def write_fleet(path: Path, repository: Path, backends: list[dict]) -> Path:  # 
                 "gateway": {
                     "listen": "127.0.0.1:0",
                     "metrics": "127.0.0.1:0",
+                    "admin": "127.0.0.1:0",
                     "probe_interval_s": 0.2,
                 },
                 "backends": backends,
@@ -57,6 +70,7 @@ def start_serve(fleet: Path, workdir: Path, timeout_s: float = 60) -> RunningGat
     process = subprocess.Popen(
         [*SWITCHYARD, "serve", "--config", str(fleet), "--ready-file", str(ready)],
         cwd=ROOT,
+        env={**os.environ, "SWITCHYARD_ADMIN_TOKEN": ADMIN_TOKEN},
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
     )

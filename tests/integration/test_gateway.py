@@ -211,8 +211,14 @@ async def test_streaming_through_the_gateway(gw_stub, repository: Path) -> None:
     assert "unknown model 'nope'" in replies[8].error_message
 
 
-async def test_load_spreads_over_backends(gw_stub) -> None:  # type: ignore[no-untyped-def]
+async def test_load_fills_the_cheap_backend_then_spills_under_a_tight_sla(gw_stub) -> None:  # type: ignore[no-untyped-def]
     req = raw_request("cnn", {"image": np.zeros((1, 3, 32, 32), np.float32)}, {"image": "FP32"})
+    # A loose SLA (the default, 100 ms): the cheap backend takes the whole burst.
+    replies = await asyncio.gather(*(gw_stub.ModelInfer(req) for _ in range(40)))
+    used = {r.parameters["switchyard_backend"].string_param for r in replies}
+    assert used == {"cheap"}
+    # A tight one: the queue on the cheap backend soon predicts a miss; the rest spill.
+    req.parameters["sla_ms"].double_param = 3.0
     replies = await asyncio.gather(*(gw_stub.ModelInfer(req) for _ in range(40)))
     used = {r.parameters["switchyard_backend"].string_param for r in replies}
     assert used == {"cheap", "dear"}

@@ -268,7 +268,10 @@ INFO = ModelInfo(
 
 def two_backends() -> FleetState:
     return FleetState(
-        [BackendState("a", "127.0.0.1:1", "cpu", 0.1), BackendState("b", "127.0.0.1:2", "cpu", 0.2)],
+        [
+            BackendState("a", "127.0.0.1:1", "cpu", 0.1),
+            BackendState("b", "127.0.0.1:2", "cpu", 0.2),
+        ],
         Ejection(after_failures=2, base_s=1.0, max_s=4.0),
     )
 
