@@ -283,3 +283,39 @@ async def test_fleet_file_changes_and_price_schedules_apply_live(
         assert gw.fleet.backends["a"].price_usd_per_hour == 0.2
     finally:
         await gw.stop()
+
+
+async def test_a_late_attempt_is_hedged_to_the_next_route(
+    slow_and_fast: tuple[Worker, Worker], repository: Path
+) -> None:
+    slow, fast = slow_and_fast
+    config = fleet_config(
+        {"cheap-slow": (slow.address, 0.0001), "dear-fast": (fast.address, 0.4)},
+        latency_probe_interval_s=0,
+    )
+    config = config.model_copy(
+        update={
+            "policies": config.policies.model_validate(
+                {"default": {"latency_ms": 500, "hedge": True}}
+            )
+        }
+    )
+    gw = await start_gateway(config)
+    try:
+        inputs, _ = samples(repository, "digits")
+        request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            # Nothing is known of the slow route yet (a 1 ms guess): the first request
+            # goes there, runs past its predicted p95, and is hedged to the fast route,
+            # which answers first.
+            reply = await stub.ModelInfer(request)
+            params = {k: v.string_param for k, v in reply.parameters.items()}
+            assert params["switchyard_backend"] == "dear-fast"
+            assert params["switchyard_attempts"] == "2"
+        assert gw.servicer.metrics.decisions.labels("digits", "hedge")._value.get() == 1
+        # The losing attempt was cancelled: nothing is left in flight.
+        await asyncio.sleep(0.1)
+        assert all(b.in_flight == 0 for b in gw.fleet.backends.values())
+    finally:
+        await gw.stop()
