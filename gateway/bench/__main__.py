@@ -336,7 +336,7 @@ def write_markdown(
         "",
     ]
     # The variants section comes from another run: keep it.
-    kept = report.find_section(path.read_text()) if path.exists() else ""
+    kept = report.marked_sections(path.read_text()) if path.exists() else ""
     path.write_text("\n".join(lines) + (f"\n{kept}\n" if kept else ""))
 
 

@@ -335,6 +335,21 @@ def find_section(text: str, begin: str = VARIANTS_BEGIN, end: str = VARIANTS_END
     return text[start : stop + len(end)] if start >= 0 and stop >= 0 else ""
 
 
+def marked_sections(text: str) -> str:
+    """Every marked section of `text` (`<!-- NAME: ... -->` to `<!-- /NAME -->`), in
+    order: what other benchmark commands wrote, kept when the main one rewrites."""
+    import re
+
+    found = re.findall(r"<!-- (\w+): .*?-->.*?<!-- /\1 -->", text, flags=re.S)
+    sections = []
+    for name in found:
+        begin = text.find(f"<!-- {name}: ")
+        end_marker = f"<!-- /{name} -->"
+        stop = text.find(end_marker, begin)
+        sections.append(text[begin : stop + len(end_marker)])
+    return "\n\n".join(sections)
+
+
 def with_section(text: str, body: str, begin: str = VARIANTS_BEGIN, end: str = VARIANTS_END) -> str:
     """`text` with its marked section replaced by `body` (appended when missing)."""
     old = find_section(text, begin, end)
