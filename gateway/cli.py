@@ -41,6 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = sub.add_parser("report", help="the shop-around table and chart")
     shoparound.add_report_arguments(report)
 
+    from gateway import simulate
+
+    simulate_ = sub.add_parser(
+        "simulate", help="the router against modelled backends and baselines (a scenario file)"
+    )
+    simulate.add_arguments(simulate_)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return server.run(args)
@@ -52,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return shoparound.run_profile(args)
     if args.command == "report":
         return shoparound.run_report(args)
+    if args.command == "simulate":
+        return simulate.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

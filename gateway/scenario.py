@@ -1,0 +1,311 @@
+"""Scenario files: one YAML format for `switchyard simulate` (the router against
+modelled backends) and `switchyard load` (open-loop load against a live gateway).
+
+A scenario says which backends exist and how fast and dear they are, the SLA
+policies, the traffic (per model and SLA class: a rate and an arrival process),
+the events that happen during the run (prices, failures, drains, surges, policy
+changes) and the thresholds a run must meet. Validated with pydantic; unknown
+keys are errors. Files live under `scenarios/`.
+
+```yaml
+scenario: price-spike               # name (reports, file names)
+description: the cheap routes' price jumps 10x for 20 s
+duration_s: 60
+seed: 1                             # arrivals and service times (simulate); arrivals (load)
+fleet: null                         # load: the fleet file the gateway runs (names must match)
+backends:                           # simulate: the modelled backends; load: names to address
+  - name: small-cpu                 # the live fleet's name (gateway/demo_fleet.yaml)
+    hardware_class: cpu-x86-64-v4-1c
+    price_usd_per_hour: 0.04
+    slots: 1                        # requests served at once; more wait in a FIFO queue
+    network_ms: 0.2                 # round trip gateway <-> backend, added to each attempt
+    models:                         # service time per model (and variant), batch 1
+      resnet: {p50_ms: 8.0, p99_ms: 14.0}               # one variant (ort-cpu-fp32)
+      # resnet: [{variant: a, p50_ms: ..}, {variant: b, ..}]  several; the first is default
+policies:                           # as in the fleet file (gateway/config.py PoliciesSettings)
+  default: {latency_ms: 100}
+  classes: {gold: {latency_ms: 10}}
+traffic:
+  - {model: resnet, sla_class: gold, rate_per_s: 40, arrivals: poisson}
+  # arrivals: poisson | constant | bursts (burst_every_s, burst_for_s, burst_factor)
+  #           | trace (trace_file: one arrival time in seconds per line; rate_per_s unused)
+  # optional: sla_ms (the request's own SLA), batch_size, start_s, end_s
+events:                             # each has at_s and exactly one action
+  - {at_s: 20, set_price: {backend: small-cpu, usd_per_hour: 0.4}}
+  - {at_s: 30, kill: big-cpu}       # in-flight requests fail and are retried elsewhere
+  - {at_s: 45, restart: big-cpu}
+  - {at_s: 10, drain: gpu}          # takes no new requests; in-flight ones finish
+  - {at_s: 50, undrain: gpu}
+  - {at_s: 20, multiply_rate: {factor: 5, for_s: 10}}   # optional model / sla_class filter
+  - {at_s: 40, set_policy: {default: {latency_ms: 50}}} # replaces the policies whole
+thresholds:
+  attainment_min: 0.995             # switchyard, every feasible class
+  max_cost_vs_lower_bound: 1.10     # switchyard cost / offline optimum
+  min_saving_vs_fastest_only: 0.40  # optional: 1 - switchyard / fastest-only cost
+  cheapest_only_must_miss: true     # cheapest-only misses attainment_min in some class
+  live: {attainment_min: 0.99, max_error_fraction: 0.001}   # what `load` checks
+short: {duration_s: 10, rate_scale: 0.5}   # --short: for tests; event times scale too
+```
+
+With `--short`, the run lasts `short.duration_s`, every rate is multiplied by
+`short.rate_scale`, and event times (and surge lengths, burst periods) are
+scaled by `short.duration_s / duration_s`, so the same story plays faster.
+
+Imports only pydantic, yaml and gateway.config: no router, no numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.config import PoliciesSettings
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceTime(_Strict):
+    """A route's service time at batch 1, unloaded: simulate draws from a
+    lognormal with this median and 99th percentile."""
+
+    variant: Name = "ort-cpu-fp32"
+    p50_ms: float = Field(gt=0)
+    p99_ms: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServiceTime:
+        if self.p99_ms < self.p50_ms:
+            raise ValueError(f"p99_ms {self.p99_ms} is below p50_ms {self.p50_ms}")
+        return self
+
+
+class ModelledBackend(_Strict):
+    name: Name
+    """The backend's name in the live fleet, so `load` can address it."""
+    hardware_class: str = "cpu"
+    price_usd_per_hour: float = Field(ge=0)
+    slots: int = Field(1, ge=1)
+    """Requests it serves at once; the rest wait in a FIFO queue."""
+    network_ms: float = Field(0.2, ge=0)
+    """Round trip between the gateway and the backend, added to every attempt."""
+    models: dict[Name, ServiceTime | list[ServiceTime]] = Field(min_length=1)
+    """Service time per model; a list gives several variants, the first the default."""
+
+    def variants(self, model: str) -> list[ServiceTime]:
+        entry = self.models[model]
+        return list(entry) if isinstance(entry, list) else [entry]
+
+
+class Traffic(_Strict):
+    """One stream of requests: a model, an SLA class and an arrival process."""
+
+    model: Name
+    sla_class: str | None = None
+    sla_ms: float | None = Field(None, gt=0)
+    """The request's own SLA (overrides the class's latency)."""
+    batch_size: int = Field(1, ge=1)
+    rate_per_s: float = Field(0.0, ge=0)
+    arrivals: Literal["poisson", "constant", "bursts", "trace"] = "poisson"
+    burst_every_s: float = Field(10.0, gt=0)
+    """bursts: a burst starts every this many seconds (the first at burst_every_s / 2)."""
+    burst_for_s: float = Field(1.0, gt=0)
+    burst_factor: float = Field(4.0, gt=0)
+    """bursts: the rate during a burst is rate_per_s x this (Poisson within)."""
+    trace_file: Path | None = None
+    """trace: arrival times in seconds, one per line (relative to the scenario's folder)."""
+    start_s: float = Field(0.0, ge=0)
+    end_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _trace(self) -> Traffic:
+        if (self.arrivals == "trace") != (self.trace_file is not None):
+            raise ValueError("trace_file is required with arrivals: trace, and only with it")
+        return self
+
+    @property
+    def class_name(self) -> str:
+        """The name attainment is reported under (as the gateway's SLA metrics)."""
+        if self.sla_ms is not None:
+            return "custom"
+        return self.sla_class or "default"
+
+
+class SetPrice(_Strict):
+    backend: Name
+    usd_per_hour: float = Field(ge=0)
+
+
+class MultiplyRate(_Strict):
+    factor: float = Field(gt=0)
+    for_s: float = Field(gt=0)
+    model: str | None = None
+    """Only this model's streams (default: all)."""
+    sla_class: str | None = None
+    """Only this class's streams (default: all)."""
+
+
+class Event(_Strict):
+    at_s: float = Field(ge=0)
+    set_price: SetPrice | None = None
+    kill: Name | None = None
+    restart: Name | None = None
+    drain: Name | None = None
+    undrain: Name | None = None
+    multiply_rate: MultiplyRate | None = None
+    set_policy: PoliciesSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Event:
+        actions = [k for k in ACTIONS if getattr(self, k) is not None]
+        if len(actions) != 1:
+            raise ValueError(
+                f"an event has exactly one of {', '.join(ACTIONS)} (got {actions or 'none'})"
+            )
+        return self
+
+    @property
+    def action(self) -> str:
+        return next(k for k in ACTIONS if getattr(self, k) is not None)
+
+    @property
+    def backend(self) -> str | None:
+        if self.set_price is not None:
+            return self.set_price.backend
+        return self.kill or self.restart or self.drain or self.undrain
+
+
+ACTIONS = ("set_price", "kill", "restart", "drain", "undrain", "multiply_rate", "set_policy")
+
+
+class LiveThresholds(_Strict):
+    """What `switchyard load` checks against a live gateway."""
+
+    attainment_min: float | None = Field(None, ge=0, le=1)
+    max_error_fraction: float | None = Field(None, ge=0, le=1)
+
+
+class Thresholds(_Strict):
+    attainment_min: float = Field(0.995, ge=0, le=1)
+    """Switchyard's SLA attainment in every feasible class."""
+    max_cost_vs_lower_bound: float | None = Field(None, ge=1)
+    """Switchyard's cost per inference over the offline optimum's."""
+    min_saving_vs_fastest_only: float | None = Field(None, lt=1)
+    """1 - Switchyard's cost / fastest-only's cost."""
+    cheapest_only_must_miss: bool = False
+    """The cheapest-only baseline must miss attainment_min in some feasible class."""
+    live: LiveThresholds = LiveThresholds()
+
+
+class Short(_Strict):
+    duration_s: float = Field(gt=0)
+    rate_scale: float = Field(1.0, gt=0)
+
+
+class Scenario(_Strict):
+    scenario: Name
+    description: str = ""
+    duration_s: float = Field(gt=0)
+    seed: int = 0
+    fleet: Path | None = None
+    """load: the fleet file the gateway under test runs (relative to this file)."""
+    backends: list[ModelledBackend] = Field(min_length=1)
+    policies: PoliciesSettings = PoliciesSettings()
+    traffic: list[Traffic] = Field(min_length=1)
+    events: list[Event] = []
+    thresholds: Thresholds = Thresholds()
+    short: Short | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        names = [b.name for b in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backend names must be unique: {names}")
+        served = {m for b in self.backends for m in b.models}
+        for event in self.events:
+            if event.backend is not None and event.backend not in names:
+                raise ValueError(f"event at {event.at_s:g} s: unknown backend {event.backend!r}")
+            if event.at_s > self.duration_s:
+                raise ValueError(f"event at {event.at_s:g} s is after the end ({self.duration_s})")
+        for stream in self.traffic:
+            if stream.model not in served:
+                raise ValueError(f"traffic for {stream.model!r}, which no backend serves")
+            if stream.sla_class is not None and stream.sla_class not in self.policies.classes:
+                raise ValueError(f"traffic for unknown sla_class {stream.sla_class!r}")
+        return self
+
+    def shortened(self) -> Scenario:
+        """The short form (`--short`): shorter, optionally lighter, same story."""
+        if self.short is None:
+            return self
+        scale = self.short.duration_s / self.duration_s
+        rate = self.short.rate_scale
+        traffic = [
+            t.model_copy(
+                update={
+                    "rate_per_s": t.rate_per_s * rate,
+                    "burst_every_s": t.burst_every_s * scale,
+                    "burst_for_s": t.burst_for_s * scale,
+                    "start_s": t.start_s * scale,
+                    "end_s": None if t.end_s is None else t.end_s * scale,
+                }
+            )
+            for t in self.traffic
+        ]
+        events = []
+        for e in self.events:
+            update: dict[str, object] = {"at_s": e.at_s * scale}
+            if e.multiply_rate is not None:
+                update["multiply_rate"] = e.multiply_rate.model_copy(
+                    update={"for_s": e.multiply_rate.for_s * scale}
+                )
+            events.append(e.model_copy(update=update))
+        return self.model_copy(
+            update={
+                "duration_s": self.short.duration_s,
+                "traffic": traffic,
+                "events": events,
+                "short": None,
+            }
+        )
+
+
+class ScenarioError(Exception):
+    """The scenario file cannot be read or is not valid."""
+
+
+def parse_scenario(text: str, base_dir: Path, source: str = "scenario") -> Scenario:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: expected a mapping at the top level")
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(f"{source}: {exc}") from exc
+    traffic = [
+        t.model_copy(update={"trace_file": base_dir / t.trace_file})
+        if t.trace_file is not None and not t.trace_file.is_absolute()
+        else t
+        for t in scenario.traffic
+    ]
+    fleet = scenario.fleet
+    if fleet is not None and not fleet.is_absolute():
+        fleet = base_dir / fleet
+    return scenario.model_copy(update={"traffic": traffic, "fleet": fleet})
+
+
+def load_scenario(path: Path) -> Scenario:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario {path}: {exc}") from exc
+    return parse_scenario(text, path.resolve().parent, str(path))
