@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     simulate.add_arguments(simulate_)
 
+    from gateway import admin_cli
+
+    admin = sub.add_parser("admin", help="the SRE's controls over a running gateway")
+    admin_cli.add_arguments(admin)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return server.run(args)
@@ -61,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return shoparound.run_report(args)
     if args.command == "simulate":
         return simulate.run(args)
+    if args.command == "admin":
+        return admin_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

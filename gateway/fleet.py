@@ -66,6 +66,8 @@ class BackendState:
     """Healthy, not drained, not ejected: the router's one check."""
     models: dict[str, ModelInfo] = field(default_factory=dict)
     in_flight: int = 0
+    busy_ms: float = 0.0
+    """Sum of the mean service times expected of the requests in flight."""
     last_probe_s: float | None = None
     last_error: str = ""
     consecutive_failures: int = 0
@@ -237,11 +239,16 @@ class FleetState:
     def set_price(self, backend: str, usd_per_hour: float) -> None:
         self.backends[backend].set_price(usd_per_hour)
 
-    def acquire(self, backend: str) -> None:
-        self.backends[backend].in_flight += 1
+    def acquire(self, backend: str, expected_ms: float = 0.0) -> None:
+        """A request starts on `backend`, expected to take `expected_ms` (its route's mean)."""
+        state = self.backends[backend]
+        state.in_flight += 1
+        state.busy_ms += expected_ms
 
-    def release(self, backend: str) -> None:
-        self.backends[backend].in_flight -= 1
+    def release(self, backend: str, expected_ms: float = 0.0) -> None:
+        state = self.backends[backend]
+        state.in_flight -= 1
+        state.busy_ms = state.busy_ms - expected_ms if state.in_flight > 0 else 0.0
 
     def _rebuild(self) -> None:
         routes: dict[str, list[Route]] = {}

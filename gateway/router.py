@@ -8,8 +8,9 @@ percentile:
     predicted = network round trip + queue wait + service time at the percentile
 
 where the queue wait is the work ahead of the request (requests in flight on
-the backend beyond its parallel slots, each taking the mean service time,
-shared by the slots), and the service time grows with the batch. It keeps the
+the backend beyond its parallel slots, each taking the mean service time
+expected of it, shared by the slots, plus the spread of that many waits at the
+percentile: see `queue_wait_ms`), and the service time grows with the batch. It keeps the
 routes that meet the SLA (and the cost cap) and chooses the cheapest, the
 lowest-carbon or the fastest as the policy's objective says. When none is
 feasible: the fastest route (best effort) or a rejection with the reason.
@@ -20,10 +21,12 @@ takes: USD per hour x mean service time / parallel slots.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from math import sqrt
 
-from gateway.fleet import Route
+from gateway.fleet import BackendState, Route
 
 ROW_FRACTION = 0.5
 """Extra service time per extra row of a batch, as a fraction of one row's."""
@@ -91,14 +94,30 @@ def batch_factor(batch_size: int) -> float:
     return 1.0 + ROW_FRACTION * (batch_size - 1) if batch_size > 1 else 1.0
 
 
+def queue_wait_ms(state: BackendState, mean_ms: float, service_ms: float) -> float:
+    """The wait of one more request on a backend at the percentile `service_ms` is for.
+
+    The work ahead is the requests in flight beyond the free slots, each taking
+    the mean of what those requests are expected to take (a backend serving two
+    models queues one behind the other's), shared by the slots; the spread of n
+    waits adds about sqrt(n) times one request's spread above its mean.
+    """
+    slots = state.slots
+    ahead = state.in_flight - slots + 1
+    if ahead <= 0:
+        return 0.0
+    n = ahead / slots
+    per = state.busy_ms / state.in_flight if state.busy_ms > 0 else mean_ms
+    return n * per + max(0.0, service_ms - mean_ms) * math.sqrt(n)
+
+
 def predict_ms(route: Route, percentile: float, batch_size: int = 1) -> float:
     """Predicted latency of one more request on `route` now (the router's formula)."""
     state = route.state
     est = route.estimate
-    slots = state.slots
-    ahead = state.in_flight - slots + 1
-    wait = ahead * est.mean_ms / slots if ahead > 0 else 0.0
-    return state.network.rtt_ms + wait + est.quantile_ms(percentile) * batch_factor(batch_size)
+    service = est.quantile_ms(percentile)
+    wait = queue_wait_ms(state, est.mean_ms, service)
+    return state.network.rtt_ms + wait + service * batch_factor(batch_size)
 
 
 def hedge_after_ms(route: Route, policy: Policy, batch_size: int = 1) -> float:
@@ -147,8 +166,12 @@ def choose(
         else:
             service = est.quantile_ms(pct)
         pred = state.network.rtt_ms + service * factor
-        if ahead > 0:
-            pred += ahead * mean / slots
+        if ahead > 0:  # queue_wait_ms, inlined: this loop runs for every route
+            n = ahead / slots
+            busy = state.busy_ms
+            pred += n * (busy / state.in_flight if busy > 0 else mean)
+            if service > mean:
+                pred += (service - mean) * sqrt(n)
         cost = state.usd_per_busy_ms * mean * factor
         if pred <= sla and cost <= cap:
             if objective == "cost":

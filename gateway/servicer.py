@@ -315,11 +315,14 @@ class GatewayServicer:
         """One attempt on `route`; the coalescer sends it alone or merged with others.
         Its latency feeds the route's estimates, its outcome outlier detection."""
         state = route.state
-        ahead = state.in_flight - state.slots + 1
-        wait_ms = ahead * route.estimate.mean_ms / state.slots if ahead > 0 else 0.0
+        # Only an attempt that finds a free slot measures the route's service time:
+        # one that queues would feed the estimate's own error back, magnified by
+        # the queue (the estimate would swing, and traffic with it).
+        free_slot = state.in_flight < state.slots
+        expected_ms = route.estimate.mean_ms
         if not route.default:
             request = request + self._variant_parameter(route.variant)
-        self.fleet.acquire(route.backend)
+        self.fleet.acquire(route.backend, expected_ms)
         self.metrics.in_flight.labels(route.backend).inc()
         sent = time.perf_counter()
         ok = False
@@ -333,15 +336,14 @@ class GatewayServicer:
             ok = exc.code not in BACKEND_FAULTS
             raise
         finally:
-            self.fleet.release(route.backend)
+            self.fleet.release(route.backend, expected_ms)
             self.metrics.in_flight.labels(route.backend).dec()
             now = self.clock()
             if ok and not error:
                 latency_ms = (time.perf_counter() - sent) * 1000.0
                 route.observed.observe(latency_ms, now)
-                route.estimate.observe(
-                    service_sample(latency_ms, state.network.rtt_ms, wait_ms), now
-                )
+                if free_slot:
+                    route.estimate.observe(service_sample(latency_ms, state.network.rtt_ms), now)
             if self.fleet.record_attempt(route, ok, now, error):
                 self.metrics.ejections.labels(route.backend).inc()
                 log.warning("backend %s ejected: %s", route.backend, state.last_error)

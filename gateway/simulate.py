@@ -291,10 +291,11 @@ class Simulation:
         chooser: Chooser,
         retry_by_alternatives: bool,
         latency_probe_interval_s: float = GatewaySettings().latency_probe_interval_s,
-        observe_queued: bool = True,
+        observe_queued: bool = False,
     ) -> None:
-        """`observe_queued=False` is an experiment, not the live gateway: attempts
-        predicted to wait in a queue do not feed the route's service estimate."""
+        """As in the live gateway, only attempts that found a free slot feed the
+        route's service estimate; `observe_queued=True` (an experiment) feeds every
+        attempt, less its predicted wait."""
         self.latency_probe_interval_s = latency_probe_interval_s
         self.observe_queued = observe_queued
         self.scenario = scenario
@@ -342,6 +343,7 @@ class Simulation:
         r_route: list[Route | None] = [None] * n
         r_backend = [0] * n
         r_wait = [0.0] * n
+        r_expected = [0.0] * n
         r_svc = [0.0] * n
         r_sent = [0.0] * n
         r_decision: list[Decision | None] = [None] * n
@@ -377,7 +379,10 @@ class Simulation:
             in_flight = state.in_flight
             ahead = in_flight - slots + 1
             r_wait[rid] = ahead * route.estimate.mean_ms / slots if ahead > 0 else 0.0
+            expected = route.estimate.mean_ms
+            r_expected[rid] = expected
             state.in_flight = in_flight + 1
+            state.busy_ms += expected
             sim = sims[route]
             pos = sim.pos
             if pos >= SAMPLE_CHUNK:
@@ -403,6 +408,7 @@ class Simulation:
                 return  # the attempt died with its backend
             state = states[b]
             state.in_flight -= 1
+            state.busy_ms = state.busy_ms - r_expected[rid] if state.in_flight > 0 else 0.0
             queue = queues[b]
             if queue:
                 nxt = queue.popleft()
@@ -459,6 +465,7 @@ class Simulation:
             queues[b].clear()
             busy[b] = 0
             state.in_flight = 0
+            state.busy_ms = 0.0
             for rid in victims:
                 retry(rid, now)
 

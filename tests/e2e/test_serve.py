@@ -180,6 +180,7 @@ def test_a_killed_worker_is_ejected_restarted_readmitted_and_costs_no_request(
         before = len(used)
         time.sleep(0.5)
         restarted = "small" in used[before:]
+    time.sleep(1.0)  # the watcher sees the restarted worker settle
     stop.set()
     for t in threads:
         t.join()
@@ -196,6 +197,7 @@ def test_a_killed_worker_is_ejected_restarted_readmitted_and_costs_no_request(
     back_at = next(t for t, _, listening in seen if t > down_at and listening)
     ready_at = next(t for t, status, _ in seen if t >= back_at and status == "ready")
     assert ready_at - back_at <= 5.0, seen
+    assert down_at - killed_at <= 1.0
 
 
 def test_invalid_fleet_file_fails_with_a_clear_message(tmp_path: Path) -> None:

