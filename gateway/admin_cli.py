@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from rich.console import Console
 
-    console = Console()
+    # Piped output (scripts, logs) gets the whole table rather than a terminal's width.
+    console = Console(width=None if sys.stdout.isatty() else 240)
     with grpc.insecure_channel(target) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         try:
