@@ -138,12 +138,13 @@ async def test_sla_price_drain_and_policy_steer_traffic(routed: Gateway, reposit
         policy = await admin.GetPolicy(apb.GetPolicyRequest(), metadata=AUTH)
         assert "on_infeasible: reject" in policy.yaml
 
-        # explain: the decision and every route's verdict.
-        why = await admin.Explain(apb.ExplainRequest(model="digits", sla_ms=10), metadata=AUTH)
+        # explain: the decision and every route's verdict (20 ms: well under the slow
+        # route's 25 ms, well over the fast one's, even on a busy machine).
+        why = await admin.Explain(apb.ExplainRequest(model="digits", sla_ms=20), metadata=AUTH)
         assert (why.chosen_backend, why.reason) == ("dear-fast", "cheapest-feasible")
         verdicts = {v.route.backend: v for v in why.routes}
         assert not verdicts["cheap-slow"].feasible
-        assert "> SLA 10 ms" in verdicts["cheap-slow"].why
+        assert "> SLA 20 ms" in verdicts["cheap-slow"].why
 
         # routes: live state, traffic shares, estimates.
         routes = {
