@@ -71,14 +71,5 @@ def profiled_p50_ms(
     variant: Variant, hardware_class: str, threads: int, batch_size: int = 1
 ) -> float | None:
     """The variant's measured p50 on this hardware class and thread count, if any."""
-    profile = read_profile(variant)
-    if profile is None:
-        return None
-    for entry in profile.entries:
-        if (entry.hardware_class, entry.threads, entry.batch_size) == (
-            hardware_class,
-            threads,
-            batch_size,
-        ):
-            return entry.p50_ms
-    return None
+    entry = profiled_entry(variant, hardware_class, threads, batch_size)
+    return None if entry is None else entry.p50_ms
