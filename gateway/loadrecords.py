@@ -80,7 +80,8 @@ class Records:
     def ok(self) -> BoolArray:
         if "OK" not in self.statuses:
             return np.zeros(len(self), dtype=np.bool_)
-        return self.answered & (self.status == self.statuses.index("OK"))
+        ok: BoolArray = self.answered & (self.status == self.statuses.index("OK"))
+        return ok
 
     def class_names(self) -> list[str]:
         return sorted({s.sla_class for s in self.streams})
