@@ -315,3 +315,24 @@ class RoundRobin:
         self._next[request.model] = turn + 1
         route = live[turn % len(live)]
         return Decision(route, "round-robin", cost_usd=cost_usd(route, request.batch_size))
+
+
+ROUTING = ("switchyard", "fastest-only", "cheapest-only", "round-robin", "least-loaded")
+"""The choosers by name: the SLA router (`switchyard`) and the baselines it is measured
+against, for the simulator and for the live gateway's routing (admin API)."""
+
+
+def chooser_for(name: str) -> Chooser:
+    """A fresh chooser for `name` (round-robin keeps state, so one per run); a name
+    not in ROUTING is a ValueError naming them."""
+    if name == "switchyard":
+        return choose
+    if name == "fastest-only":
+        return fastest_only
+    if name == "cheapest-only":
+        return cheapest_only
+    if name == "round-robin":
+        return RoundRobin()
+    if name == "least-loaded":
+        return least_loaded
+    raise ValueError(f"unknown routing {name!r} (routing: {', '.join(ROUTING)})")

@@ -52,16 +52,13 @@ from gateway.estimates import service_sample
 from gateway.fleet import BackendState, Route
 from gateway.policy import PolicyBook
 from gateway.router import (
+    ROUTING,
     Chooser,
     Decision,
     Policy,
-    RoundRobin,
     RouteRequest,
     batch_factor,
-    cheapest_only,
-    choose,
-    fastest_only,
-    least_loaded,
+    chooser_for,
 )
 from gateway.scenario import Scenario, ScenarioError, Traffic, load_scenario
 
@@ -69,27 +66,13 @@ Z99 = 2.3263478740408408
 """The standard normal's 99th percentile: p99 = p50 x exp(sigma x Z99)."""
 UTILISATION_CAP = 1.0
 """The lower bound's per-backend utilisation limit (pure capacity: a bound, not a target)."""
-POLICIES = ("switchyard", "fastest-only", "cheapest-only", "round-robin", "least-loaded")
+POLICIES = ROUTING
+"""The policies a run compares: the SLA router and the baselines."""
 INF = float("inf")
 SAMPLE_CHUNK = 65_536
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-
-
-def chooser_for(name: str) -> Chooser:
-    """A fresh chooser for `name` (round-robin keeps state, so one per run)."""
-    if name == "switchyard":
-        return choose
-    if name == "fastest-only":
-        return fastest_only
-    if name == "cheapest-only":
-        return cheapest_only
-    if name == "round-robin":
-        return RoundRobin()
-    if name == "least-loaded":
-        return least_loaded
-    raise ValueError(f"unknown policy {name!r}")
 
 
 # ---- the modelled fleet -------------------------------------------------------------
