@@ -309,8 +309,13 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
 
 
 def _with_delay(run: RunFn, delay_s: float) -> RunFn:
+    """`run`, plus `delay_s` per row of the batch: emulated hardware gains nothing
+    from batching, so an emulated backend's capacity is what its delay says."""
+
     def delayed(inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
-        time.sleep(delay_s)  # in a worker thread: occupies it as slower compute would
+        first = next(iter(inputs.values()), None)
+        rows = first.shape[0] if first is not None and first.ndim else 1
+        time.sleep(delay_s * max(1, rows))  # in a worker thread: occupies it as compute would
         return run(inputs, outputs)
 
     return delayed

@@ -48,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     simulate.add_arguments(simulate_)
 
+    from gateway import load
+
+    load_ = sub.add_parser(
+        "load", help="open-loop load from a scenario against a live gateway, with a report"
+    )
+    load.add_arguments(load_)
+
     from gateway import admin_cli
 
     admin = sub.add_parser("admin", help="the SRE's controls over a running gateway")
@@ -66,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return shoparound.run_report(args)
     if args.command == "simulate":
         return simulate.run(args)
+    if args.command == "load":
+        return load.run(args)
     if args.command == "admin":
         return admin_cli.run(args)
     parser.error(f"unknown command {args.command}")

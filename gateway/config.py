@@ -74,7 +74,7 @@ class LaunchSettings(_Strict):
     models: list[str] | None = None
     """Models it serves; default: every model in the repository."""
     emulate_latency_ms: float = Field(0.0, ge=0)
-    """Added service time per execution, standing for slower hardware (marked in metadata)."""
+    """Added service time per row, standing for slower hardware (marked in metadata)."""
     max_queue_delay_us: int = Field(0, ge=0)
     """Dynamic batching: how long a batch may wait for more requests."""
     cpus: list[int] | None = None

@@ -12,7 +12,6 @@ scenario: price-spike               # name (reports, file names)
 description: the cheap routes' price jumps 10x for 20 s
 duration_s: 60
 seed: 1                             # arrivals and service times (simulate); arrivals (load)
-fleet: null                         # load: the fleet file the gateway runs (names must match)
 backends:                           # simulate: the modelled backends; load: names to address
   - name: small-cpu                 # the live fleet's name (gateway/demo_fleet.yaml)
     hardware_class: cpu-x86-64-v4-1c
@@ -43,8 +42,17 @@ thresholds:
   max_cost_vs_lower_bound: 1.10     # switchyard cost / offline optimum
   min_saving_vs_fastest_only: 0.40  # optional: 1 - switchyard / fastest-only cost
   cheapest_only_must_miss: true     # cheapest-only misses attainment_min in some class
-  live: {attainment_min: 0.99, max_error_fraction: 0.001}   # what `load` checks
+  live:                             # what `load` checks against the live gateway
+    attainment_min: 0.99            # for `classes` (default: all); errors count as misses
+    classes: [silver, default]
+    max_error_fraction: 0.001       # 0: not one error (planned maintenance)
+    shares:                         # a backend's share of answers in a window
+      - {backend: big-cpu, from_s: 22, to_s: 40, max_share: 0.05}
 short: {duration_s: 10, rate_scale: 0.5}   # --short: for tests; event times scale too
+live:                               # how `load` plays it on a live fleet
+  fleet: fleets/three-tier.yaml     # the fleet tests and `make demo` start (default: demo fleet)
+  models: {resnet: digits}          # the live model that stands for each scenario model
+  rate_scale: 0.6                   # live rates = the scenario's x this
 ```
 
 With `--short`, the run lasts `short.duration_s`, every rate is multiplied by
@@ -184,11 +192,47 @@ class Event(_Strict):
 ACTIONS = ("set_price", "kill", "restart", "drain", "undrain", "multiply_rate", "set_policy")
 
 
+class ShareCheck(_Strict):
+    """A backend's share of the answers in a window of a live run (scenario seconds,
+    scaled with the short form): e.g. that traffic left a backend while its price spiked."""
+
+    backend: Name
+    from_s: float = Field(ge=0)
+    to_s: float = Field(gt=0)
+    min_share: float | None = Field(None, ge=0, le=1)
+    max_share: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _window(self) -> ShareCheck:
+        if self.to_s <= self.from_s:
+            raise ValueError(f"share check on {self.backend}: to_s must be after from_s")
+        if self.min_share is None and self.max_share is None:
+            raise ValueError(f"share check on {self.backend}: give min_share or max_share")
+        return self
+
+
 class LiveThresholds(_Strict):
     """What `switchyard load` checks against a live gateway."""
 
     attainment_min: float | None = Field(None, ge=0, le=1)
+    """SLA attainment floor for `classes` (errors count as misses)."""
+    classes: list[str] | None = None
+    """The classes the floor applies to (default: every class in the traffic)."""
     max_error_fraction: float | None = Field(None, ge=0, le=1)
+    """Errors (any non-OK status) over requests sent; 0 for planned maintenance."""
+    shares: list[ShareCheck] = []
+
+
+class Live(_Strict):
+    """How `switchyard load` plays the scenario against a live gateway."""
+
+    fleet: Path | None = None
+    """The fleet file the gateway under test runs, relative to this file (tests and
+    `make demo` start it); None: the embedded demo fleet."""
+    models: dict[Name, Name] = {}
+    """Scenario model -> the live fleet's model that stands for it."""
+    rate_scale: float = Field(1.0, gt=0)
+    """Live rates are the scenario's times this."""
 
 
 class Thresholds(_Strict):
@@ -213,14 +257,13 @@ class Scenario(_Strict):
     description: str = ""
     duration_s: float = Field(gt=0)
     seed: int = 0
-    fleet: Path | None = None
-    """load: the fleet file the gateway under test runs (relative to this file)."""
     backends: list[ModelledBackend] = Field(min_length=1)
     policies: PoliciesSettings = PoliciesSettings()
     traffic: list[Traffic] = Field(min_length=1)
     events: list[Event] = []
     thresholds: Thresholds = Thresholds()
     short: Short | None = None
+    live: Live = Live()
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -266,11 +309,20 @@ class Scenario(_Strict):
                     update={"for_s": e.multiply_rate.for_s * scale}
                 )
             events.append(e.model_copy(update=update))
+        live = self.thresholds.live
+        shares = [
+            c.model_copy(update={"from_s": c.from_s * scale, "to_s": c.to_s * scale})
+            for c in live.shares
+        ]
+        thresholds = self.thresholds.model_copy(
+            update={"live": live.model_copy(update={"shares": shares})}
+        )
         return self.model_copy(
             update={
                 "duration_s": self.short.duration_s,
                 "traffic": traffic,
                 "events": events,
+                "thresholds": thresholds,
                 "short": None,
             }
         )
@@ -297,10 +349,10 @@ def parse_scenario(text: str, base_dir: Path, source: str = "scenario") -> Scena
         else t
         for t in scenario.traffic
     ]
-    fleet = scenario.fleet
-    if fleet is not None and not fleet.is_absolute():
-        fleet = base_dir / fleet
-    return scenario.model_copy(update={"traffic": traffic, "fleet": fleet})
+    live = scenario.live
+    if live.fleet is not None and not live.fleet.is_absolute():
+        live = live.model_copy(update={"fleet": base_dir / live.fleet})
+    return scenario.model_copy(update={"traffic": traffic, "live": live})
 
 
 def load_scenario(path: Path) -> Scenario:
