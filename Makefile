@@ -8,7 +8,7 @@ PROTO_SRC := protos/inference.proto
 PROTO_OUT := protos/inference_pb2.py protos/inference_pb2_grpc.py protos/inference_pb2.pyi
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench demo protos check-protos lint typecheck clean models
+.PHONY: serve test bench demo protos check-protos lint typecheck clean models models-tvm tuning
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,19 @@ $(REPOSITORY)/.built: $(STAMP) backends/demo_models.py
 
 models: $(REPOSITORY)/.built
 
+# Tuned TVM variants of the demo models for this CPU, from the tuning records committed in
+# backends/tuning_records/ (applied, not tuned; a CPU without records for its target gets
+# none). Opt-in: the default demo repository serves ONNX Runtime variants.
+models-tvm: models
+	$(PY) -m backends.tuning apply --repository $(REPOSITORY)
+
+# Tunes the demo models for this CPU with MetaSchedule and rewrites their committed records
+# (up to an hour per model on two cores; continues from the records in .bench/tuning/).
+# TUNING_TRIALS: the budget per model (default: the committed records' budget).
+TUNING_TRIALS ?=
+tuning: models
+	$(PY) -m backends.tuning tune --repository $(REPOSITORY) $(if $(TUNING_TRIALS),--trials $(TUNING_TRIALS))
+
 serve: models
 	$(VENV)/bin/switchyard serve
 
@@ -42,6 +55,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy gateway backends
 
 typecheck: lint
+
+# The price-spike scenario played live on its fleet, fastest-only replayed beside it:
+# prints the tables and the path of the chart (reports/demo/report.png).
+demo: models
+	$(PY) -m gateway.demo
 
 bench: models
 	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md
