@@ -337,7 +337,9 @@ class Run:
             rec.latency_ms[i] = (time.perf_counter() - sent) * 1000.0
             params = pb.ModelInferResponse.FromString(raw).parameters
             backend = (
-                params["switchyard_backend"].string_param if "switchyard_backend" in params else "?"
+                params["switchyard_backend"].string_param
+                if "switchyard_backend" in params
+                else self.target
             )
             variant = (
                 params["switchyard_variant"].string_param if "switchyard_variant" in params else ""
