@@ -55,6 +55,10 @@ MAX_POPULATION = 512
 POPULATION_PER_TRIAL = 8
 # Candidates measured per search round (upstream default 64), capped by the per-task budget.
 TRIALS_PER_ROUND = 64
+TUNING_THREADS = 1
+"""Cores the tuned schedules are sized for and measured on: variants are measured and
+compared at batch 1 with one runtime thread, and a schedule tuned on two threads of a
+busy two-core machine is neither measured cleanly nor the best on one."""
 
 _logger = logging.getLogger(__name__)
 
@@ -192,8 +196,8 @@ def _tvm_target(tvm: Any, target: TvmTarget, *, tuning: bool) -> Any:
     spec = dict(target.target)
     if tuning and spec.get("kind") == "llvm":
         # MetaSchedule's CPU rules size parallel loops by the core count and refuse a
-        # target without one; the measurements run on this machine.
-        spec.setdefault("num-cores", os.cpu_count() or 1)
+        # target without one.
+        spec.setdefault("num-cores", TUNING_THREADS)
     if target.host is not None:
         return tvm.target.Target(spec, host=dict(target.host))
     return tvm.target.Target(spec)
@@ -491,6 +495,54 @@ def _untuned_tasks(
     return []
 
 
+def _import_records(
+    database: Any,
+    tasks: Sequence[Any],
+    keys: Sequence[str],
+    target: Any,
+    records_dir: Path,
+    work_dir: Path,
+) -> list[str]:
+    """Copies into `database` (the tuning folder `work_dir`) the best record in
+    `records_dir` of each task that was tuned there with a larger per-task budget than
+    here, and raises the task's budget here to that one. Returns the names of the tasks
+    whose budget was raised. `records_dir` is only read; a task whose workload it lacks
+    (another model, another TVM version) is left as it was."""
+    from tvm.s_tir import meta_schedule as ms  # type: ignore[import-untyped, unused-ignore]
+
+    files = [records_dir / "database_workload.json", records_dir / "database_tuning_record.json"]
+    if not all(f.is_file() for f in files):
+        return []
+    source = ms.database.JSONDatabase(work_dir=str(records_dir), allow_missing=False)
+    source_budgets = _read_budgets(records_dir)
+    budgets = _read_budgets(work_dir)
+    raised: list[str] = []
+    for task, key in zip(tasks, keys, strict=True):
+        if source_budgets.get(key, 0) <= budgets.get(key, 0):
+            continue
+        mod = task.dispatched[0]
+        if not source.has_workload(mod):
+            continue
+        record = source.query_tuning_record(mod, target, task.task_name)
+        if record is not None:
+            database.commit_tuning_record(
+                ms.database.TuningRecord(
+                    record.trace,
+                    database.commit_workload(mod),
+                    record.run_secs,
+                    record.target,
+                    record.args_info,
+                )
+            )
+        budgets[key] = source_budgets[key]
+        raised.append(task.task_name)
+    if raised:
+        partial = work_dir / f".{BUDGETS}.partial"
+        partial.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
+        partial.replace(work_dir / BUDGETS)
+    return raised
+
+
 def _quiet_meta_schedule() -> None:
     """MetaSchedule prints its task table on stdout at INFO; its log files keep it."""
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -507,26 +559,42 @@ def _tune(
     population: int | None,
     seed: int | None,
 ) -> None:
-    """MetaSchedule over every task of `prepared`, as `static_shape_tuning` runs it, with a
-    per-task cap (without one the first tasks take the whole budget and later ones get no
-    trial), a population sized to the budget, and an in-process builder."""
+    """MetaSchedule over every task of `prepared`, as `static_shape_tuning` runs it, with
+    search rounds no larger than a task's share (with 64-candidate rounds, a small budget
+    went whole to the first tasks and later ones got no trial), a population sized to the
+    budget, an in-process builder, and candidates measured on `TUNING_THREADS` threads.
+
+    Every task first gets one round of at most its share `per_task` (so a budget of one
+    share per task is spread evenly); MetaSchedule's gradient task scheduler then gives
+    the rest of the budget to the tasks that cut the model's latency most (a model's big
+    convolutions), not to a reshape whose few schedules were all measured in its first
+    round."""
     from tvm.s_tir import meta_schedule as ms  # type: ignore[import-untyped, unused-ignore]
 
     if population is None:
         population = min(MAX_POPULATION, max(MIN_POPULATION, POPULATION_PER_TRIAL * per_task))
     _quiet_meta_schedule()
-    ms.relax_integration.tune_relax(
-        prepared,
-        {},
-        target,
-        str(work_dir),
-        budget,
-        per_task,
-        num_trials_per_iter=min(TRIALS_PER_ROUND, per_task),
-        builder=_in_process_builder(),
-        strategy=ms.search_strategy.EvolutionarySearch(population_size=population),
-        seed=seed,
-    )
+    # The runner's worker processes take their thread pool size from the environment.
+    threads = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(TUNING_THREADS)
+    try:
+        ms.relax_integration.tune_relax(
+            prepared,
+            {},
+            target,
+            str(work_dir),
+            budget,
+            budget,
+            num_trials_per_iter=min(TRIALS_PER_ROUND, per_task),
+            builder=_in_process_builder(),
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=population),
+            seed=seed,
+        )
+    finally:
+        if threads is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = threads
 
 
 def _check_tunable(target: TvmTarget) -> None:
@@ -572,16 +640,23 @@ def compile_onnx(
     population: int | None = None,
     seed: int | None = None,
     isolated: bool = True,
+    records_from: Path | None = None,
 ) -> TvmBuild:
     """Compiles `source` for `target` into `out_dir/model.so`.
 
     trials == 0: an untuned build (operators fused, default schedules; TVM's default GPU
-    schedules for CUDA). trials > 0: MetaSchedule tunes every task with an equal share of
-    the budget, at least one trial each (the budget is raised to the task count when
-    smaller), keeping records in `tuning_dir / target.name`. When every task there already
-    has a record, tuned with at least this compile's per-task share, no trial runs and the
+    schedules for CUDA). trials > 0: MetaSchedule tunes every task with a first round of
+    at most an equal share of the budget, at least one trial each (the budget is raised to
+    the task count when smaller), and the rest where latency falls most (see `_tune`),
+    keeping records in `tuning_dir / target.name`. When every task there already has a
+    record, tuned with at least this compile's per-task share, no trial runs and the
     records are applied (`tuning_reused`); otherwise every task is tuned again, the search
     starting from the records there. One compile at a time per tuning folder.
+
+    `records_from`: a tuning folder kept elsewhere (the records committed with the demo
+    models), only read: before deciding what to tune, each task's best record there is
+    copied into `tuning_dir` when it was tuned there with a larger per-task budget, so a
+    compile with committed records applies them without tuning.
 
     `population` (the evolutionary search's population per round) defaults to a size that
     grows with the per-task budget; `seed` makes the search repeatable.
@@ -596,13 +671,10 @@ def compile_onnx(
         raise ValueError(f"trials must be >= 0, got {trials}")
     if trials > 0 and tuning_dir is None:
         raise ValueError("tuning (trials > 0) needs a tuning_dir for its records")
+    args = (source, out_dir, target, input_shapes, tuning_dir, trials, progress)
     if isolated:
-        return _compile_in_child(
-            source, out_dir, target, input_shapes, tuning_dir, trials, progress, population, seed
-        )
-    return _compile(
-        source, out_dir, target, input_shapes, tuning_dir, trials, progress, population, seed
-    )
+        return _compile_in_child(*args, population, seed, records_from)
+    return _compile(*args, population, seed, records_from)
 
 
 def _compile(
@@ -615,6 +687,7 @@ def _compile(
     progress: Callable[[str], None] | None,
     population: int | None,
     seed: int | None,
+    records_from: Path | None,
 ) -> TvmBuild:
     started = time.perf_counter()
     say = progress or (lambda message: _logger.info("%s", message))
@@ -646,6 +719,12 @@ def _compile(
         per_task = math.ceil(budget / tasks) if tasks else 0
         database = ms.database.JSONDatabase(work_dir=str(work_dir))
         keys = _task_keys(found)
+        if records_from is not None:
+            imported = _import_records(
+                database, found, keys, tvm_target, records_from / target.name, work_dir
+            )
+            if imported:
+                say(f"{len(imported)} of {tasks} tasks: records taken from {records_from}")
         untuned = _untuned_tasks(
             database, found, keys, tvm_target, _read_budgets(work_dir), per_task
         )
@@ -724,6 +803,7 @@ def _compile_in_child(
     progress: Callable[[str], None] | None,
     population: int | None,
     seed: int | None,
+    records_from: Path | None,
 ) -> TvmBuild:
     started = time.perf_counter()
     say = progress or (lambda message: _logger.info("%s", message))
@@ -741,6 +821,7 @@ def _compile_in_child(
         "trials": trials,
         "population": population,
         "seed": seed,
+        "records_from": None if records_from is None else str(records_from),
     }
     env = dict(os.environ)
     env.pop("TVM_USE_RUNTIME_LIB", None)  # the child needs the compiler
@@ -817,6 +898,7 @@ def _child_main() -> int:
             lambda message: reply({"progress": message}),
             request["population"],
             request["seed"],
+            None if request["records_from"] is None else Path(request["records_from"]),
         )
     except tuple(_ERRORS.values()) as exc:
         reply({"error": {"type": type(exc).__name__, "message": str(exc)}})
