@@ -212,9 +212,17 @@ def fleet_file_targets(path: Path) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"{path}: backend {names}: {exc}") from exc
 
 
-def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials: int) -> Manifest:
+def build_tvm(
+    repository: ModelRepository,
+    model: str,
+    target: TvmTarget,
+    trials: int,
+    records_from: Path | None = None,
+) -> Manifest:
     """The model compiled by Apache TVM for `target` (static batch of 1), tuned with
-    `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused)."""
+    `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused; those
+    of a tuning folder `records_from`, such as a demo model's committed records, are
+    taken first, see `tvm_compile.compile_onnx`)."""
     from backends import tvm_compile as tc
     from backends.ort_adapter import signature
     from backends.repository import ArtifactEntry, sha256_file
@@ -239,6 +247,7 @@ def build_tvm(repository: ModelRepository, model: str, target: TvmTarget, trials
             shapes,
             tuning_dir=repository.root / model / "tuning",
             trials=trials,
+            records_from=records_from if trials > 0 else None,
         )
     except (tc.TvmImportError, tc.ToolchainMissing) as exc:
         shutil.rmtree(directory, ignore_errors=True)
@@ -277,7 +286,11 @@ def tvm_variant_name(target: str, trials: int) -> str:
 
 
 def tvm_plans(
-    repository: ModelRepository, model: str, targets: Sequence[str], trials: int
+    repository: ModelRepository,
+    model: str,
+    targets: Sequence[str],
+    trials: int,
+    records_from: Path | None = None,
 ) -> list[Plan]:
     plans = []
     for target in tvm_targets(targets):
@@ -285,7 +298,9 @@ def tvm_plans(
             Plan(
                 tvm_variant_name(target.name, trials),
                 "fp32",
-                lambda t=target: build_tvm(repository, model, t, trials),  # type: ignore[misc]
+                lambda t=target: build_tvm(  # type: ignore[misc]
+                    repository, model, t, trials, records_from
+                ),
             )
         )
     return plans
@@ -299,11 +314,14 @@ def compile_model(
     targets: Sequence[str] = (ORT_TARGET,),
     calibration: Path | None = None,
     trials: int = 0,
+    tuning_records: Path | None = None,
     tolerances: Mapping[str, Tolerance] = DEFAULT_TOLERANCES,
     progress: ProgressFn | None = None,
     extra_plans: Callable[[ModelRepository, str, Mapping[str, Array]], list[Plan]] | None = None,
 ) -> list[Outcome]:
-    """Builds and checks the variants of `source` as model `name`."""
+    """Builds and checks the variants of `source` as model `name`. `tuning_records`: a
+    tuning folder (`<folder>/<target>/`) whose records tuned TVM builds take before
+    tuning (`backends.tuning.records_for(name)` for a demo model)."""
     say = progress or (lambda _: None)
     unknown = [
         t
@@ -331,7 +349,7 @@ def compile_model(
     if ORT_CUDA_TARGET in targets:
         plans.append(Plan(ORT_CUDA_FP32, "fp32", lambda: build_ort_cuda_fp32(repository, name)))
     if any(t.startswith(TVM_PREFIX) for t in targets):
-        plans += tvm_plans(repository, name, targets, trials)
+        plans += tvm_plans(repository, name, targets, trials, tuning_records)
     if extra_plans is not None:
         plans += extra_plans(repository, name, samples)
     outcomes = []
@@ -442,6 +460,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trials", type=int, default=0, help="MetaSchedule trials per TVM target (0: untuned)"
     )
     parser.add_argument(
+        "--tuning-records",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a tuning folder (DIR/<target>/, MetaSchedule's JSON database) whose records "
+        "tuned TVM builds take before tuning; default: the records committed for the demo "
+        "model of the same name, if any (applied only to operators identical to theirs)",
+    )
+    parser.add_argument(
         "--tolerance",
         action="append",
         default=[],
@@ -452,6 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from backends.tuning import records_for
 
     console = Console(width=max(Console().width, 132))
     if not args.model.is_file():
@@ -489,6 +518,7 @@ def run(args: argparse.Namespace) -> int:
                 targets=targets,
                 calibration=args.calibration,
                 trials=args.trials,
+                tuning_records=args.tuning_records or records_for(args.name),
                 tolerances=tolerances,
                 progress=lambda text: status.update(text),
             )

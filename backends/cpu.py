@@ -1,4 +1,4 @@
-"""What this machine's CPU can run: its /proc/cpuinfo flags."""
+"""What this machine's CPU can run and what it is: its /proc/cpuinfo flags and model name."""
 
 from __future__ import annotations
 
@@ -18,6 +18,19 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
         if key.strip() == "flags":
             return frozenset(value.split())
     return frozenset()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The model name of the first processor listed ("unknown" where /proc is unavailable)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return "unknown"
 
 
 def missing_flags(required: list[str] | tuple[str, ...], flags: frozenset[str]) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from backends.tensors import TensorSpec
+from backends.tuning import read_info, records_for
 from backends.tvm_compile import (
     CUDA_TARGETS,
     LIBRARY,
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from backends.tvm_adapter import TvmAdapter, use_runtime_only
 from backends.tensors import TensorSpec
+from backends.tuning import read_info, records_for
 from backends.errors import InvalidInput
 
 use_runtime_only()
@@ -264,6 +266,38 @@ def test_second_compile_reuses_tuning_records(
     samples = repository / "cnn" / "samples"
     run = run_runtime_only(again.library, samples / "inputs.npz", tmp_path, batches=[5])
     assert_matches_reference(run, samples / "reference.npz", [5])
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_committed_demo_records_apply_without_tuning(
+    cnn: Path, host_target: TvmTarget, repository: Path, tmp_path: Path
+) -> None:
+    """The records committed for the demo cnn are copied into a fresh tuning folder and
+    applied: no trial runs, and the committed folder is only read. (One trial per task is
+    asked for, so records that no longer match the model cost seconds, not a tuning run.)"""
+    records = records_for("cnn")
+    info = read_info(records / host_target.name) if records else None
+    if records is None or info is None:
+        pytest.skip(f"no committed cnn records for {host_target.name}")
+    committed = folder_bytes(records / host_target.name)
+    build = compile_onnx(
+        cnn,
+        tmp_path / "out",
+        host_target,
+        CNN_SHAPES,
+        tuning_dir=tmp_path / "tuning",
+        trials=info.tasks,
+        records_from=records,
+    )
+    assert build.tuned and build.tuning_reused and build.trials == 0
+    assert build.tasks == info.tasks
+    assert folder_bytes(records / host_target.name) == committed
+    samples = repository / "cnn" / "samples"
+    run = run_runtime_only(build.library, samples / "inputs.npz", tmp_path, batches=[1])
+    assert_matches_reference(run, samples / "reference.npz", [1])
 
 
 def test_ai_onnx_ml_model_is_refused_by_name(
