@@ -8,6 +8,12 @@ figures the variant compiler is held to, side by side from one run:
 - tuned TVM against ONNX Runtime fp32;
 - a second compile of a tuned model against the first (tuning records reused).
 
+Tuned TVM takes the demo models' committed tuning records (`backends/tuning_records/`,
+made by `python -m backends.tuning`): the compile applies them without tuning, and the
+first compile it is compared with is the tuning that made them, as their
+`switchyard_tuning.json` records it. `--no-committed-records` tunes here instead, with
+`--trials` trials, and compiles twice.
+
 Writes its section of BENCHMARKS.md (between markers) and leaves the rest.
 """
 
@@ -25,11 +31,15 @@ from rich.console import Console
 from backends.compiler import ORT_TARGET, compile_model
 from backends.profiler import HardwareClass, measure_in_process
 from backends.repository import ModelRepository
+from backends.tuning import TuningInfo, read_info, records_for
+from backends.tvm_compile import best_cpu_target, host_cpu_flags
 from gateway.bench.report import with_section
 
 ROOT = Path(__file__).resolve().parents[2]
 CONV_NETS = ("cnn", "resnet", "mobilenet")
 HARDWARE = HardwareClass("bench-1c", threads=1)
+DEFAULT_TRIALS = 64
+"""Trials for a model without committed records, or with `--no-committed-records`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,25 +90,55 @@ def _prepare(source_repo: Path, work: Path, model: str) -> ModelRepository:
     return ModelRepository(work)
 
 
+def _compile_tuned(
+    repository: ModelRepository, model: str, trials: int, records: Path | None
+) -> float:
+    """Compiles tuned TVM for this CPU; returns the wall time."""
+    start = time.perf_counter()
+    compile_model(
+        repository.source(model),
+        model,
+        repository,
+        targets=["tvm-host"],
+        trials=trials,
+        tuning_records=records,
+    )
+    return time.perf_counter() - start
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console()
     work = args.work.resolve()
+    target = best_cpu_target(host_cpu_flags()).name
+    committed = not args.no_committed_records
+    command = "python -m gateway.bench.variants" + (
+        f" --no-committed-records --trials {args.trials}" if not committed else ""
+    )
     lines = [
         "## Variants",
         "",
         f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; command: `make bench` "
-        f"(`python -m gateway.bench.variants --trials {args.trials}`).",
+        f"(`{command}`).",
         f"- Each variant measured alone in a process pinned to one core with one runtime "
         f"thread ({args.runs} timed calls per batch size, batch 1 and 16); p50 at batch 1, "
         "throughput the better of the two. Accuracy: against the fp32 source on the 32 "
         "sample inputs (the compile-time check). TVM: this CPU's best target "
-        f"(`tvm-host`), untuned and tuned with {args.trials} MetaSchedule trials.",
+        f"(`tvm-host`: {target}), untuned and tuned with MetaSchedule "
+        + (
+            "(the committed records of `backends/tuning_records/`, applied without tuning; "
+            "trials per model in the summary). "
+            "2nd compile / 1st: the compile here, which applies the committed records, "
+            "against the tuning that made them (from their `switchyard_tuning.json`)."
+            if committed
+            else f"({args.trials} trials, tuned here)."
+        ),
         "",
     ]
     summary = [
         "| model | fastest servable | vs best of ORT fp32 / untuned TVM "
-        "| int8 QDQ vs fp32 (top-1) | tuned TVM vs ORT fp32 | 2nd compile / 1st |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| int8 QDQ vs fp32 (top-1) | ORT fp32 p50 ms | tuned TVM p50 ms "
+        "| tuned TVM vs ORT fp32 | trials | 2nd compile / 1st |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model in args.models:
         repository = _prepare(args.repository, work, model)
@@ -107,25 +147,15 @@ def run(args: argparse.Namespace) -> int:
             repository.source(model), model, repository, targets=[ORT_TARGET, "tvm-host"], trials=0
         )
         first_s = second_s = None
-        if args.trials > 0:
-            start = time.perf_counter()
-            compile_model(
-                repository.source(model),
-                model,
-                repository,
-                targets=["tvm-host"],
-                trials=args.trials,
-            )
-            first_s = time.perf_counter() - start
-            start = time.perf_counter()
-            compile_model(
-                repository.source(model),
-                model,
-                repository,
-                targets=["tvm-host"],
-                trials=args.trials,
-            )
-            second_s = time.perf_counter() - start
+        records = records_for(model) if committed else None
+        info: TuningInfo | None = read_info(records / target) if records else None
+        trials = info.trials if info is not None else args.trials
+        if info is not None:
+            first_s = info.tuning_s
+            second_s = _compile_tuned(repository, model, trials, records)
+        elif trials > 0:
+            first_s = _compile_tuned(repository, model, trials, records)
+            second_s = _compile_tuned(repository, model, trials, records)
         console.log(f"{model}: measuring")
         rows = measure_all(repository, model, args.runs)
         by_name = {r.variant: r for r in rows}
@@ -156,21 +186,25 @@ def run(args: argparse.Namespace) -> int:
             if qdq.top1 is not None:
                 qdq_text += f" ({qdq.top1:.0%})"
         tuned = next((r for r in rows if r.variant.startswith("tvm-") and not r.untuned), None)
+        tuned_ms = "-"
         if tuned is not None:
             ratio = tuned.p50_ms / fp32.p50_ms
             tuned_text = f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+            tuned_ms = f"{tuned.p50_ms:.3f}"
         elif any(r.variant.startswith("tvm-") for r in rows):
             tuned_text = "not tuned in this run"
         else:
             tuned_text = "TVM cannot import it"
         compile_text = (
-            f"{second_s / first_s:.3f} ({second_s:.1f} s / {first_s:.1f} s)"
+            f"{second_s / first_s:.3f} ({second_s:.1f} s / {first_s:.0f} s)"
             if first_s and second_s and tuned
             else "-"
         )
+        trials_text = f"{trials:,}" if tuned is not None else "-"
         summary.append(
             f"| {model} | {fastest.variant} | {best_base.p50_ms / fastest.p50_ms:.2f}x "
-            f"| {qdq_text} | {tuned_text} | {compile_text} |"
+            f"| {qdq_text} | {fp32.p50_ms:.3f} | {tuned_ms} | {tuned_text} | {trials_text} "
+            f"| {compile_text} |"
         )
     lines += [
         "### Summary",
@@ -200,7 +234,18 @@ def main() -> int:
         nargs="+",
         default=["cnn", "resnet", "mobilenet", "transformer", "magika", "digits"],
     )
-    parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials for tuned TVM")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=DEFAULT_TRIALS,
+        help="MetaSchedule trials for tuned TVM where no committed records are used",
+    )
+    parser.add_argument(
+        "--no-committed-records",
+        action="store_true",
+        help="tune here (twice: the second compile reuses the first's records) instead of "
+        "applying the records committed in backends/tuning_records/",
+    )
     parser.add_argument("--runs", type=int, default=50)
     return run(parser.parse_args())
 
