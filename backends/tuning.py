@@ -65,6 +65,8 @@ class TuningInfo:
     tvm_version: str
     cpu: str
     date: str
+    population: int | None = None
+    """The evolutionary search's population per round, when not `tvm_compile`'s default."""
 
 
 def records_for(model: str, root: Path = RECORDS) -> Path | None:
@@ -123,6 +125,7 @@ def tune(
     work: Path,
     out: Path,
     seed: int | None = 0,
+    population: int | None = None,
 ) -> TuningInfo:
     """Tunes `model` of the model repository for `target` with `trials` trials, keeping
     MetaSchedule's full records in `work / model` (a later call continues from them), and
@@ -145,6 +148,7 @@ def tune(
         tuning_dir=tuning_dir,
         trials=trials,
         seed=seed,
+        population=population,
         progress=lambda text: print(f"{model}: {text}", flush=True),
     )
     tuning_s = time.perf_counter() - started
@@ -160,6 +164,7 @@ def tune(
         tvm_version=build.tvm_version,
         cpu=cpu_model(),
         date=f"{dt.datetime.now(dt.UTC):%Y-%m-%d}",
+        population=population,
     )
     if build.trials:
         write_info(work_dir, info)
@@ -224,6 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "tuning")
     tune_parser.add_argument("--out", type=Path, default=RECORDS)
     tune_parser.add_argument("--seed", type=int, default=0)
+    tune_parser.add_argument(
+        "--population",
+        type=int,
+        default=None,
+        help="evolutionary search population per round (default: grows with the budget "
+        "per task up to 512; smaller searches faster on a busy machine)",
+    )
     apply_parser = sub.add_parser(
         "apply", help="build tuned TVM variants into the repository from the committed records"
     )
@@ -242,7 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         committed = records_for(model, args.out)
         known = read_info(committed / target.name) if committed else None
         trials = args.trials or (known.trials if known else DEFAULT_TRIALS)
-        info = tune(args.repository, model, target, trials, args.work, args.out, args.seed)
+        info = tune(
+            args.repository,
+            model,
+            target,
+            trials,
+            args.work,
+            args.out,
+            args.seed,
+            args.population,
+        )
         print(
             f"{model}: {info.trials} trials, {info.measured} measured, "
             f"{info.tuning_s:.0f} s of tuning",
