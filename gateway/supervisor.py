@@ -2,6 +2,10 @@
 `launch`: starts each as its own process, learns its address from the JSON line
 it prints, restarts it with growing back-off when it exits, and stops them all
 on shutdown. Workers are asked to die with the gateway (Linux PR_SET_PDEATHSIG).
+
+For failure drills, `kill` SIGKILLs a worker and holds it down (the gateway sees
+the death as it sees a crash, but nothing restarts it) until `restart` releases
+the hold and the worker starts at once, on the port it had.
 """
 
 from __future__ import annotations
@@ -82,7 +86,28 @@ class Supervised:
     process: asyncio.subprocess.Process | None = None
     address: str = ""
     restarts: int = 0
+    """Processes started after the first (after crashes, kills, restarts)."""
     listening: asyncio.Event = field(default_factory=asyncio.Event)
+    held: bool = False
+    """Killed through `kill`: not restarted until `restart`."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by `restart`: start now, without waiting out the back-off."""
+    spawned: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set each time a worker process is created."""
+
+    @property
+    def pid(self) -> int:
+        """The running worker's process id; 0 when none runs."""
+        process = self.process
+        return process.pid if process is not None and process.returncode is None else 0
+
+
+class NotSupervised(Exception):
+    """The backend is not one the gateway launches (an external address)."""
+
+
+class WorkerTimeout(Exception):
+    """A worker did not exit, or start, in time."""
 
 
 class Supervisor:
@@ -113,18 +138,64 @@ class Supervisor:
         return [name for name, w in self.workers.items() if not w.listening.is_set()]
 
     def pids(self) -> dict[str, int]:
-        return {
-            name: w.process.pid
-            for name, w in self.workers.items()
-            if w.process is not None and w.process.returncode is None
-        }
+        return {name: w.pid for name, w in self.workers.items() if w.pid}
+
+    def worker(self, name: str) -> Supervised:
+        worker = self.workers.get(name)
+        if worker is None:
+            raise NotSupervised(f"backend {name!r} is not launched by the gateway")
+        return worker
+
+    async def kill(self, name: str, timeout_s: float = 5.0) -> Supervised:
+        """SIGKILLs the backend's worker, if one runs, and holds it down until
+        `restart`; returns once the process is gone."""
+        worker = self.worker(name)
+        worker.held = True
+        worker.wake.set()  # a worker waiting out a back-off waits for `restart` instead
+        process = worker.process
+        if process is not None and process.returncode is None:
+            log.warning("backend %s: killing worker (pid %d), held down", name, process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            try:
+                await asyncio.wait_for(process.wait(), timeout_s)
+            except TimeoutError as exc:
+                raise WorkerTimeout(
+                    f"backend {name!r}: worker {process.pid} still runs {timeout_s:g} s after "
+                    "SIGKILL"
+                ) from exc
+        return worker
+
+    async def restart(self, name: str, timeout_s: float = 5.0) -> Supervised:
+        """Releases a hold (or a crash back-off): the worker starts now. Returns once
+        its process exists (it listens and is probed ready shortly after); a running
+        worker is left alone."""
+        worker = self.worker(name)
+        if worker.pid and not worker.held:
+            return worker
+        worker.held = False
+        worker.spawned.clear()
+        worker.wake.set()
+        log.info("backend %s: restart requested", name)
+        try:
+            await asyncio.wait_for(worker.spawned.wait(), timeout_s)
+        except TimeoutError as exc:
+            raise WorkerTimeout(
+                f"backend {name!r}: no worker process started within {timeout_s:g} s"
+            ) from exc
+        return worker
 
     async def _supervise(self, worker: Supervised) -> None:
         backoff = MIN_BACKOFF_S
         loop = asyncio.get_running_loop()
         listen = worker.backend.address
         while not self._stopping:
+            if worker.held:
+                await self._pause(worker, 0.0)
             started = loop.time()
+            worker.wake.clear()
+            if worker.process is not None:
+                worker.restarts += 1
             # A restarted worker reuses the port it got the first time.
             worker.process = await asyncio.create_subprocess_exec(
                 *worker_command(worker.backend, self.repository, worker.address or listen),
@@ -133,6 +204,7 @@ class Supervisor:
                 preexec_fn=die_with_parent,
                 env=worker_environment(worker.backend),
             )
+            worker.spawned.set()
             log.info("started backend %s (pid %d)", worker.backend.name, worker.process.pid)
             readers = [
                 loop.create_task(self._read_stdout(worker, worker.process)),
@@ -144,13 +216,35 @@ class Supervisor:
             if self._stopping:
                 return
             reason = f"worker exited with status {code}"
-            log.warning("backend %s: %s; restarting in %.1fs", worker.backend.name, reason, backoff)
+            killed = worker.held
+            if killed:
+                log.warning("backend %s: %s; held down", worker.backend.name, reason)
+            else:
+                log.warning(
+                    "backend %s: %s; restarting in %.1fs", worker.backend.name, reason, backoff
+                )
             self.on_exit(worker.backend.name, reason)
-            worker.restarts += 1
             if loop.time() - started > STABLE_AFTER_S:
                 backoff = MIN_BACKOFF_S
-            await asyncio.sleep(backoff)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
+            await self._pause(worker, backoff)
+            if not killed:  # a kill on request is no sign of a crashing worker
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    async def _pause(self, worker: Supervised, backoff_s: float) -> None:
+        """Waits out the back-off before a restart; while held, until released. A
+        `restart` cuts either short."""
+        deadline = asyncio.get_running_loop().time() + backoff_s
+        while True:
+            remaining = None if worker.held else deadline - asyncio.get_running_loop().time()
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(worker.wake.wait(), remaining)
+            except TimeoutError:
+                return
+            worker.wake.clear()
+            if not worker.held:
+                return
 
     async def _read_stdout(self, worker: Supervised, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
