@@ -1,5 +1,6 @@
 """The admin API (`switchyard.admin.Admin`, gRPC on port 8003): routes, prices,
-policies, drains and `explain`, behind a bearer token.
+policies, drains, `explain`, the routing rule in force, and killing and
+restarting launched backend workers (failure drills), behind a bearer token.
 
 The token comes from the environment variable SWITCHYARD_ADMIN_TOKEN, else from
 the file the fleet names (`gateway.admin_token_file`, created with a random
@@ -22,9 +23,10 @@ from pydantic import ValidationError
 
 from backends.errors import InvalidInput
 from gateway.config import FleetConfig, PoliciesSettings
-from gateway.control import Control, UnknownBackend
+from gateway.control import BackendProcess, Control, UnknownBackend
 from gateway.fleet import BackendState, FleetState, Route
-from gateway.router import RouteRequest, carbon_g, cost_usd, explain
+from gateway.router import ROUTING, RouteRequest, carbon_g, cost_usd, explain
+from gateway.supervisor import NotSupervised, WorkerTimeout
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 
@@ -109,6 +111,24 @@ def _backend_status(state: BackendState) -> apb.BackendStatus:
     )
 
 
+def _backend_process(process: BackendProcess) -> apb.BackendProcess:
+    state, worker = process.state, process.worker
+    return apb.BackendProcess(
+        backend=state.name,
+        pid=0 if worker is None else worker.pid,
+        supervised=worker is not None,
+        held_down=worker is not None and worker.held,
+        status=state.status,
+        address=state.address,
+        price_usd_per_hour=state.price_usd_per_hour,
+        restarts=0 if worker is None else worker.restarts,
+    )
+
+
+def _routing(name: str) -> apb.Routing:
+    return apb.Routing(name=name, available=ROUTING)
+
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
@@ -131,6 +151,10 @@ def _guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await method(self, request, context)
         except UnknownBackend as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except NotSupervised as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except WorkerTimeout as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except (ValueError, InvalidInput) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("unreachable")
@@ -228,6 +252,38 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 why=v.why,
             )
         return reply
+
+    @_guarded
+    async def ListBackends(
+        self, request: apb.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ListBackendsResponse:
+        return apb.ListBackendsResponse(
+            backends=[_backend_process(p) for p in self.control.processes()]
+        )
+
+    @_guarded
+    async def KillBackend(
+        self, request: apb.BackendRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendProcess:
+        return _backend_process(await self.control.kill(request.backend))
+
+    @_guarded
+    async def RestartBackend(
+        self, request: apb.BackendRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendProcess:
+        return _backend_process(await self.control.restart(request.backend))
+
+    @_guarded
+    async def GetRouting(
+        self, request: apb.GetRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> apb.Routing:
+        return _routing(self.control.routing)
+
+    @_guarded
+    async def SetRouting(
+        self, request: apb.Routing, context: grpc.aio.ServicerContext
+    ) -> apb.Routing:
+        return _routing(self.control.set_routing(request.name, "admin API"))
 
 
 def policies_yaml(settings: PoliciesSettings) -> str:

@@ -1,7 +1,8 @@
 """The control plane: every change an SRE or a schedule makes to a running
-gateway goes through here (prices, policies, drains), from the admin API, the
-fleet file when it changes on disk, and price schedules replayed against the
-clock. Routing reads the result on the next request.
+gateway goes through here (prices, policies, drains, routing, killing and
+restarting launched workers), from the admin API, the fleet file when it changes
+on disk, and price schedules replayed against the clock. Routing reads the
+result on the next request.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from gateway.config import ConfigError, FleetConfig, PoliciesSettings, load_flee
 from gateway.fleet import BackendState, FleetState
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
+from gateway.router import Chooser, chooser_for
+from gateway.supervisor import NotSupervised, Supervised, Supervisor
 
 log = logging.getLogger("switchyard.control")
 
@@ -24,6 +27,15 @@ log = logging.getLogger("switchyard.control")
 class UnknownBackend(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown backend {name!r} (backends: {', '.join(known)})")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendProcess:
+    """A backend's state with its worker process, when the gateway launches it."""
+
+    state: BackendState
+    worker: Supervised | None
+    """None: not launched by the gateway (an external address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +79,22 @@ class Control:
         metrics: GatewayMetrics,
         policies: Callable[[], PolicyBook],
         set_policies: Callable[[PolicyBook], None],
+        *,
+        set_chooser: Callable[[Chooser], None],
+        supervisor: Supervisor | None = None,
+        probe: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        """`set_chooser` installs the servicer's chooser; `supervisor` runs the
+        launched workers (None: none are); `probe` health-probes one backend now."""
         self.fleet = fleet
         self.metrics = metrics
         self._policies = policies
         self._set_policies = set_policies
+        self._set_chooser = set_chooser
+        self.supervisor = supervisor
+        self._probe = probe
+        self.routing = "switchyard"
+        """The name of the chooser in force (one of ROUTING)."""
 
     def backend(self, name: str) -> BackendState:
         state = self.fleet.backends.get(name)
@@ -101,6 +124,49 @@ class Control:
         self.metrics.available.labels(backend).set(1 if state.available else 0)
         log.info("backend %s %s", backend, "drained" if drained else "undrained")
         return state
+
+    def set_routing(self, name: str, source: str) -> str:
+        """Puts the chooser called `name` in force for the next request; an unknown
+        name is a ValueError naming the known ones."""
+        chooser = chooser_for(name)
+        self._set_chooser(chooser)
+        if name != self.routing:
+            log.info("routing: %s -> %s (%s)", self.routing, name, source)
+        self.routing = name
+        return name
+
+    def processes(self) -> list[BackendProcess]:
+        """Every backend, in fleet order, with its worker when launched."""
+        workers = {} if self.supervisor is None else self.supervisor.workers
+        return [BackendProcess(s, workers.get(s.name)) for s in self.fleet.backends.values()]
+
+    def process(self, backend: str) -> BackendProcess:
+        state = self.backend(backend)
+        worker = None if self.supervisor is None else self.supervisor.workers.get(backend)
+        return BackendProcess(state, worker)
+
+    def _supervisor(self, backend: str) -> Supervisor:
+        self.backend(backend)
+        if self.supervisor is None or backend not in self.supervisor.workers:
+            raise NotSupervised(
+                f"backend {backend!r} is not launched by the gateway (no `launch` in the "
+                "fleet file), so it has no worker process to kill or restart"
+            )
+        return self.supervisor
+
+    async def kill(self, backend: str) -> BackendProcess:
+        """SIGKILLs a launched backend's worker and holds it down until `restart`.
+        Routing learns of it as of a crash (the exit, then a probe at once)."""
+        await self._supervisor(backend).kill(backend)
+        if self._probe is not None:
+            await self._probe(backend)
+        return self.process(backend)
+
+    async def restart(self, backend: str) -> BackendProcess:
+        """Releases a killed worker: it starts now, on its old port; a probe
+        re-admits it once it is ready. A running worker is left alone."""
+        await self._supervisor(backend).restart(backend)
+        return self.process(backend)
 
     @property
     def policies(self) -> PolicyBook:

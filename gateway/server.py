@@ -37,7 +37,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyBook
 from gateway.pool import BackendPool
 from gateway.prober import Prober
-from gateway.router import cost_usd
+from gateway.router import Chooser, cost_usd
 from gateway.servicer import SERVICE, GatewayServicer, generic_handler
 from gateway.supervisor import Supervisor
 
@@ -190,7 +190,23 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     def set_policies(book: PolicyBook) -> None:
         servicer.policies = book
 
-    control = Control(fleet, metrics, lambda: servicer.policies, set_policies)
+    def set_chooser(chooser: Chooser) -> None:
+        servicer.chooser = chooser
+
+    async def probe_now(name: str) -> None:
+        await prober.probe(fleet.backends[name])
+        refresh()
+
+    supervisor = Supervisor(config.backends, config.repository, on_address, on_exit)
+    control = Control(
+        fleet,
+        metrics,
+        lambda: servicer.policies,
+        set_policies,
+        set_chooser=set_chooser,
+        supervisor=supervisor,
+        probe=probe_now,
+    )
     schedule = read_price_schedule(settings.price_schedule) if settings.price_schedule else []
     server = grpc.aio.server(
         options=[
@@ -227,7 +243,6 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         except RuntimeError as exc:
             raise StartupError(f"cannot serve the admin API on {settings.admin}: {exc}") from exc
 
-    supervisor = Supervisor(config.backends, config.repository, on_address, on_exit)
     supervisor.start()
     late = await supervisor.wait_listening(settings.startup_timeout_s)
     if late:

@@ -153,3 +153,51 @@ class ExplainResponse(_message.Message):
     on_infeasible: str
     routes: _containers.RepeatedCompositeFieldContainer[RouteVerdict]
     def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ..., chosen_backend: _Optional[str] = ..., chosen_variant: _Optional[str] = ..., predicted_ms: _Optional[float] = ..., cost_usd_per_1m: _Optional[float] = ..., message: _Optional[str] = ..., sla_ms: _Optional[float] = ..., percentile: _Optional[float] = ..., objective: _Optional[str] = ..., on_infeasible: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[RouteVerdict, _Mapping]]] = ...) -> None: ...
+
+class ListBackendsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackendRequest(_message.Message):
+    __slots__ = ("backend",)
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    def __init__(self, backend: _Optional[str] = ...) -> None: ...
+
+class BackendProcess(_message.Message):
+    __slots__ = ("backend", "pid", "supervised", "held_down", "status", "address", "price_usd_per_hour", "restarts")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    SUPERVISED_FIELD_NUMBER: _ClassVar[int]
+    HELD_DOWN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    pid: int
+    supervised: bool
+    held_down: bool
+    status: str
+    address: str
+    price_usd_per_hour: float
+    restarts: int
+    def __init__(self, backend: _Optional[str] = ..., pid: _Optional[int] = ..., supervised: _Optional[bool] = ..., held_down: _Optional[bool] = ..., status: _Optional[str] = ..., address: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
+
+class ListBackendsResponse(_message.Message):
+    __slots__ = ("backends",)
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    backends: _containers.RepeatedCompositeFieldContainer[BackendProcess]
+    def __init__(self, backends: _Optional[_Iterable[_Union[BackendProcess, _Mapping]]] = ...) -> None: ...
+
+class GetRoutingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Routing(_message.Message):
+    __slots__ = ("name", "available")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    available: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., available: _Optional[_Iterable[str]] = ...) -> None: ...

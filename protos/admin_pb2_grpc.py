@@ -69,6 +69,31 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ListBackends = channel.unary_unary(
+                '/switchyard.admin.Admin/ListBackends',
+                request_serializer=protos_dot_admin__pb2.ListBackendsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ListBackendsResponse.FromString,
+                _registered_method=True)
+        self.KillBackend = channel.unary_unary(
+                '/switchyard.admin.Admin/KillBackend',
+                request_serializer=protos_dot_admin__pb2.BackendRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.BackendProcess.FromString,
+                _registered_method=True)
+        self.RestartBackend = channel.unary_unary(
+                '/switchyard.admin.Admin/RestartBackend',
+                request_serializer=protos_dot_admin__pb2.BackendRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.BackendProcess.FromString,
+                _registered_method=True)
+        self.GetRouting = channel.unary_unary(
+                '/switchyard.admin.Admin/GetRouting',
+                request_serializer=protos_dot_admin__pb2.GetRoutingRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.Routing.FromString,
+                _registered_method=True)
+        self.SetRouting = channel.unary_unary(
+                '/switchyard.admin.Admin/SetRouting',
+                request_serializer=protos_dot_admin__pb2.Routing.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.Routing.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -122,6 +147,42 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBackends(self, request, context):
+        """Every backend with its process (for the backends the gateway launches) and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KillBackend(self, request, context):
+        """SIGKILLs a launched backend's worker and holds it down (no automatic restart)
+        until RestartBackend; routing notices the death as it notices a crash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartBackend(self, request, context):
+        """Releases the hold: the worker starts now (no back-off wait) on its old port and
+        is re-admitted once a probe finds it ready. A running worker is left alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRouting(self, request, context):
+        """The gateway's chooser: "switchyard" (the SLA router) or a baseline's name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRouting(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +220,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=protos_dot_admin__pb2.ExplainRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ListBackends': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackends,
+                    request_deserializer=protos_dot_admin__pb2.ListBackendsRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ListBackendsResponse.SerializeToString,
+            ),
+            'KillBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.KillBackend,
+                    request_deserializer=protos_dot_admin__pb2.BackendRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.BackendProcess.SerializeToString,
+            ),
+            'RestartBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartBackend,
+                    request_deserializer=protos_dot_admin__pb2.BackendRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.BackendProcess.SerializeToString,
+            ),
+            'GetRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRouting,
+                    request_deserializer=protos_dot_admin__pb2.GetRoutingRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.Routing.SerializeToString,
+            ),
+            'SetRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRouting,
+                    request_deserializer=protos_dot_admin__pb2.Routing.FromString,
+                    response_serializer=protos_dot_admin__pb2.Routing.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +436,141 @@ class Admin:
             '/switchyard.admin.Admin/Explain',
             protos_dot_admin__pb2.ExplainRequest.SerializeToString,
             protos_dot_admin__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackends(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.admin.Admin/ListBackends',
+            protos_dot_admin__pb2.ListBackendsRequest.SerializeToString,
+            protos_dot_admin__pb2.ListBackendsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KillBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.admin.Admin/KillBackend',
+            protos_dot_admin__pb2.BackendRequest.SerializeToString,
+            protos_dot_admin__pb2.BackendProcess.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.admin.Admin/RestartBackend',
+            protos_dot_admin__pb2.BackendRequest.SerializeToString,
+            protos_dot_admin__pb2.BackendProcess.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.admin.Admin/GetRouting',
+            protos_dot_admin__pb2.GetRoutingRequest.SerializeToString,
+            protos_dot_admin__pb2.Routing.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.admin.Admin/SetRouting',
+            protos_dot_admin__pb2.Routing.SerializeToString,
+            protos_dot_admin__pb2.Routing.FromString,
             options,
             channel_credentials,
             insecure,

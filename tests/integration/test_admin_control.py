@@ -1,0 +1,278 @@
+"""Failure drills and routing through the admin API, on a real gateway in process
+supervising real worker processes: kill holds a worker down, restart brings it
+back on its port, and the routing rule switches between the SLA router and the
+baselines (what `switchyard load` drives)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.config import FleetConfig
+from gateway.router import ROUTING
+from gateway.server import Gateway, start_gateway
+from protos import admin_pb2 as apb
+from protos import admin_pb2_grpc
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from tests.integration.conftest import Worker, launch_worker, raw_request, samples
+
+TOKEN = "test-admin-control"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+LAUNCHED = ("cheap", "dear")
+Clients = tuple[pb_grpc.GRPCInferenceServiceStub, admin_pb2_grpc.AdminStub]
+
+
+@pytest.fixture
+async def outside(repository: Path) -> AsyncIterator[Worker]:
+    """A backend the gateway does not launch (an external address)."""
+    worker = await launch_worker(
+        repository, threads=1, hardware_class="test-1c", models=("digits",)
+    )
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture
+async def supervised(
+    repository: Path, outside: Worker, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Gateway]:
+    monkeypatch.setenv("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+    launch = {"threads": 1, "models": ["digits"]}
+    config = FleetConfig.model_validate(
+        {
+            "repository": str(repository),
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "metrics": "127.0.0.1:0",
+                "admin": "127.0.0.1:0",
+                "probe_interval_s": 0.2,
+                "latency_probe_interval_s": 0,
+            },
+            "backends": [
+                {
+                    "name": "cheap",
+                    "address": "127.0.0.1:0",
+                    "price_usd_per_hour": 0.01,
+                    "launch": launch,
+                },
+                {
+                    "name": "dear",
+                    "address": "127.0.0.1:0",
+                    "price_usd_per_hour": 0.5,
+                    "launch": launch,
+                },
+                {"name": "outside", "address": outside.address, "price_usd_per_hour": 20.0},
+            ],
+            "policies": {"default": {"latency_ms": 2000}},
+        }
+    )
+    gw = await start_gateway(config)
+    yield gw
+    pids = list(gw.supervisor.pids().values())
+    await gw.stop()
+    for pid in pids:
+        assert not _alive(pid), f"worker {pid} outlived the gateway"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+async def clients(
+    supervised: Gateway,
+) -> AsyncIterator[Clients]:
+    assert supervised.admin_address is not None
+    async with (
+        grpc.aio.insecure_channel(supervised.address) as channel,
+        grpc.aio.insecure_channel(supervised.admin_address) as admin_channel,
+    ):
+        yield (
+            pb_grpc.GRPCInferenceServiceStub(channel),
+            admin_pb2_grpc.AdminStub(admin_channel),
+        )
+
+
+def digits_request(repository: Path) -> pb.ModelInferRequest:
+    inputs, _ = samples(repository, "digits")
+    return raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+
+
+async def backends_used(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, count: int
+) -> Counter[str]:
+    replies = [await stub.ModelInfer(request, timeout=10) for _ in range(count)]
+    return Counter(r.parameters["switchyard_backend"].string_param for r in replies)
+
+
+async def listed(admin: admin_pb2_grpc.AdminStub) -> dict[str, apb.BackendProcess]:
+    reply = await admin.ListBackends(apb.ListBackendsRequest(), metadata=AUTH)
+    return {b.backend: b for b in reply.backends}
+
+
+async def wait_for(
+    admin: admin_pb2_grpc.AdminStub,
+    backend: str,
+    status: str,
+    timeout_s: float,
+    also: Callable[[apb.BackendProcess], bool] = lambda _: True,
+) -> apb.BackendProcess:
+    """The backend's state once its status is `status` (and `also` holds), or at the timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        state = (await listed(admin))[backend]
+        if (state.status == status and also(state)) or loop.time() > deadline:
+            return state
+        await asyncio.sleep(0.05)
+
+
+async def test_kill_holds_a_worker_down_until_restart(
+    supervised: Gateway, clients: Clients, repository: Path
+) -> None:
+    stub, admin = clients
+    request = digits_request(repository)
+    before = await listed(admin)
+    assert list(before) == ["cheap", "dear", "outside"]
+    for name in LAUNCHED:
+        assert before[name].supervised and before[name].pid > 0 and not before[name].held_down
+        assert before[name].status == "ready" and before[name].restarts == 0
+    assert not before["outside"].supervised and before["outside"].pid == 0
+    assert before["outside"].address == supervised.fleet.backends["outside"].address
+    assert before["cheap"].price_usd_per_hour == 0.01
+    assert await backends_used(stub, request, 3) == {"cheap": 3}
+
+    # Requests keep flowing while the cheap worker is killed under them.
+    failures: list[str] = []
+    used: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            try:
+                used.update(await backends_used(stub, request, 1))
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+    loaders = [asyncio.create_task(load()) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    old_pid = before["cheap"].pid
+    killed = await admin.KillBackend(apb.BackendRequest(backend="cheap"), metadata=AUTH)
+    assert (killed.backend, killed.pid, killed.held_down, killed.supervised) == (
+        "cheap",
+        0,
+        True,
+        True,
+    )
+    assert killed.status != "ready"
+    assert not _alive(old_pid)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*loaders)
+    assert failures == []
+    assert used["dear"] > 0
+
+    # Held down: well past the supervisor's first back-off, nothing restarts it.
+    await asyncio.sleep(1.5)
+    held = (await listed(admin))["cheap"]
+    assert (held.pid, held.held_down, held.status) == (0, True, "unhealthy")
+    assert await backends_used(stub, request, 3) == {"dear": 3}
+    # A second kill of a held worker changes nothing.
+    again = await admin.KillBackend(apb.BackendRequest(backend="cheap"), metadata=AUTH)
+    assert (again.pid, again.held_down) == (0, True)
+
+    restarted = await admin.RestartBackend(apb.BackendRequest(backend="cheap"), metadata=AUTH)
+    assert restarted.pid > 0 and restarted.pid != old_pid and not restarted.held_down
+    assert restarted.restarts == 1
+    ready = await wait_for(admin, "cheap", "ready", 15.0)
+    assert ready.status == "ready", ready
+    assert ready.address == before["cheap"].address  # the same port
+    assert await backends_used(stub, request, 3) == {"cheap": 3}
+
+    # Restarting a running worker is a no-op that reports its state.
+    same = await admin.RestartBackend(apb.BackendRequest(backend="cheap"), metadata=AUTH)
+    assert (same.pid, same.restarts, same.status) == (restarted.pid, 1, "ready")
+    # The other worker was never touched; when it crashes (no hold), the supervisor
+    # restarts it by itself as before.
+    dear_pid = (await listed(admin))["dear"].pid
+    assert dear_pid == before["dear"].pid
+    os.kill(dear_pid, signal.SIGKILL)
+    back = await wait_for(admin, "dear", "ready", 15.0, lambda b: b.pid not in (0, dear_pid))
+    assert back.status == "ready" and back.pid not in (0, dear_pid), back
+    assert (back.restarts, back.held_down) == (1, False)
+
+
+async def test_routing_switches_between_the_router_and_baselines(
+    supervised: Gateway, clients: Clients, repository: Path
+) -> None:
+    stub, admin = clients
+    request = digits_request(repository)
+    routing = await admin.GetRouting(apb.GetRoutingRequest(), metadata=AUTH)
+    assert routing.name == "switchyard" and tuple(routing.available) == ROUTING
+    assert await backends_used(stub, request, 6) == {"cheap": 6}
+
+    spread = await admin.SetRouting(apb.Routing(name="round-robin"), metadata=AUTH)
+    assert spread.name == "round-robin" and tuple(spread.available) == ROUTING
+    assert set(await backends_used(stub, request, 12)) == {"cheap", "dear", "outside"}
+    got = await admin.GetRouting(apb.GetRoutingRequest(), metadata=AUTH)
+    assert got.name == "round-robin"
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await admin.SetRouting(apb.Routing(name="fastest"), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert "unknown routing 'fastest'" in details
+    assert all(name in details for name in ROUTING)
+    # A bad name leaves the routing in force.
+    got = await admin.GetRouting(apb.GetRoutingRequest(), metadata=AUTH)
+    assert got.name == "round-robin"
+
+    await admin.SetRouting(apb.Routing(name="switchyard"), metadata=AUTH)
+    assert await backends_used(stub, request, 6) == {"cheap": 6}
+
+
+async def test_bad_backends_and_missing_tokens_are_refused(
+    supervised: Gateway, clients: Clients
+) -> None:
+    _, admin = clients
+    pids = supervised.supervisor.pids()
+    for method in (admin.KillBackend, admin.RestartBackend):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await method(apb.BackendRequest(backend="nope"), metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        details = info.value.details() or ""
+        assert "unknown backend 'nope'" in details and "cheap, dear, outside" in details
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await method(apb.BackendRequest(backend="outside"), metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'outside' is not launched by the gateway" in (info.value.details() or "")
+
+    calls = [
+        lambda md: admin.ListBackends(apb.ListBackendsRequest(), metadata=md),
+        lambda md: admin.KillBackend(apb.BackendRequest(backend="cheap"), metadata=md),
+        lambda md: admin.RestartBackend(apb.BackendRequest(backend="cheap"), metadata=md),
+        lambda md: admin.GetRouting(apb.GetRoutingRequest(), metadata=md),
+        lambda md: admin.SetRouting(apb.Routing(name="round-robin"), metadata=md),
+    ]
+    for call in calls:
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Nothing changed.
+    assert supervised.supervisor.pids() == pids
+    routing = await admin.GetRouting(apb.GetRoutingRequest(), metadata=AUTH)
+    assert routing.name == "switchyard"
