@@ -730,7 +730,9 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # With --json, stdout carries the one JSON object only: warnings and errors go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    console = Console(stderr=args.json, width=None if out.isatty() else 160)
     if args.cpus:
         try:
             os.sched_setaffinity(0, set(args.cpus))
