@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("drain", "take a backend out"), ("undrain", "put a backend back")):
         p = sub.add_parser(name, help=text + " of the routes")
         p.add_argument("backend")
+    sub.add_parser("backends", help="every backend with its worker process (a table)")
+    kill = sub.add_parser("kill", help="SIGKILL a launched backend's worker and hold it down")
+    kill.add_argument("backend")
+    restart = sub.add_parser("restart", help="start a killed backend's worker again now")
+    restart.add_argument("backend")
+    routing = sub.add_parser("routing", help="show the routing rule in force, or set it")
+    routing.add_argument(
+        "name", nargs="?", default=None, help="switchyard, or a baseline (round-robin, ...)"
+    )
     explain = sub.add_parser("explain", help="which route a request would take now, and why")
     explain.add_argument("model")
     explain.add_argument("--sla-ms", type=float, default=0.0)
@@ -82,6 +91,15 @@ def _call(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub, token: str) 
     if command in ("drain", "undrain"):
         method = stub.Drain if command == "drain" else stub.Undrain
         return method(apb.DrainRequest(backend=args.backend), **kw)  # type: ignore[no-any-return]
+    if command == "backends":
+        return stub.ListBackends(apb.ListBackendsRequest(), **kw)  # type: ignore[no-any-return]
+    if command in ("kill", "restart"):
+        method = stub.KillBackend if command == "kill" else stub.RestartBackend
+        return method(apb.BackendRequest(backend=args.backend), **kw)  # type: ignore[no-any-return]
+    if command == "routing":
+        if args.name is None:
+            return stub.GetRouting(apb.GetRoutingRequest(), **kw)  # type: ignore[no-any-return]
+        return stub.SetRouting(apb.Routing(name=args.name), **kw)  # type: ignore[no-any-return]
     explain = apb.ExplainRequest(
         model=args.model,
         sla_ms=args.sla_ms,
@@ -137,6 +155,40 @@ def routes_table(reply: apb.ListRoutesResponse) -> Any:
     return table
 
 
+def backends_table(reply: apb.ListBackendsResponse) -> Any:
+    from rich.table import Table
+
+    table = Table(title="backends")
+    for column in ("backend", "pid", "status", "held", "restarts", "address", "$/h"):
+        numeric = column in ("pid", "restarts", "$/h")
+        table.add_column(column, justify="right" if numeric else "left")
+    for b in reply.backends:
+        status = b.status if b.status == "ready" else f"[red]{b.status}[/red]"
+        table.add_row(
+            b.backend,
+            str(b.pid) if b.pid else "-",
+            status,
+            "held down" if b.held_down else "-",
+            str(b.restarts) if b.supervised else "-",
+            b.address,
+            f"{b.price_usd_per_hour:.4f}",
+        )
+    table.caption = "pid and restarts: for the workers the gateway launches"
+    return table
+
+
+def process_line(reply: apb.BackendProcess) -> str:
+    if not reply.pid:
+        running = "not running"
+    else:
+        running = f"pid {reply.pid}"
+    held = ", held down" if reply.held_down else ""
+    return (
+        f"{reply.backend}: {running}{held}, {reply.status}, {reply.address}, "
+        f"{reply.restarts} restarts"
+    )
+
+
 def explain_view(reply: apb.ExplainResponse) -> Any:
     from rich.table import Table
 
@@ -171,6 +223,12 @@ def _render(args: argparse.Namespace, reply: Message) -> Any:
         return explain_view(reply)
     if isinstance(reply, apb.PolicyDocument):
         return reply.yaml.rstrip()
+    if isinstance(reply, apb.ListBackendsResponse):
+        return backends_table(reply)
+    if isinstance(reply, apb.BackendProcess):
+        return process_line(reply)
+    if isinstance(reply, apb.Routing):
+        return f"routing: {reply.name} (available: {', '.join(reply.available)})"
     assert isinstance(reply, apb.BackendStatus)
     return (
         f"{reply.backend}: {reply.status}, ${reply.price_usd_per_hour:.4f}/h, "

@@ -5,7 +5,9 @@ baselines (what `switchyard load` drives)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
 import signal
 from collections import Counter
@@ -15,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gateway import admin_cli
 from gateway.config import FleetConfig
 from gateway.router import ROUTING
 from gateway.server import Gateway, start_gateway
@@ -276,3 +279,45 @@ async def test_bad_backends_and_missing_tokens_are_refused(
     assert supervised.supervisor.pids() == pids
     routing = await admin.GetRouting(apb.GetRoutingRequest(), metadata=AUTH)
     assert routing.name == "switchyard"
+
+
+def admin_command(target: str, *argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    admin_cli.add_arguments(parser)
+    return admin_cli.run(parser.parse_args(["--target", target, *argv]))
+
+
+async def test_admin_cli_lists_kills_restarts_and_sets_routing(
+    supervised: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = supervised.admin_address
+    assert target is not None
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(admin_command, target, *argv)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = await cli("backends")
+    assert code == 0
+    for needle in ("cheap", "dear", "outside", "held", "restarts", "0.0100"):
+        assert needle in out
+    code, out, _ = await cli("--json", "backends")
+    assert code == 0
+    rows = {b["backend"]: b for b in json.loads(out)["backends"]}
+    assert rows["cheap"]["supervised"] and int(rows["cheap"]["pid"]) > 0
+
+    code, out, _ = await cli("kill", "cheap")
+    assert code == 0 and "cheap: not running, held down" in out
+    code, out, _ = await cli("--json", "restart", "cheap")
+    assert code == 0
+    assert int(json.loads(out)["pid"]) > 0 and "held_down" not in json.loads(out)
+
+    code, out, _ = await cli("routing")
+    assert code == 0 and "routing: switchyard (available: switchyard, fastest-only" in out
+    code, out, _ = await cli("--json", "routing", "least-loaded")
+    assert code == 0 and json.loads(out)["name"] == "least-loaded"
+    code, _, err = await cli("routing", "nope")
+    assert code == 1 and "INVALID_ARGUMENT: unknown routing 'nope'" in err
+    code, _, err = await cli("kill", "outside")
+    assert code == 1 and "FAILED_PRECONDITION" in err
