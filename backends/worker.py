@@ -65,9 +65,12 @@ class WorkerSettings:
     models: tuple[str, ...] = ()
     """Models to serve; empty: every model in the repository."""
     emulate_latency_ms: float = 0.0
-    """Added to every execution, standing for slower hardware (reported in metadata)."""
+    """Added per row of every execution, standing for slower hardware (reported in metadata)."""
     max_queue_delay_us: int = 0
     """How long a batch may wait for more requests; 0 batches only what is already queued."""
+    max_batch_rows: int = 0
+    """Most rows dynamic batching merges into one execution (1: no merging); 0: the
+    variant's max_batch_size."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     precisions: tuple[str, ...] = ()
     """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
@@ -295,7 +298,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 run,
                 executor,
                 [s.name for s in adapter.outputs],
-                variant.manifest.max_batch_size,
+                _batch_rows(variant.manifest.max_batch_size, settings.max_batch_rows),
                 settings.max_queue_delay_us / 1e6,
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
@@ -306,6 +309,13 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
         served[name] = ServedModel(loaded, default, settings)
         log.info("serving %s as %s (variants: %s)", name, default, ", ".join(sorted(loaded)))
     return served
+
+
+def _batch_rows(max_batch_size: int, cap: int) -> int:
+    """The rows dynamic batching may merge: the variant's limit, capped by the worker's."""
+    if max_batch_size <= 0 or cap <= 0:
+        return max_batch_size
+    return min(max_batch_size, cap)
 
 
 def _with_delay(run: RunFn, delay_s: float) -> RunFn:
@@ -541,7 +551,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--emulate-latency-ms",
         type=float,
         default=0.0,
-        help="added service time per execution, standing for slower hardware",
+        help="added service time per row, standing for slower hardware",
+    )
+    parser.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=0,
+        help="dynamic batching: most rows merged into one execution (1: none; "
+        "default: the variant's max_batch_size)",
     )
     parser.add_argument(
         "--max-queue-delay-us",
@@ -581,6 +598,7 @@ def run(args: argparse.Namespace) -> int:
         models=tuple(args.models),
         emulate_latency_ms=args.emulate_latency_ms,
         max_queue_delay_us=args.max_queue_delay_us,
+        max_batch_rows=max(0, args.max_batch_rows),
         max_message_bytes=args.max_message_bytes,
         precisions=tuple(args.precisions),
     )

@@ -77,6 +77,9 @@ class LaunchSettings(_Strict):
     """Added service time per row, standing for slower hardware (marked in metadata)."""
     max_queue_delay_us: int = Field(0, ge=0)
     """Dynamic batching: how long a batch may wait for more requests."""
+    max_batch_rows: int = Field(0, ge=0)
+    """Dynamic batching: most rows merged into one execution (1: no merging, each
+    request runs on its own); 0: the variant's max_batch_size."""
     cpus: list[int] | None = None
     """Pin the worker to these CPU numbers, so instance sizes do not share cores."""
     precisions: list[Literal["fp32", "fp16", "int8"]] | None = None

@@ -58,6 +58,8 @@ def worker_command(backend: BackendSettings, repository: Path, listen: str) -> l
         str(launch.emulate_latency_ms),
         "--max-queue-delay-us",
         str(launch.max_queue_delay_us),
+        "--max-batch-rows",
+        str(launch.max_batch_rows),
     ]
     if launch.models:
         command += ["--models", *launch.models]

@@ -270,6 +270,25 @@ async def test_concurrent_requests_are_batched_and_answered_correctly(repository
         await worker.stop()
 
 
+async def test_max_batch_rows_caps_what_dynamic_batching_merges(repository: Path) -> None:
+    # The same concurrent burst, with a batch waiting 100 ms for company, but at most
+    # 4 rows per execution: every execution has 1..4 rows and all 32 are answered.
+    worker = await launch_worker(
+        repository, threads=1, max_queue_delay_us=100_000, max_batch_rows=4
+    )
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await _check_batched(stub, repository)
+            stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="cnn"))).model_stats[
+                0
+            ]
+            assert max(b.batch_size for b in stats.batch_stats) <= 4
+            assert stats.execution_count >= 8
+    finally:
+        await worker.stop()
+
+
 async def _check_batched(stub: pb_grpc.GRPCInferenceServiceStub, repository: Path) -> None:
     inputs, reference = samples(repository, "cnn")
     requests = [
