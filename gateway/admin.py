@@ -63,9 +63,9 @@ def read_token_file(path: Path, create: bool) -> str | None:
     return token
 
 
-def route_status(route: Route, shares: dict[tuple[str, str], int]) -> apb.RouteStatus:
+def route_status(route: Route, shares: dict[str, float], now_s: float) -> apb.RouteStatus:
     state = route.state
-    total = shares.get((route.model, ""), 0)
+    total = shares.get(route.model, 0.0)
     carbon = carbon_g(route)
     est = route.estimate
     rtt = state.network.rtt_ms
@@ -86,7 +86,7 @@ def route_status(route: Route, shares: dict[tuple[str, str], int]) -> apb.RouteS
         slots=state.slots,
         requests=route.requests,
         failures=route.failures,
-        traffic_share=route.requests / total if total else 0.0,
+        traffic_share=route.recent_requests(now_s) / total if total else 0.0,
         cost_usd_per_1m=cost_usd(route) * 1e6,
         carbon_g_per_1m=-1.0 if carbon is None else carbon * 1e6,
         samples=est.samples,
@@ -94,11 +94,11 @@ def route_status(route: Route, shares: dict[tuple[str, str], int]) -> apb.RouteS
     )
 
 
-def _shares(fleet: FleetState) -> dict[tuple[str, str], int]:
-    totals: dict[tuple[str, str], int] = {}
+def _shares(fleet: FleetState, now_s: float) -> dict[str, float]:
+    """Per model, its routes' recent attempts (the denominator of each route's share)."""
+    totals: dict[str, float] = {}
     for route in fleet.all_routes():
-        key = (route.model, "")
-        totals[key] = totals.get(key, 0) + route.requests
+        totals[route.model] = totals.get(route.model, 0.0) + route.recent_requests(now_s)
     return totals
 
 
@@ -173,11 +173,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListRoutes(
         self, request: apb.ListRoutesRequest, context: grpc.aio.ServicerContext
     ) -> apb.ListRoutesResponse:
-        shares = _shares(self.fleet)
+        now = self.clock()
+        shares = _shares(self.fleet, now)
         routes = self.fleet.routes(request.model) if request.model else self.fleet.all_routes()
         if request.model and not routes and request.model not in self.fleet.known_models():
             raise ValueError(f"unknown model {request.model!r}")
-        return apb.ListRoutesResponse(routes=[route_status(r, shares) for r in routes])
+        return apb.ListRoutesResponse(routes=[route_status(r, shares, now) for r in routes])
 
     @_guarded
     async def SetPrice(
@@ -228,7 +229,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         )
         policy = self.control.policies.resolve(route_req)
         decision, verdicts = explain(route_req, self.fleet.routes(model), policy, self.clock())
-        shares = _shares(self.fleet)
+        now = self.clock()
+        shares = _shares(self.fleet, now)
         reply = apb.ExplainResponse(
             model=model,
             reason=decision.reason,
@@ -245,7 +247,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             reply.chosen_variant = decision.route.variant
         for v in verdicts:
             reply.routes.add(
-                route=route_status(v.route, shares),
+                route=route_status(v.route, shares, now),
                 predicted_ms=v.predicted_ms,
                 feasible=v.feasible,
                 chosen=v.chosen,

@@ -151,7 +151,7 @@ def routes_table(reply: apb.ListRoutesResponse) -> Any:
             f"{r.traffic_share:.0%}",
             f"{r.cost_usd_per_1m:.4f}",
         )
-    table.caption = "ms; * the backend's default variant; share of the model's requests"
+    table.caption = "ms; * the backend's default variant; share of the model's requests, last ~10 s"
     return table
 
 

@@ -11,6 +11,7 @@ backend's models or variants change; the router reads them without copying.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,10 @@ from gateway.estimates import LatencyEstimate, NetworkEstimate
 
 DEFAULT_SERVICE_MS = 1.0
 """The service-time guess for a route with neither profile nor samples."""
+
+
+SHARE_WINDOW_S = 10.0
+"""The time constant of a route's recent traffic (its share in `switchyard admin routes`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,8 @@ class Route:
         "failures",
         "model",
         "observed",
+        "recent",
+        "recent_at_s",
         "requests",
         "state",
         "variant",
@@ -138,6 +145,21 @@ class Route:
         self.observed = LatencyEstimate(DEFAULT_SERVICE_MS)
         self.requests = 0
         self.failures = 0
+        self.recent = 0.0
+        """Attempts, decayed with SHARE_WINDOW_S (the traffic share SREs see)."""
+        self.recent_at_s = 0.0
+
+    def count(self, now_s: float) -> None:
+        """One more attempt on this route at `now_s`."""
+        self.requests += 1
+        self.recent = self.recent_requests(now_s) + 1.0
+        self.recent_at_s = now_s
+
+    def recent_requests(self, now_s: float) -> float:
+        """Attempts over about the last SHARE_WINDOW_S seconds (exponentially decayed)."""
+        if self.recent == 0.0:
+            return 0.0
+        return self.recent * math.exp(-max(0.0, now_s - self.recent_at_s) / SHARE_WINDOW_S)
 
     @property
     def address(self) -> str:
@@ -211,7 +233,7 @@ class FleetState:
         """An attempt's outcome, for passive outlier detection; True when this
         failure ejected the backend."""
         state = route.state
-        route.requests += 1
+        route.count(now_s)
         if ok:
             state.attempt_failures = 0
             if state.ejected_until_s is None:

@@ -369,3 +369,17 @@ def test_estimate_quantiles_are_ordered_and_within_the_samples(samples: list[flo
     est.observe(samples[-1], 0.0)
     assert est.p50_ms <= est.p95_ms <= est.p99_ms
     assert min(samples) * 0.99 <= est.p50_ms <= max(samples) * 1.09
+
+
+def test_traffic_share_follows_recent_attempts_not_the_whole_history() -> None:
+    old, new = route("old", 0.04), route("new", 0.08)
+    for t in range(1000):  # a long past on `old`
+        old.count(t * 0.01)
+    for t in range(100):  # then 60 s later, the last seconds on `new`
+        new.count(70.0 + t * 0.01)
+    now = 71.0
+    recent_old, recent_new = old.recent_requests(now), new.recent_requests(now)
+    assert old.requests == 1000 and new.requests == 100  # lifetime counts stay
+    share_new = recent_new / (recent_old + recent_new)
+    assert share_new > 0.9  # what SREs see: where traffic goes now
+    assert old.recent_requests(now + 1e6) == pytest.approx(0.0)
