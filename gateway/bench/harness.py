@@ -194,6 +194,82 @@ class PerfAnalyzerLevel:
     latency_p99_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class PerfAnalyzerRow:
+    """One row of perf_analyzer's CSV: the load level (its first column: concurrency or
+    request rate) and what the client measured (latencies converted from us to ms)."""
+
+    level: float
+    throughput_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+def perf_analyzer_rows(
+    binary: Path,
+    address: str,
+    model: str,
+    load_args: Sequence[str],
+    measurement_interval_ms: int,
+    csv_path: Path,
+    timeout_s: float,
+    max_trials: int = 10,
+) -> list[PerfAnalyzerRow]:
+    """perf_analyzer over gRPC with `load_args` (`--concurrency-range C:C`,
+    `--request-rate-range R:R`, ...); parses the CSV it writes to `csv_path`."""
+    command = [
+        str(binary),
+        "-i",
+        "grpc",
+        "-u",
+        address,
+        "-m",
+        model,
+        *load_args,
+        "--measurement-interval",
+        str(measurement_interval_ms),
+        "--stability-percentage",
+        "50",
+        "--max-trials",
+        str(max_trials),
+        "-f",
+        str(csv_path),
+    ]
+    csv_path.unlink(missing_ok=True)
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            cwd=csv_path.parent,
+            timeout=timeout_s,
+            check=False,
+            preexec_fn=die_with_parent,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"perf_analyzer timed out on {model} at {address}") from exc
+    if result.returncode != 0 or not csv_path.is_file():
+        tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+        raise BenchError(f"perf_analyzer failed on {model} at {address}: {' | '.join(tail)}")
+    rows = []
+    with csv_path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for values in reader:
+            if len(values) != len(header):
+                continue
+            row = dict(zip(header, values, strict=True))
+            rows.append(
+                PerfAnalyzerRow(
+                    level=float(values[0]),
+                    throughput_per_s=float(row["Inferences/Second"]),
+                    latency_p50_ms=float(row["p50 latency"]) / 1000.0,
+                    latency_p99_ms=float(row["p99 latency"]) / 1000.0,
+                )
+            )
+    return rows
+
+
 def run_perf_analyzer(
     binary: Path,
     address: str,
@@ -207,50 +283,23 @@ def run_perf_analyzer(
     levels = []
     for c in concurrency:
         csv_path = work_dir / f"pa-{model}-{address.replace(':', '_')}-c{c}.csv"
-        command = [
-            str(binary),
-            "-i",
-            "grpc",
-            "-u",
+        for row in perf_analyzer_rows(
+            binary,
             address,
-            "-m",
             model,
-            "--concurrency-range",
-            f"{c}:{c}",
-            "--measurement-interval",
-            str(measurement_interval_ms),
-            "--stability-percentage",
-            "50",
-            "--max-trials",
-            "10",
-            "-f",
-            str(csv_path),
-        ]
-        try:
-            result = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                cwd=work_dir,
-                timeout=timeout_s,
-                check=False,
-                preexec_fn=die_with_parent,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"perf_analyzer timed out on {model} at {address}") from exc
-        if result.returncode != 0 or not csv_path.is_file():
-            tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
-            raise BenchError(f"perf_analyzer failed on {model} at {address}: {' | '.join(tail)}")
-        with csv_path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                levels.append(
-                    PerfAnalyzerLevel(
-                        concurrency=int(row["Concurrency"]),
-                        throughput_per_s=float(row["Inferences/Second"]),
-                        latency_p50_ms=float(row["p50 latency"]) / 1000.0,
-                        latency_p99_ms=float(row["p99 latency"]) / 1000.0,
-                    )
+            ["--concurrency-range", f"{c}:{c}"],
+            measurement_interval_ms,
+            csv_path,
+            timeout_s,
+        ):
+            levels.append(
+                PerfAnalyzerLevel(
+                    concurrency=int(row.level),
+                    throughput_per_s=row.throughput_per_s,
+                    latency_p50_ms=row.latency_p50_ms,
+                    latency_p99_ms=row.latency_p99_ms,
                 )
+            )
     return levels
 
 
