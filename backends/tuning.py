@@ -26,9 +26,8 @@ import argparse
 import datetime as dt
 import json
 import math
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,10 +90,11 @@ def _mean_s(run_secs: Sequence[float]) -> float:
     return math.fsum(run_secs) / len(run_secs) if run_secs else math.inf
 
 
-def prune(work_dir: Path, out_dir: Path) -> int:
+def prune(work_dir: Path, out_dir: Path, keys: Collection[str] | None = None) -> int:
     """Writes to `out_dir` the database of `work_dir` with only the fastest record of each
     workload (failed candidates dropped, workloads without a record dropped) and its
-    per-task budgets. Returns the number of records written."""
+    per-task budgets; with `keys`, only those workloads (a model's current tasks, not
+    those of operators it no longer has). Returns the number of records written."""
     workloads = [
         json.loads(line) for line in (work_dir / WORKLOADS).read_text().splitlines() if line.strip()
     ]
@@ -103,6 +103,8 @@ def prune(work_dir: Path, out_dir: Path) -> int:
         if not line.strip():
             continue
         index, record = json.loads(line)
+        if keys is not None and workloads[index][0] not in keys:
+            continue
         mean_s = _mean_s(record[1])
         if mean_s < FAILED_RUN_S and mean_s < best.get(index, (math.inf, []))[0]:
             best[index] = (mean_s, record)
@@ -113,7 +115,10 @@ def prune(work_dir: Path, out_dir: Path) -> int:
         "".join(json.dumps([new, best[old][1]]) + "\n" for new, old in enumerate(kept))
     )
     if (work_dir / BUDGETS).is_file():
-        shutil.copyfile(work_dir / BUDGETS, out_dir / BUDGETS)
+        budgets = json.loads((work_dir / BUDGETS).read_text())
+        if keys is not None:
+            budgets = {k: v for k, v in budgets.items() if k in keys}
+        (out_dir / BUDGETS).write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
     return len(kept)
 
 
@@ -171,7 +176,7 @@ def tune(
     else:  # nothing tuned: the records and their cost are the earlier ones
         info = previous or info
     destination = out / model / target.name
-    kept = prune(work_dir, destination)
+    kept = prune(work_dir, destination, build.task_keys)
     write_info(destination, info)
     print(f"{model}: {kept} records for {info.tasks} tasks in {destination}", flush=True)
     return info

@@ -158,6 +158,9 @@ class TvmBuild:
     """True when every task already had a record in the tuning folder: no trial ran."""
     imported_via_ort: bool = False
     """True when TVM imported ONNX Runtime's basic-optimised graph, not the raw model."""
+    task_keys: tuple[str, ...] = ()
+    """The tuning tasks' workload keys (structural hashes, as MetaSchedule's database and
+    `switchyard_trials.json` name them); empty when untuned."""
 
 
 # --- host CPU -------------------------------------------------------------------------
@@ -551,15 +554,14 @@ def _quiet_meta_schedule() -> None:
 
 
 def _tune(
-    prepared: Any,
-    target: Any,
+    tasks: Sequence[Any],
     work_dir: Path,
     budget: int,
     per_task: int,
     population: int | None,
     seed: int | None,
 ) -> None:
-    """MetaSchedule over every task of `prepared`, as `static_shape_tuning` runs it, with
+    """MetaSchedule over `tasks` (extracted as `static_shape_tuning` extracts them), with
     search rounds no larger than a task's share (with 64-candidate rounds, a small budget
     went whole to the first tasks and later ones got no trial), a population sized to the
     budget, an in-process builder, and candidates measured on `TUNING_THREADS` threads.
@@ -578,17 +580,20 @@ def _tune(
     threads = os.environ.get("TVM_NUM_THREADS")
     os.environ["TVM_NUM_THREADS"] = str(TUNING_THREADS)
     try:
-        ms.relax_integration.tune_relax(
-            prepared,
-            {},
-            target,
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            list(tasks),
             str(work_dir),
-            budget,
-            budget,
-            num_trials_per_iter=min(TRIALS_PER_ROUND, per_task),
-            builder=_in_process_builder(),
             strategy=ms.search_strategy.EvolutionarySearch(population_size=population),
             seed=seed,
+        )
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(work_dir),
+            max_trials_global=budget,
+            max_trials_per_task=budget,
+            num_trials_per_iter=min(TRIALS_PER_ROUND, per_task),
+            builder=_in_process_builder(),
         )
     finally:
         if threads is None:
@@ -650,8 +655,14 @@ def compile_onnx(
     the task count when smaller), and the rest where latency falls most (see `_tune`),
     keeping records in `tuning_dir / target.name`. When every task there already has a
     record, tuned with at least this compile's per-task share, no trial runs and the
-    records are applied (`tuning_reused`); otherwise every task is tuned again, the search
-    starting from the records there. One compile at a time per tuning folder.
+    records are applied (`tuning_reused`); otherwise the tasks short of it are tuned with
+    their shares (every task when none has a record), the search starting from the
+    records there. One compile at a time per tuning folder.
+
+    Exponentials, tanh, erf and softmax are computed with TVM's fast approximations
+    (`relax.transform.FastMathTransform`): vectorised polynomials, where the exact forms
+    call libm once per element (a GELU's erf took three quarters of the transformer's
+    kernel time), within float32 rounding of the exact ones for the accuracy check.
 
     `records_from`: a tuning folder kept elsewhere (the records committed with the demo
     models), only read: before deciding what to tune, each task's best record there is
@@ -701,11 +712,13 @@ def _compile(
         mod, shapes, outputs, via_ort = import_onnx(source, input_shapes, Path(scratch))
         if via_ort:
             say("TVM imported ONNX Runtime's basic-optimised graph (the raw one failed)")
+    mod = relax.transform.FastMathTransform()(mod)
 
     tasks = 0
     budget = 0
     measured = 0
     reused = False
+    keys: list[str] = []
     if trials > 0:
         assert tuning_dir is not None
         from tvm.s_tir import meta_schedule as ms  # type: ignore[import-untyped, unused-ignore]
@@ -738,15 +751,17 @@ def _compile(
             _check_tunable(target)
             if budget > trials:
                 say(f"raised the trial budget from {trials} to {budget}: one per task")
+            chosen = [i for i, task in enumerate(found) if task.task_name in untuned]
+            tuning_budget = budget if len(chosen) == tasks else per_task * len(chosen)
             say(
-                f"tuning {tasks} tasks ({len(untuned)} not yet tuned with {per_task} trials) "
-                f"with {budget} trials in {work_dir}"
+                f"tuning {len(chosen)} of {tasks} tasks (not yet tuned with {per_task} trials "
+                f"each) with {tuning_budget} trials in {work_dir}"
             )
             before = len(database)
-            _tune(prepared, tvm_target, work_dir, budget, per_task, population, seed)
+            _tune([found[i] for i in chosen], work_dir, tuning_budget, per_task, population, seed)
             database = ms.database.JSONDatabase(work_dir=str(work_dir))
             measured = len(database) - before
-            _write_budgets(work_dir, keys, per_task)
+            _write_budgets(work_dir, [keys[i] for i in chosen], per_task)
             say(f"tuning measured {measured} candidates")
         with database:
             mod = relax.get_pipeline(
@@ -778,6 +793,7 @@ def _compile(
         compile_s=compile_s,
         tuning_reused=reused,
         imported_via_ort=via_ort,
+        task_keys=tuple(keys),
     )
 
 
@@ -866,6 +882,7 @@ def _compile_in_child(
         compile_s=time.perf_counter() - started,
         tuning_reused=built["tuning_reused"],
         imported_via_ort=built["imported_via_ort"],
+        task_keys=tuple(built["task_keys"]),
     )
 
 
@@ -919,6 +936,7 @@ def _child_main() -> int:
                 "tvm_version": build.tvm_version,
                 "tuning_reused": build.tuning_reused,
                 "imported_via_ort": build.imported_via_ort,
+                "task_keys": list(build.task_keys),
             }
         }
     )

@@ -57,6 +57,14 @@ def test_prune_keeps_the_fastest_valid_record_of_each_workload(tmp_path: Path) -
     assert json.loads((tmp_path / "out" / BUDGETS).read_text())["33"] == 100
 
 
+def test_prune_keeps_only_the_given_workloads(tmp_path: Path) -> None:
+    write_database(tmp_path / "work")
+    assert prune(tmp_path / "work", tmp_path / "out", keys={"22", "33"}) == 1
+    assert read_lines(tmp_path / "out" / WORKLOADS) == [["22", "mod1"]]
+    assert [r[0] for r in read_lines(tmp_path / "out" / TUNING_RECORDS)] == [0]
+    assert json.loads((tmp_path / "out" / BUDGETS).read_text()) == {"22": 100, "33": 100}
+
+
 def test_records_for_finds_only_existing_folders(tmp_path: Path) -> None:
     (tmp_path / "cnn").mkdir()
     assert records_for("cnn", tmp_path) == tmp_path / "cnn"
@@ -81,7 +89,7 @@ def test_committed_records_are_small_pruned_and_described() -> None:
             assert indices == list(range(len(workloads)))
             budgets = json.loads((target_dir / BUDGETS).read_text())
             assert {w[0] for w in workloads} <= set(budgets)
-            assert len(budgets) >= info.tasks
+            assert len(budgets) == info.tasks
             total += sum(f.stat().st_size for f in target_dir.iterdir())
     assert total < 8_000_000
     assert RECORDS.name == "tuning_records"
