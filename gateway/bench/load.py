@@ -61,6 +61,10 @@ PRICE_SPIKE = ROOT / "scenarios" / "price-spike.yaml"
 THREE_TIER = ROOT / "scenarios" / "fleets" / "three-tier.yaml"
 
 
+WORKER_CPU = 0
+GENERATOR_CPU = 1
+
+
 def switchyard_command() -> list[str]:
     entry = Path(sys.executable).parent / "switchyard"
     return [str(entry)] if entry.exists() else [sys.executable, "-m", "gateway.cli"]
@@ -195,7 +199,7 @@ def running(child: Child) -> Iterator[Child]:
 
 
 @contextlib.contextmanager
-def digits_worker(repository: Path, work: Path) -> Iterator[str]:
+def digits_worker(repository: Path, work: Path, cpus: Sequence[int] = ()) -> Iterator[str]:
     command = [
         *switchyard_command(),
         "backend",
@@ -206,6 +210,8 @@ def digits_worker(repository: Path, work: Path) -> Iterator[str]:
         "--models",
         MODEL,
     ]
+    if cpus:
+        command += ["--cpus", *map(str, cpus)]
     with running(Child("worker", command, work, ROOT)) as child:
         yield child.wait_listening(STARTUP_TIMEOUT_S)
 
@@ -268,16 +274,18 @@ class Findings:
 def measure_capacity(
     args: argparse.Namespace, work: Path, env: dict[str, str], found: Findings, log: Any
 ) -> None:
-    with digits_worker(args.repository, work) as address:
-        log(f"capacity: digits worker at {address}")
+    # The generator on its own core budget: the worker on CPU 0, the generator on CPU 1.
+    pinned = ["--cpus", str(GENERATOR_CPU)]
+    with digits_worker(args.repository, work, (WORKER_CPU,)) as address:
+        log(f"capacity: worker {address} on CPU {WORKER_CPU}, generator on {GENERATOR_CPU}")
         idle = work / "startup.yaml"
         idle.write_text(scenario_yaml("startup", 10.0, 0.5, "constant"))
-        found.startup_cpu_s = run_load(address, address, idle, work, env, 60).cpu_s
+        found.startup_cpu_s = run_load(address, address, idle, work, env, 60, pinned).cpu_s
         log(f"  startup alone: {found.startup_cpu_s:.2f} CPU s")
         for rate in args.rates:
             path = work / f"capacity-{rate:g}.yaml"
             path.write_text(scenario_yaml(f"capacity-{rate:g}", rate, args.level_s, "constant"))
-            done = run_load(address, address, path, work, env, args.level_s + 60)
+            done = run_load(address, address, path, work, env, args.level_s + 60, pinned)
             found.capacity.append((rate, done))
             s = done.summary
             log(
@@ -448,6 +456,9 @@ def capacity_markdown(found: Findings, args: argparse.Namespace) -> list[str]:
     )
     lines += [
         "",
+        f"The worker runs pinned to CPU {WORKER_CPU} and the generator to CPU {GENERATOR_CPU} "
+        "(`--cpus`), each on its own core budget; other work on the machine still shares "
+        "them. "
         f"Generator CPU is the `switchyard load` child's user + system time from `os.wait4` "
         f"(whole run, startup included). Per 1,000 requests and cores: net of "
         f"{found.startup_cpu_s:.2f} CPU s that a run sending 5 requests took (imports, "
