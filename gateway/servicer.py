@@ -67,8 +67,12 @@ SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchyard_routing"]
 # Codes on which an attempt is retried on the next route: the backend could not
 # run it (down, overloaded) or failed on its side; inference is idempotent.
+# CANCELLED from a backend (the gateway's own cancellations of hedges never reach
+# here) is its gRPC server shedding calls it had not yet accepted when its backlog
+# passed gRPC's pending-request limit, as Python servers do when overloaded.
 RETRYABLE = frozenset(
     {
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.INTERNAL,
