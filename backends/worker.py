@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -587,7 +588,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+PARENT_PID_ENV = "SWITCHYARD_PARENT_PID"
+"""Set by the gateway for the workers it launches: its pid."""
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """A worker the gateway launched ends when the gateway does: the kernel sends it
+    SIGTERM when its parent exits. Armed here, first thing, rather than between fork
+    and exec (running Python in a child forked from the threaded gateway can crash
+    it); a parent already gone by now ends the worker at once."""
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if not parent.isdigit():
+        return
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        sys.exit("switchyard backend: the gateway that launched this worker is gone")
+
+
 def run(args: argparse.Namespace) -> int:
+    die_with_parent()
     if args.threads < 1:
         print("--threads must be at least 1", file=sys.stderr)
         return 2

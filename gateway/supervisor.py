@@ -32,7 +32,10 @@ MAX_BACKOFF_S = 10.0
 STABLE_AFTER_S = 30.0
 
 
-def die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """For `preexec_fn` of tools started from a single-threaded process (the bench):
+    runs in the child between fork and exec. The gateway does not use it: its workers
+    arm the signal themselves (backends.worker.die_with_parent)."""
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -76,6 +79,8 @@ def worker_environment(backend: BackendSettings) -> dict[str, str]:
     threads = str(backend.launch.threads if backend.launch else 1)
     return {
         **os.environ,
+        # The worker arms its own parent-death signal with it (backends.worker).
+        "SWITCHYARD_PARENT_PID": str(os.getpid()),
         "TVM_USE_RUNTIME_LIB": "1",
         "TVM_NUM_THREADS": threads,
         "OMP_NUM_THREADS": threads,
@@ -203,7 +208,6 @@ class Supervisor:
                 *worker_command(worker.backend, self.repository, worker.address or listen),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=die_with_parent,
                 env=worker_environment(worker.backend),
             )
             worker.spawned.set()

@@ -254,3 +254,31 @@ def test_admin_cli_controls_the_running_gateway(served: RunningGateway, tmp_path
     # The embedded demo fleet names a token file; a fresh one holds a token the
     # gateway under test does not use.
     assert no_token.returncode != 0
+
+
+def test_workers_end_when_the_gateway_is_killed(repository: Path, tmp_path: Path) -> None:
+    # kill -9 of the gateway runs none of its shutdown: the workers it launched must
+    # still go (the kernel's parent-death signal, which each worker arms itself).
+    from tests.e2e.conftest import _alive, start_serve, write_fleet
+
+    fleet = write_fleet(
+        tmp_path / "fleet.yaml",
+        repository,
+        [
+            {
+                "name": "only",
+                "address": "127.0.0.1:0",
+                "price_usd_per_hour": 0.04,
+                "launch": {"threads": 1, "models": ["digits"]},
+            }
+        ],
+    )
+    gateway = start_serve(fleet, tmp_path)
+    pids = list(gateway.info["pids"].values())
+    assert pids and all(_alive(pid) for pid in pids)
+    gateway.process.send_signal(signal.SIGKILL)
+    gateway.process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), f"workers {pids} outlived the gateway"
