@@ -7,8 +7,9 @@ estimate describes the route unloaded and the router adds the wait for the load
 it sees. The sketch keeps counts in logarithmic buckets (relative error under
 5%); every count decays with a half-life, so old behaviour fades and a route
 that got slower shows it within a few seconds of traffic. Quantiles are
-recomputed at most every few samples and read as plain attributes, because the
-router reads them for every route of every request.
+recomputed every few samples, or on the first sample after a second (a route
+that only gets probes follows each one), and read as plain attributes, because
+the router reads them for every route of every request.
 
 Pure: time comes in as `now_s`.
 """
@@ -24,7 +25,10 @@ BUCKETS = 240  # 0.01 ms .. about 1,000 s
 HALF_LIFE_S = 10.0
 EWMA_WEIGHT = 0.1
 REFRESH_EVERY = 8
-"""Samples between quantile refreshes."""
+"""Samples between quantile refreshes..."""
+REFRESH_AFTER_S = 1.0
+"""...or seconds, whichever comes first: a route that gets only probes (one every
+few seconds) must not keep quantiles that its decayed samples no longer support."""
 PRIOR_WEIGHT = 20.0
 """How many samples a profile's figures count for when seeding the sketch."""
 
@@ -47,6 +51,7 @@ class LatencyEstimate:
         "_counts",
         "_decayed_s",
         "_extra",
+        "_refreshed_s",
         "_since_refresh",
         "_total",
         "last_sample_s",
@@ -71,6 +76,7 @@ class LatencyEstimate:
         self._counts = [0.0] * BUCKETS
         self._total = 0.0
         self._since_refresh = 0
+        self._refreshed_s = -math.inf
         self._decayed_s: float | None = None
         self._extra: dict[float, float] = {}
 
@@ -99,9 +105,14 @@ class LatencyEstimate:
         self.samples += 1
         self.last_sample_s = now_s
         self._since_refresh += 1
-        if not self.seeded or self._since_refresh >= REFRESH_EVERY:
+        if (
+            not self.seeded
+            or self._since_refresh >= REFRESH_EVERY
+            or now_s - self._refreshed_s >= REFRESH_AFTER_S
+        ):
             self.seeded = True
             self._refresh()
+            self._refreshed_s = now_s
 
     def quantile_ms(self, percentile: float) -> float:
         """The service time at `percentile` (0..100)."""

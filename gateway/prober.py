@@ -104,6 +104,8 @@ class Prober:
             r
             for r in self.fleet.all_routes()
             if r.state.available
+            # A probe that would queue measures the queue, not the route: busy routes wait.
+            and r.state.in_flight < r.state.slots
             and (r.estimate.last_sample_s is None or now_s - r.estimate.last_sample_s >= idle_s)
         ]
         results = await asyncio.gather(*(self._latency_probe(r) for r in stale))
@@ -115,12 +117,18 @@ class Prober:
         if request is None:
             return False
         client = self.pool.client(route.address)
+        # The probe holds a slot like any request, so a request sent meanwhile knows
+        # it may wait and does not take its own latency for the route's service time.
+        expected_ms = route.estimate.mean_ms
+        self.fleet.acquire(route.backend, expected_ms)
         started = time.perf_counter()
         try:
             await client.infer(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.debug("latency probe of %r failed: %s", route, exc.details())
             return False
+        finally:
+            self.fleet.release(route.backend, expected_ms)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         route.estimate.observe(service_sample(elapsed_ms, route.state.network.rtt_ms), self.clock())
         return True

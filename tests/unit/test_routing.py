@@ -383,3 +383,18 @@ def test_traffic_share_follows_recent_attempts_not_the_whole_history() -> None:
     share_new = recent_new / (recent_old + recent_new)
     assert share_new > 0.9  # what SREs see: where traffic goes now
     assert old.recent_requests(now + 1e6) == pytest.approx(0.0)
+
+
+def test_a_sparse_routes_quantiles_follow_each_sample_after_a_second() -> None:
+    # A route that only gets a probe every few seconds must not wait for 8 samples
+    # (16 s of probes) before its quantiles move.
+    est = LatencyEstimate()
+    est.observe(1.0, 0.0)
+    assert est.p99_ms == pytest.approx(1.0, rel=0.1)
+    est.observe(50.0, 2.0)  # one sample, two seconds later
+    assert est.p99_ms == pytest.approx(50.0, rel=0.1)
+    for i in range(3):  # within the same second: refreshed by count only
+        est.observe(50.0, 2.1 + i * 0.1)
+    before = est.p50_ms
+    est.observe(1.0, 2.5)
+    assert est.p50_ms == before

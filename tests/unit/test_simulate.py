@@ -26,8 +26,6 @@ ROUTER_MISSES = {
     ("sla-mix", "cost_vs_bound"): "1.20x the bound (full run): digits and resnet share the "
     "CPU backends; the LP packs both to full utilisation, while holding digits' tight p99 "
     "behind resnet requests needs headroom the bound does not pay for",
-    ("sla-mix", "attainment"): "short form only (bronze 99.3%; the full run holds 99.9%): "
-    "ten seconds leave the estimates of rarely used routes little traffic to learn from",
 }
 
 
