@@ -59,14 +59,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain.add_argument("--batch-size", type=int, default=1)
 
 
-def _connect(args: argparse.Namespace) -> tuple[str, str]:
-    config = load_fleet(args.config)
-    target = args.target or config.gateway.admin
+def admin_access(
+    fleet: Path | None, target: str | None, token_file: Path | None
+) -> tuple[str, str | None]:
+    """Where the admin API of the gateway running `fleet` (None: the demo fleet) listens,
+    unless `target` says, and its token: `token_file`'s, else SWITCHYARD_ADMIN_TOKEN,
+    else the fleet's `admin_token_file`; None when there is none."""
+    config = load_fleet(fleet)
     token = None
-    if args.token_file is not None:
-        token = read_token_file(args.token_file, create=False)
+    if token_file is not None:
+        token = read_token_file(token_file, create=False)
     if token is None:
         token = admin_token(config, create=False)
+    return target or config.gateway.admin, token
+
+
+def _connect(args: argparse.Namespace) -> tuple[str, str]:
+    target, token = admin_access(args.config, args.target, args.token_file)
     if token is None:
         raise ConfigError(
             f"no admin token: set {TOKEN_ENV}, or pass --token-file, or name "

@@ -51,7 +51,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from gateway.config import ConfigError, load_fleet
+from gateway import loadreport
+from gateway.config import ConfigError
 from gateway.loadrecords import NO_ROUTE, FiredEvent, Records, Stream
 from gateway.policy import PolicyBook
 from gateway.router import RouteRequest
@@ -329,8 +330,6 @@ class Run:
         except grpc.aio.AioRpcError as exc:
             rec.latency_ms[i] = (time.perf_counter() - sent) * 1000.0
             rec.status[i] = self._status(exc.code().name)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # any client failure is this request's outcome
             rec.latency_ms[i] = (time.perf_counter() - sent) * 1000.0
             rec.status[i] = self._status(f"CLIENT_{type(exc).__name__}")
@@ -521,14 +520,12 @@ class LiveView:
 
 
 def backend_share(records: Records, backend: str, from_s: float, to_s: float) -> float | None:
-    """`backend`'s share of the OK answers to requests sent in [from_s, to_s)."""
-    ok = records.ok
-    window = ok & (records.send_s >= from_s) & (records.send_s < to_s)
-    total = int(window.sum())
-    if total == 0:
+    """`backend`'s share (all its routes) of the OK answers to requests sent in
+    [from_s, to_s); None when the window has no OK answer."""
+    shares = loadreport.window_shares(records, from_s, to_s)
+    if not shares or any(math.isnan(v) for v in shares.values()):
         return None
-    indices = [i for i, r in enumerate(records.routes) if r.split("/", 1)[0] == backend]
-    return float(np.isin(records.route[window], indices).sum()) / total
+    return sum(v for name, v in shares.items() if name.split("/", 1)[0] == backend)
 
 
 def share_checks(records: Records, checks: Sequence[ShareCheck]) -> list[tuple[str, bool, str]]:
@@ -589,15 +586,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _admin_for(args: argparse.Namespace, scenario: Scenario) -> Admin | None:
-    from gateway.admin import TOKEN_ENV, admin_token, read_token_file
+    from gateway.admin import TOKEN_ENV
+    from gateway.admin_cli import admin_access
 
-    config = load_fleet(args.config if args.config is not None else scenario.live.fleet)
-    target = args.admin or config.gateway.admin
-    token = None
-    if args.token_file is not None:
-        token = read_token_file(args.token_file, create=False)
-    if token is None:
-        token = admin_token(config, create=False)
+    fleet = args.config if args.config is not None else scenario.live.fleet
+    target, token = admin_access(fleet, args.admin, args.token_file)
     if token is None:
         needs = scenario.events or args.baseline
         if needs:
@@ -638,8 +631,6 @@ async def _payloads(target: str, plan: Plan) -> list[bytes]:
 
 
 async def _main(args: argparse.Namespace, console: Console) -> int:
-    from gateway import loadreport
-
     scenario = load_scenario(args.scenario)
     plan = make_plan(scenario, args.short, args.rate_scale)
     admin = _admin_for(args, scenario)

@@ -246,24 +246,26 @@ def _shares_over_time(
     return starts, {name: share[:, i].astype(np.float64) for i, name in enumerate(names)}
 
 
+def window_shares(records: Records, from_s: float, to_s: float) -> dict[str, float]:
+    """Per route, its share of the OK answers to requests sent in [from_s, to_s).
+    NaN for every route when the window has no OK answer, so that no comparison on
+    it passes by accident."""
+    ok = records.ok
+    names, route = _route_names(records, ok)
+    inside = ok & (records.send_s >= from_s) & (records.send_s < to_s)
+    total = int(inside.sum())
+    counts = np.bincount(route[inside], minlength=len(names)).astype(np.float64)
+    shares: FloatArray = counts / total if total else np.full(len(names), math.nan)
+    return {name: float(shares[i]) for i, name in enumerate(names)}
+
+
 def share_moved(
     records: Records, before: tuple[float, float], after: tuple[float, float]
 ) -> dict[str, tuple[float, float]]:
     """Per route, its share of the OK answers sent in `before` and in `after`
-    (each a [start_s, end_s) window). NaN for a window with no OK answer, so that no
-    comparison on it passes by accident."""
-    ok = records.ok
-    names, route = _route_names(records, ok)
-
-    def shares(window: tuple[float, float]) -> FloatArray:
-        inside = ok & (records.send_s >= window[0]) & (records.send_s < window[1])
-        total = int(inside.sum())
-        counts = np.bincount(route[inside], minlength=len(names)).astype(np.float64)
-        out: FloatArray = counts / total if total else np.full(len(names), math.nan)
-        return out
-
-    first, second = shares(before), shares(after)
-    return {name: (float(first[i]), float(second[i])) for i, name in enumerate(names)}
+    (each a [start_s, end_s) window; see `window_shares`)."""
+    first, second = window_shares(records, *before), window_shares(records, *after)
+    return {name: (share, second[name]) for name, share in first.items()}
 
 
 def check_live(
