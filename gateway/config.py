@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -156,17 +156,26 @@ class ConfigError(Exception):
     """The fleet file cannot be read or is not valid."""
 
 
-def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetConfig:
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_yaml(text: str, model: type[Model], error: type[Exception], source: str) -> Model:
+    """`text` as YAML, validated as `model`; `error` naming `source` when it is not
+    YAML, not a mapping, or not valid (for fleet files and scenario files alike)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise error(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
+        raise error(f"{source}: expected a mapping at the top level")
     try:
-        config = FleetConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise error(f"{source}: {exc}") from exc
+
+
+def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetConfig:
+    config = validate_yaml(text, FleetConfig, ConfigError, source)
     if not config.repository.is_absolute():
         config = config.model_copy(update={"repository": base_dir / config.repository})
     updates = {}

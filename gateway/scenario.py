@@ -59,7 +59,7 @@ With `--short`, the run lasts `short.duration_s`, every rate is multiplied by
 `short.rate_scale`, and event times (and surge lengths, burst periods) are
 scaled by `short.duration_s / duration_s`, so the same story plays faster.
 
-Imports only pydantic, yaml and gateway.config: no router, no numpy.
+Imports only pydantic and gateway.config (which reads the YAML): no router, no numpy.
 """
 
 from __future__ import annotations
@@ -67,10 +67,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.config import PoliciesSettings
+from gateway.config import PoliciesSettings, validate_yaml
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
@@ -333,16 +332,7 @@ class ScenarioError(Exception):
 
 
 def parse_scenario(text: str, base_dir: Path, source: str = "scenario") -> Scenario:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{source}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{source}: expected a mapping at the top level")
-    try:
-        scenario = Scenario.model_validate(data)
-    except ValidationError as exc:
-        raise ScenarioError(f"{source}: {exc}") from exc
+    scenario = validate_yaml(text, Scenario, ScenarioError, source)
     traffic = [
         t.model_copy(update={"trace_file": base_dir / t.trace_file})
         if t.trace_file is not None and not t.trace_file.is_absolute()
