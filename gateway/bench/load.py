@@ -468,93 +468,68 @@ def capacity_markdown(found: Findings, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+THROUGHPUT_COLUMNS = ("PA infer/s", "load infer/s", "load / PA")
+LATENCY_COLUMNS = (
+    "PA p50 (ms)",
+    "load p50 (ms)",
+    "load / PA",
+    "PA p99 (ms)",
+    "load p99 (ms)",
+    "load / PA",
+)
+
+
+def _versus(
+    pa: PerfAnalyzerRow, summary: dict[str, Any]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """perf_analyzer's figures beside `switchyard load`'s: the THROUGHPUT_COLUMNS and
+    LATENCY_COLUMNS cells of one row."""
+    tp = throughput_per_s(summary)
+    p50, p99 = latency(summary, "p50"), latency(summary, "p99")
+    throughput = (
+        _f(pa.throughput_per_s),
+        _f(tp),
+        _f(tp / pa.throughput_per_s, 3),
+    )
+    latencies = (
+        _f(pa.latency_p50_ms, 3),
+        _f(p50, 3),
+        _f(p50 / pa.latency_p50_ms, 2),
+        _f(pa.latency_p99_ms, 3),
+        _f(p99, 3),
+        _f(p99 / pa.latency_p99_ms, 2),
+    )
+    return throughput, latencies
+
+
 def agreement_markdown(found: Findings, args: argparse.Namespace) -> list[str]:
     lines: list[str] = []
     if found.rate_pairs:
         rows = []
         for rate, pa, done in found.rate_pairs:
-            s = done.summary
-            tp = throughput_per_s(s)
-            p50, p99 = latency(s, "p50"), latency(s, "p99")
-            rows.append(
-                (
-                    f"{rate:g}",
-                    _f(pa.throughput_per_s),
-                    _f(tp),
-                    _f(tp / pa.throughput_per_s, 3),
-                    _f(pa.latency_p50_ms, 3),
-                    _f(p50, 3),
-                    _f(p50 / pa.latency_p50_ms, 2),
-                    _f(pa.latency_p99_ms, 3),
-                    _f(p99, 3),
-                    _f(p99 / pa.latency_p99_ms, 2),
-                )
-            )
+            throughput, latencies = _versus(pa, done.summary)
+            rows.append((f"{rate:g}", *throughput, *latencies))
+        header = ("rate (req/s)", *THROUGHPUT_COLUMNS, *LATENCY_COLUMNS)
         lines += [
             "(a) The same constant request rate from both tools (perf_analyzer "
             "`--request-rate-range R:R`, its default constant spacing; `switchyard load` "
             "with `arrivals: constant`):",
             "",
-            markdown_table(
-                (
-                    "rate (req/s)",
-                    "PA infer/s",
-                    "load infer/s",
-                    "load / PA",
-                    "PA p50 (ms)",
-                    "load p50 (ms)",
-                    "load / PA",
-                    "PA p99 (ms)",
-                    "load p99 (ms)",
-                    "load / PA",
-                ),
-                rows,
-                (True,) * 10,
-            ),
+            markdown_table(header, rows, (True,) * len(header)),
             "",
         ]
     if found.concurrency_pairs:
         pairs: list[tuple[str, ...]] = []
         for c, pa, done in found.concurrency_pairs:
-            s = done.summary
-            tp = throughput_per_s(s)
-            p50, p99 = latency(s, "p50"), latency(s, "p99")
-            pairs.append(
-                (
-                    str(c),
-                    _f(pa.throughput_per_s),
-                    _f(tp),
-                    _f(tp / pa.throughput_per_s, 3),
-                    _f(c / pa.throughput_per_s * 1000.0, 3),
-                    _f(pa.latency_p50_ms, 3),
-                    _f(p50, 3),
-                    _f(p50 / pa.latency_p50_ms, 2),
-                    _f(pa.latency_p99_ms, 3),
-                    _f(p99, 3),
-                    _f(p99 / pa.latency_p99_ms, 2),
-                )
-            )
+            throughput, latencies = _versus(pa, done.summary)
+            little = _f(c / pa.throughput_per_s * 1000.0, 3)
+            pairs.append((str(c), *throughput, little, *latencies))
+        columns = ("concurrency", *THROUGHPUT_COLUMNS, "C / X (ms)", *LATENCY_COLUMNS)
         lines += [
             "(b) perf_analyzer closed loop (`--concurrency-range C:C`), then `switchyard load` "
             "open loop with Poisson arrivals at the throughput perf_analyzer measured:",
             "",
-            markdown_table(
-                (
-                    "concurrency",
-                    "PA infer/s",
-                    "load infer/s",
-                    "load / PA",
-                    "C / X (ms)",
-                    "PA p50 (ms)",
-                    "load p50 (ms)",
-                    "load / PA",
-                    "PA p99 (ms)",
-                    "load p99 (ms)",
-                    "load / PA",
-                ),
-                pairs,
-                (True,) * 11,
-            ),
+            markdown_table(columns, pairs, (True,) * len(columns)),
             "",
             "At the same throughput, closed-loop and open-loop latencies differ by design: "
             "closed loop, each of the C callers waits for its answer before sending again, so "
