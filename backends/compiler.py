@@ -226,6 +226,7 @@ def build_tvm(
     from backends import tvm_compile as tc
     from backends.ort_adapter import signature
     from backends.repository import ArtifactEntry, sha256_file
+    from backends.rewrites import prepared_source
     from backends.variants import (
         DEFAULT_MAX_BATCH_SIZE,
         batchable,
@@ -233,7 +234,7 @@ def build_tvm(
         variant_dir,
     )
 
-    source = repository.source(model)
+    source, rewrites = prepared_source(repository.source(model))
     inputs, outputs = signature(source)
     batched = batchable(inputs, outputs)
     shapes = {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
@@ -263,7 +264,8 @@ def build_tvm(
         inputs=tensor_entries(inputs),
         outputs=tensor_entries(outputs),
         artifacts=[ArtifactEntry(path=build.library.name, sha256=sha256_file(build.library))],
-        source_sha256=sha256_file(source),
+        source_sha256=sha256_file(repository.source(model)),
+        rewrites=rewrites,
         versions={"tvm": build.tvm_version},
         compiled_batch=DEFAULT_TVM_BATCH if batched else 0,
         required_cpu_flags=list(target.required_cpu_flags),

@@ -100,6 +100,9 @@ class Manifest(BaseModel):
     """Files of the variant; the first is the one the runtime loads."""
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """sha256 of the source model.onnx it was built from."""
+    rewrites: list[str] = []
+    """Exact graph rewrites applied to the source before the runtime's own compile
+    (`backends.rewrites`), each with its count: `one-hot-matmul-as-gather x1`."""
     versions: dict[str, str] = {}
     """Versions of what built it (onnxruntime, onnx, tvm, ...)."""
     compiled_batch: int | None = None

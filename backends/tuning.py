@@ -139,8 +139,10 @@ def tune(
     from backends.compiler import DEFAULT_TVM_BATCH
     from backends.cpu import cpu_model
     from backends.ort_adapter import signature
+    from backends.rewrites import prepared_source
 
-    source = repository / model / "model.onnx"
+    # The graph the compiler builds from (see backends.rewrites), so the tasks match.
+    source, _ = prepared_source(repository / model / "model.onnx")
     inputs, _ = signature(source)
     shapes = {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
     tuning_dir = work / model

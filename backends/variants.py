@@ -27,6 +27,7 @@ from backends.repository import (
     TensorEntry,
     sha256_file,
 )
+from backends.rewrites import prepared_source
 from backends.runtime import Array, RuntimeAdapter
 from backends.tensors import TensorSpec
 
@@ -76,6 +77,7 @@ def onnx_manifest(
     precision: str,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     versions: Mapping[str, str] | None = None,
+    rewrites: Sequence[str] = (),
 ) -> Manifest:
     """The manifest of an ONNX artifact ONNX Runtime loads (its signature read back)."""
     inputs, outputs = signature(artifact)
@@ -91,6 +93,7 @@ def onnx_manifest(
         outputs=tensor_entries(outputs),
         artifacts=[ArtifactEntry(path=artifact.name, sha256=sha256_file(artifact))],
         source_sha256=sha256_file(repository.source(model)),
+        rewrites=list(rewrites),
         versions={"onnxruntime": RUNTIME_VERSION, **(versions or {})},
     )
 
@@ -116,10 +119,11 @@ def build_ort_fp32(
     # layout rewrites for the building machine); workers apply ALL when they load.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(artifact)
-    ort.InferenceSession(
-        str(repository.source(model)), sess_options=options, providers=["CPUExecutionProvider"]
+    source, rewrites = prepared_source(repository.source(model))
+    ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    manifest = onnx_manifest(
+        repository, model, ORT_FP32, artifact, "fp32", max_batch_size, rewrites=rewrites
     )
-    manifest = onnx_manifest(repository, model, ORT_FP32, artifact, "fp32", max_batch_size)
     repository.write_variant(manifest)
     return manifest
 
@@ -135,8 +139,9 @@ def build_ort_cuda_fp32(repository: ModelRepository, model: str) -> Manifest:
         )
     directory = variant_dir(repository, model, ORT_CUDA_FP32)
     artifact = directory / "model.onnx"
-    shutil.copyfile(repository.source(model), artifact)
-    manifest = onnx_manifest(repository, model, ORT_CUDA_FP32, artifact, "fp32")
+    source, rewrites = prepared_source(repository.source(model))
+    shutil.copyfile(source, artifact)
+    manifest = onnx_manifest(repository, model, ORT_CUDA_FP32, artifact, "fp32", rewrites=rewrites)
     manifest = manifest.model_copy(update={"target": "cuda", "device": "cuda"})
     repository.write_variant(manifest)
     return manifest
@@ -147,7 +152,8 @@ def build_ort_fp16(repository: ModelRepository, model: str) -> Manifest:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    source = onnx.load(str(repository.source(model)))
+    path, rewrites = prepared_source(repository.source(model))
+    source = onnx.load(str(path))
     if any(op.domain == "ai.onnx.ml" for op in source.opset_import) and any(
         node.domain == "ai.onnx.ml" for node in source.graph.node
     ):
@@ -162,7 +168,13 @@ def build_ort_fp16(repository: ModelRepository, model: str) -> Manifest:
         shutil.rmtree(directory)
         raise BuildSkipped(f"fp16 model does not load in ONNX Runtime: {exc}") from exc
     manifest = onnx_manifest(
-        repository, model, ORT_FP16, artifact, "fp16", versions={"onnx": onnx.__version__}
+        repository,
+        model,
+        ORT_FP16,
+        artifact,
+        "fp16",
+        versions={"onnx": onnx.__version__},
+        rewrites=rewrites,
     )
     repository.write_variant(manifest)
     return manifest
@@ -194,7 +206,7 @@ def build_ort_int8_dynamic(repository: ModelRepository, model: str) -> Manifest:
     """Dynamic quantisation: int8 weights, activations quantised per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source = repository.source(model)
+    source, rewrites = prepared_source(repository.source(model))
     if not _has_quantizable_ops(source, {"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU"}):
         raise BuildSkipped("no MatMul, Gemm or Conv to quantise")
     directory = variant_dir(repository, model, ORT_INT8_DYNAMIC)
@@ -206,7 +218,9 @@ def build_ort_int8_dynamic(repository: ModelRepository, model: str) -> Manifest:
             weight_type=QuantType.QInt8,
             per_channel=True,
         )
-    manifest = onnx_manifest(repository, model, ORT_INT8_DYNAMIC, artifact, "int8")
+    manifest = onnx_manifest(
+        repository, model, ORT_INT8_DYNAMIC, artifact, "int8", rewrites=rewrites
+    )
     repository.write_variant(manifest)
     return manifest
 
@@ -267,7 +281,7 @@ def build_ort_int8_qdq(
         quantize_static,
     )
 
-    source = repository.source(model)
+    source, rewrites = prepared_source(repository.source(model))
     if not _has_quantizable_ops(source, {"MatMul", "Gemm", "Conv"}):
         raise BuildSkipped("no MatMul, Gemm or Conv to quantise")
     reader = _Calibration(calibration)
@@ -289,7 +303,7 @@ def build_ort_int8_qdq(
             # flipped classes (quantised probabilities also tie close calls).
             nodes_to_exclude=head,
         )
-    manifest = onnx_manifest(repository, model, ORT_INT8_QDQ, artifact, "int8")
+    manifest = onnx_manifest(repository, model, ORT_INT8_QDQ, artifact, "int8", rewrites=rewrites)
     repository.write_variant(manifest)
     return manifest
 
