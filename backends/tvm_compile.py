@@ -509,8 +509,9 @@ def _import_records(
     """Copies into `database` (the tuning folder `work_dir`) the best record in
     `records_dir` of each task that was tuned there with a larger per-task budget than
     here, and raises the task's budget here to that one. Returns the names of the tasks
-    whose budget was raised. `records_dir` is only read; a task whose workload it lacks
-    (another model, another TVM version) is left as it was."""
+    whose budget was raised. `records_dir` is only read; a task its budgets do not list
+    (another model, another TVM version: the key is the workload's structural hash) is
+    left as it was."""
     from tvm.s_tir import meta_schedule as ms  # type: ignore[import-untyped, unused-ignore]
 
     files = [records_dir / "database_workload.json", records_dir / "database_tuning_record.json"]
@@ -524,9 +525,16 @@ def _import_records(
         if source_budgets.get(key, 0) <= budgets.get(key, 0):
             continue
         mod = task.dispatched[0]
-        if not source.has_workload(mod):
-            continue
-        record = source.query_tuning_record(mod, target, task.task_name)
+        # A task whose key the source's budgets list was searched there; without a
+        # workload it found no valid schedule (say, a Gather that MetaSchedule's random
+        # indices crash) and keeps TVM's default one, as it would here.
+        record = (
+            source.query_tuning_record(mod, target, task.task_name)
+            if source.has_workload(mod)
+            else None
+        )
+        if record is not None and not _replays(record, mod):
+            continue  # tuned on a graph that named its blocks otherwise: tune it here
         if record is not None:
             database.commit_tuning_record(
                 ms.database.TuningRecord(
@@ -544,6 +552,63 @@ def _import_records(
         partial.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
         partial.replace(work_dir / BUDGETS)
     return raised
+
+
+def _replays(record: Any, mod: Any) -> bool:
+    """Whether `record`'s schedule applies to `mod`. A workload is matched by its
+    structure, but a schedule names the blocks it transforms, and TVM names a
+    reduction's block after the Relax variable it computes (`lv14_red`): the same
+    reduction in a graph with other bindings before it has another name."""
+    from tvm import s_tir  # type: ignore[import-untyped, unused-ignore]
+
+    try:
+        record.trace.apply_to_schedule(s_tir.Schedule(mod), remove_postproc=False)
+    except Exception:  # ScheduleError, TVMError: the trace does not fit this function
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsCheck:
+    """How a folder of tuning records fits a model's tasks (`check_records`)."""
+
+    tasks: int
+    unbudgeted: list[str]
+    """Tasks the folder's budgets do not list: a compile with it would tune them."""
+    stale: list[str]
+    """Tasks whose recorded schedule does not replay on them: the build would fail."""
+
+
+def check_records(
+    source: Path,
+    input_shapes: Mapping[str, Sequence[int]],
+    target: TvmTarget,
+    records_dir: Path,
+    scratch: Path,
+) -> RecordsCheck:
+    """Imports `source` as a compile does and checks the records of `records_dir` (a
+    tuning folder for `target`) against each of its tasks. In this process: it needs
+    the full TVM library."""
+    tvm = _tvm()
+    from tvm.s_tir import meta_schedule as ms  # type: ignore[import-untyped, unused-ignore]
+
+    tvm_target = _tvm_target(tvm, target, tuning=True)
+    mod, _, _, _ = import_onnx(source, input_shapes, scratch)
+    prepared = _prepare(tvm, tvm.relax.transform.FastMathTransform()(mod), tvm_target)
+    tasks = ms.relax_integration.extract_tasks(prepared, tvm_target)
+    budgets = _read_budgets(records_dir)
+    database = ms.database.JSONDatabase(work_dir=str(records_dir), allow_missing=False)
+    unbudgeted, stale = [], []
+    for task, key in zip(tasks, _task_keys(tasks), strict=True):
+        if key not in budgets:
+            unbudgeted.append(task.task_name)
+        workload = task.dispatched[0]
+        if not database.has_workload(workload):
+            continue
+        record = database.query_tuning_record(workload, tvm_target, task.task_name)
+        if record is not None and not _replays(record, workload):
+            stale.append(task.task_name)
+    return RecordsCheck(len(tasks), unbudgeted, stale)
 
 
 def _quiet_meta_schedule() -> None:

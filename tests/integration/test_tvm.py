@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backends.ort_adapter import signature
+from backends.rewrites import prepared_source
 from backends.tensors import TensorSpec
-from backends.tuning import read_info, records_for
+from backends.tuning import DEMO_MODELS, read_info, records_for
 from backends.tvm_compile import (
     CUDA_TARGETS,
     LIBRARY,
@@ -29,6 +31,7 @@ from backends.tvm_compile import (
     TvmImportError,
     TvmTarget,
     best_cpu_target,
+    check_records,
     compile_onnx,
     host_cpu_flags,
 )
@@ -395,3 +398,21 @@ def test_runtime_only_cannot_follow_the_compiler() -> None:
     assert tvm.__version__ and "libtvm_compiler" in Path("/proc/self/maps").read_text()
     with pytest.raises(RuntimeError, match="already imported with its compiler"):
         use_runtime_only()
+
+
+@pytest.mark.parametrize("model", DEMO_MODELS)
+def test_committed_records_fit_every_task_of_the_demo_model(
+    model: str, host_target: TvmTarget, repository: Path, tmp_path: Path
+) -> None:
+    """Every task of the demo model as the compiler sees it now (graph rewrites and all)
+    has a budget in the committed records, so `make models-tvm` never tunes, and every
+    committed schedule replays on its task (see `check_records`)."""
+    records = records_for(model)
+    if records is None or not (records / host_target.name).is_dir():
+        pytest.skip(f"no committed {model} records for {host_target.name}")
+    source, _ = prepared_source(repository / model / "model.onnx")
+    shapes = {s.name: [1 if d < 0 else d for d in s.shape] for s in signature(source)[0]}
+    check = check_records(source, shapes, host_target, records / host_target.name, tmp_path)
+    assert check.tasks > 0
+    assert not check.unbudgeted, f"{model}: tasks without a committed budget"
+    assert not check.stale, f"{model}: committed schedules that no longer apply"
