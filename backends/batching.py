@@ -7,12 +7,17 @@ the runtime in a worker thread, and splits the outputs back. While one batch
 runs, the next one gathers, so batches grow with load and a lone request waits
 for nobody. A batch that fails is retried one request at a time, so one bad
 request never fails its neighbours.
+
+Waiting requests are taken by priority, as Triton's request parameter `priority`
+orders its scheduler's queue: a lower non-zero value first, and 0 (the default,
+or no priority) after every explicit level; arrival order within a level.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -37,13 +42,25 @@ class BatchStats:
     """Batch size -> (executions, compute ns)."""
 
 
-@dataclass(slots=True)
+DEFAULT_PRIORITY_LEVEL = 2**64
+"""Where priority 0 (the default) ranks: after every explicit level (Triton's priorities
+are uint64)."""
+
+
+def priority_level(priority: int) -> int:
+    """Queue rank of a request's `priority`: lower runs first."""
+    return priority if priority > 0 else DEFAULT_PRIORITY_LEVEL
+
+
+@dataclass(order=True, slots=True)
 class _Pending:
-    inputs: dict[str, Array]
-    rows: int
-    key: tuple[tuple[str, tuple[int, ...]], ...]
-    enqueued_ns: int
-    future: asyncio.Future[list[Array]]
+    level: int
+    seq: int
+    inputs: dict[str, Array] = field(compare=False)
+    rows: int = field(compare=False)
+    key: tuple[tuple[str, tuple[int, ...]], ...] = field(compare=False)
+    enqueued_ns: int = field(compare=False)
+    future: asyncio.Future[list[Array]] = field(compare=False)
 
 
 class Batcher:
@@ -63,9 +80,9 @@ class Batcher:
         self._max_rows = max(1, max_batch_size)
         self._batching = max_batch_size > 0
         self._delay_s = max_queue_delay_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.PriorityQueue[_Pending] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
-        self._held: _Pending | None = None
         self.stats = BatchStats()
 
     def start(self) -> None:
@@ -79,17 +96,28 @@ class Batcher:
                 await self._task
             self._task = None
 
-    async def infer(self, inputs: dict[str, Array], rows: int) -> dict[str, Array]:
-        """Runs one request; returns every output by name."""
+    async def infer(
+        self, inputs: dict[str, Array], rows: int, priority: int = 0
+    ) -> dict[str, Array]:
+        """Runs one request (`priority` as Triton's: see the module); returns every
+        output by name."""
         key = tuple(sorted((name, tuple(a.shape[1:])) for name, a in inputs.items()))
         future: asyncio.Future[list[Array]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(inputs, rows, key, time.perf_counter_ns(), future))
+        pending = _Pending(
+            priority_level(priority),
+            next(self._seq),
+            inputs,
+            rows,
+            key,
+            time.perf_counter_ns(),
+            future,
+        )
+        self._queue.put_nowait(pending)
         arrays = await future
         return dict(zip(self._outputs, arrays, strict=True))
 
     async def _next_batch(self) -> list[_Pending]:
-        first = self._held or await self._queue.get()
-        self._held = None
+        first = await self._queue.get()
         batch = [first]
         if not self._batching:
             return batch
@@ -109,7 +137,7 @@ class Batcher:
             if item.future.done():  # the caller went away
                 continue
             if item.key != first.key or rows + item.rows > self._max_rows:
-                self._held = item  # starts the next batch
+                self._queue.put_nowait(item)  # keeps its place: level, then arrival
                 break
             batch.append(item)
             rows += item.rows

@@ -91,6 +91,22 @@ class LoadedVariant:
         return self.variant.name
 
 
+def request_priority(value: object) -> int:
+    """Triton's `priority` request parameter (an unsigned integer; 0 or absent: the
+    default level), checked."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(
+            f"request parameter 'priority' must be a non-negative integer, got {value!r}"
+        )
+    return value
+
+
 class ServedModel:
     """One model as this worker serves it: its servable variants, one the default."""
 
@@ -444,8 +460,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded = decode_request(request, model.signature)
             model.decode_ns += time.perf_counter_ns() - start_ns
             chosen = model.choose(decoded.parameters.get("switchyard_variant"))
+            priority = request_priority(decoded.parameters.get("priority"))
             try:
-                outputs = await chosen.batcher.infer(decoded.inputs, decoded.batch_size)
+                outputs = await chosen.batcher.infer(decoded.inputs, decoded.batch_size, priority)
             except SwitchyardError:
                 raise
             except Exception as exc:  # a runtime rejected what validation let through

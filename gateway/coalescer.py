@@ -16,17 +16,23 @@ contents of exactly the declared size), so a malformed request can never borrow
 bytes from a neighbour; it goes alone and gets the backend's own error. A merged
 call that fails for any reason other than the backend being unavailable is
 retried request by request, so one bad request never fails its neighbours.
+
+Waiting requests leave by Triton's `priority` (a lower non-zero value first, the
+default 0 last), then in arrival order; a merged call carries its best priority.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
+from backends.batching import DEFAULT_PRIORITY_LEVEL, priority_level
 from backends.tensors import NUMPY_DTYPES
+from gateway.converters import priority_param
 from gateway.fleet import ModelInfo, Route
 from gateway.pool import BackendCallError
 from protos import gateway_pb2
@@ -47,6 +53,8 @@ class _Waiting:
     max_rows: int
     deadline: float | None
     future: asyncio.Future[bytes]
+    rank: tuple[int, int] = (0, 0)
+    """(priority level, arrival): the order waiting requests leave in."""
 
 
 @dataclass(slots=True)
@@ -110,6 +118,7 @@ class Coalescer:
         self._limit = limit
         self._routes: dict[tuple[str, str, str], _RouteState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._arrivals = itertools.count()
         self.merged_calls = 0
         self.merged_requests = 0
 
@@ -147,6 +156,7 @@ class Coalescer:
             info.max_batch_size,
             deadline,
             loop.create_future(),
+            (priority_level(priority_param(header)), next(self._arrivals)),
         )
         state.waiting.setdefault(key, []).append(waiting)
         try:
@@ -170,10 +180,13 @@ class Coalescer:
             self._release(route, state)
 
     def _release(self, route: Route, state: _RouteState) -> None:
-        """A slot freed: send the oldest group that is waiting, merged."""
+        """A slot freed: send the group whose first request ranks first (priority level,
+        then arrival), merged, its requests taken in rank order."""
         while state.waiting and state.in_flight < self._limit:
-            key = next(iter(state.waiting))
-            group = [w for w in state.waiting.pop(key) if not w.future.done()]
+            key = min(state.waiting, key=lambda k: min(w.rank for w in state.waiting[k]))
+            group = sorted(
+                (w for w in state.waiting.pop(key) if not w.future.done()), key=lambda w: w.rank
+            )
             if not group:
                 continue
             batch, rest = _take(group, group[0].max_rows)
@@ -195,6 +208,9 @@ class Coalescer:
                 self._on_merged(route, len(batch))
             requests = [w.parsed for w in batch]
             merged = merge_requests(requests)
+            level = batch[0].rank[0]  # the batch's best: it goes first at the backend too
+            if level != DEFAULT_PRIORITY_LEVEL:
+                merged.parameters["priority"].uint64_param = level
             try:
                 reply = await self._send(route, merged.SerializeToString(), self._timeout(batch))
                 parts = split_response(pb.ModelInferResponse.FromString(reply), requests)

@@ -99,6 +99,19 @@ def _number(param: pb.InferParameter, key: str) -> float:
     raise InvalidInput(f"request parameter {key!r} must be a number")
 
 
+def priority_param(header: gateway_pb2.InferRequestHeader) -> int:
+    """Triton's `priority` request parameter: a non-negative integer, 0 (or absent) for
+    the default level; anything else raises InvalidInput."""
+    if "priority" not in header.parameters:
+        return 0
+    value = _number(header.parameters["priority"], "priority")
+    if value < 0 or value != int(value):
+        raise InvalidInput(
+            f"request parameter 'priority' must be a non-negative integer, got {value:g}"
+        )
+    return int(value)
+
+
 def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> RouteRequest:
     """What routing needs from a request header; bad parameters raise InvalidInput."""
     params = header.parameters
@@ -112,7 +125,7 @@ def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -
         if params["sla_class"].WhichOneof("parameter_choice") != "string_param":
             raise InvalidInput("request parameter 'sla_class' must be a string")
         sla_class = params["sla_class"].string_param
-    priority = int(_number(params["priority"], "priority")) if "priority" in params else 0
+    priority = priority_param(header)
     batch = 1
     if max_batch_size > 0 and header.inputs and header.inputs[0].shape:
         batch = max(1, header.inputs[0].shape[0])

@@ -326,3 +326,52 @@ async def test_streaming_inference(stub, repository: Path) -> None:  # type: ign
     for i, r in enumerate(replies[:4]):
         assert output(r.infer_response, "label", np.int64)[0] == reference["label"][i]
     assert "datatype INT8 does not match" in replies[4].error_message
+
+
+async def test_waiting_requests_run_by_priority(repository: Path) -> None:
+    """Triton's `priority`: while one request runs (emulated 150 ms, one at a time),
+    requests that arrive behind it run by priority level (1 first, then 2, then the
+    default 0), not in arrival order."""
+    worker = await launch_worker(
+        repository, threads=1, models=["digits"], emulate_latency_ms=150, max_batch_rows=1
+    )
+    inputs, _ = samples(repository, "digits")
+    order: list[str] = []
+
+    def request(priority: int | None) -> pb.ModelInferRequest:
+        r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+        if priority is not None:
+            r.parameters["priority"].uint64_param = priority
+        return r
+
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def call(name: str, priority: int | None) -> None:
+                await stub.ModelInfer(request(priority))
+                order.append(name)
+
+            first = asyncio.create_task(call("first", None))
+            await asyncio.sleep(0.05)  # it runs; the rest queue behind it
+            rest = []
+            for name, priority in (("default", None), ("p2", 2), ("zero", 0), ("p1", 1)):
+                rest.append(asyncio.create_task(call(name, priority)))
+                await asyncio.sleep(0.005)
+            await asyncio.gather(first, *rest)
+            assert order == ["first", "p1", "p2", "default", "zero"]
+
+            for bad in (-1, "high", 1.5):
+                r = request(None)
+                if isinstance(bad, str):
+                    r.parameters["priority"].string_param = bad
+                elif isinstance(bad, float):
+                    r.parameters["priority"].double_param = bad
+                else:
+                    r.parameters["priority"].int64_param = bad
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.ModelInfer(r)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "'priority' must be a non-negative integer" in (caught.value.details() or "")
+    finally:
+        await worker.stop()

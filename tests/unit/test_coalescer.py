@@ -1,12 +1,18 @@
-"""Merging requests and splitting a merged response: pure protobuf logic."""
+"""Merging requests and splitting a merged response (pure protobuf logic), and the order
+waiting requests leave in."""
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
 
+import numpy as np
+import pytest
+
+from backends.errors import InvalidInput
 from backends.tensors import TensorSpec
-from gateway.coalescer import group_key, merge_requests, split_response
-from gateway.fleet import ModelInfo
+from gateway.coalescer import Coalescer, group_key, merge_requests, split_response
+from gateway.converters import priority_param
+from gateway.fleet import BackendState, ModelInfo, Route
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
 
@@ -96,3 +102,54 @@ def test_group_key_only_for_mergeable_requests() -> None:
     asked = request(1, 0, "a")
     asked.outputs.add(name="y")
     assert group_key(header(asked), INFO) != group_key(header(request(1, 0, "b")), INFO)
+
+
+def test_waiting_requests_leave_by_priority_then_arrival() -> None:
+    """One call slot: while the first request holds it, the others wait; they leave by
+    Triton's `priority` (1, then 2, then the default), each alone (one row per call
+    here)."""
+    one_row = ModelInfo("m", ("1",), "p", INFO.inputs, INFO.outputs, 1, "v")
+    route = Route(BackendState("b", "addr", "cpu", 1.0), "m", "v", True)
+    sent: list[str] = []
+    gate = asyncio.Event()
+
+    async def send(_route: Route, request: bytes, _timeout: float | None) -> bytes:
+        parsed = pb.ModelInferRequest.FromString(request)
+        sent.append(parsed.id)
+        if parsed.id == "first":
+            await gate.wait()
+        return pb.ModelInferResponse(model_name="m", id=parsed.id).SerializeToString()
+
+    def with_priority(rid: str, priority: int | None) -> pb.ModelInferRequest:
+        r = request(1, 0, rid)
+        if priority is not None:
+            r.parameters["priority"].uint64_param = priority
+        return r
+
+    async def scenario() -> None:
+        coalescer = Coalescer(send, clock=lambda: 0.0, limit=1)
+        calls = []
+        for rid, priority in (("first", None), ("default", None), ("p2", 2), ("p1", 1)):
+            r = with_priority(rid, priority)
+            calls.append(
+                asyncio.create_task(
+                    coalescer.call(route, r.SerializeToString(), header(r), one_row, None)
+                )
+            )
+            await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*calls)
+
+    asyncio.run(scenario())
+    assert sent == ["first", "p1", "p2", "default"]
+
+
+def test_priority_must_be_a_non_negative_integer() -> None:
+    r = request(1, 0, "a")
+    assert priority_param(header(r)) == 0
+    r.parameters["priority"].uint64_param = 3
+    assert priority_param(header(r)) == 3
+    for bad in (-1.0, 1.5):
+        r.parameters["priority"].double_param = bad
+        with pytest.raises(InvalidInput, match="'priority' must be a non-negative integer"):
+            priority_param(header(r))
