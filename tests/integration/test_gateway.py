@@ -106,6 +106,11 @@ async def test_bad_input_through_the_gateway(gw_stub, case, request_, code, mess
         ({"sla_ms": pb.InferParameter(int64_param=-5)}, "'sla_ms' must be positive"),
         ({"sla_class": pb.InferParameter(string_param="platinum")}, "unknown sla_class 'platinum'"),
         ({"timeout": pb.InferParameter(int64_param=0)}, "'timeout' must be positive"),
+        (
+            {"priority": pb.InferParameter(int64_param=-1)},
+            "'priority' must be a non-negative integer",
+        ),
+        ({"priority": pb.InferParameter(string_param="urgent")}, "'priority' must be a number"),
     ],
 )
 async def test_bad_routing_parameters(gw_stub, params, message) -> None:  # type: ignore[no-untyped-def]
