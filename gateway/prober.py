@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -46,26 +47,37 @@ class Prober:
         self.latency_interval_s = latency_interval_s
         self._cache: dict[tuple[str, str], ModelInfo] = {}
         self._task: asyncio.Task[None] | None = None
+        self._latency: asyncio.Task[int] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._latency):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # stopping: its end is moot
+                    pass
 
     async def _loop(self) -> None:
         last_latency_probe = self.clock()
         while True:
             await self.probe_all()
             now = self.clock()
-            if self.latency_interval_s > 0 and now - last_latency_probe >= self.latency_interval_s:
+            idle = self._latency is None or self._latency.done()
+            if (
+                self.latency_interval_s > 0
+                and idle
+                and now - last_latency_probe >= self.latency_interval_s
+            ):
+                # Its own task: a round of latency probes (one route after another on
+                # each backend) must not hold up the health probes.
                 last_latency_probe = now
-                await self.probe_latency(now, self.latency_interval_s)
+                self._latency = asyncio.get_running_loop().create_task(
+                    self.probe_latency(now, self.latency_interval_s)
+                )
             await asyncio.sleep(self.interval_s)
 
     async def probe_all(self) -> None:
@@ -99,17 +111,30 @@ class Prober:
 
     async def probe_latency(self, now_s: float, idle_s: float) -> int:
         """One probe inference on each available route that got no traffic for
-        `idle_s`, so its estimate stays fresh; returns how many were sent."""
-        stale = [
-            r
-            for r in self.fleet.all_routes()
-            if r.state.available
-            # A probe that would queue measures the queue, not the route: busy routes wait.
-            and r.state.in_flight < r.state.slots
-            and (r.estimate.last_sample_s is None or now_s - r.estimate.last_sample_s >= idle_s)
-        ]
-        results = await asyncio.gather(*(self._latency_probe(r) for r in stale))
+        `idle_s`, so its estimate stays fresh; returns how many were sent.
+
+        Backends are probed side by side, each backend's routes one after another
+        (the least recently measured first): probes sent together would queue behind
+        each other at the worker, and each would take the wait for its route's
+        service time."""
+        stale: dict[str, list[Route]] = {}
+        for route in self.fleet.all_routes():
+            last = route.estimate.last_sample_s
+            if route.state.available and (last is None or now_s - last >= idle_s):
+                stale.setdefault(route.backend, []).append(route)
+        results = await asyncio.gather(*(self._probe_in_turn(r) for r in stale.values()))
         return sum(results)
+
+    async def _probe_in_turn(self, routes: list[Route]) -> int:
+        sent = 0
+        for route in sorted(routes, key=lambda r: r.estimate.last_sample_s or -math.inf):
+            state = route.state
+            # A probe that would queue measures the queue, not the route: while the
+            # backend is busy with traffic, the rest wait for the next round.
+            if not state.available or state.in_flight >= state.slots:
+                break
+            sent += await self._latency_probe(route)
+        return sent
 
     async def _latency_probe(self, route: Route) -> bool:
         info = route.state.models.get(route.model)

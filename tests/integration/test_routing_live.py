@@ -320,3 +320,30 @@ async def test_a_late_attempt_is_hedged_to_the_next_route(
         assert all(b.in_flight == 0 for b in gw.fleet.backends.values())
     finally:
         await gw.stop()
+
+
+async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -> None:
+    """A one-slot worker serving four models, each emulated at 40 ms per request: a
+    round of latency probes measures each route alone, so the four routes' estimates
+    agree (probes sent together would queue, and the last would take 4x the first's)."""
+    models = ("digits", "cnn", "resnet", "transformer")
+    worker = await launch_worker(
+        repository, threads=1, hardware_class="test-1c", emulate_latency_ms=40, models=models
+    )
+    gw = await start_gateway(
+        fleet_config({"one": (worker.address, 0.04)}, latency_probe_interval_s=0.2)
+    )
+    try:
+        routes = []
+        for _ in range(100):  # every route measured by two rounds of probes at least
+            routes = [r for r in gw.fleet.all_routes() if r.default]
+            if len(routes) == len(models) and all(r.estimate.samples >= 2 for r in routes):
+                break
+            await asyncio.sleep(0.1)
+        assert {r.model for r in routes} == set(models)
+        p50s = {r.model: r.estimate.quantile_ms(50.0) for r in routes}
+        assert all(r.estimate.samples >= 2 for r in routes), p50s
+        assert max(p50s.values()) < 1.5 * min(p50s.values()), p50s
+    finally:
+        await gw.stop()
+        await worker.stop()
