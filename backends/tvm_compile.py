@@ -185,6 +185,15 @@ def best_cpu_target(flags: frozenset[str]) -> TvmTarget:
 
 
 def _tvm() -> Any:
+    from backends.install import runtime_only, tvm_package
+
+    package = tvm_package()
+    if package is not None and runtime_only(package) and "tvm" not in sys.modules:
+        raise ToolchainMissing(
+            f"TVM at {package} is runtime-only (its compiler was removed by "
+            "`python -m backends.install runtime-only`, as for a backend worker): "
+            "compiling needs a full apache-tvm install"
+        )
     import tvm  # type: ignore[import-untyped, unused-ignore]
 
     if tvm.base._RUNTIME_ONLY:

@@ -244,10 +244,15 @@ def servable(variant: Variant, settings: WorkerSettings, flags: frozenset[str]) 
     manifest = variant.manifest
     accuracy = manifest.accuracy
     if accuracy is not None and not accuracy.passed:
-        return (
-            f"failed its accuracy check (max |diff| {accuracy.max_abs_diff:.3g} > "
-            f"{accuracy.tolerance_max_abs_diff:g} or top-1 below the floor)"
-        )
+        missed = []
+        if accuracy.max_abs_diff > accuracy.tolerance_max_abs_diff:
+            missed.append(
+                f"max |diff| {accuracy.max_abs_diff:.3g} > {accuracy.tolerance_max_abs_diff:g}"
+            )
+        top1, floor = accuracy.top1_agreement, accuracy.min_top1_agreement
+        if top1 is not None and floor is not None and top1 < floor:
+            missed.append(f"top-1 agreement {top1:.1%} < {floor:.1%}")
+        return f"failed its accuracy check ({'; '.join(missed) or 'marked failed'})"
     if accuracy is None and manifest.precision != "fp32":
         return "was never checked against the fp32 reference"
     if settings.precisions and manifest.precision not in settings.precisions:

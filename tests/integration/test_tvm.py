@@ -9,6 +9,8 @@ run in a fresh subprocess that sets up runtime-only TVM, as a worker does.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backends.install import make_runtime_only, runtime_only, tvm_package
 from backends.ort_adapter import signature
 from backends.rewrites import prepared_source
 from backends.tensors import TensorSpec
@@ -109,6 +112,7 @@ def spawn_runner(
     inputs: tuple[TensorSpec, ...] = CNN_INPUTS,
     outputs: tuple[TensorSpec, ...] = CNN_OUTPUTS,
     device: str = "cpu",
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     results = scratch / f"results-{library.parent.name}-{threads}-{device}.npz"
     args = {
@@ -125,6 +129,7 @@ def spawn_runner(
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(args)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -143,6 +148,7 @@ def run_runtime_only(
     inputs: tuple[TensorSpec, ...] = CNN_INPUTS,
     outputs: tuple[TensorSpec, ...] = CNN_OUTPUTS,
     device: str = "cpu",
+    env: dict[str, str] | None = None,
 ) -> Run:
     done, results = spawn_runner(
         library,
@@ -153,6 +159,7 @@ def run_runtime_only(
         inputs=inputs,
         outputs=outputs,
         device=device,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -416,3 +423,55 @@ def test_committed_records_fit_every_task_of_the_demo_model(
     assert check.tasks > 0
     assert not check.unbudgeted, f"{model}: tasks without a committed budget"
     assert not check.stale, f"{model}: committed schedules that no longer apply"
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)  # the 260 MB compiler library is not copied
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def test_runtime_only_install_runs_tuned_libraries_and_refuses_to_compile(
+    tuned: TvmBuild, host_target: TvmTarget, repository: Path, tmp_path: Path
+) -> None:
+    """A backend's install made runtime-only (`python -m backends.install runtime-only`
+    on a copy of this install's tvm package): the compiler library is gone, a worker's
+    adapter still runs a tuned library from it, and compiling says TVM is runtime-only."""
+    package = tvm_package()
+    assert package is not None
+    site = tmp_path / "site"
+    shutil.copytree(package, site / "tvm", copy_function=_link_or_copy)
+    done = subprocess.run(
+        [sys.executable, "-m", "backends.install", "runtime-only", "--site-packages", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "TVM's compiler removed" in done.stdout
+    assert not (site / "tvm" / "lib" / "libtvm_compiler.so").exists()
+    assert (package / "lib" / "libtvm_compiler.so").is_file()  # this install untouched
+    assert runtime_only(site / "tvm") and make_runtime_only(site / "tvm") == 0
+
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    samples = repository / "cnn" / "samples"
+    run = run_runtime_only(tuned.library, samples / "inputs.npz", tmp_path, batches=[1, 3], env=env)
+    assert run.runtime_only and run.runtime_mapped and not run.compiler_mapped
+    assert_matches_reference(run, samples / "reference.npz", [1, 3])
+
+    code = (
+        "import tvm_ffi, sys; from pathlib import Path\n"
+        "from backends.tvm_compile import ToolchainMissing, compile_onnx, best_cpu_target, "
+        "host_cpu_flags\n"
+        "try:\n"
+        f"    compile_onnx(Path({str(repository / 'cnn' / 'model.onnx')!r}), "
+        f"Path({str(tmp_path / 'out')!r}), best_cpu_target(host_cpu_flags()), "
+        f"{CNN_SHAPES!r}, tuning_dir=None, trials=0)\n"
+        "except ToolchainMissing as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert "refused:" in done.stdout and "runtime-only" in done.stdout, done.stderr
