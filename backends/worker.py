@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -72,10 +72,31 @@ class WorkerSettings:
     max_batch_rows: int = 0
     """Most rows dynamic batching merges into one execution (1: no merging); 0: the
     variant's max_batch_size."""
+    batching: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """Per model: (max_batch_rows, max_queue_delay_us) in place of the two above."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     precisions: tuple[str, ...] = ()
     """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
     check passed. Variants that failed their check are never served."""
+
+
+def model_batching(settings: WorkerSettings, model: str) -> tuple[int, int]:
+    """(max_batch_rows, max_queue_delay_us) for `model`: its own, else the worker's."""
+    return settings.batching.get(model, (settings.max_batch_rows, settings.max_queue_delay_us))
+
+
+def parse_batching(items: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """`MODEL=ROWS:DELAY_US` items (`--batching resnet=8:2000`); ValueError naming a bad one."""
+    out = {}
+    for item in items:
+        model, _, spec = item.partition("=")
+        rows, _, delay = spec.partition(":")
+        if not model or not rows.isdigit() or not delay.isdigit():
+            raise ValueError(
+                f"--batching {item!r}: expected MODEL=ROWS:DELAY_US, e.g. resnet=8:2000"
+            )
+        out[model] = (int(rows), int(delay))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +191,8 @@ class ServedModel:
         add_config_tensors(cfg, self.signature.inputs, self.signature.outputs)
         cfg.instance_group.add(name=f"{self.name}_0", count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
         if batch > 0:
-            cfg.dynamic_batching.max_queue_delay_microseconds = self.settings.max_queue_delay_us
+            _, delay_us = model_batching(self.settings, self.name)
+            cfg.dynamic_batching.max_queue_delay_microseconds = delay_us
         params = {
             "switchyard_variant": manifest.variant,
             "switchyard_variants": ",".join(sorted(self.variants)),
@@ -316,12 +338,13 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
             run: RunFn = adapter.run
             if settings.emulate_latency_ms > 0:
                 run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
+            rows, delay_us = model_batching(settings, name)
             batcher = Batcher(
                 run,
                 executor,
                 [s.name for s in adapter.outputs],
-                _batch_rows(variant.manifest.max_batch_size, settings.max_batch_rows),
-                settings.max_queue_delay_us / 1e6,
+                _batch_rows(variant.manifest.max_batch_size, rows),
+                delay_us / 1e6,
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
         if not loaded:
@@ -590,6 +613,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dynamic batching: how long a batch may wait for more requests",
     )
     parser.add_argument(
+        "--batching",
+        nargs="*",
+        default=[],
+        metavar="MODEL=ROWS:DELAY_US",
+        help="dynamic batching for one model: most rows per execution and the longest "
+        "wait for more (e.g. resnet=8:2000), in place of the two options above",
+    )
+    parser.add_argument(
         "--cpus",
         type=int,
         nargs="*",
@@ -636,6 +667,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("--threads must be at least 1", file=sys.stderr)
         return 2
+    try:
+        batching = parse_batching(args.batching)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     settings = WorkerSettings(
         repository=args.repository,
         threads=args.threads,
@@ -644,6 +680,7 @@ def run(args: argparse.Namespace) -> int:
         emulate_latency_ms=args.emulate_latency_ms,
         max_queue_delay_us=args.max_queue_delay_us,
         max_batch_rows=max(0, args.max_batch_rows),
+        batching=batching,
         max_message_bytes=args.max_message_bytes,
         precisions=tuple(args.precisions),
     )

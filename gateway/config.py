@@ -66,6 +66,15 @@ class GatewaySettings(_Strict):
     large GPU); 0 sends every request on its own."""
 
 
+class ModelBatching(_Strict):
+    """Dynamic batching of one model in a launched worker."""
+
+    max_batch_rows: int = Field(0, ge=0)
+    """Most rows merged into one execution (1: none); 0: the variant's max_batch_size."""
+    max_queue_delay_us: int = Field(0, ge=0)
+    """How long a batch may wait for more requests."""
+
+
 class LaunchSettings(_Strict):
     """A backend the gateway starts and supervises as a local worker process."""
 
@@ -80,6 +89,8 @@ class LaunchSettings(_Strict):
     max_batch_rows: int = Field(0, ge=0)
     """Dynamic batching: most rows merged into one execution (1: no merging, each
     request runs on its own); 0: the variant's max_batch_size."""
+    batching: dict[str, ModelBatching] | None = None
+    """Dynamic batching per model, in place of the two settings above for that model."""
     cpus: list[int] | None = None
     """Pin the worker to these CPU numbers, so instance sizes do not share cores."""
     precisions: list[Literal["fp32", "fp16", "int8"]] | None = None

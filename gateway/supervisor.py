@@ -66,6 +66,14 @@ def worker_command(backend: BackendSettings, repository: Path, listen: str) -> l
     ]
     if launch.models:
         command += ["--models", *launch.models]
+    if launch.batching:
+        command += [
+            "--batching",
+            *(
+                f"{model}={b.max_batch_rows}:{b.max_queue_delay_us}"
+                for model, b in sorted(launch.batching.items())
+            ),
+        ]
     if launch.cpus:
         command += ["--cpus", *map(str, launch.cpus)]
     if launch.precisions:

@@ -12,6 +12,7 @@ import pytest
 
 from backends.demo_models import ECHO_TYPES
 from backends.tensors import NUMPY_DTYPES, encode_bytes_tensor
+from backends.worker import parse_batching
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import launch_worker, output, raw_request, samples
@@ -375,3 +376,35 @@ async def test_waiting_requests_run_by_priority(repository: Path) -> None:
                 assert "'priority' must be a non-negative integer" in (caught.value.details() or "")
     finally:
         await worker.stop()
+
+
+async def test_batching_is_set_per_model(repository: Path) -> None:
+    """cnn gets its own dynamic batching (at most 4 rows, waiting up to 100 ms for
+    company), the worker's default (no waiting, the variant's limit) stays for digits."""
+    worker = await launch_worker(
+        repository, threads=1, models=("cnn", "digits"), batching={"cnn": (4, 100_000)}
+    )
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await _check_batched(stub, repository)
+            stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="cnn"))).model_stats[
+                0
+            ]
+            assert max(b.batch_size for b in stats.batch_stats) <= 4
+            assert stats.execution_count >= 8
+            configs = {
+                name: (await stub.ModelConfig(pb.ModelConfigRequest(name=name))).config
+                for name in ("cnn", "digits")
+            }
+            assert configs["cnn"].dynamic_batching.max_queue_delay_microseconds == 100_000
+            assert configs["digits"].dynamic_batching.max_queue_delay_microseconds == 0
+    finally:
+        await worker.stop()
+
+
+def test_batching_option_is_checked() -> None:
+    assert parse_batching(["resnet=8:2000", "cnn=1:0"]) == {"resnet": (8, 2000), "cnn": (1, 0)}
+    for bad in ("resnet", "resnet=8", "=8:10", "resnet=x:1", "resnet=-1:5"):
+        with pytest.raises(ValueError, match="expected MODEL=ROWS:DELAY_US"):
+            parse_batching([bad])

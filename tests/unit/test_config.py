@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_fleet, parse_fleet
+from gateway.supervisor import worker_command
 
 MINIMAL = """
 backends:
@@ -41,6 +42,8 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
         (MINIMAL.replace("127.0.0.1:9101", "localhost"), "address"),
         (MINIMAL + "    price_usd_per_hour: -1\n", "price_usd_per_hour"),
         (MINIMAL + "    launch: {threads: 0}\n", "threads"),
+        (MINIMAL + "    launch: {batching: {cnn: {max_rows: 4}}}\n", "max_rows"),
+        (MINIMAL + "    launch: {batching: {cnn: {max_batch_rows: -1}}}\n", "max_batch_rows"),
         (MINIMAL + "  - name: a\n    address: 127.0.0.1:9102\n", "backend names must be unique: a"),
         (MINIMAL + "  - name: b\n    address: 127.0.0.1:9101\n", "addresses must be unique"),
         ("backends: []\n", "backends"),
@@ -68,3 +71,16 @@ backends:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read fleet file"):
         load_fleet(tmp_path / "nope.yaml")
+
+
+def test_per_model_batching_reaches_the_worker_command(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        "    launch:\n"
+        "      max_queue_delay_us: 50\n"
+        "      batching: {resnet: {max_batch_rows: 8, max_queue_delay_us: 2000}, cnn: {}}\n"
+    )
+    backend = parse_fleet(text, tmp_path).backends[0]
+    command = worker_command(backend, tmp_path, "127.0.0.1:0")
+    at = command.index("--batching")
+    assert command[at + 1 : at + 3] == ["cnn=0:0", "resnet=8:2000"]
+    assert command[command.index("--max-queue-delay-us") + 1] == "50"
