@@ -620,6 +620,38 @@ def check_records(
     return RecordsCheck(len(tasks), unbudgeted, stale)
 
 
+def _fitting_database(
+    ms: Any, work_dir: Path, tasks: Sequence[Any], target: Any, say: Callable[[str], None]
+) -> Any:
+    """The tuning folder's database, once its records fit `tasks`. Records tuned on an
+    older graph of the model can match a task by structure yet name other blocks (a
+    rewrite upstream renames reductions, see `_replays`): applying them fails the build,
+    and tuning on top of them writes records the database cannot read back. Such a
+    folder is moved aside (`<target>.stale-<time>`) and tuning starts afresh."""
+    reason = ""
+    try:
+        database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    except Exception as exc:  # TVMError, RuntimeError: a record does not fit its workload
+        reason = f"its records do not load ({_summary(exc)})"
+    else:
+        stale = [
+            task.task_name
+            for task in tasks
+            if database.has_workload(task.dispatched[0])
+            and (record := database.query_tuning_record(task.dispatched[0], target, task.task_name))
+            is not None
+            and not _replays(record, task.dispatched[0])
+        ]
+        if not stale:
+            return database
+        reason = f"records of {len(stale)} tasks no longer apply ({', '.join(stale[:3])}...)"
+    aside = work_dir.with_name(f"{work_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    work_dir.rename(aside)
+    work_dir.mkdir()
+    say(f"{work_dir}: {reason}, tuned on an older graph of the model; moved to {aside}")
+    return ms.database.JSONDatabase(work_dir=str(work_dir))
+
+
 def _quiet_meta_schedule() -> None:
     """MetaSchedule prints its task table on stdout at INFO; its log files keep it."""
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -804,7 +836,7 @@ def _compile(
         tasks = len(found)
         budget = max(trials, tasks)
         per_task = math.ceil(budget / tasks) if tasks else 0
-        database = ms.database.JSONDatabase(work_dir=str(work_dir))
+        database = _fitting_database(ms, work_dir, found, tvm_target, say)
         keys = _task_keys(found)
         if records_from is not None:
             imported = _import_records(

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from backends.install import make_runtime_only, runtime_only, tvm_package
 from backends.ort_adapter import signature
@@ -475,3 +477,57 @@ def test_runtime_only_install_runs_tuned_libraries_and_refuses_to_compile(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert "refused:" in done.stdout and "runtime-only" in done.stdout, done.stderr
+
+
+def _exp_sum_model(path: Path, *, first: bool) -> Path:
+    """y = sum(exp(x)); with `first`, an unrelated Relu+Sigmoid output computed before
+    it, which renames the reduction's block (`lv_red` -> `lv1_red`) while the fused
+    exp-sum task keeps its structure, and so its tuning-record key."""
+    nodes = []
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    if first:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 64]))
+        outputs.append(helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 64]))
+        nodes += [helper.make_node("Relu", ["w"], ["r"]), helper.make_node("Sigmoid", ["r"], ["v"])]
+    nodes += [
+        helper.make_node("Exp", ["x"], ["e"]),
+        helper.make_node("ReduceSum", ["e", "axes"], ["y"], keepdims=0),
+    ]
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph(nodes, "exp_sum", inputs, outputs, [axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_records_of_an_older_graph_are_moved_aside_not_applied(
+    host_target: TvmTarget, tmp_path: Path
+) -> None:
+    """A tuning folder made for one graph, then the model changes so a tuned task keeps
+    its key but its reduction is renamed, and a compile asks for more trials: the folder
+    is moved aside and tuning starts afresh. (Tuning on top of it wrote schedules naming
+    `lv1_red` under the workload stored with `lv_red`, and the database then failed to
+    load: the compile died.)"""
+    tuning = tmp_path / "tuning"
+    old = _exp_sum_model(tmp_path / "old.onnx", first=False)
+    built = compile_onnx(
+        old, tmp_path / "a", host_target, {"x": [1, 256]}, tuning_dir=tuning, trials=1, seed=0
+    )
+    assert built.tuned and built.trials >= 1
+    new = _exp_sum_model(tmp_path / "new.onnx", first=True)
+    messages: list[str] = []
+    again = compile_onnx(
+        new,
+        tmp_path / "b",
+        host_target,
+        {"x": [1, 256], "w": [1, 64]},
+        tuning_dir=tuning,
+        trials=4,  # two per task: the exp-sum task is searched again
+        seed=0,
+        progress=messages.append,
+    )
+    assert again.tuned and not again.tuning_reused and again.trials >= 1
+    assert any("tuned on an older graph" in m for m in messages), messages
+    assert [p.name for p in tuning.iterdir() if ".stale-" in p.name]
