@@ -23,9 +23,9 @@ NAMES = ("steady", "price-spike", "backend-failure", "surge", "sla-mix", "drain"
 # simulator; the causes and the proposed router changes are in the README's
 # "Simulation" section). Strict: when the router is fixed, these must be removed.
 ROUTER_MISSES = {
-    ("sla-mix", "cost_vs_bound"): "1.20x the bound (full run): digits and resnet share the "
-    "CPU backends; the LP packs both to full utilisation, while holding digits' tight p99 "
-    "behind resnet requests needs headroom the bound does not pay for",
+    ("sla-mix", "cost_vs_bound"): "1.20x the bound (full run): in bronze's bursts the CPUs' "
+    "FIFO queues fill with bronze, so gold digits and silver resnet go to the GPU; the bound "
+    "packs the CPUs full (earliest-deadline-first queues would keep them there)",
 }
 
 
