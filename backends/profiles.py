@@ -73,3 +73,38 @@ def profiled_p50_ms(
     """The variant's measured p50 on this hardware class and thread count, if any."""
     entry = profiled_entry(variant, hardware_class, threads, batch_size)
     return None if entry is None else entry.p50_ms
+
+
+def row_fraction(
+    variant: Variant, hardware_class: str, threads: int, shift_ms: float = 0.0
+) -> float | None:
+    """`profile_row_fraction` of the variant's profile, if it has one."""
+    profile = read_profile(variant)
+    return (
+        None
+        if profile is None
+        else profile_row_fraction(profile, hardware_class, threads, shift_ms)
+    )
+
+
+def profile_row_fraction(
+    profile: Profile, hardware_class: str, threads: int, shift_ms: float = 0.0
+) -> float | None:
+    """What each extra row of a batch adds to one call's time, as a fraction of a
+    one-row call's, on this hardware class and thread count (batch 1 against the
+    largest batch profiled): about 1 where batching saves nothing, near 0 where a
+    batch costs what one row does. `shift_ms` per row is added to both (a worker's
+    emulated delay beyond the profile's). None without batch 1 and a larger batch."""
+    entries = {
+        e.batch_size: e
+        for e in profile.entries
+        if (e.hardware_class, e.threads) == (hardware_class, threads) and e.throughput_per_s > 0
+    }
+    if 1 not in entries or len(entries) < 2:
+        return None
+    largest = max(entries)
+    one = 1000.0 / entries[1].throughput_per_s + shift_ms
+    many = 1000.0 * largest / entries[largest].throughput_per_s + shift_ms * largest
+    if one <= 0:
+        return None
+    return min(1.0, max(0.0, (many / one - 1.0) / (largest - 1)))

@@ -40,7 +40,7 @@ from backends.codec import (
 from backends.cpu import cpu_flags, missing_flags
 from backends.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
 from backends.loader import load_adapter
-from backends.profiles import profiled_entry, profiled_p50_ms
+from backends.profiles import profiled_entry, profiled_p50_ms, row_fraction
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtime import Array, RuntimeAdapter
 from backends.status import code_for
@@ -211,9 +211,11 @@ class ServedModel:
         return cfg
 
     def profile(self) -> str:
-        """`variant:p50_ms:p99_ms` per profiled variant at batch 1 on this worker's
-        hardware class and threads, `;`-separated: the gateway's latency prior.
-        Figures are adjusted for this worker's emulated delay."""
+        """`variant:p50_ms:p99_ms[:row_fraction]` per profiled variant on this worker's
+        hardware class and threads, `;`-separated: the gateway's latency prior (p50 and
+        p99 at batch 1; the row fraction is what each extra row of a batch adds, as a
+        fraction of one row's time). Figures are adjusted for this worker's emulated
+        delay."""
         settings = self.settings
         parts = []
         for name, loaded in sorted(self.variants.items()):
@@ -221,7 +223,11 @@ class ServedModel:
             if entry is None:
                 continue
             shift = settings.emulate_latency_ms - entry.emulated_latency_ms
-            parts.append(f"{name}:{entry.p50_ms + shift:.4g}:{entry.p99_ms + shift:.4g}")
+            part = f"{name}:{entry.p50_ms + shift:.4g}:{entry.p99_ms + shift:.4g}"
+            rows = row_fraction(loaded.variant, settings.hardware_class, settings.threads, shift)
+            if rows is not None:
+                part += f":{rows:.3g}"
+            parts.append(part)
         return ";".join(parts)
 
     def statistics(self) -> pb.ModelStatistics:

@@ -25,7 +25,7 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
     variant = REMOTE_VARIANT
     max_batch_size = 0
     variants: tuple[str, ...] = ()
-    profile: tuple[tuple[str, float, float], ...] = ()
+    profile: tuple[tuple[str, float, float, float | None], ...] = ()
     if config is not None:
         max_batch_size = config.max_batch_size
         params = config.parameters
@@ -34,7 +34,7 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
         if "switchyard_variants" in params:
             variants = tuple(v for v in params["switchyard_variants"].string_value.split(",") if v)
         if "switchyard_profile" in params:
-            profile = _profile(params["switchyard_profile"].string_value)
+            profile = parse_profile(params["switchyard_profile"].string_value)
     return ModelInfo(
         name=metadata.name,
         # Servers that list no versions (KServe) serve one; clients such as
@@ -50,19 +50,28 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
     )
 
 
-def _profile(text: str) -> tuple[tuple[str, float, float], ...]:
-    """Parses a worker's `switchyard_profile` (`variant:p50:p99;...`); bad entries are skipped."""
-    entries = []
+def parse_profile(text: str) -> tuple[tuple[str, float, float, float | None], ...]:
+    """Parses a worker's `switchyard_profile` (`variant:p50:p99[:row_fraction];...`);
+    bad entries are skipped, a bad row fraction is left out."""
+    entries: list[tuple[str, float, float, float | None]] = []
     for part in text.split(";"):
         fields = part.split(":")
-        if len(fields) != 3:
+        if len(fields) not in (3, 4):
             continue
         try:
             p50, p99 = float(fields[1]), float(fields[2])
         except ValueError:
             continue
+        rows: float | None = None
+        if len(fields) == 4:
+            try:
+                rows = float(fields[3])
+            except ValueError:
+                rows = None
+            if rows is not None and not 0.0 <= rows <= 2.0:
+                rows = None
         if p50 > 0 and p99 > 0:
-            entries.append((fields[0], p50, p99))
+            entries.append((fields[0], p50, p99, rows))
     return tuple(entries)
 
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from backends.tensors import TensorSpec
 from gateway.estimates import LatencyEstimate, NetworkEstimate
 
+DEFAULT_ROW_FRACTION = 0.5
+"""A route's extra service time per extra row of a batch, as a fraction of one row's,
+until its profile says otherwise."""
 DEFAULT_SERVICE_MS = 1.0
 """The service-time guess for a route with neither profile nor samples."""
 
@@ -40,8 +43,10 @@ class ModelInfo:
     """The variant the backend serves it with by default (`remote` when it does not say)."""
     variants: tuple[str, ...] = ()
     """Every variant the backend can serve it with (a request may name one)."""
-    profile: tuple[tuple[str, float, float], ...] = ()
-    """(variant, p50 ms, p99 ms) at batch 1 on the backend's hardware, as profiled."""
+    profile: tuple[tuple[str, float, float, float | None], ...] = ()
+    """(variant, p50 ms, p99 ms, row fraction or None) on the backend's hardware, as
+    profiled: p50 and p99 at batch 1; the row fraction is what each extra row of a
+    batch adds, as a fraction of one row's time."""
 
     def all_variants(self) -> tuple[str, ...]:
         return self.variants or (self.variant,)
@@ -130,6 +135,7 @@ class Route:
         "recent",
         "recent_at_s",
         "requests",
+        "row_fraction",
         "state",
         "variant",
     )
@@ -143,6 +149,9 @@ class Route:
         self.state = state
         self.estimate = LatencyEstimate(DEFAULT_SERVICE_MS)
         self.observed = LatencyEstimate(DEFAULT_SERVICE_MS)
+        self.row_fraction = DEFAULT_ROW_FRACTION
+        """What each extra row of a batch adds to a request's service time, as a
+        fraction of one row's (from the backend's profile of this variant)."""
         self.requests = 0
         self.failures = 0
         self.recent = 0.0
@@ -277,7 +286,7 @@ class FleetState:
         by_key: dict[tuple[str, str, str], Route] = {}
         for state in self.backends.values():
             for model, info in state.models.items():
-                profile = {v: (p50, p99) for v, p50, p99 in info.profile}
+                profile = {v: (p50, p99, rows) for v, p50, p99, rows in info.profile}
                 for variant in info.all_variants():
                     key = (state.name, model, variant)
                     route = self._by_key.get(key)
@@ -285,7 +294,9 @@ class FleetState:
                         route = Route(state, model, variant, variant == info.variant)
                         prior = profile.get(variant)
                         if prior is not None:
-                            route.estimate.seed(*prior)
+                            route.estimate.seed(prior[0], prior[1])
+                            if prior[2] is not None:
+                                route.row_fraction = prior[2]
                     route.default = variant == info.variant
                     by_key[key] = route
                     routes.setdefault(model, []).append(route)

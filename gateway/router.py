@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from math import sqrt
 
-from gateway.fleet import BackendState, Route
+from gateway.fleet import DEFAULT_ROW_FRACTION, BackendState, Route
 
-ROW_FRACTION = 0.5
-"""Extra service time per extra row of a batch, as a fraction of one row's."""
+ROW_FRACTION = DEFAULT_ROW_FRACTION
+"""Extra service time per extra row of a batch, as a fraction of one row's, where a
+route's profile does not say (the simulator's modelled routes)."""
 INF = float("inf")
 
 
@@ -90,8 +91,10 @@ class Decision:
         return [route for _, route in ordered if route is not self.route]
 
 
-def batch_factor(batch_size: int) -> float:
-    return 1.0 + ROW_FRACTION * (batch_size - 1) if batch_size > 1 else 1.0
+def batch_factor(batch_size: int, row_fraction: float = ROW_FRACTION) -> float:
+    """Service time of a `batch_size`-row request in units of a one-row request's, where
+    each extra row costs `row_fraction` of one row (a route's own, from its profile)."""
+    return 1.0 + row_fraction * (batch_size - 1) if batch_size > 1 else 1.0
 
 
 def queue_wait_ms(state: BackendState, mean_ms: float, service_ms: float) -> float:
@@ -117,7 +120,7 @@ def predict_ms(route: Route, percentile: float, batch_size: int = 1) -> float:
     est = route.estimate
     service = est.quantile_ms(percentile)
     wait = queue_wait_ms(state, est.mean_ms, service)
-    return state.network.rtt_ms + wait + service * batch_factor(batch_size)
+    return state.network.rtt_ms + wait + service * batch_factor(batch_size, route.row_fraction)
 
 
 def hedge_after_ms(route: Route, policy: Policy, batch_size: int = 1) -> float:
@@ -126,14 +129,15 @@ def hedge_after_ms(route: Route, policy: Policy, batch_size: int = 1) -> float:
 
 
 def cost_usd(route: Route, batch_size: int = 1) -> float:
-    return route.state.usd_per_busy_ms * route.estimate.mean_ms * batch_factor(batch_size)
+    factor = batch_factor(batch_size, route.row_fraction)
+    return route.state.usd_per_busy_ms * route.estimate.mean_ms * factor
 
 
 def carbon_g(route: Route, batch_size: int = 1) -> float | None:
     per_ms = route.state.g_co2_per_busy_ms
     if per_ms is None:
         return None
-    return per_ms * route.estimate.mean_ms * batch_factor(batch_size)
+    return per_ms * route.estimate.mean_ms * batch_factor(batch_size, route.row_fraction)
 
 
 def choose(
@@ -143,7 +147,7 @@ def choose(
     sla = policy.latency_ms
     pct = policy.percentile
     objective = policy.objective
-    factor = batch_factor(request.batch_size)
+    extra_rows = request.batch_size - 1
     cap = INF
     if policy.max_cost_usd_per_1m is not None:
         cap = policy.max_cost_usd_per_1m / 1e6 * request.batch_size
@@ -160,6 +164,7 @@ def choose(
         est = route.estimate
         mean = est.mean_ms
         slots = state.slots
+        factor = 1.0 + route.row_fraction * extra_rows if extra_rows > 0 else 1.0
         ahead = state.in_flight - slots + 1
         if pct == 99.0:
             service = est.p99_ms

@@ -52,6 +52,7 @@ from gateway.router import (
     Chooser,
     Decision,
     Policy,
+    batch_factor,
     carbon_g,
     choose,
     cost_usd,
@@ -347,7 +348,10 @@ class GatewayServicer:
                 latency_ms = (time.perf_counter() - sent) * 1000.0
                 route.observed.observe(latency_ms, now)
                 if free_slot:
-                    route.estimate.observe(service_sample(latency_ms, state.network.rtt_ms), now)
+                    # The estimate is of a one-row request: a batch's time is scaled back.
+                    sample = service_sample(latency_ms, state.network.rtt_ms)
+                    rows = _rows(header, info)
+                    route.estimate.observe(sample / batch_factor(rows, route.row_fraction), now)
             if self.fleet.record_attempt(route, ok, now, error):
                 self.metrics.ejections.labels(route.backend).inc()
                 log.warning("backend %s ejected: %s", route.backend, state.last_error)
@@ -562,3 +566,10 @@ def generic_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.model_stream_infer),
         },
     )
+
+
+def _rows(header: gateway_pb2.InferRequestHeader, info: ModelInfo) -> int:
+    """The batch a request carries (1 where the model has no batch dimension)."""
+    if info.max_batch_size <= 0 or not header.inputs or not header.inputs[0].shape:
+        return 1
+    return max(1, header.inputs[0].shape[0])

@@ -404,7 +404,8 @@ class Simulation:
             wait = r_wait[rid]
             if observe_queued or wait == 0.0:
                 attempt_ms = (now - r_sent[rid]) * 1000.0 + rtt
-                route.estimate.observe(service_sample(attempt_ms, rtt, wait), now)
+                sample = service_sample(attempt_ms, rtt, wait) / factors[streams[rid]]
+                route.estimate.observe(sample, now)
             latency[rid] = (now - times[rid]) * 1000.0 + rtt
             cost += state.usd_per_busy_ms * r_svc[rid]
 

@@ -8,12 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.errors import InvalidInput
+from backends.profiles import Profile, ProfileEntry, profile_row_fraction
 from backends.tensors import TensorSpec
 from gateway.config import PoliciesSettings, PolicySettings
+from gateway.converters import parse_profile
 from gateway.estimates import LatencyEstimate
 from gateway.fleet import BackendState, Ejection, FleetState, ModelInfo, Route
 from gateway.policy import PolicyBook
 from gateway.router import (
+    ROW_FRACTION,
     Policy,
     RoundRobin,
     RouteRequest,
@@ -262,7 +265,7 @@ INFO = ModelInfo(
     8,
     "ort-cpu-fp32",
     ("ort-cpu-fp32", "ort-cpu-int8-qdq"),
-    (("ort-cpu-fp32", 2.0, 3.0), ("ort-cpu-int8-qdq", 1.0, 1.5)),
+    (("ort-cpu-fp32", 2.0, 3.0, None), ("ort-cpu-int8-qdq", 1.0, 1.5, 0.1)),
 )
 
 
@@ -288,6 +291,8 @@ def test_fleet_has_a_route_per_backend_and_variant_seeded_from_the_profile() -> 
     ]
     assert routes[1].estimate.p50_ms == pytest.approx(1.0, rel=0.08)
     assert routes[0].estimate.p99_ms == pytest.approx(3.0, rel=0.08)
+    # Each extra row of a batch: the profile's fraction, else the default.
+    assert (routes[0].row_fraction, routes[1].row_fraction) == (ROW_FRACTION, 0.1)
     # The faster variant costs less busy time: the router picks it.
     decision = choose(REQ, routes, Policy(latency_ms=10), 2.0)
     assert decision.route is routes[1]
@@ -398,3 +403,67 @@ def test_a_sparse_routes_quantiles_follow_each_sample_after_a_second() -> None:
     before = est.p50_ms
     est.observe(1.0, 2.5)
     assert est.p50_ms == before
+
+
+def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> None:
+    """Two routes equally fast for one row: one where a batch costs little more than a
+    row (row fraction 0.05, a GPU), one where each row costs a full row's time (1.0).
+    One row: the cheaper per hour wins. Sixteen rows: the batching route is both
+    faster and cheaper, and the other is predicted at 16 rows' time."""
+    cpu = BackendState("cpu", "127.0.0.1:1", "cpu", 1.0)
+    gpu = BackendState("gpu", "127.0.0.1:2", "gpu", 2.0)
+    for state in (cpu, gpu):
+        state.healthy = True
+        state.refresh()
+    routes = [Route(cpu, "m", "v", True), Route(gpu, "m", "v", True)]
+    for route, rows in zip(routes, (1.0, 0.05), strict=True):
+        route.estimate.seed(2.0, 2.2)
+        route.row_fraction = rows
+    policy = Policy(latency_ms=100)
+    one = choose(RouteRequest("m", 1), routes, policy, 0.0)
+    assert one.route is routes[0]
+    many = choose(RouteRequest("m", 16), routes, policy, 0.0)
+    assert many.route is routes[1]
+    rtt = cpu.network.rtt_ms
+    assert predict_ms(routes[0], 99.0, 16) - rtt == pytest.approx(
+        16 * (predict_ms(routes[0], 99.0, 1) - rtt)
+    )
+    assert cost_usd(routes[1], 16) == pytest.approx(cost_usd(routes[1], 1) * 1.75)
+
+
+def test_profile_parameter_parses_row_fractions_and_skips_bad_entries() -> None:
+    text = "a:1:2;b:1.5:3:0.25;c:1:2:x;d:1:2:5;e:nope:2;f:1"
+    assert parse_profile(text) == (
+        ("a", 1.0, 2.0, None),
+        ("b", 1.5, 3.0, 0.25),
+        ("c", 1.0, 2.0, None),
+        ("d", 1.0, 2.0, None),
+    )
+
+
+def test_row_fraction_comes_from_the_profile_at_batch_1_and_the_largest_batch() -> None:
+    def entry(batch: int, per_call_ms: float, hardware: str = "cpu-1c") -> ProfileEntry:
+        return ProfileEntry(
+            hardware_class=hardware,
+            threads=1,
+            batch_size=batch,
+            p50_ms=per_call_ms,
+            p99_ms=per_call_ms,
+            throughput_per_s=1000.0 * batch / per_call_ms,
+            runs=10,
+        )
+
+    # One row 2 ms, 16 rows 8 ms: each extra row adds 6/15 ms = 0.2 of a row.
+    profile = Profile(
+        model="m", variant="v", entries=[entry(1, 2.0), entry(4, 4.0), entry(16, 8.0)]
+    )
+    assert profile_row_fraction(profile, "cpu-1c", 1) == pytest.approx(0.2)
+    # A worker emulating 8 ms more per row: batching saves almost nothing.
+    assert profile_row_fraction(profile, "cpu-1c", 1, shift_ms=8.0) == pytest.approx(
+        (8.0 + 16 * 8.0) / (2.0 + 8.0) / 15 - 1 / 15
+    )
+    assert profile_row_fraction(profile, "gpu", 1) is None  # not profiled there
+    assert (
+        profile_row_fraction(Profile(model="m", variant="v", entries=[entry(1, 2.0)]), "cpu-1c", 1)
+        is None
+    )
