@@ -16,6 +16,7 @@ import yaml
 from backends.compiler import compile_model
 from backends.profiles import Profile, ProfileEntry, write_profile
 from backends.repository import ModelRepository
+from gateway.converters import parse_profile
 from tests.e2e.conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -123,9 +124,11 @@ async def test_worker_defaults_to_the_fastest_profiled_variant(
             throughput_per_s=1000 / p50,
             runs=10,
         )
+        # Eight rows take 2.75 one-row calls: each extra row adds a quarter of a row.
+        batch = entry.model_copy(update={"batch_size": 8, "throughput_per_s": 8000 / (p50 * 2.75)})
         write_profile(
             copy / "cnn" / "variants" / variant,
-            Profile(model="cnn", variant=variant, entries=[entry]),
+            Profile(model="cnn", variant=variant, entries=[entry, batch]),
         )
     for hardware, expected in [("measured", "ort-cpu-int8-qdq"), ("unmeasured", "ort-cpu-fp32")]:
         worker = await launch_worker(copy, hardware_class=hardware)
@@ -134,5 +137,16 @@ async def test_worker_defaults_to_the_fastest_profiled_variant(
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 config = (await stub.ModelConfig(pb.ModelConfigRequest(name="cnn"))).config
                 assert config.parameters["switchyard_variant"].string_value == expected
+                # The gateway's prior: p50, p99 and the row fraction, per profiled variant.
+                advertised = parse_profile(
+                    config.parameters["switchyard_profile"].string_value
+                    if "switchyard_profile" in config.parameters
+                    else ""
+                )
+                if hardware == "measured":
+                    assert ("ort-cpu-int8-qdq", 0.1, 0.2, 0.25) in advertised
+                    assert len(advertised) == 4
+                else:
+                    assert advertised == ()
         finally:
             await worker.stop()
