@@ -344,6 +344,13 @@ async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -
         p50s = {r.model: r.estimate.quantile_ms(50.0) for r in routes}
         assert all(r.estimate.samples >= 2 for r in routes), p50s
         assert max(p50s.values()) < 1.5 * min(p50s.values()), p50s
+        # Each probe is a warm-up call, unmeasured, and the measured one.
+        samples = {r.model: r.estimate.samples for r in routes}
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for model in models:
+                stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model))
+                assert stats.model_stats[0].inference_count >= 2 * samples[model]
     finally:
         await gw.stop()
         await worker.stop()
