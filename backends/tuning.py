@@ -217,6 +217,39 @@ def apply(repository: Path, models: Sequence[str], root: Path = RECORDS) -> list
     return lines
 
 
+def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tuple[list[str], bool]:
+    """For each of `models`, whether its committed records for this CPU's best target fit
+    every task of the model as the compiler sees it now (graph rewrites included): one
+    line per model, and whether all fit. Imports TVM in this process."""
+    import tempfile
+
+    from backends import tvm_compile as tc
+    from backends.ort_adapter import signature
+    from backends.rewrites import prepared_source
+
+    target = tc.best_cpu_target(tc.host_cpu_flags())
+    lines, ok = [], True
+    for model in models:
+        records = records_for(model, root)
+        folder = None if records is None else records / target.name
+        if folder is None or not folder.is_dir():
+            lines.append(f"{model}: no committed records for {target.name}")
+            continue
+        source, _ = prepared_source(repository / model / "model.onnx")
+        shapes = {s.name: [1 if d < 0 else d for d in s.shape] for s in signature(source)[0]}
+        with tempfile.TemporaryDirectory() as scratch:
+            found = tc.check_records(source, shapes, target, folder, Path(scratch))
+        if found.unbudgeted or found.stale:
+            ok = False
+            lines.append(
+                f"{model}: {found.tasks} tasks; would tune {found.unbudgeted or 'none'}; "
+                f"schedules that no longer apply: {found.stale or 'none'}"
+            )
+        else:
+            lines.append(f"{model}: the records fit all {found.tasks} tasks")
+    return lines, ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m backends.tuning",
@@ -246,7 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_parser = sub.add_parser(
         "apply", help="build tuned TVM variants into the repository from the committed records"
     )
-    for each in (tune_parser, apply_parser):
+    check_parser = sub.add_parser(
+        "check",
+        help="whether the committed records fit every task of each model as it compiles now "
+        "(exit 1 when a task would be tuned or a schedule no longer applies)",
+    )
+    for each in (tune_parser, apply_parser, check_parser):
         each.add_argument("--repository", type=Path, default=ROOT / "models")
         each.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
     args = parser.parse_args(argv)
@@ -254,6 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in apply(args.repository, args.models):
             print(line, flush=True)
         return 0
+    if args.command == "check":
+        lines, ok = check(args.repository, args.models)
+        for line in lines:
+            print(line, flush=True)
+        return 0 if ok else 1
     from backends import tvm_compile as tc
 
     target = tc.best_cpu_target(tc.host_cpu_flags())

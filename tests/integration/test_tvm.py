@@ -23,10 +23,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.install import make_runtime_only, runtime_only, tvm_package
-from backends.ort_adapter import signature
-from backends.rewrites import prepared_source
 from backends.tensors import TensorSpec
-from backends.tuning import DEMO_MODELS, read_info, records_for
+from backends.tuning import DEMO_MODELS, check, read_info, records_for
 from backends.tvm_compile import (
     CUDA_TARGETS,
     LIBRARY,
@@ -36,7 +34,6 @@ from backends.tvm_compile import (
     TvmImportError,
     TvmTarget,
     best_cpu_target,
-    check_records,
     compile_onnx,
     host_cpu_flags,
 )
@@ -411,20 +408,17 @@ def test_runtime_only_cannot_follow_the_compiler() -> None:
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
 def test_committed_records_fit_every_task_of_the_demo_model(
-    model: str, host_target: TvmTarget, repository: Path, tmp_path: Path
+    model: str, host_target: TvmTarget, repository: Path
 ) -> None:
     """Every task of the demo model as the compiler sees it now (graph rewrites and all)
     has a budget in the committed records, so `make models-tvm` never tunes, and every
-    committed schedule replays on its task (see `check_records`)."""
+    committed schedule replays on its task (`python -m backends.tuning check`)."""
     records = records_for(model)
     if records is None or not (records / host_target.name).is_dir():
         pytest.skip(f"no committed {model} records for {host_target.name}")
-    source, _ = prepared_source(repository / model / "model.onnx")
-    shapes = {s.name: [1 if d < 0 else d for d in s.shape] for s in signature(source)[0]}
-    check = check_records(source, shapes, host_target, records / host_target.name, tmp_path)
-    assert check.tasks > 0
-    assert not check.unbudgeted, f"{model}: tasks without a committed budget"
-    assert not check.stale, f"{model}: committed schedules that no longer apply"
+    (line,), ok = check(repository, [model])
+    assert ok, line
+    assert line.startswith(f"{model}: the records fit all ")
 
 
 def _link_or_copy(source: str, destination: str) -> None:
