@@ -212,6 +212,12 @@ def fleet_file_targets(path: Path) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"{path}: backend {names}: {exc}") from exc
 
 
+def tvm_input_shapes(inputs: Sequence[TensorSpec]) -> dict[str, list[int]]:
+    """The static input shapes TVM compiles a model's inputs with: a dynamic (batch)
+    dimension becomes DEFAULT_TVM_BATCH."""
+    return {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
+
+
 def build_tvm(
     repository: ModelRepository,
     model: str,
@@ -237,7 +243,7 @@ def build_tvm(
     source, rewrites = prepared_source(repository.source(model))
     inputs, outputs = signature(source)
     batched = batchable(inputs, outputs)
-    shapes = {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
+    shapes = tvm_input_shapes(inputs)
     name = tvm_variant_name(target.name, trials)
     directory = variant_dir(repository, model, name)
     try:

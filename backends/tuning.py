@@ -136,7 +136,7 @@ def tune(
     MetaSchedule's full records in `work / model` (a later call continues from them), and
     writes the pruned records and their `TuningInfo` to `out / model / target.name`."""
     from backends import tvm_compile as tc
-    from backends.compiler import DEFAULT_TVM_BATCH
+    from backends.compiler import tvm_input_shapes
     from backends.cpu import cpu_model
     from backends.ort_adapter import signature
     from backends.rewrites import prepared_source
@@ -144,7 +144,7 @@ def tune(
     # The graph the compiler builds from (see backends.rewrites), so the tasks match.
     source, _ = prepared_source(repository / model / "model.onnx")
     inputs, _ = signature(source)
-    shapes = {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
+    shapes = tvm_input_shapes(inputs)
     tuning_dir = work / model
     started = time.perf_counter()
     build = tc.compile_onnx(
@@ -224,6 +224,7 @@ def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tupl
     import tempfile
 
     from backends import tvm_compile as tc
+    from backends.compiler import tvm_input_shapes
     from backends.ort_adapter import signature
     from backends.rewrites import prepared_source
 
@@ -236,7 +237,7 @@ def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tupl
             lines.append(f"{model}: no committed records for {target.name}")
             continue
         source, _ = prepared_source(repository / model / "model.onnx")
-        shapes = {s.name: [1 if d < 0 else d for d in s.shape] for s in signature(source)[0]}
+        shapes = tvm_input_shapes(signature(source)[0])
         with tempfile.TemporaryDirectory() as scratch:
             found = tc.check_records(source, shapes, target, folder, Path(scratch))
         if found.unbudgeted or found.stale:

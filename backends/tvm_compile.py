@@ -187,8 +187,8 @@ def best_cpu_target(flags: frozenset[str]) -> TvmTarget:
 def _tvm() -> Any:
     from backends.install import runtime_only, tvm_package
 
-    package = tvm_package()
-    if package is not None and runtime_only(package) and "tvm" not in sys.modules:
+    package = None if "tvm" in sys.modules else tvm_package()
+    if package is not None and runtime_only(package):
         raise ToolchainMissing(
             f"TVM at {package} is runtime-only (its compiler was removed by "
             "`python -m backends.install runtime-only`, as for a backend worker): "
@@ -533,15 +533,11 @@ def _import_records(
     for task, key in zip(tasks, keys, strict=True):
         if source_budgets.get(key, 0) <= budgets.get(key, 0):
             continue
-        mod = task.dispatched[0]
         # A task whose key the source's budgets list was searched there; without a
-        # workload it found no valid schedule (say, a Gather that MetaSchedule's random
+        # record it found no valid schedule (say, a Gather that MetaSchedule's random
         # indices crash) and keeps TVM's default one, as it would here.
-        record = (
-            source.query_tuning_record(mod, target, task.task_name)
-            if source.has_workload(mod)
-            else None
-        )
+        mod = task.dispatched[0]
+        record = _recorded(source, task, target)
         if record is not None and not _replays(record, mod):
             continue  # tuned on a graph that named its blocks otherwise: tune it here
         if record is not None:
@@ -561,6 +557,24 @@ def _import_records(
         partial.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
         partial.replace(work_dir / BUDGETS)
     return raised
+
+
+def _recorded(database: Any, task: Any, target: Any) -> Any:
+    """The best record `database` holds for `task`, or None."""
+    workload = task.dispatched[0]
+    if not database.has_workload(workload):
+        return None
+    return database.query_tuning_record(workload, target, task.task_name)
+
+
+def _stale_tasks(database: Any, tasks: Sequence[Any], target: Any) -> list[str]:
+    """Names of the tasks whose best record in `database` does not replay on them."""
+    return [
+        task.task_name
+        for task in tasks
+        if (record := _recorded(database, task, target)) is not None
+        and not _replays(record, task.dispatched[0])
+    ]
 
 
 def _replays(record: Any, mod: Any) -> bool:
@@ -607,17 +621,12 @@ def check_records(
     tasks = ms.relax_integration.extract_tasks(prepared, tvm_target)
     budgets = _read_budgets(records_dir)
     database = ms.database.JSONDatabase(work_dir=str(records_dir), allow_missing=False)
-    unbudgeted, stale = [], []
-    for task, key in zip(tasks, _task_keys(tasks), strict=True):
-        if key not in budgets:
-            unbudgeted.append(task.task_name)
-        workload = task.dispatched[0]
-        if not database.has_workload(workload):
-            continue
-        record = database.query_tuning_record(workload, tvm_target, task.task_name)
-        if record is not None and not _replays(record, workload):
-            stale.append(task.task_name)
-    return RecordsCheck(len(tasks), unbudgeted, stale)
+    unbudgeted = [
+        task.task_name
+        for task, key in zip(tasks, _task_keys(tasks), strict=True)
+        if key not in budgets
+    ]
+    return RecordsCheck(len(tasks), unbudgeted, _stale_tasks(database, tasks, tvm_target))
 
 
 def _fitting_database(
@@ -634,14 +643,7 @@ def _fitting_database(
     except Exception as exc:  # TVMError, RuntimeError: a record does not fit its workload
         reason = f"its records do not load ({_summary(exc)})"
     else:
-        stale = [
-            task.task_name
-            for task in tasks
-            if database.has_workload(task.dispatched[0])
-            and (record := database.query_tuning_record(task.dispatched[0], target, task.task_name))
-            is not None
-            and not _replays(record, task.dispatched[0])
-        ]
+        stale = _stale_tasks(database, tasks, target)
         if not stale:
             return database
         reason = f"records of {len(stale)} tasks no longer apply ({', '.join(stale[:3])}...)"
