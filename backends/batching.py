@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backends.errors import InvalidInput
 from backends.runtime import Array
 
 RunFn = Callable[[Mapping[str, Array], Sequence[str]], list[Array]]
@@ -45,6 +46,23 @@ class BatchStats:
 DEFAULT_PRIORITY_LEVEL = 2**64
 """Where priority 0 (the default) ranks: after every explicit level (Triton's priorities
 are uint64)."""
+
+
+def checked_priority(value: object) -> int:
+    """Triton's `priority` request parameter as given (an integer, or a float or a
+    string that is one; None when absent: the default, 0), checked: InvalidInput unless
+    it is a non-negative integer."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(
+            f"request parameter 'priority' must be a non-negative integer, got {value!r}"
+        )
+    return value
 
 
 def priority_level(priority: int) -> int:

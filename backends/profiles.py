@@ -55,8 +55,13 @@ def profiled_entry(
 ) -> ProfileEntry | None:
     """The variant's measurement on this hardware class, thread count and batch size."""
     profile = read_profile(variant)
-    if profile is None:
-        return None
+    return None if profile is None else profile_entry(profile, hardware_class, threads, batch_size)
+
+
+def profile_entry(
+    profile: Profile, hardware_class: str, threads: int, batch_size: int = 1
+) -> ProfileEntry | None:
+    """`profile`'s measurement on this hardware class, thread count and batch size."""
     for entry in profile.entries:
         if (entry.hardware_class, entry.threads, entry.batch_size) == (
             hardware_class,
@@ -73,18 +78,6 @@ def profiled_p50_ms(
     """The variant's measured p50 on this hardware class and thread count, if any."""
     entry = profiled_entry(variant, hardware_class, threads, batch_size)
     return None if entry is None else entry.p50_ms
-
-
-def row_fraction(
-    variant: Variant, hardware_class: str, threads: int, shift_ms: float = 0.0
-) -> float | None:
-    """`profile_row_fraction` of the variant's profile, if it has one."""
-    profile = read_profile(variant)
-    return (
-        None
-        if profile is None
-        else profile_row_fraction(profile, hardware_class, threads, shift_ms)
-    )
 
 
 def profile_row_fraction(

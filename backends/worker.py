@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import __version__
-from backends.batching import Batcher, RunFn
+from backends.batching import Batcher, RunFn, checked_priority
 from backends.codec import (
     Signature,
     add_config_tensors,
@@ -40,7 +40,12 @@ from backends.codec import (
 from backends.cpu import cpu_flags, missing_flags
 from backends.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
 from backends.loader import load_adapter
-from backends.profiles import profiled_entry, profiled_p50_ms, row_fraction
+from backends.profiles import (
+    profile_entry,
+    profile_row_fraction,
+    profiled_p50_ms,
+    read_profile,
+)
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtime import Array, RuntimeAdapter
 from backends.status import code_for
@@ -110,22 +115,6 @@ class LoadedVariant:
     @property
     def name(self) -> str:
         return self.variant.name
-
-
-def request_priority(value: object) -> int:
-    """Triton's `priority` request parameter (an unsigned integer; 0 or absent: the
-    default level), checked."""
-    if value is None:
-        return 0
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    elif isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(
-            f"request parameter 'priority' must be a non-negative integer, got {value!r}"
-        )
-    return value
 
 
 class ServedModel:
@@ -219,12 +208,15 @@ class ServedModel:
         settings = self.settings
         parts = []
         for name, loaded in sorted(self.variants.items()):
-            entry = profiled_entry(loaded.variant, settings.hardware_class, settings.threads)
+            profile = read_profile(loaded.variant)
+            if profile is None:
+                continue
+            entry = profile_entry(profile, settings.hardware_class, settings.threads)
             if entry is None:
                 continue
             shift = settings.emulate_latency_ms - entry.emulated_latency_ms
             part = f"{name}:{entry.p50_ms + shift:.4g}:{entry.p99_ms + shift:.4g}"
-            rows = row_fraction(loaded.variant, settings.hardware_class, settings.threads, shift)
+            rows = profile_row_fraction(profile, settings.hardware_class, settings.threads, shift)
             if rows is not None:
                 part += f":{rows:.3g}"
             parts.append(part)
@@ -494,7 +486,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded = decode_request(request, model.signature)
             model.decode_ns += time.perf_counter_ns() - start_ns
             chosen = model.choose(decoded.parameters.get("switchyard_variant"))
-            priority = request_priority(decoded.parameters.get("priority"))
+            priority = checked_priority(decoded.parameters.get("priority"))
             try:
                 outputs = await chosen.batcher.infer(decoded.inputs, decoded.batch_size, priority)
             except SwitchyardError:

@@ -7,6 +7,7 @@ generated protobuf code.
 from __future__ import annotations
 
 from backends import codec
+from backends.batching import checked_priority
 from backends.errors import InvalidInput
 from backends.tensors import TensorSpec
 from gateway.fleet import ModelInfo
@@ -108,17 +109,19 @@ def _number(param: pb.InferParameter, key: str) -> float:
     raise InvalidInput(f"request parameter {key!r} must be a number")
 
 
+def request_rows(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> int:
+    """The batch a request carries (1 where the model has no batch dimension)."""
+    if max_batch_size <= 0 or not header.inputs or not header.inputs[0].shape:
+        return 1
+    return max(1, header.inputs[0].shape[0])
+
+
 def priority_param(header: gateway_pb2.InferRequestHeader) -> int:
     """Triton's `priority` request parameter: a non-negative integer, 0 (or absent) for
     the default level; anything else raises InvalidInput."""
     if "priority" not in header.parameters:
         return 0
-    value = _number(header.parameters["priority"], "priority")
-    if value < 0 or value != int(value):
-        raise InvalidInput(
-            f"request parameter 'priority' must be a non-negative integer, got {value:g}"
-        )
-    return int(value)
+    return checked_priority(_number(header.parameters["priority"], "priority"))
 
 
 def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> RouteRequest:
@@ -135,12 +138,9 @@ def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -
             raise InvalidInput("request parameter 'sla_class' must be a string")
         sla_class = params["sla_class"].string_param
     priority = priority_param(header)
-    batch = 1
-    if max_batch_size > 0 and header.inputs and header.inputs[0].shape:
-        batch = max(1, header.inputs[0].shape[0])
     return RouteRequest(
         model=header.model_name,
-        batch_size=batch,
+        batch_size=request_rows(header, max_batch_size),
         sla_ms=sla_ms,
         sla_class=sla_class,
         priority=priority,

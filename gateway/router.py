@@ -164,6 +164,7 @@ def choose(
         est = route.estimate
         mean = est.mean_ms
         slots = state.slots
+        # batch_factor(request.batch_size, route.row_fraction), inlined as below
         factor = 1.0 + route.row_fraction * extra_rows if extra_rows > 0 else 1.0
         ahead = state.in_flight - slots + 1
         if pct == 99.0:

@@ -36,6 +36,7 @@ from gateway.converters import (
     cost_parameter,
     metadata_message,
     request_parameters,
+    request_rows,
     response_parameters,
     route_request,
     stream_error,
@@ -350,7 +351,7 @@ class GatewayServicer:
                 if free_slot:
                     # The estimate is of a one-row request: a batch's time is scaled back.
                     sample = service_sample(latency_ms, state.network.rtt_ms)
-                    rows = _rows(header, info)
+                    rows = request_rows(header, info.max_batch_size)
                     route.estimate.observe(sample / batch_factor(rows, route.row_fraction), now)
             if self.fleet.record_attempt(route, ok, now, error):
                 self.metrics.ejections.labels(route.backend).inc()
@@ -566,10 +567,3 @@ def generic_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.model_stream_infer),
         },
     )
-
-
-def _rows(header: gateway_pb2.InferRequestHeader, info: ModelInfo) -> int:
-    """The batch a request carries (1 where the model has no batch dimension)."""
-    if info.max_batch_size <= 0 or not header.inputs or not header.inputs[0].shape:
-        return 1
-    return max(1, header.inputs[0].shape[0])
