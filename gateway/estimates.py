@@ -17,6 +17,7 @@ Pure: time comes in as `now_s`.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 GAMMA = 1.08
 _LOG_GAMMA = math.log(GAMMA)
@@ -167,14 +168,24 @@ def service_sample(latency_ms: float, rtt_ms: float, wait_ms: float = 0.0) -> fl
     return max(after_wait - rtt_ms, after_wait * 0.25)
 
 
-class NetworkEstimate:
-    """Round-trip time to a backend (EWMA of its cheapest call's round trip, from the
-    health probes), in milliseconds."""
+RTT_WINDOW = 8
+"""Health probes whose round trips the network estimate takes the least of."""
 
-    __slots__ = ("rtt_ms",)
+
+class NetworkEstimate:
+    """Round-trip time to a backend, in milliseconds: the least round trip of its
+    cheapest call over the last RTT_WINDOW health probes. A stall (the gateway's
+    process paused, a busy core) only ever adds to a round trip, and one stalled
+    probe in an average would lift the estimate for many probes after it, and with
+    it shrink every service sample taken meanwhile (latency less round trip); a
+    lasting rise shows once it fills the window."""
+
+    __slots__ = ("_recent", "rtt_ms")
 
     def __init__(self, rtt_ms: float = 0.2) -> None:
         self.rtt_ms = rtt_ms
+        self._recent: deque[float] = deque(maxlen=RTT_WINDOW)
 
     def observe(self, rtt_ms: float) -> None:
-        self.rtt_ms += 0.2 * (rtt_ms - self.rtt_ms)
+        self._recent.append(rtt_ms)
+        self.rtt_ms = min(self._recent)

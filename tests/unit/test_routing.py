@@ -12,7 +12,7 @@ from backends.profiles import Profile, ProfileEntry, profile_row_fraction
 from backends.tensors import TensorSpec
 from gateway.config import PoliciesSettings, PolicySettings
 from gateway.converters import parse_profile
-from gateway.estimates import LatencyEstimate
+from gateway.estimates import RTT_WINDOW, LatencyEstimate, NetworkEstimate
 from gateway.fleet import BackendState, Ejection, FleetState, ModelInfo, Route
 from gateway.policy import PolicyBook
 from gateway.router import (
@@ -467,3 +467,15 @@ def test_row_fraction_comes_from_the_profile_at_batch_1_and_the_largest_batch() 
         profile_row_fraction(Profile(model="m", variant="v", entries=[entry(1, 2.0)]), "cpu-1c", 1)
         is None
     )
+
+
+def test_network_estimate_ignores_a_stalled_probe_and_follows_a_lasting_rise() -> None:
+    net = NetworkEstimate()
+    for rtt in (1.0, 1.2, 0.9, 1.1):
+        net.observe(rtt)
+    assert net.rtt_ms == 0.9
+    net.observe(150.0)  # one probe that waited on a paused process
+    assert net.rtt_ms == 0.9
+    for _ in range(RTT_WINDOW):
+        net.observe(5.0)  # the network really got slower
+    assert net.rtt_ms == 5.0
