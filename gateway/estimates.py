@@ -142,21 +142,27 @@ class LatencyEstimate:
 
     def _refresh(self) -> None:
         self._since_refresh = 0
-        self.p50_ms = self._quantile(50.0)
-        self.p95_ms = self._quantile(95.0)
-        self.p99_ms = self._quantile(99.0)
+        self.p50_ms, self.p95_ms, self.p99_ms = self._quantiles(50.0, 95.0, 99.0)
         self._extra = {}
 
     def _quantile(self, percentile: float) -> float:
+        return self._quantiles(percentile)[0]
+
+    def _quantiles(self, *percentiles: float) -> list[float]:
+        """The service times at `percentiles` (ascending), in one pass over the sketch."""
         if self._total <= 0:
-            return self.mean_ms
-        rank = self._total * percentile / 100.0
+            return [self.mean_ms] * len(percentiles)
+        ranks = [self._total * p / 100.0 for p in percentiles]
+        found: list[float] = []
         running = 0.0
         for index, count in enumerate(self._counts):
-            running += count
-            if running >= rank and count > 0:
-                return _bucket_ms(index)
-        return self.mean_ms
+            if count > 0:
+                running += count
+                while running >= ranks[len(found)]:
+                    found.append(_bucket_ms(index))
+                    if len(found) == len(ranks):
+                        return found
+        return found + [self.mean_ms] * (len(ranks) - len(found))
 
 
 def service_sample(latency_ms: float, rtt_ms: float, wait_ms: float = 0.0) -> float:
