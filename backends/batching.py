@@ -10,7 +10,10 @@ request never fails its neighbours.
 
 Waiting requests are taken by priority, as Triton's request parameter `priority`
 orders its scheduler's queue: a lower non-zero value first, and 0 (the default,
-or no priority) after every explicit level; arrival order within a level.
+or no priority) after every explicit level. Within a level, earliest deadline
+first: a request may say by when it is due with `switchyard_due_us` (microseconds
+from its arrival; the gateway sends what is left of the request's SLA), and those
+that do not say come after those that do; arrival order among equals.
 """
 
 from __future__ import annotations
@@ -48,19 +51,35 @@ DEFAULT_PRIORITY_LEVEL = 2**64
 are uint64)."""
 
 
+NO_DEADLINE_NS = 2**63
+"""Where a request that gives no deadline ranks within its priority level: after every
+request that does."""
+
+DUE_PARAMETER = "switchyard_due_us"
+"""The request parameter by which a request is due: microseconds from its arrival."""
+
+
 def checked_priority(value: object) -> int:
     """Triton's `priority` request parameter as given (an integer, or a float or a
     string that is one; None when absent: the default, 0), checked: InvalidInput unless
     it is a non-negative integer."""
-    if value is None:
-        return 0
+    return 0 if value is None else _non_negative_int("priority", value)
+
+
+def checked_due_us(value: object) -> int | None:
+    """The `switchyard_due_us` request parameter as given (None when absent), checked
+    as `priority` is: InvalidInput unless it is a non-negative integer."""
+    return None if value is None else _non_negative_int(DUE_PARAMETER, value)
+
+
+def _non_negative_int(name: str, value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(
-            f"request parameter 'priority' must be a non-negative integer, got {value!r}"
+            f"request parameter {name!r} must be a non-negative integer, got {value!r}"
         )
     return value
 
@@ -73,6 +92,7 @@ def priority_level(priority: int) -> int:
 @dataclass(order=True, slots=True)
 class _Pending:
     level: int
+    due_ns: int
     seq: int
     inputs: dict[str, Array] = field(compare=False)
     rows: int = field(compare=False)
@@ -115,19 +135,21 @@ class Batcher:
             self._task = None
 
     async def infer(
-        self, inputs: dict[str, Array], rows: int, priority: int = 0
+        self, inputs: dict[str, Array], rows: int, priority: int = 0, due_us: int | None = None
     ) -> dict[str, Array]:
-        """Runs one request (`priority` as Triton's: see the module); returns every
-        output by name."""
+        """Runs one request (`priority` as Triton's, due `due_us` microseconds from now
+        or None: see the module); returns every output by name."""
         key = tuple(sorted((name, tuple(a.shape[1:])) for name, a in inputs.items()))
         future: asyncio.Future[list[Array]] = asyncio.get_running_loop().create_future()
+        now_ns = time.perf_counter_ns()
         pending = _Pending(
             priority_level(priority),
+            NO_DEADLINE_NS if due_us is None else now_ns + due_us * 1000,
             next(self._seq),
             inputs,
             rows,
             key,
-            time.perf_counter_ns(),
+            now_ns,
             future,
         )
         self._queue.put_nowait(pending)
@@ -155,7 +177,7 @@ class Batcher:
             if item.future.done():  # the caller went away
                 continue
             if item.key != first.key or rows + item.rows > self._max_rows:
-                self._queue.put_nowait(item)  # keeps its place: level, then arrival
+                self._queue.put_nowait(item)  # keeps its place: level, deadline, arrival
                 break
             batch.append(item)
             rows += item.rows

@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import __version__
-from backends.batching import Batcher, RunFn, checked_priority
+from backends.batching import DUE_PARAMETER, Batcher, RunFn, checked_due_us, checked_priority
 from backends.codec import (
     Signature,
     add_config_tensors,
@@ -191,6 +191,9 @@ class ServedModel:
             "switchyard_hardware_class": self.settings.hardware_class,
             "switchyard_threads": str(self.settings.threads),
             "switchyard_emulated_latency_ms": str(self.settings.emulate_latency_ms),
+            # Its queue takes requests by priority, then earliest deadline first, the
+            # deadline given by `switchyard_due_us` (the gateway then sends it).
+            "switchyard_queue": "deadline",
         }
         profile = self.profile()
         if profile:
@@ -487,8 +490,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.decode_ns += time.perf_counter_ns() - start_ns
             chosen = model.choose(decoded.parameters.get("switchyard_variant"))
             priority = checked_priority(decoded.parameters.get("priority"))
+            due_us = checked_due_us(decoded.parameters.get(DUE_PARAMETER))
             try:
-                outputs = await chosen.batcher.infer(decoded.inputs, decoded.batch_size, priority)
+                outputs = await chosen.batcher.infer(
+                    decoded.inputs, decoded.batch_size, priority, due_us
+                )
             except SwitchyardError:
                 raise
             except Exception as exc:  # a runtime rejected what validation let through

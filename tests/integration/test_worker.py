@@ -383,6 +383,66 @@ async def test_waiting_requests_run_by_priority(repository: Path) -> None:
         await worker.stop()
 
 
+async def test_waiting_requests_of_one_priority_run_earliest_deadline_first(
+    repository: Path,
+) -> None:
+    """`switchyard_due_us`: while one request runs (emulated 150 ms), those behind it
+    run by when they are due (arrival + the microseconds they give), those that give
+    none after them, and a priority level still before any deadline. The worker says
+    in its configuration that it queues so (the gateway then sends deadlines)."""
+    worker = await launch_worker(
+        repository, threads=1, models=["digits"], emulate_latency_ms=150, max_batch_rows=1
+    )
+    inputs, _ = samples(repository, "digits")
+    order: list[str] = []
+
+    def request(due_us: int | str | None, priority: int | None = None) -> pb.ModelInferRequest:
+        r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+        if isinstance(due_us, str):
+            r.parameters["switchyard_due_us"].string_param = due_us
+        elif due_us is not None:
+            r.parameters["switchyard_due_us"].int64_param = due_us
+        if priority is not None:
+            r.parameters["priority"].uint64_param = priority
+        return r
+
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = await stub.ModelConfig(pb.ModelConfigRequest(name="digits"))
+            assert config.config.parameters["switchyard_queue"].string_value == "deadline"
+
+            async def call(name: str, due_us: int | None, priority: int | None = None) -> None:
+                await stub.ModelInfer(request(due_us, priority))
+                order.append(name)
+
+            first = asyncio.create_task(call("first", None))
+            await asyncio.sleep(0.05)  # it runs; the rest queue behind it
+            rest = []
+            arrivals = (
+                ("none", None, None),
+                ("bronze", 250_000, None),
+                ("gold", 10_000, None),
+                ("silver", 30_000, None),
+                ("p1-late", 900_000, 1),
+            )
+            for name, due_us, priority in arrivals:
+                rest.append(asyncio.create_task(call(name, due_us, priority)))
+                await asyncio.sleep(0.005)
+            await asyncio.gather(first, *rest)
+            assert order == ["first", "p1-late", "gold", "silver", "bronze", "none"]
+
+            for bad in (-1, "soon"):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.ModelInfer(request(bad))
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "'switchyard_due_us' must be a non-negative integer" in (
+                    caught.value.details() or ""
+                )
+    finally:
+        await worker.stop()
+
+
 async def test_batching_is_set_per_model(repository: Path) -> None:
     """cnn gets its own dynamic batching (at most 4 rows, waiting up to 100 ms for
     company), the worker's default (no waiting, the variant's limit) stays for digits."""
