@@ -18,7 +18,11 @@ call that fails for any reason other than the backend being unavailable is
 retried request by request, so one bad request never fails its neighbours.
 
 Waiting requests leave by Triton's `priority` (a lower non-zero value first, the
-default 0 last), then in arrival order; a merged call carries its best priority.
+default 0 last), then earliest deadline first (a request's arrival plus its SLA,
+as the router predicts waits), then in arrival order; a merged call carries its
+best priority. A backend whose queue also goes by deadline (a Switchyard worker)
+is told, as each call leaves, how long its request has left (`switchyard_due_us`;
+a merged call: its earliest).
 """
 
 from __future__ import annotations
@@ -30,18 +34,19 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from backends.batching import DEFAULT_PRIORITY_LEVEL, priority_level
+from backends.batching import DEFAULT_PRIORITY_LEVEL, DUE_PARAMETER, priority_level
 from backends.tensors import NUMPY_DTYPES
-from gateway.converters import priority_param
+from gateway.converters import due_parameter, priority_param
 from gateway.fleet import ModelInfo, Route
 from gateway.pool import BackendCallError
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
 
 # Parameters the gateway consumes; they are not forwarded in a merged request.
-ROUTING_PARAMETERS = frozenset({"sla_ms", "sla_class", "priority", "timeout"})
+ROUTING_PARAMETERS = frozenset({"sla_ms", "sla_class", "priority", "timeout", DUE_PARAMETER})
 
 Send = Callable[[Route, bytes, float | None], Awaitable[bytes]]
+INF = float("inf")
 GroupKey = tuple[object, ...]
 
 
@@ -53,8 +58,8 @@ class _Waiting:
     max_rows: int
     deadline: float | None
     future: asyncio.Future[bytes]
-    rank: tuple[int, int] = (0, 0)
-    """(priority level, arrival): the order waiting requests leave in."""
+    rank: tuple[int, float, int] = (0, 0.0, 0)
+    """(priority level, due time, arrival): the order waiting requests leave in."""
 
 
 @dataclass(slots=True)
@@ -137,16 +142,18 @@ class Coalescer:
         header: gateway_pb2.InferRequestHeader,
         info: ModelInfo,
         timeout_s: float | None,
+        due_s: float = INF,
     ) -> bytes:
-        """Sends `request` on `route`, alone or merged with others; a backend's error
-        status raises BackendCallError."""
+        """Sends `request` on `route`, alone or merged with others (due at `due_s`,
+        by the clock, which ranks it among the waiting); a backend's error status
+        raises BackendCallError."""
         state = self._routes.setdefault(route.key, _RouteState())
         if state.in_flight < self._limit or self._limit <= 0:
-            return await self._direct(route, state, request, timeout_s)
+            return await self._direct(route, state, request, timeout_s, due_s)
         key = group_key(header, info)
         parsed = None if key is None else _checked(request)
         if key is None or parsed is None:
-            return await self._direct(route, state, request, timeout_s)
+            return await self._direct(route, state, request, timeout_s, due_s)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else self._clock() + timeout_s
         waiting = _Waiting(
@@ -156,7 +163,7 @@ class Coalescer:
             info.max_batch_size,
             deadline,
             loop.create_future(),
-            (priority_level(priority_param(header)), next(self._arrivals)),
+            (priority_level(priority_param(header)), due_s, next(self._arrivals)),
         )
         state.waiting.setdefault(key, []).append(waiting)
         try:
@@ -170,18 +177,23 @@ class Coalescer:
                 waiting.future.cancel()  # the caller left; the merge skips it
 
     async def _direct(
-        self, route: Route, state: _RouteState, request: bytes, timeout_s: float | None
+        self,
+        route: Route,
+        state: _RouteState,
+        request: bytes,
+        timeout_s: float | None,
+        due_s: float,
     ) -> bytes:
         state.in_flight += 1
         try:
-            return await self._send(route, request, timeout_s)
+            return await self._send(route, self._with_due(route, request, due_s), timeout_s)
         finally:
             state.in_flight -= 1
             self._release(route, state)
 
     def _release(self, route: Route, state: _RouteState) -> None:
         """A slot freed: send the group whose first request ranks first (priority level,
-        then arrival), merged, its requests taken in rank order."""
+        due time, arrival), merged, its requests taken in rank order."""
         while state.waiting and state.in_flight < self._limit:
             key = min(state.waiting, key=lambda k: min(w.rank for w in state.waiting[k]))
             group = sorted(
@@ -200,7 +212,9 @@ class Coalescer:
     async def _merged(self, route: Route, state: _RouteState, batch: list[_Waiting]) -> None:
         try:
             if len(batch) == 1:
-                await _settle(batch[0], self._send(route, batch[0].request, self._timeout(batch)))
+                only = batch[0]
+                request = self._with_due(route, only.request, only.rank[1])
+                await _settle(only, self._send(route, request, self._timeout(batch)))
                 return
             self.merged_calls += 1
             self.merged_requests += len(batch)
@@ -211,6 +225,9 @@ class Coalescer:
             level = batch[0].rank[0]  # the batch's best: it goes first at the backend too
             if level != DEFAULT_PRIORITY_LEVEL:
                 merged.parameters["priority"].uint64_param = level
+            due_s = min(w.rank[1] for w in batch)
+            if route.deadlines and due_s < INF:
+                merged.parameters[DUE_PARAMETER].int64_param = self._due_us(due_s)
             try:
                 reply = await self._send(route, merged.SerializeToString(), self._timeout(batch))
                 parts = split_response(pb.ModelInferResponse.FromString(reply), requests)
@@ -222,7 +239,17 @@ class Coalescer:
                 parts = None
             if parts is None:  # isolate: one request per call
                 await asyncio.gather(
-                    *(_settle(w, self._send(route, w.request, self._timeout([w]))) for w in batch)
+                    *(
+                        _settle(
+                            w,
+                            self._send(
+                                route,
+                                self._with_due(route, w.request, w.rank[1]),
+                                self._timeout([w]),
+                            ),
+                        )
+                        for w in batch
+                    )
                 )
                 return
             for waiting, part in zip(batch, parts, strict=True):
@@ -231,6 +258,16 @@ class Coalescer:
         finally:
             state.in_flight -= 1
             self._release(route, state)
+
+    def _with_due(self, route: Route, request: bytes, due_s: float) -> bytes:
+        """`request` as it leaves for `route`: with how long it has left, where the
+        backend queues by deadline."""
+        if not route.deadlines or due_s == INF:
+            return request
+        return request + due_parameter(self._due_us(due_s))
+
+    def _due_us(self, due_s: float) -> int:
+        return max(0, int((due_s - self._clock()) * 1e6))
 
     def _timeout(self, batch: list[_Waiting]) -> float | None:
         deadlines = [w.deadline for w in batch]

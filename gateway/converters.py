@@ -7,7 +7,7 @@ generated protobuf code.
 from __future__ import annotations
 
 from backends import codec
-from backends.batching import checked_priority
+from backends.batching import DUE_PARAMETER, checked_priority
 from backends.errors import InvalidInput
 from backends.tensors import TensorSpec
 from gateway.fleet import ModelInfo
@@ -27,6 +27,7 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
     max_batch_size = 0
     variants: tuple[str, ...] = ()
     profile: tuple[tuple[str, float, float, float | None], ...] = ()
+    deadlines = False
     if config is not None:
         max_batch_size = config.max_batch_size
         params = config.parameters
@@ -36,6 +37,8 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
             variants = tuple(v for v in params["switchyard_variants"].string_value.split(",") if v)
         if "switchyard_profile" in params:
             profile = parse_profile(params["switchyard_profile"].string_value)
+        if "switchyard_queue" in params:
+            deadlines = params["switchyard_queue"].string_value == "deadline"
     return ModelInfo(
         name=metadata.name,
         # Servers that list no versions (KServe) serve one; clients such as
@@ -48,6 +51,7 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
         variant=variant,
         variants=variants if variant in variants else (),
         profile=profile,
+        deadlines=deadlines,
     )
 
 
@@ -171,6 +175,14 @@ def request_parameters(params: dict[str, str]) -> bytes:
     message = pb.ModelInferRequest()
     for key, value in params.items():
         message.parameters[key].string_param = value
+    return message.SerializeToString()
+
+
+def due_parameter(due_us: int) -> bytes:
+    """Serialized ModelInferRequest holding only `switchyard_due_us`, to append to a
+    request for a backend that queues by deadline."""
+    message = pb.ModelInferRequest()
+    message.parameters[DUE_PARAMETER].int64_param = due_us
     return message.SerializeToString()
 
 

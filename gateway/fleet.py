@@ -12,6 +12,7 @@ backend's models or variants change; the router reads them without copying.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ until its profile says otherwise."""
 DEFAULT_SERVICE_MS = 1.0
 """The service-time guess for a route with neither profile nor samples."""
 
+
+WORK_RATE_TAU_S = 1.0
+"""The time constant of a backend's decayed rate of work per SLA budget (what the
+router reads as the load of tighter classes arriving while a request waits)."""
 
 SHARE_WINDOW_S = 10.0
 """The time constant of a route's recent traffic (its share in `switchyard admin routes`)."""
@@ -48,8 +53,30 @@ class ModelInfo:
     profiled: p50 and p99 at batch 1; the row fraction is what each extra row of a
     batch adds, as a fraction of one row's time."""
 
+    deadlines: bool = False
+    """Its queue takes requests earliest deadline first, by `switchyard_due_us` (a
+    Switchyard worker's): the gateway tells it when each request is due."""
+
     def all_variants(self) -> tuple[str, ...]:
         return self.variants or (self.variant,)
+
+
+class Ticket:
+    """A request on a backend from its send to its answer: when it is due (its
+    arrival plus its SLA), what its route expects it to take, and when it took a
+    slot (None while it waits)."""
+
+    __slots__ = ("due_s", "expected_ms", "ident", "route", "started_s")
+
+    def __init__(
+        self, route: Route | None, expected_ms: float, due_s: float, ident: int = 0
+    ) -> None:
+        self.route = route
+        self.expected_ms = expected_ms
+        self.due_s = due_s
+        self.ident = ident
+        """The caller's own tag (the simulator's request number)."""
+        self.started_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -76,8 +103,18 @@ class BackendState:
     """Healthy, not drained, not ejected: the router's one check."""
     models: dict[str, ModelInfo] = field(default_factory=dict)
     in_flight: int = 0
-    busy_ms: float = 0.0
-    """Sum of the mean service times expected of the requests in flight."""
+    serving: list[Ticket] = field(default_factory=list)
+    """The requests in flight that hold a slot (at most `slots`)."""
+    _waiting: list[Ticket | None] = field(default_factory=list)
+    """The rest, earliest deadline first (the order they take slots in), from index
+    `_head` on: taking the first only moves the head, so a long queue is not shifted
+    on every answer (it is compacted once the head is past half of it)."""
+    _waiting_due: list[float] = field(default_factory=list)
+    """Their deadlines (s), in the same order, for bisection."""
+    _head: int = 0
+    work_rates: dict[float, list[float]] = field(default_factory=dict)
+    """SLA budget (ms) -> [ms of expected work sent per second, decayed with
+    WORK_RATE_TAU_S, as of time s]."""
     last_probe_s: float | None = None
     last_error: str = ""
     consecutive_failures: int = 0
@@ -103,6 +140,109 @@ class BackendState:
             # W x ms = J / 1000; 1 kWh = 3.6e6 J.
             self.g_co2_per_busy_ms = power_w / 1000.0 / 3.6e6 * g_per_kwh / max(1, self.slots)
 
+    def admit(
+        self,
+        route: Route | None,
+        expected_ms: float,
+        due_s: float,
+        now_s: float,
+        budget_ms: float | None = None,
+    ) -> Ticket:
+        """A request sent to this backend at `now_s`, expected to take `expected_ms`,
+        due at `due_s`: it takes a free slot, or waits behind the requests due before
+        it. `budget_ms` (its SLA) counts its work in the rate of its class."""
+        self.in_flight += 1
+        if budget_ms is not None:
+            rate = self.work_rates.get(budget_ms)
+            if rate is None:
+                self.work_rates[budget_ms] = [expected_ms / WORK_RATE_TAU_S, now_s]
+            else:
+                elapsed = now_s - rate[1]
+                if elapsed > 0.0:
+                    rate[0] *= math.exp(-elapsed / WORK_RATE_TAU_S)
+                    rate[1] = now_s
+                rate[0] += expected_ms / WORK_RATE_TAU_S
+        ticket = Ticket(route, expected_ms, due_s)
+        if len(self.serving) < self.slots:
+            ticket.started_s = now_s
+            self.serving.append(ticket)
+        else:
+            at = bisect_right(self._waiting_due, due_s, self._head)
+            self._waiting_due.insert(at, due_s)
+            self._waiting.insert(at, ticket)
+        return ticket
+
+    @property
+    def queued(self) -> int:
+        """Requests in flight that wait for a slot."""
+        return len(self._waiting) - self._head
+
+    def due_before(self, due_s: float) -> tuple[int, float]:
+        """How many waiting requests are due by `due_s`, and the work (ms) they are
+        expected to take: what is ahead of a request due then."""
+        head = self._head
+        end = bisect_right(self._waiting_due, due_s, head)
+        if end == head:
+            return 0, 0.0
+        work = 0.0
+        for ticket in self._waiting[head:end]:
+            assert ticket is not None
+            work += ticket.expected_ms
+        return end - head, work
+
+    def finish(self, ticket: Ticket, now_s: float) -> Ticket | None:
+        """`ticket`'s request answered (or given up) at `now_s`; returns the waiting
+        request that takes its slot, if any."""
+        if ticket.started_s is None:
+            # Answered while it was modelled waiting (it travelled in a merged call).
+            waiting = self._waiting
+            at = bisect_left(self._waiting_due, ticket.due_s, self._head)
+            while at < len(waiting) and waiting[at] is not ticket:
+                at += 1
+            if at == len(waiting):
+                return None  # already gone (the backend's state was cleared)
+            del waiting[at]
+            del self._waiting_due[at]
+            self.in_flight -= 1
+            return None
+        try:
+            self.serving.remove(ticket)
+        except ValueError:
+            return None  # already gone (the backend's state was cleared)
+        self.in_flight -= 1
+        head = self._head
+        if head == len(self._waiting) or len(self.serving) >= self.slots:
+            return None
+        nxt = self._waiting[head]
+        assert nxt is not None
+        self._waiting[head] = None
+        head += 1
+        if head > 32 and head * 2 > len(self._waiting):
+            del self._waiting[:head]
+            del self._waiting_due[:head]
+            head = 0
+        self._head = head
+        nxt.started_s = now_s
+        self.serving.append(nxt)
+        return nxt
+
+    def clear(self) -> list[Ticket]:
+        """Every request in flight is lost (the backend died): returns them."""
+        lost = self.serving + [t for t in self._waiting[self._head :] if t is not None]
+        self.serving, self._waiting, self._waiting_due, self._head = [], [], [], 0
+        self.in_flight = 0
+        return lost
+
+    def tighter_load(self, budget_ms: float, now_s: float) -> float:
+        """The share of this backend's slots that the work of classes with SLAs
+        tighter than `budget_ms` takes now (their decayed rate of work)."""
+        total = 0.0
+        for budget, (rate, at_s) in self.work_rates.items():
+            if budget < budget_ms:
+                elapsed = now_s - at_s
+                total += rate * math.exp(-elapsed / WORK_RATE_TAU_S) if elapsed > 0.0 else rate
+        return total / (1000.0 * self.slots)
+
     def refresh(self) -> None:
         self.available = self.healthy and not self.drained and self.ejected_until_s is None
 
@@ -127,6 +267,7 @@ class Route:
 
     __slots__ = (
         "backend",
+        "deadlines",
         "default",
         "estimate",
         "failures",
@@ -149,6 +290,8 @@ class Route:
         self.state = state
         self.estimate = LatencyEstimate(DEFAULT_SERVICE_MS)
         self.observed = LatencyEstimate(DEFAULT_SERVICE_MS)
+        self.deadlines = False
+        """The backend takes `switchyard_due_us` (see ModelInfo.deadlines)."""
         self.row_fraction = DEFAULT_ROW_FRACTION
         """What each extra row of a batch adds to a request's service time, as a
         fraction of one row's (from the backend's profile of this variant)."""
@@ -270,17 +413,6 @@ class FleetState:
     def set_price(self, backend: str, usd_per_hour: float) -> None:
         self.backends[backend].set_price(usd_per_hour)
 
-    def acquire(self, backend: str, expected_ms: float = 0.0) -> None:
-        """A request starts on `backend`, expected to take `expected_ms` (its route's mean)."""
-        state = self.backends[backend]
-        state.in_flight += 1
-        state.busy_ms += expected_ms
-
-    def release(self, backend: str, expected_ms: float = 0.0) -> None:
-        state = self.backends[backend]
-        state.in_flight -= 1
-        state.busy_ms = state.busy_ms - expected_ms if state.in_flight > 0 else 0.0
-
     def _rebuild(self) -> None:
         routes: dict[str, list[Route]] = {}
         by_key: dict[tuple[str, str, str], Route] = {}
@@ -298,6 +430,7 @@ class FleetState:
                             if prior[2] is not None:
                                 route.row_fraction = prior[2]
                     route.default = variant == info.variant
+                    route.deadlines = info.deadlines
                     by_key[key] = route
                     routes.setdefault(model, []).append(route)
         self._routes, self._by_key = routes, by_key

@@ -145,7 +145,7 @@ class Prober:
         # The probe holds a slot like any request, so a request sent meanwhile knows
         # it may wait and does not take its own latency for the route's service time.
         expected_ms = route.estimate.mean_ms
-        self.fleet.acquire(route.backend, expected_ms)
+        ticket = route.state.admit(route, expected_ms, math.inf, self.clock())
         try:
             # A first call after an idle spell wakes what went to sleep (the runtime's
             # threads, the connection) and takes about a millisecond more than the
@@ -157,7 +157,7 @@ class Prober:
             log.debug("latency probe of %r failed: %s", route, exc.details())
             return False
         finally:
-            self.fleet.release(route.backend, expected_ms)
+            route.state.finish(ticket, self.clock())
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         route.estimate.observe(service_sample(elapsed_ms, route.state.network.rtt_ms), self.clock())
         return True

@@ -7,10 +7,12 @@ percentile:
 
     predicted = network round trip + queue wait + service time at the percentile
 
-where the queue wait is the work ahead of the request (requests in flight on
-the backend beyond its parallel slots, each taking the mean service time
-expected of it, shared by the slots, plus the spread of that many waits at the
-percentile: see `queue_wait_ms`), and the service time grows with the batch. It keeps the
+where the queue wait is the work due before the request on its backend (each
+backend takes waiting requests earliest deadline first, a request's deadline
+being its arrival plus its SLA): the time until the first busy slot frees, the
+waiting work due first shared by the slots, and the spread of that many waits
+at the percentile, inflated for tighter classes that arrive meanwhile and go
+ahead (see `queue_wait_ms`); the service time grows with the batch. It keeps the
 routes that meet the SLA (and the cost cap) and chooses the cheapest, the
 lowest-carbon or the fastest as the policy's objective says. When none is
 feasible: the fastest route (best effort) or a rejection with the reason.
@@ -21,7 +23,7 @@ takes: USD per hour x mean service time / parallel slots.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from math import sqrt
@@ -32,6 +34,10 @@ ROW_FRACTION = DEFAULT_ROW_FRACTION
 """Extra service time per extra row of a batch, as a fraction of one row's, where a
 route's profile does not say (the simulator's modelled routes)."""
 INF = float("inf")
+TIGHTER_LOAD_CAP = 0.95
+"""Past this share of the slots taken by tighter classes, a looser request's wait is
+inflated by a fixed 400x (the 1 / (1 - rho)^2 of the cap) rather than without bound."""
+_CAPPED_INFLATION = 1.0 / (1.0 - TIGHTER_LOAD_CAP) ** 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,35 +103,71 @@ def batch_factor(batch_size: int, row_fraction: float = ROW_FRACTION) -> float:
     return 1.0 + row_fraction * (batch_size - 1) if batch_size > 1 else 1.0
 
 
-def queue_wait_ms(state: BackendState, mean_ms: float, service_ms: float) -> float:
-    """The wait of one more request on a backend at the percentile `service_ms` is for.
+def queue_wait_ms(
+    state: BackendState,
+    mean_ms: float,
+    service_ms: float,
+    sla_ms: float,
+    percentile: float,
+    now_s: float,
+) -> float:
+    """The wait of one more request, due in `sla_ms`, on a backend whose slots are
+    all busy, at the percentile `service_ms` is for (0 while a slot is free).
 
-    The work ahead is the requests in flight beyond the free slots, each taking
-    the mean of what those requests are expected to take (a backend serving two
-    models queues one behind the other's), shared by the slots; the spread of n
-    waits adds about sqrt(n) times one request's spread above its mean.
+    Backends take waiting requests earliest deadline first, so only the work due
+    before this one is ahead of it: the time until the first busy slot frees (each
+    request in service ends at its route's quantile at level 1 - (1 - p)^(1/N), N
+    of them, measured from its start, so that the first of N to end does so by then
+    at the percentile p, at least p99), plus the expected work of the waiting
+    requests due first, shared by the slots, plus the spread of that many waits
+    (about sqrt(n) times one request's spread above its mean). Tighter classes
+    arriving meanwhile go ahead too: the wait is inflated by 1 / (1 - rho)^2,
+    rho the share of the slots their work takes.
     """
     slots = state.slots
-    ahead = state.in_flight - slots + 1
-    if ahead <= 0:
+    serving = state.serving
+    if len(serving) < slots:
         return 0.0
-    n = ahead / slots
-    per = state.busy_ms / state.in_flight if state.busy_ms > 0 else mean_ms
-    return n * per + max(0.0, service_ms - mean_ms) * math.sqrt(n)
+    k, work = state.due_before(now_s + sla_ms * 0.001)
+    level = _first_of_n_level(percentile, len(serving))
+    first_free = INF
+    for ticket in serving:
+        route = ticket.route
+        end = route.estimate.quantile_ms(level) if route is not None else ticket.expected_ms
+        if ticket.started_s is not None:
+            end += (ticket.started_s - now_s) * 1000.0
+        if end < first_free:
+            first_free = end
+    wait = work / slots
+    if first_free > 0.0:
+        wait += first_free
+    if service_ms > mean_ms:
+        wait += (service_ms - mean_ms) * sqrt((k + 1) / slots)
+    rho = state.tighter_load(sla_ms, now_s)
+    return wait / (1.0 - rho) ** 2 if rho < TIGHTER_LOAD_CAP else wait * _CAPPED_INFLATION
 
 
-def predict_ms(route: Route, percentile: float, batch_size: int = 1) -> float:
+@functools.cache
+def _first_of_n_level(percentile: float, n: int) -> float:
+    """The percentile level at which each of `n` requests in service must be read for
+    the first of them to end by then at `percentile` (at least p99)."""
+    return float(100.0 * (1.0 - (1.0 - max(percentile, 99.0) / 100.0) ** (1.0 / n)))
+
+
+def predict_ms(
+    route: Route, percentile: float, now_s: float, batch_size: int = 1, sla_ms: float = INF
+) -> float:
     """Predicted latency of one more request on `route` now (the router's formula)."""
     state = route.state
     est = route.estimate
     service = est.quantile_ms(percentile)
-    wait = queue_wait_ms(state, est.mean_ms, service)
+    wait = queue_wait_ms(state, est.mean_ms, service, sla_ms, percentile, now_s)
     return state.network.rtt_ms + wait + service * batch_factor(batch_size, route.row_fraction)
 
 
-def hedge_after_ms(route: Route, policy: Policy, batch_size: int = 1) -> float:
+def hedge_after_ms(route: Route, policy: Policy, now_s: float, batch_size: int = 1) -> float:
     """How long an attempt on `route` may run before it is hedged: its predicted p95."""
-    return predict_ms(route, 95.0, batch_size)
+    return predict_ms(route, 95.0, now_s, batch_size, policy.latency_ms)
 
 
 def cost_usd(route: Route, batch_size: int = 1) -> float:
@@ -166,18 +208,13 @@ def choose(
         slots = state.slots
         # batch_factor(request.batch_size, route.row_fraction), inlined as below
         factor = 1.0 + route.row_fraction * extra_rows if extra_rows > 0 else 1.0
-        ahead = state.in_flight - slots + 1
         if pct == 99.0:
             service = est.p99_ms
         else:
             service = est.quantile_ms(pct)
         pred = state.network.rtt_ms + service * factor
-        if ahead > 0:  # queue_wait_ms, inlined: this loop runs for every route
-            n = ahead / slots
-            busy = state.busy_ms
-            pred += n * (busy / state.in_flight if busy > 0 else mean)
-            if service > mean:
-                pred += (service - mean) * sqrt(n)
+        if len(state.serving) >= slots:  # every slot busy: the request would wait
+            pred += queue_wait_ms(state, mean, service, sla, pct, now_s)
         cost = state.usd_per_busy_ms * mean * factor
         if pred <= sla and cost <= cap:
             if objective == "cost":
@@ -237,7 +274,7 @@ def explain(
     chosen_cost = decision.cost_usd / rows * 1e6 if decision.route is not None else None
     for route in routes:
         state = route.state
-        pred = predict_ms(route, policy.percentile, rows)
+        pred = predict_ms(route, policy.percentile, now_s, rows, policy.latency_ms)
         cost_1m = cost_usd(route, rows) / rows * 1e6
         carbon = carbon_g(route, rows)
         carbon_1m = None if carbon is None else carbon / rows * 1e6

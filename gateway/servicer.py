@@ -175,11 +175,12 @@ class GatewayServicer:
             batch_size = route_req.batch_size
             policy = self.policies.resolve(route_req)
             timeout_s = _earliest(time_remaining, timeout_param_s(header))
-            deadline = None if timeout_s is None else self.clock() + timeout_s
+            arrived = self.clock()
+            deadline = None if timeout_s is None else arrived + timeout_s
             routes = self.fleet.routes(model)
             if "switchyard_variant" in header.parameters:
                 routes = self._pinned(model, routes, header.parameters["switchyard_variant"])
-            decision = self.chooser(route_req, routes, policy, self.clock())
+            decision = self.chooser(route_req, routes, policy, arrived)
             self.metrics.decisions.labels(model, decision.reason).inc()
             if decision.route is None:
                 if decision.reason == "infeasible-reject":
@@ -187,7 +188,7 @@ class GatewayServicer:
                 raise Unavailable(f"no healthy backend serves model {model!r} right now")
             started = time.perf_counter_ns()
             reply, route, attempts = await self._attempts(
-                decision, policy, request, header, info, deadline
+                decision, policy, request, header, info, deadline, arrived
             )
             backend_ns = time.perf_counter_ns() - started
             backend, variant = route.backend, route.variant
@@ -223,12 +224,14 @@ class GatewayServicer:
         header: gateway_pb2.InferRequestHeader,
         info: ModelInfo,
         deadline: float | None,
+        arrived_s: float,
     ) -> tuple[bytes, Route, int]:
         """Runs the decision: the chosen route first; on a retryable failure the
         next-best route while retries and the deadline allow; with hedging, a
         second attempt when the first runs past its predicted p95 (the first
-        answer wins, the other is cancelled). Returns the reply, the route that
-        answered and the number of attempts."""
+        answer wins, the other is cancelled). Every attempt is due (queued at the
+        backend and the gateway) at the request's arrival plus its SLA. Returns the
+        reply, the route that answered and the number of attempts."""
         assert decision.route is not None
         model = decision.route.model
         queue: list[Route] | None = None  # alternatives, computed on first need
@@ -236,6 +239,7 @@ class GatewayServicer:
         pending: dict[asyncio.Task[bytes], Route] = {}
         hedged = not policy.hedge
         last_error: ForwardedError | SwitchyardError | None = None
+        due_s = arrived_s + policy.latency_ms * 0.001
 
         def next_route() -> Route | None:
             nonlocal queue
@@ -253,7 +257,9 @@ class GatewayServicer:
             nonlocal tried
             tried += 1
             remaining = None if deadline is None else deadline - self.clock()
-            task = asyncio.ensure_future(self._attempt(route, request, header, info, remaining))
+            task = asyncio.ensure_future(
+                self._attempt(route, request, header, info, remaining, due_s, policy.latency_ms)
+            )
             pending[task] = route
 
         launch(decision.route)
@@ -262,7 +268,7 @@ class GatewayServicer:
                 wait_s = None
                 if not hedged:
                     first = next(iter(pending.values()))
-                    wait_s = hedge_after_ms(first, policy) / 1000.0
+                    wait_s = hedge_after_ms(first, policy, self.clock()) / 1000.0
                 if deadline is not None:
                     left = deadline - self.clock()
                     wait_s = left if wait_s is None else min(wait_s, left)
@@ -317,24 +323,26 @@ class GatewayServicer:
         header: gateway_pb2.InferRequestHeader,
         info: ModelInfo,
         timeout_s: float | None,
+        due_s: float,
+        budget_ms: float,
     ) -> bytes:
-        """One attempt on `route`; the coalescer sends it alone or merged with others.
-        Its latency feeds the route's estimates, its outcome outlier detection."""
+        """One attempt on `route`, due at `due_s` (the request's SLA `budget_ms` from
+        its arrival); the coalescer sends it alone or merged with others. Its latency
+        feeds the route's estimates, its outcome outlier detection."""
         state = route.state
+        if not route.default:
+            request = request + self._variant_parameter(route.variant)
+        ticket = state.admit(route, route.estimate.mean_ms, due_s, self.clock(), budget_ms)
         # Only an attempt that finds a free slot measures the route's service time:
         # one that queues would feed the estimate's own error back, magnified by
         # the queue (the estimate would swing, and traffic with it).
-        free_slot = state.in_flight < state.slots
-        expected_ms = route.estimate.mean_ms
-        if not route.default:
-            request = request + self._variant_parameter(route.variant)
-        self.fleet.acquire(route.backend, expected_ms)
+        free_slot = ticket.started_s is not None
         self.metrics.in_flight.labels(route.backend).inc()
         sent = time.perf_counter()
         ok = False
         error = ""
         try:
-            reply = await self.coalescer.call(route, request, header, info, timeout_s)
+            reply = await self.coalescer.call(route, request, header, info, timeout_s, due_s)
             ok = True
             return reply
         except ForwardedError as exc:
@@ -342,9 +350,9 @@ class GatewayServicer:
             ok = exc.code not in BACKEND_FAULTS
             raise
         finally:
-            self.fleet.release(route.backend, expected_ms)
-            self.metrics.in_flight.labels(route.backend).dec()
             now = self.clock()
+            state.finish(ticket, now)
+            self.metrics.in_flight.labels(route.backend).dec()
             if ok and not error:
                 latency_ms = (time.perf_counter() - sent) * 1000.0
                 route.observed.observe(latency_ms, now)

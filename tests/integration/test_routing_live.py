@@ -354,3 +354,56 @@ async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -
     finally:
         await gw.stop()
         await worker.stop()
+
+
+@pytest.mark.parametrize("coalesce_in_flight", [0, 1])
+async def test_requests_wait_earliest_deadline_first(
+    repository: Path, coalesce_in_flight: int
+) -> None:
+    """A one-slot worker (emulated 100 ms, no batching) busy with one request: two
+    requests with a loose SLA (5 s) and then one with a tight SLA (0.6 s) arrive. The
+    tight one is due first, so it runs next, ahead of the loose ones that came before
+    it, whether the requests wait at the worker (each sent on its own, with its
+    deadline) or at the gateway (one call at a time per route). The gateway's model of
+    the backend's queue holds them in that order meanwhile."""
+    worker = await launch_worker(
+        repository, threads=1, emulate_latency_ms=100, max_batch_rows=1, models=("digits",)
+    )
+    gw = await start_gateway(
+        fleet_config(
+            {"one": (worker.address, 0.04)},
+            latency_probe_interval_s=0,
+            coalesce_in_flight=coalesce_in_flight,
+        )
+    )
+    inputs, _ = samples(repository, "digits")
+    order: list[str] = []
+    try:
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(50):
+                if gw.fleet.model_ready("digits"):
+                    break
+                await asyncio.sleep(0.1)
+
+            async def call(name: str, sla_ms: float) -> None:
+                r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+                r.parameters["sla_ms"].double_param = sla_ms
+                await stub.ModelInfer(r)
+                order.append(name)
+
+            tasks = [asyncio.create_task(call("first", 5000))]
+            await asyncio.sleep(0.03)  # it runs; the rest wait behind it
+            for name, sla_ms in (("loose", 5000), ("loose-2", 5000), ("tight", 600)):
+                tasks.append(asyncio.create_task(call(name, sla_ms)))
+                await asyncio.sleep(0.01)
+            state = gw.fleet.backends["one"]
+            assert (state.in_flight, state.queued) == (4, 3)
+            now = gw.servicer.clock()
+            assert state.due_before(now + 1.0)[0] == 1  # only the tight one is due soon
+            await asyncio.gather(*tasks)
+            assert order == ["first", "tight", "loose", "loose-2"]
+            assert (state.in_flight, state.queued) == (0, 0)
+    finally:
+        await gw.stop()
+        await worker.stop()

@@ -144,6 +144,50 @@ def test_waiting_requests_leave_by_priority_then_arrival() -> None:
     assert sent == ["first", "p1", "p2", "default"]
 
 
+def test_waiting_requests_of_one_priority_leave_earliest_deadline_first() -> None:
+    """Within a priority level, the request due first (its arrival plus its SLA, as the
+    servicer passes it) leaves first, whatever the order they came in; a tie keeps the
+    arrival order; a higher priority still goes before an earlier deadline."""
+    one_row = ModelInfo("m", ("1",), "p", INFO.inputs, INFO.outputs, 1, "v")
+    route = Route(BackendState("b", "addr", "cpu", 1.0), "m", "v", True)
+    sent: list[str] = []
+    gate = asyncio.Event()
+
+    async def send(_route: Route, request: bytes, _timeout: float | None) -> bytes:
+        parsed = pb.ModelInferRequest.FromString(request)
+        sent.append(parsed.id)
+        if parsed.id == "first":
+            await gate.wait()
+        return pb.ModelInferResponse(model_name="m", id=parsed.id).SerializeToString()
+
+    async def scenario() -> None:
+        coalescer = Coalescer(send, clock=lambda: 0.0, limit=1)
+        calls = []
+        arrivals = (
+            ("first", 9.0, None),
+            ("bronze", 0.25, None),
+            ("gold", 0.01, None),
+            ("silver", 0.03, None),
+            ("bronze-2", 0.25, None),
+            ("urgent-late", 5.0, 1),
+        )
+        for rid, due_s, priority in arrivals:
+            r = request(1, 0, rid)
+            if priority is not None:
+                r.parameters["priority"].uint64_param = priority
+            calls.append(
+                asyncio.create_task(
+                    coalescer.call(route, r.SerializeToString(), header(r), one_row, None, due_s)
+                )
+            )
+            await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*calls)
+
+    asyncio.run(scenario())
+    assert sent == ["first", "urgent-late", "gold", "silver", "bronze", "bronze-2"]
+
+
 def test_priority_must_be_a_non_negative_integer() -> None:
     r = request(1, 0, "a")
     assert priority_param(header(r)) == 0

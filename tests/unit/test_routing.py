@@ -3,6 +3,8 @@ logic, no I/O, driven with tables and properties."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -45,13 +47,21 @@ def route(
     state = BackendState(name, "127.0.0.1:1", "cpu", price, slots=slots)
     state.network.rtt_ms = 0.0
     state.healthy = available
-    state.in_flight = in_flight
     if carbon is not None:
         state.set_carbon(*carbon)
     state.refresh()
     r = Route(state, "m", "v", True)
     r.estimate.seed(p50, p99)
+    busy(r, in_flight)
     return r
+
+
+def busy(r: Route, in_flight: int, started_s: float = 0.0) -> None:
+    """`in_flight` requests on `r`'s backend, sent at `started_s` and already due
+    (ahead of any request routed after), in place of what it had."""
+    r.state.clear()
+    for _ in range(in_flight):
+        r.state.admit(r, r.estimate.mean_ms, started_s, started_s)
 
 
 def names(routes: list[Route]) -> list[str]:
@@ -79,18 +89,125 @@ def test_load_spills_to_the_next_route_and_comes_back_when_it_drains() -> None:
     dear = route("dear", 0.3, p50=2, p99=3)
     policy = Policy(latency_ms=10)
     chosen = []
-    for in_flight in (0, 2, 4, 6, 2, 0):
-        cheap.state.in_flight = in_flight
+    for in_flight in (0, 1, 2, 6, 1, 0):
+        busy(cheap, in_flight)
         chosen.append(choose(REQ, [cheap, dear], policy, 0.0).route)
-    # 3 ms + 2 ms per request ahead: feasible up to 3 ahead (in flight 3).
+    # p99 3.2 ms, behind the one in service (3.2 ms at p99, just started) 7.6 ms, and
+    # 2 ms more for each waiting: feasible while none waits (in flight 1).
     assert names(chosen) == ["cheap", "cheap", "dear", "dear", "cheap", "cheap"]  # type: ignore[arg-type]
 
 
 def test_parallel_slots_shorten_the_predicted_wait() -> None:
-    one = route("one", 0.1, p50=2, p99=2, in_flight=4, slots=1)
-    four = route("four", 0.1, p50=2, p99=2, in_flight=4, slots=4)
-    assert predict_ms(one, 99.0) == pytest.approx(2 + 4 * 2.0, rel=0.02)
-    assert predict_ms(four, 99.0) == pytest.approx(2 + 1 * 2.0 / 4, rel=0.05)
+    one = route("one", 0.1, p50=2, p99=2, in_flight=5, slots=1)
+    four = route("four", 0.1, p50=2, p99=2, in_flight=8, slots=4)
+    # One slot: the one in service, then four waiting, one after another.
+    assert predict_ms(one, 99.0, 0.0) == pytest.approx(2 + 2 + 4 * 2.0, rel=0.02)
+    # Four slots: the first of four in service to end, then four waiting shared by four.
+    assert predict_ms(four, 99.0, 0.0) == pytest.approx(2 + 2 + 4 * 2.0 / 4, rel=0.05)
+
+
+def test_a_backend_takes_waiting_requests_earliest_deadline_first() -> None:
+    state = BackendState("b", "127.0.0.1:1", "cpu", 1.0, slots=1)
+    running = state.admit(None, 5.0, 9.0, 0.0)
+    assert running.started_s == 0.0
+    bronze = state.admit(None, 5.0, 0.250, 0.001)
+    gold = state.admit(None, 1.0, 0.011, 0.001)
+    silver = state.admit(None, 2.0, 0.032, 0.002)
+    assert (state.in_flight, state.queued) == (4, 3)
+    assert state.due_before(0.030) == (1, 1.0)
+    assert state.due_before(0.300) == (3, 8.0)
+    # An answer frees the slot for the request due first, whatever came first.
+    assert state.finish(running, 0.004) is gold and gold.started_s == 0.004
+    # A waiting request answered (it travelled in a merged call) frees no slot.
+    assert state.finish(silver, 0.005) is None
+    assert (state.in_flight, state.queued) == (2, 1)
+    assert state.finish(gold, 0.006) is bronze
+    assert state.finish(bronze, 0.010) is None and state.in_flight == 0
+    # A long queue: every request leaves in deadline order, the list compacting as it goes.
+    state.admit(None, 1.0, 0.0, 0.0)
+    dues = [((i * 37) % 101) / 1000.0 for i in range(100)]
+    for due in dues:
+        state.admit(None, 1.0, due, 0.0)
+    order = []
+    current = state.serving[0]
+    while True:
+        nxt = state.finish(current, 1.0)
+        if nxt is None:
+            break
+        order.append(nxt.due_s)
+        current = nxt
+    assert order == sorted(dues) and state.in_flight == 0 and state.queued == 0
+    # A backend that dies loses everything in flight at once.
+    lost = [state.admit(None, 1.0, float(i), 0.0) for i in range(3)]
+    assert sorted(state.clear(), key=lambda t: t.due_s) == lost
+    assert (state.in_flight, state.queued, state.finish(lost[0], 1.0)) == (0, 0, None)
+
+
+def test_only_the_work_due_first_is_ahead_of_a_request() -> None:
+    """A gold request (10 ms) is not kept waiting by bronze requests (250 ms) queued
+    before it: they are due later, so they wait behind it."""
+    cpu = route("cpu", 0.1, p50=2, p99=3)
+    gpu = route("gpu", 1.0, p50=0.5, p99=1)
+    cpu.state.admit(cpu, 2.0, 0.250, 0.0)  # in service, just started
+    for _ in range(10):
+        cpu.state.admit(cpu, 2.0, 0.250, 0.0)
+    gold = Policy(latency_ms=10, name="gold")
+    bronze = Policy(latency_ms=250, name="bronze")
+    assert choose(REQ, [cpu, gpu], gold, 0.0).route is cpu
+    assert predict_ms(cpu, 99.0, 0.0, 1, 10) < 8.0
+    # A bronze request waits behind all ten: about 20 ms more.
+    assert predict_ms(cpu, 99.0, 0.0, 1, 250) > predict_ms(cpu, 99.0, 0.0, 1, 10) + 19.0
+    assert choose(REQ, [cpu, gpu], bronze, 0.0).route is cpu
+    # Ten gold requests due before it fill the 10 ms: the next gold goes to the GPU.
+    for _ in range(10):
+        cpu.state.admit(cpu, 2.0, 0.005, 0.0)
+    assert choose(REQ, [cpu, gpu], gold, 0.0).route is gpu
+
+
+def test_a_request_in_service_frees_its_slot_sooner_the_longer_it_has_run() -> None:
+    fresh = route("fresh", 0.1, p50=4, p99=4)
+    busy(fresh, 1, started_s=0.0)
+    old = route("old", 0.1, p50=4, p99=4)
+    busy(old, 1, started_s=-0.003)  # three of its four milliseconds done
+    assert predict_ms(fresh, 99.0, 0.0) - predict_ms(old, 99.0, 0.0) == pytest.approx(3.0)
+    # Running past its own p99 it is expected to end now, not in the past.
+    late = route("late", 0.1, p50=4, p99=4)
+    busy(late, 1, started_s=-1.0)
+    est = late.estimate
+    spread = est.p99_ms - est.mean_ms  # the spread of the one wait (0.05 ms)
+    assert predict_ms(late, 99.0, 0.0) == pytest.approx(est.p99_ms + spread)
+    # Of several in service, the first to end frees a slot: each is read at the
+    # percentile that puts the first of them at the policy's (here of two: p99.5).
+    two = route("two", 0.1, p50=4, p99=4, slots=2)
+    busy(two, 2, started_s=-0.001)
+    assert predict_ms(two, 99.0, 0.0) == pytest.approx(
+        est.p99_ms + est.quantile_ms(99.5) - 1.0 + spread * math.sqrt(1 / 2)
+    )
+
+
+def test_tighter_classes_arriving_lengthen_a_looser_wait() -> None:
+    """A bronze request waits for what is due before it now and for the gold requests
+    that arrive while it waits (they go ahead): its wait grows by 1 / (1 - rho)^2 with
+    rho the share of the slots gold's work takes."""
+    cpu = route("cpu", 0.1, p50=2, p99=2)
+    cpu.state.admit(cpu, 2.0, 0.250, 0.0)
+    cpu.state.admit(cpu, 2.0, 0.250, 0.0)
+    quiet = predict_ms(cpu, 99.0, 0.0, 1, 250)
+    # Gold at 250 requests/s of 2 ms each: half the slot (decayed over about a second).
+    cpu.state.work_rates[10.0] = [250 * 2.0, 0.0]
+    assert cpu.state.tighter_load(250, 0.0) == pytest.approx(0.5)
+    assert cpu.state.tighter_load(10, 0.0) == 0.0  # gold itself is not slowed by gold
+    loud = predict_ms(cpu, 99.0, 0.0, 1, 250)
+    wait_quiet = quiet - cpu.estimate.p99_ms
+    assert loud - cpu.estimate.p99_ms == pytest.approx(wait_quiet * 4.0)
+    # The rate decays: a second later it counts for 1/e of it.
+    assert cpu.state.tighter_load(250, 1.0) == pytest.approx(0.5 / math.e)
+    # Admitted requests count in their class's rate.
+    state = BackendState("b", "127.0.0.1:1", "cpu", 1.0, slots=2)
+    for _ in range(100):
+        state.admit(None, 4.0, 0.01, 0.0, budget_ms=10.0)
+    state.admit(None, 4.0, 0.25, 0.0, budget_ms=250.0)
+    assert state.tighter_load(250, 0.0) == pytest.approx(400.0 / 2000.0)
 
 
 def test_infeasible_falls_back_to_the_fastest_or_rejects_with_the_reason() -> None:
@@ -190,7 +307,7 @@ def test_choice_is_feasible_and_cheapest_among_feasible(
     policy = Policy(latency_ms=sla)
     decision = choose(REQ, routes, policy, 0.0)
     live = [r for r in routes if r.state.available]
-    feasible = [r for r in live if predict_ms(r, 99.0) <= sla]
+    feasible = [r for r in live if predict_ms(r, 99.0, 0.0, 1, sla) <= sla]
     if not live:
         assert decision.route is None
     elif feasible:
@@ -198,7 +315,8 @@ def test_choice_is_feasible_and_cheapest_among_feasible(
         assert cost_usd(decision.route) <= min(cost_usd(r) for r in feasible) + 1e-18
     else:
         assert decision.reason == "infeasible-fallback" and decision.route is not None
-        assert predict_ms(decision.route, 99.0) == min(predict_ms(r, 99.0) for r in live)
+        fastest = min(predict_ms(r, 99.0, 0.0, 1, sla) for r in live)
+        assert predict_ms(decision.route, 99.0, 0.0, 1, sla) == fastest
     # Every other available route is offered once for retries.
     if decision.route is not None:
         assert sorted(names(decision.alternatives())) == sorted(
@@ -300,9 +418,10 @@ def test_fleet_has_a_route_per_backend_and_variant_seeded_from_the_profile() -> 
     routes[1].estimate.observe(5.0, 2.0)
     fleet.record_probe("a", 3.0, {"m": INFO})
     assert fleet.routes("m")[1] is routes[1]
-    fleet.acquire("a")
+    ticket = routes[0].state.admit(routes[0], 1.0, 4.0, 3.0)
     assert routes[0].state.in_flight == 1
-    fleet.release("a")
+    routes[0].state.finish(ticket, 3.1)
+    assert routes[0].state.in_flight == 0
     fleet.record_failure("a", 4.0, "connection refused")
     assert fleet.available_routes("m") == [] and not fleet.model_ready("m")
     assert fleet.model_info("m") == INFO  # metadata survives for the API
@@ -425,8 +544,8 @@ def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> 
     many = choose(RouteRequest("m", 16), routes, policy, 0.0)
     assert many.route is routes[1]
     rtt = cpu.network.rtt_ms
-    assert predict_ms(routes[0], 99.0, 16) - rtt == pytest.approx(
-        16 * (predict_ms(routes[0], 99.0, 1) - rtt)
+    assert predict_ms(routes[0], 99.0, 0.0, 16) - rtt == pytest.approx(
+        16 * (predict_ms(routes[0], 99.0, 0.0, 1) - rtt)
     )
     assert cost_usd(routes[1], 16) == pytest.approx(cost_usd(routes[1], 1) * 1.75)
 

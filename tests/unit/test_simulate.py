@@ -19,15 +19,6 @@ from gateway.simulate import POLICIES, Report, make_trace, simulate
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 NAMES = ("steady", "price-spike", "backend-failure", "surge", "sla-mix", "drain")
 
-# Where the router as written misses a scenario's threshold (found with this
-# simulator; the causes and the proposed router changes are in the README's
-# "Simulation" section). Strict: when the router is fixed, these must be removed.
-ROUTER_MISSES = {
-    ("sla-mix", "cost_vs_bound"): "1.20x the bound (full run): in bronze's bursts the CPUs' "
-    "FIFO queues fill with bronze, so gold digits and silver resnet go to the GPU; the bound "
-    "packs the CPUs full (earliest-deadline-first queues would keep them there)",
-}
-
 
 @functools.cache
 def scenario(name: str) -> Scenario:
@@ -58,9 +49,7 @@ def _cases() -> list[object]:
         if t.cheapest_only_must_miss:
             keys.append("cheapest_misses")
         for key in keys:
-            reason = ROUTER_MISSES.get((name, key))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            cases.append(pytest.param(name, key, marks=marks, id=f"{name}-{key}"))
+            cases.append(pytest.param(name, key, id=f"{name}-{key}"))
     return cases
 
 
@@ -114,12 +103,22 @@ def test_json_shape_and_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
         assert all(v > 0 for v in result["p99_ms"].values())
 
 
-def test_missed_threshold_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["simulate", "--scenario", str(SCENARIOS / "sla-mix.yaml"), "--short"])
+def test_missed_threshold_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # sla-mix asking for 99% less cost than fastest-only: no router meets that.
+    text = (SCENARIOS / "sla-mix.yaml").read_text()
+    assert "max_cost_vs_lower_bound: 1.10\n" in text
+    path = tmp_path / "sla-mix-impossible.yaml"
+    path.write_text(
+        text.replace(
+            "max_cost_vs_lower_bound: 1.10\n",
+            "max_cost_vs_lower_bound: 1.10\n  min_saving_vs_fastest_only: 0.99\n",
+        )
+    )
+    status = main(["simulate", "--scenario", str(path), "--short"])
     out = capsys.readouterr().out
     assert "lower bound" in out and "switchyard" in out
-    # sla-mix's cost threshold is missed by the router as written (ROUTER_MISSES).
-    assert status == 1 and "FAIL" in out
+    assert status == 1 and "FAIL  saving vs fastest-only >= 99%" in out
+    assert main(["simulate", "--scenario", str(SCENARIOS / "sla-mix.yaml"), "--short"]) == 0
 
 
 def test_runs_are_deterministic_under_the_seed() -> None:
