@@ -127,14 +127,6 @@ class Coalescer:
         self.merged_calls = 0
         self.merged_requests = 0
 
-    def queue_depths(self) -> dict[str, int]:
-        """Requests waiting for a call slot, per backend."""
-        depths: dict[str, int] = {}
-        for (backend, _, _), state in self._routes.items():
-            waiting = sum(len(group) for group in state.waiting.values())
-            depths[backend] = depths.get(backend, 0) + waiting
-        return depths
-
     async def call(
         self,
         route: Route,

@@ -15,6 +15,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from math import exp, sqrt
 
 from backends.tensors import TensorSpec
 from gateway.estimates import LatencyEstimate, NetworkEstimate
@@ -29,6 +30,19 @@ DEFAULT_SERVICE_MS = 1.0
 WORK_RATE_TAU_S = 1.0
 """The time constant of a backend's decayed rate of work per SLA budget (what the
 router reads as the load of tighter classes arriving while a request waits)."""
+_PER_TAU = 1.0 / WORK_RATE_TAU_S
+
+TIGHTER_LOAD_CAP = 0.95
+"""Past this share of the slots taken by tighter classes, a looser request's wait is
+inflated by a fixed 400x (the 1 / (1 - rho)^2 of the cap) rather than without bound."""
+CAPPED_INFLATION = 1.0 / (1.0 - TIGHTER_LOAD_CAP) ** 2
+
+
+def first_of_n_level(percentile: float, n: int) -> float:
+    """The percentile level at which each of `n` requests in service must be read for
+    the first of them to end by then at `percentile` (at least p99)."""
+    return float(100.0 * (1.0 - (1.0 - max(percentile, 99.0) / 100.0) ** (1.0 / max(1, n))))
+
 
 SHARE_WINDOW_S = 10.0
 """The time constant of a route's recent traffic (its share in `switchyard admin routes`)."""
@@ -59,6 +73,9 @@ class ModelInfo:
 
     def all_variants(self) -> tuple[str, ...]:
         return self.variants or (self.variant,)
+
+
+_Derived = tuple[float, float, float, float, float, list[float], list[float], int, int]
 
 
 class Ticket:
@@ -115,6 +132,22 @@ class BackendState:
     work_rates: dict[float, list[float]] = field(default_factory=dict)
     """SLA budget (ms) -> [ms of expected work sent per second, decayed with
     WORK_RATE_TAU_S, as of time s]."""
+    _stale: bool = True
+    """Set by every admit, finish and clear: the figures below, which the router reads
+    for every route of every request, are derived again from the queue when next read
+    (`_by_budget` is emptied at once, so what it holds is always current)."""
+    _prefix_ms: list[float] = field(default_factory=list)
+    """The waiting requests' expected work, cumulated in deadline order."""
+    _first_end_ms: dict[float, float] = field(default_factory=dict)
+    """Percentile -> when (ms on the clock) the first request in service ends at it."""
+    _tighter: dict[float, float] = field(default_factory=dict)
+    """SLA budget (ms) -> share of the slots tighter classes' work takes, as of
+    `_rates_at_s`."""
+    _rates_at_s: float = 0.0
+    _by_budget: dict[float, _Derived] = field(default_factory=dict)
+    """SLA budget (ms) -> what `wait_ms` reads for a request's policy, in one lookup:
+    (percentile, first end at it, tighter share, its inflation, `_rates_at_s`,
+    `_waiting_due`, `_prefix_ms`, `_head`, `slots`)."""
     last_probe_s: float | None = None
     last_error: str = ""
     consecutive_failures: int = 0
@@ -152,6 +185,8 @@ class BackendState:
         due at `due_s`: it takes a free slot, or waits behind the requests due before
         it. `budget_ms` (its SLA) counts its work in the rate of its class."""
         self.in_flight += 1
+        self._stale = True
+        self._by_budget.clear()
         if budget_ms is not None:
             rate = self.work_rates.get(budget_ms)
             if rate is None:
@@ -180,19 +215,16 @@ class BackendState:
     def due_before(self, due_s: float) -> tuple[int, float]:
         """How many waiting requests are due by `due_s`, and the work (ms) they are
         expected to take: what is ahead of a request due then."""
-        head = self._head
-        end = bisect_right(self._waiting_due, due_s, head)
-        if end == head:
-            return 0, 0.0
-        work = 0.0
-        for ticket in self._waiting[head:end]:
-            assert ticket is not None
-            work += ticket.expected_ms
-        return end - head, work
+        if self._stale:
+            self._derive()
+        k = bisect_right(self._waiting_due, due_s, self._head) - self._head
+        return k, self._prefix_ms[k]
 
     def finish(self, ticket: Ticket, now_s: float) -> Ticket | None:
         """`ticket`'s request answered (or given up) at `now_s`; returns the waiting
         request that takes its slot, if any."""
+        self._stale = True
+        self._by_budget.clear()
         if ticket.started_s is None:
             # Answered while it was modelled waiting (it travelled in a merged call).
             waiting = self._waiting
@@ -231,17 +263,111 @@ class BackendState:
         lost = self.serving + [t for t in self._waiting[self._head :] if t is not None]
         self.serving, self._waiting, self._waiting_due, self._head = [], [], [], 0
         self.in_flight = 0
+        self._stale = True
+        self._by_budget.clear()
         return lost
 
     def tighter_load(self, budget_ms: float, now_s: float) -> float:
         """The share of this backend's slots that the work of classes with SLAs
         tighter than `budget_ms` takes now (their decayed rate of work)."""
+        if self._stale:
+            self._derive()
+        share = self._tighter.get(budget_ms)
+        if share is None:
+            share = self._tighter_share(budget_ms)
+        elapsed = now_s - self._rates_at_s
+        return share * math.exp(-elapsed / WORK_RATE_TAU_S) if elapsed > 0.0 else share
+
+    def wait_ms(
+        self, mean_ms: float, service_ms: float, sla_ms: float, percentile: float, now_s: float
+    ) -> float:
+        """The router's predicted queue wait (see `gateway.router.queue_wait_ms`) of one
+        more request on this backend while all its slots are busy, due in `sla_ms`,
+        whose route's service time is `service_ms` at `percentile` and `mean_ms` on
+        average. Runs for every busy route of every request: what it derives from the
+        queue is kept until the queue changes."""
+        derived = self._by_budget.get(sla_ms)
+        if derived is None or derived[0] != percentile:
+            derived = self._derive_budget(sla_ms, percentile)
+        _, end, share, inflation, rates_at_s, dues, prefix, head, slots = derived
+        # Waiting requests due before this one: their work is ahead of it.
+        k = bisect_right(dues, now_s + sla_ms * 0.001, head) - head if len(prefix) > 1 else 0
+        wait = prefix[k] / slots
+        end -= now_s * 1000.0  # until the first slot frees
+        if end > 0.0:
+            wait += end
+        if service_ms > mean_ms:
+            wait += (service_ms - mean_ms) * sqrt((k + 1) / slots)
+        if share > 0.0:
+            if now_s > rates_at_s:  # the share decays from when it was last derived
+                rho = share * exp((rates_at_s - now_s) * _PER_TAU)
+                if rho < TIGHTER_LOAD_CAP:
+                    free = 1.0 - rho
+                    return wait / (free * free)
+                return wait * CAPPED_INFLATION
+            return wait * inflation
+        return wait
+
+    def _derive(self) -> None:
+        self._stale = False
+        prefix = [0.0]
         total = 0.0
-        for budget, (rate, at_s) in self.work_rates.items():
+        for ticket in self._waiting[self._head :]:
+            assert ticket is not None
+            total += ticket.expected_ms
+            prefix.append(total)
+        self._prefix_ms = prefix
+        self._first_end_ms = {}
+        self._tighter = {}
+        self._by_budget = {}
+        self._rates_at_s = max((at_s for _, at_s in self.work_rates.values()), default=0.0)
+
+    def _first_end(self, percentile: float) -> float:
+        """When (ms on the clock) the first of the N requests in service ends, at
+        `percentile` (at least p99): each read at its route's quantile at level
+        1 - (1 - p)^(1/N), from its start."""
+        level = first_of_n_level(percentile, len(self.serving))
+        end = math.inf
+        for ticket in self.serving:
+            route = ticket.route
+            service = route.estimate.quantile_ms(level) if route is not None else ticket.expected_ms
+            started = ticket.started_s if ticket.started_s is not None else 0.0
+            end = min(end, started * 1000.0 + service)
+        self._first_end_ms[percentile] = end
+        return end
+
+    def _derive_budget(self, sla_ms: float, percentile: float) -> _Derived:
+        if self._stale:
+            self._derive()
+        end = self._first_end_ms.get(percentile)
+        if end is None:
+            end = self._first_end(percentile)
+        share = self._tighter.get(sla_ms)
+        if share is None:
+            share = self._tighter_share(sla_ms)
+        inflation = 1.0 / (1.0 - share) ** 2 if share < TIGHTER_LOAD_CAP else CAPPED_INFLATION
+        derived = self._by_budget[sla_ms] = (
+            percentile,
+            end,
+            share,
+            inflation,
+            self._rates_at_s,
+            self._waiting_due,
+            self._prefix_ms,
+            self._head,
+            self.slots,
+        )
+        return derived
+
+    def _tighter_share(self, budget_ms: float) -> float:
+        at_s = self._rates_at_s
+        total = 0.0
+        for budget, (rate, rate_at_s) in self.work_rates.items():
             if budget < budget_ms:
-                elapsed = now_s - at_s
-                total += rate * math.exp(-elapsed / WORK_RATE_TAU_S) if elapsed > 0.0 else rate
-        return total / (1000.0 * self.slots)
+                total += rate * math.exp(-(at_s - rate_at_s) / WORK_RATE_TAU_S)
+        share = total / (1000.0 * self.slots)
+        self._tighter[budget_ms] = share
+        return share
 
     def refresh(self) -> None:
         self.available = self.healthy and not self.drained and self.ejected_until_s is None

@@ -106,7 +106,8 @@ class GatewayMetrics:
         )
         self.queue_depth = Gauge(
             "switchyard_backend_queue_depth",
-            "Requests waiting in the gateway for a call slot on the backend (coalescer).",
+            "Requests in flight to the backend beyond its slots, waiting for one (at the "
+            "gateway or at the backend), as the router models its queue.",
             ["backend"],
             registry=registry,
         )

@@ -23,10 +23,8 @@ takes: USD per hour x mean service time / parallel slots.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from math import sqrt
 
 from gateway.fleet import DEFAULT_ROW_FRACTION, BackendState, Route
 
@@ -34,10 +32,6 @@ ROW_FRACTION = DEFAULT_ROW_FRACTION
 """Extra service time per extra row of a batch, as a fraction of one row's, where a
 route's profile does not say (the simulator's modelled routes)."""
 INF = float("inf")
-TIGHTER_LOAD_CAP = 0.95
-"""Past this share of the slots taken by tighter classes, a looser request's wait is
-inflated by a fixed 400x (the 1 / (1 - rho)^2 of the cap) rather than without bound."""
-_CAPPED_INFLATION = 1.0 / (1.0 - TIGHTER_LOAD_CAP) ** 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +82,20 @@ class Decision:
     cost_usd: float = 0.0
     message: str = ""
     """For rejections: what was infeasible, for the caller."""
-    _ranked: list[tuple[tuple[float, ...], Route]] = field(default_factory=list, repr=False)
+    _asked: tuple[RouteRequest, Sequence[Route], Policy] | None = field(default=None, repr=False)
+    """What the router was asked (the SLA router's decisions): to rank the others."""
 
-    def alternatives(self) -> list[Route]:
-        """The other available routes, best first (feasible by objective, then the
-        rest fastest first): where retries and hedges go."""
-        ordered = sorted(self._ranked, key=lambda item: item[0])
-        return [route for _, route in ordered if route is not self.route]
+    def alternatives(self, now_s: float) -> list[Route]:
+        """The other available routes, best first as the router ranks them at `now_s`
+        (feasible by objective, then the rest fastest first): where retries and
+        hedges go, ranked when they go, by the load and estimates of that moment.
+        Empty for the baselines' decisions."""
+        if self._asked is None:
+            return []
+        ranked: list[tuple[tuple[float, ...], Route]] = []
+        _choose(*self._asked, now_s, ranked)
+        ranked.sort(key=lambda item: item[0])
+        return [route for _, route in ranked if route is not self.route]
 
 
 def batch_factor(batch_size: int, row_fraction: float = ROW_FRACTION) -> float:
@@ -124,34 +125,9 @@ def queue_wait_ms(
     arriving meanwhile go ahead too: the wait is inflated by 1 / (1 - rho)^2,
     rho the share of the slots their work takes.
     """
-    slots = state.slots
-    serving = state.serving
-    if len(serving) < slots:
+    if state.in_flight < state.slots:
         return 0.0
-    k, work = state.due_before(now_s + sla_ms * 0.001)
-    level = _first_of_n_level(percentile, len(serving))
-    first_free = INF
-    for ticket in serving:
-        route = ticket.route
-        end = route.estimate.quantile_ms(level) if route is not None else ticket.expected_ms
-        if ticket.started_s is not None:
-            end += (ticket.started_s - now_s) * 1000.0
-        if end < first_free:
-            first_free = end
-    wait = work / slots
-    if first_free > 0.0:
-        wait += first_free
-    if service_ms > mean_ms:
-        wait += (service_ms - mean_ms) * sqrt((k + 1) / slots)
-    rho = state.tighter_load(sla_ms, now_s)
-    return wait / (1.0 - rho) ** 2 if rho < TIGHTER_LOAD_CAP else wait * _CAPPED_INFLATION
-
-
-@functools.cache
-def _first_of_n_level(percentile: float, n: int) -> float:
-    """The percentile level at which each of `n` requests in service must be read for
-    the first of them to end by then at `percentile` (at least p99)."""
-    return float(100.0 * (1.0 - (1.0 - max(percentile, 99.0) / 100.0) ** (1.0 / n)))
+    return state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s)
 
 
 def predict_ms(
@@ -186,6 +162,17 @@ def choose(
     request: RouteRequest, routes: Sequence[Route], policy: Policy, now_s: float
 ) -> Decision:
     """Chooses the route for `request` among `routes` (unavailable ones are skipped)."""
+    return _choose(request, routes, policy, now_s, None)
+
+
+def _choose(
+    request: RouteRequest,
+    routes: Sequence[Route],
+    policy: Policy,
+    now_s: float,
+    ranked: list[tuple[tuple[float, ...], Route]] | None,
+) -> Decision:
+    """`choose`; with `ranked`, also every available route with its rank key there."""
     sla = policy.latency_ms
     pct = policy.percentile
     objective = policy.objective
@@ -193,28 +180,25 @@ def choose(
     cap = INF
     if policy.max_cost_usd_per_1m is not None:
         cap = policy.max_cost_usd_per_1m / 1e6 * request.batch_size
-    ranked: list[tuple[tuple[float, ...], Route]] = []
+    asked = (request, routes, policy)
     best: Route | None = None
     best_key: tuple[float, ...] = (INF,)
     best_pred = best_cost = 0.0
     fastest: Route | None = None
     fastest_pred = fastest_cost = INF
+    p99 = pct == 99.0
     for route in routes:
         state = route.state
         if not state.available:
             continue
         est = route.estimate
         mean = est.mean_ms
-        slots = state.slots
         # batch_factor(request.batch_size, route.row_fraction), inlined as below
         factor = 1.0 + route.row_fraction * extra_rows if extra_rows > 0 else 1.0
-        if pct == 99.0:
-            service = est.p99_ms
-        else:
-            service = est.quantile_ms(pct)
+        service = est.p99_ms if p99 else est.quantile_ms(pct)
         pred = state.network.rtt_ms + service * factor
-        if len(state.serving) >= slots:  # every slot busy: the request would wait
-            pred += queue_wait_ms(state, mean, service, sla, pct, now_s)
+        if state.in_flight >= state.slots:  # every slot busy: the request would wait
+            pred += state.wait_ms(mean, service, sla, pct, now_s)
         cost = state.usd_per_busy_ms * mean * factor
         if pred <= sla and cost <= cap:
             if objective == "cost":
@@ -227,14 +211,15 @@ def choose(
                 key = (0.0, carbon, cost, pred)
             if key < best_key:
                 best, best_key, best_pred, best_cost = route, key, pred, cost
-        else:
-            key = (1.0, pred, cost)
-        ranked.append((key, route))
+            if ranked is not None:
+                ranked.append((key, route))
+        elif ranked is not None:
+            ranked.append(((1.0, pred, cost), route))
         if pred < fastest_pred:
             fastest, fastest_pred, fastest_cost = route, pred, cost
     if best is not None:
         return Decision(
-            best, REASONS.get(objective, "cheapest-feasible"), best_pred, best_cost, "", ranked
+            best, REASONS.get(objective, "cheapest-feasible"), best_pred, best_cost, "", asked
         )
     if fastest is None:
         return Decision(None, "no-healthy-route", message=f"no healthy route for {request.model!r}")
@@ -244,8 +229,8 @@ def choose(
             + (f" within ${policy.max_cost_usd_per_1m:g}/1M" if cap < INF else "")
             + f": fastest is {fastest.backend}/{fastest.variant} at {fastest_pred:.2f} ms predicted"
         )
-        return Decision(None, "infeasible-reject", fastest_pred, fastest_cost, message, ranked)
-    return Decision(fastest, "infeasible-fallback", fastest_pred, fastest_cost, "", ranked)
+        return Decision(None, "infeasible-reject", fastest_pred, fastest_cost, message, asked)
+    return Decision(fastest, "infeasible-fallback", fastest_pred, fastest_cost, "", asked)
 
 
 # ---- explain: the same rule, with every route's verdict, for SREs ----------------------

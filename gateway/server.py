@@ -137,8 +137,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
             metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
             metrics.available.labels(b.name).set(1 if b.available else 0)
             metrics.price.labels(b.name).set(b.price_usd_per_hour)
-        for b_name, depth in servicer.coalescer.queue_depths().items():
-            metrics.queue_depth.labels(b_name).set(depth)
+            metrics.queue_depth.labels(b.name).set(b.queued)
         for r in fleet.all_routes():
             labels = (r.backend, r.model, r.variant)
             rtt = r.state.network.rtt_ms

@@ -246,7 +246,7 @@ class GatewayServicer:
             if tried > policy.retries:
                 return None
             if queue is None:
-                queue = decision.alternatives()
+                queue = decision.alternatives(self.clock())
             while queue:
                 candidate = queue.pop(0)
                 if candidate.state.available:

@@ -415,7 +415,7 @@ class Simulation:
                 decision = r_decision[rid]
                 assert decision is not None
                 if self.retry_by_alternatives:
-                    queue = decision.alternatives()
+                    queue = decision.alternatives(now)
                 else:
                     again = chooser(requests[k], routes_of[k], self.policies[k], now)
                     queue = [] if again.route is None else [again.route]

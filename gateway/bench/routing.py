@@ -33,7 +33,8 @@ END = "<!-- /routing -->"
 
 
 def seeded_routes(count: int, seed: int = 1) -> list[Route]:
-    """`count` available routes of one model: mixed prices, slots, loads and estimates."""
+    """`count` available routes of one model: mixed prices, slots, loads (requests in
+    service and waiting, of three classes) and estimates."""
     rng = random.Random(seed)
     routes = []
     for i in range(count):
@@ -42,10 +43,15 @@ def seeded_routes(count: int, seed: int = 1) -> list[Route]:
         )
         state.healthy = True
         state.refresh()
-        state.in_flight = rng.randint(0, 12)
         route = Route(state, "m", "v", True)
         p50 = rng.uniform(0.3, 20.0)
         route.estimate.seed(p50, p50 * rng.uniform(1.1, 3.0))
+        # Requests in flight sent over the last 20 ms in three classes (10, 25 and
+        # 250 ms): those beyond the slots wait, in deadline order.
+        for _ in range(rng.randint(0, 12)):
+            sent_s = -rng.uniform(0.0, 0.02)
+            budget_ms = rng.choice([10.0, 25.0, 250.0])
+            state.admit(route, route.estimate.mean_ms, sent_s + budget_ms / 1000, sent_s, budget_ms)
         routes.append(route)
     return routes
 

@@ -73,7 +73,7 @@ def test_cheapest_feasible_route_is_chosen() -> None:
     decision = choose(REQ, [dear, cheap], Policy(latency_ms=10), 0.0)
     assert decision.route is cheap and decision.reason == "cheapest-feasible"
     assert decision.cost_usd == pytest.approx(cost_usd(cheap))
-    assert names(decision.alternatives()) == ["dear"]
+    assert names(decision.alternatives(0.0)) == ["dear"]
 
 
 def test_a_route_too_slow_for_the_sla_is_skipped_even_when_cheap() -> None:
@@ -194,7 +194,8 @@ def test_tighter_classes_arriving_lengthen_a_looser_wait() -> None:
     cpu.state.admit(cpu, 2.0, 0.250, 0.0)
     quiet = predict_ms(cpu, 99.0, 0.0, 1, 250)
     # Gold at 250 requests/s of 2 ms each: half the slot (decayed over about a second).
-    cpu.state.work_rates[10.0] = [250 * 2.0, 0.0]
+    for _ in range(250):  # sent and answered at once: only their rate remains
+        cpu.state.finish(cpu.state.admit(cpu, 2.0, 0.01, 0.0, budget_ms=10.0), 0.0)
     assert cpu.state.tighter_load(250, 0.0) == pytest.approx(0.5)
     assert cpu.state.tighter_load(10, 0.0) == 0.0  # gold itself is not slowed by gold
     loud = predict_ms(cpu, 99.0, 0.0, 1, 250)
@@ -249,7 +250,7 @@ def test_unavailable_routes_are_never_chosen() -> None:
     drained.state.refresh()
     up = route("up", 0.5)
     decision = choose(REQ, [down, drained, up], Policy(latency_ms=10), 0.0)
-    assert decision.route is up and decision.alternatives() == []
+    assert decision.route is up and decision.alternatives(0.0) == []
     assert choose(REQ, [down], Policy(), 0.0).reason == "no-healthy-route"
 
 
@@ -263,7 +264,7 @@ def test_alternatives_are_feasible_by_cost_then_the_rest_fastest_first() -> None
     ]
     decision = choose(REQ, routes, Policy(latency_ms=10), 0.0)
     assert decision.route is not None and decision.route.backend == "ok-cheap"
-    assert names(decision.alternatives()) == ["ok-mid", "ok-dear", "slow-cheap", "slower-cheap"]
+    assert names(decision.alternatives(0.0)) == ["ok-mid", "ok-dear", "slow-cheap", "slower-cheap"]
 
 
 def test_explain_agrees_with_choose_and_says_why() -> None:
@@ -319,7 +320,7 @@ def test_choice_is_feasible_and_cheapest_among_feasible(
         assert predict_ms(decision.route, 99.0, 0.0, 1, sla) == fastest
     # Every other available route is offered once for retries.
     if decision.route is not None:
-        assert sorted(names(decision.alternatives())) == sorted(
+        assert sorted(names(decision.alternatives(0.0))) == sorted(
             r.backend for r in live if r is not decision.route
         )
 
