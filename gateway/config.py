@@ -47,6 +47,11 @@ class GatewaySettings(_Strict):
     eject_base_s: float = Field(1.0, gt=0)
     """First ejection's length; each further ejection in a row doubles it."""
     eject_max_s: float = Field(30.0, gt=0)
+    request_overhead_ms: float = Field(0.0, ge=0)
+    """Latency an SLA counts outside the gateway's calls to backends: the clients'
+    network hop and the gateway's own gRPC handling, as the clients measure it. A
+    route is feasible when its predicted latency meets the SLA less this; 0: SLAs are
+    met as the gateway sees them."""
     latency_probe_interval_s: float = Field(5.0, ge=0)
     """Routes that got no traffic for this long get one probe inference (zeros of
     the model's input shape), so their latency estimates stay fresh; 0: never."""

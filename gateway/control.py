@@ -173,7 +173,7 @@ class Control:
         return self._policies()
 
     def set_policies(self, settings: PoliciesSettings, source: str) -> None:
-        self._set_policies(PolicyBook(settings))
+        self._set_policies(PolicyBook(settings, self._policies().overhead_ms))
         log.info("policies replaced (%s)", source)
 
     def apply_fleet(self, previous: FleetConfig, config: FleetConfig, source: str) -> None:

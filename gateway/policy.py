@@ -20,9 +20,14 @@ class PolicyBook:
     """The fleet's SLA policies; replaced whole when they change. Overrides are
     flattened once here, so resolving a request's policy costs no validation."""
 
-    def __init__(self, settings: PoliciesSettings) -> None:
+    def __init__(self, settings: PoliciesSettings, overhead_ms: float = 0.0) -> None:
+        """`overhead_ms`: the gateway's `request_overhead_ms`, carried by every policy."""
         self.settings = settings
-        self._default = replace(Policy(), **_updates(settings.default))  # type: ignore[arg-type]
+        self.overhead_ms = overhead_ms
+        self._default = replace(
+            Policy(overhead_ms=overhead_ms),
+            **_updates(settings.default),  # type: ignore[arg-type]
+        )
         self._models = {
             name: replace(self._default, **_updates(s))  # type: ignore[arg-type]
             for name, s in settings.models.items()

@@ -61,6 +61,14 @@ class Policy:
     name: str = "default"
     """The class name for metrics: the request's `sla_class`, `custom` for its own
     `sla_ms`, else `default`."""
+    overhead_ms: float = 0.0
+    """What the SLA counts outside the gateway's calls to backends (the gateway's
+    `request_overhead_ms`): routes must meet `latency_ms` less this."""
+
+    @property
+    def budget_ms(self) -> float:
+        """The latency a route's prediction must meet: the SLA less the overhead."""
+        return self.latency_ms - self.overhead_ms
 
 
 REASONS = {
@@ -143,7 +151,7 @@ def predict_ms(
 
 def hedge_after_ms(route: Route, policy: Policy, now_s: float, batch_size: int = 1) -> float:
     """How long an attempt on `route` may run before it is hedged: its predicted p95."""
-    return predict_ms(route, 95.0, now_s, batch_size, policy.latency_ms)
+    return predict_ms(route, 95.0, now_s, batch_size, policy.budget_ms)
 
 
 def cost_usd(route: Route, batch_size: int = 1) -> float:
@@ -173,7 +181,7 @@ def _choose(
     ranked: list[tuple[tuple[float, ...], Route]] | None,
 ) -> Decision:
     """`choose`; with `ranked`, also every available route with its rank key there."""
-    sla = policy.latency_ms
+    sla = policy.latency_ms - policy.overhead_ms
     pct = policy.percentile
     objective = policy.objective
     extra_rows = request.batch_size - 1
@@ -225,7 +233,8 @@ def _choose(
         return Decision(None, "no-healthy-route", message=f"no healthy route for {request.model!r}")
     if policy.on_infeasible == "reject":
         message = (
-            f"no route for model {request.model!r} meets p{pct:g} <= {sla:g} ms"
+            f"no route for model {request.model!r} meets p{pct:g} <= {policy.latency_ms:g} ms"
+            + (f" (less {policy.overhead_ms:g} ms overhead)" if policy.overhead_ms else "")
             + (f" within ${policy.max_cost_usd_per_1m:g}/1M" if cap < INF else "")
             + f": fastest is {fastest.backend}/{fastest.variant} at {fastest_pred:.2f} ms predicted"
         )
@@ -259,11 +268,11 @@ def explain(
     chosen_cost = decision.cost_usd / rows * 1e6 if decision.route is not None else None
     for route in routes:
         state = route.state
-        pred = predict_ms(route, policy.percentile, now_s, rows, policy.latency_ms)
+        pred = predict_ms(route, policy.percentile, now_s, rows, policy.budget_ms)
         cost_1m = cost_usd(route, rows) / rows * 1e6
         carbon = carbon_g(route, rows)
         carbon_1m = None if carbon is None else carbon / rows * 1e6
-        over_sla = pred > policy.latency_ms
+        over_sla = pred > policy.budget_ms
         over_cap = policy.max_cost_usd_per_1m is not None and cost_1m > policy.max_cost_usd_per_1m
         feasible = state.available and not over_sla and not over_cap
         chosen = route is decision.route
@@ -272,7 +281,10 @@ def explain(
         elif chosen:
             why = f"chosen: {decision.reason}"
         elif over_sla:
-            why = f"predicted p{policy.percentile:g} {pred:.2f} ms > SLA {policy.latency_ms:g} ms"
+            why = (
+                f"predicted p{policy.percentile:g} {pred:.2f} ms > SLA {policy.latency_ms:g} ms"
+                + (f" less {policy.overhead_ms:g} ms overhead" if policy.overhead_ms else "")
+            )
         elif over_cap:
             why = f"${cost_1m:.4f}/1M over the cap ${policy.max_cost_usd_per_1m:g}/1M"
         elif chosen_cost is not None and decision.reason == "cheapest-feasible":

@@ -181,7 +181,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     servicer = GatewayServicer(
         fleet,
         pool,
-        PolicyBook(config.policies),
+        PolicyBook(config.policies, settings.request_overhead_ms),
         metrics,
         coalesce_in_flight=settings.coalesce_in_flight,
     )

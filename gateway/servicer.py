@@ -239,7 +239,7 @@ class GatewayServicer:
         pending: dict[asyncio.Task[bytes], Route] = {}
         hedged = not policy.hedge
         last_error: ForwardedError | SwitchyardError | None = None
-        due_s = arrived_s + policy.latency_ms * 0.001
+        due_s = arrived_s + policy.budget_ms * 0.001
 
         def next_route() -> Route | None:
             nonlocal queue
@@ -258,7 +258,7 @@ class GatewayServicer:
             tried += 1
             remaining = None if deadline is None else deadline - self.clock()
             task = asyncio.ensure_future(
-                self._attempt(route, request, header, info, remaining, due_s, policy.latency_ms)
+                self._attempt(route, request, header, info, remaining, due_s, policy.budget_ms)
             )
             pending[task] = route
 

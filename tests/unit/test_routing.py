@@ -373,6 +373,38 @@ def test_policy_resolution_order() -> None:
         book.resolve(RouteRequest("digits", sla_class="tin"))
 
 
+def test_the_request_overhead_comes_off_every_sla() -> None:
+    """`request_overhead_ms`: what clients see beyond the gateway's calls to backends.
+    A route predicted at 9.4 ms meets a 10 ms SLA as the gateway sees it, not once 1 ms
+    of the client's own hop counts too; every class and a request's own `sla_ms` carry
+    it, and a rejection and `explain` say so."""
+    settings = PoliciesSettings(
+        default=PolicySettings(latency_ms=100, on_infeasible="reject"),
+        classes={"gold": PolicySettings(latency_ms=10)},
+    )
+    cpu = route("cpu", 0.1, p50=8.5, p99=9.0)
+    cpu.state.network.rtt_ms = 0.2
+    gold = RouteRequest("m", sla_class="gold")
+    bare = PolicyBook(settings).resolve(gold)
+    assert choose(gold, [cpu], bare, 0.0).route is cpu
+    book = PolicyBook(settings, overhead_ms=1.0)
+    policy = book.resolve(gold)
+    assert (policy.latency_ms, policy.overhead_ms, policy.budget_ms) == (10, 1.0, 9.0)
+    decision = choose(gold, [cpu], policy, 0.0)
+    assert decision.route is None and decision.reason == "infeasible-reject"
+    assert "p99 <= 10 ms (less 1 ms overhead)" in decision.message
+    _, (verdict,) = explain(gold, [cpu], policy, 0.0)
+    assert "> SLA 10 ms less 1 ms overhead" in verdict.why
+    assert book.resolve(RouteRequest("m")).overhead_ms == 1.0
+    assert book.resolve(RouteRequest("m", sla_ms=12)).budget_ms == 11.0
+    assert (
+        choose(
+            RouteRequest("m", sla_ms=12), [cpu], book.resolve(RouteRequest("m", sla_ms=12)), 0.0
+        ).route
+        is cpu
+    )
+
+
 # ---- fleet state --------------------------------------------------------------------
 
 INFO = ModelInfo(
