@@ -334,6 +334,53 @@ async def test_streaming_inference(stub, repository: Path) -> None:  # type: ign
     assert "datatype INT8 does not match" in replies[4].error_message
 
 
+Params = dict[str, int | str]
+
+
+def _one_row(repository: Path, params: Params) -> pb.ModelInferRequest:
+    inputs, _ = samples(repository, "digits")
+    r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+    for key, value in params.items():
+        if isinstance(value, str):
+            r.parameters[key].string_param = value
+        elif value >= 0:
+            r.parameters[key].uint64_param = value
+        else:
+            r.parameters[key].int64_param = value
+    return r
+
+
+async def _run_order(
+    stub: pb_grpc.GRPCInferenceServiceStub, repository: Path, arrivals: list[tuple[str, Params]]
+) -> list[str]:
+    """The first request runs (emulated 150 ms, one at a time) while the others arrive
+    5 ms apart behind it: the order they are answered in."""
+    order: list[str] = []
+
+    async def call(name: str, params: Params) -> None:
+        await stub.ModelInfer(_one_row(repository, params))
+        order.append(name)
+
+    (first_name, first_params), *rest = arrivals
+    first = asyncio.create_task(call(first_name, first_params))
+    await asyncio.sleep(0.05)  # it runs; the rest queue behind it
+    tasks = []
+    for name, params in rest:
+        tasks.append(asyncio.create_task(call(name, params)))
+        await asyncio.sleep(0.005)
+    await asyncio.gather(first, *tasks)
+    return order
+
+
+async def _refused(
+    stub: pb_grpc.GRPCInferenceServiceStub, repository: Path, key: str, bad: int | str
+) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(_one_row(repository, {key: bad}))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return caught.value.details() or ""
+
+
 async def test_waiting_requests_run_by_priority(repository: Path) -> None:
     """Triton's `priority`: while one request runs (emulated 150 ms, one at a time),
     requests that arrive behind it run by priority level (1 first, then 2, then the
@@ -341,44 +388,27 @@ async def test_waiting_requests_run_by_priority(repository: Path) -> None:
     worker = await launch_worker(
         repository, threads=1, models=["digits"], emulate_latency_ms=150, max_batch_rows=1
     )
-    inputs, _ = samples(repository, "digits")
-    order: list[str] = []
-
-    def request(priority: int | None) -> pb.ModelInferRequest:
-        r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
-        if priority is not None:
-            r.parameters["priority"].uint64_param = priority
-        return r
-
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-
-            async def call(name: str, priority: int | None) -> None:
-                await stub.ModelInfer(request(priority))
-                order.append(name)
-
-            first = asyncio.create_task(call("first", None))
-            await asyncio.sleep(0.05)  # it runs; the rest queue behind it
-            rest = []
-            for name, priority in (("default", None), ("p2", 2), ("zero", 0), ("p1", 1)):
-                rest.append(asyncio.create_task(call(name, priority)))
-                await asyncio.sleep(0.005)
-            await asyncio.gather(first, *rest)
+            arrivals: list[tuple[str, Params]] = [
+                ("first", {}),
+                ("default", {}),
+                ("p2", {"priority": 2}),
+                ("zero", {"priority": 0}),
+                ("p1", {"priority": 1}),
+            ]
+            order = await _run_order(stub, repository, arrivals)
             assert order == ["first", "p1", "p2", "default", "zero"]
-
-            for bad in (-1, "high", 1.5):
-                r = request(None)
-                if isinstance(bad, str):
-                    r.parameters["priority"].string_param = bad
-                elif isinstance(bad, float):
-                    r.parameters["priority"].double_param = bad
-                else:
-                    r.parameters["priority"].int64_param = bad
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.ModelInfer(r)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "'priority' must be a non-negative integer" in (caught.value.details() or "")
+            for bad in (-1, "high"):
+                details = await _refused(stub, repository, "priority", bad)
+                assert "'priority' must be a non-negative integer" in details
+            r = _one_row(repository, {})
+            r.parameters["priority"].double_param = 1.5
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ModelInfer(r)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "'priority' must be a non-negative integer" in (caught.value.details() or "")
     finally:
         await worker.stop()
 
@@ -393,52 +423,25 @@ async def test_waiting_requests_of_one_priority_run_earliest_deadline_first(
     worker = await launch_worker(
         repository, threads=1, models=["digits"], emulate_latency_ms=150, max_batch_rows=1
     )
-    inputs, _ = samples(repository, "digits")
-    order: list[str] = []
-
-    def request(due_us: int | str | None, priority: int | None = None) -> pb.ModelInferRequest:
-        r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
-        if isinstance(due_us, str):
-            r.parameters["switchyard_due_us"].string_param = due_us
-        elif due_us is not None:
-            r.parameters["switchyard_due_us"].int64_param = due_us
-        if priority is not None:
-            r.parameters["priority"].uint64_param = priority
-        return r
-
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             config = await stub.ModelConfig(pb.ModelConfigRequest(name="digits"))
             assert config.config.parameters["switchyard_queue"].string_value == "deadline"
-
-            async def call(name: str, due_us: int | None, priority: int | None = None) -> None:
-                await stub.ModelInfer(request(due_us, priority))
-                order.append(name)
-
-            first = asyncio.create_task(call("first", None))
-            await asyncio.sleep(0.05)  # it runs; the rest queue behind it
-            rest = []
-            arrivals = (
-                ("none", None, None),
-                ("bronze", 250_000, None),
-                ("gold", 10_000, None),
-                ("silver", 30_000, None),
-                ("p1-late", 900_000, 1),
-            )
-            for name, due_us, priority in arrivals:
-                rest.append(asyncio.create_task(call(name, due_us, priority)))
-                await asyncio.sleep(0.005)
-            await asyncio.gather(first, *rest)
+            due = "switchyard_due_us"
+            arrivals: list[tuple[str, Params]] = [
+                ("first", {}),
+                ("none", {}),
+                ("bronze", {due: 250_000}),
+                ("gold", {due: 10_000}),
+                ("silver", {due: 30_000}),
+                ("p1-late", {due: 900_000, "priority": 1}),
+            ]
+            order = await _run_order(stub, repository, arrivals)
             assert order == ["first", "p1-late", "gold", "silver", "bronze", "none"]
-
             for bad in (-1, "soon"):
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.ModelInfer(request(bad))
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "'switchyard_due_us' must be a non-negative integer" in (
-                    caught.value.details() or ""
-                )
+                details = await _refused(stub, repository, due, bad)
+                assert "'switchyard_due_us' must be a non-negative integer" in details
     finally:
         await worker.stop()
 

@@ -104,88 +104,63 @@ def test_group_key_only_for_mergeable_requests() -> None:
     assert group_key(header(asked), INFO) != group_key(header(request(1, 0, "b")), INFO)
 
 
-def test_waiting_requests_leave_by_priority_then_arrival() -> None:
-    """One call slot: while the first request holds it, the others wait; they leave by
-    Triton's `priority` (1, then 2, then the default), each alone (one row per call
-    here)."""
+def leave_order(arrivals: list[tuple[str, float | None, int | None]]) -> list[str]:
+    """Requests sent one after another through one call slot, each alone (one row
+    per call here), as (id, due time or None, priority or None): the order they
+    reach the backend while the first holds the slot."""
     one_row = ModelInfo("m", ("1",), "p", INFO.inputs, INFO.outputs, 1, "v")
     route = Route(BackendState("b", "addr", "cpu", 1.0), "m", "v", True)
+    first = arrivals[0][0]
     sent: list[str] = []
     gate = asyncio.Event()
 
     async def send(_route: Route, request: bytes, _timeout: float | None) -> bytes:
         parsed = pb.ModelInferRequest.FromString(request)
         sent.append(parsed.id)
-        if parsed.id == "first":
+        if parsed.id == first:
             await gate.wait()
         return pb.ModelInferResponse(model_name="m", id=parsed.id).SerializeToString()
-
-    def with_priority(rid: str, priority: int | None) -> pb.ModelInferRequest:
-        r = request(1, 0, rid)
-        if priority is not None:
-            r.parameters["priority"].uint64_param = priority
-        return r
 
     async def scenario() -> None:
         coalescer = Coalescer(send, clock=lambda: 0.0, limit=1)
         calls = []
-        for rid, priority in (("first", None), ("default", None), ("p2", 2), ("p1", 1)):
-            r = with_priority(rid, priority)
+        for rid, due_s, priority in arrivals:
+            r = request(1, 0, rid)
+            if priority is not None:
+                r.parameters["priority"].uint64_param = priority
+            due = float("inf") if due_s is None else due_s
+            raw = r.SerializeToString()
             calls.append(
-                asyncio.create_task(
-                    coalescer.call(route, r.SerializeToString(), header(r), one_row, None)
-                )
+                asyncio.create_task(coalescer.call(route, raw, header(r), one_row, None, due))
             )
             await asyncio.sleep(0)
         gate.set()
         await asyncio.gather(*calls)
 
     asyncio.run(scenario())
-    assert sent == ["first", "p1", "p2", "default"]
+    return sent
+
+
+def test_waiting_requests_leave_by_priority_then_arrival() -> None:
+    """While the first request holds the one call slot, the others wait; they leave by
+    Triton's `priority` (1, then 2, then the default)."""
+    arrivals = [("first", None, None), ("default", None, None), ("p2", None, 2), ("p1", None, 1)]
+    assert leave_order(arrivals) == ["first", "p1", "p2", "default"]
 
 
 def test_waiting_requests_of_one_priority_leave_earliest_deadline_first() -> None:
     """Within a priority level, the request due first (its arrival plus its SLA, as the
     servicer passes it) leaves first, whatever the order they came in; a tie keeps the
     arrival order; a higher priority still goes before an earlier deadline."""
-    one_row = ModelInfo("m", ("1",), "p", INFO.inputs, INFO.outputs, 1, "v")
-    route = Route(BackendState("b", "addr", "cpu", 1.0), "m", "v", True)
-    sent: list[str] = []
-    gate = asyncio.Event()
-
-    async def send(_route: Route, request: bytes, _timeout: float | None) -> bytes:
-        parsed = pb.ModelInferRequest.FromString(request)
-        sent.append(parsed.id)
-        if parsed.id == "first":
-            await gate.wait()
-        return pb.ModelInferResponse(model_name="m", id=parsed.id).SerializeToString()
-
-    async def scenario() -> None:
-        coalescer = Coalescer(send, clock=lambda: 0.0, limit=1)
-        calls = []
-        arrivals = (
-            ("first", 9.0, None),
-            ("bronze", 0.25, None),
-            ("gold", 0.01, None),
-            ("silver", 0.03, None),
-            ("bronze-2", 0.25, None),
-            ("urgent-late", 5.0, 1),
-        )
-        for rid, due_s, priority in arrivals:
-            r = request(1, 0, rid)
-            if priority is not None:
-                r.parameters["priority"].uint64_param = priority
-            calls.append(
-                asyncio.create_task(
-                    coalescer.call(route, r.SerializeToString(), header(r), one_row, None, due_s)
-                )
-            )
-            await asyncio.sleep(0)
-        gate.set()
-        await asyncio.gather(*calls)
-
-    asyncio.run(scenario())
-    assert sent == ["first", "urgent-late", "gold", "silver", "bronze", "bronze-2"]
+    arrivals: list[tuple[str, float | None, int | None]] = [
+        ("first", 9.0, None),
+        ("bronze", 0.25, None),
+        ("gold", 0.01, None),
+        ("silver", 0.03, None),
+        ("bronze-2", 0.25, None),
+        ("urgent-late", 5.0, 1),
+    ]
+    assert leave_order(arrivals) == ["first", "urgent-late", "gold", "silver", "bronze", "bronze-2"]
 
 
 def test_priority_must_be_a_non_negative_integer() -> None:
