@@ -12,11 +12,11 @@ service time under every policy (common random numbers).
 Each request is routed by the function under test with the same inputs the live
 gateway gives it: the fleet state (`BackendState` with `in_flight`, price,
 availability) and the routes' `LatencyEstimate`s. As the gateway's servicer
-does, an attempt records the queue wait predicted when it is sent, counts in the
-backend's `in_flight` while it runs, and when it answers the route's estimate
-observes `latency - network - predicted wait`. A backend that is killed fails
+does, an attempt counts in the backend's queue while it runs, and when it
+answers, if it found a free slot when sent, the route's estimate observes
+`latency - network`. A backend that is killed fails
 its in-flight and queued requests; each is retried on the next route of its
-decision's `alternatives()` while the policy's retries allow (baselines, whose
+decision's `alternatives(now)` while the policy's retries allow (baselines, whose
 decisions carry no alternatives, choose again). Cost is the backend's price for
 the busy time each answered request took: `usd_per_busy_ms x drawn service ms`.
 
@@ -275,13 +275,10 @@ class Simulation:
         chooser: Chooser,
         retry_by_alternatives: bool,
         latency_probe_interval_s: float = GatewaySettings().latency_probe_interval_s,
-        observe_queued: bool = False,
     ) -> None:
         """As in the live gateway, only attempts that found a free slot feed the
-        route's service estimate; `observe_queued=True` (an experiment) feeds every
-        attempt, less its predicted wait."""
+        route's service estimate."""
         self.latency_probe_interval_s = latency_probe_interval_s
-        self.observe_queued = observe_queued
         self.scenario = scenario
         self.trace = trace
         self.chooser = chooser
@@ -326,10 +323,11 @@ class Simulation:
         sla = [0.0] * n
         r_route: list[Route | None] = [None] * n
         r_backend = [0] * n
-        r_wait = [0.0] * n
         r_svc = [0.0] * n
         r_sent = [0.0] * n
         r_ticket: list[Ticket | None] = [None] * n
+        # Whether each attempt found a free slot: only those measure the route.
+        r_free = [False] * n
         r_decision: list[Decision | None] = [None] * n
         tries: dict[int, int] = {}
         pending_alternatives: dict[int, list[Route]] = {}
@@ -353,14 +351,9 @@ class Simulation:
         probe_every = self.latency_probe_interval_s
         next_probe = probe_every if probe_every > 0 else INF
         next_event = min(events[0].at_s if events else INF, next_probe)
-        observe_queued = self.observe_queued
 
         def dispatch(rid: int, route: Route, now: float) -> None:
             state = route.state
-            slots = state.slots
-            in_flight = state.in_flight
-            ahead = in_flight - slots + 1
-            r_wait[rid] = ahead * route.estimate.mean_ms / slots if ahead > 0 else 0.0
             budget = sla[rid]
             ticket = state.admit(
                 route, route.estimate.mean_ms, times[rid] + budget * 0.001, now, budget
@@ -380,6 +373,7 @@ class Simulation:
             r_svc[rid] = svc
             r_sent[rid] = now
             if ticket.started_s is not None:
+                r_free[rid] = True
                 push(heap, (now + svc * 0.001, rid, tokens[b]))
 
         def complete(now: float, rid: int, token: int) -> None:
@@ -396,10 +390,9 @@ class Simulation:
             route = r_route[rid]
             assert route is not None
             rtt = rtts[b]
-            wait = r_wait[rid]
-            if observe_queued or wait == 0.0:
+            if r_free[rid]:
                 attempt_ms = (now - r_sent[rid]) * 1000.0 + rtt
-                sample = service_sample(attempt_ms, rtt, wait) / factors[streams[rid]]
+                sample = service_sample(attempt_ms, rtt) / factors[streams[rid]]
                 route.estimate.observe(sample, now)
             latency[rid] = (now - times[rid]) * 1000.0 + rtt
             cost += state.usd_per_busy_ms * r_svc[rid]
