@@ -204,9 +204,7 @@ class Coalescer:
     async def _merged(self, route: Route, state: _RouteState, batch: list[_Waiting]) -> None:
         try:
             if len(batch) == 1:
-                only = batch[0]
-                request = self._with_due(route, only.request, only.rank[1])
-                await _settle(only, self._send(route, request, self._timeout(batch)))
+                await self._send_alone(route, batch[0])
                 return
             self.merged_calls += 1
             self.merged_requests += len(batch)
@@ -230,19 +228,7 @@ class Coalescer:
                     return
                 parts = None
             if parts is None:  # isolate: one request per call
-                await asyncio.gather(
-                    *(
-                        _settle(
-                            w,
-                            self._send(
-                                route,
-                                self._with_due(route, w.request, w.rank[1]),
-                                self._timeout([w]),
-                            ),
-                        )
-                        for w in batch
-                    )
-                )
+                await asyncio.gather(*(self._send_alone(route, w) for w in batch))
                 return
             for waiting, part in zip(batch, parts, strict=True):
                 if not waiting.future.done():
@@ -250,6 +236,11 @@ class Coalescer:
         finally:
             state.in_flight -= 1
             self._release(route, state)
+
+    async def _send_alone(self, route: Route, waiting: _Waiting) -> None:
+        """One waiting request in a call of its own (with its due time and deadline)."""
+        request = self._with_due(route, waiting.request, waiting.rank[1])
+        await _settle(waiting, self._send(route, request, self._timeout([waiting])))
 
     def _with_due(self, route: Route, request: bytes, due_s: float) -> bytes:
         """`request` as it leaves for `route`: with how long it has left, where the

@@ -185,16 +185,14 @@ class BackendState:
         due at `due_s`: it takes a free slot, or waits behind the requests due before
         it. `budget_ms` (its SLA) counts its work in the rate of its class."""
         self.in_flight += 1
-        self._stale = True
-        self._by_budget.clear()
+        self._changed()
         if budget_ms is not None:
             rate = self.work_rates.get(budget_ms)
             if rate is None:
                 self.work_rates[budget_ms] = [expected_ms / WORK_RATE_TAU_S, now_s]
             else:
-                elapsed = now_s - rate[1]
-                if elapsed > 0.0:
-                    rate[0] *= math.exp(-elapsed / WORK_RATE_TAU_S)
+                if now_s > rate[1]:
+                    rate[0] *= exp((rate[1] - now_s) * _PER_TAU)
                     rate[1] = now_s
                 rate[0] += expected_ms / WORK_RATE_TAU_S
         ticket = Ticket(route, expected_ms, due_s)
@@ -223,8 +221,7 @@ class BackendState:
     def finish(self, ticket: Ticket, now_s: float) -> Ticket | None:
         """`ticket`'s request answered (or given up) at `now_s`; returns the waiting
         request that takes its slot, if any."""
-        self._stale = True
-        self._by_budget.clear()
+        self._changed()
         if ticket.started_s is None:
             # Answered while it was modelled waiting (it travelled in a merged call).
             waiting = self._waiting
@@ -263,8 +260,7 @@ class BackendState:
         lost = self.serving + [t for t in self._waiting[self._head :] if t is not None]
         self.serving, self._waiting, self._waiting_due, self._head = [], [], [], 0
         self.in_flight = 0
-        self._stale = True
-        self._by_budget.clear()
+        self._changed()
         return lost
 
     def tighter_load(self, budget_ms: float, now_s: float) -> float:
@@ -275,8 +271,8 @@ class BackendState:
         share = self._tighter.get(budget_ms)
         if share is None:
             share = self._tighter_share(budget_ms)
-        elapsed = now_s - self._rates_at_s
-        return share * math.exp(-elapsed / WORK_RATE_TAU_S) if elapsed > 0.0 else share
+        at_s = self._rates_at_s
+        return share * exp((at_s - now_s) * _PER_TAU) if now_s > at_s else share
 
     def wait_ms(
         self, mean_ms: float, service_ms: float, sla_ms: float, percentile: float, now_s: float
@@ -308,6 +304,11 @@ class BackendState:
             return wait * inflation
         return wait
 
+    def _changed(self) -> None:
+        """The queue changed: what was derived from it is derived again when next read."""
+        self._stale = True
+        self._by_budget.clear()
+
     def _derive(self) -> None:
         self._stale = False
         prefix = [0.0]
@@ -319,7 +320,6 @@ class BackendState:
         self._prefix_ms = prefix
         self._first_end_ms = {}
         self._tighter = {}
-        self._by_budget = {}
         self._rates_at_s = max((at_s for _, at_s in self.work_rates.values()), default=0.0)
 
     def _first_end(self, percentile: float) -> float:
@@ -364,7 +364,7 @@ class BackendState:
         total = 0.0
         for budget, (rate, rate_at_s) in self.work_rates.items():
             if budget < budget_ms:
-                total += rate * math.exp(-(at_s - rate_at_s) / WORK_RATE_TAU_S)
+                total += rate * exp((rate_at_s - at_s) * _PER_TAU)
         share = total / (1000.0 * self.slots)
         self._tighter[budget_ms] = share
         return share

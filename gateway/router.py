@@ -181,7 +181,7 @@ def _choose(
     ranked: list[tuple[tuple[float, ...], Route]] | None,
 ) -> Decision:
     """`choose`; with `ranked`, also every available route with its rank key there."""
-    sla = policy.latency_ms - policy.overhead_ms
+    sla = policy.budget_ms
     pct = policy.percentile
     objective = policy.objective
     extra_rows = request.batch_size - 1
