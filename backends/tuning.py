@@ -122,6 +122,17 @@ def prune(work_dir: Path, out_dir: Path, keys: Collection[str] | None = None) ->
     return len(kept)
 
 
+def _compiled_graph(repository: Path, model: str) -> tuple[Path, dict[str, list[int]]]:
+    """The graph TVM compiles for `model` (its source after `backends.rewrites`, so that
+    tuning tasks match the compiler's) and the static input shapes it compiles with."""
+    from backends.compiler import tvm_input_shapes
+    from backends.ort_adapter import signature
+    from backends.rewrites import prepared_source
+
+    source, _ = prepared_source(repository / model / "model.onnx")
+    return source, tvm_input_shapes(signature(source)[0])
+
+
 def tune(
     repository: Path,
     model: str,
@@ -136,15 +147,9 @@ def tune(
     MetaSchedule's full records in `work / model` (a later call continues from them), and
     writes the pruned records and their `TuningInfo` to `out / model / target.name`."""
     from backends import tvm_compile as tc
-    from backends.compiler import tvm_input_shapes
     from backends.cpu import cpu_model
-    from backends.ort_adapter import signature
-    from backends.rewrites import prepared_source
 
-    # The graph the compiler builds from (see backends.rewrites), so the tasks match.
-    source, _ = prepared_source(repository / model / "model.onnx")
-    inputs, _ = signature(source)
-    shapes = tvm_input_shapes(inputs)
+    source, shapes = _compiled_graph(repository, model)
     tuning_dir = work / model
     started = time.perf_counter()
     build = tc.compile_onnx(
@@ -224,9 +229,6 @@ def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tupl
     import tempfile
 
     from backends import tvm_compile as tc
-    from backends.compiler import tvm_input_shapes
-    from backends.ort_adapter import signature
-    from backends.rewrites import prepared_source
 
     target = tc.best_cpu_target(tc.host_cpu_flags())
     lines, ok = [], True
@@ -236,8 +238,7 @@ def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tupl
         if folder is None or not folder.is_dir():
             lines.append(f"{model}: no committed records for {target.name}")
             continue
-        source, _ = prepared_source(repository / model / "model.onnx")
-        shapes = tvm_input_shapes(signature(source)[0])
+        source, shapes = _compiled_graph(repository, model)
         with tempfile.TemporaryDirectory() as scratch:
             found = tc.check_records(source, shapes, target, folder, Path(scratch))
         if found.unbudgeted or found.stale:
