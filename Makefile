@@ -4,8 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REPOSITORY ?= models
-PROTO_SRC := protos/inference.proto
-PROTO_OUT := protos/inference_pb2.py protos/inference_pb2_grpc.py protos/inference_pb2.pyi
 PYTEST_ARGS ?=
 
 .PHONY: serve test bench demo protos check-protos lint typecheck clean models models-tvm tuning
@@ -19,30 +17,30 @@ $(STAMP): pyproject.toml
 # Regenerate the protobuf and gRPC code from protos/*.proto (committed; a test
 # fails when it is stale).
 protos: $(STAMP)
-	$(PY) -m gateway.protogen --out .
+	$(PY) -m protos.generate --out .
 
 check-protos: $(STAMP)
-	$(PY) -m gateway.protogen --check
+	$(PY) -m protos.generate --check
 
 # The demo model repository, built from code (trained and exported here, nothing downloaded).
-$(REPOSITORY)/.built: $(STAMP) backends/demo_models.py
-	$(PY) -m backends.demo_models --repository $(REPOSITORY)
+$(REPOSITORY)/.built: $(STAMP) backends/demo/models.py
+	$(PY) -m backends.demo --repository $(REPOSITORY)
 	@touch $@
 
 models: $(REPOSITORY)/.built
 
 # Tuned TVM variants of the demo models for this CPU, from the tuning records committed in
-# backends/tuning_records/ (applied, not tuned; a CPU without records for its target gets
+# backends/compile/tvm/tuning_records/ (applied, not tuned; a CPU without records for its target gets
 # none). Opt-in: the default demo repository serves ONNX Runtime variants.
 models-tvm: models
-	$(PY) -m backends.tuning apply --repository $(REPOSITORY)
+	$(PY) -m backends.compile.tvm.tuning apply --repository $(REPOSITORY)
 
 # Tunes the demo models for this CPU with MetaSchedule and rewrites their committed records
 # (up to an hour per model on two cores; continues from the records in .bench/tuning/).
 # TUNING_TRIALS: the budget per model (default: the committed records' budget).
 TUNING_TRIALS ?=
 tuning: models
-	$(PY) -m backends.tuning tune --repository $(REPOSITORY) $(if $(TUNING_TRIALS),--trials $(TUNING_TRIALS))
+	$(PY) -m backends.compile.tvm.tuning tune --repository $(REPOSITORY) $(if $(TUNING_TRIALS),--trials $(TUNING_TRIALS))
 
 serve: models
 	$(VENV)/bin/switchyard serve
@@ -59,7 +57,7 @@ typecheck: lint
 # The price-spike scenario played live on its fleet, fastest-only replayed beside it:
 # prints the tables and the path of the chart (reports/demo/report.png).
 demo: models
-	$(PY) -m gateway.demo
+	$(PY) -m gateway.loadtest.demo
 
 bench: models
 	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md

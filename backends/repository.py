@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.tensors import NUMPY_DTYPES, TensorSpec
+from backends.protocol.tensors import NUMPY_DTYPES, TensorSpec
 
 MANIFEST = "manifest.json"
 SOURCE = "model.onnx"
@@ -102,7 +102,7 @@ class Manifest(BaseModel):
     """sha256 of the source model.onnx it was built from."""
     rewrites: list[str] = []
     """Exact graph rewrites applied to the source before the runtime's own compile
-    (`backends.rewrites`), each with its count: `one-hot-matmul-as-gather x1`."""
+    (`backends.compile.rewrites`), each with its count: `one-hot-matmul-as-gather x1`."""
     versions: dict[str, str] = {}
     """Versions of what built it (onnxruntime, onnx, tvm, ...)."""
     compiled_batch: int | None = None

@@ -4,7 +4,7 @@
 #   docker run --rm -p 9101:9101 -v "$PWD/models:/models:ro" --cpus 1 switchyard-backend \
 #       --repository /models --listen 0.0.0.0:9101 --threads 1
 #
-# The install is the one `python -m backends.install runtime-only` documents (and
+# The install is the one `python -m backends.runtimes.install runtime-only` documents (and
 # tests/integration/test_tvm.py checks on a copy of the TVM package): `.[backend]`,
 # then TVM's 260 MB compiler library removed. Workers load TVM libraries with the
 # runtime only (TVM_USE_RUNTIME_LIB=1); `switchyard compile` belongs on a build host.
@@ -16,7 +16,7 @@ COPY gateway gateway
 COPY protos protos
 RUN python -m venv /opt/switchyard \
  && /opt/switchyard/bin/pip install --no-cache-dir '.[backend]' \
- && /opt/switchyard/bin/python -m backends.install runtime-only
+ && /opt/switchyard/bin/python -m backends.runtimes.install runtime-only
 
 FROM python:3.11-slim
 COPY --from=build /opt/switchyard /opt/switchyard

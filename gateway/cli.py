@@ -25,37 +25,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_arguments(serve)
 
     backend = sub.add_parser("backend", help="run one backend worker over a model repository")
-    from backends import worker
+    from backends.worker import server as worker
 
     worker.add_arguments(backend)
 
     compile_ = sub.add_parser("compile", help="build and check every variant of a model")
-    from backends import compiler
+    from backends.compile import compiler
 
     compiler.add_arguments(compile_)
 
-    from gateway import shoparound
+    from gateway.report import shoparound
 
     profile = sub.add_parser("profile", help="measure every variant on each hardware class")
     shoparound.add_profile_arguments(profile)
     report = sub.add_parser("report", help="the shop-around table and chart")
     shoparound.add_report_arguments(report)
 
-    from gateway import simulate
+    from gateway.sim import simulate
 
     simulate_ = sub.add_parser(
         "simulate", help="the router against modelled backends and baselines (a scenario file)"
     )
     simulate.add_arguments(simulate_)
 
-    from gateway import load
+    from gateway.loadtest import load
 
     load_ = sub.add_parser(
         "load", help="open-loop load from a scenario against a live gateway, with a report"
     )
     load.add_arguments(load_)
 
-    from gateway import admin_cli
+    from gateway.control import admin_cli
 
     admin = sub.add_parser("admin", help="the SRE's controls over a running gateway")
     admin_cli.add_arguments(admin)

@@ -23,23 +23,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from gateway.admin import AdminServicer, add_to_server, admin_token
 from gateway.config import ConfigError, FleetConfig, load_fleet
-from gateway.control import (
+from gateway.control.admin import AdminServicer, add_to_server, admin_token
+from gateway.control.plane import (
     Control,
     file_stamp,
     read_price_schedule,
     replay_prices,
     watch_fleet_file,
 )
-from gateway.fleet import BackendState, Ejection, FleetState
-from gateway.metrics import GatewayMetrics
-from gateway.policy import PolicyBook
-from gateway.pool import BackendPool
-from gateway.prober import Prober
-from gateway.router import Chooser, cost_usd
-from gateway.servicer import SERVICE, GatewayServicer, generic_handler
-from gateway.supervisor import Supervisor
+from gateway.control.supervisor import Supervisor
+from gateway.routing.fleet import BackendState, Ejection, FleetState
+from gateway.routing.policy import PolicyBook
+from gateway.routing.router import Chooser, cost_usd
+from gateway.serving.metrics import GatewayMetrics
+from gateway.serving.pool import BackendPool
+from gateway.serving.prober import Prober
+from gateway.serving.servicer import SERVICE, GatewayServicer, generic_handler
 
 log = logging.getLogger("switchyard.gateway")
 

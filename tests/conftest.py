@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.demo_models import ECHO_TYPES, build, build_echo
+from backends.compile.variants import build_ort_fp32
+from backends.demo.models import ECHO_TYPES, build, build_echo
 from backends.repository import ModelRepository
-from backends.variants import build_ort_fp32
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
     python -m gateway.bench --repository models --out BENCHMARKS.md
 
 Three targets, one after the other, each alone on the machine while measured:
-1. backend direct: one `backends.worker` (2 ONNX Runtime threads);
+1. backend direct: one `backends.worker.server` (2 ONNX Runtime threads);
 2. gateway: `switchyard serve` with a one-backend fleet of that same worker;
 3. KServe 0.21: its ModelServer with a custom ONNX Runtime model (2 threads) on the
    same model file, in its own virtualenv (`.bench/peers-venv`, made when missing).
@@ -38,7 +38,7 @@ from rich.console import Console
 from gateway.bench import harness, report
 from gateway.bench.harness import BenchError, Child
 from gateway.bench.report import DIRECT, GATEWAY, KSERVE, Measurement, Results
-from gateway.supervisor import die_with_parent
+from gateway.control.supervisor import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_LABELS = {
@@ -113,7 +113,7 @@ def start_target(
         command = [
             sys.executable,
             "-m",
-            "backends.worker",
+            "backends.worker.server",
             "--repository",
             str(repository),
             "--listen",

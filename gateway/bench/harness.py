@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.supervisor import die_with_parent
+from gateway.control.supervisor import die_with_parent
 
 PEER_PACKAGES = ("kserve==0.21.0", "onnxruntime==1.32.0", "numpy==2.4.6")
 PERF_ANALYZER_CSV_USEC = ("p50 latency", "p90 latency", "p99 latency")

@@ -10,7 +10,7 @@ process) nor anything else from Switchyard. Run it by path:
         --model digits=models/digits/variants/ort-cpu-fp32/model.onnx
 
 Prints one JSON line `{"event": "listening", "address": "127.0.0.1:PORT", ...}` on
-stdout once it serves, like `backends.worker`.
+stdout once it serves, like `backends.worker.server`.
 
 What differs from `ModelServer.start()`, and why:
 - the gRPC server listens on 127.0.0.1 port 0 (read back) instead of `[::]:8081`:

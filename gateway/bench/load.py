@@ -45,10 +45,10 @@ from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
 from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow
 from gateway.bench.report import markdown_table, with_section
-from gateway.policy import PolicyBook
-from gateway.router import RouteRequest
-from gateway.scenario import load_scenario
-from gateway.supervisor import die_with_parent
+from gateway.control.supervisor import die_with_parent
+from gateway.routing.policy import PolicyBook
+from gateway.routing.router import RouteRequest
+from gateway.sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 BEGIN = "<!-- load: written by `python -m gateway.bench.load` -->"

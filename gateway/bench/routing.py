@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.bench.report import find_section, with_section
-from gateway.fleet import BackendState, Route
-from gateway.router import (
+from gateway.routing.fleet import BackendState, Route
+from gateway.routing.router import (
     Chooser,
     Policy,
     RoundRobin,

@@ -8,8 +8,8 @@ figures the variant compiler is held to, side by side from one run:
 - tuned TVM against ONNX Runtime fp32;
 - a second compile of a tuned model against the first (tuning records reused).
 
-Tuned TVM takes the demo models' committed tuning records (`backends/tuning_records/`,
-made by `python -m backends.tuning`): the compile applies them without tuning, and the
+Tuned TVM takes the demo models' committed tuning records (`backends/compile/tvm/tuning_records/`,
+made by `python -m backends.compile.tvm.tuning`): the compile applies them without tuning, and the
 first compile it is compared with is the tuning that made them, as their
 `switchyard_tuning.json` records it. `--no-committed-records` tunes here instead, with
 `--trials` trials, and compiles twice.
@@ -28,12 +28,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from backends.compiler import ORT_TARGET, compile_model
-from backends.profiler import HardwareClass, measure_in_process
+from backends.compile.compiler import ORT_TARGET, compile_model
+from backends.compile.profiler import HardwareClass, measure_in_process
+from backends.compile.rewrites import prepared_source
+from backends.compile.tvm.build import best_cpu_target, host_cpu_flags
+from backends.compile.tvm.tuning import TuningInfo, read_info, records_for
 from backends.repository import ModelRepository
-from backends.rewrites import prepared_source
-from backends.tuning import TuningInfo, read_info, records_for
-from backends.tvm_compile import best_cpu_target, host_cpu_flags
 from gateway.bench.report import with_section
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         "sample inputs (the compile-time check). TVM: this CPU's best target "
         f"(`tvm-host`: {target}), untuned and tuned with MetaSchedule "
         + (
-            "(the committed records of `backends/tuning_records/`, applied without tuning; "
+            "(the committed records of `backends/compile/tvm/tuning_records/`, applied "
+            "without tuning; "
             "trials per model in the summary). "
             "2nd compile / 1st: the compile here, which applies the committed records, "
             "against the tuning that made them (from their `switchyard_tuning.json`)."
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         if rewrites:
             lines += [
                 f"Every variant built from the rewritten graph ({', '.join(rewrites)}; "
-                "`backends/rewrites.py`).",
+                "`backends/compile/rewrites.py`).",
                 "",
             ]
         lines += [
@@ -280,7 +281,7 @@ def main() -> int:
         "--no-committed-records",
         action="store_true",
         help="tune here (twice: the second compile reuses the first's records) instead of "
-        "applying the records committed in backends/tuning_records/",
+        "applying the records committed in backends/compile/tvm/tuning_records/",
     )
     parser.add_argument("--runs", type=int, default=50)
     return run(parser.parse_args())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from backends.demo_models import build_cnn
+from backends.compile.tvm.build import host_cpu_flags
+from backends.demo.models import build_cnn
 from backends.repository import ModelRepository
-from backends.tvm_compile import host_cpu_flags
 from tests.e2e.conftest import ROOT, SWITCHYARD
 
 ORT_VARIANTS = ["ort-cpu-fp16", "ort-cpu-fp32", "ort-cpu-int8-dyn", "ort-cpu-int8-qdq"]

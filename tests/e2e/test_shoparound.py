@@ -13,10 +13,10 @@ import grpc
 import pytest
 import yaml
 
-from backends.compiler import compile_model
+from backends.compile.compiler import compile_model
 from backends.profiles import Profile, ProfileEntry, write_profile
 from backends.repository import ModelRepository
-from gateway.converters import parse_profile
+from gateway.serving.converters import parse_profile
 from tests.e2e.conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

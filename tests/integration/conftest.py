@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from backends.worker import WorkerSettings, start_worker
+from backends.worker.server import WorkerSettings, start_worker
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb

@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway import admin_cli
 from gateway.config import FleetConfig
-from gateway.router import ROUTING
+from gateway.control import admin_cli
+from gateway.routing.router import ROUTING
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc

@@ -22,10 +22,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from backends.install import make_runtime_only, runtime_only, tvm_package
-from backends.tensors import TensorSpec
-from backends.tuning import DEMO_MODELS, check, read_info, records_for
-from backends.tvm_compile import (
+from backends.compile.tvm.build import (
     CUDA_TARGETS,
     LIBRARY,
     ToolchainMissing,
@@ -37,6 +34,9 @@ from backends.tvm_compile import (
     compile_onnx,
     host_cpu_flags,
 )
+from backends.compile.tvm.tuning import DEMO_MODELS, check, read_info, records_for
+from backends.protocol.tensors import TensorSpec
+from backends.runtimes.install import make_runtime_only, runtime_only, tvm_package
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4
@@ -50,10 +50,10 @@ RUNNER = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from backends.tvm_adapter import TvmAdapter, use_runtime_only
-from backends.tensors import TensorSpec
-from backends.tuning import read_info, records_for
-from backends.errors import InvalidInput
+from backends.runtimes.tvm import TvmAdapter, use_runtime_only
+from backends.protocol.tensors import TensorSpec
+from backends.compile.tvm.tuning import read_info, records_for
+from backends.protocol.errors import InvalidInput
 
 use_runtime_only()
 args = json.loads(sys.argv[1])
@@ -214,7 +214,9 @@ def tuning_records(tuning_dir: Path, target: TvmTarget) -> list[str]:
 
 
 def test_importing_the_compiler_module_does_not_import_tvm() -> None:
-    code = "import sys, backends.tvm_compile, backends.tvm_adapter; print('tvm' in sys.modules)"
+    code = (
+        "import sys, backends.compile.tvm.build, backends.runtimes.tvm; print('tvm' in sys.modules)"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
@@ -399,7 +401,7 @@ def test_cuda_cross_compile(cnn: Path, repository: Path, tmp_path: Path) -> None
 def test_runtime_only_cannot_follow_the_compiler() -> None:
     import tvm  # type: ignore[import-untyped, unused-ignore]  # as a compile process does
 
-    from backends.tvm_adapter import use_runtime_only
+    from backends.runtimes.tvm import use_runtime_only
 
     assert tvm.__version__ and "libtvm_compiler" in Path("/proc/self/maps").read_text()
     with pytest.raises(RuntimeError, match="already imported with its compiler"):
@@ -412,7 +414,7 @@ def test_committed_records_fit_every_task_of_the_demo_model(
 ) -> None:
     """Every task of the demo model as the compiler sees it now (graph rewrites and all)
     has a budget in the committed records, so `make models-tvm` never tunes, and every
-    committed schedule replays on its task (`python -m backends.tuning check`)."""
+    committed schedule replays on its task (`python -m backends.compile.tvm.tuning check`)."""
     records = records_for(model)
     if records is None or not (records / host_target.name).is_dir():
         pytest.skip(f"no committed {model} records for {host_target.name}")
@@ -431,7 +433,7 @@ def _link_or_copy(source: str, destination: str) -> None:
 def test_runtime_only_install_runs_tuned_libraries_and_refuses_to_compile(
     tuned: TvmBuild, host_target: TvmTarget, repository: Path, tmp_path: Path
 ) -> None:
-    """A backend's install made runtime-only (`python -m backends.install runtime-only`
+    """A backend's install made runtime-only (`python -m backends.runtimes.install runtime-only`
     on a copy of this install's tvm package): the compiler library is gone, a worker's
     adapter still runs a tuned library from it, and compiling says TVM is runtime-only."""
     package = tvm_package()
@@ -439,7 +441,14 @@ def test_runtime_only_install_runs_tuned_libraries_and_refuses_to_compile(
     site = tmp_path / "site"
     shutil.copytree(package, site / "tvm", copy_function=_link_or_copy)
     done = subprocess.run(
-        [sys.executable, "-m", "backends.install", "runtime-only", "--site-packages", str(site)],
+        [
+            sys.executable,
+            "-m",
+            "backends.runtimes.install",
+            "runtime-only",
+            "--site-packages",
+            str(site),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -458,7 +467,7 @@ def test_runtime_only_install_runs_tuned_libraries_and_refuses_to_compile(
 
     code = (
         "import tvm_ffi, sys; from pathlib import Path\n"
-        "from backends.tvm_compile import ToolchainMissing, compile_onnx, best_cpu_target, "
+        "from backends.compile.tvm.build import ToolchainMissing, compile_onnx, best_cpu_target, "
         "host_cpu_flags\n"
         "try:\n"
         f"    compile_onnx(Path({str(repository / 'cnn' / 'model.onnx')!r}), "

@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 
-from backends.compiler import compile_model
+from backends.compile.compiler import compile_model
+from backends.compile.variants import DEFAULT_TOLERANCES, Tolerance
 from backends.repository import ModelRepository, sha256_file
-from backends.variants import DEFAULT_TOLERANCES, Tolerance
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, launch_worker, output, raw_request, samples
@@ -216,7 +216,7 @@ async def test_the_gateway_passes_the_variant_choice_through(compiled: Path) -> 
 async def test_worker_serves_a_tvm_variant_but_never_prefers_it_untuned(
     repository: Path, tmp_path: Path
 ) -> None:
-    from backends.compiler import tvm_targets
+    from backends.compile.compiler import tvm_targets
 
     shutil.copytree(repository / "cnn" / "samples", tmp_path / "cnn" / "samples")
     outcomes = compile_model(

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
-from backends.demo_models import ECHO_TYPES
-from backends.tensors import NUMPY_DTYPES, encode_bytes_tensor
-from backends.worker import parse_batching
+from backends.demo.models import ECHO_TYPES
+from backends.protocol.tensors import NUMPY_DTYPES, encode_bytes_tensor
+from backends.worker.server import parse_batching
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import launch_worker, output, raw_request, samples

@@ -8,11 +8,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from backends.errors import InvalidInput
-from backends.tensors import TensorSpec
-from gateway.coalescer import Coalescer, group_key, merge_requests, split_response
-from gateway.converters import priority_param
-from gateway.fleet import BackendState, ModelInfo, Route
+from backends.protocol.errors import InvalidInput
+from backends.protocol.tensors import TensorSpec
+from gateway.routing.fleet import BackendState, ModelInfo, Route
+from gateway.serving.coalescer import Coalescer, group_key, merge_requests, split_response
+from gateway.serving.converters import priority_param
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
 

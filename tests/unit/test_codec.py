@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from backends.codec import Signature, decode_request, encode_response
-from backends.errors import InvalidInput
-from backends.tensors import TensorSpec, decode_bytes_tensor, encode_bytes_tensor
+from backends.protocol.codec import Signature, decode_request, encode_response
+from backends.protocol.errors import InvalidInput
+from backends.protocol.tensors import TensorSpec, decode_bytes_tensor, encode_bytes_tensor
 from protos import inference_pb2 as pb
 
 SIG = Signature(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_fleet, parse_fleet
-from gateway.supervisor import worker_command
+from gateway.control.supervisor import worker_command
 
 MINIMAL = """
 backends:

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from backends.demo_models import (
+from backends.demo.models import (
     SAMPLES,
     digit_images,
     magika_config,

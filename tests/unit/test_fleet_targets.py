@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.compiler import (
+from backends.compile.compiler import (
     ORT_TARGET,
     UnknownHardwareClass,
     fleet_targets,

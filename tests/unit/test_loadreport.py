@@ -16,8 +16,8 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from gateway.loadrecords import NO_ROUTE, FiredEvent, Records, Stream
-from gateway.loadreport import (
+from gateway.loadtest.records import NO_ROUTE, FiredEvent, Records, Stream
+from gateway.loadtest.report import (
     RunSummary,
     chart_bin_s,
     check_live,

@@ -1,6 +1,6 @@
 """The committed protobuf code matches a fresh generation from protos/*.proto."""
 
-from gateway.protogen import stale_files
+from protos.generate import stale_files
 
 
 def test_generated_code_is_up_to_date() -> None:

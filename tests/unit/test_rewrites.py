@@ -1,4 +1,4 @@
-"""Graph rewrites (backends/rewrites.py): the one-hot MatMul becomes a Gather that gives
+"""Graph rewrites (backends/compile/rewrites.py): the one-hot MatMul becomes a Gather that gives
 the same outputs, through ONNX Runtime, for indices in and out of range."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from backends.rewrites import ONE_HOT_MATMUL, one_hot_matmuls_as_gathers, prepared_source
+from backends.compile.rewrites import ONE_HOT_MATMUL, one_hot_matmuls_as_gathers, prepared_source
 
 DEPTH, WIDTH, LENGTH = 7, 5, 4
 

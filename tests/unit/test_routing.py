@@ -9,15 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends.errors import InvalidInput
 from backends.profiles import Profile, ProfileEntry, profile_row_fraction
-from backends.tensors import TensorSpec
+from backends.protocol.errors import InvalidInput
+from backends.protocol.tensors import TensorSpec
 from gateway.config import PoliciesSettings, PolicySettings
-from gateway.converters import parse_profile
-from gateway.estimates import RTT_WINDOW, LatencyEstimate, NetworkEstimate
-from gateway.fleet import BackendState, Ejection, FleetState, ModelInfo, Route
-from gateway.policy import PolicyBook
-from gateway.router import (
+from gateway.routing.estimates import RTT_WINDOW, LatencyEstimate, NetworkEstimate
+from gateway.routing.fleet import BackendState, Ejection, FleetState, ModelInfo, Route
+from gateway.routing.policy import PolicyBook
+from gateway.routing.router import (
     ROW_FRACTION,
     Policy,
     RoundRobin,
@@ -30,6 +29,7 @@ from gateway.router import (
     least_loaded,
     predict_ms,
 )
+from gateway.serving.converters import parse_profile
 
 REQ = RouteRequest("m")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gateway.cli import main
-from gateway.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
-from gateway.simulate import POLICIES, Report, make_trace, simulate
+from gateway.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
+from gateway.sim.simulate import POLICIES, Report, make_trace, simulate
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 NAMES = ("steady", "price-spike", "backend-failure", "surge", "sla-mix", "drain")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backends.tuning import (
+from backends.compile.tvm.build import BUDGETS, CPU_TARGETS
+from backends.compile.tvm.tuning import (
     DEMO_MODELS,
     INFO,
     RECORDS,
@@ -17,7 +18,6 @@ from backends.tuning import (
     read_info,
     records_for,
 )
-from backends.tvm_compile import BUDGETS, CPU_TARGETS
 
 FAILED = 1e10  # what MetaSchedule records for a candidate that did not build or run
 

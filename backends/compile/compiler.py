@@ -1,0 +1,551 @@
+"""`switchyard compile`: builds every variant of a model that applies, checks each
+against the fp32 source on sample inputs, and records it in the repository.
+
+Variants: ONNX Runtime fp32 (graph-optimised, saved), fp16, int8 dynamic and
+int8 static QDQ (per-channel, calibrated); Apache TVM for each CPU ISA level and
+CUDA target asked for, or that the hardware classes of a fleet file need, tuned
+with MetaSchedule (records kept in the repository and reused). A variant that
+does not apply is skipped with the reason; one that misses its accuracy
+tolerance is kept on disk, marked rejected with the numbers, and never served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from backends.compile.variants import (
+    DEFAULT_TOLERANCES,
+    ORT_CUDA_FP32,
+    ORT_FP16,
+    ORT_FP32,
+    ORT_INT8_DYNAMIC,
+    ORT_INT8_QDQ,
+    BuildSkipped,
+    Tolerance,
+    build_ort_cuda_fp32,
+    build_ort_fp16,
+    build_ort_fp32,
+    build_ort_int8_dynamic,
+    build_ort_int8_qdq,
+    check_accuracy,
+    reference_outputs,
+)
+from backends.protocol.tensors import NUMPY_DTYPES, TensorSpec
+from backends.repository import Manifest, ModelRepository, TuningEntry, Variant
+from backends.runtimes.base import Array
+from backends.runtimes.loader import load_adapter
+
+if TYPE_CHECKING:
+    from backends.compile.tvm.build import TvmTarget
+
+SAMPLE_ROWS = 32
+ORT_TARGET = "ort"
+ORT_CUDA_TARGET = "ort-cuda"
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one variant."""
+
+    variant: str
+    status: str
+    """built, rejected (accuracy), skipped (does not apply), failed (an error)."""
+    detail: str
+    manifest: Manifest | None = None
+    build_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    variant: str
+    precision: str
+    build: Callable[[], Manifest]
+
+
+def load_samples(
+    repository: ModelRepository, model: str, inputs: Sequence[TensorSpec], calibration: Path | None
+) -> dict[str, Array]:
+    """Sample inputs: `--calibration` (an .npz by input name), else the model's
+    `samples/inputs.npz`, else seeded random inputs of the right shape (written there)."""
+    if calibration is not None:
+        return dict(np.load(calibration))
+    stored = repository.root / model / "samples" / "inputs.npz"
+    if stored.is_file():
+        return dict(np.load(stored))
+    rng = np.random.default_rng(0)
+    samples: dict[str, Array] = {}
+    for spec in inputs:
+        shape = [
+            SAMPLE_ROWS if i == 0 and d < 0 else (d if d > 0 else 1)
+            for i, d in enumerate(spec.shape)
+        ]
+        dtype = NUMPY_DTYPES[spec.datatype]
+        if dtype.kind == "f":
+            samples[spec.name] = rng.random(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            samples[spec.name] = rng.integers(0, 2, shape).astype(dtype)
+        elif dtype.kind == "b":
+            samples[spec.name] = rng.random(shape) < 0.5
+        else:
+            raise BuildSkipped(f"cannot make sample inputs for {spec.datatype} input {spec.name!r}")
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(stored, **samples)  # type: ignore[arg-type]
+    return samples
+
+
+def ort_plans(
+    repository: ModelRepository, model: str, calibration: Mapping[str, Array]
+) -> list[Plan]:
+    return [
+        Plan(ORT_FP32, "fp32", lambda: build_ort_fp32(repository, model)),
+        Plan(ORT_FP16, "fp16", lambda: build_ort_fp16(repository, model)),
+        Plan(ORT_INT8_DYNAMIC, "int8", lambda: build_ort_int8_dynamic(repository, model)),
+        Plan(ORT_INT8_QDQ, "int8", lambda: build_ort_int8_qdq(repository, model, calibration)),
+    ]
+
+
+TVM_PREFIX = "tvm-"
+DEFAULT_TVM_BATCH = 1
+
+
+def tvm_targets(names: Sequence[str]) -> list[TvmTarget]:
+    """TVM targets named `tvm-<target>` (`tvm-host`: this CPU's best ISA level)."""
+    from backends.compile.tvm import build as tc
+
+    known = {**tc.CPU_TARGETS, **tc.CUDA_TARGETS}
+    found: list[TvmTarget] = []
+    for name in names:
+        if not name.startswith(TVM_PREFIX):
+            continue
+        key = name.removeprefix(TVM_PREFIX)
+        if key == "host":
+            target = tc.best_cpu_target(tc.host_cpu_flags())
+        elif key in known:
+            target = known[key]
+        else:
+            raise ValueError(
+                f"unknown target {name!r}: tvm-host, " + ", ".join(TVM_PREFIX + k for k in known)
+            )
+        if target not in found:
+            found.append(target)
+    return found
+
+
+# x86-64 microarchitecture level -> CPU target; GPU model -> CUDA architecture.
+_X86_64_LEVEL_TARGETS = {
+    "1": "llvm-x86-64",
+    "2": "llvm-x86-64",
+    "3": "llvm-avx2",
+    "4": "llvm-avx512",
+}
+_CUDA_ARCHS = {
+    "a100": "sm_80",
+    "l4": "sm_89",
+    "l40": "sm_89",
+    "l40s": "sm_89",
+    "ada": "sm_89",
+    "h100": "sm_90",
+    "h200": "sm_90",
+}
+_CPU_CLASS = re.compile(r"cpu-x86-64-v(?P<level>[1-4])(?:-.+)?")
+_GPU_CLASS = re.compile(r"gpu-cuda-(?P<gpu>[a-z0-9]+)(?:-.+)?")
+
+
+class UnknownHardwareClass(ValueError):
+    """A hardware class whose name says no TVM target."""
+
+    def __init__(self, hardware_class: str) -> None:
+        super().__init__(
+            f"no TVM target for hardware class {hardware_class!r}: expected "
+            "cpu-x86-64-v1..v4[-...] or gpu-cuda-{" + ",".join(_CUDA_ARCHS) + "}[-...]"
+        )
+        self.hardware_class = hardware_class
+
+
+def tvm_target_for_class(hardware_class: str) -> str:
+    """The TVM target a backend of `hardware_class` needs: `cpu-x86-64-v4-*` ->
+    `tvm-llvm-avx512`, `v3` -> `tvm-llvm-avx2`, `v2`/`v1` -> `tvm-llvm-x86-64`;
+    `gpu-cuda-h100`/`h200` -> `tvm-cuda-sm_90`, `a100` -> `sm_80`, `l4`/`l40`/`ada` -> `sm_89`."""
+    if cpu := _CPU_CLASS.fullmatch(hardware_class):
+        return TVM_PREFIX + _X86_64_LEVEL_TARGETS[cpu["level"]]
+    gpu = _GPU_CLASS.fullmatch(hardware_class)
+    if gpu and gpu["gpu"] in _CUDA_ARCHS:
+        return f"{TVM_PREFIX}cuda-{_CUDA_ARCHS[gpu['gpu']]}"
+    raise UnknownHardwareClass(hardware_class)
+
+
+def fleet_targets(hardware_classes: Iterable[str]) -> list[str]:
+    """`ort` and the TVM target each hardware class needs, once each, in fleet order."""
+    targets = [ORT_TARGET]
+    for hardware_class in hardware_classes:
+        target = tvm_target_for_class(hardware_class)
+        if target not in targets:
+            targets.append(target)
+    return targets
+
+
+def fleet_file_targets(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The targets the hardware classes of the fleet file at `path` need (see
+    `fleet_targets`), and each class's TVM target. ValueError names the file and,
+    for a class without a target, the backends of that class."""
+    from gateway.config import ConfigError, load_fleet
+
+    try:
+        fleet_backends = load_fleet(path).backends
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+    classes = list(dict.fromkeys(b.hardware_class for b in fleet_backends))
+    try:
+        return fleet_targets(classes), {c: tvm_target_for_class(c) for c in classes}
+    except UnknownHardwareClass as exc:
+        names = ", ".join(b.name for b in fleet_backends if b.hardware_class == exc.hardware_class)
+        raise ValueError(f"{path}: backend {names}: {exc}") from exc
+
+
+def tvm_input_shapes(inputs: Sequence[TensorSpec]) -> dict[str, list[int]]:
+    """The static input shapes TVM compiles a model's inputs with: a dynamic (batch)
+    dimension becomes DEFAULT_TVM_BATCH."""
+    return {s.name: [DEFAULT_TVM_BATCH if d < 0 else d for d in s.shape] for s in inputs}
+
+
+def build_tvm(
+    repository: ModelRepository,
+    model: str,
+    target: TvmTarget,
+    trials: int,
+    records_from: Path | None = None,
+) -> Manifest:
+    """The model compiled by Apache TVM for `target` (static batch of 1), tuned with
+    `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused; those
+    of a tuning folder `records_from`, such as a demo model's committed records, are
+    taken first, see `tvm_compile.compile_onnx`)."""
+    from backends.compile.rewrites import prepared_source
+    from backends.compile.tvm import build as tc
+    from backends.compile.variants import (
+        DEFAULT_MAX_BATCH_SIZE,
+        batchable,
+        tensor_entries,
+        variant_dir,
+    )
+    from backends.repository import ArtifactEntry, sha256_file
+    from backends.runtimes.ort import signature
+
+    source, rewrites = prepared_source(repository.source(model))
+    inputs, outputs = signature(source)
+    batched = batchable(inputs, outputs)
+    shapes = tvm_input_shapes(inputs)
+    name = tvm_variant_name(target.name, trials)
+    directory = variant_dir(repository, model, name)
+    try:
+        build = tc.compile_onnx(
+            source,
+            directory,
+            target,
+            shapes,
+            tuning_dir=repository.root / model / "tuning",
+            trials=trials,
+            records_from=records_from if trials > 0 else None,
+        )
+    except (tc.TvmImportError, tc.ToolchainMissing) as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise BuildSkipped(str(exc)) from exc
+    manifest = Manifest(
+        model=model,
+        variant=name,
+        runtime="tvm",
+        runtime_version=build.tvm_version,
+        target=target.name,
+        precision="fp32",
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE if batched else 0,
+        inputs=tensor_entries(inputs),
+        outputs=tensor_entries(outputs),
+        artifacts=[ArtifactEntry(path=build.library.name, sha256=sha256_file(build.library))],
+        source_sha256=sha256_file(repository.source(model)),
+        rewrites=rewrites,
+        versions={"tvm": build.tvm_version},
+        compiled_batch=DEFAULT_TVM_BATCH if batched else 0,
+        required_cpu_flags=list(target.required_cpu_flags),
+        device="cuda" if target.is_cuda else "cpu",
+        tuning=TuningEntry(
+            tuned=build.tuned,
+            trials=build.trial_budget if build.tuned else 0,
+            tasks=build.tasks,
+            reused=build.tuning_reused,
+        ),
+    )
+    repository.write_variant(manifest)
+    return manifest
+
+
+def tvm_variant_name(target: str, trials: int) -> str:
+    """`tvm-llvm-avx512-fp32`; an untuned build says so in its name, so it never
+    replaces a tuned one."""
+    return f"tvm-{target}-fp32" + ("" if trials > 0 else "-untuned")
+
+
+def tvm_plans(
+    repository: ModelRepository,
+    model: str,
+    targets: Sequence[str],
+    trials: int,
+    records_from: Path | None = None,
+) -> list[Plan]:
+    plans = []
+    for target in tvm_targets(targets):
+        plans.append(
+            Plan(
+                tvm_variant_name(target.name, trials),
+                "fp32",
+                lambda t=target: build_tvm(  # type: ignore[misc]
+                    repository, model, t, trials, records_from
+                ),
+            )
+        )
+    return plans
+
+
+def compile_model(
+    source: Path,
+    name: str,
+    repository: ModelRepository,
+    *,
+    targets: Sequence[str] = (ORT_TARGET,),
+    calibration: Path | None = None,
+    trials: int = 0,
+    tuning_records: Path | None = None,
+    tolerances: Mapping[str, Tolerance] = DEFAULT_TOLERANCES,
+    progress: ProgressFn | None = None,
+    extra_plans: Callable[[ModelRepository, str, Mapping[str, Array]], list[Plan]] | None = None,
+) -> list[Outcome]:
+    """Builds and checks the variants of `source` as model `name`. `tuning_records`: a
+    tuning folder (`<folder>/<target>/`) whose records tuned TVM builds take before
+    tuning (`backends.compile.tvm.tuning.records_for(name)` for a demo model)."""
+    say = progress or (lambda _: None)
+    unknown = [
+        t
+        for t in targets
+        if t not in (ORT_TARGET, ORT_CUDA_TARGET) and not t.startswith(TVM_PREFIX)
+    ]
+    if unknown:
+        raise ValueError(
+            f"unknown target {unknown[0]!r}: "
+            f"{ORT_TARGET}, {ORT_CUDA_TARGET}, tvm-host, tvm-<target>"
+        )
+    tvm_targets([t for t in targets if t.startswith(TVM_PREFIX)])  # fails early on a bad name
+    destination = repository.source(name)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != destination.resolve():
+        shutil.copyfile(source, destination)
+    from backends.runtimes.ort import signature
+
+    inputs, _ = signature(destination)
+    samples = load_samples(repository, name, inputs, calibration)
+    reference = reference_outputs(destination, samples)
+    plans: list[Plan] = []
+    if ORT_TARGET in targets:
+        plans += ort_plans(repository, name, samples)
+    if ORT_CUDA_TARGET in targets:
+        plans.append(Plan(ORT_CUDA_FP32, "fp32", lambda: build_ort_cuda_fp32(repository, name)))
+    if any(t.startswith(TVM_PREFIX) for t in targets):
+        plans += tvm_plans(repository, name, targets, trials, tuning_records)
+    if extra_plans is not None:
+        plans += extra_plans(repository, name, samples)
+    outcomes = []
+    for plan in plans:
+        say(f"{name}: building {plan.variant}")
+        outcomes.append(_build(repository, name, plan, samples, reference, tolerances))
+    return outcomes
+
+
+def _build(
+    repository: ModelRepository,
+    model: str,
+    plan: Plan,
+    samples: Mapping[str, Array],
+    reference: Mapping[str, Array],
+    tolerances: Mapping[str, Tolerance],
+) -> Outcome:
+    start = time.perf_counter()
+    try:
+        manifest = plan.build()
+    except BuildSkipped as exc:
+        return Outcome(plan.variant, "skipped", str(exc))
+    except Exception as exc:  # a builder's failure is one row of the table, not the end
+        return Outcome(plan.variant, "failed", f"{type(exc).__name__}: {exc}")
+    build_s = time.perf_counter() - start
+    variant = Variant(
+        model, manifest.variant, repository.root / model / "variants" / manifest.variant, manifest
+    )
+    if manifest.device != "cpu":
+        manifest = manifest.model_copy(update={"build_s": build_s})
+        repository.write_variant(manifest)
+        return Outcome(
+            manifest.variant,
+            "built",
+            f"not checked: needs a {manifest.device} device",
+            manifest,
+            build_s,
+        )
+    try:
+        adapter = load_adapter(variant, threads=1)
+        accuracy = check_accuracy(adapter, samples, reference, tolerances[manifest.precision])
+    except Exception as exc:
+        return Outcome(manifest.variant, "failed", f"check failed: {type(exc).__name__}: {exc}")
+    manifest = manifest.model_copy(update={"accuracy": accuracy, "build_s": build_s})
+    repository.write_variant(manifest)
+    detail = f"max |diff| {accuracy.max_abs_diff:.2g}" + (
+        f", top-1 {accuracy.top1_agreement:.1%}" if accuracy.top1_agreement is not None else ""
+    )
+    if manifest.tuning is not None:
+        tuning = manifest.tuning
+        detail += (
+            f", tuned {tuning.trials} trials / {tuning.tasks} tasks"
+            + (" (records reused)" if tuning.reused else "")
+            if tuning.tuned
+            else ", untuned (never preferred)"
+        )
+    status = "built" if accuracy.passed else "rejected"
+    return Outcome(manifest.variant, status, detail, manifest, build_s)
+
+
+def tuning_entry(tuned: bool, trials: int, tasks: int, reused: bool) -> TuningEntry:
+    return TuningEntry(tuned=tuned, trials=trials, tasks=tasks, reused=reused)
+
+
+def parse_tolerances(items: Sequence[str]) -> dict[str, Tolerance]:
+    """`int8=0.1` or `int8=0.1:0.98` (max abs diff, min top-1 agreement) per precision."""
+    tolerances = dict(DEFAULT_TOLERANCES)
+    for item in items:
+        precision, _, value = item.partition("=")
+        if precision not in tolerances or not value:
+            raise ValueError(f"bad --tolerance {item!r}: expected PRECISION=MAXDIFF[:MINTOP1]")
+        diff, _, top1 = value.partition(":")
+        base = tolerances[precision]
+        tolerances[precision] = Tolerance(
+            float(diff), float(top1) if top1 else base.min_top1_agreement
+        )
+    return tolerances
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="the ONNX model to compile")
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        help=f"what to build: {ORT_TARGET} (ONNX Runtime fp32, fp16, int8), {ORT_CUDA_TARGET}, "
+        "tvm-host, tvm-llvm-x86-64, tvm-llvm-avx2, tvm-llvm-avx512, tvm-cuda-sm_80/89/90 "
+        f"(default: {ORT_TARGET}; with --fleet: built as well as the fleet's)",
+    )
+    parser.add_argument(
+        "--fleet",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"fleet file: build {ORT_TARGET} and the TVM target each backend's hardware class "
+        "needs (cpu-x86-64-v4-*: tvm-llvm-avx512, v3: tvm-llvm-avx2, v1/v2: tvm-llvm-x86-64; "
+        "gpu-cuda-h100/h200: tvm-cuda-sm_90, a100: tvm-cuda-sm_80, l4/l40/ada: tvm-cuda-sm_89)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="sample inputs (.npz by input name) for calibration and checks",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=0, help="MetaSchedule trials per TVM target (0: untuned)"
+    )
+    parser.add_argument(
+        "--tuning-records",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a tuning folder (DIR/<target>/, MetaSchedule's JSON database) whose records "
+        "tuned TVM builds take before tuning; default: the records committed for the demo "
+        "model of the same name, if any (applied only to operators identical to theirs)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        help="PRECISION=MAXDIFF[:MINTOP1], e.g. int8=0.1:0.99",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from backends.compile.tvm.tuning import records_for
+
+    console = Console(width=max(Console().width, 132))
+    if not args.model.is_file():
+        console.print(f"[red]no such model file: {args.model}[/red]")
+        return 2
+    try:
+        tolerances = parse_tolerances(args.tolerance)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    targets: list[str] = list(args.targets or [])
+    if args.fleet is not None:
+        try:
+            chosen, by_class = fleet_file_targets(args.fleet)
+        except ValueError as exc:
+            console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+            return 2
+        targets = chosen + [t for t in targets if t not in chosen]
+        mapping = ", ".join(f"{c} -> {t}" for c, t in by_class.items())
+        console.print(
+            f"hardware classes in {args.fleet}: {mapping}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    targets = targets or [ORT_TARGET]
+    console.print(f"targets: {' '.join(targets)}", markup=False, highlight=False, soft_wrap=True)
+    repository = ModelRepository(args.repository)
+    with console.status("compiling") as status:
+        try:
+            outcomes = compile_model(
+                args.model,
+                args.name,
+                repository,
+                targets=targets,
+                calibration=args.calibration,
+                trials=args.trials,
+                tuning_records=args.tuning_records or records_for(args.name),
+                tolerances=tolerances,
+                progress=lambda text: status.update(text),
+            )
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
+    table = Table(title=f"{args.name}: variants in {args.repository}")
+    for column in ("variant", "status", "precision", "runtime", "build s", "accuracy / reason"):
+        table.add_column(column)
+    colours = {"built": "green", "rejected": "red", "skipped": "yellow", "failed": "red"}
+    for outcome in outcomes:
+        m = outcome.manifest
+        table.add_row(
+            outcome.variant,
+            f"[{colours[outcome.status]}]{outcome.status}[/]",
+            m.precision if m else "",
+            f"{m.runtime} {m.runtime_version}" if m else "",
+            f"{outcome.build_s:.1f}" if m else "",
+            outcome.detail,
+        )
+    console.print(table)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0

@@ -1,0 +1,165 @@
+"""`switchyard profile`: measures every servable variant of every model on each
+hardware class of the fleet, and stores the figures next to the variant
+(`profile.json`) as the router's prior and the workers' choice of default.
+
+A hardware class is measured the way its worker runs: in its own process,
+pinned to as many cores as the class has threads, with that many runtime
+threads, plus the class's emulated service delay. Each measurement runs the
+variant's adapter directly (service time, no network), one call at a time, at
+each batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backends.profiles import Profile, ProfileEntry, read_profile, write_profile
+from backends.repository import ModelRepository, Variant
+from backends.runtimes.base import Array
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareClass:
+    """What a fleet's launched worker stands for."""
+
+    name: str
+    threads: int
+    emulated_latency_ms: float = 0.0
+
+
+def batch_inputs(samples: dict[str, Array], batch_size: int) -> dict[str, Array]:
+    """`batch_size` rows cycled from the sample inputs."""
+    out = {}
+    for name, array in samples.items():
+        reps = -(-batch_size // len(array))
+        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:batch_size])
+    return out
+
+
+def measure(
+    variant_dir: Path, threads: int, batch_sizes: Sequence[int], runs: int, delay_ms: float
+) -> list[dict[str, float]]:
+    """Runs in the measuring process: loads the variant, times each batch size."""
+    from backends.runtimes.loader import load_adapter
+
+    repository = ModelRepository(variant_dir.parent.parent.parent)
+    variant = repository.read_variant(variant_dir.parent.parent.name, variant_dir)
+    adapter = load_adapter(variant, threads)
+    samples = dict(np.load(repository.root / variant.model / "samples" / "inputs.npz"))
+    outputs = [s.name for s in adapter.outputs]
+    figures = []
+    for batch_size in batch_sizes:
+        if variant.manifest.max_batch_size == 0 and batch_size > 1:
+            continue
+        feed = batch_inputs(samples, batch_size)
+        for _ in range(3):
+            adapter.run(feed, outputs)
+        times_ms = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            adapter.run(feed, outputs)
+            times_ms.append((time.perf_counter() - start) * 1000 + delay_ms)
+        times_ms.sort()
+        p99 = times_ms[min(len(times_ms) - 1, round(0.99 * (len(times_ms) - 1)))]
+        figures.append(
+            {
+                "batch_size": batch_size,
+                "p50_ms": statistics.median(times_ms),
+                "p99_ms": p99,
+                "throughput_per_s": batch_size * 1000 / statistics.fmean(times_ms),
+                "runs": runs,
+            }
+        )
+    return figures
+
+
+def measure_in_process(
+    variant: Variant, hardware: HardwareClass, batch_sizes: Sequence[int], runs: int
+) -> list[ProfileEntry]:
+    """Measures `variant` as `hardware` runs it, in a pinned process of its own."""
+    command = [
+        sys.executable,
+        "-m",
+        "backends.compile.profiler",
+        "measure",
+        str(variant.directory),
+        "--threads",
+        str(hardware.threads),
+        "--runs",
+        str(runs),
+        "--delay-ms",
+        str(hardware.emulated_latency_ms),
+        "--batch-sizes",
+        *map(str, batch_sizes),
+    ]
+    env = {
+        **os.environ,
+        "TVM_NUM_THREADS": str(hardware.threads),
+        "OMP_NUM_THREADS": str(hardware.threads),
+    }
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            proc.stderr.strip().splitlines()[-1] if proc.stderr else "measure failed"
+        )
+    return [
+        ProfileEntry(
+            hardware_class=hardware.name,
+            threads=hardware.threads,
+            emulated_latency_ms=hardware.emulated_latency_ms,
+            **figures,
+        )
+        for figures in json.loads(proc.stdout.strip().splitlines()[-1])
+    ]
+
+
+def record(variant: Variant, entries: list[ProfileEntry]) -> Profile:
+    """Replaces the variant's entries for these hardware classes, keeping the rest."""
+    classes = {e.hardware_class for e in entries}
+    existing = read_profile(variant)
+    kept = [e for e in (existing.entries if existing else []) if e.hardware_class not in classes]
+    profile = Profile(model=variant.model, variant=variant.name, entries=kept + entries)
+    write_profile(variant.directory, profile)
+    return profile
+
+
+def _pin(threads: int) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, set(cpus[:threads]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The measuring process (`python -m backends.compile.profiler measure ...`)."""
+    parser = argparse.ArgumentParser(prog="backends.compile.profiler")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("variant_dir", type=Path)
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--runs", type=int, default=50)
+    m.add_argument("--delay-ms", type=float, default=0.0)
+    m.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
+    args = parser.parse_args(argv)
+    _pin(args.threads)
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    figures = measure(args.variant_dir, args.threads, args.batch_sizes, args.runs, args.delay_ms)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

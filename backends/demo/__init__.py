@@ -1,0 +1,1 @@
+"""The demo models, built from code (trained and exported here, nothing downloaded)."""

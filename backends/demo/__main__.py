@@ -1,0 +1,5 @@
+import sys
+
+from backends.demo.models import main
+
+sys.exit(main())

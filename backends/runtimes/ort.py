@@ -1,0 +1,106 @@
+"""ONNX Runtime adapter: loads an ONNX variant with an exact thread budget.
+
+The only module of the worker that imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from backends.protocol.errors import InvalidInput
+from backends.protocol.tensors import TensorSpec
+from backends.runtimes.base import Array
+
+# onnxruntime's type strings -> protocol datatypes.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+RUNTIME_NAME = "onnxruntime"
+RUNTIME_VERSION: str = ort.__version__
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Threads stay bound to the budget given; spinning would steal the other
+    # worker's core on a small machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _spec(node: ort.NodeArg) -> TensorSpec:
+    datatype = _ORT_TYPES.get(node.type)
+    if datatype is None:
+        raise ValueError(f"tensor {node.name!r} has type {node.type}, which the protocol lacks")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+class OrtAdapter:
+    """One ONNX model loaded in one InferenceSession."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        self._session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self._inputs = tuple(_spec(n) for n in self._session.get_inputs())
+        self._outputs = tuple(_spec(n) for n in self._session.get_outputs())
+        self._bytes_inputs = {s.name for s in self._inputs if s.datatype == "BYTES"}
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self._outputs
+
+    def run(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
+        feed = dict(inputs)
+        for name in self._bytes_inputs & feed.keys():
+            feed[name] = _as_text(name, feed[name])
+        return list(self._session.run(list(outputs), feed))
+
+
+def _as_text(name: str, array: Array) -> Array:
+    """onnxruntime takes string tensors as str (UTF-8 text); the protocol carries bytes."""
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.object_)
+    for index, item in enumerate(flat):
+        if isinstance(item, bytes):
+            try:
+                out[index] = item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"input {name!r}: element {index} is not valid UTF-8 "
+                    "(ONNX string tensors hold text)"
+                ) from exc
+        else:
+            out[index] = str(item)
+    return out.reshape(array.shape)
+
+
+def signature(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ONNX model, as ONNX Runtime sees them."""
+    adapter = OrtAdapter(path, threads=1)
+    return adapter.inputs, adapter.outputs

@@ -1,0 +1,2 @@
+"""The v2 backend worker: its gRPC server, dynamic batching with deadline queues, and
+the variants it serves."""

@@ -1,0 +1,5 @@
+import sys
+
+from backends.worker.server import main
+
+sys.exit(main())

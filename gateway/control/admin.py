@@ -1,0 +1,312 @@
+"""The admin API (`switchyard.admin.Admin`, gRPC on port 8003): routes, prices,
+policies, drains, `explain`, the routing rule in force, and killing and
+restarting launched backend workers (failure drills), behind a bearer token.
+
+The token comes from the environment variable SWITCHYARD_ADMIN_TOKEN, else from
+the file the fleet names (`gateway.admin_token_file`, created with a random
+token when missing, readable by its owner only). With neither, the admin API
+does not start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import yaml
+from pydantic import ValidationError
+
+from backends.protocol.errors import InvalidInput
+from gateway.config import FleetConfig, PoliciesSettings
+from gateway.control.plane import BackendProcess, Control, UnknownBackend
+from gateway.control.supervisor import NotSupervised, WorkerTimeout
+from gateway.routing.fleet import BackendState, FleetState, Route
+from gateway.routing.router import ROUTING, RouteRequest, carbon_g, cost_usd, explain
+from protos import admin_pb2 as apb
+from protos import admin_pb2_grpc
+
+TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
+SERVICE = "switchyard.admin.Admin"
+
+
+def admin_token(config: FleetConfig, create: bool = True) -> str | None:
+    """The admin token: the environment's, else the fleet's token file (created when
+    missing and `create`), else None."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    path = config.gateway.admin_token_file
+    if path is None:
+        return None
+    return read_token_file(path, create)
+
+
+def read_token_file(path: Path, create: bool) -> str | None:
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def route_status(route: Route, shares: dict[str, float], now_s: float) -> apb.RouteStatus:
+    state = route.state
+    total = shares.get(route.model, 0.0)
+    carbon = carbon_g(route)
+    est = route.estimate
+    rtt = state.network.rtt_ms
+    return apb.RouteStatus(
+        backend=route.backend,
+        model=route.model,
+        variant=route.variant,
+        default_variant=route.default,
+        hardware_class=state.hardware_class,
+        status=state.status,
+        detail=state.last_error,
+        price_usd_per_hour=state.price_usd_per_hour,
+        predicted_p50_ms=rtt + est.p50_ms,
+        predicted_p99_ms=rtt + est.p99_ms,
+        observed_p50_ms=route.observed.p50_ms if route.observed.samples else 0.0,
+        observed_p99_ms=route.observed.p99_ms if route.observed.samples else 0.0,
+        in_flight=state.in_flight,
+        slots=state.slots,
+        requests=route.requests,
+        failures=route.failures,
+        traffic_share=route.recent_requests(now_s) / total if total else 0.0,
+        cost_usd_per_1m=cost_usd(route) * 1e6,
+        carbon_g_per_1m=-1.0 if carbon is None else carbon * 1e6,
+        samples=est.samples,
+        address=state.address,
+    )
+
+
+def _shares(fleet: FleetState, now_s: float) -> dict[str, float]:
+    """Per model, its routes' recent attempts (the denominator of each route's share)."""
+    totals: dict[str, float] = {}
+    for route in fleet.all_routes():
+        totals[route.model] = totals.get(route.model, 0.0) + route.recent_requests(now_s)
+    return totals
+
+
+def _backend_status(state: BackendState) -> apb.BackendStatus:
+    return apb.BackendStatus(
+        backend=state.name,
+        status=state.status,
+        price_usd_per_hour=state.price_usd_per_hour,
+        in_flight=state.in_flight,
+    )
+
+
+def _backend_process(process: BackendProcess) -> apb.BackendProcess:
+    state, worker = process.state, process.worker
+    return apb.BackendProcess(
+        backend=state.name,
+        pid=0 if worker is None else worker.pid,
+        supervised=worker is not None,
+        held_down=worker is not None and worker.held,
+        status=state.status,
+        address=state.address,
+        price_usd_per_hour=state.price_usd_per_hour,
+        restarts=0 if worker is None else worker.restarts,
+    )
+
+
+def _routing(name: str) -> apb.Routing:
+    return apb.Routing(name=name, available=ROUTING)
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def _guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Checks the bearer token, and maps the control plane's errors to statuses."""
+
+    async def wrapper(self: AdminServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        metadata = dict(context.invocation_metadata() or ())
+        given = str(metadata.get("authorization", ""))
+        expected = f"Bearer {self.token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin API needs `authorization: Bearer <token>` "
+                f"(the gateway's {TOKEN_ENV} or its admin token file)",
+            )
+        try:
+            return await method(self, request, context)
+        except UnknownBackend as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except NotSupervised as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except WorkerTimeout as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except (ValueError, InvalidInput) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, control: Control, token: str, clock: Callable[[], float]) -> None:
+        self.control = control
+        self.fleet = control.fleet
+        self.token = token
+        self.clock = clock
+
+    @_guarded
+    async def ListRoutes(
+        self, request: apb.ListRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ListRoutesResponse:
+        now = self.clock()
+        shares = _shares(self.fleet, now)
+        routes = self.fleet.routes(request.model) if request.model else self.fleet.all_routes()
+        if request.model and not routes and request.model not in self.fleet.known_models():
+            raise ValueError(f"unknown model {request.model!r}")
+        return apb.ListRoutesResponse(routes=[route_status(r, shares, now) for r in routes])
+
+    @_guarded
+    async def SetPrice(
+        self, request: apb.SetPriceRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendStatus:
+        state = self.control.set_price(request.backend, request.usd_per_hour, "admin API")
+        return _backend_status(state)
+
+    @_guarded
+    async def GetPolicy(
+        self, request: apb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> apb.PolicyDocument:
+        return apb.PolicyDocument(yaml=policies_yaml(self.control.policies.settings))
+
+    @_guarded
+    async def SetPolicy(
+        self, request: apb.PolicyDocument, context: grpc.aio.ServicerContext
+    ) -> apb.PolicyDocument:
+        self.control.set_policies(parse_policies(request.yaml), "admin API")
+        return apb.PolicyDocument(yaml=policies_yaml(self.control.policies.settings))
+
+    @_guarded
+    async def Drain(
+        self, request: apb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendStatus:
+        return _backend_status(self.control.set_drained(request.backend, True))
+
+    @_guarded
+    async def Undrain(
+        self, request: apb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendStatus:
+        return _backend_status(self.control.set_drained(request.backend, False))
+
+    @_guarded
+    async def Explain(
+        self, request: apb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ExplainResponse:
+        model = request.model
+        if model not in self.fleet.known_models():
+            raise ValueError(f"unknown model {model!r}")
+        if request.sla_ms < 0 or request.batch_size < 0:
+            raise ValueError("sla_ms and batch_size must not be negative")
+        route_req = RouteRequest(
+            model=model,
+            batch_size=max(1, request.batch_size),
+            sla_ms=request.sla_ms or None,
+            sla_class=request.sla_class or None,
+        )
+        policy = self.control.policies.resolve(route_req)
+        decision, verdicts = explain(route_req, self.fleet.routes(model), policy, self.clock())
+        now = self.clock()
+        shares = _shares(self.fleet, now)
+        reply = apb.ExplainResponse(
+            model=model,
+            reason=decision.reason,
+            predicted_ms=decision.predicted_ms if decision.route is not None else 0.0,
+            cost_usd_per_1m=decision.cost_usd / route_req.batch_size * 1e6,
+            message=decision.message,
+            sla_ms=policy.latency_ms,
+            percentile=policy.percentile,
+            objective=policy.objective,
+            on_infeasible=policy.on_infeasible,
+        )
+        if decision.route is not None:
+            reply.chosen_backend = decision.route.backend
+            reply.chosen_variant = decision.route.variant
+        for v in verdicts:
+            reply.routes.add(
+                route=route_status(v.route, shares, now),
+                predicted_ms=v.predicted_ms,
+                feasible=v.feasible,
+                chosen=v.chosen,
+                why=v.why,
+            )
+        return reply
+
+    @_guarded
+    async def ListBackends(
+        self, request: apb.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ListBackendsResponse:
+        return apb.ListBackendsResponse(
+            backends=[_backend_process(p) for p in self.control.processes()]
+        )
+
+    @_guarded
+    async def KillBackend(
+        self, request: apb.BackendRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendProcess:
+        return _backend_process(await self.control.kill(request.backend))
+
+    @_guarded
+    async def RestartBackend(
+        self, request: apb.BackendRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendProcess:
+        return _backend_process(await self.control.restart(request.backend))
+
+    @_guarded
+    async def GetRouting(
+        self, request: apb.GetRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> apb.Routing:
+        return _routing(self.control.routing)
+
+    @_guarded
+    async def SetRouting(
+        self, request: apb.Routing, context: grpc.aio.ServicerContext
+    ) -> apb.Routing:
+        return _routing(self.control.set_routing(request.name, "admin API"))
+
+
+def policies_yaml(settings: PoliciesSettings) -> str:
+    return yaml.safe_dump(settings.model_dump(exclude_none=True), sort_keys=False)
+
+
+def parse_policies(text: str) -> PoliciesSettings:
+    """Policies from YAML (the fleet file's `policies` section, or a whole fleet file)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"policies are not valid YAML: {exc}") from exc
+    if isinstance(data, dict) and "policies" in data:
+        data = data["policies"]
+    if not isinstance(data, dict):
+        raise ValueError("policies must be a mapping (default, classes, models)")
+    try:
+        return PoliciesSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"policies are not valid: {exc}") from exc
+
+
+def add_to_server(server: grpc.aio.Server, servicer: AdminServicer) -> None:
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)

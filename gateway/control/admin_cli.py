@@ -1,0 +1,282 @@
+"""`switchyard admin ...`: the SRE's controls over a running gateway, through the
+admin API. Human tables by default, `--json` for machines.
+
+Where to connect and the token: `--target` (default: the fleet's `gateway.admin`),
+the token from SWITCHYARD_ADMIN_TOKEN, else `--token-file`, else the fleet's
+`gateway.admin_token_file`; the fleet is `--config`, default the embedded demo fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from gateway.config import ConfigError, load_fleet
+from gateway.control.admin import TOKEN_ENV, admin_token, read_token_file
+from protos import admin_pb2 as apb
+from protos import admin_pb2_grpc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="fleet file (default: demo)")
+    parser.add_argument("--target", default=None, help="admin API HOST:PORT (default: fleet's)")
+    parser.add_argument("--token-file", type=Path, default=None, help="file holding the token")
+    parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    sub = parser.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    routes = sub.add_parser("routes", help="every route's live state (a table)")
+    routes.add_argument("--model", default="", help="only this model's routes")
+    routes.add_argument("--watch", type=float, default=0.0, metavar="S", help="refresh every S s")
+    price = sub.add_parser("set-price", help="set a backend's price (USD per hour)")
+    price.add_argument("backend")
+    price.add_argument("usd_per_hour", type=float)
+    policy = sub.add_parser("policy", help="show the SLA policies, or replace them")
+    policy.add_argument("--set", type=Path, default=None, metavar="FILE", help="YAML policies")
+    for name, text in (("drain", "take a backend out"), ("undrain", "put a backend back")):
+        p = sub.add_parser(name, help=text + " of the routes")
+        p.add_argument("backend")
+    sub.add_parser("backends", help="every backend with its worker process (a table)")
+    kill = sub.add_parser("kill", help="SIGKILL a launched backend's worker and hold it down")
+    kill.add_argument("backend")
+    restart = sub.add_parser("restart", help="start a killed backend's worker again now")
+    restart.add_argument("backend")
+    routing = sub.add_parser("routing", help="show the routing rule in force, or set it")
+    routing.add_argument(
+        "name", nargs="?", default=None, help="switchyard, or a baseline (round-robin, ...)"
+    )
+    explain = sub.add_parser("explain", help="which route a request would take now, and why")
+    explain.add_argument("model")
+    explain.add_argument("--sla-ms", type=float, default=0.0)
+    explain.add_argument("--sla-class", default="")
+    explain.add_argument("--batch-size", type=int, default=1)
+
+
+def admin_access(
+    fleet: Path | None, target: str | None, token_file: Path | None
+) -> tuple[str, str | None]:
+    """Where the admin API of the gateway running `fleet` (None: the demo fleet) listens,
+    unless `target` says, and its token: `token_file`'s, else SWITCHYARD_ADMIN_TOKEN,
+    else the fleet's `admin_token_file`; None when there is none."""
+    config = load_fleet(fleet)
+    token = None
+    if token_file is not None:
+        token = read_token_file(token_file, create=False)
+    if token is None:
+        token = admin_token(config, create=False)
+    return target or config.gateway.admin, token
+
+
+def _connect(args: argparse.Namespace) -> tuple[str, str]:
+    target, token = admin_access(args.config, args.target, args.token_file)
+    if token is None:
+        raise ConfigError(
+            f"no admin token: set {TOKEN_ENV}, or pass --token-file, or name "
+            "gateway.admin_token_file in the fleet file"
+        )
+    return target, token
+
+
+def _call(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub, token: str) -> Message:
+    metadata = (("authorization", f"Bearer {token}"),)
+    kw: dict[str, Any] = {"metadata": metadata, "timeout": args.timeout}
+    command = args.admin_command
+    if command == "routes":
+        return stub.ListRoutes(apb.ListRoutesRequest(model=args.model), **kw)  # type: ignore[no-any-return]
+    if command == "set-price":
+        request = apb.SetPriceRequest(backend=args.backend, usd_per_hour=args.usd_per_hour)
+        return stub.SetPrice(request, **kw)  # type: ignore[no-any-return]
+    if command == "policy":
+        if args.set is None:
+            return stub.GetPolicy(apb.GetPolicyRequest(), **kw)  # type: ignore[no-any-return]
+        return stub.SetPolicy(apb.PolicyDocument(yaml=args.set.read_text()), **kw)  # type: ignore[no-any-return]
+    if command in ("drain", "undrain"):
+        method = stub.Drain if command == "drain" else stub.Undrain
+        return method(apb.DrainRequest(backend=args.backend), **kw)  # type: ignore[no-any-return]
+    if command == "backends":
+        return stub.ListBackends(apb.ListBackendsRequest(), **kw)  # type: ignore[no-any-return]
+    if command in ("kill", "restart"):
+        method = stub.KillBackend if command == "kill" else stub.RestartBackend
+        return method(apb.BackendRequest(backend=args.backend), **kw)  # type: ignore[no-any-return]
+    if command == "routing":
+        if args.name is None:
+            return stub.GetRouting(apb.GetRoutingRequest(), **kw)  # type: ignore[no-any-return]
+        return stub.SetRouting(apb.Routing(name=args.name), **kw)  # type: ignore[no-any-return]
+    explain = apb.ExplainRequest(
+        model=args.model,
+        sla_ms=args.sla_ms,
+        sla_class=args.sla_class,
+        batch_size=args.batch_size,
+    )
+    return stub.Explain(explain, **kw)  # type: ignore[no-any-return]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value > 0 else "-"
+
+
+def routes_table(reply: apb.ListRoutesResponse) -> Any:
+    from rich.table import Table
+
+    table = Table(title="routes")
+    for column in (
+        "backend",
+        "model",
+        "variant",
+        "status",
+        "$/h",
+        "pred p50",
+        "pred p99",
+        "obs p50",
+        "obs p99",
+        "in flight",
+        "share",
+        "$/1M",
+    ):
+        table.add_column(
+            column,
+            justify="left" if column in ("backend", "model", "variant", "status") else "right",
+        )
+    for r in reply.routes:
+        status = r.status if r.status == "ready" else f"[red]{r.status}[/red]"
+        table.add_row(
+            r.backend,
+            r.model,
+            r.variant + ("" if not r.default_variant else " *"),
+            status,
+            f"{r.price_usd_per_hour:.4f}",
+            _ms(r.predicted_p50_ms),
+            _ms(r.predicted_p99_ms),
+            _ms(r.observed_p50_ms),
+            _ms(r.observed_p99_ms),
+            f"{r.in_flight}/{r.slots}",
+            f"{r.traffic_share:.0%}",
+            f"{r.cost_usd_per_1m:.4f}",
+        )
+    table.caption = "ms; * the backend's default variant; share of the model's requests, last ~10 s"
+    return table
+
+
+def backends_table(reply: apb.ListBackendsResponse) -> Any:
+    from rich.table import Table
+
+    table = Table(title="backends")
+    for column in ("backend", "pid", "status", "held", "restarts", "address", "$/h"):
+        numeric = column in ("pid", "restarts", "$/h")
+        table.add_column(column, justify="right" if numeric else "left")
+    for b in reply.backends:
+        status = b.status if b.status == "ready" else f"[red]{b.status}[/red]"
+        table.add_row(
+            b.backend,
+            str(b.pid) if b.pid else "-",
+            status,
+            "held down" if b.held_down else "-",
+            str(b.restarts) if b.supervised else "-",
+            b.address,
+            f"{b.price_usd_per_hour:.4f}",
+        )
+    table.caption = "pid and restarts: for the workers the gateway launches"
+    return table
+
+
+def process_line(reply: apb.BackendProcess) -> str:
+    if not reply.pid:
+        running = "not running"
+    else:
+        running = f"pid {reply.pid}"
+    held = ", held down" if reply.held_down else ""
+    return (
+        f"{reply.backend}: {running}{held}, {reply.status}, {reply.address}, "
+        f"{reply.restarts} restarts"
+    )
+
+
+def explain_view(reply: apb.ExplainResponse) -> Any:
+    from rich.table import Table
+
+    chosen = (
+        f"{reply.chosen_backend}/{reply.chosen_variant} ({reply.reason}, "
+        f"{reply.predicted_ms:.2f} ms predicted, ${reply.cost_usd_per_1m:.4f}/1M)"
+        if reply.chosen_backend
+        else f"none ({reply.reason}: {reply.message})"
+    )
+    table = Table(
+        title=f"{reply.model}: p{reply.percentile:g} <= {reply.sla_ms:g} ms, "
+        f"objective {reply.objective}, on infeasible {reply.on_infeasible}\nchosen: {chosen}"
+    )
+    for column in ("backend", "variant", "status", "predicted ms", "$/1M", "why"):
+        table.add_column(column)
+    for v in reply.routes:
+        table.add_row(
+            v.route.backend,
+            v.route.variant,
+            v.route.status,
+            f"{v.predicted_ms:.2f}",
+            f"{v.route.cost_usd_per_1m:.4f}",
+            ("[green]" if v.chosen else "") + v.why,
+        )
+    return table
+
+
+def _render(args: argparse.Namespace, reply: Message) -> Any:
+    if isinstance(reply, apb.ListRoutesResponse):
+        return routes_table(reply)
+    if isinstance(reply, apb.ExplainResponse):
+        return explain_view(reply)
+    if isinstance(reply, apb.PolicyDocument):
+        return reply.yaml.rstrip()
+    if isinstance(reply, apb.ListBackendsResponse):
+        return backends_table(reply)
+    if isinstance(reply, apb.BackendProcess):
+        return process_line(reply)
+    if isinstance(reply, apb.Routing):
+        return f"routing: {reply.name} (available: {', '.join(reply.available)})"
+    assert isinstance(reply, apb.BackendStatus)
+    return (
+        f"{reply.backend}: {reply.status}, ${reply.price_usd_per_hour:.4f}/h, "
+        f"{reply.in_flight} in flight"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        target, token = _connect(args)
+    except ConfigError as exc:
+        print(f"switchyard admin: {exc}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    # Piped output (scripts, logs) gets the whole table rather than a terminal's width.
+    console = Console(width=None if sys.stdout.isatty() else 240)
+    with grpc.insecure_channel(target) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        try:
+            reply = _call(args, stub, token)
+            if args.json:
+                print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+                return 0
+            if args.admin_command == "routes" and args.watch > 0:
+                from rich.live import Live
+
+                with Live(_render(args, reply), console=console, auto_refresh=False) as live:
+                    while True:
+                        time.sleep(args.watch)
+                        live.update(_render(args, _call(args, stub, token)), refresh=True)
+            console.print(_render(args, reply))
+        except grpc.RpcError as exc:
+            code = exc.code()
+            print(f"switchyard admin: {code.name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        except OSError as exc:
+            print(f"switchyard admin: {exc}", file=sys.stderr)
+            return 2
+    return 0

@@ -1,0 +1,749 @@
+"""`switchyard load`: plays a scenario against a live gateway, open loop.
+
+    switchyard load --target HOST:PORT --scenario FILE [--short] [--report DIR]
+                    [--baseline fastest-only ...] [--json]
+
+Arrivals come from the scenario exactly as `simulate` draws them (Poisson,
+constant, bursts or a recorded trace; surges multiply the rate), scaled by the
+scenario's `live.rate_scale`, and each is sent when it is due whether or not
+earlier ones were answered (open loop: a slow gateway gets more work in flight,
+not fewer requests). Every request is a real Open Inference Protocol
+ModelInferRequest (zeros of the shapes the gateway's ModelMetadata gives, the
+stream's `sla_class` / `sla_ms` as parameters), serialized once per stream and
+sent as bytes over a few reused channels; answers are decoded only for the route
+and cost the gateway reports.
+
+Events run at their times through the gateway's admin API: set a price, drain
+or undrain, kill a backend (its supervised worker gets SIGKILL and stays down)
+and restart it, replace the policies. Before the run the scenario's policies and
+prices are applied (for the backends the live fleet has); after it the gateway's
+own are put back and any backend the run killed is restarted.
+
+The generator says when it could not keep up: each request's lateness (send time
+minus due time) is recorded, and the run is flagged when its p99 passes
+LAG_LIMIT_MS or it sent under 97% of the asked rate. It runs in its own process
+(uvloop when installed; `--cpus` pins it) so its CPU is its own budget.
+
+With `--baseline NAME` the same arrivals are replayed with the gateway's routing
+switched to that baseline (fastest-only, cheapest-only, round-robin,
+least-loaded), so savings are measured side by side on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from gateway.config import ConfigError
+from gateway.loadtest import report as loadreport
+from gateway.loadtest.records import NO_ROUTE, FiredEvent, Records, Stream
+from gateway.routing.policy import PolicyBook
+from gateway.routing.router import RouteRequest
+from gateway.sim.scenario import Event, Scenario, ScenarioError, ShareCheck, load_scenario
+from gateway.sim.simulate import Trace, make_trace
+from protos import admin_pb2 as apb
+from protos import admin_pb2_grpc
+from protos import inference_pb2 as pb
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+CHANNELS = 2
+"""Channels the requests are spread over (HTTP/2 connections)."""
+CALL_TIMEOUT_S = 30.0
+DRAIN_S = 35.0
+"""How long after the last send the run waits for outstanding answers."""
+LAG_LIMIT_MS = 20.0
+READY_TIMEOUT_S = 30.0
+VIEW_HZ = 2.0
+WINDOW_S = 2.0
+"""The live view's rates and shares are over the last this many seconds."""
+MAX_MESSAGE = 64 * 1024 * 1024
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "INT8": 1,
+    "UINT16": 2,
+    "INT16": 2,
+    "FP16": 2,
+    "BF16": 2,
+    "UINT32": 4,
+    "INT32": 4,
+    "FP32": 4,
+    "UINT64": 8,
+    "INT64": 8,
+    "FP64": 8,
+}
+
+
+class LoadError(Exception):
+    """The run cannot start (or an event cannot be applied): a clear message."""
+
+
+# ---- the plan: arrivals and requests ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    scenario: Scenario
+    """As played: shortened when asked, rates scaled for the live fleet."""
+    streams: list[Stream]
+    trace: Trace
+    asked_rate_per_s: float
+
+
+def make_plan(scenario: Scenario, short: bool, rate_scale: float = 1.0) -> Plan:
+    if short:
+        scenario = scenario.shortened()
+    scale = scenario.live.rate_scale * rate_scale
+    scenario = scenario.model_copy(
+        update={
+            "traffic": [
+                t.model_copy(update={"rate_per_s": t.rate_per_s * scale}) for t in scenario.traffic
+            ]
+        }
+    )
+    book = PolicyBook(scenario.policies)
+    streams = []
+    for t in scenario.traffic:
+        policy = book.resolve(RouteRequest(t.model, t.batch_size, t.sla_ms, t.sla_class))
+        live_model = scenario.live.models.get(t.model, t.model)
+        streams.append(Stream(live_model, t.class_name, policy.latency_ms))
+    trace = make_trace(scenario)
+    return Plan(scenario, streams, trace, len(trace) / scenario.duration_s)
+
+
+def zeros_request(
+    metadata: pb.ModelMetadataResponse, batch_size: int, params: dict[str, Any]
+) -> bytes:
+    """A ModelInferRequest of zeros in the shapes `metadata` gives (the batch
+    dimension `batch_size`, other variable dimensions 1), with `params`."""
+    request = pb.ModelInferRequest(model_name=metadata.name)
+    for tensor in metadata.inputs:
+        if tensor.datatype not in DTYPE_BYTES:
+            raise LoadError(
+                f"model {metadata.name!r} input {tensor.name!r}: cannot make {tensor.datatype} data"
+            )
+        shape = [(batch_size if i == 0 else 1) if d < 0 else d for i, d in enumerate(tensor.shape)]
+        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+        request.raw_input_contents.append(bytes(DTYPE_BYTES[tensor.datatype] * math.prod(shape)))
+    for key, value in params.items():
+        if isinstance(value, str):
+            request.parameters[key].string_param = value
+        else:
+            request.parameters[key].double_param = float(value)
+    return request.SerializeToString()
+
+
+# ---- the admin API: events, setup and restore ----------------------------------------
+
+
+class Admin:
+    """The gateway's admin API, for events and for setting up and restoring a run."""
+
+    def __init__(self, target: str, token: str) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            raise LoadError(
+                f"admin {method} at {self.target}: {exc.code().name}: {exc.details()}"
+            ) from exc
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass(slots=True)
+class Saved:
+    """The gateway's settings before the run, put back after it."""
+
+    policy_yaml: str
+    prices: dict[str, float]
+    routing: str | None
+
+
+async def backend_prices(admin: Admin) -> dict[str, float]:
+    reply = await admin.call("ListRoutes", apb.ListRoutesRequest())
+    return {r.backend: r.price_usd_per_hour for r in reply.routes}
+
+
+async def set_up(admin: Admin, plan: Plan, routing: str, console: Console) -> Saved:
+    from gateway.control.admin import policies_yaml
+
+    policy = await admin.call("GetPolicy", apb.GetPolicyRequest())
+    prices = await backend_prices(admin)
+    saved = Saved(policy.yaml, prices, None)
+    with contextlib.suppress(LoadError):
+        saved.routing = (await admin.call("GetRouting", apb.GetRoutingRequest())).name
+    if routing != "switchyard" or saved.routing not in (None, routing):
+        if saved.routing is None:
+            raise LoadError(f"the gateway at {admin.target} cannot switch its routing to {routing}")
+        await admin.call("SetRouting", apb.Routing(name=routing))
+    await admin.call("SetPolicy", apb.PolicyDocument(yaml=policies_yaml(plan.scenario.policies)))
+    missing = []
+    for backend in plan.scenario.backends:
+        if backend.name in prices:
+            await admin.call(
+                "SetPrice",
+                apb.SetPriceRequest(backend=backend.name, usd_per_hour=backend.price_usd_per_hour),
+            )
+        else:
+            missing.append(backend.name)
+    if missing:
+        console.print(
+            f"not in the live fleet (modelled only): {', '.join(missing)}", style="yellow"
+        )
+    return saved
+
+
+async def restore(admin: Admin, saved: Saved, killed: set[str]) -> None:
+    for backend in sorted(killed):
+        with contextlib.suppress(LoadError):
+            await admin.call("RestartBackend", apb.BackendRequest(backend=backend))
+    for backend, price in saved.prices.items():
+        with contextlib.suppress(LoadError):
+            await admin.call("SetPrice", apb.SetPriceRequest(backend=backend, usd_per_hour=price))
+    with contextlib.suppress(LoadError):
+        await admin.call("SetPolicy", apb.PolicyDocument(yaml=saved.policy_yaml))
+    if saved.routing is not None:
+        with contextlib.suppress(LoadError):
+            await admin.call("SetRouting", apb.Routing(name=saved.routing))
+
+
+async def wait_ready(admin: Admin, backends: Sequence[str], timeout_s: float) -> list[str]:
+    """Waits until every named backend's routes are ready; returns those that are not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = await admin.call("ListRoutes", apb.ListRoutesRequest())
+        status: dict[str, bool] = {}
+        for r in reply.routes:
+            status[r.backend] = status.get(r.backend, True) and r.status == "ready"
+        waiting = [b for b in backends if not status.get(b, False)]
+        if not waiting or time.monotonic() >= deadline:
+            return waiting
+        await asyncio.sleep(0.25)
+
+
+async def apply_event(admin: Admin, event: Event, killed: set[str]) -> str:
+    """Applies one event; returns what was done (raises LoadError when it failed)."""
+    from gateway.control.admin import policies_yaml
+
+    if event.set_price is not None:
+        p = event.set_price
+        await admin.call(
+            "SetPrice", apb.SetPriceRequest(backend=p.backend, usd_per_hour=p.usd_per_hour)
+        )
+        return f"price {p.backend} {p.usd_per_hour:g} USD/h"
+    if event.kill is not None:
+        reply = await admin.call("KillBackend", apb.BackendRequest(backend=event.kill))
+        killed.add(event.kill)
+        return f"kill -9 {event.kill}" + (f" (pid {reply.pid})" if reply.pid else "")
+    if event.restart is not None:
+        await admin.call("RestartBackend", apb.BackendRequest(backend=event.restart))
+        killed.discard(event.restart)
+        return f"restart {event.restart}"
+    if event.drain is not None:
+        await admin.call("Drain", apb.DrainRequest(backend=event.drain))
+        return f"drain {event.drain}"
+    if event.undrain is not None:
+        await admin.call("Undrain", apb.DrainRequest(backend=event.undrain))
+        return f"undrain {event.undrain}"
+    assert event.set_policy is not None, event.action
+    await admin.call("SetPolicy", apb.PolicyDocument(yaml=policies_yaml(event.set_policy)))
+    return "policies replaced"
+
+
+# ---- one run ------------------------------------------------------------------------
+
+
+class Run:
+    """One open-loop run of a plan against the gateway at `target`."""
+
+    def __init__(self, plan: Plan, target: str, payloads: list[bytes]) -> None:
+        self.plan = plan
+        self.target = target
+        self.payloads = payloads
+        n = len(plan.trace)
+        self.records = Records(
+            streams=plan.streams,
+            routes=[],
+            statuses=["OK"],
+            send_s=np.full(n, np.nan),
+            scheduled_s=plan.trace.times.copy(),
+            stream=plan.trace.streams.copy(),
+            latency_ms=np.full(n, np.nan),
+            status=np.zeros(n, dtype=np.int64),
+            route=np.full(n, NO_ROUTE, dtype=np.int64),
+            cost_usd=np.zeros(n),
+            answered=np.zeros(n, dtype=np.bool_),
+        )
+        self._route_index: dict[tuple[str, str], int] = {}
+        self._status_index = {"OK": 0}
+        self.sent = 0
+        self.outstanding = 0
+        self.events: list[FiredEvent] = []
+        self.killed: set[str] = set()
+        self.started = 0.0
+        self.done = asyncio.Event()
+
+    def _route(self, backend: str, variant: str) -> int:
+        key = (backend, variant)
+        index = self._route_index.get(key)
+        if index is None:
+            index = self._route_index[key] = len(self.records.routes)
+            self.records.routes.append(f"{backend}/{variant or 'default'}")
+        return index
+
+    def _status(self, name: str) -> int:
+        index = self._status_index.get(name)
+        if index is None:
+            index = self._status_index[name] = len(self.records.statuses)
+            self.records.statuses.append(name)
+        return index
+
+    async def _one(self, call: Any, i: int, payload: bytes) -> None:
+        rec = self.records
+        sent = time.perf_counter()
+        try:
+            raw = await call(payload, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            rec.latency_ms[i] = (time.perf_counter() - sent) * 1000.0
+            rec.status[i] = self._status(exc.code().name)
+        except Exception as exc:  # any client failure is this request's outcome
+            rec.latency_ms[i] = (time.perf_counter() - sent) * 1000.0
+            rec.status[i] = self._status(f"CLIENT_{type(exc).__name__}")
+        else:
+            rec.latency_ms[i] = (time.perf_counter() - sent) * 1000.0
+            params = pb.ModelInferResponse.FromString(raw).parameters
+            backend = (
+                params["switchyard_backend"].string_param
+                if "switchyard_backend" in params
+                else self.target
+            )
+            variant = (
+                params["switchyard_variant"].string_param if "switchyard_variant" in params else ""
+            )
+            rec.route[i] = self._route(backend, variant)
+            if "switchyard_cost_usd" in params:
+                with contextlib.suppress(ValueError):
+                    rec.cost_usd[i] = float(params["switchyard_cost_usd"].string_param)
+        finally:
+            rec.answered[i] = not math.isnan(rec.latency_ms[i])
+            self.outstanding -= 1
+            if self.outstanding == 0 and self.sent == len(rec):
+                self.done.set()
+
+    async def _events(self, admin: Admin | None) -> None:
+        loop = asyncio.get_running_loop()
+        for event in sorted(self.plan.scenario.events, key=lambda e: e.at_s):
+            delay = self.started + event.at_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            at = loop.time() - self.started
+            surge = event.multiply_rate
+            if surge is not None:  # already in the arrivals
+                self.events.append(FiredEvent(at, f"rate x{surge.factor:g} for {surge.for_s:g} s"))
+                continue
+            if admin is None:
+                self.events.append(FiredEvent(at, event.action, False, "no admin API"))
+                continue
+            try:
+                label = await apply_event(admin, event, self.killed)
+                self.events.append(FiredEvent(at, label))
+            except LoadError as exc:
+                self.events.append(FiredEvent(at, event.action, False, str(exc)))
+
+    async def run(self, admin: Admin | None, view: LiveView | None) -> float:
+        """Sends every arrival when due and waits for the answers; returns how long
+        sending took (the scenario's duration, or longer when the generator fell behind)."""
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # Each channel its own connection, not one shared subchannel.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        channels = [
+            grpc.aio.insecure_channel(self.target, options=options) for _ in range(CHANNELS)
+        ]
+        calls = [c.unary_unary(INFER_METHOD) for c in channels]
+        loop = asyncio.get_running_loop()
+        times: list[float] = self.plan.trace.times.tolist()
+        streams: list[int] = self.plan.trace.streams.tolist()
+        payloads = self.payloads
+        send_s = self.records.send_s
+        n = len(times)
+        tasks: set[asyncio.Task[None]] = set()
+        # Everything made so far (modules, the plan's arrays, the payloads) lives for the
+        # whole run: frozen out of the collector's sight, a full collection during the run
+        # scans only what the run makes. Unfrozen, one took 30-100 ms on a busy machine,
+        # and every send due meanwhile went late.
+        gc.collect()
+        gc.freeze()
+        self.started = loop.time()
+        events = asyncio.ensure_future(self._events(admin))
+        viewer = asyncio.ensure_future(view.run(self)) if view is not None else None
+        try:
+            for i in range(n):
+                due = self.started + times[i]
+                now = loop.time()
+                if due > now:
+                    await asyncio.sleep(due - now)
+                    now = loop.time()
+                send_s[i] = now - self.started
+                self.outstanding += 1
+                self.sent = i + 1
+                task = loop.create_task(self._one(calls[i % CHANNELS], i, payloads[streams[i]]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if n == 0:
+                self.done.set()
+            sending_s = max(self.plan.scenario.duration_s, loop.time() - self.started)
+            rest = self.started + self.plan.scenario.duration_s - loop.time()
+            if rest > 0:
+                await asyncio.sleep(rest)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), DRAIN_S)
+            await events
+            return sending_s
+        finally:
+            gc.unfreeze()
+            for task in list(tasks):
+                task.cancel()
+            events.cancel()
+            if viewer is not None:
+                viewer.cancel()
+            for channel in channels:
+                await channel.close()
+
+
+# ---- the live view ------------------------------------------------------------------
+
+
+class LiveView:
+    """Rate, SLA attainment and routing shares while the run goes (rich)."""
+
+    def __init__(self, console: Console, title: str) -> None:
+        self.console = console
+        self.title = title
+
+    def render(self, run: Run) -> Group:
+        rec = run.records
+        loop_now = asyncio.get_running_loop().time() - run.started
+        k = run.sent
+        send = rec.send_s[:k]
+        recent = send >= loop_now - WINDOW_S
+        answered = rec.answered[:k]
+        lat = rec.latency_ms[:k]
+        ok = answered & (rec.status[:k] == 0)
+        duration = run.plan.scenario.duration_s
+        due = int(np.searchsorted(run.plan.trace.times, loop_now))
+        head = Table.grid(padding=(0, 2))
+        head.add_row(
+            f"[bold]{self.title}[/]",
+            f"{min(loop_now, duration):5.1f} / {duration:g} s",
+            f"asked {due / max(loop_now, 1e-9):7.1f}/s",
+            f"sent {int(recent.sum()) / WINDOW_S:7.1f}/s (last {WINDOW_S:g} s)",
+            f"in flight {run.outstanding}",
+            f"behind {max(0, due - k)}",
+            f"errors {int((answered & ~ok).sum())}",
+        )
+        classes = Table(title="SLA attainment so far (last 2 s)", expand=False)
+        classes.add_column("class")
+        classes.add_column("SLA ms", justify="right")
+        classes.add_column("met", justify="right")
+        classes.add_column("met, last 2 s", justify="right")
+        streams = rec.stream[:k]
+        for name in rec.class_names():
+            members = [i for i, s in enumerate(rec.streams) if s.sla_class == name]
+            sla = np.asarray([rec.streams[i].sla_ms for i in members])
+            mask = np.isin(streams, members) & answered
+            sla_of = np.zeros(len(rec.streams))
+            sla_of[members] = sla
+            met = ok & mask & (lat <= sla_of[streams])
+            total = int(mask.sum())
+            recent_total = int((mask & recent).sum())
+            classes.add_row(
+                name,
+                ", ".join(f"{v:g}" for v in sorted(set(sla.tolist()))),
+                f"{met.sum() / total:.2%}" if total else "-",
+                f"{(met & recent).sum() / recent_total:.2%}" if recent_total else "-",
+            )
+        shares = Table(title="routing shares (last 2 s)", expand=False)
+        shares.add_column("route")
+        shares.add_column("share", justify="right")
+        routes = rec.route[:k][ok & recent]
+        for index, name in enumerate(list(rec.routes)):
+            if len(routes):
+                shares.add_row(name, f"{float((routes == index).mean()):.1%}")
+        fired = Table(title="events", expand=False)
+        fired.add_column("at s", justify="right")
+        fired.add_column("event")
+        for event in run.events[-6:]:
+            fired.add_row(
+                f"{event.at_s:.1f}", event.label + ("" if event.ok else f" FAILED: {event.detail}")
+            )
+        grid = Table.grid(padding=(0, 3))
+        grid.add_row(classes, shares, fired)
+        return Group(head, grid)
+
+    async def run(self, run: Run) -> None:
+        with Live(
+            self.render(run), console=self.console, refresh_per_second=VIEW_HZ, transient=True
+        ) as live:
+            while True:
+                await asyncio.sleep(1.0 / VIEW_HZ)
+                live.update(self.render(run))
+
+
+# ---- checks of the scenario's live thresholds ----------------------------------------
+
+
+def backend_share(records: Records, backend: str, from_s: float, to_s: float) -> float | None:
+    """`backend`'s share (all its routes) of the OK answers to requests sent in
+    [from_s, to_s); None when the window has no OK answer."""
+    shares = loadreport.window_shares(records, from_s, to_s)
+    if not shares or any(math.isnan(v) for v in shares.values()):
+        return None
+    return sum(v for name, v in shares.items() if name.split("/", 1)[0] == backend)
+
+
+def share_checks(records: Records, checks: Sequence[ShareCheck]) -> list[tuple[str, bool, str]]:
+    out = []
+    for c in checks:
+        share = backend_share(records, c.backend, c.from_s, c.to_s)
+        bounds = []
+        if c.min_share is not None:
+            bounds.append(f">= {c.min_share:.0%}")
+        if c.max_share is not None:
+            bounds.append(f"<= {c.max_share:.0%}")
+        name = f"{c.backend} share {c.from_s:g}-{c.to_s:g} s {' and '.join(bounds)}"
+        if share is None:
+            out.append((name, False, "no answers in the window"))
+            continue
+        passed = (c.min_share is None or share >= c.min_share) and (
+            c.max_share is None or share <= c.max_share
+        )
+        out.append((name, passed, f"{share:.1%}"))
+    return out
+
+
+# ---- command line -------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="the gateway (HOST:PORT)")
+    parser.add_argument("--scenario", type=Path, required=True, help="scenario file (YAML)")
+    parser.add_argument("--short", action="store_true", help="the scenario's short form")
+    parser.add_argument(
+        "--report", type=Path, default=None, metavar="DIR", help="write the report here"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        choices=["fastest-only", "cheapest-only", "round-robin", "least-loaded"],
+        help="also run the same arrivals with this routing policy (repeatable)",
+    )
+    parser.add_argument(
+        "--admin",
+        default=None,
+        metavar="HOST:PORT",
+        help="the gateway's admin API (default: the fleet file's gateway.admin)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the gateway's fleet file, for the admin address and token "
+        "(default: the scenario's live.fleet, else the embedded demo fleet)",
+    )
+    parser.add_argument("--token-file", type=Path, default=None, help="admin token file")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply every rate")
+    parser.add_argument("--cpus", type=int, nargs="+", default=None, help="pin to these CPUs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no live view")
+
+
+def _admin_for(args: argparse.Namespace, scenario: Scenario) -> Admin | None:
+    from gateway.control.admin import TOKEN_ENV
+    from gateway.control.admin_cli import admin_access
+
+    fleet = args.config if args.config is not None else scenario.live.fleet
+    target, token = admin_access(fleet, args.admin, args.token_file)
+    if token is None:
+        needs = scenario.events or args.baseline
+        if needs:
+            raise LoadError(
+                f"the scenario's events and baselines need the admin API: set {TOKEN_ENV}, "
+                "or pass --token-file"
+            )
+        return None
+    return Admin(target, token)
+
+
+async def _payloads(target: str, plan: Plan) -> list[bytes]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        metadata = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelMetadata",
+            request_serializer=pb.ModelMetadataRequest.SerializeToString,
+            response_deserializer=pb.ModelMetadataResponse.FromString,
+        )
+        cache: dict[str, pb.ModelMetadataResponse] = {}
+        payloads = []
+        for stream, traffic in zip(plan.streams, plan.scenario.traffic, strict=True):
+            meta = cache.get(stream.model)
+            if meta is None:
+                try:
+                    meta = await metadata(pb.ModelMetadataRequest(name=stream.model), timeout=10.0)
+                except grpc.aio.AioRpcError as exc:
+                    raise LoadError(
+                        f"model {stream.model!r} at {target}: {exc.code().name}: {exc.details()}"
+                    ) from exc
+                cache[stream.model] = meta
+            params: dict[str, Any] = {}
+            if traffic.sla_class is not None:
+                params["sla_class"] = traffic.sla_class
+            if traffic.sla_ms is not None:
+                params["sla_ms"] = traffic.sla_ms
+            payloads.append(zeros_request(meta, traffic.batch_size, params))
+        return payloads
+
+
+async def _main(args: argparse.Namespace, console: Console) -> int:
+    scenario = load_scenario(args.scenario)
+    plan = make_plan(scenario, args.short, args.rate_scale)
+    admin = _admin_for(args, scenario)
+    payloads = await _payloads(args.target, plan)
+    live_backends: set[str] = set()
+    if admin is not None:
+        try:
+            live_backends = set(await backend_prices(admin))
+        except LoadError as exc:
+            if plan.scenario.events or args.baseline:
+                raise
+            # A plain v2 server, or a gateway without its admin API: load only.
+            console.print(f"{exc}; running without the admin API", style="yellow")
+            await admin.close()
+            admin = None
+    results: list[tuple[str, Records, list[FiredEvent], float]] = []
+    try:
+        for routing in ["switchyard", *args.baseline]:
+            saved = None
+            if admin is not None:
+                waiting = await wait_ready(admin, sorted(live_backends), READY_TIMEOUT_S)
+                if waiting:
+                    console.print(
+                        f"not ready after {READY_TIMEOUT_S:g} s: {', '.join(waiting)}",
+                        style="yellow",
+                    )
+                saved = await set_up(admin, plan, routing, console)
+            run = Run(plan, args.target, payloads)
+            view = None
+            if not args.quiet and not args.json and console.is_terminal:
+                view = LiveView(console, f"{plan.scenario.scenario} [{routing}]")
+            try:
+                duration = await run.run(admin, view)
+            finally:
+                if admin is not None and saved is not None:
+                    await restore(admin, saved, run.killed)
+            results.append((routing, run.records, run.events, duration))
+    finally:
+        if admin is not None:
+            await admin.close()
+    live = plan.scenario.thresholds.live
+    main_routing, records, events, duration = results[0]
+    summary = loadreport.summarise(records, main_routing, duration, plan.asked_rate_per_s)
+    checks = list(
+        loadreport.check_live(summary, live.attainment_min, live.classes, live.max_error_fraction)
+    )
+    checks += share_checks(records, live.shares)
+    failed_events = [e for e in events if not e.ok]
+    checks.append(
+        (
+            "every event applied",
+            not failed_events,
+            "; ".join(f"{e.label}: {e.detail}" for e in failed_events) or f"{len(events)} applied",
+        )
+    )
+    baselines = [
+        (loadreport.summarise(r, name, d, plan.asked_rate_per_s), r)
+        for name, r, _, d in results[1:]
+    ]
+    paths = {}
+    if args.report is not None:
+        args.report.mkdir(parents=True, exist_ok=True)
+        paths = loadreport.write_report(
+            args.report,
+            plan.scenario.scenario,
+            plan.scenario.description,
+            records,
+            summary,
+            events,
+            checks,
+            baselines,
+        )
+    passed = all(ok for _, ok, _ in checks)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "scenario": plan.scenario.scenario,
+                    "summary": summary.to_json(),
+                    "baselines": [b.to_json() for b, _ in baselines],
+                    "events": [
+                        {"at_s": e.at_s, "label": e.label, "ok": e.ok, "detail": e.detail}
+                        for e in events
+                    ],
+                    "checks": [{"name": n, "passed": ok, "detail": d} for n, ok, d in checks],
+                    "passed": passed,
+                    "report": {k: str(v) for k, v in paths.items()},
+                }
+            )
+        )
+    else:
+        loadreport.print_summary(console, plan.scenario.scenario, summary, checks, baselines)
+        for kind, path in paths.items():
+            console.print(f"{kind}: {path}", markup=False, highlight=False, soft_wrap=True)
+    return 0 if passed else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    # With --json, stdout carries the one JSON object only: warnings and errors go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    console = Console(stderr=args.json, width=None if out.isatty() else 160)
+    if args.cpus:
+        try:
+            os.sched_setaffinity(0, set(args.cpus))
+        except OSError as exc:
+            console.print(f"--cpus {args.cpus}: {exc}", style="red")
+            return 2
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        return asyncio.run(_main(args, console))
+    except (ScenarioError, ConfigError, LoadError) as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2

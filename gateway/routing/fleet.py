@@ -1,0 +1,605 @@
+"""Fleet state: what each backend is and costs, whether it may take traffic
+(healthy, not drained, not ejected), which models and variants it holds, what
+is in flight on it, and each route's live latency estimate. Updated by the
+prober, the servicer (attempt outcomes), the admin API and price schedules;
+read by the router.
+
+Pure state: no I/O, no clock. Every method that depends on time takes `now_s`.
+Routes are long-lived objects (their estimates persist), rebuilt only when a
+backend's models or variants change; the router reads them without copying.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from math import exp, sqrt
+
+from backends.protocol.tensors import TensorSpec
+from gateway.routing.estimates import LatencyEstimate, NetworkEstimate
+
+DEFAULT_ROW_FRACTION = 0.5
+"""A route's extra service time per extra row of a batch, as a fraction of one row's,
+until its profile says otherwise."""
+DEFAULT_SERVICE_MS = 1.0
+"""The service-time guess for a route with neither profile nor samples."""
+
+
+WORK_RATE_TAU_S = 1.0
+"""The time constant of a backend's decayed rate of work per SLA budget (what the
+router reads as the load of tighter classes arriving while a request waits)."""
+_PER_TAU = 1.0 / WORK_RATE_TAU_S
+
+TIGHTER_LOAD_CAP = 0.95
+"""Past this share of the slots taken by tighter classes, a looser request's wait is
+inflated by a fixed 400x (the 1 / (1 - rho)^2 of the cap) rather than without bound."""
+CAPPED_INFLATION = 1.0 / (1.0 - TIGHTER_LOAD_CAP) ** 2
+
+
+def first_of_n_level(percentile: float, n: int) -> float:
+    """The percentile level at which each of `n` requests in service must be read for
+    the first of them to end by then at `percentile` (at least p99)."""
+    return float(100.0 * (1.0 - (1.0 - max(percentile, 99.0) / 100.0) ** (1.0 / max(1, n))))
+
+
+SHARE_WINDOW_S = 10.0
+"""The time constant of a route's recent traffic (its share in `switchyard admin routes`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model as a backend reports it (metadata and configuration, as domain types)."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    variant: str
+    """The variant the backend serves it with by default (`remote` when it does not say)."""
+    variants: tuple[str, ...] = ()
+    """Every variant the backend can serve it with (a request may name one)."""
+    profile: tuple[tuple[str, float, float, float | None], ...] = ()
+    """(variant, p50 ms, p99 ms, row fraction or None) on the backend's hardware, as
+    profiled: p50 and p99 at batch 1; the row fraction is what each extra row of a
+    batch adds, as a fraction of one row's time."""
+
+    deadlines: bool = False
+    """Its queue takes requests earliest deadline first, by `switchyard_due_us` (a
+    Switchyard worker's): the gateway tells it when each request is due."""
+
+    def all_variants(self) -> tuple[str, ...]:
+        return self.variants or (self.variant,)
+
+
+_Derived = tuple[float, float, float, float, float, list[float], list[float], int, int]
+
+
+class Ticket:
+    """A request on a backend from its send to its answer: when it is due (its
+    arrival plus its SLA), what its route expects it to take, and when it took a
+    slot (None while it waits)."""
+
+    __slots__ = ("due_s", "expected_ms", "ident", "route", "started_s")
+
+    def __init__(
+        self, route: Route | None, expected_ms: float, due_s: float, ident: int = 0
+    ) -> None:
+        self.route = route
+        self.expected_ms = expected_ms
+        self.due_s = due_s
+        self.ident = ident
+        """The caller's own tag (the simulator's request number)."""
+        self.started_s: float | None = None
+
+
+@dataclass(slots=True)
+class BackendState:
+    name: str
+    address: str
+    hardware_class: str
+    price_usd_per_hour: float
+    slots: int = 1
+    """How many requests it runs at once (its threads), for queue-wait predictions."""
+    expected_models: tuple[str, ...] = ()
+    """Models configured for v2 servers that cannot list their own."""
+    carbon_g_per_kwh: float | None = None
+    power_w: float | None = None
+    healthy: bool = False
+    drained: bool = False
+    ejected_until_s: float | None = None
+    """Set while passive outlier detection keeps it out of the routes."""
+    ejections: int = 0
+    """Ejections in a row without a clean spell: the back-off doubles with each."""
+    attempt_failures: int = 0
+    """Consecutive failed or timed-out attempts (passive outlier detection)."""
+    available: bool = False
+    """Healthy, not drained, not ejected: the router's one check."""
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    in_flight: int = 0
+    serving: list[Ticket] = field(default_factory=list)
+    """The requests in flight that hold a slot (at most `slots`)."""
+    _waiting: list[Ticket | None] = field(default_factory=list)
+    """The rest, earliest deadline first (the order they take slots in), from index
+    `_head` on: taking the first only moves the head, so a long queue is not shifted
+    on every answer (it is compacted once the head is past half of it)."""
+    _waiting_due: list[float] = field(default_factory=list)
+    """Their deadlines (s), in the same order, for bisection."""
+    _head: int = 0
+    work_rates: dict[float, list[float]] = field(default_factory=dict)
+    """SLA budget (ms) -> [ms of expected work sent per second, decayed with
+    WORK_RATE_TAU_S, as of time s]."""
+    _stale: bool = True
+    """Set by every admit, finish and clear: the figures below, which the router reads
+    for every route of every request, are derived again from the queue when next read
+    (`_by_budget` is emptied at once, so what it holds is always current)."""
+    _prefix_ms: list[float] = field(default_factory=list)
+    """The waiting requests' expected work, cumulated in deadline order."""
+    _first_end_ms: dict[float, float] = field(default_factory=dict)
+    """Percentile -> when (ms on the clock) the first request in service ends at it."""
+    _tighter: dict[float, float] = field(default_factory=dict)
+    """SLA budget (ms) -> share of the slots tighter classes' work takes, as of
+    `_rates_at_s`."""
+    _rates_at_s: float = 0.0
+    _by_budget: dict[float, _Derived] = field(default_factory=dict)
+    """SLA budget (ms) -> what `wait_ms` reads for a request's policy, in one lookup:
+    (percentile, first end at it, tighter share, its inflation, `_rates_at_s`,
+    `_waiting_due`, `_prefix_ms`, `_head`, `slots`)."""
+    last_probe_s: float | None = None
+    last_error: str = ""
+    consecutive_failures: int = 0
+    network: NetworkEstimate = field(default_factory=NetworkEstimate)
+    usd_per_busy_ms: float = 0.0
+    """Price per millisecond of one slot's time: cost of a request = this x service ms."""
+    g_co2_per_busy_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        self.set_price(self.price_usd_per_hour)
+        self.set_carbon(self.carbon_g_per_kwh, self.power_w)
+        self.refresh()
+
+    def set_price(self, usd_per_hour: float) -> None:
+        self.price_usd_per_hour = usd_per_hour
+        self.usd_per_busy_ms = usd_per_hour / 3_600_000.0 / max(1, self.slots)
+
+    def set_carbon(self, g_per_kwh: float | None, power_w: float | None) -> None:
+        self.carbon_g_per_kwh, self.power_w = g_per_kwh, power_w
+        if g_per_kwh is None or power_w is None:
+            self.g_co2_per_busy_ms = None
+        else:
+            # W x ms = J / 1000; 1 kWh = 3.6e6 J.
+            self.g_co2_per_busy_ms = power_w / 1000.0 / 3.6e6 * g_per_kwh / max(1, self.slots)
+
+    def admit(
+        self,
+        route: Route | None,
+        expected_ms: float,
+        due_s: float,
+        now_s: float,
+        budget_ms: float | None = None,
+    ) -> Ticket:
+        """A request sent to this backend at `now_s`, expected to take `expected_ms`,
+        due at `due_s`: it takes a free slot, or waits behind the requests due before
+        it. `budget_ms` (its SLA) counts its work in the rate of its class."""
+        self.in_flight += 1
+        self._changed()
+        if budget_ms is not None:
+            rate = self.work_rates.get(budget_ms)
+            if rate is None:
+                self.work_rates[budget_ms] = [expected_ms / WORK_RATE_TAU_S, now_s]
+            else:
+                if now_s > rate[1]:
+                    rate[0] *= exp((rate[1] - now_s) * _PER_TAU)
+                    rate[1] = now_s
+                rate[0] += expected_ms / WORK_RATE_TAU_S
+        ticket = Ticket(route, expected_ms, due_s)
+        if len(self.serving) < self.slots:
+            ticket.started_s = now_s
+            self.serving.append(ticket)
+        else:
+            at = bisect_right(self._waiting_due, due_s, self._head)
+            self._waiting_due.insert(at, due_s)
+            self._waiting.insert(at, ticket)
+        return ticket
+
+    @property
+    def queued(self) -> int:
+        """Requests in flight that wait for a slot."""
+        return len(self._waiting) - self._head
+
+    def due_before(self, due_s: float) -> tuple[int, float]:
+        """How many waiting requests are due by `due_s`, and the work (ms) they are
+        expected to take: what is ahead of a request due then."""
+        if self._stale:
+            self._derive()
+        k = bisect_right(self._waiting_due, due_s, self._head) - self._head
+        return k, self._prefix_ms[k]
+
+    def finish(self, ticket: Ticket, now_s: float) -> Ticket | None:
+        """`ticket`'s request answered (or given up) at `now_s`; returns the waiting
+        request that takes its slot, if any."""
+        self._changed()
+        if ticket.started_s is None:
+            # Answered while it was modelled waiting (it travelled in a merged call).
+            waiting = self._waiting
+            at = bisect_left(self._waiting_due, ticket.due_s, self._head)
+            while at < len(waiting) and waiting[at] is not ticket:
+                at += 1
+            if at == len(waiting):
+                return None  # already gone (the backend's state was cleared)
+            del waiting[at]
+            del self._waiting_due[at]
+            self.in_flight -= 1
+            return None
+        try:
+            self.serving.remove(ticket)
+        except ValueError:
+            return None  # already gone (the backend's state was cleared)
+        self.in_flight -= 1
+        head = self._head
+        if head == len(self._waiting) or len(self.serving) >= self.slots:
+            return None
+        nxt = self._waiting[head]
+        assert nxt is not None
+        self._waiting[head] = None
+        head += 1
+        if head > 32 and head * 2 > len(self._waiting):
+            del self._waiting[:head]
+            del self._waiting_due[:head]
+            head = 0
+        self._head = head
+        nxt.started_s = now_s
+        self.serving.append(nxt)
+        return nxt
+
+    def clear(self) -> list[Ticket]:
+        """Every request in flight is lost (the backend died): returns them."""
+        lost = self.serving + [t for t in self._waiting[self._head :] if t is not None]
+        self.serving, self._waiting, self._waiting_due, self._head = [], [], [], 0
+        self.in_flight = 0
+        self._changed()
+        return lost
+
+    def tighter_load(self, budget_ms: float, now_s: float) -> float:
+        """The share of this backend's slots that the work of classes with SLAs
+        tighter than `budget_ms` takes now (their decayed rate of work)."""
+        if self._stale:
+            self._derive()
+        share = self._tighter.get(budget_ms)
+        if share is None:
+            share = self._tighter_share(budget_ms)
+        at_s = self._rates_at_s
+        return share * exp((at_s - now_s) * _PER_TAU) if now_s > at_s else share
+
+    def wait_ms(
+        self, mean_ms: float, service_ms: float, sla_ms: float, percentile: float, now_s: float
+    ) -> float:
+        """The router's predicted queue wait (see `gateway.routing.router.queue_wait_ms`) of one
+        more request on this backend while all its slots are busy, due in `sla_ms`,
+        whose route's service time is `service_ms` at `percentile` and `mean_ms` on
+        average. Runs for every busy route of every request: what it derives from the
+        queue is kept until the queue changes."""
+        derived = self._by_budget.get(sla_ms)
+        if derived is None or derived[0] != percentile:
+            derived = self._derive_budget(sla_ms, percentile)
+        _, end, share, inflation, rates_at_s, dues, prefix, head, slots = derived
+        # Waiting requests due before this one: their work is ahead of it.
+        k = bisect_right(dues, now_s + sla_ms * 0.001, head) - head if len(prefix) > 1 else 0
+        wait = prefix[k] / slots
+        end -= now_s * 1000.0  # until the first slot frees
+        if end > 0.0:
+            wait += end
+        if service_ms > mean_ms:
+            wait += (service_ms - mean_ms) * sqrt((k + 1) / slots)
+        if share > 0.0:
+            if now_s > rates_at_s:  # the share decays from when it was last derived
+                rho = share * exp((rates_at_s - now_s) * _PER_TAU)
+                if rho < TIGHTER_LOAD_CAP:
+                    free = 1.0 - rho
+                    return wait / (free * free)
+                return wait * CAPPED_INFLATION
+            return wait * inflation
+        return wait
+
+    def _changed(self) -> None:
+        """The queue changed: what was derived from it is derived again when next read."""
+        self._stale = True
+        self._by_budget.clear()
+
+    def _derive(self) -> None:
+        self._stale = False
+        prefix = [0.0]
+        total = 0.0
+        for ticket in self._waiting[self._head :]:
+            assert ticket is not None
+            total += ticket.expected_ms
+            prefix.append(total)
+        self._prefix_ms = prefix
+        self._first_end_ms = {}
+        self._tighter = {}
+        self._rates_at_s = max((at_s for _, at_s in self.work_rates.values()), default=0.0)
+
+    def _first_end(self, percentile: float) -> float:
+        """When (ms on the clock) the first of the N requests in service ends, at
+        `percentile` (at least p99): each read at its route's quantile at level
+        1 - (1 - p)^(1/N), from its start."""
+        level = first_of_n_level(percentile, len(self.serving))
+        end = math.inf
+        for ticket in self.serving:
+            route = ticket.route
+            service = route.estimate.quantile_ms(level) if route is not None else ticket.expected_ms
+            started = ticket.started_s if ticket.started_s is not None else 0.0
+            end = min(end, started * 1000.0 + service)
+        self._first_end_ms[percentile] = end
+        return end
+
+    def _derive_budget(self, sla_ms: float, percentile: float) -> _Derived:
+        if self._stale:
+            self._derive()
+        end = self._first_end_ms.get(percentile)
+        if end is None:
+            end = self._first_end(percentile)
+        share = self._tighter.get(sla_ms)
+        if share is None:
+            share = self._tighter_share(sla_ms)
+        inflation = 1.0 / (1.0 - share) ** 2 if share < TIGHTER_LOAD_CAP else CAPPED_INFLATION
+        derived = self._by_budget[sla_ms] = (
+            percentile,
+            end,
+            share,
+            inflation,
+            self._rates_at_s,
+            self._waiting_due,
+            self._prefix_ms,
+            self._head,
+            self.slots,
+        )
+        return derived
+
+    def _tighter_share(self, budget_ms: float) -> float:
+        at_s = self._rates_at_s
+        total = 0.0
+        for budget, (rate, rate_at_s) in self.work_rates.items():
+            if budget < budget_ms:
+                total += rate * exp((rate_at_s - at_s) * _PER_TAU)
+        share = total / (1000.0 * self.slots)
+        self._tighter[budget_ms] = share
+        return share
+
+    def refresh(self) -> None:
+        self.available = self.healthy and not self.drained and self.ejected_until_s is None
+
+    @property
+    def status(self) -> str:
+        if not self.healthy:
+            return "unhealthy"
+        if self.drained:
+            return "drained"
+        if self.ejected_until_s is not None:
+            return "ejected"
+        return "ready"
+
+
+class Route:
+    """A (backend, variant) pair that can serve a model, with its live estimates.
+
+    `state` is the backend's shared state (price, health, in-flight); the
+    estimates are the route's own. `observed` tracks end-to-end latency as the
+    gateway saw it (for SREs); `estimate` the service time the router predicts with.
+    """
+
+    __slots__ = (
+        "backend",
+        "deadlines",
+        "default",
+        "estimate",
+        "failures",
+        "model",
+        "observed",
+        "recent",
+        "recent_at_s",
+        "requests",
+        "row_fraction",
+        "state",
+        "variant",
+    )
+
+    def __init__(self, state: BackendState, model: str, variant: str, default: bool) -> None:
+        self.backend = state.name
+        self.model = model
+        self.variant = variant
+        self.default = default
+        """The variant the backend serves when a request names none."""
+        self.state = state
+        self.estimate = LatencyEstimate(DEFAULT_SERVICE_MS)
+        self.observed = LatencyEstimate(DEFAULT_SERVICE_MS)
+        self.deadlines = False
+        """The backend takes `switchyard_due_us` (see ModelInfo.deadlines)."""
+        self.row_fraction = DEFAULT_ROW_FRACTION
+        """What each extra row of a batch adds to a request's service time, as a
+        fraction of one row's (from the backend's profile of this variant)."""
+        self.requests = 0
+        self.failures = 0
+        self.recent = 0.0
+        """Attempts, decayed with SHARE_WINDOW_S (the traffic share SREs see)."""
+        self.recent_at_s = 0.0
+
+    def count(self, now_s: float) -> None:
+        """One more attempt on this route at `now_s`."""
+        self.requests += 1
+        self.recent = self.recent_requests(now_s) + 1.0
+        self.recent_at_s = now_s
+
+    def recent_requests(self, now_s: float) -> float:
+        """Attempts over about the last SHARE_WINDOW_S seconds (exponentially decayed)."""
+        if self.recent == 0.0:
+            return 0.0
+        return self.recent * math.exp(-max(0.0, now_s - self.recent_at_s) / SHARE_WINDOW_S)
+
+    @property
+    def address(self) -> str:
+        return self.state.address
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.backend, self.model, self.variant)
+
+    def __repr__(self) -> str:
+        return f"Route({self.backend}/{self.model}/{self.variant})"
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """Passive outlier detection settings."""
+
+    after_failures: int = 3
+    """Consecutive failed attempts (errors or timeouts) that eject a backend."""
+    base_s: float = 1.0
+    """First ejection's length; each ejection in a row doubles it."""
+    max_s: float = 30.0
+
+
+class FleetState:
+    """All backends, keyed by name, and the routes of each model."""
+
+    def __init__(self, backends: Iterable[BackendState], ejection: Ejection = Ejection()) -> None:
+        self.backends = {b.name: b for b in backends}
+        self.ejection = ejection
+        self._routes: dict[str, list[Route]] = {}
+        self._by_key: dict[tuple[str, str, str], Route] = {}
+
+    # ---- updates (prober, pool, supervisor, admin) ----
+
+    def set_address(self, backend: str, address: str) -> None:
+        self.backends[backend].address = address
+
+    def record_probe(
+        self, backend: str, now_s: float, models: dict[str, ModelInfo], rtt_ms: float | None = None
+    ) -> None:
+        """A successful probe: the backend is ready with exactly these models. An
+        ejected backend whose back-off has passed is re-admitted."""
+        state = self.backends[backend]
+        changed = state.models != models
+        state.healthy = True
+        state.models = dict(models)
+        state.last_probe_s = now_s
+        state.last_error = ""
+        state.consecutive_failures = 0
+        if rtt_ms is not None:
+            state.network.observe(rtt_ms)
+        if state.ejected_until_s is not None and now_s >= state.ejected_until_s:
+            state.ejected_until_s = None
+            state.attempt_failures = 0
+        state.refresh()
+        if changed:
+            self._rebuild()
+
+    def record_failure(self, backend: str, now_s: float, error: str) -> None:
+        """A failed probe or a refused connection: the backend leaves the routes
+        until a probe finds it ready again."""
+        state = self.backends[backend]
+        state.healthy = False
+        state.last_probe_s = now_s
+        state.last_error = error
+        state.consecutive_failures += 1
+        state.refresh()
+
+    def record_attempt(self, route: Route, ok: bool, now_s: float, error: str = "") -> bool:
+        """An attempt's outcome, for passive outlier detection; True when this
+        failure ejected the backend."""
+        state = route.state
+        route.count(now_s)
+        if ok:
+            state.attempt_failures = 0
+            if state.ejected_until_s is None:
+                state.ejections = 0
+            return False
+        route.failures += 1
+        state.attempt_failures += 1
+        if state.attempt_failures < self.ejection.after_failures or state.ejected_until_s:
+            return False
+        backoff = min(self.ejection.max_s, self.ejection.base_s * 2**state.ejections)
+        state.ejections += 1
+        state.ejected_until_s = now_s + backoff
+        state.last_error = (
+            f"ejected for {backoff:g} s after {state.attempt_failures} failures: {error}"
+        )
+        state.refresh()
+        return True
+
+    def set_drained(self, backend: str, drained: bool) -> BackendState:
+        state = self.backends[backend]
+        state.drained = drained
+        state.refresh()
+        return state
+
+    def set_price(self, backend: str, usd_per_hour: float) -> None:
+        self.backends[backend].set_price(usd_per_hour)
+
+    def _rebuild(self) -> None:
+        routes: dict[str, list[Route]] = {}
+        by_key: dict[tuple[str, str, str], Route] = {}
+        for state in self.backends.values():
+            for model, info in state.models.items():
+                profile = {v: (p50, p99, rows) for v, p50, p99, rows in info.profile}
+                for variant in info.all_variants():
+                    key = (state.name, model, variant)
+                    route = self._by_key.get(key)
+                    if route is None or route.state is not state:
+                        route = Route(state, model, variant, variant == info.variant)
+                        prior = profile.get(variant)
+                        if prior is not None:
+                            route.estimate.seed(prior[0], prior[1])
+                            if prior[2] is not None:
+                                route.row_fraction = prior[2]
+                    route.default = variant == info.variant
+                    route.deadlines = info.deadlines
+                    by_key[key] = route
+                    routes.setdefault(model, []).append(route)
+        self._routes, self._by_key = routes, by_key
+
+    # ---- reads ----
+
+    def routes(self, model: str) -> list[Route]:
+        """Every route of `model` (available or not), in configuration order.
+        Shared, long-lived objects: do not modify the list."""
+        return self._routes.get(model, [])
+
+    def available_routes(self, model: str) -> list[Route]:
+        return [r for r in self.routes(model) if r.state.available]
+
+    def route(self, backend: str, model: str, variant: str) -> Route | None:
+        return self._by_key.get((backend, model, variant))
+
+    def all_routes(self) -> list[Route]:
+        return list(self._by_key.values())
+
+    def model_info(self, model: str) -> ModelInfo | None:
+        """The model's metadata from a healthy backend, else from any backend that had it."""
+        fallback = None
+        for b in self.backends.values():
+            info = b.models.get(model)
+            if info is not None:
+                if b.healthy:
+                    return info
+                fallback = fallback or info
+        return fallback
+
+    def known_models(self) -> list[str]:
+        names: set[str] = set()
+        for b in self.backends.values():
+            names.update(b.models)
+            names.update(b.expected_models)
+        return sorted(names)
+
+    def model_ready(self, model: str) -> bool:
+        return any(b.available and model in b.models for b in self.backends.values())
+
+    def any_ready(self) -> bool:
+        return any(b.available and b.models for b in self.backends.values())
+
+    def variants(self, model: str) -> list[str]:
+        return sorted({r.variant for r in self.routes(model)})

@@ -1,0 +1,216 @@
+"""Protocol messages to and from the gateway's domain types.
+
+With the servicers and the prober, the only gateway module that imports
+generated protobuf code.
+"""
+
+from __future__ import annotations
+
+from backends.protocol import codec
+from backends.protocol.errors import InvalidInput
+from backends.protocol.tensors import TensorSpec
+from backends.worker.batching import DUE_PARAMETER, checked_priority
+from gateway.routing.fleet import ModelInfo
+from gateway.routing.router import RouteRequest
+from protos import gateway_pb2
+from protos import inference_pb2 as pb
+
+REMOTE_VARIANT = "remote"
+DEFAULT_VERSION = "1"
+
+
+def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None) -> ModelInfo:
+    """A backend's model metadata (and configuration, when it has the extension)."""
+    inputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs)
+    outputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.outputs)
+    variant = REMOTE_VARIANT
+    max_batch_size = 0
+    variants: tuple[str, ...] = ()
+    profile: tuple[tuple[str, float, float, float | None], ...] = ()
+    deadlines = False
+    if config is not None:
+        max_batch_size = config.max_batch_size
+        params = config.parameters
+        if "switchyard_variant" in params:
+            variant = params["switchyard_variant"].string_value
+        if "switchyard_variants" in params:
+            variants = tuple(v for v in params["switchyard_variants"].string_value.split(",") if v)
+        if "switchyard_profile" in params:
+            profile = parse_profile(params["switchyard_profile"].string_value)
+        if "switchyard_queue" in params:
+            deadlines = params["switchyard_queue"].string_value == "deadline"
+    return ModelInfo(
+        name=metadata.name,
+        # Servers that list no versions (KServe) serve one; clients such as
+        # perf_analyzer need a numeric version to match statistics to.
+        versions=tuple(metadata.versions) or (DEFAULT_VERSION,),
+        platform=metadata.platform,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        variant=variant,
+        variants=variants if variant in variants else (),
+        profile=profile,
+        deadlines=deadlines,
+    )
+
+
+def parse_profile(text: str) -> tuple[tuple[str, float, float, float | None], ...]:
+    """Parses a worker's `switchyard_profile` (`variant:p50:p99[:row_fraction];...`);
+    bad entries are skipped, a bad row fraction is left out."""
+    entries: list[tuple[str, float, float, float | None]] = []
+    for part in text.split(";"):
+        fields = part.split(":")
+        if len(fields) not in (3, 4):
+            continue
+        try:
+            p50, p99 = float(fields[1]), float(fields[2])
+        except ValueError:
+            continue
+        rows: float | None = None
+        if len(fields) == 4:
+            try:
+                rows = float(fields[3])
+            except ValueError:
+                rows = None
+            if rows is not None and not 0.0 <= rows <= 2.0:
+                rows = None
+        if p50 > 0 and p99 > 0:
+            entries.append((fields[0], p50, p99, rows))
+    return tuple(entries)
+
+
+def metadata_message(info: ModelInfo) -> pb.ModelMetadataResponse:
+    return codec.metadata_message(
+        info.name, info.versions, info.platform, info.inputs, info.outputs
+    )
+
+
+def config_message(info: ModelInfo, variants: list[str]) -> pb.ModelConfig:
+    """The model's configuration as the gateway serves it, in Triton's layout."""
+    cfg = pb.ModelConfig(
+        name=info.name,
+        platform=info.platform,
+        backend="switchyard",
+        max_batch_size=info.max_batch_size,
+    )
+    codec.add_config_tensors(cfg, info.inputs, info.outputs)
+    if info.max_batch_size > 0:
+        cfg.dynamic_batching.SetInParent()
+    cfg.parameters["switchyard_variants"].string_value = ",".join(variants)
+    return cfg
+
+
+def _number(param: pb.InferParameter, key: str) -> float:
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "double_param", "uint64_param"):
+        return float(getattr(param, kind))
+    if kind == "string_param":
+        try:
+            return float(param.string_param)
+        except ValueError:
+            pass
+    raise InvalidInput(f"request parameter {key!r} must be a number")
+
+
+def request_rows(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> int:
+    """The batch a request carries (1 where the model has no batch dimension)."""
+    if max_batch_size <= 0 or not header.inputs or not header.inputs[0].shape:
+        return 1
+    return max(1, header.inputs[0].shape[0])
+
+
+def priority_param(header: gateway_pb2.InferRequestHeader) -> int:
+    """Triton's `priority` request parameter: a non-negative integer, 0 (or absent) for
+    the default level; anything else raises InvalidInput."""
+    if "priority" not in header.parameters:
+        return 0
+    return checked_priority(_number(header.parameters["priority"], "priority"))
+
+
+def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> RouteRequest:
+    """What routing needs from a request header; bad parameters raise InvalidInput."""
+    params = header.parameters
+    sla_ms = None
+    if "sla_ms" in params:
+        sla_ms = _number(params["sla_ms"], "sla_ms")
+        if sla_ms <= 0:
+            raise InvalidInput("request parameter 'sla_ms' must be positive")
+    sla_class = None
+    if "sla_class" in params:
+        if params["sla_class"].WhichOneof("parameter_choice") != "string_param":
+            raise InvalidInput("request parameter 'sla_class' must be a string")
+        sla_class = params["sla_class"].string_param
+    priority = priority_param(header)
+    return RouteRequest(
+        model=header.model_name,
+        batch_size=request_rows(header, max_batch_size),
+        sla_ms=sla_ms,
+        sla_class=sla_class,
+        priority=priority,
+    )
+
+
+def timeout_param_s(header: gateway_pb2.InferRequestHeader) -> float | None:
+    """Triton's `timeout` request parameter (microseconds), in seconds."""
+    if "timeout" not in header.parameters:
+        return None
+    micros = _number(header.parameters["timeout"], "timeout")
+    if micros <= 0:
+        raise InvalidInput("request parameter 'timeout' must be positive (microseconds)")
+    return micros / 1e6
+
+
+def response_parameters(params: dict[str, str]) -> bytes:
+    """Serialized ModelInferResponse holding only `parameters`: appended to a backend's
+    response bytes, protobuf merges it in (map entries later on the wire win)."""
+    message = pb.ModelInferResponse()
+    for key, value in params.items():
+        message.parameters[key].string_param = value
+    return message.SerializeToString()
+
+
+def request_parameters(params: dict[str, str]) -> bytes:
+    """Serialized ModelInferRequest holding only `parameters`, to append to a request."""
+    message = pb.ModelInferRequest()
+    for key, value in params.items():
+        message.parameters[key].string_param = value
+    return message.SerializeToString()
+
+
+def due_parameter(due_us: int) -> bytes:
+    """Serialized ModelInferRequest holding only `switchyard_due_us`, to append to a
+    request for a backend that queues by deadline."""
+    message = pb.ModelInferRequest()
+    message.parameters[DUE_PARAMETER].int64_param = due_us
+    return message.SerializeToString()
+
+
+def cost_parameter(cost_usd: float) -> bytes:
+    """The `switchyard_cost_usd` response parameter, to append to a response."""
+    return response_parameters({"switchyard_cost_usd": f"{cost_usd:.6g}"})
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """Wraps serialized ModelInferResponse bytes as a ModelStreamInferResponse."""
+    return _field_bytes(2, infer_response)
+
+
+def stream_error(message: str) -> bytes:
+    return pb.ModelStreamInferResponse(error_message=message).SerializeToString()
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

@@ -1,0 +1,238 @@
+"""Active health probing: asks each backend whether it is ready and which models
+it holds (RepositoryIndex, or the models its fleet entry lists), fetches metadata
+and configuration for each ready model, and records the result in the fleet state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import grpc
+
+from backends.protocol.tensors import NUMPY_DTYPES
+from gateway.routing.estimates import service_sample
+from gateway.routing.fleet import BackendState, FleetState, ModelInfo, Route
+from gateway.serving.converters import model_info
+from gateway.serving.pool import BackendPool
+from protos import inference_pb2 as pb
+
+log = logging.getLogger("switchyard.prober")
+
+
+class BackendNotReady(Exception):
+    """The backend answered but says it is not ready."""
+
+
+class Prober:
+    def __init__(
+        self,
+        fleet: FleetState,
+        pool: BackendPool,
+        clock: Callable[[], float],
+        interval_s: float,
+        timeout_s: float,
+        on_change: Callable[[], None] | None = None,
+        latency_interval_s: float = 0.0,
+    ) -> None:
+        self.fleet = fleet
+        self.pool = pool
+        self.clock = clock
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.on_change = on_change
+        self.latency_interval_s = latency_interval_s
+        self._cache: dict[tuple[str, str], ModelInfo] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._latency: asyncio.Task[int] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        for task in (self._task, self._latency):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # stopping: its end is moot
+                    pass
+
+    async def _loop(self) -> None:
+        last_latency_probe = self.clock()
+        while True:
+            await self.probe_all()
+            now = self.clock()
+            idle = self._latency is None or self._latency.done()
+            if (
+                self.latency_interval_s > 0
+                and idle
+                and now - last_latency_probe >= self.latency_interval_s
+            ):
+                # Its own task: a round of latency probes (one route after another on
+                # each backend) must not hold up the health probes.
+                last_latency_probe = now
+                self._latency = asyncio.get_running_loop().create_task(
+                    self.probe_latency(now, self.latency_interval_s)
+                )
+            await asyncio.sleep(self.interval_s)
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(b) for b in list(self.fleet.backends.values())))
+        if self.on_change is not None:
+            self.on_change()
+
+    async def probe(self, backend: BackendState) -> None:
+        address = backend.address
+        if address.endswith(":0"):  # launched, not listening yet
+            return
+        try:
+            models, rtt_ms = await self._models(backend, address)
+        except (grpc.aio.AioRpcError, BackendNotReady) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError):
+                error = f"{exc.code().name}: {exc.details()}"
+            else:
+                error = str(exc)
+            was_healthy = backend.healthy
+            self.fleet.record_failure(backend.name, self.clock(), error)
+            if was_healthy:
+                log.warning("backend %s unhealthy: %s", backend.name, error)
+            return
+        was_healthy = backend.healthy
+        was_ejected = backend.ejected_until_s is not None
+        self.fleet.record_probe(backend.name, self.clock(), models, rtt_ms)
+        if was_ejected and backend.ejected_until_s is None:
+            log.info("backend %s re-admitted after ejection", backend.name)
+        if not was_healthy:
+            log.info("backend %s ready at %s with %s", backend.name, address, sorted(models))
+
+    async def probe_latency(self, now_s: float, idle_s: float) -> int:
+        """One probe inference on each available route that got no traffic for
+        `idle_s`, so its estimate stays fresh; returns how many were sent.
+
+        Backends are probed side by side, each backend's routes one after another
+        (the least recently measured first): probes sent together would queue behind
+        each other at the worker, and each would take the wait for its route's
+        service time."""
+        stale: dict[str, list[Route]] = {}
+        for route in self.fleet.all_routes():
+            last = route.estimate.last_sample_s
+            if route.state.available and (last is None or now_s - last >= idle_s):
+                stale.setdefault(route.backend, []).append(route)
+        results = await asyncio.gather(*(self._probe_in_turn(r) for r in stale.values()))
+        return sum(results)
+
+    async def _probe_in_turn(self, routes: list[Route]) -> int:
+        sent = 0
+        for route in sorted(routes, key=lambda r: r.estimate.last_sample_s or -math.inf):
+            state = route.state
+            # A probe that would queue measures the queue, not the route: while the
+            # backend is busy with traffic, the rest wait for the next round.
+            if not state.available or state.in_flight >= state.slots:
+                break
+            sent += await self._latency_probe(route)
+        return sent
+
+    async def _latency_probe(self, route: Route) -> bool:
+        info = route.state.models.get(route.model)
+        request = None if info is None else zeros_request(info, route)
+        if request is None:
+            return False
+        client = self.pool.client(route.address)
+        # The probe holds a slot like any request, so a request sent meanwhile knows
+        # it may wait and does not take its own latency for the route's service time.
+        expected_ms = route.estimate.mean_ms
+        ticket = route.state.admit(route, expected_ms, math.inf, self.clock())
+        try:
+            # A first call after an idle spell wakes what went to sleep (the runtime's
+            # threads, the connection) and takes about a millisecond more than the
+            # calls of a steady flow, which the estimate is for: it goes unmeasured.
+            await client.infer(request, timeout=self.timeout_s)
+            started = time.perf_counter()
+            await client.infer(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("latency probe of %r failed: %s", route, exc.details())
+            return False
+        finally:
+            route.state.finish(ticket, self.clock())
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        route.estimate.observe(service_sample(elapsed_ms, route.state.network.rtt_ms), self.clock())
+        return True
+
+    async def _models(
+        self, backend: BackendState, address: str
+    ) -> tuple[dict[str, ModelInfo], float]:
+        stub = self.pool.client(address).stub
+        timeout = self.timeout_s
+        started = time.perf_counter()
+        ready = await stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)
+        # The cheapest call there is: its round trip stands for the network and
+        # gRPC overhead of every call to this backend.
+        rtt_ms = (time.perf_counter() - started) * 1000.0
+        if not ready.ready:
+            raise BackendNotReady("backend reports not ready")
+        if backend.expected_models:
+            names = list(backend.expected_models)
+        else:
+            index = await stub.RepositoryIndex(
+                pb.RepositoryIndexRequest(ready=True), timeout=timeout
+            )
+            names = [m.name for m in index.models if m.state in ("", "READY")]
+        found: dict[str, ModelInfo] = {}
+        for name in names:
+            reply = await stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=timeout)
+            if not reply.ready:
+                continue
+            key = (address, name)
+            info = self._cache.get(key)
+            if info is None:
+                info = await self._describe(stub, name, timeout)
+                self._cache[key] = info
+            found[name] = info
+        return found, rtt_ms
+
+    async def _describe(self, stub: object, name: str, timeout_s: float) -> ModelInfo:
+        metadata = await stub.ModelMetadata(  # type: ignore[attr-defined]
+            pb.ModelMetadataRequest(name=name), timeout=timeout_s
+        )
+        config = None
+        try:
+            reply = await stub.ModelConfig(  # type: ignore[attr-defined]
+                pb.ModelConfigRequest(name=name), timeout=timeout_s
+            )
+            config = reply.config
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        return model_info(metadata, config)
+
+    def forget(self, address: str) -> None:
+        """Drops cached metadata for an address (its backend restarted or changed)."""
+        for key in [k for k in self._cache if k[0] == address]:
+            del self._cache[key]
+
+
+def zeros_request(info: ModelInfo, route: Route) -> bytes | None:
+    """A one-row request of zeros for the model (None when an input is BYTES or
+    has a variable non-batch dimension), naming the route's variant."""
+    request = pb.ModelInferRequest(model_name=info.name)
+    for spec in info.inputs:
+        dtype = NUMPY_DTYPES.get(spec.datatype)
+        if dtype is None or spec.datatype == "BYTES":
+            return None
+        shape = list(spec.shape)
+        if info.max_batch_size > 0 and shape and shape[0] == -1:
+            shape[0] = 1
+        if any(d < 0 for d in shape):
+            return None
+        count = 1
+        for d in shape:
+            count *= d
+        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
+        request.raw_input_contents.append(bytes(count * dtype.itemsize))
+    if not route.default:
+        request.parameters["switchyard_variant"].string_param = route.variant
+    return request.SerializeToString()

@@ -1,0 +1,577 @@
+"""The gateway's Open Inference Protocol servicer.
+
+ModelInfer and ModelStreamInfer take the request as serialized bytes, parse only
+the header routing needs, and forward the original bytes to the chosen backend;
+the backend's response bytes come back with the gateway's response parameters
+appended (protobuf merges them). Metadata, readiness, configuration and the
+repository index are answered from the fleet state; statistics from the
+gateway's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from backends import __version__
+from backends.protocol.errors import (
+    DeadlineExceeded,
+    Exhausted,
+    InvalidInput,
+    ModelNotFound,
+    SwitchyardError,
+    Unavailable,
+)
+from backends.protocol.status import code_for
+from gateway.routing.estimates import service_sample
+from gateway.routing.fleet import FleetState, ModelInfo, Route
+from gateway.routing.policy import PolicyBook
+from gateway.routing.router import (
+    Chooser,
+    Decision,
+    Policy,
+    batch_factor,
+    carbon_g,
+    choose,
+    cost_usd,
+    hedge_after_ms,
+)
+from gateway.serving.coalescer import Coalescer
+from gateway.serving.converters import (
+    REMOTE_VARIANT,
+    config_message,
+    cost_parameter,
+    metadata_message,
+    request_parameters,
+    request_rows,
+    response_parameters,
+    route_request,
+    stream_error,
+    stream_response,
+    timeout_param_s,
+)
+from gateway.serving.metrics import GatewayMetrics
+from gateway.serving.pool import BackendCallError as ForwardedError
+from gateway.serving.pool import BackendPool
+from gateway.serving.stats import ModelCounters
+from protos import gateway_pb2
+from protos import inference_pb2 as pb
+
+log = logging.getLogger("switchyard.gateway")
+
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchyard_routing"]
+# Codes on which an attempt is retried on the next route: the backend could not
+# run it (down, overloaded) or failed on its side; inference is idempotent.
+# CANCELLED from a backend (the gateway's own cancellations of hedges never reach
+# here) is its gRPC server shedding calls it had not yet accepted when its backlog
+# passed gRPC's pending-request limit, as Python servers do when overloaded.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+# Codes that count against a backend in passive outlier detection (the caller's
+# own errors, such as INVALID_ARGUMENT, do not).
+BACKEND_FAULTS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
+STREAM_WINDOW = 64
+
+
+class GatewayServicer:
+    def __init__(
+        self,
+        fleet: FleetState,
+        pool: BackendPool,
+        policies: PolicyBook,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        coalesce_in_flight: int = 1,
+        chooser: Chooser = choose,
+    ) -> None:
+        self.fleet = fleet
+        self.pool = pool
+        self.policies = policies
+        self.metrics = metrics
+        self.clock = clock
+        self.counters: dict[str, ModelCounters] = {}
+        self.chooser = chooser
+        self._suffixes: dict[tuple[str, str, int], bytes] = {}
+        self._variant_suffixes: dict[str, bytes] = {}
+        self.coalescer = Coalescer(
+            self._send,
+            clock,
+            coalesce_in_flight,
+            lambda route, n: metrics.merged_batch.labels(route.backend, route.model).observe(n),
+        )
+
+    # ---- inference ---------------------------------------------------------------
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await self._infer(request, context.time_remaining())
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+        except ForwardedError as exc:
+            await context.abort(exc.code, exc.details)
+        raise AssertionError("unreachable")
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Each request is routed on its own; responses come back in request order,
+        with up to STREAM_WINDOW requests in flight."""
+        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.ensure_future(self._infer(request, context.time_remaining()))
+                await pending.put(task)
+            await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    yield stream_response(await task)
+                except (SwitchyardError, ForwardedError) as exc:
+                    yield stream_error(str(exc))
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def _infer(self, request: bytes, time_remaining: float | None) -> bytes:
+        start_ns = time.perf_counter_ns()
+        model_label = "(unknown)"  # unknown names stay out of metric labels
+        backend = variant = "none"
+        outcome = "OK"
+        batch_size = 1
+        backend_ns = 0
+        counters: ModelCounters | None = None
+        policy: Policy | None = None
+        try:
+            try:
+                header = gateway_pb2.InferRequestHeader.FromString(request)
+            except DecodeError as exc:
+                raise InvalidInput("request is not a valid ModelInferRequest") from exc
+            model = header.model_name
+            info = self._model_info(model, header.model_version)
+            model_label = model
+            counters = self.counters.setdefault(model, ModelCounters())
+            route_req = route_request(header, info.max_batch_size)
+            batch_size = route_req.batch_size
+            policy = self.policies.resolve(route_req)
+            timeout_s = _earliest(time_remaining, timeout_param_s(header))
+            arrived = self.clock()
+            deadline = None if timeout_s is None else arrived + timeout_s
+            routes = self.fleet.routes(model)
+            if "switchyard_variant" in header.parameters:
+                routes = self._pinned(model, routes, header.parameters["switchyard_variant"])
+            decision = self.chooser(route_req, routes, policy, arrived)
+            self.metrics.decisions.labels(model, decision.reason).inc()
+            if decision.route is None:
+                if decision.reason == "infeasible-reject":
+                    raise Exhausted(decision.message)
+                raise Unavailable(f"no healthy backend serves model {model!r} right now")
+            started = time.perf_counter_ns()
+            reply, route, attempts = await self._attempts(
+                decision, policy, request, header, info, deadline, arrived
+            )
+            backend_ns = time.perf_counter_ns() - started
+            backend, variant = route.backend, route.variant
+            cost = cost_usd(route, batch_size)
+            self.metrics.cost.labels(model, backend).inc(cost)
+            carbon = carbon_g(route, batch_size)
+            if carbon is not None:
+                self.metrics.carbon.labels(model, backend).inc(carbon)
+            return reply + self._suffix(route, attempts) + cost_parameter(cost)
+        except SwitchyardError as exc:
+            outcome = code_for(exc).name
+            raise
+        except ForwardedError as exc:
+            outcome = exc.code.name
+            raise
+        finally:
+            elapsed_ns = time.perf_counter_ns() - start_ns
+            if counters is not None:
+                counters.record(
+                    outcome == "OK", elapsed_ns, batch_size, int(time.time() * 1000), backend_ns
+                )
+            self.metrics.requests.labels(model_label, backend, variant, outcome).inc()
+            self.metrics.latency.labels(model_label, backend).observe(elapsed_ns / 1e9)
+            if policy is not None and counters is not None:
+                met = outcome == "OK" and elapsed_ns / 1e6 <= policy.latency_ms
+                self.metrics.sla.labels(model_label, policy.name, "met" if met else "missed").inc()
+
+    async def _attempts(
+        self,
+        decision: Decision,
+        policy: Policy,
+        request: bytes,
+        header: gateway_pb2.InferRequestHeader,
+        info: ModelInfo,
+        deadline: float | None,
+        arrived_s: float,
+    ) -> tuple[bytes, Route, int]:
+        """Runs the decision: the chosen route first; on a retryable failure the
+        next-best route while retries and the deadline allow; with hedging, a
+        second attempt when the first runs past its predicted p95 (the first
+        answer wins, the other is cancelled). Every attempt is due (queued at the
+        backend and the gateway) at the request's arrival plus its SLA. Returns the
+        reply, the route that answered and the number of attempts."""
+        assert decision.route is not None
+        model = decision.route.model
+        queue: list[Route] | None = None  # alternatives, computed on first need
+        tried = 0
+        pending: dict[asyncio.Task[bytes], Route] = {}
+        hedged = not policy.hedge
+        last_error: ForwardedError | SwitchyardError | None = None
+        due_s = arrived_s + policy.budget_ms * 0.001
+
+        def next_route() -> Route | None:
+            nonlocal queue
+            if tried > policy.retries:
+                return None
+            if queue is None:
+                queue = decision.alternatives(self.clock())
+            while queue:
+                candidate = queue.pop(0)
+                if candidate.state.available:
+                    return candidate
+            return None
+
+        def launch(route: Route) -> None:
+            nonlocal tried
+            tried += 1
+            remaining = None if deadline is None else deadline - self.clock()
+            task = asyncio.ensure_future(
+                self._attempt(route, request, header, info, remaining, due_s, policy.budget_ms)
+            )
+            pending[task] = route
+
+        launch(decision.route)
+        try:
+            while pending:
+                wait_s = None
+                if not hedged:
+                    first = next(iter(pending.values()))
+                    wait_s = hedge_after_ms(first, policy, self.clock()) / 1000.0
+                if deadline is not None:
+                    left = deadline - self.clock()
+                    wait_s = left if wait_s is None else min(wait_s, left)
+                done, _ = await asyncio.wait(
+                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    if deadline is not None and self.clock() >= deadline:
+                        raise DeadlineExceeded(
+                            f"deadline passed after {tried} attempt(s) for model {model!r}"
+                        )
+                    hedged = True
+                    hedge = next_route()
+                    if hedge is not None:
+                        self.metrics.decisions.labels(model, "hedge").inc()
+                        launch(hedge)
+                    continue
+                for task in done:
+                    route = pending.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        return task.result(), route, tried
+                    if not isinstance(error, ForwardedError | SwitchyardError):
+                        raise error
+                    last_error = error
+                    retryable = isinstance(error, ForwardedError) and error.code in RETRYABLE
+                    if not retryable:
+                        if not pending:
+                            raise error
+                        continue
+                    if deadline is not None and self.clock() >= deadline:
+                        continue
+                    retry = next_route()
+                    if retry is not None:
+                        self.metrics.decisions.labels(model, "retry").inc()
+                        launch(retry)
+            assert last_error is not None
+            if isinstance(last_error, ForwardedError) and last_error.code in RETRYABLE:
+                if deadline is not None and self.clock() >= deadline:
+                    raise DeadlineExceeded(
+                        f"deadline passed after {tried} attempt(s) for model {model!r}"
+                    )
+            raise last_error
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _attempt(
+        self,
+        route: Route,
+        request: bytes,
+        header: gateway_pb2.InferRequestHeader,
+        info: ModelInfo,
+        timeout_s: float | None,
+        due_s: float,
+        budget_ms: float,
+    ) -> bytes:
+        """One attempt on `route`, due at `due_s` (the request's SLA `budget_ms` from
+        its arrival); the coalescer sends it alone or merged with others. Its latency
+        feeds the route's estimates, its outcome outlier detection."""
+        state = route.state
+        if not route.default:
+            request = request + self._variant_parameter(route.variant)
+        ticket = state.admit(route, route.estimate.mean_ms, due_s, self.clock(), budget_ms)
+        # Only an attempt that finds a free slot measures the route's service time:
+        # one that queues would feed the estimate's own error back, magnified by
+        # the queue (the estimate would swing, and traffic with it).
+        free_slot = ticket.started_s is not None
+        self.metrics.in_flight.labels(route.backend).inc()
+        sent = time.perf_counter()
+        ok = False
+        error = ""
+        try:
+            reply = await self.coalescer.call(route, request, header, info, timeout_s, due_s)
+            ok = True
+            return reply
+        except ForwardedError as exc:
+            error = f"{exc.code.name}: {exc.details}"
+            ok = exc.code not in BACKEND_FAULTS
+            raise
+        finally:
+            now = self.clock()
+            state.finish(ticket, now)
+            self.metrics.in_flight.labels(route.backend).dec()
+            if ok and not error:
+                latency_ms = (time.perf_counter() - sent) * 1000.0
+                route.observed.observe(latency_ms, now)
+                if free_slot:
+                    # The estimate is of a one-row request: a batch's time is scaled back.
+                    sample = service_sample(latency_ms, state.network.rtt_ms)
+                    rows = request_rows(header, info.max_batch_size)
+                    route.estimate.observe(sample / batch_factor(rows, route.row_fraction), now)
+            if self.fleet.record_attempt(route, ok, now, error):
+                self.metrics.ejections.labels(route.backend).inc()
+                log.warning("backend %s ejected: %s", route.backend, state.last_error)
+
+    def _variant_parameter(self, variant: str) -> bytes:
+        suffix = self._variant_suffixes.get(variant)
+        if suffix is None:
+            suffix = request_parameters({"switchyard_variant": variant})
+            self._variant_suffixes[variant] = suffix
+        return suffix
+
+    async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
+        """One backend call, as the coalescer makes it."""
+        client = self.pool.client(route.address)
+        try:
+            reply: bytes = await client.infer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            self.metrics.attempts.labels(route.backend, code.name).inc()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # Passive health: a backend that refuses connections leaves the routes
+                # until a probe finds it ready again.
+                self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
+                log.warning("backend %s unavailable: %s", route.backend, exc.details())
+            raise ForwardedError(code, exc.details() or code.name) from exc
+        self.metrics.attempts.labels(route.backend, "OK").inc()
+        return reply
+
+    def _suffix(self, route: Route, attempts: int) -> bytes:
+        key = (route.backend, route.variant, attempts)
+        suffix = self._suffixes.get(key)
+        if suffix is None:
+            params = {"switchyard_backend": route.backend, "switchyard_attempts": str(attempts)}
+            if route.variant == REMOTE_VARIANT:
+                # Switchyard workers name the variant that ran (the request may have
+                # chosen one); other v2 servers do not, so the gateway says it.
+                params["switchyard_variant"] = route.variant
+            suffix = response_parameters(params)
+            self._suffixes[key] = suffix
+        return suffix
+
+    def _pinned(self, model: str, routes: list[Route], param: pb.InferParameter) -> list[Route]:
+        """The routes serving the variant a request names (`switchyard_variant`)."""
+        if param.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidInput("request parameter 'switchyard_variant' must be a string")
+        wanted = param.string_param
+        pinned = [r for r in routes if r.variant == wanted]
+        if not pinned:
+            known = ", ".join(self.fleet.variants(model)) or "none"
+            raise ModelNotFound(
+                f"no backend serves model {model!r} as variant {wanted!r} (variants: {known})"
+            )
+        return pinned
+
+    def _model_info(self, model: str, version: str) -> ModelInfo:
+        info = self.fleet.model_info(model)
+        if info is None:
+            if model in self.fleet.known_models():
+                raise Unavailable(f"model {model!r} is not ready on any backend")
+            raise ModelNotFound(f"unknown model {model!r}")
+        if version and version not in info.versions:
+            raise ModelNotFound(
+                f"model {model!r} has no version {version!r} (versions: {', '.join(info.versions)})"
+            )
+        return info
+
+    # ---- health, metadata, configuration, statistics, repository ----------------------
+
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.fleet.any_ready())
+
+    async def model_ready(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        ready = self.fleet.model_ready(request.name)
+        if ready and request.version:
+            info = self.fleet.model_info(request.name)
+            ready = info is not None and request.version in info.versions
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def server_metadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="switchyard", version=__version__, extensions=EXTENSIONS
+        )
+
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        info = await self._described(request.name, request.version, context)
+        return metadata_message(info)
+
+    async def model_config(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        info = await self._described(request.name, request.version, context)
+        return pb.ModelConfigResponse(
+            config=config_message(info, self.fleet.variants(request.name))
+        )
+
+    async def _described(
+        self, name: str, version: str, context: grpc.aio.ServicerContext
+    ) -> ModelInfo:
+        info = self.fleet.model_info(name)
+        try:
+            if info is None:
+                raise ModelNotFound(f"unknown model {name!r}")
+            if version and version not in info.versions:
+                raise ModelNotFound(f"model {name!r} has no version {version!r}")
+        except SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+        assert info is not None
+        return info
+
+    async def model_statistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            described = await self._described(request.name, request.version, context)
+            names = [described.name]
+        else:
+            names = self.fleet.known_models()
+        reply = pb.ModelStatisticsResponse()
+        for name in names:
+            counters = self.counters.get(name, ModelCounters())
+            info = self.fleet.model_info(name)
+            stats = reply.model_stats.add(
+                name=name,
+                version=info.versions[0] if info and info.versions else "",
+                last_inference=counters.last_inference_ms,
+                inference_count=counters.inference_count,
+                execution_count=counters.success_count,
+            )
+            inf = stats.inference_stats
+            inf.success.count, inf.success.ns = counters.success_count, counters.success_ns
+            inf.fail.count, inf.fail.ns = counters.fail_count, counters.fail_ns
+            # perf_analyzer needs queue and equal compute counts: the gateway's own time
+            # is its queue, the backend round trip its compute.
+            inf.queue.count, inf.queue.ns = counters.success_count, counters.queue_ns
+            inf.compute_input.count = counters.success_count
+            inf.compute_infer.count, inf.compute_infer.ns = (
+                counters.success_count,
+                counters.backend_ns,
+            )
+            inf.compute_output.count = counters.success_count
+        return reply
+
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        reply = pb.RepositoryIndexResponse()
+        for name in self.fleet.known_models():
+            ready = self.fleet.model_ready(name)
+            if request.ready and not ready:
+                continue
+            info = self.fleet.model_info(name)
+            reply.models.add(
+                name=name,
+                version=info.versions[0] if info and info.versions else "",
+                state="READY" if ready else "UNAVAILABLE",
+                reason="" if ready else "no healthy backend holds it",
+            )
+        return reply
+
+
+def _earliest(*timeouts: float | None) -> float | None:
+    given = [t for t in timeouts if t is not None]
+    return min(given) if given else None
+
+
+def generic_handler(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
+    """The servicer's methods under `inference.GRPCInferenceService`; inference
+    methods take and return bytes, the rest typed messages."""
+
+    def typed(fn: Callable[..., Awaitable[Any]], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "ServerLive": typed(servicer.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": typed(
+                servicer.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse
+            ),
+            "ModelReady": typed(servicer.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": typed(
+                servicer.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+            ),
+            "ModelMetadata": typed(
+                servicer.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+            "ModelConfig": typed(
+                servicer.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse
+            ),
+            "ModelStatistics": typed(
+                servicer.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+            ),
+            "RepositoryIndex": typed(
+                servicer.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
+            ),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(servicer.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.model_stream_infer),
+        },
+    )

@@ -1,0 +1,2 @@
+"""Offline simulation: the scenario format, arrivals, the simulator (the serving
+Dispatcher over a simulated transport and clock) and the offline lower bound."""

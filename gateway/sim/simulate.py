@@ -1,0 +1,887 @@
+"""`switchyard simulate`: the live router's code against modelled backends.
+
+A discrete-event simulation with an injected clock. Each modelled backend has
+`slots` parallel servers and a queue served earliest deadline first (a
+request's arrival plus its SLA), the fleet state's own model of a backend, which
+the live gateway keeps too (`BackendState.admit` / `finish`); service times per route are drawn
+from a lognormal fitted to the scenario's p50 and p99 (seeded numpy RNG, drawn
+in bulk). Arrivals are generated up front for the whole run (numpy) and every
+policy runs on the same trace, and each route's k-th request draws the same
+service time under every policy (common random numbers).
+
+Each request is routed by the function under test with the same inputs the live
+gateway gives it: the fleet state (`BackendState` with `in_flight`, price,
+availability) and the routes' `LatencyEstimate`s. As the gateway's servicer
+does, an attempt counts in the backend's queue while it runs, and when it
+answers, if it found a free slot when sent, the route's estimate observes
+`latency - network`. A backend that is killed fails
+its in-flight and queued requests; each is retried on the next route of its
+decision's `alternatives(now)` while the policy's retries allow (baselines, whose
+decisions carry no alternatives, choose again). Cost is the backend's price for
+the busy time each answered request took: `usd_per_busy_ms x drawn service ms`.
+
+The lower bound is an offline optimum: for each time segment between events a
+linear program (scipy HiGHS) sends each stream's arrival rate in that segment
+to the routes that can meet its SLA unloaded (network + service quantile at the
+policy's percentile <= latency), at least cost, with no backend above 100%
+utilisation (mean service time x rate / slots <= 1). It knows the future and
+ignores queueing, so no policy that meets the SLA can be cheaper in expectation.
+
+Imports the router, the fleet state, the policy book and the scenario format;
+numpy and scipy; rich only for the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.config import GatewaySettings, PoliciesSettings
+from gateway.routing.estimates import service_sample
+from gateway.routing.fleet import BackendState, Route, Ticket
+from gateway.routing.policy import PolicyBook
+from gateway.routing.router import (
+    ROUTING,
+    Chooser,
+    Decision,
+    Policy,
+    RouteRequest,
+    batch_factor,
+    chooser_for,
+)
+from gateway.sim.scenario import Scenario, ScenarioError, Traffic, load_scenario
+
+Z99 = 2.3263478740408408
+"""The standard normal's 99th percentile: p99 = p50 x exp(sigma x Z99)."""
+UTILISATION_CAP = 1.0
+"""The lower bound's per-backend utilisation limit (pure capacity: a bound, not a target)."""
+POLICIES = ROUTING
+"""The policies a run compares: the SLA router and the baselines."""
+INF = float("inf")
+SAMPLE_CHUNK = 65_536
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+# ---- the modelled fleet -------------------------------------------------------------
+
+
+def lognormal(p50_ms: float, p99_ms: float) -> tuple[float, float]:
+    """(mu, sigma) of the lognormal with this median and 99th percentile."""
+    return math.log(p50_ms), max(math.log(p99_ms / p50_ms), 0.0) / Z99
+
+
+def normal_quantile(percentile: float) -> float:
+    """The standard normal's quantile."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(percentile / 100.0))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteModel:
+    """One modelled route: its backend's index and its service-time distribution."""
+
+    backend: int
+    model: str
+    variant: str
+    default: bool
+    mu: float
+    sigma: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def mean_ms(self) -> float:
+        return math.exp(self.mu + self.sigma**2 / 2)
+
+    def quantile_ms(self, percentile: float) -> float:
+        if percentile == 50.0:
+            return self.p50_ms
+        if percentile == 99.0:
+            return self.p99_ms
+        return math.exp(self.mu + self.sigma * normal_quantile(percentile))
+
+
+def route_models(scenario: Scenario) -> list[RouteModel]:
+    """Every route of the scenario, in configuration order."""
+    out = []
+    for index, backend in enumerate(scenario.backends):
+        for model in backend.models:
+            for n, entry in enumerate(backend.variants(model)):
+                mu, sigma = lognormal(entry.p50_ms, entry.p99_ms)
+                out.append(
+                    RouteModel(
+                        index, model, entry.variant, n == 0, mu, sigma, entry.p50_ms, entry.p99_ms
+                    )
+                )
+    return out
+
+
+# ---- arrivals -----------------------------------------------------------------------
+
+
+def _rate_pieces(
+    scenario: Scenario, stream: Traffic, end_s: float
+) -> tuple[list[float], list[float]]:
+    """Breakpoints and the stream's rate on each piece between them."""
+    start = stream.start_s
+    stop = min(end_s, stream.end_s if stream.end_s is not None else end_s)
+    cuts = {start, stop}
+    surges = []
+    for event in scenario.events:
+        surge = event.multiply_rate
+        if surge is None:
+            continue
+        if surge.model is not None and surge.model != stream.model:
+            continue
+        if surge.sla_class is not None and surge.sla_class != stream.sla_class:
+            continue
+        surges.append((event.at_s, event.at_s + surge.for_s, surge.factor))
+        cuts.update((event.at_s, event.at_s + surge.for_s))
+    bursts = []
+    if stream.arrivals == "bursts":
+        at = stream.burst_every_s / 2
+        while at < stop:
+            bursts.append((at, at + stream.burst_for_s))
+            cuts.update((at, at + stream.burst_for_s))
+            at += stream.burst_every_s
+    points = sorted(c for c in cuts if start <= c <= stop)
+    rates = []
+    for a, b in itertools.pairwise(points):
+        mid = (a + b) / 2
+        rate = stream.rate_per_s
+        for s0, s1, factor in surges:
+            if s0 <= mid < s1:
+                rate *= factor
+        for b0, b1 in bursts:
+            if b0 <= mid < b1:
+                rate *= stream.burst_factor
+        rates.append(rate)
+    return points, rates
+
+
+def stream_arrivals(
+    scenario: Scenario, stream: Traffic, rng: np.random.Generator, end_s: float
+) -> FloatArray:
+    """Arrival times (seconds, sorted) of one stream."""
+    if stream.arrivals == "trace":
+        assert stream.trace_file is not None
+        try:
+            times = np.atleast_1d(np.loadtxt(stream.trace_file, dtype=np.float64, ndmin=1))
+        except (OSError, ValueError) as exc:
+            raise ScenarioError(f"trace {stream.trace_file}: {exc}") from exc
+        stop = min(end_s, stream.end_s if stream.end_s is not None else end_s)
+        times = np.sort(times[(times >= stream.start_s) & (times < stop)])
+        return times
+    points, rates = _rate_pieces(scenario, stream, end_s)
+    if len(points) < 2:
+        return np.empty(0)
+    widths = np.diff(np.asarray(points))
+    cumulative = np.concatenate(([0.0], np.cumsum(widths * np.asarray(rates))))
+    total = float(cumulative[-1])
+    if total <= 0:
+        return np.empty(0)
+    if stream.arrivals == "constant":
+        unit = np.arange(0.5, total, 1.0)
+    else:
+        # A Poisson process is uniform given its count; in cumulative-rate space.
+        unit = np.sort(rng.uniform(0.0, total, rng.poisson(total)))
+    out: FloatArray = np.interp(unit, cumulative, np.asarray(points))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Every arrival of a run, in time order: its time and its stream's index."""
+
+    times: FloatArray
+    streams: IntArray
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+def make_trace(scenario: Scenario) -> Trace:
+    rng = np.random.default_rng([scenario.seed, 0])
+    parts = [stream_arrivals(scenario, s, rng, scenario.duration_s) for s in scenario.traffic]
+    if not parts:
+        return Trace(np.empty(0), np.empty(0, dtype=np.int64))
+    times = np.concatenate(parts)
+    streams = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
+    order = np.argsort(times, kind="stable")
+    return Trace(times[order], streams[order])
+
+
+# ---- one run --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PolicyResult:
+    attainment: dict[str, float]
+    cost_usd_per_1m: float
+    p99_ms: dict[str, float | None]
+    answered: int
+    failed: int
+    retried: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attainment": self.attainment,
+            "cost_usd_per_1m": self.cost_usd_per_1m,
+            "p99_ms": self.p99_ms,
+        }
+
+
+class _RouteSim:
+    """Per-route simulation data, looked up once per attempt."""
+
+    __slots__ = ("backend", "pos", "rng", "samples", "scale")
+
+    def __init__(self, backend: int, rng: np.random.Generator, model: RouteModel) -> None:
+        self.backend = backend
+        self.rng = rng
+        self.scale = (model.mu, model.sigma)
+        self.samples: list[float] = []
+        self.pos = 0
+        self.refill()
+
+    def refill(self) -> None:
+        mu, sigma = self.scale
+        self.samples = self.rng.lognormal(mu, sigma, SAMPLE_CHUNK).tolist()
+        self.pos = 0
+
+
+class Simulation:
+    """One policy's run over a trace."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        trace: Trace,
+        chooser: Chooser,
+        retry_by_alternatives: bool,
+        latency_probe_interval_s: float = GatewaySettings().latency_probe_interval_s,
+    ) -> None:
+        """As in the live gateway, only attempts that found a free slot feed the
+        route's service estimate."""
+        self.latency_probe_interval_s = latency_probe_interval_s
+        self.scenario = scenario
+        self.trace = trace
+        self.chooser = chooser
+        self.retry_by_alternatives = retry_by_alternatives
+        self.states = [
+            BackendState(
+                b.name, f"sim://{b.name}", b.hardware_class, b.price_usd_per_hour, slots=b.slots
+            )
+            for b in scenario.backends
+        ]
+        for state, backend in zip(self.states, scenario.backends, strict=True):
+            state.healthy = True
+            state.network.rtt_ms = backend.network_ms
+            state.refresh()
+        self.rtts = [b.network_ms for b in scenario.backends]
+        self.sims: dict[Route, _RouteSim] = {}
+        self.routes: dict[str, list[Route]] = {}
+        for index, model in enumerate(route_models(scenario)):
+            route = Route(self.states[model.backend], model.model, model.variant, model.default)
+            route.estimate.seed(model.p50_ms, model.p99_ms)
+            rng = np.random.default_rng([scenario.seed, 1, index])
+            self.sims[route] = _RouteSim(model.backend, rng, model)
+            self.routes.setdefault(model.model, []).append(route)
+        self.requests = [
+            RouteRequest(s.model, s.batch_size, s.sla_ms, s.sla_class) for s in scenario.traffic
+        ]
+        self.factors = [batch_factor(s.batch_size) for s in scenario.traffic]
+        self.book = PolicyBook(scenario.policies)
+        self.policies = [self.book.resolve(r) for r in self.requests]
+
+    def set_policies(self, settings: PoliciesSettings) -> None:
+        self.book = PolicyBook(settings)
+        self.policies = [self.book.resolve(r) for r in self.requests]
+
+    def run(self) -> tuple[FloatArray, FloatArray, float, int]:
+        """Runs the trace; returns per request (latency ms, inf when failed; SLA ms),
+        the total cost in USD and the number of retried attempts."""
+        times: list[float] = self.trace.times.tolist()
+        streams: list[int] = self.trace.streams.tolist()
+        n = len(times)
+        latency = [INF] * n
+        sla = [0.0] * n
+        r_route: list[Route | None] = [None] * n
+        r_backend = [0] * n
+        r_svc = [0.0] * n
+        r_sent = [0.0] * n
+        r_ticket: list[Ticket | None] = [None] * n
+        # Whether each attempt found a free slot: only those measure the route.
+        r_free = [False] * n
+        r_decision: list[Decision | None] = [None] * n
+        tries: dict[int, int] = {}
+        pending_alternatives: dict[int, list[Route]] = {}
+        states = self.states
+        nb = len(states)
+        tokens = list(range(nb))
+        next_token = nb
+        rtts = self.rtts
+        sims = self.sims
+        heap: list[tuple[float, int, int]] = []
+        push, pop = heapq.heappush, heapq.heappop
+        chooser = self.chooser
+        requests = self.requests
+        routes_of = [self.routes.get(r.model, []) for r in requests]
+        factors = self.factors
+        cost = 0.0
+        retried = 0
+        events = sorted(self.scenario.events, key=lambda e: e.at_s)
+        names = {s.name: i for i, s in enumerate(states)}
+        ev_index = 0
+        probe_every = self.latency_probe_interval_s
+        next_probe = probe_every if probe_every > 0 else INF
+        next_event = min(events[0].at_s if events else INF, next_probe)
+
+        def dispatch(rid: int, route: Route, now: float) -> None:
+            state = route.state
+            budget = sla[rid]
+            ticket = state.admit(
+                route, route.estimate.mean_ms, times[rid] + budget * 0.001, now, budget
+            )
+            ticket.ident = rid
+            r_ticket[rid] = ticket
+            sim = sims[route]
+            pos = sim.pos
+            if pos >= SAMPLE_CHUNK:
+                sim.refill()
+                pos = 0
+            svc = sim.samples[pos] * factors[streams[rid]]
+            sim.pos = pos + 1
+            b = sim.backend
+            r_route[rid] = route
+            r_backend[rid] = b
+            r_svc[rid] = svc
+            r_sent[rid] = now
+            if ticket.started_s is not None:
+                r_free[rid] = True
+                push(heap, (now + svc * 0.001, rid, tokens[b]))
+
+        def complete(now: float, rid: int, token: int) -> None:
+            nonlocal cost
+            b = r_backend[rid]
+            if token != tokens[b]:
+                return  # the attempt died with its backend
+            state = states[b]
+            ticket = r_ticket[rid]
+            assert ticket is not None
+            nxt = state.finish(ticket, now)
+            if nxt is not None:  # the waiting request due first takes the slot
+                push(heap, (now + r_svc[nxt.ident] * 0.001, nxt.ident, token))
+            route = r_route[rid]
+            assert route is not None
+            rtt = rtts[b]
+            if r_free[rid]:
+                attempt_ms = (now - r_sent[rid]) * 1000.0 + rtt
+                sample = service_sample(attempt_ms, rtt) / factors[streams[rid]]
+                route.estimate.observe(sample, now)
+            latency[rid] = (now - times[rid]) * 1000.0 + rtt
+            cost += state.usd_per_busy_ms * r_svc[rid]
+
+        def retry(rid: int, now: float) -> None:
+            nonlocal retried
+            attempts = tries.get(rid, 1)
+            k = streams[rid]
+            if attempts > self.policies[k].retries:
+                return
+            queue = pending_alternatives.get(rid)
+            if queue is None:
+                decision = r_decision[rid]
+                assert decision is not None
+                if self.retry_by_alternatives:
+                    queue = decision.alternatives(now)
+                else:
+                    again = chooser(requests[k], routes_of[k], self.policies[k], now)
+                    queue = [] if again.route is None else [again.route]
+                pending_alternatives[rid] = queue
+            while queue:
+                candidate = queue.pop(0)
+                if candidate.state.available:
+                    tries[rid] = attempts + 1
+                    retried += 1
+                    dispatch(rid, candidate, now)
+                    return
+
+        def kill(b: int, now: float) -> None:
+            nonlocal next_token
+            state = states[b]
+            state.healthy = False
+            state.last_error = "killed"
+            state.refresh()
+            tokens[b] = next_token  # the attempts in service die with the old token
+            next_token += 1
+            victims = sorted(ticket.ident for ticket in state.clear())
+            for rid in victims:
+                retry(rid, now)
+
+        def probe(now: float) -> None:
+            """The prober's latency probes: one inference on each available route
+            that had no sample for an interval (modelled unqueued: the route is idle)."""
+            for route, sim in sims.items():
+                last = route.estimate.last_sample_s
+                if route.state.available and (last is None or now - last >= probe_every):
+                    if sim.pos >= SAMPLE_CHUNK:
+                        sim.refill()
+                    svc = sim.samples[sim.pos]
+                    sim.pos += 1
+                    rtt = rtts[sim.backend]
+                    route.estimate.observe(service_sample(svc + rtt, rtt), now)
+
+        def apply(event_at: float) -> None:
+            nonlocal ev_index, next_event, next_probe
+            while next_probe <= event_at:
+                probe(next_probe)
+                next_probe += probe_every
+            while ev_index < len(events) and events[ev_index].at_s <= event_at:
+                event = events[ev_index]
+                ev_index += 1
+                if event.set_price is not None:
+                    states[names[event.set_price.backend]].set_price(event.set_price.usd_per_hour)
+                elif event.kill is not None:
+                    kill(names[event.kill], event.at_s)
+                elif event.restart is not None:
+                    state = states[names[event.restart]]
+                    state.healthy = True
+                    state.last_error = ""
+                    state.refresh()
+                elif event.drain is not None or event.undrain is not None:
+                    name = event.drain or event.undrain
+                    assert name is not None
+                    state = states[names[name]]
+                    state.drained = event.drain is not None
+                    state.refresh()
+                elif event.set_policy is not None:
+                    self.set_policies(event.set_policy)
+            next_event = min(events[ev_index].at_s if ev_index < len(events) else INF, next_probe)
+
+        def advance(until: float) -> None:
+            """Completions and events up to `until` (inclusive), in time order."""
+            while True:
+                if heap and heap[0][0] <= until and heap[0][0] < next_event:
+                    now, rid, token = pop(heap)
+                    complete(now, rid, token)
+                elif next_event <= until and next_event < INF:
+                    apply(next_event)
+                else:
+                    return
+
+        policies = self.policies
+        for i in range(n):
+            now = times[i]
+            if now >= next_event:
+                advance(now)
+                policies = self.policies
+            while heap and heap[0][0] <= now:
+                t, rid, token = pop(heap)
+                complete(t, rid, token)
+            k = streams[i]
+            policy = policies[k]
+            sla[i] = policy.latency_ms
+            decision = chooser(requests[k], routes_of[k], policy, now)
+            route = decision.route
+            if route is None:
+                continue
+            r_decision[i] = decision
+            dispatch(i, route, now)
+        next_probe = INF  # the run is over: no more probes, only the queues to empty
+        next_event = events[ev_index].at_s if ev_index < len(events) else INF
+        advance(INF)
+        return np.asarray(latency), np.asarray(sla), cost, retried
+
+
+def summarise(
+    scenario: Scenario,
+    trace: Trace,
+    latency: FloatArray,
+    sla: FloatArray,
+    cost: float,
+    retried: int,
+    infeasible: Sequence[str],
+) -> PolicyResult:
+    classes = [s.class_name for s in scenario.traffic]
+    names = sorted(set(classes) - set(infeasible))
+    klass = np.asarray([classes.index(c) for c in classes], dtype=np.int64)[trace.streams]
+    answered = np.isfinite(latency)
+    attainment: dict[str, float] = {}
+    p99: dict[str, float | None] = {}
+    for name in sorted(set(classes)):
+        mask = klass == classes.index(name)
+        if not mask.any():
+            continue
+        done = latency[mask & answered]
+        p99[name] = float(np.percentile(done, 99, method="inverted_cdf")) if len(done) else None
+        if name in names:
+            attainment[name] = float(np.mean(latency[mask] <= sla[mask]))
+    count = int(answered.sum())
+    return PolicyResult(
+        attainment=attainment,
+        cost_usd_per_1m=cost / count * 1e6 if count else 0.0,
+        p99_ms=p99,
+        answered=count,
+        failed=len(latency) - count,
+        retried=retried,
+    )
+
+
+# ---- the offline lower bound ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    cost_usd_per_1m: float
+    infeasible_classes: list[str]
+    relaxed_segments: int
+    """Segments where the fleet could not carry the traffic within capacity and
+    SLA, solved with those limits lifted for the streams concerned."""
+
+
+def _segment_states(scenario: Scenario) -> list[tuple[float, float, dict[str, Any]]]:
+    """(start, end, state) for each stretch between events: prices, availability, policies."""
+    prices = {b.name: b.price_usd_per_hour for b in scenario.backends}
+    down: set[str] = set()
+    drained: set[str] = set()
+    policies = scenario.policies
+    events = sorted(scenario.events, key=lambda e: e.at_s)
+    cuts = {0.0, scenario.duration_s}
+    for event in events:
+        cuts.add(event.at_s)
+        if event.multiply_rate is not None:
+            cuts.add(min(scenario.duration_s, event.at_s + event.multiply_rate.for_s))
+    points = sorted(c for c in cuts if 0.0 <= c <= scenario.duration_s)
+    out = []
+    index = 0
+    for a, b in itertools.pairwise(points):
+        while index < len(events) and events[index].at_s <= a:
+            event = events[index]
+            index += 1
+            if event.set_price is not None:
+                prices[event.set_price.backend] = event.set_price.usd_per_hour
+            elif event.kill is not None:
+                down.add(event.kill)
+            elif event.restart is not None:
+                down.discard(event.restart)
+            elif event.drain is not None:
+                drained.add(event.drain)
+            elif event.undrain is not None:
+                drained.discard(event.undrain)
+            elif event.set_policy is not None:
+                policies = event.set_policy
+        state = {
+            "prices": dict(prices),
+            "available": {n for n in prices if n not in down and n not in drained},
+            "policies": policies,
+        }
+        out.append((a, b, state))
+    return out
+
+
+def feasible(route: RouteModel, backend_rtt_ms: float, policy: Policy, factor: float) -> bool:
+    """Whether `route`, unloaded, meets `policy`'s latency at its percentile."""
+    return backend_rtt_ms + route.quantile_ms(policy.percentile) * factor <= policy.latency_ms
+
+
+def infeasible_classes(scenario: Scenario) -> list[str]:
+    """Classes (under the scenario's policies) that no route can serve within SLA unloaded."""
+    book = PolicyBook(scenario.policies)
+    routes = route_models(scenario)
+    ok: dict[str, bool] = {}
+    for stream in scenario.traffic:
+        policy = book.resolve(
+            RouteRequest(stream.model, stream.batch_size, stream.sla_ms, stream.sla_class)
+        )
+        factor = batch_factor(stream.batch_size)
+        any_ok = any(
+            feasible(r, scenario.backends[r.backend].network_ms, policy, factor)
+            for r in routes
+            if r.model == stream.model
+        )
+        ok[stream.class_name] = ok.get(stream.class_name, False) or any_ok
+    return sorted(name for name, good in ok.items() if not good)
+
+
+def lower_bound(scenario: Scenario, trace: Trace) -> Bound:
+    from scipy.optimize import linprog
+
+    routes = route_models(scenario)
+    backends = scenario.backends
+    streams = scenario.traffic
+    total_cost = 0.0
+    total_served = 0
+    relaxed = 0
+    for start, end, state in _segment_states(scenario):
+        width = end - start
+        if width <= 0:
+            continue
+        lo, hi = np.searchsorted(trace.times, [start, end], side="left")
+        counts = np.bincount(trace.streams[lo:hi], minlength=len(streams))
+        book = PolicyBook(state["policies"])
+        available = [r for r in routes if backends[r.backend].name in state["available"]]
+        variables: list[tuple[int, RouteModel, float, float]] = []  # stream, route, cost, load
+        demand: list[tuple[int, float]] = []
+        for k, stream in enumerate(streams):
+            if counts[k] == 0:
+                continue
+            policy = book.resolve(
+                RouteRequest(stream.model, stream.batch_size, stream.sla_ms, stream.sla_class)
+            )
+            factor = batch_factor(stream.batch_size)
+            candidates = [r for r in available if r.model == stream.model]
+            if not candidates:
+                continue  # nothing could serve it: no cost to bound
+            cap = INF
+            if policy.max_cost_usd_per_1m is not None:
+                cap = policy.max_cost_usd_per_1m / 1e6 * stream.batch_size
+
+            def unit_cost(
+                r: RouteModel, factor: float = factor, prices: dict[str, float] = state["prices"]
+            ) -> float:
+                slots = backends[r.backend].slots
+                price = prices[backends[r.backend].name]
+                return float(price / 3.6e6 / slots * r.mean_ms * factor)
+
+            good = [
+                r
+                for r in candidates
+                if feasible(r, backends[r.backend].network_ms, policy, factor)
+                and unit_cost(r) <= cap
+            ]
+            if not good:
+                if policy.on_infeasible == "reject":
+                    continue
+                good = candidates
+            rate = counts[k] / width
+            demand.append((k, rate))
+            for r in good:
+                load = rate * r.mean_ms * factor / 1000.0 / backends[r.backend].slots
+                variables.append((k, r, unit_cost(r), load))
+        if not variables:
+            continue
+        a_eq = np.zeros((len(demand), len(variables)))
+        b_eq = np.ones(len(demand))
+        row = {k: i for i, (k, _) in enumerate(demand)}
+        rate_of = dict(demand)
+        # Variables are fractions of each stream's rate, so the problem stays well scaled.
+        for j, (k, _, _, _) in enumerate(variables):
+            a_eq[row[k], j] = 1.0
+        used = sorted({v[1].backend for v in variables})
+        a_ub = np.zeros((len(used), len(variables)))
+        for j, (_, r, _, load) in enumerate(variables):
+            a_ub[used.index(r.backend), j] = load
+        b_ub = np.full(len(used), UTILISATION_CAP)
+        cost_per_s = np.asarray([v[2] * rate_of[v[0]] for v in variables])
+        result = linprog(cost_per_s, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, method="highs")
+        if result.status != 0:
+            relaxed += 1
+            result = linprog(cost_per_s, A_eq=a_eq, b_eq=b_eq, method="highs")
+        total_cost += float(result.fun) * width
+        total_served += int(sum(counts[k] for k, _ in demand))
+    per_1m = total_cost / total_served * 1e6 if total_served else 0.0
+    return Bound(per_1m, infeasible_classes(scenario), relaxed)
+
+
+# ---- the whole report -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Report:
+    scenario: Scenario
+    requests: int
+    wall_s: float
+    bound: Bound
+    results: dict[str, PolicyResult]
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.met for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario.scenario,
+            "requests": self.requests,
+            "wall_s": round(self.wall_s, 4),
+            "lower_bound_cost_usd_per_1m": self.bound.cost_usd_per_1m,
+            "infeasible_classes": self.bound.infeasible_classes,
+            "policies": {name: r.to_json() for name, r in self.results.items()},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One of the scenario's thresholds, checked."""
+
+    key: str
+    """attainment, cost_vs_bound, saving_vs_fastest or cheapest_misses."""
+    name: str
+    met: bool
+    detail: str
+
+
+def check(scenario: Scenario, bound: Bound, results: dict[str, PolicyResult]) -> list[Check]:
+    """The scenario's simulated thresholds."""
+    t = scenario.thresholds
+    out = []
+    ours = results["switchyard"]
+    worst = min(ours.attainment.items(), key=lambda kv: kv[1], default=None)
+    if worst is not None:
+        out.append(
+            Check(
+                "attainment",
+                f"attainment >= {t.attainment_min:g} in every feasible class",
+                worst[1] >= t.attainment_min,
+                f"lowest: {worst[0]} {worst[1]:.4f}",
+            )
+        )
+    if t.max_cost_vs_lower_bound is not None:
+        ratio = ours.cost_usd_per_1m / bound.cost_usd_per_1m if bound.cost_usd_per_1m else INF
+        out.append(
+            Check(
+                "cost_vs_bound",
+                f"cost <= {t.max_cost_vs_lower_bound:g}x the lower bound",
+                ratio <= t.max_cost_vs_lower_bound,
+                f"{ratio:.3f}x",
+            )
+        )
+    if t.min_saving_vs_fastest_only is not None:
+        fastest = results["fastest-only"].cost_usd_per_1m
+        saving = 1.0 - ours.cost_usd_per_1m / fastest if fastest else 0.0
+        out.append(
+            Check(
+                "saving_vs_fastest",
+                f"saving vs fastest-only >= {t.min_saving_vs_fastest_only:.0%}",
+                saving >= t.min_saving_vs_fastest_only,
+                f"{saving:.1%}",
+            )
+        )
+    if t.cheapest_only_must_miss:
+        cheap = results["cheapest-only"].attainment
+        low = min(cheap.items(), key=lambda kv: kv[1], default=("-", 1.0))
+        out.append(
+            Check(
+                "cheapest_misses",
+                "cheapest-only misses the SLA",
+                low[1] < t.attainment_min,
+                f"lowest: {low[0]} {low[1]:.4f}",
+            )
+        )
+    return out
+
+
+def simulate(
+    scenario: Scenario,
+    policies: Sequence[str] = POLICIES,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Report:
+    # The solver's library loads before the clock starts, as the simulator's own
+    # modules did: wall_s is the simulation's work (trace, bound, runs), not imports.
+    import scipy.optimize  # noqa: F401
+
+    started = clock()
+    trace = make_trace(scenario)
+    bound = lower_bound(scenario, trace)
+    results = {}
+    for name in policies:
+        chooser = chooser_for(name)
+        sim = Simulation(scenario, trace, chooser, retry_by_alternatives=name == "switchyard")
+        latency, sla, cost, retried = sim.run()
+        results[name] = summarise(
+            scenario, trace, latency, sla, cost, retried, bound.infeasible_classes
+        )
+    wall_s = clock() - started
+    report = Report(scenario, len(trace), wall_s, bound, results)
+    if "switchyard" in results and set(POLICIES) <= set(results):
+        report.checks = check(scenario, bound, results)
+    return report
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", type=Path, required=True, help="scenario file (YAML)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument(
+        "--short", action="store_true", help="the scenario's short form (as the tests run it)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        scenario = load_scenario(args.scenario)
+        if args.short:
+            scenario = scenario.shortened()
+        report = simulate(scenario)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print_report(report)
+    return 0 if report.passed else 1
+
+
+def print_report(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    scenario = report.scenario
+    runs = len(report.results)
+    rate = report.requests * runs / report.wall_s if report.wall_s > 0 else 0.0
+    console.print(
+        f"[bold]{scenario.scenario}[/bold]: {scenario.description}\n"
+        f"{report.requests:,} requests over {scenario.duration_s:g} s, {runs} policies, "
+        f"{report.wall_s:.2f} s wall ({rate:,.0f} simulated requests/s)"
+    )
+    classes = sorted({c for r in report.results.values() for c in r.p99_ms})
+    table = Table(title="SLA met (p99 ms) per class; cost per 1M inferences")
+    table.add_column("policy")
+    table.add_column("$/1M", justify="right")
+    table.add_column("/bound", justify="right")
+    for name in classes:
+        table.add_column(name, justify="right")
+    table.add_column("failed", justify="right")
+    bound = report.bound.cost_usd_per_1m
+    for policy, result in report.results.items():
+        row = [
+            policy,
+            f"{result.cost_usd_per_1m:.4f}",
+            f"{result.cost_usd_per_1m / bound:.3f}" if bound else "-",
+        ]
+        for name in classes:
+            met = result.attainment.get(name)
+            p99 = result.p99_ms.get(name)
+            cell = "infeasible" if met is None else f"{met:.2%}"
+            row.append(cell + ("" if p99 is None else f" ({p99:.1f})"))
+        row.append(f"{result.failed:,}")
+        table.add_row(*row)
+    table.add_row("lower bound", f"{bound:.4f}", "1.000", *[""] * (len(classes) + 1))
+    console.print(table)
+    if report.bound.infeasible_classes:
+        console.print(
+            "infeasible classes (no route meets the SLA unloaded): "
+            + ", ".join(report.bound.infeasible_classes)
+        )
+    for c in report.checks:
+        mark = "[green]pass[/green]" if c.met else "[red]FAIL[/red]"
+        console.print(f"{mark}  {c.name}: {c.detail}")
