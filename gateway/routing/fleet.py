@@ -83,16 +83,14 @@ class Ticket:
     arrival plus its SLA), what its route expects it to take, and when it took a
     slot (None while it waits)."""
 
-    __slots__ = ("due_s", "expected_ms", "ident", "route", "started_s")
+    __slots__ = ("attempt", "due_s", "expected_ms", "route", "started_s")
 
-    def __init__(
-        self, route: Route | None, expected_ms: float, due_s: float, ident: int = 0
-    ) -> None:
+    def __init__(self, route: Route | None, expected_ms: float, due_s: float) -> None:
         self.route = route
         self.expected_ms = expected_ms
         self.due_s = due_s
-        self.ident = ident
-        """The caller's own tag (the simulator's request number)."""
+        self.attempt: object = None
+        """Whose request it is (the dispatcher's attempt)."""
         self.started_s: float | None = None
 
 

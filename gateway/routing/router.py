@@ -93,6 +93,12 @@ class Decision:
     _asked: tuple[RouteRequest, Sequence[Route], Policy] | None = field(default=None, repr=False)
     """What the router was asked (the SLA router's decisions): to rank the others."""
 
+    @property
+    def ranks(self) -> bool:
+        """Whether `alternatives` ranks the other routes (the SLA router's decisions;
+        a baseline's do not)."""
+        return self._asked is not None
+
     def alternatives(self, now_s: float) -> list[Route]:
         """The other available routes, best first as the router ranks them at `now_s`
         (feasible by objective, then the rest fastest first): where retries and

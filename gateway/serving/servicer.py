@@ -21,7 +21,6 @@ from google.protobuf.message import DecodeError
 
 from backends import __version__
 from backends.protocol.errors import (
-    DeadlineExceeded,
     Exhausted,
     InvalidInput,
     ModelNotFound,
@@ -29,37 +28,26 @@ from backends.protocol.errors import (
     Unavailable,
 )
 from backends.protocol.status import code_for
-from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.routing.policy import PolicyBook
-from gateway.routing.router import (
-    Chooser,
-    Decision,
-    Policy,
-    batch_factor,
-    carbon_g,
-    choose,
-    cost_usd,
-    hedge_after_ms,
-)
-from gateway.serving.coalescer import Coalescer
+from gateway.routing.router import Chooser, Policy, carbon_g, choose, cost_usd
 from gateway.serving.converters import (
     REMOTE_VARIANT,
     config_message,
     cost_parameter,
     metadata_message,
-    request_parameters,
-    request_rows,
     response_parameters,
     route_request,
     stream_error,
     stream_response,
     timeout_param_s,
 )
+from gateway.serving.dispatch import Dispatcher, Job, LoopTimers
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendCallError as ForwardedError
 from gateway.serving.pool import BackendPool
 from gateway.serving.stats import ModelCounters
+from gateway.serving.transport import Forward, GatewayObserver, GrpcTransport
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
 
@@ -67,23 +55,6 @@ log = logging.getLogger("switchyard.gateway")
 
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchyard_routing"]
-# Codes on which an attempt is retried on the next route: the backend could not
-# run it (down, overloaded) or failed on its side; inference is idempotent.
-# CANCELLED from a backend (the gateway's own cancellations of hedges never reach
-# here) is its gRPC server shedding calls it had not yet accepted when its backlog
-# passed gRPC's pending-request limit, as Python servers do when overloaded.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-# Codes that count against a backend in passive outlier detection (the caller's
-# own errors, such as INVALID_ARGUMENT, do not).
-BACKEND_FAULTS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
 STREAM_WINDOW = 64
 
 
@@ -106,13 +77,12 @@ class GatewayServicer:
         self.counters: dict[str, ModelCounters] = {}
         self.chooser = chooser
         self._suffixes: dict[tuple[str, str, int], bytes] = {}
-        self._variant_suffixes: dict[str, bytes] = {}
-        self.coalescer = Coalescer(
-            self._send,
-            clock,
-            coalesce_in_flight,
-            lambda route, n: metrics.merged_batch.labels(route.backend, route.model).observe(n),
+        self.transport = GrpcTransport(pool, fleet, metrics, clock, coalesce_in_flight)
+        self.coalescer = self.transport.coalescer
+        self.dispatcher = Dispatcher(
+            self.transport, LoopTimers(clock), GatewayObserver(fleet, metrics)
         )
+        self.transport.dispatcher = self.dispatcher
 
     # ---- inference ---------------------------------------------------------------
 
@@ -187,10 +157,21 @@ class GatewayServicer:
                     raise Exhausted(decision.message)
                 raise Unavailable(f"no healthy backend serves model {model!r} right now")
             started = time.perf_counter_ns()
-            reply, route, attempts = await self._attempts(
-                decision, policy, request, header, info, deadline, arrived
+            job = Job(
+                decision,
+                policy,
+                route_req,
+                routes,
+                self.chooser,
+                arrived,
+                deadline,
+                Forward(request, header, info),
             )
+            await self.dispatcher.run(job, arrived)
             backend_ns = time.perf_counter_ns() - started
+            assert job.winner is not None
+            reply: bytes = job.reply
+            route, attempts = job.winner.route, job.tried
             backend, variant = route.backend, route.variant
             cost = cost_usd(route, batch_size)
             self.metrics.cost.labels(model, backend).inc(cost)
@@ -215,179 +196,6 @@ class GatewayServicer:
             if policy is not None and counters is not None:
                 met = outcome == "OK" and elapsed_ns / 1e6 <= policy.latency_ms
                 self.metrics.sla.labels(model_label, policy.name, "met" if met else "missed").inc()
-
-    async def _attempts(
-        self,
-        decision: Decision,
-        policy: Policy,
-        request: bytes,
-        header: gateway_pb2.InferRequestHeader,
-        info: ModelInfo,
-        deadline: float | None,
-        arrived_s: float,
-    ) -> tuple[bytes, Route, int]:
-        """Runs the decision: the chosen route first; on a retryable failure the
-        next-best route while retries and the deadline allow; with hedging, a
-        second attempt when the first runs past its predicted p95 (the first
-        answer wins, the other is cancelled). Every attempt is due (queued at the
-        backend and the gateway) at the request's arrival plus its SLA. Returns the
-        reply, the route that answered and the number of attempts."""
-        assert decision.route is not None
-        model = decision.route.model
-        queue: list[Route] | None = None  # alternatives, computed on first need
-        tried = 0
-        pending: dict[asyncio.Task[bytes], Route] = {}
-        hedged = not policy.hedge
-        last_error: ForwardedError | SwitchyardError | None = None
-        due_s = arrived_s + policy.budget_ms * 0.001
-
-        def next_route() -> Route | None:
-            nonlocal queue
-            if tried > policy.retries:
-                return None
-            if queue is None:
-                queue = decision.alternatives(self.clock())
-            while queue:
-                candidate = queue.pop(0)
-                if candidate.state.available:
-                    return candidate
-            return None
-
-        def launch(route: Route) -> None:
-            nonlocal tried
-            tried += 1
-            remaining = None if deadline is None else deadline - self.clock()
-            task = asyncio.ensure_future(
-                self._attempt(route, request, header, info, remaining, due_s, policy.budget_ms)
-            )
-            pending[task] = route
-
-        launch(decision.route)
-        try:
-            while pending:
-                wait_s = None
-                if not hedged:
-                    first = next(iter(pending.values()))
-                    wait_s = hedge_after_ms(first, policy, self.clock()) / 1000.0
-                if deadline is not None:
-                    left = deadline - self.clock()
-                    wait_s = left if wait_s is None else min(wait_s, left)
-                done, _ = await asyncio.wait(
-                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    if deadline is not None and self.clock() >= deadline:
-                        raise DeadlineExceeded(
-                            f"deadline passed after {tried} attempt(s) for model {model!r}"
-                        )
-                    hedged = True
-                    hedge = next_route()
-                    if hedge is not None:
-                        self.metrics.decisions.labels(model, "hedge").inc()
-                        launch(hedge)
-                    continue
-                for task in done:
-                    route = pending.pop(task)
-                    error = task.exception()
-                    if error is None:
-                        return task.result(), route, tried
-                    if not isinstance(error, ForwardedError | SwitchyardError):
-                        raise error
-                    last_error = error
-                    retryable = isinstance(error, ForwardedError) and error.code in RETRYABLE
-                    if not retryable:
-                        if not pending:
-                            raise error
-                        continue
-                    if deadline is not None and self.clock() >= deadline:
-                        continue
-                    retry = next_route()
-                    if retry is not None:
-                        self.metrics.decisions.labels(model, "retry").inc()
-                        launch(retry)
-            assert last_error is not None
-            if isinstance(last_error, ForwardedError) and last_error.code in RETRYABLE:
-                if deadline is not None and self.clock() >= deadline:
-                    raise DeadlineExceeded(
-                        f"deadline passed after {tried} attempt(s) for model {model!r}"
-                    )
-            raise last_error
-        finally:
-            for task in pending:
-                task.cancel()
-
-    async def _attempt(
-        self,
-        route: Route,
-        request: bytes,
-        header: gateway_pb2.InferRequestHeader,
-        info: ModelInfo,
-        timeout_s: float | None,
-        due_s: float,
-        budget_ms: float,
-    ) -> bytes:
-        """One attempt on `route`, due at `due_s` (the request's SLA `budget_ms` from
-        its arrival); the coalescer sends it alone or merged with others. Its latency
-        feeds the route's estimates, its outcome outlier detection."""
-        state = route.state
-        if not route.default:
-            request = request + self._variant_parameter(route.variant)
-        ticket = state.admit(route, route.estimate.mean_ms, due_s, self.clock(), budget_ms)
-        # Only an attempt that finds a free slot measures the route's service time:
-        # one that queues would feed the estimate's own error back, magnified by
-        # the queue (the estimate would swing, and traffic with it).
-        free_slot = ticket.started_s is not None
-        self.metrics.in_flight.labels(route.backend).inc()
-        sent = time.perf_counter()
-        ok = False
-        error = ""
-        try:
-            reply = await self.coalescer.call(route, request, header, info, timeout_s, due_s)
-            ok = True
-            return reply
-        except ForwardedError as exc:
-            error = f"{exc.code.name}: {exc.details}"
-            ok = exc.code not in BACKEND_FAULTS
-            raise
-        finally:
-            now = self.clock()
-            state.finish(ticket, now)
-            self.metrics.in_flight.labels(route.backend).dec()
-            if ok and not error:
-                latency_ms = (time.perf_counter() - sent) * 1000.0
-                route.observed.observe(latency_ms, now)
-                if free_slot:
-                    # The estimate is of a one-row request: a batch's time is scaled back.
-                    sample = service_sample(latency_ms, state.network.rtt_ms)
-                    rows = request_rows(header, info.max_batch_size)
-                    route.estimate.observe(sample / batch_factor(rows, route.row_fraction), now)
-            if self.fleet.record_attempt(route, ok, now, error):
-                self.metrics.ejections.labels(route.backend).inc()
-                log.warning("backend %s ejected: %s", route.backend, state.last_error)
-
-    def _variant_parameter(self, variant: str) -> bytes:
-        suffix = self._variant_suffixes.get(variant)
-        if suffix is None:
-            suffix = request_parameters({"switchyard_variant": variant})
-            self._variant_suffixes[variant] = suffix
-        return suffix
-
-    async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
-        """One backend call, as the coalescer makes it."""
-        client = self.pool.client(route.address)
-        try:
-            reply: bytes = await client.infer(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            self.metrics.attempts.labels(route.backend, code.name).inc()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                # Passive health: a backend that refuses connections leaves the routes
-                # until a probe finds it ready again.
-                self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
-                log.warning("backend %s unavailable: %s", route.backend, exc.details())
-            raise ForwardedError(code, exc.details() or code.name) from exc
-        self.metrics.attempts.labels(route.backend, "OK").inc()
-        return reply
 
     def _suffix(self, route: Route, attempts: int) -> bytes:
         key = (route.backend, route.variant, attempts)

@@ -55,13 +55,13 @@ from gateway.routing.policy import PolicyBook
 from gateway.routing.router import (
     ROUTING,
     Chooser,
-    Decision,
     Policy,
     RouteRequest,
     batch_factor,
     chooser_for,
 )
-from gateway.sim.scenario import Scenario, ScenarioError, Traffic, load_scenario
+from gateway.serving.dispatch import Attempt, Dispatcher, Job
+from gateway.sim.scenario import Event, Scenario, ScenarioError, Traffic, load_scenario
 
 Z99 = 2.3263478740408408
 """The standard normal's 99th percentile: p99 = p50 x exp(sigma x Z99)."""
@@ -321,164 +321,50 @@ class Simulation:
         n = len(times)
         latency = [INF] * n
         sla = [0.0] * n
-        r_route: list[Route | None] = [None] * n
-        r_backend = [0] * n
-        r_svc = [0.0] * n
-        r_sent = [0.0] * n
-        r_ticket: list[Ticket | None] = [None] * n
-        # Whether each attempt found a free slot: only those measure the route.
-        r_free = [False] * n
-        r_decision: list[Decision | None] = [None] * n
-        tries: dict[int, int] = {}
-        pending_alternatives: dict[int, list[Route]] = {}
-        states = self.states
-        nb = len(states)
-        tokens = list(range(nb))
-        next_token = nb
-        rtts = self.rtts
-        sims = self.sims
-        heap: list[tuple[float, int, int]] = []
-        push, pop = heapq.heappush, heapq.heappop
+        fleet = ModelledFleet(self.states, self.rtts, self.sims, self.factors, streams)
+        dispatcher = Dispatcher(fleet, fleet, fleet)
+        heap = fleet.heap
+        pop = heapq.heappop
         chooser = self.chooser
         requests = self.requests
         routes_of = [self.routes.get(r.model, []) for r in requests]
-        factors = self.factors
-        cost = 0.0
-        retried = 0
         events = sorted(self.scenario.events, key=lambda e: e.at_s)
-        names = {s.name: i for i, s in enumerate(states)}
         ev_index = 0
         probe_every = self.latency_probe_interval_s
         next_probe = probe_every if probe_every > 0 else INF
         next_event = min(events[0].at_s if events else INF, next_probe)
+        rtts = self.rtts
 
-        def dispatch(rid: int, route: Route, now: float) -> None:
-            state = route.state
-            budget = sla[rid]
-            ticket = state.admit(
-                route, route.estimate.mean_ms, times[rid] + budget * 0.001, now, budget
-            )
-            ticket.ident = rid
-            r_ticket[rid] = ticket
-            sim = sims[route]
-            pos = sim.pos
-            if pos >= SAMPLE_CHUNK:
-                sim.refill()
-                pos = 0
-            svc = sim.samples[pos] * factors[streams[rid]]
-            sim.pos = pos + 1
-            b = sim.backend
-            r_route[rid] = route
-            r_backend[rid] = b
-            r_svc[rid] = svc
-            r_sent[rid] = now
-            if ticket.started_s is not None:
-                r_free[rid] = True
-                push(heap, (now + svc * 0.001, rid, tokens[b]))
-
-        def complete(now: float, rid: int, token: int) -> None:
-            nonlocal cost
-            b = r_backend[rid]
-            if token != tokens[b]:
-                return  # the attempt died with its backend
-            state = states[b]
-            ticket = r_ticket[rid]
-            assert ticket is not None
-            nxt = state.finish(ticket, now)
-            if nxt is not None:  # the waiting request due first takes the slot
-                push(heap, (now + r_svc[nxt.ident] * 0.001, nxt.ident, token))
-            route = r_route[rid]
-            assert route is not None
-            rtt = rtts[b]
-            if r_free[rid]:
-                attempt_ms = (now - r_sent[rid]) * 1000.0 + rtt
-                sample = service_sample(attempt_ms, rtt) / factors[streams[rid]]
-                route.estimate.observe(sample, now)
-            latency[rid] = (now - times[rid]) * 1000.0 + rtt
-            cost += state.usd_per_busy_ms * r_svc[rid]
-
-        def retry(rid: int, now: float) -> None:
-            nonlocal retried
-            attempts = tries.get(rid, 1)
-            k = streams[rid]
-            if attempts > self.policies[k].retries:
-                return
-            queue = pending_alternatives.get(rid)
-            if queue is None:
-                decision = r_decision[rid]
-                assert decision is not None
-                if self.retry_by_alternatives:
-                    queue = decision.alternatives(now)
-                else:
-                    again = chooser(requests[k], routes_of[k], self.policies[k], now)
-                    queue = [] if again.route is None else [again.route]
-                pending_alternatives[rid] = queue
-            while queue:
-                candidate = queue.pop(0)
-                if candidate.state.available:
-                    tries[rid] = attempts + 1
-                    retried += 1
-                    dispatch(rid, candidate, now)
-                    return
-
-        def kill(b: int, now: float) -> None:
-            nonlocal next_token
-            state = states[b]
-            state.healthy = False
-            state.last_error = "killed"
-            state.refresh()
-            tokens[b] = next_token  # the attempts in service die with the old token
-            next_token += 1
-            victims = sorted(ticket.ident for ticket in state.clear())
-            for rid in victims:
-                retry(rid, now)
-
-        def probe(now: float) -> None:
-            """The prober's latency probes: one inference on each available route
-            that had no sample for an interval (modelled unqueued: the route is idle)."""
-            for route, sim in sims.items():
-                last = route.estimate.last_sample_s
-                if route.state.available and (last is None or now - last >= probe_every):
-                    if sim.pos >= SAMPLE_CHUNK:
-                        sim.refill()
-                    svc = sim.samples[sim.pos]
-                    sim.pos += 1
-                    rtt = rtts[sim.backend]
-                    route.estimate.observe(service_sample(svc + rtt, rtt), now)
+        def done(job: Job) -> None:
+            """A request's end: its latency as its client sees it, and the busy time
+            its answer cost."""
+            attempt = job.winner
+            if attempt is None:
+                return  # failed: its latency stays infinite
+            call: ModelledCall = attempt.call
+            now = fleet.now_s
+            latency[job.ident] = (now - times[job.ident]) * 1000.0 + rtts[call.backend]
+            fleet.cost += attempt.route.state.usd_per_busy_ms * call.service_ms
 
         def apply(event_at: float) -> None:
             nonlocal ev_index, next_event, next_probe
             while next_probe <= event_at:
-                probe(next_probe)
+                fleet.probe(next_probe, probe_every)
                 next_probe += probe_every
             while ev_index < len(events) and events[ev_index].at_s <= event_at:
                 event = events[ev_index]
                 ev_index += 1
-                if event.set_price is not None:
-                    states[names[event.set_price.backend]].set_price(event.set_price.usd_per_hour)
-                elif event.kill is not None:
-                    kill(names[event.kill], event.at_s)
-                elif event.restart is not None:
-                    state = states[names[event.restart]]
-                    state.healthy = True
-                    state.last_error = ""
-                    state.refresh()
-                elif event.drain is not None or event.undrain is not None:
-                    name = event.drain or event.undrain
-                    assert name is not None
-                    state = states[names[name]]
-                    state.drained = event.drain is not None
-                    state.refresh()
-                elif event.set_policy is not None:
+                if event.set_policy is not None:
                     self.set_policies(event.set_policy)
+                else:
+                    fleet.apply(event, dispatcher)
             next_event = min(events[ev_index].at_s if ev_index < len(events) else INF, next_probe)
 
         def advance(until: float) -> None:
-            """Completions and events up to `until` (inclusive), in time order."""
+            """Completions, timers and events up to `until` (inclusive), in time order."""
             while True:
                 if heap and heap[0][0] <= until and heap[0][0] < next_event:
-                    now, rid, token = pop(heap)
-                    complete(now, rid, token)
+                    fleet.fire(pop(heap), dispatcher)
                 elif next_event <= until and next_event < INF:
                     apply(next_event)
                 else:
@@ -491,21 +377,215 @@ class Simulation:
                 advance(now)
                 policies = self.policies
             while heap and heap[0][0] <= now:
-                t, rid, token = pop(heap)
-                complete(t, rid, token)
+                fleet.fire(pop(heap), dispatcher)
             k = streams[i]
             policy = policies[k]
             sla[i] = policy.latency_ms
             decision = chooser(requests[k], routes_of[k], policy, now)
-            route = decision.route
-            if route is None:
+            if decision.route is None:
                 continue
-            r_decision[i] = decision
-            dispatch(i, route, now)
+            fleet.now_s = now
+            job = Job(decision, policy, requests[k], routes_of[k], chooser, now, ident=i)
+            job.on_done = done
+            dispatcher.start(job, now)
         next_probe = INF  # the run is over: no more probes, only the queues to empty
         next_event = events[ev_index].at_s if ev_index < len(events) else INF
         advance(INF)
-        return np.asarray(latency), np.asarray(sla), cost, retried
+        return np.asarray(latency), np.asarray(sla), fleet.cost, fleet.retried_count
+
+
+@dataclass(slots=True)
+class ModelledCall:
+    """A modelled attempt's call: its backend, its drawn service time, when it was sent,
+    and the backend's life it belongs to (a killed backend's calls die with it)."""
+
+    backend: int
+    service_ms: float
+    sent_s: float
+
+
+class _Timer:
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[float], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ModelledFleet:
+    """The simulated backends, as the Dispatcher sees them: its transport (each call
+    takes its drawn service time once it holds a slot of its backend's earliest-deadline
+    queue, the fleet state's own), its timers and its observer, over one event heap of
+    (time, request, backend life, sequence, what). The heap's order is time, then
+    request number."""
+
+    def __init__(
+        self,
+        states: list[BackendState],
+        rtts: list[float],
+        sims: dict[Route, _RouteSim],
+        factors: list[float],
+        streams: list[int],
+    ) -> None:
+        self.states = states
+        self.rtts = rtts
+        self.sims = sims
+        self.factors = factors
+        self.streams = streams
+        self.names = {s.name: i for i, s in enumerate(states)}
+        self.lives = list(range(len(states)))
+        """Each backend's current life: a kill starts a new one."""
+        self._next_life = len(states)
+        self.heap: list[tuple[float, int, int, int, Any]] = []
+        self._seq = itertools.count()
+        self.now_s = 0.0
+        self.cost = 0.0
+        self.retried_count = 0
+
+    # ---- the transport ----
+
+    def send(self, attempt: Attempt) -> None:
+        sim = self.sims[attempt.route]
+        pos = sim.pos
+        if pos >= SAMPLE_CHUNK:
+            sim.refill()
+            pos = 0
+        job = attempt.job
+        service_ms = sim.samples[pos] * self.factors[self.streams[job.ident]]
+        sim.pos = pos + 1
+        now = self.now_s
+        attempt.call = ModelledCall(sim.backend, service_ms, now)
+        if attempt.free_slot:
+            self._serve(attempt, now)
+
+    def cancel(self, attempt: Attempt) -> None:
+        attempt.call = None  # its heap entry, if any, finds no call
+
+    def _serve(self, attempt: Attempt, now: float) -> None:
+        call: ModelledCall = attempt.call
+        heapq.heappush(
+            self.heap,
+            (
+                now + call.service_ms * 0.001,
+                attempt.job.ident,
+                self.lives[call.backend],
+                next(self._seq),
+                attempt,
+            ),
+        )
+
+    def fire(self, entry: tuple[float, int, int, int, Any], dispatcher: Dispatcher) -> None:
+        """One heap entry's time has come: a call answers (unless it died with its
+        backend's life or was cancelled), or a timer fires."""
+        now, _, life, _, what = entry
+        if isinstance(what, _Timer):
+            if not what.cancelled:
+                self.now_s = now
+                what.callback(now)
+            return
+        attempt: Attempt = what
+        call: ModelledCall | None = attempt.call
+        if call is None or life != self.lives[call.backend]:
+            return
+        self.now_s = now
+        latency_ms = (now - call.sent_s) * 1000.0 + self.rtts[call.backend]
+        nxt = dispatcher.answered(attempt, None, latency_ms, now)
+        if nxt is not None:  # the waiting request due first takes the slot
+            waiting = nxt.attempt
+            assert isinstance(waiting, Attempt)
+            if waiting.call is not None:
+                self._serve(waiting, now)
+
+    # ---- the timers ----
+
+    def now(self) -> float:
+        return self.now_s
+
+    def call_at(self, when_s: float, callback: Callable[[float], None]) -> _Timer:
+        timer = _Timer(callback)
+        heapq.heappush(self.heap, (when_s, -1, -1, next(self._seq), timer))
+        return timer
+
+    # ---- the observer ----
+
+    def retried(self, job: Job, route: Route) -> None:
+        self.retried_count += 1
+
+    def hedged(self, job: Job, route: Route) -> None:
+        pass
+
+    def outcome(
+        self,
+        attempt: Attempt,
+        latency_ms: float | None,
+        fault: bool,
+        error: BaseException | None,
+        now_s: float,
+    ) -> None:
+        pass
+
+    # ---- scenario events and probes ----
+
+    def apply(self, event: Event, dispatcher: Dispatcher) -> None:
+        """A scenario event on the fleet (prices, kills, restarts, drains)."""
+        if event.set_price is not None:
+            self.states[self.names[event.set_price.backend]].set_price(event.set_price.usd_per_hour)
+        elif event.kill is not None:
+            self.kill(self.names[event.kill], event.at_s, dispatcher)
+        elif event.restart is not None:
+            state = self.states[self.names[event.restart]]
+            state.healthy = True
+            state.last_error = ""
+            state.refresh()
+        elif event.drain is not None or event.undrain is not None:
+            name = event.drain or event.undrain
+            assert name is not None
+            state = self.states[self.names[name]]
+            state.drained = event.drain is not None
+            state.refresh()
+
+    def kill(self, b: int, now: float, dispatcher: Dispatcher) -> None:
+        """Backend `b` dies: its calls in service and waiting fail (each retried by the
+        dispatcher, in request order) and it leaves the routes until restarted."""
+        state = self.states[b]
+        state.healthy = False
+        state.last_error = "killed"
+        state.refresh()
+        self.lives[b] = self._next_life  # the calls in service die with the old life
+        self._next_life += 1
+        self.now_s = now
+        lost = sorted(state.clear(), key=_request_number)
+        for ticket in lost:
+            attempt = ticket.attempt
+            assert isinstance(attempt, Attempt)
+            dispatcher.failed(attempt, BackendKilled(state.name), True, True, now)
+
+    def probe(self, now: float, interval_s: float) -> None:
+        """The prober's latency probes: one inference on each available route that had
+        no sample for an interval (modelled unqueued: the route is idle)."""
+        for route, sim in self.sims.items():
+            last = route.estimate.last_sample_s
+            if route.state.available and (last is None or now - last >= interval_s):
+                if sim.pos >= SAMPLE_CHUNK:
+                    sim.refill()
+                svc = sim.samples[sim.pos]
+                sim.pos += 1
+                rtt = self.rtts[sim.backend]
+                route.estimate.observe(service_sample(svc + rtt, rtt), now)
+
+
+def _request_number(ticket: Ticket) -> int:
+    attempt = ticket.attempt
+    assert isinstance(attempt, Attempt)
+    return attempt.job.ident
+
+
+class BackendKilled(Exception):
+    def __init__(self, backend: str) -> None:
+        super().__init__(f"backend {backend} was killed")
 
 
 def summarise(

@@ -1,0 +1,383 @@
+"""The Dispatcher: runs one routing decision to its end, for the live gateway and for
+the simulator alike.
+
+A request's decision names its first route; the Dispatcher sends the attempt there
+and, as the transport reports each attempt's end, does the rest: on a retryable
+failure the next route of the decision's alternatives (ranked when the retry goes,
+by the load of that moment; a baseline's decision chooses again) while the policy's
+retries and the deadline allow; with hedging, a second attempt when the first runs
+past its predicted p95 (the first answer wins, the others are abandoned); at the
+deadline, DeadlineExceeded. Every attempt is a ticket in its backend's queue
+(`BackendState.admit` / `finish`), due at the request's arrival plus its SLA budget;
+an attempt that found a free slot when sent measures its route's service time (one
+that queued would feed the estimate's own error back, magnified by the queue).
+
+Nothing here does I/O or reads a clock. The transport starts and cancels calls and
+reports their ends (`answered`, `failed`) with the time they ended; timers come from
+an injected `Timers`; each event carries its `now_s`. The live gateway gives it a
+gRPC transport and the event loop's timers (`run` awaits a request's end); the
+simulator gives it modelled backends and its own event queue.
+
+Imports the routing core and the domain errors; no grpc, no protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backends.protocol.errors import DeadlineExceeded
+from gateway.routing.estimates import service_sample
+from gateway.routing.fleet import Route, Ticket
+from gateway.routing.router import (
+    Chooser,
+    Decision,
+    Policy,
+    RouteRequest,
+    batch_factor,
+    hedge_after_ms,
+)
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Timers(Protocol):
+    """The dispatcher's clock, and callbacks on it: `callback(now_s)` at `when_s`."""
+
+    def now(self) -> float: ...
+
+    def call_at(self, when_s: float, callback: Callable[[float], None]) -> TimerHandle: ...
+
+
+class Transport(Protocol):
+    """Starts and cancels attempts' calls. It reports each started call's end to the
+    dispatcher, once: `answered` or `failed` (never after `cancel`)."""
+
+    def send(self, attempt: Attempt) -> None: ...
+
+    def cancel(self, attempt: Attempt) -> None: ...
+
+
+class Observer(Protocol):
+    """What the dispatcher's owner counts: retries and hedges sent, each attempt's
+    outcome (`latency_ms` as the gateway saw it when it answered, else None; `fault`:
+    a failure that originated at the backend)."""
+
+    def retried(self, job: Job, route: Route) -> None: ...
+
+    def hedged(self, job: Job, route: Route) -> None: ...
+
+    def outcome(
+        self,
+        attempt: Attempt,
+        latency_ms: float | None,
+        fault: bool,
+        error: BaseException | None,
+        now_s: float,
+    ) -> None: ...
+
+
+class Quiet:
+    """An observer that counts nothing."""
+
+    def retried(self, job: Job, route: Route) -> None:
+        pass
+
+    def hedged(self, job: Job, route: Route) -> None:
+        pass
+
+    def outcome(
+        self,
+        attempt: Attempt,
+        latency_ms: float | None,
+        fault: bool,
+        error: BaseException | None,
+        now_s: float,
+    ) -> None:
+        pass
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One request as the dispatcher runs it."""
+
+    decision: Decision
+    policy: Policy
+    request: RouteRequest
+    routes: Sequence[Route]
+    """The routes the decision was made among (a baseline's retry chooses among them again)."""
+    chooser: Chooser
+    arrived_s: float
+    deadline_s: float | None = None
+    """When the caller stops waiting (its timeout), if it said."""
+    payload: Any = None
+    """What the transport sends (the live gateway's request bytes and header)."""
+    ident: int = 0
+    """The owner's tag (the simulator's request number)."""
+    on_done: Callable[[Job], None] | None = None
+    """Called once, when the request ends: `winner` answered, or `error` says why not."""
+    due_s: float = 0.0
+    tried: int = 0
+    pending: list[Attempt] = field(default_factory=list)
+    winner: Attempt | None = None
+    reply: Any = None
+    error: BaseException | None = None
+    last_error: BaseException | None = None
+    last_retryable: bool = False
+    done: bool = False
+    hedged: bool = False
+    queue: list[Route] | None = None
+    """The routes retries and hedges take, best first: ranked on first need."""
+    timer: TimerHandle | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One call of a job on one route, and its ticket in the route's backend queue."""
+
+    job: Job
+    route: Route
+    ticket: Ticket
+    free_slot: bool
+    """It took a free slot when sent: its latency measures the route."""
+    call: Any = None
+    """The transport's own handle on the call."""
+    hedge_at_s: float | None = None
+    """When a hedge follows it: its predicted p95 from its send, as predicted before it
+    joined its backend's queue (None where the job hedges no more)."""
+    settled: bool = False
+    """It has left its backend's queue (answered, failed or given up)."""
+
+
+class Dispatcher:
+    def __init__(
+        self, transport: Transport, timers: Timers, observer: Observer | None = None
+    ) -> None:
+        self.transport = transport
+        self.timers = timers
+        self.observer: Observer = observer if observer is not None else Quiet()
+
+    # ---- a job's life -------------------------------------------------------------------
+
+    def start(self, job: Job, now_s: float) -> None:
+        """Sends the decision's route its attempt (the decision must name one)."""
+        route = job.decision.route
+        assert route is not None
+        job.due_s = job.arrived_s + job.policy.budget_ms * 0.001
+        job.hedged = not job.policy.hedge
+        self._launch(job, route, now_s)
+        self._arm(job, now_s)
+
+    async def run(self, job: Job, now_s: float) -> Job:
+        """`start`, then waits for the job's end (the live gateway): returns the job
+        with its winner, or raises its error. Cancelled (the caller went away), it
+        abandons the job's attempts."""
+        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+
+        def done(finished: Job) -> None:
+            if not future.done():
+                future.set_result(finished)
+
+        job.on_done = done
+        self.start(job, now_s)
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.abandon(job, self.timers.now())
+            raise
+        if job.error is not None:
+            raise job.error
+        return job
+
+    def abandon(self, job: Job, now_s: float) -> None:
+        """The job's caller is gone: its attempts are cancelled and leave their queues
+        (not counted against their backends), and it ends with no answer."""
+        if job.done:
+            return
+        job.done = True
+        self._cancel_timer(job)
+        self._give_up(job, now_s)
+
+    # ---- what the transport reports -------------------------------------------------------
+
+    def answered(
+        self, attempt: Attempt, reply: Any, latency_ms: float, now_s: float
+    ) -> Ticket | None:
+        """`attempt` answered at `now_s`, `latency_ms` after it was sent (as the gateway
+        saw it, network included). Returns the waiting ticket that took its slot."""
+        if attempt.settled:
+            return None  # given up already (a report that raced its cancel)
+        job = attempt.job
+        route = attempt.route
+        state = route.state
+        nxt = self._settle(attempt, now_s)
+        if attempt.free_slot:
+            # The estimate is of a one-row request: a batch's time is scaled back.
+            sample = service_sample(latency_ms, state.network.rtt_ms)
+            route.estimate.observe(
+                sample / batch_factor(job.request.batch_size, route.row_fraction), now_s
+            )
+        self.observer.outcome(attempt, latency_ms, False, None, now_s)
+        if not job.done:
+            job.winner, job.reply = attempt, reply
+            self._end(job, None, now_s)
+        return nxt
+
+    def failed(
+        self, attempt: Attempt, error: BaseException, retryable: bool, fault: bool, now_s: float
+    ) -> Ticket | None:
+        """`attempt` failed at `now_s`: `retryable` when another route may serve the
+        request, `fault` when the failure originated at the backend (it counts toward
+        ejecting it). Returns the waiting ticket that took its slot."""
+        if attempt.settled:
+            return None
+        job = attempt.job
+        nxt = self._settle(attempt, now_s)
+        self.observer.outcome(attempt, None, fault, error, now_s)
+        if job.done:
+            return nxt
+        job.last_error, job.last_retryable = error, retryable
+        if retryable and not self._past_deadline(job, now_s):
+            retry = self._next_route(job, now_s)
+            if retry is not None:
+                self.observer.retried(job, retry)
+                self._launch(job, retry, now_s)
+        if not job.pending:
+            if retryable and self._past_deadline(job, now_s):
+                error = self._deadline_error(job)
+            self._end(job, error, now_s)
+        elif not job.hedged:
+            self._arm(job, now_s)
+        return nxt
+
+    # ---- inside ---------------------------------------------------------------------------
+
+    def _launch(self, job: Job, route: Route, now_s: float) -> None:
+        job.tried += 1
+        hedge_at_s = None
+        if not job.hedged:
+            batch = job.request.batch_size
+            hedge_at_s = now_s + hedge_after_ms(route, job.policy, now_s, batch) / 1000.0
+        ticket = route.state.admit(
+            route, route.estimate.mean_ms, job.due_s, now_s, job.policy.budget_ms
+        )
+        attempt = Attempt(job, route, ticket, ticket.started_s is not None)
+        attempt.hedge_at_s = hedge_at_s
+        ticket.attempt = attempt
+        job.pending.append(attempt)
+        self.transport.send(attempt)
+
+    def _next_route(self, job: Job, now_s: float) -> Route | None:
+        """The next available route for a retry or a hedge, while retries allow."""
+        if job.tried > job.policy.retries:
+            return None
+        queue = job.queue
+        if queue is None:
+            queue = job.queue = self._alternatives(job, now_s)
+        while queue:
+            candidate = queue.pop(0)
+            if candidate.state.available:
+                return candidate
+        return None
+
+    @staticmethod
+    def _alternatives(job: Job, now_s: float) -> list[Route]:
+        """The SLA router's decision ranks the other routes now; a baseline chooses again."""
+        if job.decision.ranks:
+            return job.decision.alternatives(now_s)
+        again = job.chooser(job.request, job.routes, job.policy, now_s)
+        return [] if again.route is None else [again.route]
+
+    def _arm(self, job: Job, now_s: float) -> None:
+        """The job's next timer: the hedge (its first attempt out's predicted p95) or
+        the deadline, whichever comes first."""
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        when = job.deadline_s
+        if when is None and job.hedged:
+            return
+        if not job.hedged and job.pending:
+            hedge_s = job.pending[0].hedge_at_s
+            if hedge_s is not None:
+                when = hedge_s if when is None else min(when, hedge_s)
+        if when is not None:
+            job.timer = self.timers.call_at(when, lambda at_s: self._timer(job, at_s))
+
+    def _timer(self, job: Job, now_s: float) -> None:
+        job.timer = None
+        if job.done:
+            return
+        if self._past_deadline(job, now_s):
+            # The attempts still out ran past the deadline: they count against their backends.
+            late = DeadlineExceeded("deadline passed")
+            for attempt in self._give_up(job, now_s):
+                self.observer.outcome(attempt, None, True, late, now_s)
+            self._end(job, self._deadline_error(job), now_s)
+            return
+        job.hedged = True
+        hedge = self._next_route(job, now_s)
+        if hedge is not None:
+            self.observer.hedged(job, hedge)
+            self._launch(job, hedge, now_s)
+        self._arm(job, now_s)
+
+    def _end(self, job: Job, error: BaseException | None, now_s: float) -> None:
+        job.done = True
+        job.error = error
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        # Attempts still out lost the race (hedges): they leave their queues uncounted.
+        self._give_up(job, now_s)
+        if job.on_done is not None:
+            job.on_done(job)
+
+    def _settle(self, attempt: Attempt, now_s: float) -> Ticket | None:
+        """The attempt leaves its backend's queue and its job's attempts out."""
+        attempt.settled = True
+        attempt.job.pending.remove(attempt)
+        return attempt.route.state.finish(attempt.ticket, now_s)
+
+    def _give_up(self, job: Job, now_s: float) -> list[Attempt]:
+        """Cancels the job's attempts still out; returns them."""
+        given_up = job.pending
+        job.pending = []
+        for attempt in given_up:
+            attempt.settled = True
+            self.transport.cancel(attempt)
+            attempt.route.state.finish(attempt.ticket, now_s)
+        return given_up
+
+    def _cancel_timer(self, job: Job) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+
+    @staticmethod
+    def _past_deadline(job: Job, now_s: float) -> bool:
+        return job.deadline_s is not None and now_s >= job.deadline_s
+
+    @staticmethod
+    def _deadline_error(job: Job) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"deadline passed after {job.tried} attempt(s) for model {job.request.model!r}"
+        )
+
+
+class LoopTimers:
+    """Timers on the running event loop, for a dispatcher whose clock is `clock`."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+
+    def now(self) -> float:
+        return self.clock()
+
+    def call_at(self, when_s: float, callback: Callable[[float], None]) -> TimerHandle:
+        loop = asyncio.get_running_loop()
+        return loop.call_later(max(0.0, when_s - self.clock()), lambda: callback(self.clock()))

@@ -1,0 +1,186 @@
+"""The live side of the Dispatcher: its gRPC transport (each attempt's call through the
+coalescer and the backend pool, as forwarded bytes) and its observer (metrics, the
+routes' observed latency, passive outlier detection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from backends.protocol.errors import SwitchyardError
+from gateway.routing.fleet import FleetState, ModelInfo, Route
+from gateway.serving.coalescer import Coalescer
+from gateway.serving.converters import request_parameters
+from gateway.serving.dispatch import Attempt, Dispatcher, Job
+from gateway.serving.metrics import GatewayMetrics
+from gateway.serving.pool import BackendCallError, BackendPool
+from protos import gateway_pb2
+
+log = logging.getLogger("switchyard.gateway")
+
+# Codes on which an attempt is retried on the next route: the backend could not
+# run it (down, overloaded) or failed on its side; inference is idempotent.
+# CANCELLED from a backend (the gateway's own cancellations of hedges never reach
+# here) is its gRPC server shedding calls it had not yet accepted when its backlog
+# passed gRPC's pending-request limit, as Python servers do when overloaded.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+# Codes that count against a backend in passive outlier detection (the caller's
+# own errors, such as INVALID_ARGUMENT, do not).
+BACKEND_FAULTS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """What a live job's attempts send: the caller's bytes and what was parsed of them."""
+
+    request: bytes
+    header: gateway_pb2.InferRequestHeader
+    info: ModelInfo
+
+
+@dataclass(slots=True)
+class _Call:
+    task: asyncio.Future[bytes]
+    sent_ns: int
+
+
+class GrpcTransport:
+    """Each attempt is one coalescer call of the job's bytes (the variant named when the
+    route's is not the backend's default), under the job's deadline and due time."""
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        fleet: FleetState,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float],
+        coalesce_in_flight: int,
+    ) -> None:
+        self.pool = pool
+        self.fleet = fleet
+        self.metrics = metrics
+        self.clock = clock
+        self.dispatcher: Dispatcher | None = None
+        self._variant_suffixes: dict[str, bytes] = {}
+        self.coalescer = Coalescer(
+            self._send,
+            clock,
+            coalesce_in_flight,
+            lambda route, n: metrics.merged_batch.labels(route.backend, route.model).observe(n),
+        )
+
+    def send(self, attempt: Attempt) -> None:
+        job, route = attempt.job, attempt.route
+        forward: Forward = job.payload
+        request = forward.request
+        if not route.default:
+            request = request + self._variant_parameter(route.variant)
+        timeout_s = None if job.deadline_s is None else job.deadline_s - self.clock()
+        self.metrics.in_flight.labels(route.backend).inc()
+        task = asyncio.ensure_future(
+            self.coalescer.call(route, request, forward.header, forward.info, timeout_s, job.due_s)
+        )
+        attempt.call = _Call(task, time.perf_counter_ns())
+        task.add_done_callback(lambda done: self._ended(attempt, done))
+
+    def cancel(self, attempt: Attempt) -> None:
+        call: _Call | None = attempt.call
+        if call is not None:
+            call.task.cancel()
+
+    def _ended(self, attempt: Attempt, task: asyncio.Future[bytes]) -> None:
+        call: _Call = attempt.call
+        self.metrics.in_flight.labels(attempt.route.backend).dec()
+        if task.cancelled():
+            return  # the dispatcher gave it up
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        now = self.clock()
+        error = task.exception()
+        if error is None:
+            latency_ms = (time.perf_counter_ns() - call.sent_ns) / 1e6
+            dispatcher.answered(attempt, task.result(), latency_ms, now)
+        elif isinstance(error, BackendCallError):
+            code = error.code
+            dispatcher.failed(attempt, error, code in RETRYABLE, code in BACKEND_FAULTS, now)
+        elif isinstance(error, SwitchyardError):
+            dispatcher.failed(attempt, error, False, True, now)
+        else:
+            log.error("attempt on %s failed", attempt.route.backend, exc_info=error)
+            dispatcher.failed(attempt, error, False, True, now)
+
+    async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
+        """One backend call, as the coalescer makes it."""
+        client = self.pool.client(route.address)
+        try:
+            reply: bytes = await client.infer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            self.metrics.attempts.labels(route.backend, code.name).inc()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # Passive health: a backend that refuses connections leaves the routes
+                # until a probe finds it ready again.
+                self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
+                log.warning("backend %s unavailable: %s", route.backend, exc.details())
+            raise BackendCallError(code, exc.details() or code.name) from exc
+        self.metrics.attempts.labels(route.backend, "OK").inc()
+        return reply
+
+    def _variant_parameter(self, variant: str) -> bytes:
+        suffix = self._variant_suffixes.get(variant)
+        if suffix is None:
+            suffix = request_parameters({"switchyard_variant": variant})
+            self._variant_suffixes[variant] = suffix
+        return suffix
+
+
+class GatewayObserver:
+    """Retries and hedges in the decision metrics; each attempt's outcome in the route's
+    observed latency and the fleet's passive outlier detection."""
+
+    def __init__(self, fleet: FleetState, metrics: GatewayMetrics) -> None:
+        self.fleet = fleet
+        self.metrics = metrics
+
+    def retried(self, job: Job, route: Route) -> None:
+        self.metrics.decisions.labels(route.model, "retry").inc()
+
+    def hedged(self, job: Job, route: Route) -> None:
+        self.metrics.decisions.labels(route.model, "hedge").inc()
+
+    def outcome(
+        self,
+        attempt: Attempt,
+        latency_ms: float | None,
+        fault: bool,
+        error: BaseException | None,
+        now_s: float,
+    ) -> None:
+        route = attempt.route
+        if latency_ms is not None:
+            route.observed.observe(latency_ms, now_s)
+        if self.fleet.record_attempt(route, not fault, now_s, _describe(error)):
+            self.metrics.ejections.labels(route.backend).inc()
+            log.warning("backend %s ejected: %s", route.backend, route.state.last_error)
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    if isinstance(error, BackendCallError):
+        return f"{error.code.name}: {error.details}"
+    return str(error)

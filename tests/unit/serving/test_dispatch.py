@@ -1,0 +1,282 @@
+"""The Dispatcher's rules (attempts, retries, hedges, deadlines, queue bookkeeping),
+driven through its transport and timer interfaces by a scripted transport and a
+manual clock: the same code the live gateway and the simulator run."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from backends.protocol.errors import DeadlineExceeded, InvalidInput, Unavailable
+from gateway.routing.fleet import BackendState, Route
+from gateway.routing.router import Policy, RouteRequest, choose, fastest_only
+from gateway.serving.dispatch import Attempt, Dispatcher, Job
+
+REQ = RouteRequest("m")
+
+
+class ManualTimers:
+    """A clock that moves only when told, with the timers due by then."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+        self._heap: list[tuple[float, int, _Handle]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self.now_s
+
+    def call_at(self, when_s: float, callback: Callable[[float], None]) -> _Handle:
+        handle = _Handle(callback)
+        heapq.heappush(self._heap, (when_s, next(self._seq), handle))
+        return handle
+
+    def pending(self) -> list[float]:
+        return sorted(when for when, _, h in self._heap if not h.cancelled)
+
+    def advance(self, to_s: float) -> None:
+        while self._heap and self._heap[0][0] <= to_s:
+            when, _, handle = heapq.heappop(self._heap)
+            self.now_s = when
+            if not handle.cancelled:
+                handle.callback(when)
+        self.now_s = to_s
+
+
+class _Handle:
+    def __init__(self, callback: Callable[[float], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ScriptedTransport:
+    """Records what is sent and cancelled; the test ends each call."""
+
+    def __init__(self) -> None:
+        self.sent: list[Attempt] = []
+        self.cancelled: list[Attempt] = []
+
+    def send(self, attempt: Attempt) -> None:
+        self.sent.append(attempt)
+
+    def cancel(self, attempt: Attempt) -> None:
+        self.cancelled.append(attempt)
+
+
+class Counting:
+    def __init__(self) -> None:
+        self.retries: list[str] = []
+        self.hedges: list[str] = []
+        self.outcomes: list[tuple[str, bool]] = []
+
+    def retried(self, job: Job, route: Route) -> None:
+        self.retries.append(route.backend)
+
+    def hedged(self, job: Job, route: Route) -> None:
+        self.hedges.append(route.backend)
+
+    def outcome(
+        self,
+        attempt: Attempt,
+        latency_ms: float | None,
+        fault: bool,
+        error: BaseException | None,
+        now_s: float,
+    ) -> None:
+        self.outcomes.append((attempt.route.backend, fault))
+
+
+def route(name: str, price: float, p50: float = 1.0, p99: float = 2.0, slots: int = 1) -> Route:
+    state = BackendState(name, "127.0.0.1:1", "cpu", price, slots=slots)
+    state.network.rtt_ms = 0.0
+    state.healthy = True
+    state.refresh()
+    r = Route(state, "m", "v", True)
+    r.estimate.seed(p50, p99)
+    return r
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.transport = ScriptedTransport()
+        self.timers = ManualTimers()
+        self.observer = Counting()
+        self.dispatcher = Dispatcher(self.transport, self.timers, self.observer)
+        self.ended: list[Job] = []
+
+    def start(
+        self,
+        routes: list[Route],
+        policy: Policy,
+        deadline_s: float | None = None,
+        chooser: Callable[..., object] = choose,
+    ) -> Job:
+        decision = chooser(REQ, routes, policy, self.timers.now_s)
+        job = Job(
+            decision,  # type: ignore[arg-type]
+            policy,
+            REQ,
+            routes,
+            chooser,  # type: ignore[arg-type]
+            self.timers.now_s,
+            deadline_s,
+            on_done=self.ended.append,
+        )
+        self.dispatcher.start(job, self.timers.now_s)
+        return job
+
+    def answer(self, attempt: Attempt, latency_ms: float = 1.0) -> None:
+        self.dispatcher.answered(attempt, b"reply", latency_ms, self.timers.now_s)
+
+    def fail(self, attempt: Attempt, retryable: bool = True, fault: bool = True) -> None:
+        error = Unavailable("down") if retryable else InvalidInput("bad")
+        self.dispatcher.failed(attempt, error, retryable, fault, self.timers.now_s)
+
+
+def test_an_answer_ends_the_job_frees_the_slot_and_measures_the_route() -> None:
+    rig = Rig()
+    cheap, dear = route("cheap", 0.1), route("dear", 0.4)
+    job = rig.start([dear, cheap], Policy(latency_ms=10))
+    (attempt,) = rig.transport.sent
+    assert attempt.route is cheap and attempt.free_slot
+    assert cheap.state.in_flight == 1 and job.due_s == pytest.approx(0.010)
+    samples = cheap.estimate.samples
+    rig.answer(attempt, latency_ms=3.0)
+    assert rig.ended == [job] and job.winner is attempt and job.reply == b"reply"
+    assert job.tried == 1 and job.error is None
+    assert cheap.state.in_flight == 0
+    assert cheap.estimate.samples == samples + 1
+    assert rig.observer.outcomes == [("cheap", False)]
+
+
+def test_an_attempt_that_queued_does_not_measure_its_route() -> None:
+    rig = Rig()
+    only = route("only", 0.1)
+    first = rig.start([only], Policy(latency_ms=1000))
+    second = rig.start([only], Policy(latency_ms=1000))
+    a1, a2 = rig.transport.sent
+    assert a1.free_slot and not a2.free_slot
+    samples = only.estimate.samples
+    rig.answer(a1)
+    assert only.estimate.samples == samples + 1
+    rig.answer(a2)
+    assert only.estimate.samples == samples + 1  # the queued one measured nothing
+    assert first.done and second.done and only.state.in_flight == 0
+
+
+def test_a_retryable_failure_goes_to_the_next_best_route() -> None:
+    rig = Rig()
+    cheap, mid, dear = route("cheap", 0.1), route("mid", 0.2), route("dear", 0.4)
+    job = rig.start([dear, mid, cheap], Policy(latency_ms=10))
+    rig.fail(rig.transport.sent[0])
+    assert [a.route.backend for a in rig.transport.sent] == ["cheap", "mid"]
+    assert rig.observer.retries == ["mid"]
+    assert cheap.state.in_flight == 0 and mid.state.in_flight == 1
+    rig.answer(rig.transport.sent[1])
+    assert job.winner is not None and job.winner.route is mid and job.tried == 2
+    assert rig.observer.outcomes == [("cheap", True), ("mid", False)]
+
+
+def test_retries_stop_at_the_policy_limit_with_the_last_error() -> None:
+    rig = Rig()
+    routes = [route(f"b{i}", 0.1 * (i + 1)) for i in range(4)]
+    job = rig.start(routes, Policy(latency_ms=10, retries=1))
+    rig.fail(rig.transport.sent[0])
+    rig.fail(rig.transport.sent[1])
+    assert len(rig.transport.sent) == 2 and job.done and job.tried == 2
+    assert isinstance(job.error, Unavailable)
+
+
+def test_a_caller_error_is_not_retried_and_does_not_count_against_the_backend() -> None:
+    rig = Rig()
+    job = rig.start([route("a", 0.1), route("b", 0.2)], Policy(latency_ms=10))
+    rig.fail(rig.transport.sent[0], retryable=False, fault=False)
+    assert len(rig.transport.sent) == 1
+    assert isinstance(job.error, InvalidInput)
+    assert rig.observer.outcomes == [("a", False)]
+
+
+def test_the_deadline_ends_the_job_and_counts_the_late_attempt_against_its_backend() -> None:
+    rig = Rig()
+    slow = route("slow", 0.1)
+    job = rig.start([slow], Policy(latency_ms=10), deadline_s=0.050)
+    assert rig.timers.pending() == [0.050]
+    rig.timers.advance(0.049)
+    assert not job.done
+    rig.timers.advance(0.050)
+    assert isinstance(job.error, DeadlineExceeded)
+    assert str(job.error) == "deadline passed after 1 attempt(s) for model 'm'"
+    assert rig.transport.cancelled == rig.transport.sent
+    assert rig.observer.outcomes == [("slow", True)]
+    assert slow.state.in_flight == 0
+
+
+def test_no_retry_once_the_deadline_has_passed() -> None:
+    rig = Rig()
+    job = rig.start([route("a", 0.1), route("b", 0.2)], Policy(latency_ms=10), deadline_s=0.05)
+    rig.timers.now_s = 0.06  # the failure arrives after the deadline, before its timer
+    rig.fail(rig.transport.sent[0])
+    assert len(rig.transport.sent) == 1
+    assert isinstance(job.error, DeadlineExceeded)
+    assert str(job.error) == "deadline passed after 1 attempt(s) for model 'm'"
+
+
+def test_a_hedge_goes_at_the_first_attempts_predicted_p95_and_the_first_answer_wins() -> None:
+    rig = Rig()
+    # Unloaded, rtt 0: the predicted p95 is the estimate's own p95, between p50 and p99.
+    cheap, dear = route("cheap", 0.1, p50=4.0, p99=8.0), route("dear", 0.4, p50=4.0, p99=8.0)
+    job = rig.start([cheap, dear], Policy(latency_ms=20, hedge=True))
+    (hedge_at,) = rig.timers.pending()
+    assert 0.004 < hedge_at < 0.008
+    rig.timers.advance(hedge_at)
+    assert [a.route.backend for a in rig.transport.sent] == ["cheap", "dear"]
+    assert rig.observer.hedges == ["dear"]
+    first, hedge = rig.transport.sent
+    rig.answer(hedge)
+    assert job.winner is hedge and job.tried == 2
+    # The loser is cancelled, leaves its queue and is not counted against its backend.
+    assert rig.transport.cancelled == [first]
+    assert cheap.state.in_flight == 0 and dear.state.in_flight == 0
+    assert rig.observer.outcomes == [("dear", False)]
+    assert rig.timers.pending() == []
+
+
+def test_a_baselines_retry_chooses_again() -> None:
+    rig = Rig()
+    fast, slow = route("fast", 0.4, p50=1.0), route("slow", 0.1, p50=5.0, p99=9.0)
+    job = rig.start([fast, slow], Policy(latency_ms=10), chooser=fastest_only)
+    assert not job.decision.ranks
+    fast.state.healthy = False
+    fast.state.refresh()
+    rig.fail(rig.transport.sent[0])
+    assert [a.route.backend for a in rig.transport.sent] == ["fast", "slow"]
+
+
+def test_abandoning_a_job_cancels_its_attempts_uncounted() -> None:
+    rig = Rig()
+    only = route("only", 0.1)
+    job = rig.start([only], Policy(latency_ms=10), deadline_s=1.0)
+    rig.dispatcher.abandon(job, 0.001)
+    assert job.done and rig.transport.cancelled == rig.transport.sent
+    assert only.state.in_flight == 0 and rig.observer.outcomes == []
+    assert rig.timers.pending() == []
+    assert rig.ended == []  # nobody waits for it
+
+
+def test_a_late_report_after_the_end_changes_nothing_but_its_slot() -> None:
+    rig = Rig()
+    a, b = route("a", 0.1, p50=4.0, p99=8.0), route("b", 0.2, p50=4.0, p99=8.0)
+    job = rig.start([a, b], Policy(latency_ms=20, hedge=True))
+    rig.timers.advance(rig.timers.pending()[0])
+    first, hedge = rig.transport.sent
+    rig.answer(first)
+    # A transport that raced its cancel still reports: it is settled, not re-ended.
+    rig.fail(hedge)
+    assert job.winner is first and rig.ended == [job]
+    assert a.state.in_flight == 0 and b.state.in_flight == 0
