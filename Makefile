@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench demo protos check-protos lint typecheck clean models models-tvm tuning
+.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,14 +45,18 @@ tuning: models
 serve: models
 	$(VENV)/bin/switchyard serve
 
-test: models
+# The static checks before the tests: style, strict types, and the walls between the
+# planes (import-linter contracts in pyproject.toml).
+test: models check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway backends tests
-	$(VENV)/bin/mypy gateway backends
+check: $(STAMP)
+	$(VENV)/bin/ruff check gateway backends tests protos/generate.py
+	$(VENV)/bin/ruff format --check gateway backends tests protos/generate.py
+	$(VENV)/bin/mypy gateway backends protos/generate.py
+	$(VENV)/bin/lint-imports
 
-typecheck: lint
+lint typecheck: check
 
 # The price-spike scenario played live on its fleet, fastest-only replayed beside it:
 # prints the tables and the path of the chart (reports/demo/report.png).
