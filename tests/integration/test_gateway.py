@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.server import start_gateway
 from protos import inference_pb2 as pb
+from tests.integration.backends.worker.test_worker import BAD_REQUESTS
 from tests.integration.conftest import (
     fleet_config,
     launch_worker,
@@ -20,7 +21,6 @@ from tests.integration.conftest import (
     raw_request,
     samples,
 )
-from tests.integration.test_worker import BAD_REQUESTS
 
 
 async def test_health_metadata_and_config_come_from_the_fleet(gateway, gw_stub) -> None:  # type: ignore[no-untyped-def]

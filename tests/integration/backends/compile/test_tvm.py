@@ -37,8 +37,8 @@ from backends.compile.tvm.build import (
 from backends.compile.tvm.tuning import DEMO_MODELS, check, read_info, records_for
 from backends.protocol.tensors import TensorSpec
 from backends.runtimes.install import make_runtime_only, runtime_only, tvm_package
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4
 CNN_SHAPES = {"image": [1, 3, 32, 32]}
 CNN_INPUTS = (TensorSpec("image", "FP32", (-1, 3, 32, 32)),)

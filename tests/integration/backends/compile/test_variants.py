@@ -20,6 +20,7 @@ from backends.compile.variants import DEFAULT_TOLERANCES, Tolerance
 from backends.repository import ModelRepository, sha256_file
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests import ROOT
 from tests.integration.conftest import Worker, launch_worker, output, raw_request, samples
 
 ORT_VARIANTS = ["ort-cpu-fp16", "ort-cpu-fp32", "ort-cpu-int8-dyn", "ort-cpu-int8-qdq"]
@@ -163,7 +164,7 @@ def test_compile_command_prints_the_table(repository: Path, tmp_path: Path) -> N
         env={
             "COLUMNS": "160",
             "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(Path(__file__).parents[2]),
+            "PYTHONPATH": str(ROOT),
         },
         cwd=workdir,
     )

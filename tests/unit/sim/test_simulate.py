@@ -15,8 +15,9 @@ import pytest
 from gateway.cli import main
 from gateway.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
 from gateway.sim.simulate import POLICIES, Report, make_trace, simulate
+from tests import ROOT
 
-SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+SCENARIOS = ROOT / "scenarios"
 NAMES = ("steady", "price-spike", "backend-failure", "surge", "sla-mix", "drain")
 
 
