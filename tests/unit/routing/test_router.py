@@ -1,5 +1,6 @@
-"""The router, the policy book, the fleet state and the latency estimates: pure
-logic, no I/O, driven with tables and properties."""
+"""The router (gateway/routing/router.py): which route it chooses and why, its
+predicted latency and cost, `explain`, and the baselines; pure logic, driven with
+tables and properties."""
 
 from __future__ import annotations
 
@@ -9,15 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends.profiles import Profile, ProfileEntry, profile_row_fraction
-from backends.protocol.errors import InvalidInput
-from backends.protocol.tensors import TensorSpec
-from gateway.config import PoliciesSettings, PolicySettings
-from gateway.routing.estimates import RTT_WINDOW, LatencyEstimate, NetworkEstimate
-from gateway.routing.fleet import BackendState, Ejection, FleetState, ModelInfo, Route
-from gateway.routing.policy import PolicyBook
+from gateway.routing.fleet import BackendState, Route
 from gateway.routing.router import (
-    ROW_FRACTION,
     Policy,
     RoundRobin,
     RouteRequest,
@@ -29,43 +23,7 @@ from gateway.routing.router import (
     least_loaded,
     predict_ms,
 )
-from gateway.serving.converters import parse_profile
-
-REQ = RouteRequest("m")
-
-
-def route(
-    name: str,
-    price: float,
-    p50: float = 1.0,
-    p99: float = 2.0,
-    in_flight: int = 0,
-    slots: int = 1,
-    available: bool = True,
-    carbon: tuple[float, float] | None = None,
-) -> Route:
-    state = BackendState(name, "127.0.0.1:1", "cpu", price, slots=slots)
-    state.network.rtt_ms = 0.0
-    state.healthy = available
-    if carbon is not None:
-        state.set_carbon(*carbon)
-    state.refresh()
-    r = Route(state, "m", "v", True)
-    r.estimate.seed(p50, p99)
-    busy(r, in_flight)
-    return r
-
-
-def busy(r: Route, in_flight: int, started_s: float = 0.0) -> None:
-    """`in_flight` requests on `r`'s backend, sent at `started_s` and already due
-    (ahead of any request routed after), in place of what it had."""
-    r.state.clear()
-    for _ in range(in_flight):
-        r.state.admit(r, r.estimate.mean_ms, started_s, started_s)
-
-
-def names(routes: list[Route]) -> list[str]:
-    return [r.backend for r in routes]
+from tests.unit.routing.builders import REQ, busy, names, route
 
 
 def test_cheapest_feasible_route_is_chosen() -> None:
@@ -104,43 +62,6 @@ def test_parallel_slots_shorten_the_predicted_wait() -> None:
     assert predict_ms(one, 99.0, 0.0) == pytest.approx(2 + 2 + 4 * 2.0, rel=0.02)
     # Four slots: the first of four in service to end, then four waiting shared by four.
     assert predict_ms(four, 99.0, 0.0) == pytest.approx(2 + 2 + 4 * 2.0 / 4, rel=0.05)
-
-
-def test_a_backend_takes_waiting_requests_earliest_deadline_first() -> None:
-    state = BackendState("b", "127.0.0.1:1", "cpu", 1.0, slots=1)
-    running = state.admit(None, 5.0, 9.0, 0.0)
-    assert running.started_s == 0.0
-    bronze = state.admit(None, 5.0, 0.250, 0.001)
-    gold = state.admit(None, 1.0, 0.011, 0.001)
-    silver = state.admit(None, 2.0, 0.032, 0.002)
-    assert (state.in_flight, state.queued) == (4, 3)
-    assert state.due_before(0.030) == (1, 1.0)
-    assert state.due_before(0.300) == (3, 8.0)
-    # An answer frees the slot for the request due first, whatever came first.
-    assert state.finish(running, 0.004) is gold and gold.started_s == 0.004
-    # A waiting request answered (it travelled in a merged call) frees no slot.
-    assert state.finish(silver, 0.005) is None
-    assert (state.in_flight, state.queued) == (2, 1)
-    assert state.finish(gold, 0.006) is bronze
-    assert state.finish(bronze, 0.010) is None and state.in_flight == 0
-    # A long queue: every request leaves in deadline order, the list compacting as it goes.
-    state.admit(None, 1.0, 0.0, 0.0)
-    dues = [((i * 37) % 101) / 1000.0 for i in range(100)]
-    for due in dues:
-        state.admit(None, 1.0, due, 0.0)
-    order = []
-    current = state.serving[0]
-    while True:
-        nxt = state.finish(current, 1.0)
-        if nxt is None:
-            break
-        order.append(nxt.due_s)
-        current = nxt
-    assert order == sorted(dues) and state.in_flight == 0 and state.queued == 0
-    # A backend that dies loses everything in flight at once.
-    lost = [state.admit(None, 1.0, float(i), 0.0) for i in range(3)]
-    assert sorted(state.clear(), key=lambda t: t.due_s) == lost
-    assert (state.in_flight, state.queued, state.finish(lost[0], 1.0)) == (0, 0, None)
 
 
 def test_only_the_work_due_first_is_ahead_of_a_request() -> None:
@@ -342,221 +263,6 @@ def test_baselines() -> None:
     ]
 
 
-# ---- policies ---------------------------------------------------------------------
-
-
-def test_policy_resolution_order() -> None:
-    book = PolicyBook(
-        PoliciesSettings(
-            default=PolicySettings(
-                latency_ms=100, percentile=99, objective="cost", on_infeasible="fastest"
-            ),
-            classes={"gold": PolicySettings(latency_ms=10, on_infeasible="reject", hedge=True)},
-            models={"digits": PolicySettings(latency_ms=20, retries=1)},
-        )
-    )
-    assert book.resolve(RouteRequest("cnn")).latency_ms == 100
-    assert book.resolve(RouteRequest("cnn")).name == "default"
-    digits = book.resolve(RouteRequest("digits"))
-    assert (digits.latency_ms, digits.retries, digits.hedge) == (20, 1, False)
-    gold = book.resolve(RouteRequest("digits", sla_class="gold"))
-    assert (gold.latency_ms, gold.on_infeasible, gold.objective, gold.name) == (
-        10,
-        "reject",
-        "cost",
-        "gold",
-    )
-    assert gold.hedge and gold.retries == 1
-    custom = book.resolve(RouteRequest("digits", sla_class="gold", sla_ms=3))
-    assert (custom.latency_ms, custom.name) == (3, "custom")
-    with pytest.raises(InvalidInput, match="unknown sla_class 'tin' \\(classes: gold\\)"):
-        book.resolve(RouteRequest("digits", sla_class="tin"))
-
-
-def test_the_request_overhead_comes_off_every_sla() -> None:
-    """`request_overhead_ms`: what clients see beyond the gateway's calls to backends.
-    A route predicted at 9.4 ms meets a 10 ms SLA as the gateway sees it, not once 1 ms
-    of the client's own hop counts too; every class and a request's own `sla_ms` carry
-    it, and a rejection and `explain` say so."""
-    settings = PoliciesSettings(
-        default=PolicySettings(latency_ms=100, on_infeasible="reject"),
-        classes={"gold": PolicySettings(latency_ms=10)},
-    )
-    cpu = route("cpu", 0.1, p50=8.5, p99=9.0)
-    cpu.state.network.rtt_ms = 0.2
-    gold = RouteRequest("m", sla_class="gold")
-    bare = PolicyBook(settings).resolve(gold)
-    assert choose(gold, [cpu], bare, 0.0).route is cpu
-    book = PolicyBook(settings, overhead_ms=1.0)
-    policy = book.resolve(gold)
-    assert (policy.latency_ms, policy.overhead_ms, policy.budget_ms) == (10, 1.0, 9.0)
-    decision = choose(gold, [cpu], policy, 0.0)
-    assert decision.route is None and decision.reason == "infeasible-reject"
-    assert "p99 <= 10 ms (less 1 ms overhead)" in decision.message
-    _, (verdict,) = explain(gold, [cpu], policy, 0.0)
-    assert "> SLA 10 ms less 1 ms overhead" in verdict.why
-    assert book.resolve(RouteRequest("m")).overhead_ms == 1.0
-    assert book.resolve(RouteRequest("m", sla_ms=12)).budget_ms == 11.0
-    assert (
-        choose(
-            RouteRequest("m", sla_ms=12), [cpu], book.resolve(RouteRequest("m", sla_ms=12)), 0.0
-        ).route
-        is cpu
-    )
-
-
-# ---- fleet state --------------------------------------------------------------------
-
-INFO = ModelInfo(
-    "m",
-    ("1",),
-    "onnxruntime_onnx",
-    (TensorSpec("x", "FP32", (-1, 2)),),
-    (),
-    8,
-    "ort-cpu-fp32",
-    ("ort-cpu-fp32", "ort-cpu-int8-qdq"),
-    (("ort-cpu-fp32", 2.0, 3.0, None), ("ort-cpu-int8-qdq", 1.0, 1.5, 0.1)),
-)
-
-
-def two_backends() -> FleetState:
-    return FleetState(
-        [
-            BackendState("a", "127.0.0.1:1", "cpu", 0.1),
-            BackendState("b", "127.0.0.1:2", "cpu", 0.2),
-        ],
-        Ejection(after_failures=2, base_s=1.0, max_s=4.0),
-    )
-
-
-def test_fleet_has_a_route_per_backend_and_variant_seeded_from_the_profile() -> None:
-    fleet = two_backends()
-    assert fleet.routes("m") == [] and not fleet.any_ready()
-    fleet.record_probe("a", 1.0, {"m": INFO})
-    fleet.record_probe("b", 1.0, {})
-    routes = fleet.routes("m")
-    assert [(r.backend, r.variant, r.default) for r in routes] == [
-        ("a", "ort-cpu-fp32", True),
-        ("a", "ort-cpu-int8-qdq", False),
-    ]
-    assert routes[1].estimate.p50_ms == pytest.approx(1.0, rel=0.08)
-    assert routes[0].estimate.p99_ms == pytest.approx(3.0, rel=0.08)
-    # Each extra row of a batch: the profile's fraction, else the default.
-    assert (routes[0].row_fraction, routes[1].row_fraction) == (ROW_FRACTION, 0.1)
-    # The faster variant costs less busy time: the router picks it.
-    decision = choose(REQ, routes, Policy(latency_ms=10), 2.0)
-    assert decision.route is routes[1]
-    # Estimates survive a re-probe with the same models.
-    routes[1].estimate.observe(5.0, 2.0)
-    fleet.record_probe("a", 3.0, {"m": INFO})
-    assert fleet.routes("m")[1] is routes[1]
-    ticket = routes[0].state.admit(routes[0], 1.0, 4.0, 3.0)
-    assert routes[0].state.in_flight == 1
-    routes[0].state.finish(ticket, 3.1)
-    assert routes[0].state.in_flight == 0
-    fleet.record_failure("a", 4.0, "connection refused")
-    assert fleet.available_routes("m") == [] and not fleet.model_ready("m")
-    assert fleet.model_info("m") == INFO  # metadata survives for the API
-    assert fleet.backends["a"].consecutive_failures == 1
-
-
-def test_passive_outlier_detection_ejects_with_growing_back_off() -> None:
-    fleet = two_backends()
-    fleet.record_probe("a", 0.0, {"m": INFO})
-    r = fleet.routes("m")[0]
-    assert not fleet.record_attempt(r, False, 1.0, "INTERNAL: boom")
-    assert fleet.record_attempt(r, False, 1.0, "INTERNAL: boom")
-    assert r.state.status == "ejected" and not r.state.available
-    assert "after 2 failures" in r.state.last_error
-    # A probe before the back-off passes does not re-admit; after it, it does.
-    fleet.record_probe("a", 1.5, {"m": INFO})
-    assert not r.state.available
-    fleet.record_probe("a", 2.0, {"m": INFO})
-    assert r.state.available
-    # Failing again right away: twice as long.
-    fleet.record_attempt(r, False, 2.1)
-    fleet.record_attempt(r, False, 2.1)
-    assert r.state.ejected_until_s == pytest.approx(4.1)
-    fleet.record_probe("a", 4.1, {"m": INFO})
-    assert r.state.available
-    # A success resets the back-off.
-    fleet.record_attempt(r, True, 4.2)
-    fleet.record_attempt(r, False, 5.0)
-    fleet.record_attempt(r, False, 5.0)
-    assert r.state.ejected_until_s == pytest.approx(6.0)
-
-
-def test_drain_and_price_change_reach_the_router() -> None:
-    fleet = two_backends()
-    fleet.record_probe("a", 0.0, {"m": INFO})
-    fleet.record_probe("b", 0.0, {"m": INFO})
-    policy = Policy(latency_ms=10)
-    assert choose(REQ, fleet.routes("m"), policy, 0.0).route.backend == "a"  # type: ignore[union-attr]
-    fleet.set_price("a", 1.0)
-    assert choose(REQ, fleet.routes("m"), policy, 0.0).route.backend == "b"  # type: ignore[union-attr]
-    fleet.set_drained("b", True)
-    assert choose(REQ, fleet.routes("m"), policy, 0.0).route.backend == "a"  # type: ignore[union-attr]
-    assert fleet.backends["b"].status == "drained"
-
-
-# ---- estimates ------------------------------------------------------------------------
-
-
-def test_estimate_follows_samples_and_forgets_old_ones() -> None:
-    est = LatencyEstimate()
-    est.seed(2.0, 4.0)
-    assert est.p50_ms == pytest.approx(2.0, rel=0.08) and est.p99_ms == pytest.approx(4.0, rel=0.08)
-    for i in range(200):
-        est.observe(10.0, 1.0 + i * 0.01)
-    assert est.p50_ms == pytest.approx(10.0, rel=0.08)
-    assert est.mean_ms == pytest.approx(10.0, rel=0.01)
-    # Much later, a few fast samples dominate the decayed history.
-    for i in range(40):
-        est.observe(1.0, 200.0 + i * 0.01)
-    assert est.p50_ms == pytest.approx(1.0, rel=0.08)
-    assert est.quantile_ms(90.0) <= est.p99_ms
-
-
-@given(st.lists(st.floats(0.01, 1000.0), min_size=1, max_size=300))
-def test_estimate_quantiles_are_ordered_and_within_the_samples(samples: list[float]) -> None:
-    est = LatencyEstimate()
-    for s in samples:
-        est.observe(s, 0.0)
-    est.observe(samples[-1], 0.0)
-    assert est.p50_ms <= est.p95_ms <= est.p99_ms
-    assert min(samples) * 0.99 <= est.p50_ms <= max(samples) * 1.09
-
-
-def test_traffic_share_follows_recent_attempts_not_the_whole_history() -> None:
-    old, new = route("old", 0.04), route("new", 0.08)
-    for t in range(1000):  # a long past on `old`
-        old.count(t * 0.01)
-    for t in range(100):  # then 60 s later, the last seconds on `new`
-        new.count(70.0 + t * 0.01)
-    now = 71.0
-    recent_old, recent_new = old.recent_requests(now), new.recent_requests(now)
-    assert old.requests == 1000 and new.requests == 100  # lifetime counts stay
-    share_new = recent_new / (recent_old + recent_new)
-    assert share_new > 0.9  # what SREs see: where traffic goes now
-    assert old.recent_requests(now + 1e6) == pytest.approx(0.0)
-
-
-def test_a_sparse_routes_quantiles_follow_each_sample_after_a_second() -> None:
-    # A route that only gets a probe every few seconds must not wait for 8 samples
-    # (16 s of probes) before its quantiles move.
-    est = LatencyEstimate()
-    est.observe(1.0, 0.0)
-    assert est.p99_ms == pytest.approx(1.0, rel=0.1)
-    est.observe(50.0, 2.0)  # one sample, two seconds later
-    assert est.p99_ms == pytest.approx(50.0, rel=0.1)
-    for i in range(3):  # within the same second: refreshed by count only
-        est.observe(50.0, 2.1 + i * 0.1)
-    before = est.p50_ms
-    est.observe(1.0, 2.5)
-    assert est.p50_ms == before
-
-
 def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> None:
     """Two routes equally fast for one row: one where a batch costs little more than a
     row (row fraction 0.05, a GPU), one where each row costs a full row's time (1.0).
@@ -568,9 +274,9 @@ def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> 
         state.healthy = True
         state.refresh()
     routes = [Route(cpu, "m", "v", True), Route(gpu, "m", "v", True)]
-    for route, rows in zip(routes, (1.0, 0.05), strict=True):
-        route.estimate.seed(2.0, 2.2)
-        route.row_fraction = rows
+    for r, rows in zip(routes, (1.0, 0.05), strict=True):
+        r.estimate.seed(2.0, 2.2)
+        r.row_fraction = rows
     policy = Policy(latency_ms=100)
     one = choose(RouteRequest("m", 1), routes, policy, 0.0)
     assert one.route is routes[0]
@@ -581,53 +287,3 @@ def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> 
         16 * (predict_ms(routes[0], 99.0, 0.0, 1) - rtt)
     )
     assert cost_usd(routes[1], 16) == pytest.approx(cost_usd(routes[1], 1) * 1.75)
-
-
-def test_profile_parameter_parses_row_fractions_and_skips_bad_entries() -> None:
-    text = "a:1:2;b:1.5:3:0.25;c:1:2:x;d:1:2:5;e:nope:2;f:1"
-    assert parse_profile(text) == (
-        ("a", 1.0, 2.0, None),
-        ("b", 1.5, 3.0, 0.25),
-        ("c", 1.0, 2.0, None),
-        ("d", 1.0, 2.0, None),
-    )
-
-
-def test_row_fraction_comes_from_the_profile_at_batch_1_and_the_largest_batch() -> None:
-    def entry(batch: int, per_call_ms: float, hardware: str = "cpu-1c") -> ProfileEntry:
-        return ProfileEntry(
-            hardware_class=hardware,
-            threads=1,
-            batch_size=batch,
-            p50_ms=per_call_ms,
-            p99_ms=per_call_ms,
-            throughput_per_s=1000.0 * batch / per_call_ms,
-            runs=10,
-        )
-
-    # One row 2 ms, 16 rows 8 ms: each extra row adds 6/15 ms = 0.2 of a row.
-    profile = Profile(
-        model="m", variant="v", entries=[entry(1, 2.0), entry(4, 4.0), entry(16, 8.0)]
-    )
-    assert profile_row_fraction(profile, "cpu-1c", 1) == pytest.approx(0.2)
-    # A worker emulating 8 ms more per row: batching saves almost nothing.
-    assert profile_row_fraction(profile, "cpu-1c", 1, shift_ms=8.0) == pytest.approx(
-        (8.0 + 16 * 8.0) / (2.0 + 8.0) / 15 - 1 / 15
-    )
-    assert profile_row_fraction(profile, "gpu", 1) is None  # not profiled there
-    assert (
-        profile_row_fraction(Profile(model="m", variant="v", entries=[entry(1, 2.0)]), "cpu-1c", 1)
-        is None
-    )
-
-
-def test_network_estimate_ignores_a_stalled_probe_and_follows_a_lasting_rise() -> None:
-    net = NetworkEstimate()
-    for rtt in (1.0, 1.2, 0.9, 1.1):
-        net.observe(rtt)
-    assert net.rtt_ms == 0.9
-    net.observe(150.0)  # one probe that waited on a paused process
-    assert net.rtt_ms == 0.9
-    for _ in range(RTT_WINDOW):
-        net.observe(5.0)  # the network really got slower
-    assert net.rtt_ms == 5.0

@@ -1,0 +1,62 @@
+"""Latency and network estimates (gateway/routing/estimates.py): the decayed
+quantile sketch seeded from a profile, and the round trip that ignores a stalled probe."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.routing.estimates import RTT_WINDOW, LatencyEstimate, NetworkEstimate
+
+
+def test_estimate_follows_samples_and_forgets_old_ones() -> None:
+    est = LatencyEstimate()
+    est.seed(2.0, 4.0)
+    assert est.p50_ms == pytest.approx(2.0, rel=0.08) and est.p99_ms == pytest.approx(4.0, rel=0.08)
+    for i in range(200):
+        est.observe(10.0, 1.0 + i * 0.01)
+    assert est.p50_ms == pytest.approx(10.0, rel=0.08)
+    assert est.mean_ms == pytest.approx(10.0, rel=0.01)
+    # Much later, a few fast samples dominate the decayed history.
+    for i in range(40):
+        est.observe(1.0, 200.0 + i * 0.01)
+    assert est.p50_ms == pytest.approx(1.0, rel=0.08)
+    assert est.quantile_ms(90.0) <= est.p99_ms
+
+
+@given(st.lists(st.floats(0.01, 1000.0), min_size=1, max_size=300))
+def test_estimate_quantiles_are_ordered_and_within_the_samples(samples: list[float]) -> None:
+    est = LatencyEstimate()
+    for s in samples:
+        est.observe(s, 0.0)
+    est.observe(samples[-1], 0.0)
+    assert est.p50_ms <= est.p95_ms <= est.p99_ms
+    assert min(samples) * 0.99 <= est.p50_ms <= max(samples) * 1.09
+
+
+def test_a_sparse_routes_quantiles_follow_each_sample_after_a_second() -> None:
+    # A route that only gets a probe every few seconds must not wait for 8 samples
+    # (16 s of probes) before its quantiles move.
+    est = LatencyEstimate()
+    est.observe(1.0, 0.0)
+    assert est.p99_ms == pytest.approx(1.0, rel=0.1)
+    est.observe(50.0, 2.0)  # one sample, two seconds later
+    assert est.p99_ms == pytest.approx(50.0, rel=0.1)
+    for i in range(3):  # within the same second: refreshed by count only
+        est.observe(50.0, 2.1 + i * 0.1)
+    before = est.p50_ms
+    est.observe(1.0, 2.5)
+    assert est.p50_ms == before
+
+
+def test_network_estimate_ignores_a_stalled_probe_and_follows_a_lasting_rise() -> None:
+    net = NetworkEstimate()
+    for rtt in (1.0, 1.2, 0.9, 1.1):
+        net.observe(rtt)
+    assert net.rtt_ms == 0.9
+    net.observe(150.0)  # one probe that waited on a paused process
+    assert net.rtt_ms == 0.9
+    for _ in range(RTT_WINDOW):
+        net.observe(5.0)  # the network really got slower
+    assert net.rtt_ms == 5.0
