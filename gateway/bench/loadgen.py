@@ -34,6 +34,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from backends.protocol.tensors import NUMPY_DTYPES
+from gateway.routing.percentiles import percentile
+
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CALL_TIMEOUT_S = 30.0
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -67,14 +70,6 @@ class LevelResult:
     over the calls answered in it."""
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending sequence (nan when empty)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def parse_input(text: str) -> InputSpec:
     """NAME:DATATYPE:D0,D1,... (a -1 dimension becomes 1: batch 1)."""
     try:
@@ -90,19 +85,6 @@ def parse_pid(text: str) -> tuple[str, int]:
     if not name or not pid.isdigit():
         raise argparse.ArgumentTypeError(f"expected NAME=PID, got {text!r}")
     return name, int(pid)
-
-
-NUMPY_DTYPES = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "FP16": np.float16,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
-}
 
 
 def input_bytes(spec: InputSpec, samples: Path | None) -> bytes:
@@ -241,7 +223,7 @@ async def run(args: argparse.Namespace) -> list[LevelResult]:
             latencies, errors, first_error, cpu = await closed_loop(
                 call, payload, concurrency, args.warmup_s, args.window_s, watched
             )
-            ms = sorted(v / 1e6 for v in latencies)
+            ms = [v / 1e6 for v in latencies]
             results.append(
                 LevelResult(
                     target=args.target,

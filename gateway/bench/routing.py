@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gateway.bench.report import find_section, with_section
 from gateway.routing.fleet import BackendState, Route
+from gateway.routing.percentiles import percentile
 from gateway.routing.router import (
     Chooser,
     Policy,
@@ -66,7 +67,7 @@ def per_call_us(chooser: Chooser, routes: list[Route], calls: int) -> float:
         for _ in range(calls):
             chooser(request, routes, policy, 0.0)
         samples.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(samples)[2]
+    return percentile(samples, 50.0)
 
 
 def run(args: argparse.Namespace) -> int:

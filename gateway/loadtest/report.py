@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.loadtest.records import NO_ROUTE, BoolArray, FiredEvent, FloatArray, IntArray, Records
+from gateway.routing.percentiles import percentile
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -124,10 +125,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _percentile(values: FloatArray, q: float) -> float:
-    return float(np.percentile(values, q, method="linear")) if len(values) else math.nan
-
-
 def _class_index(records: Records) -> tuple[list[str], IntArray, FloatArray]:
     """Class names, and per request its class (index into the names) and its sla_ms."""
     names = records.class_names()
@@ -165,7 +162,7 @@ def summarise(
         errors = dict(sorted(errors.items(), key=lambda kv: (-kv[1], kv[0])))
 
     lag_ms: FloatArray = (records.send_s - records.scheduled_s) * 1000.0
-    lag_p99_ms = _percentile(lag_ms, 99.0)
+    lag_p99_ms = percentile(lag_ms, 99.0)
     sent_rate = n / duration_s if duration_s > 0 else 0.0
     kept_up = lag_p99_ms <= MAX_LAG_P99_MS and sent_rate >= MIN_SENT_FRACTION * asked_rate_per_s
 
@@ -178,7 +175,7 @@ def summarise(
         count = int(mine.sum())
         attainment[name] = float((within & mine).sum()) / count if count else math.nan
         done = records.latency_ms[mine & ok]
-        latency[name] = {label: _percentile(done, q) for label, q in PERCENTILES}
+        latency[name] = {label: percentile(done, q) for label, q in PERCENTILES}
 
     ok_count = int(ok.sum())
     cost = float(records.cost_usd[ok].sum()) / ok_count * 1e6 if ok_count else math.nan
@@ -419,7 +416,8 @@ def markdown(
     lines += [
         "",
         "Attainment: the class's requests answered OK within their SLA; errors and lost "
-        "requests count as misses. Latency percentiles are over OK answers.",
+        "requests count as misses. Latency percentiles are over OK answers, nearest rank "
+        "(each is a latency that was measured, as in `switchyard simulate`).",
         "",
         "## Cost",
         "",
@@ -554,7 +552,7 @@ def _p99_per_bin(records: Records, bin_s: float, bins: int) -> dict[str, FloatAr
         b, lat = b[order], lat[order]
         edges = np.searchsorted(b, np.arange(bins + 1))
         out[name] = np.asarray(
-            [_percentile(lat[edges[i] : edges[i + 1]], 99.0) for i in range(bins)],
+            [percentile(lat[edges[i] : edges[i + 1]], 99.0) for i in range(bins)],
             dtype=np.float64,
         )
     return out

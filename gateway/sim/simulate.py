@@ -51,6 +51,7 @@ import numpy.typing as npt
 from gateway.config import GatewaySettings, PoliciesSettings
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, Route, Ticket
+from gateway.routing.percentiles import percentile
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import (
     ROUTING,
@@ -608,7 +609,7 @@ def summarise(
         if not mask.any():
             continue
         done = latency[mask & answered]
-        p99[name] = float(np.percentile(done, 99, method="inverted_cdf")) if len(done) else None
+        p99[name] = percentile(done, 99) if len(done) else None
         if name in names:
             attainment[name] = float(np.mean(latency[mask] <= sla[mask]))
     count = int(answered.sum())

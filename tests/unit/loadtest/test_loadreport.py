@@ -100,15 +100,15 @@ def test_summarise_hand_worked_figures() -> None:
     assert s.attainment["gold"] == pytest.approx(0.5)
     assert s.attainment["bronze"] == pytest.approx(0.4)  # the lost and the error are misses
     assert math.isnan(s.attainment["silver"])
-    assert s.latency_ms["gold"] == pytest.approx({"p50": 8.0, "p99": 11.92, "p99.9": 11.992})
-    assert s.latency_ms["bronze"] == pytest.approx({"p50": 50.0, "p99": 148.0, "p99.9": 149.8})
+    assert s.latency_ms["gold"] == pytest.approx({"p50": 8.0, "p99": 12.0, "p99.9": 12.0})
+    assert s.latency_ms["bronze"] == pytest.approx({"p50": 50.0, "p99": 150.0, "p99.9": 150.0})
     assert all(math.isnan(v) for v in s.latency_ms["silver"].values())
     # (2 x 2e-6 + 4 x 1e-6) / 6 OK answers x 1e6
     assert s.cost_usd_per_1m == pytest.approx(8 / 6)
     assert s.shares == pytest.approx({SMALL: 4 / 6, BIG: 2 / 6})
     assert s.sent_rate_per_s == pytest.approx(2.25)
-    # lags: eight at 0 ms and one at 100 ms; p99 (linear) = 0.92 x 100
-    assert s.lag_p99_ms == pytest.approx(92.0)
+    # lags: eight at 0 ms and one at 100 ms; p99 (nearest rank: the 9th of 9) = 100
+    assert s.lag_p99_ms == pytest.approx(100.0)
     assert not s.kept_up
     assert s.worst_attainment == ("bronze", 0.4)
 
