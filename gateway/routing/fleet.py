@@ -19,6 +19,7 @@ from math import exp, sqrt
 
 from backends.protocol.tensors import TensorSpec
 from gateway.routing.estimates import LatencyEstimate, NetworkEstimate
+from gateway.routing.figures import g_co2_per_busy_ms, usd_per_busy_ms
 
 DEFAULT_ROW_FRACTION = 0.5
 """A route's extra service time per extra row of a batch, as a fraction of one row's,
@@ -161,15 +162,14 @@ class BackendState:
 
     def set_price(self, usd_per_hour: float) -> None:
         self.price_usd_per_hour = usd_per_hour
-        self.usd_per_busy_ms = usd_per_hour / 3_600_000.0 / max(1, self.slots)
+        self.usd_per_busy_ms = usd_per_busy_ms(usd_per_hour, self.slots)
 
     def set_carbon(self, g_per_kwh: float | None, power_w: float | None) -> None:
         self.carbon_g_per_kwh, self.power_w = g_per_kwh, power_w
         if g_per_kwh is None or power_w is None:
             self.g_co2_per_busy_ms = None
         else:
-            # W x ms = J / 1000; 1 kWh = 3.6e6 J.
-            self.g_co2_per_busy_ms = power_w / 1000.0 / 3.6e6 * g_per_kwh / max(1, self.slots)
+            self.g_co2_per_busy_ms = g_co2_per_busy_ms(power_w, g_per_kwh, self.slots)
 
     def admit(
         self,

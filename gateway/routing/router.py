@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.routing.figures import per_request, predicted_ms
 from gateway.routing.fleet import DEFAULT_ROW_FRACTION, BackendState, Route
 
 ROW_FRACTION = DEFAULT_ROW_FRACTION
@@ -152,7 +153,8 @@ def predict_ms(
     est = route.estimate
     service = est.quantile_ms(percentile)
     wait = queue_wait_ms(state, est.mean_ms, service, sla_ms, percentile, now_s)
-    return state.network.rtt_ms + wait + service * batch_factor(batch_size, route.row_fraction)
+    factor = batch_factor(batch_size, route.row_fraction)
+    return predicted_ms(state.network.rtt_ms, service, factor, wait)
 
 
 def hedge_after_ms(route: Route, policy: Policy, now_s: float, batch_size: int = 1) -> float:
@@ -162,14 +164,14 @@ def hedge_after_ms(route: Route, policy: Policy, now_s: float, batch_size: int =
 
 def cost_usd(route: Route, batch_size: int = 1) -> float:
     factor = batch_factor(batch_size, route.row_fraction)
-    return route.state.usd_per_busy_ms * route.estimate.mean_ms * factor
+    return per_request(route.state.usd_per_busy_ms, route.estimate.mean_ms, factor)
 
 
 def carbon_g(route: Route, batch_size: int = 1) -> float | None:
     per_ms = route.state.g_co2_per_busy_ms
     if per_ms is None:
         return None
-    return per_ms * route.estimate.mean_ms * batch_factor(batch_size, route.row_fraction)
+    return per_request(per_ms, route.estimate.mean_ms, batch_factor(batch_size, route.row_fraction))
 
 
 def choose(
@@ -210,10 +212,11 @@ def _choose(
         # batch_factor(request.batch_size, route.row_fraction), inlined as below
         factor = 1.0 + route.row_fraction * extra_rows if extra_rows > 0 else 1.0
         service = est.p99_ms if p99 else est.quantile_ms(pct)
-        pred = state.network.rtt_ms + service * factor
-        if state.in_flight >= state.slots:  # every slot busy: the request would wait
-            pred += state.wait_ms(mean, service, sla, pct, now_s)
-        cost = state.usd_per_busy_ms * mean * factor
+        wait = (
+            state.wait_ms(mean, service, sla, pct, now_s) if state.in_flight >= state.slots else 0.0
+        )
+        pred = predicted_ms(state.network.rtt_ms, service, factor, wait)
+        cost = per_request(state.usd_per_busy_ms, mean, factor)
         if pred <= sla and cost <= cap:
             if objective == "cost":
                 key: tuple[float, ...] = (0.0, cost, pred, 0.0 if route.default else 1.0)
@@ -221,7 +224,7 @@ def _choose(
                 key = (0.0, pred, cost)
             else:
                 per_ms = state.g_co2_per_busy_ms
-                carbon = INF if per_ms is None else per_ms * mean * factor
+                carbon = INF if per_ms is None else per_request(per_ms, mean, factor)
                 key = (0.0, carbon, cost, pred)
             if key < best_key:
                 best, best_key, best_pred, best_cost = route, key, pred, cost

@@ -50,6 +50,7 @@ import numpy.typing as npt
 
 from gateway.config import GatewaySettings, PoliciesSettings
 from gateway.routing.estimates import service_sample
+from gateway.routing.figures import per_request, predicted_ms, usd_per_busy_ms
 from gateway.routing.fleet import BackendState, Route, Ticket
 from gateway.routing.percentiles import percentile
 from gateway.routing.policy import PolicyBook
@@ -677,7 +678,8 @@ def _segment_states(scenario: Scenario) -> list[tuple[float, float, dict[str, An
 
 def feasible(route: RouteModel, backend_rtt_ms: float, policy: Policy, factor: float) -> bool:
     """Whether `route`, unloaded, meets `policy`'s latency at its percentile."""
-    return backend_rtt_ms + route.quantile_ms(policy.percentile) * factor <= policy.latency_ms
+    service_ms = route.quantile_ms(policy.percentile)
+    return predicted_ms(backend_rtt_ms, service_ms, factor) <= policy.budget_ms
 
 
 def infeasible_classes(scenario: Scenario) -> list[str]:
@@ -735,9 +737,8 @@ def lower_bound(scenario: Scenario, trace: Trace) -> Bound:
             def unit_cost(
                 r: RouteModel, factor: float = factor, prices: dict[str, float] = state["prices"]
             ) -> float:
-                slots = backends[r.backend].slots
-                price = prices[backends[r.backend].name]
-                return float(price / 3.6e6 / slots * r.mean_ms * factor)
+                rate = usd_per_busy_ms(prices[backends[r.backend].name], backends[r.backend].slots)
+                return per_request(rate, r.mean_ms, factor)
 
             good = [
                 r
