@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.protocol.errors import InvalidInput
+from backends.protocol.parameters import priority_level
 from backends.runtimes.base import Array
 
 RunFn = Callable[[Mapping[str, Array], Sequence[str]], list[Array]]
@@ -46,47 +46,9 @@ class BatchStats:
     """Batch size -> (executions, compute ns)."""
 
 
-DEFAULT_PRIORITY_LEVEL = 2**64
-"""Where priority 0 (the default) ranks: after every explicit level (Triton's priorities
-are uint64)."""
-
-
 NO_DEADLINE_NS = 2**63
 """Where a request that gives no deadline ranks within its priority level: after every
 request that does."""
-
-DUE_PARAMETER = "switchyard_due_us"
-"""The request parameter by which a request is due: microseconds from its arrival."""
-
-
-def checked_priority(value: object) -> int:
-    """Triton's `priority` request parameter as given (an integer, or a float or a
-    string that is one; None when absent: the default, 0), checked: InvalidInput unless
-    it is a non-negative integer."""
-    return 0 if value is None else _non_negative_int("priority", value)
-
-
-def checked_due_us(value: object) -> int | None:
-    """The `switchyard_due_us` request parameter as given (None when absent), checked
-    as `priority` is: InvalidInput unless it is a non-negative integer."""
-    return None if value is None else _non_negative_int(DUE_PARAMETER, value)
-
-
-def _non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    elif isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(
-            f"request parameter {name!r} must be a non-negative integer, got {value!r}"
-        )
-    return value
-
-
-def priority_level(priority: int) -> int:
-    """Queue rank of a request's `priority`: lower runs first."""
-    return priority if priority > 0 else DEFAULT_PRIORITY_LEVEL
 
 
 @dataclass(order=True, slots=True)

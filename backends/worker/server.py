@@ -45,11 +45,19 @@ from backends.protocol.codec import (
     metadata_message,
 )
 from backends.protocol.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
+from backends.protocol.parameters import (
+    DUE_PARAMETER,
+    PROFILE_PARAMETER,
+    VariantProfile,
+    checked_due_us,
+    checked_priority,
+    profile_parameter,
+)
 from backends.protocol.status import code_for
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtimes.base import Array, RuntimeAdapter
 from backends.runtimes.loader import load_adapter
-from backends.worker.batching import DUE_PARAMETER, Batcher, RunFn, checked_due_us, checked_priority
+from backends.worker.batching import Batcher, RunFn
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
@@ -197,19 +205,19 @@ class ServedModel:
         }
         profile = self.profile()
         if profile:
-            params["switchyard_profile"] = profile
+            params[PROFILE_PARAMETER] = profile
         for key, value in params.items():
             cfg.parameters[key].string_value = value
         return cfg
 
     def profile(self) -> str:
-        """`variant:p50_ms:p99_ms[:row_fraction]` per profiled variant on this worker's
-        hardware class and threads, `;`-separated: the gateway's latency prior (p50 and
-        p99 at batch 1; the row fraction is what each extra row of a batch adds, as a
-        fraction of one row's time). Figures are adjusted for this worker's emulated
-        delay."""
+        """The `switchyard_profile` parameter (backends.protocol.parameters): each
+        profiled variant's p50 and p99 at batch 1 on this worker's hardware class and
+        threads, and its row fraction (what each extra row of a batch adds, as a
+        fraction of one row's time): the gateway's latency prior. Figures are adjusted
+        for this worker's emulated delay; empty when no variant is profiled here."""
         settings = self.settings
-        parts = []
+        profiles = []
         for name, loaded in sorted(self.variants.items()):
             profile = read_profile(loaded.variant)
             if profile is None:
@@ -218,12 +226,9 @@ class ServedModel:
             if entry is None:
                 continue
             shift = settings.emulate_latency_ms - entry.emulated_latency_ms
-            part = f"{name}:{entry.p50_ms + shift:.4g}:{entry.p99_ms + shift:.4g}"
             rows = profile_row_fraction(profile, settings.hardware_class, settings.threads, shift)
-            if rows is not None:
-                part += f":{rows:.3g}"
-            parts.append(part)
-        return ";".join(parts)
+            profiles.append(VariantProfile(name, entry.p50_ms + shift, entry.p99_ms + shift, rows))
+        return profile_parameter(profiles) if profiles else ""
 
     def statistics(self) -> pb.ModelStatistics:
         executions = inferences = queue_ns = compute_ns = 0

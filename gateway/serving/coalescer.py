@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from backends.protocol.parameters import DEFAULT_PRIORITY_LEVEL, DUE_PARAMETER, priority_level
 from backends.protocol.tensors import NUMPY_DTYPES
-from backends.worker.batching import DEFAULT_PRIORITY_LEVEL, DUE_PARAMETER, priority_level
 from gateway.routing.fleet import ModelInfo, Route
 from gateway.serving.converters import due_parameter, priority_param
 from gateway.serving.pool import BackendCallError

@@ -6,14 +6,24 @@ generated protobuf code.
 
 from __future__ import annotations
 
+import logging
+
 from backends.protocol import codec
 from backends.protocol.errors import InvalidInput
+from backends.protocol.parameters import (
+    DUE_PARAMETER,
+    PROFILE_PARAMETER,
+    VariantProfile,
+    checked_priority,
+    read_profile_parameter,
+)
 from backends.protocol.tensors import TensorSpec
-from backends.worker.batching import DUE_PARAMETER, checked_priority
 from gateway.routing.fleet import ModelInfo
 from gateway.routing.router import RouteRequest
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
+
+log = logging.getLogger("switchyard.converters")
 
 REMOTE_VARIANT = "remote"
 DEFAULT_VERSION = "1"
@@ -26,7 +36,7 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
     variant = REMOTE_VARIANT
     max_batch_size = 0
     variants: tuple[str, ...] = ()
-    profile: tuple[tuple[str, float, float, float | None], ...] = ()
+    profile: tuple[VariantProfile, ...] = ()
     deadlines = False
     if config is not None:
         max_batch_size = config.max_batch_size
@@ -35,8 +45,8 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
             variant = params["switchyard_variant"].string_value
         if "switchyard_variants" in params:
             variants = tuple(v for v in params["switchyard_variants"].string_value.split(",") if v)
-        if "switchyard_profile" in params:
-            profile = parse_profile(params["switchyard_profile"].string_value)
+        if PROFILE_PARAMETER in params:
+            profile = parse_profile(params[PROFILE_PARAMETER].string_value)
         if "switchyard_queue" in params:
             deadlines = params["switchyard_queue"].string_value == "deadline"
     return ModelInfo(
@@ -55,29 +65,13 @@ def model_info(metadata: pb.ModelMetadataResponse, config: pb.ModelConfig | None
     )
 
 
-def parse_profile(text: str) -> tuple[tuple[str, float, float, float | None], ...]:
-    """Parses a worker's `switchyard_profile` (`variant:p50:p99[:row_fraction];...`);
-    bad entries are skipped, a bad row fraction is left out."""
-    entries: list[tuple[str, float, float, float | None]] = []
-    for part in text.split(";"):
-        fields = part.split(":")
-        if len(fields) not in (3, 4):
-            continue
-        try:
-            p50, p99 = float(fields[1]), float(fields[2])
-        except ValueError:
-            continue
-        rows: float | None = None
-        if len(fields) == 4:
-            try:
-                rows = float(fields[3])
-            except ValueError:
-                rows = None
-            if rows is not None and not 0.0 <= rows <= 2.0:
-                rows = None
-        if p50 > 0 and p99 > 0:
-            entries.append((fields[0], p50, p99, rows))
-    return tuple(entries)
+def parse_profile(text: str) -> tuple[VariantProfile, ...]:
+    """A worker's `switchyard_profile` (backends.protocol.parameters): what is wrong
+    with it is logged and left out; text that is not a JSON list is no profile."""
+    profiles, problems = read_profile_parameter(text)
+    if problems:
+        log.warning("backend profile %s: %s", PROFILE_PARAMETER, "; ".join(problems))
+    return profiles
 
 
 def metadata_message(info: ModelInfo) -> pb.ModelMetadataResponse:
