@@ -1,8 +1,8 @@
-"""Domain errors shared by the workers and the gateway.
+"""Domain errors shared by the workers and the gateway (its data plane and its admin API).
 
 Each error carries a message meant for the caller (it names what was wrong).
-`backends.protocol.status` is the one place that maps them to gRPC status codes; nothing
-here imports grpc or protobuf.
+`backends.protocol.status` is the one place that maps them to gRPC status codes: this
+module imports no grpc and no protobuf, and nothing from the gateway.
 """
 
 from __future__ import annotations
@@ -12,12 +12,24 @@ class SwitchyardError(Exception):
     """Base of every error a caller may see."""
 
 
-class ModelNotFound(SwitchyardError):
+class NotFound(SwitchyardError):
+    """What the request names is not here (a model, a version, a backend)."""
+
+
+class ModelNotFound(NotFound):
     """The model, or the model version, is not served here."""
 
 
 class InvalidInput(SwitchyardError):
-    """The request does not fit the model's signature or the protocol."""
+    """The request does not fit the model's signature, the protocol or the API."""
+
+
+class Unauthenticated(SwitchyardError):
+    """The caller did not prove who it is (a missing or wrong admin token)."""
+
+
+class FailedPrecondition(SwitchyardError):
+    """The request is well formed, but what it asks cannot be done in the present state."""
 
 
 class Unavailable(SwitchyardError):

@@ -1,19 +1,34 @@
-"""The one mapping from domain errors to gRPC status codes (servicers use it)."""
+"""The one mapping from domain errors to gRPC status codes, and the one place it is
+applied to a server: `aborts_with_status` on a servicer class. The worker's and the
+admin API's servicers take it; the gateway's data plane reads `code_for` too.
+
+Imports grpc and the domain errors only: nothing from the gateway, no generated code.
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from backends.protocol import errors
 
 _CODES: dict[type[errors.SwitchyardError], grpc.StatusCode] = {
-    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Internal: grpc.StatusCode.INTERNAL,
 }
+
+ServicerClass = TypeVar("ServicerClass", bound=type)
+Response = TypeVar("Response")
 
 
 def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
@@ -23,3 +38,28 @@ def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN
+
+
+def aborts_with_status(servicer: ServicerClass) -> ServicerClass:
+    """Class decorator for a grpc.aio servicer: each unary RPC method it defines (a
+    public coroutine method) that raises a SwitchyardError ends the call with
+    `code_for` that error and its message. Streaming methods (async generators) report
+    their errors in their own messages and are left as they are."""
+    for name, method in list(vars(servicer).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+            setattr(servicer, name, _aborting(method))
+    return servicer
+
+
+def _aborting(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except errors.SwitchyardError as exc:
+            await context.abort(code_for(exc), str(exc))
+            raise  # abort raised already: not reached
+
+    return wrapper

@@ -53,7 +53,7 @@ from backends.protocol.parameters import (
     checked_priority,
     profile_parameter,
 )
-from backends.protocol.status import code_for
+from backends.protocol.status import aborts_with_status
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtimes.base import Array, RuntimeAdapter
 from backends.runtimes.loader import load_adapter
@@ -382,8 +382,10 @@ def _with_delay(run: RunFn, delay_s: float) -> RunFn:
     return delayed
 
 
+@aborts_with_status
 class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The v2 API over the served models."""
+    """The v2 API over the served models (a SwitchyardError raised by an RPC is the
+    caller's status: backends.protocol.status)."""
 
     def __init__(self, models: dict[str, ServedModel], settings: WorkerSettings) -> None:
         self.models = models
@@ -425,34 +427,20 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            return self._model(request.name, request.version).metadata()
-        except SwitchyardError as exc:
-            await context.abort(code_for(exc), str(exc))
-            raise
+        return self._model(request.name, request.version).metadata()
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        try:
-            return pb.ModelConfigResponse(
-                config=self._model(request.name, request.version).config()
-            )
-        except SwitchyardError as exc:
-            await context.abort(code_for(exc), str(exc))
-            raise
+        return pb.ModelConfigResponse(config=self._model(request.name, request.version).config())
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        try:
-            if request.name:
-                chosen = [self._model(request.name, request.version)]
-            else:
-                chosen = [self.models[name] for name in sorted(self.models)]
-        except SwitchyardError as exc:
-            await context.abort(code_for(exc), str(exc))
-            raise
+        if request.name:
+            chosen = [self._model(request.name, request.version)]
+        else:
+            chosen = [self.models[name] for name in sorted(self.models)]
         return pb.ModelStatisticsResponse(model_stats=[m.statistics() for m in chosen])
 
     async def RepositoryIndex(
@@ -466,11 +454,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        response = await self._infer(request)
-        if isinstance(response, SwitchyardError):
-            await context.abort(code_for(response), str(response))
-            raise response
-        return response
+        return await self._infer(request)
 
     async def ModelStreamInfer(
         self,
@@ -478,15 +462,15 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
-            response = await self._infer(request)
-            if isinstance(response, SwitchyardError):
-                yield pb.ModelStreamInferResponse(error_message=str(response))
+            try:
+                response = await self._infer(request)
+            except SwitchyardError as exc:
+                yield pb.ModelStreamInferResponse(error_message=str(exc))
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def _infer(
-        self, request: pb.ModelInferRequest
-    ) -> pb.ModelInferResponse | SwitchyardError:
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Runs one request; a SwitchyardError is counted as a failure and raised."""
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
         try:
@@ -523,11 +507,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.success[1] += elapsed
             model.last_inference_ms = int(time.time() * 1000)
             return response
-        except SwitchyardError as exc:
+        except SwitchyardError:
             if model is not None:
                 model.fail[0] += 1
                 model.fail[1] += time.perf_counter_ns() - start_ns
-            return exc
+            raise
 
 
 def _runtime_error(model: str, exc: Exception) -> SwitchyardError:

@@ -21,10 +21,10 @@ import grpc
 import yaml
 from pydantic import ValidationError
 
-from backends.protocol.errors import InvalidInput
+from backends.protocol.errors import InvalidInput, Unauthenticated
+from backends.protocol.status import aborts_with_status
 from gateway.config import FleetConfig, PoliciesSettings
-from gateway.control.plane import BackendProcess, Control, UnknownBackend
-from gateway.control.supervisor import NotSupervised, WorkerTimeout
+from gateway.control.plane import BackendProcess, Control
 from gateway.routing.fleet import BackendState, FleetState, Route
 from gateway.routing.router import ROUTING, RouteRequest, carbon_g, cost_usd, explain
 from protos import admin_pb2 as apb
@@ -135,34 +135,29 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def _guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Checks the bearer token, and maps the control plane's errors to statuses."""
+    """Checks the bearer token before the method runs."""
 
     async def wrapper(self: AdminServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         metadata = dict(context.invocation_metadata() or ())
         given = str(metadata.get("authorization", ""))
         expected = f"Bearer {self.token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
+            raise Unauthenticated(
                 "admin API needs `authorization: Bearer <token>` "
-                f"(the gateway's {TOKEN_ENV} or its admin token file)",
+                f"(the gateway's {TOKEN_ENV} or its admin token file)"
             )
-        try:
-            return await method(self, request, context)
-        except UnknownBackend as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except NotSupervised as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except WorkerTimeout as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        except (ValueError, InvalidInput) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        raise AssertionError("unreachable")
+        return await method(self, request, context)
 
     return wrapper
 
 
+@aborts_with_status
 class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """The admin API. Every method checks the token (`_guarded`); the control plane's
+    errors (SwitchyardErrors: an unknown backend, one the gateway does not launch, a
+    worker that did not stop or start in time, bad input) are the caller's status
+    through the one mapping, backends.protocol.status."""
+
     def __init__(self, control: Control, token: str, clock: Callable[[], float]) -> None:
         self.control = control
         self.fleet = control.fleet
@@ -177,7 +172,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         shares = _shares(self.fleet, now)
         routes = self.fleet.routes(request.model) if request.model else self.fleet.all_routes()
         if request.model and not routes and request.model not in self.fleet.known_models():
-            raise ValueError(f"unknown model {request.model!r}")
+            raise InvalidInput(f"unknown model {request.model!r}")
         return apb.ListRoutesResponse(routes=[route_status(r, shares, now) for r in routes])
 
     @_guarded
@@ -218,9 +213,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> apb.ExplainResponse:
         model = request.model
         if model not in self.fleet.known_models():
-            raise ValueError(f"unknown model {model!r}")
+            raise InvalidInput(f"unknown model {model!r}")
         if request.sla_ms < 0 or request.batch_size < 0:
-            raise ValueError("sla_ms and batch_size must not be negative")
+            raise InvalidInput("sla_ms and batch_size must not be negative")
         route_req = RouteRequest(
             model=model,
             batch_size=max(1, request.batch_size),
@@ -293,19 +288,20 @@ def policies_yaml(settings: PoliciesSettings) -> str:
 
 
 def parse_policies(text: str) -> PoliciesSettings:
-    """Policies from YAML (the fleet file's `policies` section, or a whole fleet file)."""
+    """Policies from YAML (the fleet file's `policies` section, or a whole fleet file);
+    InvalidInput says what is wrong."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"policies are not valid YAML: {exc}") from exc
+        raise InvalidInput(f"policies are not valid YAML: {exc}") from exc
     if isinstance(data, dict) and "policies" in data:
         data = data["policies"]
     if not isinstance(data, dict):
-        raise ValueError("policies must be a mapping (default, classes, models)")
+        raise InvalidInput("policies must be a mapping (default, classes, models)")
     try:
         return PoliciesSettings.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"policies are not valid: {exc}") from exc
+        raise InvalidInput(f"policies are not valid: {exc}") from exc
 
 
 def add_to_server(server: grpc.aio.Server, servicer: AdminServicer) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from backends.protocol.errors import InvalidInput, NotFound
 from gateway.config import ConfigError, FleetConfig, PoliciesSettings, load_fleet
 from gateway.control.supervisor import NotSupervised, Supervised, Supervisor
 from gateway.routing.fleet import BackendState, FleetState
@@ -24,7 +25,9 @@ from gateway.serving.metrics import GatewayMetrics
 log = logging.getLogger("switchyard.control")
 
 
-class UnknownBackend(LookupError):
+class UnknownBackend(NotFound):
+    """The fleet has no backend of that name."""
+
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown backend {name!r} (backends: {', '.join(known)})")
 
@@ -104,7 +107,7 @@ class Control:
 
     def set_price(self, backend: str, usd_per_hour: float, source: str) -> BackendState:
         if usd_per_hour < 0:
-            raise ValueError("a price must not be negative")
+            raise InvalidInput("a price must not be negative")
         state = self.backend(backend)
         if state.price_usd_per_hour != usd_per_hour:
             log.info(
@@ -127,8 +130,11 @@ class Control:
 
     def set_routing(self, name: str, source: str) -> str:
         """Puts the chooser called `name` in force for the next request; an unknown
-        name is a ValueError naming the known ones."""
-        chooser = chooser_for(name)
+        name is InvalidInput naming the known ones."""
+        try:
+            chooser = chooser_for(name)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
         self._set_chooser(chooser)
         if name != self.routing:
             log.info("routing: %s -> %s (%s)", self.routing, name, source)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backends.protocol.errors import DeadlineExceeded, FailedPrecondition
 from gateway.config import BackendSettings
 
 log = logging.getLogger("switchyard.supervisor")
@@ -117,11 +118,11 @@ class Supervised:
         return process.pid if process is not None and process.returncode is None else 0
 
 
-class NotSupervised(Exception):
+class NotSupervised(FailedPrecondition):
     """The backend is not one the gateway launches (an external address)."""
 
 
-class WorkerTimeout(Exception):
+class WorkerTimeout(DeadlineExceeded):
     """A worker did not exit, or start, in time."""
 
 
