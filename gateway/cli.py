@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "backend":
         return worker.run(args)
     if args.command == "compile":
-        return compiler.run(args)
+        from gateway.config import fleet_hardware
+
+        return compiler.run(args, read_fleet=fleet_hardware)
     if args.command == "profile":
         return shoparound.run_profile(args)
     if args.command == "report":

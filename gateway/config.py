@@ -214,3 +214,13 @@ def load_fleet(path: Path | None) -> FleetConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read fleet file {path}: {exc}") from exc
     return parse_fleet(text, path.resolve().parent, str(path))
+
+
+def fleet_hardware(path: Path) -> list[tuple[str, str]]:
+    """Each backend of the fleet file at `path` as (name, hardware class): what
+    `switchyard compile --fleet` builds for (the compiler is handed this reader, since
+    backends import nothing from the gateway). ValueError when the file does not load."""
+    try:
+        return [(b.name, b.hardware_class) for b in load_fleet(path).backends]
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc

@@ -194,21 +194,24 @@ def fleet_targets(hardware_classes: Iterable[str]) -> list[str]:
     return targets
 
 
-def fleet_file_targets(path: Path) -> tuple[list[str], dict[str, str]]:
-    """The targets the hardware classes of the fleet file at `path` need (see
-    `fleet_targets`), and each class's TVM target. ValueError names the file and,
-    for a class without a target, the backends of that class."""
-    from gateway.config import ConfigError, load_fleet
+FleetReader = Callable[[Path], Sequence[tuple[str, str]]]
+"""Reads a fleet file into each backend's (name, hardware class); ValueError when it
+does not load. The gateway's reader is handed in (gateway.cli): backends import nothing
+from the gateway."""
 
-    try:
-        fleet_backends = load_fleet(path).backends
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from exc
-    classes = list(dict.fromkeys(b.hardware_class for b in fleet_backends))
+
+def fleet_file_targets(
+    path: Path, backends: Sequence[tuple[str, str]]
+) -> tuple[list[str], dict[str, str]]:
+    """The targets the hardware classes of the fleet file at `path` need (see
+    `fleet_targets`), given its `backends` as (name, hardware class), and each class's
+    TVM target. ValueError names the file and, for a class without a target, the
+    backends of that class."""
+    classes = list(dict.fromkeys(hardware_class for _, hardware_class in backends))
     try:
         return fleet_targets(classes), {c: tvm_target_for_class(c) for c in classes}
     except UnknownHardwareClass as exc:
-        names = ", ".join(b.name for b in fleet_backends if b.hardware_class == exc.hardware_class)
+        names = ", ".join(name for name, c in backends if c == exc.hardware_class)
         raise ValueError(f"{path}: backend {names}: {exc}") from exc
 
 
@@ -484,7 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
+    """`switchyard compile`; `read_fleet` reads `--fleet` (required with it)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -502,7 +506,9 @@ def run(args: argparse.Namespace) -> int:
     targets: list[str] = list(args.targets or [])
     if args.fleet is not None:
         try:
-            chosen, by_class = fleet_file_targets(args.fleet)
+            if read_fleet is None:
+                raise ValueError("--fleet: no fleet file reader was given")
+            chosen, by_class = fleet_file_targets(args.fleet, read_fleet(args.fleet))
         except ValueError as exc:
             console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
             return 2
