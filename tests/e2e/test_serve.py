@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD, RunningGateway
+from tests.waiting import wait_until_blocking
 
 HERE = Path(__file__).resolve().parent
 
@@ -172,25 +173,40 @@ def test_a_killed_worker_is_ejected_restarted_readmitted_and_costs_no_request(
     threads = [threading.Thread(target=load) for _ in range(4)] + [threading.Thread(target=watch)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    killed_at = time.monotonic()
-    os.kill(served.info["pids"]["small"], signal.SIGKILL)
-    deadline = time.monotonic() + 40
-    restarted = False
-    while time.monotonic() < deadline and not restarted:
-        time.sleep(0.2)
-        # Back: the watcher saw it down, then ready, and a request was answered there since.
-        down = [t for t, _, listening in seen if t > killed_at and not listening]
-        ready = [t for t, status, _ in seen if down and t > down[0] and status == "ready"]
-        restarted = bool(ready) and any(t > ready[0] and b == "small" for t, b in used)
-    time.sleep(1.0)  # the watcher sees the restarted worker settle
-    stop.set()
-    for t in threads:
-        t.join()
-    channel.close()
-    admin_channel.close()
+
+    def restarted() -> bool:
+        """Back: the watcher saw it down, then ready and listening, and a request was
+        answered there since."""
+        down = [t for t, _, up in seen if t > killed_at and not up]
+        back = [t for t, status, up in seen if down and t > down[0] and status == "ready" and up]
+        return bool(back) and any(t > back[0] and b == "small" for t, b in used)
+
+    killed_at = 0.0
+    try:
+        wait_until_blocking(
+            lambda: (
+                (len(used) >= 8 and any(s == "ready" and up for _, s, up in seen)) or bool(failures)
+            ),
+            what="requests answered and the watcher seeing small ready",
+        )
+        killed_at = time.monotonic()
+        os.kill(served.info["pids"]["small"], signal.SIGKILL)
+        try:
+            wait_until_blocking(
+                lambda: restarted() or bool(failures),
+                timeout_s=40.0,
+                what="small to be restarted, ready again and used",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{served.log()[-3000:]}") from None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        channel.close()
+        admin_channel.close()
     assert failures == []
-    assert restarted, served.log()[-3000:]
+    assert restarted()
     assert "worker exited" in served.log()
     timeline = [(round(t - killed_at, 3), status, listening) for t, status, listening in seen]
 

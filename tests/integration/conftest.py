@@ -3,36 +3,122 @@ workers over the demo repository and a gateway in front of them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from backends.worker.server import WorkerSettings, start_worker
+from backends.runtimes.base import Array
+from backends.worker.batching import Batcher, RunFn
+from backends.worker.server import LoadedVariant, ServedModel, WorkerSettings, start_worker
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+
+GATE_TIMEOUT_S = 60.0
+"""The longest an execution waits at a gate the test never opens (a failed test)."""
+
+
+class Gate:
+    """Stands in front of a model's runtime (the worker's `run`): while closed, every
+    execution waits at it in its inference thread. Once one is `holding`, the model
+    is busy and whatever arrives queues behind it, for as long as the test needs;
+    `open` lets them all through. `ran` keeps each execution's inputs, in the order
+    the executions reached the runtime."""
+
+    def __init__(self, run: RunFn) -> None:
+        self._run = run
+        self._open = threading.Event()
+        self._reached = threading.Event()
+        self.ran: list[dict[str, Array]] = []
+
+    @property
+    def holding(self) -> bool:
+        """An execution is waiting at the closed gate."""
+        return self._reached.is_set() and not self._open.is_set()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def __call__(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
+        self.ran.append({name: np.array(array, copy=True) for name, array in inputs.items()})
+        self._reached.set()
+        if not self._open.wait(GATE_TIMEOUT_S):
+            raise TimeoutError(f"the gate stayed closed for {GATE_TIMEOUT_S:g} s")
+        return self._run(inputs, outputs)
+
+
+class CountingBatcher(Batcher):
+    """The worker's batcher, counting the requests that have joined its queue (a
+    request is queued by the time `arrived` counts it)."""
+
+    def __init__(
+        self, run: RunFn, executor: Executor, output_names: Sequence[str], max_batch_size: int
+    ) -> None:
+        super().__init__(run, executor, output_names, max_batch_size)
+        self.arrived = 0
+
+    async def infer(
+        self, inputs: dict[str, Array], rows: int, priority: int = 0, due_us: int | None = None
+    ) -> dict[str, Array]:
+        self.arrived += 1
+        return await super().infer(inputs, rows, priority, due_us)
+
+
+@dataclass
+class HeldModel:
+    """A served model behind a closed gate, its queue counted."""
+
+    gate: Gate
+    batcher: CountingBatcher
+
+    def rows_run(self, name: str) -> list[bytes]:
+        """Input `name`'s rows, each as bytes, in the order the model ran them."""
+        return [row.tobytes() for inputs in self.gate.ran for row in inputs[name]]
 
 
 @dataclass
 class Worker:
     address: str
     server: grpc.aio.Server
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    executor: Executor | None = None
+    gates: list[Gate] = field(default_factory=list)
+
+    async def hold(self, model: str, max_batch_rows: int = 1) -> HeldModel:
+        """Puts `model`'s default variant behind a closed gate, with a batcher that
+        counts arrivals and merges at most `max_batch_rows` rows: the model is then
+        busy with the first request until the test opens the gate."""
+        served = self.models[model]
+        loaded = served.variants[served.default]
+        assert self.executor is not None
+        await loaded.batcher.stop()
+        gate = Gate(loaded.adapter.run)
+        outputs = [spec.name for spec in loaded.adapter.outputs]
+        batcher = CountingBatcher(gate, self.executor, outputs, max_batch_rows)
+        batcher.start()
+        served.variants[served.default] = LoadedVariant(loaded.variant, loaded.adapter, batcher)
+        self.gates.append(gate)
+        return HeldModel(gate, batcher)
 
     async def stop(self) -> None:
+        for gate in self.gates:
+            gate.open()
         await self.server.stop(None)
 
 
 async def launch_worker(repository: Path, **settings: object) -> Worker:
-    server, port, _models, _executor = await start_worker(
+    server, port, models, executor = await start_worker(
         WorkerSettings(repository=repository, **settings),
         "127.0.0.1:0",  # type: ignore[arg-type]
     )
-    return Worker(f"127.0.0.1:{port}", server)
+    return Worker(f"127.0.0.1:{port}", server, models, executor)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import pytest
 
 from gateway.config import FleetConfig
 from gateway.control import admin_cli
+from gateway.control.supervisor import MIN_BACKOFF_S
 from gateway.routing.router import ROUTING
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
@@ -26,6 +27,7 @@ from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, launch_worker, raw_request, samples
+from tests.waiting import wait_until
 
 TOKEN = "test-admin-control"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -132,18 +134,20 @@ async def wait_for(
     timeout_s: float,
     also: Callable[[apb.BackendProcess], bool] = lambda _: True,
 ) -> apb.BackendProcess:
-    """The backend's state once its status is `status` (and `also` holds), or at the timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        state = (await listed(admin))[backend]
-        if (state.status == status and also(state)) or loop.time() > deadline:
-            return state
-        await asyncio.sleep(0.05)
+    """The backend's state once its status is `status` (and `also` holds); an
+    AssertionError if it is not by `timeout_s`."""
+    seen: list[apb.BackendProcess] = []
+
+    async def reached() -> bool:
+        seen.append((await listed(admin))[backend])
+        return seen[-1].status == status and also(seen[-1])
+
+    await wait_until(reached, timeout_s, what=f"{backend} to be {status}", interval_s=0.05)
+    return seen[-1]
 
 
 async def test_kill_holds_a_worker_down_until_restart(
-    supervised: Gateway, clients: Clients, repository: Path
+    supervised: Gateway, clients: Clients, repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     stub, admin = clients
     request = digits_request(repository)
@@ -170,8 +174,9 @@ async def test_kill_holds_a_worker_down_until_restart(
                 failures.append(f"{exc.code().name}: {exc.details()}")
 
     loaders = [asyncio.create_task(load()) for _ in range(3)]
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: sum(used.values()) >= 6, what="the load to flow")
     old_pid = before["cheap"].pid
+    dear_before = used["dear"]
     killed = await admin.KillBackend(apb.BackendRequest(backend="cheap"), metadata=AUTH)
     assert (killed.backend, killed.pid, killed.held_down, killed.supervised) == (
         "cheap",
@@ -181,14 +186,26 @@ async def test_kill_holds_a_worker_down_until_restart(
     )
     assert killed.status != "ready"
     assert not _alive(old_pid)
-    await asyncio.sleep(0.5)
+    await wait_until(
+        lambda: used["dear"] >= dear_before + 6 or bool(failures),
+        what="the load to move to the dear worker",
+    )
     stop.set()
     await asyncio.gather(*loaders)
     assert failures == []
-    assert used["dear"] > 0
 
-    # Held down: well past the supervisor's first back-off, nothing restarts it.
-    await asyncio.sleep(1.5)
+    # Held down: once the supervisor has seen the worker exit and held it, and well
+    # past its first back-off (the time passing is what this checks), nothing restarts it.
+    await wait_until(
+        lambda: any(
+            r.name == "switchyard.supervisor"
+            and r.getMessage().startswith("backend cheap: worker exited")
+            and r.getMessage().endswith("held down")
+            for r in caplog.records
+        ),
+        what="the supervisor to hold the killed worker down",
+    )
+    await asyncio.sleep(2 * MIN_BACKOFF_S)
     held = (await listed(admin))["cheap"]
     assert (held.pid, held.held_down, held.status) == (0, True, "unhealthy")
     assert await backends_used(stub, request, 3) == {"dear": 3}

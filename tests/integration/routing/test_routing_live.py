@@ -4,6 +4,7 @@ policies and `explain` through the admin API, and the response parameters."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, fleet_config, launch_worker, raw_request, samples
+from tests.waiting import wait_until
 
 TOKEN = "test-token-123"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -240,7 +242,10 @@ async def test_admin_api_needs_the_token_and_names_bad_input(routed: Gateway) ->
 
 
 async def test_fleet_file_changes_and_price_schedules_apply_live(
-    slow_and_fast: tuple[Worker, Worker], tmp_path: Path, repository: Path
+    slow_and_fast: tuple[Worker, Worker],
+    tmp_path: Path,
+    repository: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     slow, fast = slow_and_fast
     fleet = tmp_path / "fleet.yaml"
@@ -262,30 +267,31 @@ async def test_fleet_file_changes_and_price_schedules_apply_live(
     gw = await start_gateway(load_fleet(fleet), fleet)
     try:
         assert gw.fleet.backends["a"].price_usd_per_hour == 0.1
+        backends = gw.fleet.backends
         write(0.3)
-        for _ in range(50):
-            await asyncio.sleep(0.05)
-            if gw.fleet.backends["a"].price_usd_per_hour == 0.3:
-                break
-        assert gw.fleet.backends["a"].price_usd_per_hour == 0.3
+        await wait_until(
+            lambda: backends["a"].price_usd_per_hour == 0.3, what="a's price from the edit"
+        )
         # The schedule sets b's price half a second after the start; a later edit
         # of a's price leaves it.
-        for _ in range(40):
-            await asyncio.sleep(0.05)
-            if gw.fleet.backends["b"].price_usd_per_hour == 0.01:
-                break
-        assert gw.fleet.backends["b"].price_usd_per_hour == 0.01
+        await wait_until(
+            lambda: backends["b"].price_usd_per_hour == 0.01, what="b's price from the schedule"
+        )
         write(0.2)
-        for _ in range(50):
-            await asyncio.sleep(0.05)
-            if gw.fleet.backends["a"].price_usd_per_hour == 0.2:
-                break
-        assert gw.fleet.backends["a"].price_usd_per_hour == 0.2
-        assert gw.fleet.backends["b"].price_usd_per_hour == 0.01
-        # An invalid edit keeps the running settings.
+        await wait_until(
+            lambda: backends["a"].price_usd_per_hour == 0.2, what="a's price from the next edit"
+        )
+        assert backends["b"].price_usd_per_hour == 0.01
+        # An invalid edit keeps the running settings: once the watcher has read it and
+        # said so, nothing has changed.
+        caplog.set_level(logging.ERROR, logger="switchyard")
         fleet.write_text("backends: [")
-        await asyncio.sleep(0.4)
-        assert gw.fleet.backends["a"].price_usd_per_hour == 0.2
+        await wait_until(
+            lambda: "fleet file changed but is not valid" in caplog.text,
+            what="the watcher to refuse the invalid edit",
+        )
+        assert backends["a"].price_usd_per_hour == 0.2
+        assert backends["b"].price_usd_per_hour == 0.01
     finally:
         await gw.stop()
 
@@ -320,8 +326,10 @@ async def test_a_late_attempt_is_hedged_to_the_next_route(
             assert params["switchyard_attempts"] == "2"
         assert gw.servicer.metrics.decisions.labels("digits", "hedge")._value.get() == 1
         # The losing attempt was cancelled: nothing is left in flight.
-        await asyncio.sleep(0.1)
-        assert all(b.in_flight == 0 for b in gw.fleet.backends.values())
+        await wait_until(
+            lambda: all(b.in_flight == 0 for b in gw.fleet.backends.values()),
+            what="the losing attempt to leave the backend's queue",
+        )
     finally:
         await gw.stop()
 
@@ -338,15 +346,18 @@ async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -
         fleet_config({"one": (worker.address, 0.04)}, latency_probe_interval_s=0.2)
     )
     try:
-        routes = []
-        for _ in range(100):  # every route measured by two rounds of probes at least
+
+        def measured() -> bool:
             routes = [r for r in gw.fleet.all_routes() if r.default]
-            if len(routes) == len(models) and all(r.estimate.samples >= 2 for r in routes):
-                break
-            await asyncio.sleep(0.1)
-        assert {r.model for r in routes} == set(models)
+            return {r.model for r in routes} == set(models) and all(
+                r.estimate.samples >= 2 for r in routes
+            )
+
+        await wait_until(
+            measured, timeout_s=30.0, what="two rounds of latency probes on every route"
+        )
+        routes = [r for r in gw.fleet.all_routes() if r.default]
         p50s = {r.model: r.estimate.quantile_ms(50.0) for r in routes}
-        assert all(r.estimate.samples >= 2 for r in routes), p50s
         assert max(p50s.values()) < 1.5 * min(p50s.values()), p50s
         # Each probe is a warm-up call, unmeasured, and the measured one.
         samples = {r.model: r.estimate.samples for r in routes}
@@ -364,15 +375,15 @@ async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -
 async def test_requests_wait_earliest_deadline_first(
     repository: Path, coalesce_in_flight: int
 ) -> None:
-    """A one-slot worker (emulated 100 ms, no batching) busy with one request: two
-    requests with a loose SLA (5 s) and then one with a tight SLA (0.6 s) arrive. The
-    tight one is due first, so it runs next, ahead of the loose ones that came before
-    it, whether the requests wait at the worker (each sent on its own, with its
-    deadline) or at the gateway (one call at a time per route). The gateway's model of
-    the backend's queue holds them in that order meanwhile."""
-    worker = await launch_worker(
-        repository, threads=1, emulate_latency_ms=100, max_batch_rows=1, models=("digits",)
-    )
+    """A one-slot worker (no batching) busy with one request, held there: two requests
+    with a loose SLA (60 s) and then one with a tight SLA (0.6 s) arrive. The tight one
+    is due first, so it runs next, ahead of the loose ones that came before it, whether
+    the requests wait at the worker (each sent on its own, with its deadline) or at the
+    gateway (one call at a time per route; those waiting then leave merged, in the
+    order they are due). The gateway's model of the backend's queue holds them in that
+    order meanwhile. The SLAs lie far apart, so the order does not depend on how
+    quickly the requests arrive."""
+    worker = await launch_worker(repository, threads=1, max_batch_rows=1, models=("digits",))
     gw = await start_gateway(
         fleet_config(
             {"one": (worker.address, 0.04)},
@@ -381,33 +392,46 @@ async def test_requests_wait_earliest_deadline_first(
         )
     )
     inputs, _ = samples(repository, "digits")
-    order: list[str] = []
+    arrivals = [("first", 60_000), ("loose", 60_000), ("loose-2", 60_000), ("tight", 600)]
+    names = {inputs["input"][i].tobytes(): name for i, (name, _) in enumerate(arrivals)}
+    assert len(names) == len(arrivals), "the sample rows are not distinct"
     try:
+        await wait_until(lambda: gw.fleet.model_ready("digits"), what="digits to be ready")
+        held = await worker.hold("digits")
+        state = gw.fleet.backends["one"]
         async with grpc.aio.insecure_channel(gw.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            for _ in range(50):
-                if gw.fleet.model_ready("digits"):
-                    break
-                await asyncio.sleep(0.1)
-
-            async def call(name: str, sla_ms: float) -> None:
-                r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+            calls = []
+            for row, (name, sla_ms) in enumerate(arrivals):
+                r = raw_request(
+                    "digits", {"input": inputs["input"][row : row + 1]}, {"input": "FP32"}
+                )
                 r.parameters["sla_ms"].double_param = sla_ms
-                await stub.ModelInfer(r)
-                order.append(name)
-
-            tasks = [asyncio.create_task(call("first", 5000))]
-            await asyncio.sleep(0.03)  # it runs; the rest wait behind it
-            for name, sla_ms in (("loose", 5000), ("loose-2", 5000), ("tight", 600)):
-                tasks.append(asyncio.create_task(call(name, sla_ms)))
-                await asyncio.sleep(0.01)
-            state = gw.fleet.backends["one"]
+                # A call starts as it is made: each once the one before it is in place.
+                calls.append(stub.ModelInfer(r))
+                if row == 0:
+                    await wait_until(lambda: held.gate.holding, what="the first request to run")
+                    continue
+                # Sent on its own, it waits at the worker; else at the gateway.
+                at_worker = 1 if coalesce_in_flight else row + 1
+                await wait_until(
+                    lambda n=row + 1, w=at_worker: (
+                        state.in_flight == n and held.batcher.arrived == w
+                    ),
+                    what=f"{name} to wait",
+                )
             assert (state.in_flight, state.queued) == (4, 3)
             now = gw.servicer.clock()
             assert state.due_before(now + 1.0)[0] == 1  # only the tight one is due soon
-            await asyncio.gather(*tasks)
-            assert order == ["first", "tight", "loose", "loose-2"]
-            assert (state.in_flight, state.queued) == (0, 0)
+            held.gate.open()
+            await asyncio.gather(*calls)
+        assert [names[row] for row in held.rows_run("input")] == [
+            "first",
+            "tight",
+            "loose",
+            "loose-2",
+        ]
+        assert (state.in_flight, state.queued) == (0, 0)
     finally:
         await gw.stop()
         await worker.stop()

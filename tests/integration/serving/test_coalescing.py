@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     raw_request,
     samples,
 )
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -122,16 +123,24 @@ async def test_malformed_neighbours_never_borrow_bytes(slow_gateway, repository:
 
 
 async def test_a_waiting_request_keeps_its_own_deadline(slow_gateway) -> None:  # type: ignore[no-untyped-def]
-    gateway, _ = slow_gateway
+    """While the route's one call slot is busy (its request held at the worker), a
+    request with a 10 ms deadline waits at the gateway and is given up at its deadline
+    with the slot still busy; those without one wait on and are answered."""
+    gateway, worker = slow_gateway
+    held = await worker.hold("digits")
+    state = gateway.fleet.backends["slow"]
     req = raw_request("digits", {"input": np.zeros((1, 64), np.float32)}, {"input": "FP32"})
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        first = asyncio.ensure_future(stub.ModelInfer(req))  # takes the call slot
-        await asyncio.sleep(0.005)
-        hurried = asyncio.ensure_future(stub.ModelInfer(req, timeout=0.01))
-        patient = [asyncio.ensure_future(stub.ModelInfer(req)) for _ in range(3)]
+        first = stub.ModelInfer(req)  # takes the call slot
+        await wait_until(lambda: held.gate.holding, what="the first request to hold the slot")
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await hurried
+            await stub.ModelInfer(req, timeout=0.01)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until(lambda: state.in_flight == 1, what="the gateway to let it go")
+        assert held.gate.holding  # the slot was busy all the while
+        patient = [stub.ModelInfer(req) for _ in range(3)]
+        await wait_until(lambda: state.in_flight == 4, what="the patient requests to wait")
+        held.gate.open()
         for reply in [await first, *[await p for p in patient]]:
             assert reply.outputs

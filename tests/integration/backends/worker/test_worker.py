@@ -15,7 +15,8 @@ from backends.protocol.tensors import NUMPY_DTYPES, encode_bytes_tensor
 from backends.worker.server import parse_batching
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import launch_worker, output, raw_request, samples
+from tests.integration.conftest import Worker, launch_worker, output, raw_request, samples
+from tests.waiting import wait_until
 
 
 async def test_metadata_config_and_index(stub) -> None:  # type: ignore[no-untyped-def]
@@ -337,9 +338,9 @@ async def test_streaming_inference(stub, repository: Path) -> None:  # type: ign
 Params = dict[str, int | str]
 
 
-def _one_row(repository: Path, params: Params) -> pb.ModelInferRequest:
+def _one_row(repository: Path, params: Params, row: int = 0) -> pb.ModelInferRequest:
     inputs, _ = samples(repository, "digits")
-    r = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+    r = raw_request("digits", {"input": inputs["input"][row : row + 1]}, {"input": "FP32"})
     for key, value in params.items():
         if isinstance(value, str):
             r.parameters[key].string_param = value
@@ -351,25 +352,31 @@ def _one_row(repository: Path, params: Params) -> pb.ModelInferRequest:
 
 
 async def _run_order(
-    stub: pb_grpc.GRPCInferenceServiceStub, repository: Path, arrivals: list[tuple[str, Params]]
+    worker: Worker, repository: Path, arrivals: list[tuple[str, Params]]
 ) -> list[str]:
-    """The first request runs (emulated 150 ms, one at a time) while the others arrive
-    5 ms apart behind it: the order they are answered in."""
-    order: list[str] = []
-
-    async def call(name: str, params: Params) -> None:
-        await stub.ModelInfer(_one_row(repository, params))
-        order.append(name)
-
-    (first_name, first_params), *rest = arrivals
-    first = asyncio.create_task(call(first_name, first_params))
-    await asyncio.sleep(0.05)  # it runs; the rest queue behind it
-    tasks = []
-    for name, params in rest:
-        tasks.append(asyncio.create_task(call(name, params)))
-        await asyncio.sleep(0.005)
-    await asyncio.gather(first, *tasks)
-    return order
+    """The first request runs and is held there (the model busy, one row at a time)
+    while the others arrive one after another behind it, each queued before the next is
+    sent; then the model is let go: the order the model ran them in (each request
+    carries a sample row of its own, by which its execution is known)."""
+    held = await worker.hold("digits")
+    rows = samples(repository, "digits")[0]["input"]
+    names = {rows[i].tobytes(): name for i, (name, _) in enumerate(arrivals)}
+    assert len(names) == len(arrivals), "the sample rows are not distinct"
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = []
+        for row, (name, params) in enumerate(arrivals):
+            # A call starts as it is made: each only once the one before it is queued.
+            calls.append(stub.ModelInfer(_one_row(repository, params, row)))
+            if row == 0:
+                await wait_until(lambda: held.gate.holding, what="the first request to run")
+            else:
+                await wait_until(
+                    lambda n=row + 1: held.batcher.arrived == n, what=f"{name} to queue"
+                )
+        held.gate.open()
+        await asyncio.gather(*calls)
+    return [names[row] for row in held.rows_run("input")]
 
 
 async def _refused(
@@ -382,24 +389,22 @@ async def _refused(
 
 
 async def test_waiting_requests_run_by_priority(repository: Path) -> None:
-    """Triton's `priority`: while one request runs (emulated 150 ms, one at a time),
-    requests that arrive behind it run by priority level (1 first, then 2, then the
-    default 0), not in arrival order."""
-    worker = await launch_worker(
-        repository, threads=1, models=["digits"], emulate_latency_ms=150, max_batch_rows=1
-    )
+    """Triton's `priority`: while one request runs (one at a time), requests that
+    arrive behind it run by priority level (1 first, then 2, then the default 0), not
+    in arrival order."""
+    worker = await launch_worker(repository, threads=1, models=["digits"])
     try:
+        arrivals: list[tuple[str, Params]] = [
+            ("first", {}),
+            ("default", {}),
+            ("p2", {"priority": 2}),
+            ("zero", {"priority": 0}),
+            ("p1", {"priority": 1}),
+        ]
+        order = await _run_order(worker, repository, arrivals)
+        assert order == ["first", "p1", "p2", "default", "zero"]
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            arrivals: list[tuple[str, Params]] = [
-                ("first", {}),
-                ("default", {}),
-                ("p2", {"priority": 2}),
-                ("zero", {"priority": 0}),
-                ("p1", {"priority": 1}),
-            ]
-            order = await _run_order(stub, repository, arrivals)
-            assert order == ["first", "p1", "p2", "default", "zero"]
             for bad in (-1, "high"):
                 details = await _refused(stub, repository, "priority", bad)
                 assert "'priority' must be a non-negative integer" in details
@@ -416,29 +421,29 @@ async def test_waiting_requests_run_by_priority(repository: Path) -> None:
 async def test_waiting_requests_of_one_priority_run_earliest_deadline_first(
     repository: Path,
 ) -> None:
-    """`switchyard_due_us`: while one request runs (emulated 150 ms), those behind it
-    run by when they are due (arrival + the microseconds they give), those that give
-    none after them, and a priority level still before any deadline. The worker says
-    in its configuration that it queues so (the gateway then sends deadlines)."""
-    worker = await launch_worker(
-        repository, threads=1, models=["digits"], emulate_latency_ms=150, max_batch_rows=1
-    )
+    """`switchyard_due_us`: while one request runs, those behind it run by when they
+    are due (arrival + the microseconds they give), those that give none after them,
+    and a priority level still before any deadline. The worker says in its
+    configuration that it queues so (the gateway then sends deadlines). The deadlines
+    lie far apart (10 ms, 30 s, 250 s), so their order does not depend on how quickly
+    the requests arrive one after another."""
+    worker = await launch_worker(repository, threads=1, models=["digits"])
     try:
+        due = "switchyard_due_us"
+        arrivals: list[tuple[str, Params]] = [
+            ("first", {}),
+            ("none", {}),
+            ("bronze", {due: 250_000_000}),
+            ("gold", {due: 10_000}),
+            ("silver", {due: 30_000_000}),
+            ("p1-late", {due: 900_000_000, "priority": 1}),
+        ]
+        order = await _run_order(worker, repository, arrivals)
+        assert order == ["first", "p1-late", "gold", "silver", "bronze", "none"]
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             config = await stub.ModelConfig(pb.ModelConfigRequest(name="digits"))
             assert config.config.parameters["switchyard_queue"].string_value == "deadline"
-            due = "switchyard_due_us"
-            arrivals: list[tuple[str, Params]] = [
-                ("first", {}),
-                ("none", {}),
-                ("bronze", {due: 250_000}),
-                ("gold", {due: 10_000}),
-                ("silver", {due: 30_000}),
-                ("p1-late", {due: 900_000, "priority": 1}),
-            ]
-            order = await _run_order(stub, repository, arrivals)
-            assert order == ["first", "p1-late", "gold", "silver", "bronze", "none"]
             for bad in (-1, "soon"):
                 details = await _refused(stub, repository, due, bad)
                 assert "'switchyard_due_us' must be a non-negative integer" in details
