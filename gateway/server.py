@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from backends.files import write_text_atomically
+from backends.process import use_uvloop
 from gateway.config import ConfigError, FleetConfig, load_fleet
 from gateway.control.admin import AdminServicer, add_to_server, admin_token
 from gateway.control.plane import (
@@ -289,13 +291,6 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     )
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Writes `text` so that readers see no file or the whole file, never a part."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
 def describe(gateway: Gateway) -> str:
     metrics_host = gateway.config.gateway.metrics.rsplit(":", 1)[0]
     lines = [
@@ -325,7 +320,7 @@ async def serve(
     print(describe(gateway), flush=True)
     if ready_file is not None:
         await asyncio.to_thread(
-            write_atomically,
+            write_text_atomically,
             ready_file,
             json.dumps(
                 {
@@ -386,12 +381,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    use_uvloop()
     try:
         asyncio.run(serve(config, args.ready_file, args.config))
     except (StartupError, ConfigError) as exc:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from backends.files import write_atomically
+
 ONE_HOT_MATMUL = "one-hot-matmul-as-gather"
 REWRITTEN = "rewritten.onnx"
 """The rewritten source, beside the source model."""
@@ -278,9 +280,7 @@ def prepared_source(source: Path) -> tuple[Path, list[str]]:
     model = onnx.load(str(source))
     applied = rewrite(model)
     if applied:
-        partial = out.with_name(f".{out.name}.partial")
-        onnx.save(model, str(partial))
-        partial.replace(out)
+        write_atomically(out, lambda partial: onnx.save(model, str(partial)))
     else:
         out.unlink(missing_ok=True)
     record.write_text(json.dumps({"source_sha256": digest, "rewrites": applied}) + "\n")

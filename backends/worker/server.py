@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from backends import __version__
 from backends.compile.cpu import cpu_flags, missing_flags
 from backends.compile.variants import ORT_FP32
+from backends.process import PARENT_PID_ENV, die_with_parent, use_uvloop
 from backends.profiles import (
     profile_entry,
     profile_row_fraction,
@@ -634,29 +634,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-PARENT_PID_ENV = "SWITCHYARD_PARENT_PID"
-"""Set by the gateway for the workers it launches: its pid."""
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """A worker the gateway launched ends when the gateway does: the kernel sends it
-    SIGTERM when its parent exits. Armed here, first thing, rather than between fork
-    and exec (running Python in a child forked from the threaded gateway can crash
-    it); a parent already gone by now ends the worker at once."""
-    parent = os.environ.get(PARENT_PID_ENV, "")
-    if not parent.isdigit():
-        return
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):
-        sys.exit("switchyard backend: the gateway that launched this worker is gone")
-
-
 def run(args: argparse.Namespace) -> int:
-    die_with_parent()
+    # A worker the gateway launched ends when the gateway does: armed here, first
+    # thing, rather than between fork and exec in the threaded gateway.
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit():
+        die_with_parent(int(parent))
     if args.threads < 1:
         print("--threads must be at least 1", file=sys.stderr)
         return 2
@@ -685,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"cannot pin to CPUs {args.cpus}: {exc}", file=sys.stderr)
             return 2
     prepare_runtimes(settings.threads)
-    _use_uvloop()
+    use_uvloop()
     asyncio.run(serve(settings, args.listen))
     return 0
 
@@ -695,14 +678,6 @@ def prepare_runtimes(threads: int) -> None:
     its compiler), with exactly `threads` threads."""
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     os.environ["TVM_NUM_THREADS"] = str(threads)
-
-
-def _use_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,10 +35,10 @@ from types import FrameType
 
 from rich.console import Console
 
+from backends.process import dies_with_this_process
 from gateway.bench import harness, report
-from gateway.bench.harness import BenchError, Child
+from gateway.bench.harness import BenchError, Child, switchyard_command
 from gateway.bench.report import DIRECT, GATEWAY, KSERVE, Measurement, Results
-from gateway.control.supervisor import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_LABELS = {
@@ -88,14 +88,6 @@ def fleet_yaml(repository: Path, threads: int) -> str:
 
 
 @contextlib.contextmanager
-def running(child: Child) -> Iterator[Child]:
-    try:
-        yield child
-    finally:
-        child.stop()
-
-
-@contextlib.contextmanager
 def start_target(
     key: str,
     round_number: int,
@@ -123,17 +115,22 @@ def start_target(
             "--hardware-class",
             "cpu",
         ]
-        with running(Child("backend", command, work, ROOT)) as child:
+        with Child("backend", command, work, ROOT) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"worker": child.process.pid}
     elif key == GATEWAY:
         fleet = work / "fleet.yaml"
         fleet.write_text(fleet_yaml(repository, args.threads))
         ready = work / "ready.json"
         ready.unlink(missing_ok=True)
-        switchyard = Path(sys.executable).parent / "switchyard"
-        entry = [str(switchyard)] if switchyard.exists() else [sys.executable, "-m", "gateway.cli"]
-        command = [*entry, "serve", "--config", str(fleet), "--ready-file", str(ready)]
-        with running(Child("gateway", command, work, ROOT)) as child:
+        command = [
+            *switchyard_command(),
+            "serve",
+            "--config",
+            str(fleet),
+            "--ready-file",
+            str(ready),
+        ]
+        with Child("gateway", command, work, ROOT) as child:
             description = child.wait_ready_file(ready, STARTUP_TIMEOUT_S)
             pids = {"gateway": child.process.pid}
             worker_pid = description.get("pids", {}).get("cpu")  # the fleet's one backend
@@ -153,7 +150,7 @@ def start_target(
         ]
         for spec in specs:
             command += ["--model", f"{spec.name}={spec.model_file}"]
-        with running(Child("kserve", command, work, work)) as child:
+        with Child("kserve", command, work, work) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"kserve": child.process.pid}
     else:
         raise BenchError(f"unknown target {key}")
@@ -192,7 +189,7 @@ def run_loadgen(
             cwd=ROOT,
             timeout=timeout_s,
             check=False,
-            preexec_fn=die_with_parent,
+            preexec_fn=dies_with_this_process(),
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"load client timed out on {spec.name} at {address}") from exc

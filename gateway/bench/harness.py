@@ -1,13 +1,13 @@
 """The processes `make bench` starts, and the tools it sets up: the backend worker,
-the gateway, KServe's ModelServer (in its own virtualenv), the load client and
+the gateway, KServe's ModelServer (in its own virtualenv), the load clients and
 Triton's perf_analyzer.
 
 Every child runs in its own session (process group) and is asked to die with the
-bench (Linux PR_SET_PDEATHSIG); `Child.stop` ends the whole group, so the
-gateway's launched workers go too. Children write to files, never to pipes that
-nobody reads. Ports are always 0 and read back. This module must not import the
-project's `protos` package nor tritonclient: the load client and KServe run in
-their own processes for that reason.
+bench (backends.process); `Child.stop` ends the whole group, so the gateway's
+launched workers go too. Children write to files, never to pipes that nobody reads.
+Ports are always 0 and read back. This module must not import the project's `protos`
+package nor tritonclient: the load clients and KServe run in their own processes
+for that reason.
 """
 
 from __future__ import annotations
@@ -26,20 +26,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.control.supervisor import die_with_parent
+from backends.process import dies_with_this_process
 
 PEER_PACKAGES = ("kserve==0.21.0", "onnxruntime==1.32.0", "numpy==2.4.6")
-PERF_ANALYZER_CSV_USEC = ("p50 latency", "p90 latency", "p99 latency")
 
 
 class BenchError(Exception):
     """A part of the benchmark cannot be set up or run."""
 
 
-class Child:
-    """One process the bench started, with its output in `log_dir`."""
+def switchyard_command() -> list[str]:
+    """How to run `switchyard`: this environment's entry point, else its module."""
+    entry = Path(sys.executable).parent / "switchyard"
+    return [str(entry)] if entry.exists() else [sys.executable, "-m", "gateway.cli"]
 
-    def __init__(self, name: str, command: Sequence[str], log_dir: Path, cwd: Path) -> None:
+
+class Child:
+    """One process the bench started, with its output in `log_dir`; as a context
+    manager, stopped on the way out."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        log_dir: Path,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.command = list(command)
         self.stdout_path = log_dir / f"{name}.out"
@@ -51,9 +64,34 @@ class Child:
                 stdout=out,
                 stderr=err,
                 cwd=cwd,
+                env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=dies_with_this_process(),
             )
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait(self, timeout_s: float) -> tuple[int, float]:
+        """Waits for the child to exit and reaps it with os.wait4; returns its exit
+        status and its CPU seconds (user + system, all its threads). Past `timeout_s`
+        it is killed: BenchError."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid != 0:
+                break
+            if time.monotonic() > deadline:
+                self.process.kill()
+                _, status, _ = os.wait4(self.process.pid, 0)
+                self.process.returncode = os.waitstatus_to_exitcode(status)
+                raise BenchError(f"{self.name} ran past {timeout_s:.0f} s")
+            time.sleep(0.05)
+        self.process.returncode = os.waitstatus_to_exitcode(status)  # reaped here
+        return self.process.returncode, usage.ru_utime + usage.ru_stime
 
     def exited(self) -> int | None:
         return self.process.poll()
@@ -244,7 +282,7 @@ def perf_analyzer_rows(
             cwd=csv_path.parent,
             timeout=timeout_s,
             check=False,
-            preexec_fn=die_with_parent,
+            preexec_fn=dies_with_this_process(),
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"perf_analyzer timed out on {model} at {address}") from exc

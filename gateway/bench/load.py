@@ -43,9 +43,8 @@ from rich.console import Console
 
 from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
-from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow
+from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow, switchyard_command
 from gateway.bench.report import markdown_table, with_section
-from gateway.control.supervisor import die_with_parent
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import RouteRequest
 from gateway.sim.scenario import load_scenario
@@ -66,11 +65,6 @@ THREE_TIER = ROOT / "scenarios" / "fleets" / "three-tier.yaml"
 
 WORKER_CPU = 0
 GENERATOR_CPU = 1
-
-
-def switchyard_command() -> list[str]:
-    entry = Path(sys.executable).parent / "switchyard"
-    return [str(entry)] if entry.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
 # ---- running `switchyard load` ------------------------------------------------------
@@ -144,39 +138,18 @@ def run_load(
         "--quiet",
         *extra,
     ]
-    out_path, err_path = work / f"load-{name}.out", work / f"load-{name}.err"
     started = time.monotonic()
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            cwd=ROOT,
-            env=env,
-            preexec_fn=die_with_parent,
-        )
-    deadline = started + timeout_s
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid != 0:
-            break
-        if time.monotonic() > deadline:
-            process.kill()
-            pid, status, usage = os.wait4(process.pid, 0)
-            raise BenchError(f"switchyard load ({name}) ran past {timeout_s:.0f} s")
-        time.sleep(0.05)
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    with Child(f"load-{name}", command, work, ROOT, env) as child:
+        status, cpu_s = child.wait(timeout_s)
     wall_s = time.monotonic() - started
     lines = [
-        line for line in out_path.read_text(errors="replace").splitlines() if line.startswith("{")
+        line
+        for line in child.stdout_path.read_text(errors="replace").splitlines()
+        if line.startswith("{")
     ]
-    if process.returncode not in (0, 1) or not lines:
-        tail = err_path.read_text(errors="replace").strip().splitlines()[-5:]
-        raise BenchError(
-            f"switchyard load ({name}) exit status {process.returncode}: {' | '.join(tail)}"
-        )
-    return LoadRun(json.loads(lines[-1]), usage.ru_utime + usage.ru_stime, wall_s)
+    if status not in (0, 1) or not lines:
+        raise BenchError(f"switchyard load ({name}) exit status {status}: {child.stderr_tail(5)}")
+    return LoadRun(json.loads(lines[-1]), cpu_s, wall_s)
 
 
 def throughput_per_s(summary: dict[str, Any]) -> float:
@@ -205,14 +178,6 @@ def latency(summary: dict[str, Any], label: str, klass: str = "default") -> floa
 
 
 @contextlib.contextmanager
-def running(child: Child) -> Iterator[Child]:
-    try:
-        yield child
-    finally:
-        child.stop()
-
-
-@contextlib.contextmanager
 def digits_worker(repository: Path, work: Path, cpus: Sequence[int] = ()) -> Iterator[str]:
     command = [
         *switchyard_command(),
@@ -226,7 +191,7 @@ def digits_worker(repository: Path, work: Path, cpus: Sequence[int] = ()) -> Ite
     ]
     if cpus:
         command += ["--cpus", *map(str, cpus)]
-    with running(Child("worker", command, work, ROOT)) as child:
+    with Child("worker", command, work, ROOT) as child:
         yield child.wait_listening(STARTUP_TIMEOUT_S)
 
 
@@ -239,8 +204,7 @@ def gateway(fleet: dict[str, Any], name: str, work: Path) -> Iterator[Any]:
     ready = work / f"{name}-ready.json"
     ready.unlink(missing_ok=True)
     command = [*switchyard_command(), "serve", "--config", str(path), "--ready-file", str(ready)]
-    child = Child(name, command, work, ROOT)
-    with running(child):
+    with Child(name, command, work, ROOT) as child:
         yield child.wait_ready_file(ready, STARTUP_TIMEOUT_S)
 
 

@@ -12,35 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backends.process import PARENT_PID_ENV
 from backends.protocol.errors import DeadlineExceeded, FailedPrecondition
 from gateway.config import BackendSettings
 
 log = logging.getLogger("switchyard.supervisor")
 
-PR_SET_PDEATHSIG = 1
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 STABLE_AFTER_S = 30.0
-
-
-def die_with_parent() -> None:
-    """For `preexec_fn` of tools started from a single-threaded process (the bench):
-    runs in the child between fork and exec. The gateway does not use it: its workers
-    arm the signal themselves (backends.worker.server.die_with_parent)."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def worker_command(backend: BackendSettings, repository: Path, listen: str) -> list[str]:
@@ -88,8 +76,8 @@ def worker_environment(backend: BackendSettings) -> dict[str, str]:
     threads = str(backend.launch.threads if backend.launch else 1)
     return {
         **os.environ,
-        # The worker arms its own parent-death signal with it (backends.worker.server).
-        "SWITCHYARD_PARENT_PID": str(os.getpid()),
+        # The worker arms its own parent-death signal with it (backends.process).
+        PARENT_PID_ENV: str(os.getpid()),
         "TVM_USE_RUNTIME_LIB": "1",
         "TVM_NUM_THREADS": threads,
         "OMP_NUM_THREADS": threads,

@@ -51,6 +51,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from backends.process import use_uvloop
 from gateway.config import ConfigError
 from gateway.loadtest import report as loadreport
 from gateway.loadtest.records import NO_ROUTE, FiredEvent, Records, Stream
@@ -738,10 +739,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             console.print(f"--cpus {args.cpus}: {exc}", style="red")
             return 2
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    use_uvloop()
     try:
         return asyncio.run(_main(args, console))
     except (ScenarioError, ConfigError, LoadError) as exc:

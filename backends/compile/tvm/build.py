@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.compile.cpu import cpu_flags
+from backends.files import write_atomically, write_text_atomically
 
 LIBRARY = "model.so"
 """File name of the exported library inside `out_dir`."""
@@ -470,13 +471,15 @@ def _read_budgets(work_dir: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in loaded.items() if isinstance(v, int)}
 
 
+def _save_budgets(work_dir: Path, budgets: dict[str, int]) -> None:
+    write_text_atomically(work_dir / BUDGETS, json.dumps(budgets, indent=1, sort_keys=True) + "\n")
+
+
 def _write_budgets(work_dir: Path, keys: Sequence[str], per_task: int) -> None:
     budgets = _read_budgets(work_dir)
     for key in keys:
         budgets[key] = max(budgets.get(key, 0), per_task)
-    partial = work_dir / f".{BUDGETS}.partial"
-    partial.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
-    partial.replace(work_dir / BUDGETS)
+    _save_budgets(work_dir, budgets)
 
 
 def _untuned_tasks(
@@ -553,9 +556,7 @@ def _import_records(
         budgets[key] = source_budgets[key]
         raised.append(task.task_name)
     if raised:
-        partial = work_dir / f".{BUDGETS}.partial"
-        partial.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
-        partial.replace(work_dir / BUDGETS)
+        _save_budgets(work_dir, budgets)
     return raised
 
 
@@ -883,9 +884,7 @@ def _compile(
     executable = tvm.compile(mod, target=tvm_target)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = out_dir / LIBRARY
-    partial = out_dir / f".{LIBRARY}.partial.so"
-    executable.export_library(str(partial))
-    partial.replace(library)
+    write_atomically(library, lambda partial: executable.export_library(str(partial)), ".so")
     compile_s = time.perf_counter() - started
     say(f"exported {library} in {compile_s:.1f} s")
     return TvmBuild(
