@@ -44,7 +44,8 @@ from rich.console import Console
 from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
 from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow, switchyard_command
-from gateway.bench.report import markdown_table, with_section
+from gateway.bench.report import with_section
+from gateway.report.markdown import markdown_table
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import RouteRequest
 from gateway.sim.scenario import load_scenario

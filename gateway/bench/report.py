@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from gateway.report.markdown import markdown_table
+
 GATEWAY_VS_KSERVE_TARGET = 0.8
 """Gateway throughput at the highest concurrency over KServe's must be at least this."""
 OVERHEAD_P50_TARGET_MS = 1.0
@@ -252,17 +254,6 @@ def cpu_rows(results: Results, model: str) -> list[tuple[str, ...]]:
 
 
 CPU_HEADER = ("target", "c", "client", "gateway", "worker", "kserve", "servers total")
-
-
-def markdown_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]
-) -> str:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---:" if r else "---" for r in right) + " |",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def model_markdown(results: Results, model: str) -> str:

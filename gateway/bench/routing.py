@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.bench.report import find_section, with_section
+from gateway.report.markdown import markdown_table
 from gateway.routing.fleet import BackendState, Route
 from gateway.routing.percentiles import percentile
 from gateway.routing.router import (
@@ -99,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
         "About 3 routes in 4 have every slot busy, so their predicted wait is worked out "
         "from the backend's deadline queue.",
         "",
-        "| chooser | " + " | ".join(f"{n} routes" for n in sizes) + " |",
-        "| --- | " + " | ".join("---:" for _ in sizes) + " |",
+        markdown_table(
+            ("chooser", *(f"{n} routes" for n in sizes)),
+            [(name, *(f"{c:.1f}" for c in cells)) for name, cells in rows],
+        ),
     ]
-    for name, cells in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     status = "met" if hundred <= 50.0 else "NOT met"
     lines += ["", f"Target: <= 50 us per decision with 100 routes: {hundred:.1f} us, {status}.", ""]
     body = "\n".join(lines)

@@ -35,6 +35,7 @@ from backends.compile.tvm.build import best_cpu_target, host_cpu_flags
 from backends.compile.tvm.tuning import TuningInfo, read_info, records_for
 from backends.repository import ModelRepository
 from gateway.bench.report import with_section
+from gateway.report.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 CONV_NETS = ("cnn", "resnet", "mobilenet")
@@ -44,6 +45,17 @@ QDQ = "int8 QDQ >= 2x ORT fp32 on the conv nets, top-1 >= 99%"
 TUNED = "tuned TVM within 1.5x of ORT fp32"
 SECOND = "second compile under 0.1 of the first"
 TARGETS = (FASTEST, QDQ, TUNED, SECOND)
+SUMMARY_COLUMNS = (
+    "model",
+    "fastest servable",
+    "vs best of ORT fp32 / untuned TVM",
+    "int8 QDQ vs fp32 (top-1)",
+    "ORT fp32 p50 ms",
+    "tuned TVM p50 ms",
+    "tuned TVM vs ORT fp32",
+    "trials",
+    "2nd compile / 1st",
+)
 """The variant compiler's targets, as the summary's Targets table states them."""
 DEFAULT_TRIALS = 64
 """Trials for a model without committed records, or with `--no-committed-records`."""
@@ -142,12 +154,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         "",
     ]
-    summary = [
-        "| model | fastest servable | vs best of ORT fp32 / untuned TVM "
-        "| int8 QDQ vs fp32 (top-1) | ORT fp32 p50 ms | tuned TVM p50 ms "
-        "| tuned TVM vs ORT fp32 | trials | 2nd compile / 1st |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    summary: list[tuple[str, ...]] = []
     verdicts: dict[str, list[tuple[str, bool]]] = {name: [] for name in TARGETS}
     for model in args.models:
         repository = _prepare(args.repository, work, model)
@@ -176,19 +183,27 @@ def run(args: argparse.Namespace) -> int:
                 "`backends/compile/rewrites.py`).",
                 "",
             ]
-        lines += [
-            "| variant | p50 ms (batch 1) | infer/s | accuracy | top-1 |",
-            "| --- | ---: | ---: | --- | ---: |",
-        ]
+        measured = []
         for r in rows:
             status = "passed" if r.passed else "rejected"
             diff = f" (max diff {r.max_abs_diff:.2g})" if r.max_abs_diff is not None else ""
-            top1 = f"{r.top1:.1%}" if r.top1 is not None else "-"
-            name = r.variant + (" (untuned: never preferred)" if r.untuned else "")
-            lines.append(
-                f"| {name} | {r.p50_ms:.3f} | {r.throughput_per_s:,.0f} | {status}{diff} | {top1} |"
+            measured.append(
+                (
+                    r.variant + (" (untuned: never preferred)" if r.untuned else ""),
+                    f"{r.p50_ms:.3f}",
+                    f"{r.throughput_per_s:,.0f}",
+                    f"{status}{diff}",
+                    f"{r.top1:.1%}" if r.top1 is not None else "-",
+                )
             )
-        lines.append("")
+        lines += [
+            markdown_table(
+                ("variant", "p50 ms (batch 1)", "infer/s", "accuracy", "top-1"),
+                measured,
+                (False, True, True, False, True),
+            ),
+            "",
+        ]
         servable = [r for r in rows if r.passed and not r.untuned]
         fastest = min(servable, key=lambda r: r.p50_ms)
         baselines = [r for r in rows if r.variant == "ort-cpu-fp32" or r.untuned]
@@ -228,20 +243,30 @@ def run(args: argparse.Namespace) -> int:
             verdicts[SECOND].append((f"{model} {second_s / first_s:.3f}", second_s < 0.1 * first_s))
         trials_text = f"{trials:,}" if tuned is not None else "-"
         summary.append(
-            f"| {model} | {fastest.variant} | {best_base.p50_ms / fastest.p50_ms:.2f}x "
-            f"| {qdq_text} | {fp32.p50_ms:.3f} | {tuned_ms} | {tuned_text} | {trials_text} "
-            f"| {compile_text} |"
+            (
+                model,
+                fastest.variant,
+                f"{best_base.p50_ms / fastest.p50_ms:.2f}x",
+                qdq_text,
+                f"{fp32.p50_ms:.3f}",
+                tuned_ms,
+                tuned_text,
+                trials_text,
+                compile_text,
+            )
         )
     lines += [
         "### Summary",
         "",
-        *summary,
+        markdown_table(SUMMARY_COLUMNS, summary, (False, False, *[True] * 7)),
         "",
         "### Targets",
         "",
-        "| target | status | per model |",
-        "| --- | --- | --- |",
-        *(_target_row(name, verdicts[name]) for name in TARGETS),
+        markdown_table(
+            ("target", "status", "per model"),
+            [_target_row(name, verdicts[name]) for name in TARGETS],
+            (False, False, False),
+        ),
         "",
     ]
     text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
@@ -250,13 +275,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target_row(name: str, verdicts: list[tuple[str, bool]]) -> str:
-    """`| target | met / NOT met (which models) | each model's figure |`."""
+def _target_row(name: str, verdicts: list[tuple[str, bool]]) -> tuple[str, str, str]:
+    """(target, met / NOT met (which models), each model's figure)."""
     if not verdicts:
-        return f"| {name} | not measured in this run | - |"
+        return name, "not measured in this run", "-"
     missed = [text.split(" ", 1)[0] for text, ok in verdicts if not ok]
     status = "met" if not missed else f"NOT met: {', '.join(missed)}"
-    return f"| {name} | {status} | {'; '.join(text for text, _ in verdicts)} |"
+    return name, status, "; ".join(text for text, _ in verdicts)
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.loadtest.records import NO_ROUTE, BoolArray, FiredEvent, FloatArray, IntArray, Records
+from gateway.report.markdown import markdown_table
 from gateway.routing.percentiles import percentile
 
 if TYPE_CHECKING:
@@ -362,15 +363,6 @@ def _class_requests(records: Records) -> dict[str, int]:
     return {name: int(counts[i]) for i, name in enumerate(names)}
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int = 1) -> list[str]:
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
-    return [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join(align) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
 def markdown(
     scenario_name: str,
     description: str,
@@ -409,9 +401,11 @@ def markdown(
         ]
         for name, met in s.attainment.items()
     ]
-    lines += _table(
-        ["class", "SLA (ms)", "requests", "attainment", "p50 (ms)", "p99 (ms)", "p99.9 (ms)"],
-        rows,
+    lines.append(
+        markdown_table(
+            ["class", "SLA (ms)", "requests", "attainment", "p50 (ms)", "p99 (ms)", "p99.9 (ms)"],
+            rows,
+        )
     )
     lines += [
         "",
@@ -431,35 +425,41 @@ def markdown(
         error_rows = [[k, f"{v:,}"] for k, v in s.errors.items()]
         if s.lost:
             error_rows.append(["(lost: never answered)", f"{s.lost:,}"])
-        lines += _table(["status", "requests"], error_rows)
+        lines.append(markdown_table(["status", "requests"], error_rows))
     else:
         lines.append("None.")
     lines += ["", "## Routing shares (OK answers over the run)", ""]
     if s.shares:
-        lines += _table(
-            ["route", "share"],
-            [[r, _pct(v, 1)] for r, v in sorted(s.shares.items(), key=lambda kv: -kv[1])],
+        lines.append(
+            markdown_table(
+                ["route", "share"],
+                [[r, _pct(v, 1)] for r, v in sorted(s.shares.items(), key=lambda kv: -kv[1])],
+            )
         )
     else:
         lines.append("No route answered.")
     lines += ["", "## Events", ""]
     if events:
-        lines += _table(
-            ["at (s)", "event", "applied", "detail"],
-            [
-                [f"{e.at_s:.2f}", e.label, "yes" if e.ok else "FAILED", e.detail or ""]
-                for e in events
-            ],
-            right_from=4,
+        lines.append(
+            markdown_table(
+                ["at (s)", "event", "applied", "detail"],
+                [
+                    [f"{e.at_s:.2f}", e.label, "yes" if e.ok else "FAILED", e.detail or ""]
+                    for e in events
+                ],
+                right=(False, False, False, False),
+            )
         )
     else:
         lines.append("None.")
     lines += ["", "## Checks", ""]
     if checks:
-        lines += _table(
-            ["check", "result", "detail"],
-            [[name, "pass" if ok else "**FAIL**", detail] for name, ok, detail in checks],
-            right_from=3,
+        lines.append(
+            markdown_table(
+                ["check", "result", "detail"],
+                [[name, "pass" if ok else "**FAIL**", detail] for name, ok, detail in checks],
+                right=(False, False, False),
+            )
         )
     else:
         lines.append("None.")
@@ -490,7 +490,7 @@ def markdown(
                     f"{run.lost:,}",
                 ]
             )
-        lines += _table(header, rows)
+        lines.append(markdown_table(header, rows))
     lines += [
         "",
         "## Files",

@@ -23,6 +23,7 @@ from backends.profiles import ProfileEntry, read_profile
 from backends.repository import ModelRepository, Variant
 from backends.worker.server import WorkerSettings, servable
 from gateway.config import BackendSettings, ConfigError, FleetConfig, load_fleet
+from gateway.report.markdown import markdown_table
 
 DEFAULT_SLA_MS = (2.0, 10.0, 100.0)
 
@@ -135,28 +136,38 @@ def cheapest_under(
 def markdown(
     model: str, rows: Sequence[Offer], sla_ms: Sequence[float], prices: dict[str, float]
 ) -> str:
-    lines = [
-        f"### {model}",
-        "",
-        "| variant | hardware class | p50 ms | p99 ms | throughput /s | USD per 1M | gCO2 per 1M |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for o in rows:
-        co2 = f"{o.co2_g_per_1m:.1f}" if o.co2_g_per_1m is not None else "-"
-        name = o.variant + (" (untuned)" if o.untuned else "")
-        lines.append(
-            f"| {name} | {o.hardware_class} | {o.p50_ms:.3f} | {o.p99_ms:.3f} | "
-            f"{o.throughput_per_s:,.0f} | {o.cost_usd_per_1m:.4f} | {co2} |"
+    offered = [
+        (
+            o.variant + (" (untuned)" if o.untuned else ""),
+            o.hardware_class,
+            f"{o.p50_ms:.3f}",
+            f"{o.p99_ms:.3f}",
+            f"{o.throughput_per_s:,.0f}",
+            f"{o.cost_usd_per_1m:.4f}",
+            f"{o.co2_g_per_1m:.1f}" if o.co2_g_per_1m is not None else "-",
         )
-    lines += ["", "| SLA (p99) | cheapest route | USD per 1M |", "| --- | --- | ---: |"]
+        for o in rows
+    ]
+    cheapest = []
     for sla in sla_ms:
         best = cheapest_under(rows, sla, prices)
         if best is None:
-            lines.append(f"| <= {sla:g} ms | none meets it | - |")
+            cheapest.append((f"<= {sla:g} ms", "none meets it", "-"))
         else:
-            lines.append(
-                f"| <= {sla:g} ms | {best[0].variant} on {best[0].hardware_class} | {best[1]:.4f} |"
-            )
+            route = f"{best[0].variant} on {best[0].hardware_class}"
+            cheapest.append((f"<= {sla:g} ms", route, f"{best[1]:.4f}"))
+    columns = ("variant", "hardware class", "p50 ms", "p99 ms", "throughput /s", "USD per 1M")
+    lines = [
+        f"### {model}",
+        "",
+        markdown_table(
+            (*columns, "gCO2 per 1M"), offered, (False, False, True, True, True, True, True)
+        ),
+        "",
+        markdown_table(
+            ("SLA (p99)", "cheapest route", "USD per 1M"), cheapest, (False, False, True)
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
