@@ -5,6 +5,7 @@ that verify, and workers that serve only what passed, as the request asks."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from backends.compile.compiler import compile_model
@@ -108,13 +111,26 @@ async def test_worker_serves_each_variant_the_request_names(
         assert "no variant 'tvm-cuda-sm_90' on this backend" in (info.value.details() or "")
 
 
-async def test_worker_refuses_what_it_must_not_serve(compiled: Path, tmp_path: Path) -> None:
+async def test_worker_refuses_what_it_must_not_serve(
+    compiled: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused variant is refused for its own reason, which the worker logs: an
+    artifact that still loads but is not the one its manifest's sha256 names, a CPU
+    feature this machine lacks, a failed accuracy check; and a precision the worker
+    is not allowed."""
     root = tmp_path / "repo"
     shutil.copytree(compiled, root)
     variants = root / "cnn" / "variants"
-    # Tampered artifact: its sha256 no longer matches the manifest.
-    with (variants / "ort-cpu-fp16" / "model.onnx").open("ab") as handle:
-        handle.write(b"\0")
+    # Tampered artifact: a valid model ONNX Runtime loads as before, but not the file
+    # the manifest's sha256 names, so only the hash check can refuse it.
+    fp16 = ModelRepository(root).read_variant("cnn", variants / "ort-cpu-fp16")
+    proto = onnx.load(fp16.artifact_path)
+    proto.producer_name = "someone-else"
+    onnx.save(proto, fp16.artifact_path)
+    ort.InferenceSession(str(fp16.artifact_path), providers=["CPUExecutionProvider"])
+    tampered = sha256_file(fp16.artifact_path)
+    expected = fp16.manifest.artifacts[0].sha256
+    assert tampered != expected
     # Needs a CPU feature this machine lacks.
     manifest_path = variants / "ort-cpu-int8-dyn" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -125,6 +141,7 @@ async def test_worker_refuses_what_it_must_not_serve(compiled: Path, tmp_path: P
     manifest = json.loads(manifest_path.read_text())
     manifest["accuracy"]["passed"] = False
     manifest_path.write_text(json.dumps(manifest))
+    caplog.set_level(logging.WARNING, logger="switchyard.backend")
     worker = await launch_worker(root)
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
@@ -133,6 +150,13 @@ async def test_worker_refuses_what_it_must_not_serve(compiled: Path, tmp_path: P
             assert config.parameters["switchyard_variants"].string_value == "ort-cpu-fp32"
     finally:
         await worker.stop()
+    assert _refusals(caplog, "cnn") == {
+        "ort-cpu-fp16": f"cnn/ort-cpu-fp16: artifact model.onnx has sha256 {tampered}, "
+        f"the manifest says {expected}",
+        "ort-cpu-int8-dyn": "this CPU lacks avx1024_imaginary",
+        "ort-cpu-int8-qdq": "failed its accuracy check (marked failed)",
+    }
+    caplog.clear()
     only_fp32 = await launch_worker(compiled, precisions=("fp32",))
     try:
         async with grpc.aio.insecure_channel(only_fp32.address) as channel:
@@ -141,6 +165,26 @@ async def test_worker_refuses_what_it_must_not_serve(compiled: Path, tmp_path: P
             assert config.parameters["switchyard_variants"].string_value == "ort-cpu-fp32"
     finally:
         await only_fp32.stop()
+    assert _refusals(caplog, "cnn") == {
+        variant: f"precision {precision} is not allowed here"
+        for variant, precision in (
+            ("ort-cpu-fp16", "fp16"),
+            ("ort-cpu-int8-dyn", "int8"),
+            ("ort-cpu-int8-qdq", "int8"),
+        )
+    }
+
+
+def _refusals(caplog: pytest.LogCaptureFixture, model: str) -> dict[str, str]:
+    """Variant -> why the worker would not serve it, as the worker logged it."""
+    prefix = f"model {model}: variant "
+    refused = {}
+    for record in caplog.records:
+        message = record.getMessage()
+        if record.name == "switchyard.backend" and message.startswith(prefix):
+            variant, _, reason = message[len(prefix) :].partition(" not served: ")
+            refused[variant] = reason
+    return refused
 
 
 def test_compile_command_prints_the_table(repository: Path, tmp_path: Path) -> None:
