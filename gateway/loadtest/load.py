@@ -21,8 +21,9 @@ own are put back and any backend the run killed is restarted.
 
 The generator says when it could not keep up: each request's lateness (send time
 minus due time) is recorded, and the run is flagged when its p99 passes
-LAG_LIMIT_MS or it sent under 97% of the asked rate. It runs in its own process
-(uvloop when installed; `--cpus` pins it) so its CPU is its own budget.
+report.MAX_LAG_P99_MS or it sent under report.MIN_SENT_FRACTION of the asked rate. It
+runs in its own process (uvloop when installed; `--cpus` pins it) so its CPU is its own
+budget.
 
 With `--baseline NAME` the same arrivals are replayed with the gateway's routing
 switched to that baseline (fastest-only, cheapest-only, round-robin,
@@ -52,16 +53,28 @@ from rich.live import Live
 from rich.table import Table
 
 from backends.process import use_uvloop
-from gateway.config import ConfigError
+from backends.protocol.codec import zeros_request
+from backends.protocol.errors import InvalidInput
+from gateway.config import ConfigError, PoliciesSettings
 from gateway.loadtest import report as loadreport
 from gateway.loadtest.records import NO_ROUTE, FiredEvent, Records, Stream
+from gateway.routing.fleet import ModelInfo
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import RouteRequest
-from gateway.sim.scenario import Event, Scenario, ScenarioError, ShareCheck, load_scenario
+from gateway.serving.prober import describe
+from gateway.sim.scenario import (
+    MultiplyRate,
+    Scenario,
+    ScenarioError,
+    ShareCheck,
+    action_of,
+    load_scenario,
+)
 from gateway.sim.simulate import Trace, make_trace
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CHANNELS = 2
@@ -69,27 +82,11 @@ CHANNELS = 2
 CALL_TIMEOUT_S = 30.0
 DRAIN_S = 35.0
 """How long after the last send the run waits for outstanding answers."""
-LAG_LIMIT_MS = 20.0
 READY_TIMEOUT_S = 30.0
 VIEW_HZ = 2.0
 WINDOW_S = 2.0
 """The live view's rates and shares are over the last this many seconds."""
 MAX_MESSAGE = 64 * 1024 * 1024
-DTYPE_BYTES = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "INT8": 1,
-    "UINT16": 2,
-    "INT16": 2,
-    "FP16": 2,
-    "BF16": 2,
-    "UINT32": 4,
-    "INT32": 4,
-    "FP32": 4,
-    "UINT64": 8,
-    "INT64": 8,
-    "FP64": 8,
-}
 
 
 class LoadError(Exception):
@@ -127,28 +124,6 @@ def make_plan(scenario: Scenario, short: bool, rate_scale: float = 1.0) -> Plan:
         streams.append(Stream(live_model, t.class_name, policy.latency_ms))
     trace = make_trace(scenario)
     return Plan(scenario, streams, trace, len(trace) / scenario.duration_s)
-
-
-def zeros_request(
-    metadata: pb.ModelMetadataResponse, batch_size: int, params: dict[str, Any]
-) -> bytes:
-    """A ModelInferRequest of zeros in the shapes `metadata` gives (the batch
-    dimension `batch_size`, other variable dimensions 1), with `params`."""
-    request = pb.ModelInferRequest(model_name=metadata.name)
-    for tensor in metadata.inputs:
-        if tensor.datatype not in DTYPE_BYTES:
-            raise LoadError(
-                f"model {metadata.name!r} input {tensor.name!r}: cannot make {tensor.datatype} data"
-            )
-        shape = [(batch_size if i == 0 else 1) if d < 0 else d for i, d in enumerate(tensor.shape)]
-        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
-        request.raw_input_contents.append(bytes(DTYPE_BYTES[tensor.datatype] * math.prod(shape)))
-    for key, value in params.items():
-        if isinstance(value, str):
-            request.parameters[key].string_param = value
-        else:
-            request.parameters[key].double_param = float(value)
-    return request.SerializeToString()
 
 
 # ---- the admin API: events, setup and restore ----------------------------------------
@@ -246,33 +221,48 @@ async def wait_ready(admin: Admin, backends: Sequence[str], timeout_s: float) ->
         await asyncio.sleep(0.25)
 
 
-async def apply_event(admin: Admin, event: Event, killed: set[str]) -> str:
-    """Applies one event; returns what was done (raises LoadError when it failed)."""
-    from gateway.control.admin import policies_yaml
+class AdminEvents:
+    """Scenario events played on a live gateway through its admin API; each says what
+    was done (raises LoadError when it failed)."""
 
-    if event.set_price is not None:
-        p = event.set_price
-        await admin.call(
-            "SetPrice", apb.SetPriceRequest(backend=p.backend, usd_per_hour=p.usd_per_hour)
-        )
-        return f"price {p.backend} {p.usd_per_hour:g} USD/h"
-    if event.kill is not None:
-        reply = await admin.call("KillBackend", apb.BackendRequest(backend=event.kill))
-        killed.add(event.kill)
-        return f"kill -9 {event.kill}" + (f" (pid {reply.pid})" if reply.pid else "")
-    if event.restart is not None:
-        await admin.call("RestartBackend", apb.BackendRequest(backend=event.restart))
-        killed.discard(event.restart)
-        return f"restart {event.restart}"
-    if event.drain is not None:
-        await admin.call("Drain", apb.DrainRequest(backend=event.drain))
-        return f"drain {event.drain}"
-    if event.undrain is not None:
-        await admin.call("Undrain", apb.DrainRequest(backend=event.undrain))
-        return f"undrain {event.undrain}"
-    assert event.set_policy is not None, event.action
-    await admin.call("SetPolicy", apb.PolicyDocument(yaml=policies_yaml(event.set_policy)))
-    return "policies replaced"
+    def __init__(self, admin: Admin | None, killed: set[str]) -> None:
+        self._admin = admin
+        self.killed = killed
+
+    @property
+    def admin(self) -> Admin:
+        if self._admin is None:
+            raise LoadError("no admin API")
+        return self._admin
+
+    async def set_price(self, backend: str, usd_per_hour: float) -> str:
+        request = apb.SetPriceRequest(backend=backend, usd_per_hour=usd_per_hour)
+        await self.admin.call("SetPrice", request)
+        return f"price {backend} {usd_per_hour:g} USD/h"
+
+    async def kill(self, backend: str) -> str:
+        reply = await self.admin.call("KillBackend", apb.BackendRequest(backend=backend))
+        self.killed.add(backend)
+        return f"kill -9 {backend}" + (f" (pid {reply.pid})" if reply.pid else "")
+
+    async def restart(self, backend: str) -> str:
+        await self.admin.call("RestartBackend", apb.BackendRequest(backend=backend))
+        self.killed.discard(backend)
+        return f"restart {backend}"
+
+    async def drain(self, backend: str, drained: bool) -> str:
+        await self.admin.call("Drain" if drained else "Undrain", apb.DrainRequest(backend=backend))
+        return f"{'drain' if drained else 'undrain'} {backend}"
+
+    async def set_policy(self, policies: PoliciesSettings) -> str:
+        from gateway.control.admin import policies_yaml
+
+        await self.admin.call("SetPolicy", apb.PolicyDocument(yaml=policies_yaml(policies)))
+        return "policies replaced"
+
+    async def multiply_rate(self, surge: MultiplyRate) -> str:
+        # Already in the arrivals.
+        return f"rate x{surge.factor:g} for {surge.for_s:g} s"
 
 
 # ---- one run ------------------------------------------------------------------------
@@ -362,18 +352,15 @@ class Run:
             if delay > 0:
                 await asyncio.sleep(delay)
             at = loop.time() - self.started
-            surge = event.multiply_rate
-            if surge is not None:  # already in the arrivals
-                self.events.append(FiredEvent(at, f"rate x{surge.factor:g} for {surge.for_s:g} s"))
-                continue
-            if admin is None:
-                self.events.append(FiredEvent(at, event.action, False, "no admin API"))
+            action = action_of(event)
+            if admin is None and action != "multiply_rate":
+                self.events.append(FiredEvent(at, action, False, "no admin API"))
                 continue
             try:
-                label = await apply_event(admin, event, self.killed)
+                label = await event.apply(AdminEvents(admin, self.killed))
                 self.events.append(FiredEvent(at, label))
             except LoadError as exc:
-                self.events.append(FiredEvent(at, event.action, False, str(exc)))
+                self.events.append(FiredEvent(at, action, False, str(exc)))
 
     async def run(self, admin: Admin | None, view: LiveView | None) -> float:
         """Sends every arrival when due and waits for the answers; returns how long
@@ -604,30 +591,36 @@ def _admin_for(args: argparse.Namespace, scenario: Scenario) -> Admin | None:
 
 
 async def _payloads(target: str, plan: Plan) -> list[bytes]:
+    """Each stream's request, serialized once: zeros in the shapes the target describes
+    (backends.protocol.codec.zeros_request, the prober's rule), with the stream's
+    `sla_class` and `sla_ms`."""
     async with grpc.aio.insecure_channel(target) as channel:
-        metadata = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelMetadata",
-            request_serializer=pb.ModelMetadataRequest.SerializeToString,
-            response_deserializer=pb.ModelMetadataResponse.FromString,
-        )
-        cache: dict[str, pb.ModelMetadataResponse] = {}
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        cache: dict[str, ModelInfo] = {}
         payloads = []
         for stream, traffic in zip(plan.streams, plan.scenario.traffic, strict=True):
-            meta = cache.get(stream.model)
-            if meta is None:
+            info = cache.get(stream.model)
+            if info is None:
                 try:
-                    meta = await metadata(pb.ModelMetadataRequest(name=stream.model), timeout=10.0)
+                    info = await describe(stub, stream.model, 10.0)
                 except grpc.aio.AioRpcError as exc:
                     raise LoadError(
                         f"model {stream.model!r} at {target}: {exc.code().name}: {exc.details()}"
                     ) from exc
-                cache[stream.model] = meta
-            params: dict[str, Any] = {}
+                cache[stream.model] = info
+            params: dict[str, str | float] = {}
             if traffic.sla_class is not None:
                 params["sla_class"] = traffic.sla_class
             if traffic.sla_ms is not None:
                 params["sla_ms"] = traffic.sla_ms
-            payloads.append(zeros_request(meta, traffic.batch_size, params))
+            try:
+                payloads.append(
+                    zeros_request(
+                        info.name, info.inputs, info.max_batch_size, traffic.batch_size, params
+                    )
+                )
+            except InvalidInput as exc:
+                raise LoadError(f"model {info.name!r}: {exc}") from exc
         return payloads
 
 

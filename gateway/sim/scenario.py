@@ -65,11 +65,13 @@ Imports only pydantic and gateway.config (which reads the YAML): no router, no n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from gateway.config import PoliciesSettings, validate_yaml
+
+R = TypeVar("R", covariant=True)
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
@@ -158,37 +160,160 @@ class MultiplyRate(_Strict):
     """Only this class's streams (default: all)."""
 
 
-class Event(_Strict):
+class EventTarget(Protocol[R]):
+    """What a scenario's events act on: the simulator's modelled fleet, the lower
+    bound's segments, a live gateway's admin API. `Event.apply` calls the one method
+    its action names; a surge (`multiply_rate`) is already in the arrivals."""
+
+    def set_price(self, backend: str, usd_per_hour: float) -> R: ...
+
+    def kill(self, backend: str) -> R: ...
+
+    def restart(self, backend: str) -> R: ...
+
+    def drain(self, backend: str, drained: bool) -> R: ...
+
+    def set_policy(self, policies: PoliciesSettings) -> R: ...
+
+    def multiply_rate(self, surge: MultiplyRate) -> R: ...
+
+
+class _EventBase(_Strict):
     at_s: float = Field(ge=0)
-    set_price: SetPrice | None = None
-    kill: Name | None = None
-    restart: Name | None = None
-    drain: Name | None = None
-    undrain: Name | None = None
-    multiply_rate: MultiplyRate | None = None
-    set_policy: PoliciesSettings | None = None
-
-    @model_validator(mode="after")
-    def _one_action(self) -> Event:
-        actions = [k for k in ACTIONS if getattr(self, k) is not None]
-        if len(actions) != 1:
-            raise ValueError(
-                f"an event has exactly one of {', '.join(ACTIONS)} (got {actions or 'none'})"
-            )
-        return self
-
-    @property
-    def action(self) -> str:
-        return next(k for k in ACTIONS if getattr(self, k) is not None)
 
     @property
     def backend(self) -> str | None:
-        if self.set_price is not None:
-            return self.set_price.backend
-        return self.kill or self.restart or self.drain or self.undrain
+        """The backend it acts on, if any."""
+        return None
+
+    def scaled(self, scale: float) -> Self:
+        """The event in a run `scale` times as long (the short form)."""
+        return self.model_copy(update={"at_s": self.at_s * scale})
 
 
-ACTIONS = ("set_price", "kill", "restart", "drain", "undrain", "multiply_rate", "set_policy")
+class SetPriceEvent(_EventBase):
+    set_price: SetPrice
+
+    @property
+    def backend(self) -> str:
+        return self.set_price.backend
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.set_price(self.set_price.backend, self.set_price.usd_per_hour)
+
+
+class KillEvent(_EventBase):
+    kill: Name
+
+    @property
+    def backend(self) -> str:
+        return self.kill
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.kill(self.kill)
+
+
+class RestartEvent(_EventBase):
+    restart: Name
+
+    @property
+    def backend(self) -> str:
+        return self.restart
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.restart(self.restart)
+
+
+class DrainEvent(_EventBase):
+    drain: Name
+
+    @property
+    def backend(self) -> str:
+        return self.drain
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.drain(self.drain, True)
+
+
+class UndrainEvent(_EventBase):
+    undrain: Name
+
+    @property
+    def backend(self) -> str:
+        return self.undrain
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.drain(self.undrain, False)
+
+
+class MultiplyRateEvent(_EventBase):
+    multiply_rate: MultiplyRate
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.multiply_rate(self.multiply_rate)
+
+    def scaled(self, scale: float) -> Self:
+        surge = self.multiply_rate
+        return self.model_copy(
+            update={
+                "at_s": self.at_s * scale,
+                "multiply_rate": surge.model_copy(update={"for_s": surge.for_s * scale}),
+            }
+        )
+
+
+class SetPolicyEvent(_EventBase):
+    set_policy: PoliciesSettings
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.set_policy(self.set_policy)
+
+
+_EVENTS: dict[str, type[_EventBase]] = {
+    "set_price": SetPriceEvent,
+    "kill": KillEvent,
+    "restart": RestartEvent,
+    "drain": DrainEvent,
+    "undrain": UndrainEvent,
+    "multiply_rate": MultiplyRateEvent,
+    "set_policy": SetPolicyEvent,
+}
+ACTIONS = tuple(_EVENTS)
+
+
+def _action(value: object) -> str | None:
+    """Which action an event (a mapping from YAML, or an event) names: the one key of
+    ACTIONS it has; None when it has none or several (pydantic then says so)."""
+    if isinstance(value, _EventBase):
+        return next(k for k, cls in _EVENTS.items() if isinstance(value, cls))
+    if not isinstance(value, dict):
+        return None
+    named = [k for k in ACTIONS if k in value]
+    return named[0] if len(named) == 1 else None
+
+
+Event = Annotated[
+    Annotated[SetPriceEvent, Tag("set_price")]
+    | Annotated[KillEvent, Tag("kill")]
+    | Annotated[RestartEvent, Tag("restart")]
+    | Annotated[DrainEvent, Tag("drain")]
+    | Annotated[UndrainEvent, Tag("undrain")]
+    | Annotated[MultiplyRateEvent, Tag("multiply_rate")]
+    | Annotated[SetPolicyEvent, Tag("set_policy")],
+    Discriminator(
+        _action,
+        custom_error_type="event_action",
+        custom_error_message=f"an event has at_s and exactly one of {', '.join(ACTIONS)}",
+    ),
+]
+"""A scenario event: at `at_s`, exactly one action (its key names it)."""
+
+
+def action_of(event: Event) -> str:
+    """The event's action: the key that names it in the scenario file."""
+    action = _action(event)
+    assert action is not None
+    return action
 
 
 class ShareCheck(_Strict):
@@ -300,14 +425,7 @@ class Scenario(_Strict):
             )
             for t in self.traffic
         ]
-        events = []
-        for e in self.events:
-            update: dict[str, object] = {"at_s": e.at_s * scale}
-            if e.multiply_rate is not None:
-                update["multiply_rate"] = e.multiply_rate.model_copy(
-                    update={"for_s": e.multiply_rate.for_s * scale}
-                )
-            events.append(e.model_copy(update=update))
+        events = [e.scaled(scale) for e in self.events]
         live = self.thresholds.live
         shares = [
             c.model_copy(update={"from_s": c.from_s * scale, "to_s": c.to_s * scale})

@@ -63,7 +63,14 @@ from gateway.routing.router import (
     chooser_for,
 )
 from gateway.serving.dispatch import Attempt, Dispatcher, Job
-from gateway.sim.scenario import Event, Scenario, ScenarioError, Traffic, load_scenario
+from gateway.sim.scenario import (
+    MultiplyRate,
+    MultiplyRateEvent,
+    Scenario,
+    ScenarioError,
+    Traffic,
+    load_scenario,
+)
 
 Z99 = 2.3263478740408408
 """The standard normal's 99th percentile: p99 = p50 x exp(sigma x Z99)."""
@@ -145,9 +152,9 @@ def _rate_pieces(
     cuts = {start, stop}
     surges = []
     for event in scenario.events:
-        surge = event.multiply_rate
-        if surge is None:
+        if not isinstance(event, MultiplyRateEvent):
             continue
+        surge = event.multiply_rate
         if surge.model is not None and surge.model != stream.model:
             continue
         if surge.sla_class is not None and surge.sla_class != stream.sla_class:
@@ -323,8 +330,10 @@ class Simulation:
         n = len(times)
         latency = [INF] * n
         sla = [0.0] * n
-        fleet = ModelledFleet(self.states, self.rtts, self.sims, self.factors, streams)
-        dispatcher = Dispatcher(fleet, fleet, fleet)
+        fleet = ModelledFleet(
+            self.states, self.rtts, self.sims, self.factors, streams, self.set_policies
+        )
+        dispatcher = fleet.dispatcher
         heap = fleet.heap
         pop = heapq.heappop
         chooser = self.chooser
@@ -356,10 +365,8 @@ class Simulation:
             while ev_index < len(events) and events[ev_index].at_s <= event_at:
                 event = events[ev_index]
                 ev_index += 1
-                if event.set_policy is not None:
-                    self.set_policies(event.set_policy)
-                else:
-                    fleet.apply(event, dispatcher)
+                fleet.now_s = event.at_s
+                event.apply(fleet)
             next_event = min(events[ev_index].at_s if ev_index < len(events) else INF, next_probe)
 
         def advance(until: float) -> None:
@@ -431,7 +438,10 @@ class ModelledFleet:
         sims: dict[Route, _RouteSim],
         factors: list[float],
         streams: list[int],
+        set_policies: Callable[[PoliciesSettings], None],
     ) -> None:
+        self.dispatcher = Dispatcher(self, self, self)
+        self.set_policies = set_policies
         self.states = states
         self.rtts = rtts
         self.sims = sims
@@ -531,39 +541,42 @@ class ModelledFleet:
 
     # ---- scenario events and probes ----
 
-    def apply(self, event: Event, dispatcher: Dispatcher) -> None:
-        """A scenario event on the fleet (prices, kills, restarts, drains)."""
-        if event.set_price is not None:
-            self.states[self.names[event.set_price.backend]].set_price(event.set_price.usd_per_hour)
-        elif event.kill is not None:
-            self.kill(self.names[event.kill], event.at_s, dispatcher)
-        elif event.restart is not None:
-            state = self.states[self.names[event.restart]]
-            state.healthy = True
-            state.last_error = ""
-            state.refresh()
-        elif event.drain is not None or event.undrain is not None:
-            name = event.drain or event.undrain
-            assert name is not None
-            state = self.states[self.names[name]]
-            state.drained = event.drain is not None
-            state.refresh()
+    def set_price(self, backend: str, usd_per_hour: float) -> None:
+        self.states[self.names[backend]].set_price(usd_per_hour)
 
-    def kill(self, b: int, now: float, dispatcher: Dispatcher) -> None:
-        """Backend `b` dies: its calls in service and waiting fail (each retried by the
+    def kill(self, backend: str) -> None:
+        """The backend dies: its calls in service and waiting fail (each retried by the
         dispatcher, in request order) and it leaves the routes until restarted."""
+        b = self.names[backend]
         state = self.states[b]
         state.healthy = False
         state.last_error = "killed"
         state.refresh()
         self.lives[b] = self._next_life  # the calls in service die with the old life
         self._next_life += 1
-        self.now_s = now
+        now = self.now_s
         lost = sorted(state.clear(), key=_request_number)
         for ticket in lost:
             attempt = ticket.attempt
             assert isinstance(attempt, Attempt)
-            dispatcher.failed(attempt, BackendKilled(state.name), True, True, now)
+            self.dispatcher.failed(attempt, BackendKilled(state.name), True, True, now)
+
+    def restart(self, backend: str) -> None:
+        state = self.states[self.names[backend]]
+        state.healthy = True
+        state.last_error = ""
+        state.refresh()
+
+    def drain(self, backend: str, drained: bool) -> None:
+        state = self.states[self.names[backend]]
+        state.drained = drained
+        state.refresh()
+
+    def set_policy(self, policies: PoliciesSettings) -> None:
+        self.set_policies(policies)
+
+    def multiply_rate(self, surge: MultiplyRate) -> None:
+        pass  # already in the arrivals
 
     def probe(self, now: float, interval_s: float) -> None:
         """The prober's latency probes: one inference on each available route that had
@@ -636,43 +649,59 @@ class Bound:
     SLA, solved with those limits lifted for the streams concerned."""
 
 
+class _Segment:
+    """The fleet as the lower bound sees it between two events: prices, which
+    backends may take traffic, the policies."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.prices = {b.name: b.price_usd_per_hour for b in scenario.backends}
+        self.down: set[str] = set()
+        self.drained: set[str] = set()
+        self.policies = scenario.policies
+
+    def set_price(self, backend: str, usd_per_hour: float) -> None:
+        self.prices[backend] = usd_per_hour
+
+    def kill(self, backend: str) -> None:
+        self.down.add(backend)
+
+    def restart(self, backend: str) -> None:
+        self.down.discard(backend)
+
+    def drain(self, backend: str, drained: bool) -> None:
+        (self.drained.add if drained else self.drained.discard)(backend)
+
+    def set_policy(self, policies: PoliciesSettings) -> None:
+        self.policies = policies
+
+    def multiply_rate(self, surge: MultiplyRate) -> None:
+        pass  # in the arrivals the segment counts
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "prices": dict(self.prices),
+            "available": {n for n in self.prices if n not in self.down | self.drained},
+            "policies": self.policies,
+        }
+
+
 def _segment_states(scenario: Scenario) -> list[tuple[float, float, dict[str, Any]]]:
     """(start, end, state) for each stretch between events: prices, availability, policies."""
-    prices = {b.name: b.price_usd_per_hour for b in scenario.backends}
-    down: set[str] = set()
-    drained: set[str] = set()
-    policies = scenario.policies
+    segment = _Segment(scenario)
     events = sorted(scenario.events, key=lambda e: e.at_s)
     cuts = {0.0, scenario.duration_s}
     for event in events:
         cuts.add(event.at_s)
-        if event.multiply_rate is not None:
+        if isinstance(event, MultiplyRateEvent):
             cuts.add(min(scenario.duration_s, event.at_s + event.multiply_rate.for_s))
     points = sorted(c for c in cuts if 0.0 <= c <= scenario.duration_s)
     out = []
     index = 0
     for a, b in itertools.pairwise(points):
         while index < len(events) and events[index].at_s <= a:
-            event = events[index]
+            events[index].apply(segment)
             index += 1
-            if event.set_price is not None:
-                prices[event.set_price.backend] = event.set_price.usd_per_hour
-            elif event.kill is not None:
-                down.add(event.kill)
-            elif event.restart is not None:
-                down.discard(event.restart)
-            elif event.drain is not None:
-                drained.add(event.drain)
-            elif event.undrain is not None:
-                drained.discard(event.undrain)
-            elif event.set_policy is not None:
-                policies = event.set_policy
-        state = {
-            "prices": dict(prices),
-            "available": {n for n in prices if n not in down and n not in drained},
-            "policies": policies,
-        }
-        out.append((a, b, state))
+        out.append((a, b, segment.snapshot()))
     return out
 
 
