@@ -52,12 +52,6 @@ class Forward:
     info: ModelInfo
 
 
-@dataclass(slots=True)
-class _Call:
-    task: asyncio.Future[bytes]
-    sent_ns: int
-
-
 class GrpcTransport:
     """Each attempt is one coalescer call of the job's bytes (the variant named when the
     route's is not the backend's default), under the job's deadline and due time."""
@@ -84,44 +78,46 @@ class GrpcTransport:
         )
 
     def send(self, attempt: Attempt) -> None:
+        attempt.call = asyncio.ensure_future(self._attempt(attempt))
+
+    def cancel(self, attempt: Attempt) -> None:
+        task: asyncio.Future[None] | None = attempt.call
+        if task is not None:
+            task.cancel()
+
+    async def _attempt(self, attempt: Attempt) -> None:
+        """The attempt's call, reported to the dispatcher the moment it ends (its
+        latency measured here, not after the event loop gets round to a callback)."""
         job, route = attempt.job, attempt.route
         forward: Forward = job.payload
         request = forward.request
         if not route.default:
             request = request + self._variant_parameter(route.variant)
         timeout_s = None if job.deadline_s is None else job.deadline_s - self.clock()
-        self.metrics.in_flight.labels(route.backend).inc()
-        task = asyncio.ensure_future(
-            self.coalescer.call(route, request, forward.header, forward.info, timeout_s, job.due_s)
-        )
-        attempt.call = _Call(task, time.perf_counter_ns())
-        task.add_done_callback(lambda done: self._ended(attempt, done))
-
-    def cancel(self, attempt: Attempt) -> None:
-        call: _Call | None = attempt.call
-        if call is not None:
-            call.task.cancel()
-
-    def _ended(self, attempt: Attempt, task: asyncio.Future[bytes]) -> None:
-        call: _Call = attempt.call
-        self.metrics.in_flight.labels(attempt.route.backend).dec()
-        if task.cancelled():
-            return  # the dispatcher gave it up
         dispatcher = self.dispatcher
         assert dispatcher is not None
-        now = self.clock()
-        error = task.exception()
-        if error is None:
-            latency_ms = (time.perf_counter_ns() - call.sent_ns) / 1e6
-            dispatcher.answered(attempt, task.result(), latency_ms, now)
-        elif isinstance(error, BackendCallError):
-            code = error.code
-            dispatcher.failed(attempt, error, code in RETRYABLE, code in BACKEND_FAULTS, now)
-        elif isinstance(error, SwitchyardError):
-            dispatcher.failed(attempt, error, False, True, now)
+        in_flight = self.metrics.in_flight.labels(route.backend)
+        in_flight.inc()
+        sent_ns = time.perf_counter_ns()
+        try:
+            reply = await self.coalescer.call(
+                route, request, forward.header, forward.info, timeout_s, job.due_s
+            )
+        except asyncio.CancelledError:
+            raise  # the dispatcher gave it up
+        except BackendCallError as exc:
+            code = exc.code
+            dispatcher.failed(attempt, exc, code in RETRYABLE, code in BACKEND_FAULTS, self.clock())
+        except SwitchyardError as exc:
+            dispatcher.failed(attempt, exc, False, True, self.clock())
+        except Exception as exc:
+            log.exception("attempt on %s failed", route.backend)
+            dispatcher.failed(attempt, exc, False, True, self.clock())
         else:
-            log.error("attempt on %s failed", attempt.route.backend, exc_info=error)
-            dispatcher.failed(attempt, error, False, True, now)
+            latency_ms = (time.perf_counter_ns() - sent_ns) / 1e6
+            dispatcher.answered(attempt, reply, latency_ms, self.clock())
+        finally:
+            in_flight.dec()
 
     async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
         """One backend call, as the coalescer makes it."""
