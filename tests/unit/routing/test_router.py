@@ -25,12 +25,32 @@ from gateway.routing.router import (
 )
 from tests.unit.routing.builders import REQ, busy, names, route
 
+# What the estimates read for a seeded route, worked out by hand (not by the code under
+# test): the sketch's buckets are 1.08 wide from 0.01 ms and a bucket reads as its
+# upper edge, so 2 ms reads as 0.01 x 1.08^69, 2.2 ms as 0.01 x 1.08^71, 3 ms as
+# 0.01 x 1.08^75, 4 ms as 0.01 x 1.08^78 and 8 ms as 0.01 x 1.08^87. A seed puts 90% of
+# its weight at the p50, 8.5% halfway to the p99 and 1.5% at the p99, so its p99 reads
+# the p99's bucket, a level at or under 90 the p50's, and its mean is
+# 0.9 p50 + 0.085 (p50 + p99) / 2 + 0.015 p99.
+READ_2MS = 2.024133  # 0.01 x 1.08^69
+READ_2_2MS = 2.360949  # 0.01 x 1.08^71
+READ_3MS = 3.212045  # 0.01 x 1.08^75
+READ_4MS = 4.046252  # 0.01 x 1.08^78
+READ_8MS = 8.088476  # 0.01 x 1.08^87
+
+
+def exactly(value: float) -> object:
+    """A hand-computed figure, to the precision the constants above carry."""
+    return pytest.approx(value, rel=1e-6)
+
 
 def test_cheapest_feasible_route_is_chosen() -> None:
     cheap, dear = route("cheap", 0.1), route("dear", 0.4)
     decision = choose(REQ, [dear, cheap], Policy(latency_ms=10), 0.0)
     assert decision.route is cheap and decision.reason == "cheapest-feasible"
-    assert decision.cost_usd == pytest.approx(cost_usd(cheap))
+    # 0.1 USD/h over 3.6e6 ms/h, for the mean of a (1 ms, 2 ms) seed:
+    # 0.9 x 1 + 0.085 x 1.5 + 0.015 x 2 = 1.0575 ms.
+    assert decision.cost_usd == pytest.approx(0.1 / 3.6e6 * 1.0575)
     assert names(decision.alternatives(0.0)) == ["dear"]
 
 
@@ -58,10 +78,18 @@ def test_load_spills_to_the_next_route_and_comes_back_when_it_drains() -> None:
 def test_parallel_slots_shorten_the_predicted_wait() -> None:
     one = route("one", 0.1, p50=2, p99=2, in_flight=5, slots=1)
     four = route("four", 0.1, p50=2, p99=2, in_flight=8, slots=4)
-    # One slot: the one in service, then four waiting, one after another.
-    assert predict_ms(one, 99.0, 0.0) == pytest.approx(2 + 2 + 4 * 2.0, rel=0.02)
-    # Four slots: the first of four in service to end, then four waiting shared by four.
-    assert predict_ms(four, 99.0, 0.0) == pytest.approx(2 + 2 + 4 * 2.0 / 4, rel=0.05)
+    # Every read of this route is the 2 ms bucket, its mean 2 ms, so one wait's spread
+    # above its mean is READ_2MS - 2. One slot: the one in service (READ_2MS from its
+    # start, now), then four waiting (2 ms each, one after another), the spread of five
+    # waits (sqrt 5 of one), and its own service.
+    spread = READ_2MS - 2
+    assert predict_ms(one, 99.0, 0.0) == exactly(READ_2MS + 4 * 2 + spread * 5**0.5 + READ_2MS)
+    # Four slots: the first of the four in service to end (each read at p68, still the
+    # 2 ms bucket), then the four waiting shared by four slots, and the spread of five
+    # waits over four slots.
+    assert predict_ms(four, 99.0, 0.0) == exactly(
+        READ_2MS + 4 * 2 / 4 + spread * (5 / 4) ** 0.5 + READ_2MS
+    )
 
 
 def test_only_the_work_due_first_is_ahead_of_a_request() -> None:
@@ -75,9 +103,15 @@ def test_only_the_work_due_first_is_ahead_of_a_request() -> None:
     gold = Policy(latency_ms=10, name="gold")
     bronze = Policy(latency_ms=250, name="bronze")
     assert choose(REQ, [cpu, gpu], gold, 0.0).route is cpu
-    assert predict_ms(cpu, 99.0, 0.0, 1, 10) < 8.0
-    # A bronze request waits behind all ten: about 20 ms more.
-    assert predict_ms(cpu, 99.0, 0.0, 1, 250) > predict_ms(cpu, 99.0, 0.0, 1, 10) + 19.0
+    # The cpu route reads READ_3MS at p99 and has a mean of 0.9 x 2 + 0.085 x 2.5 +
+    # 0.015 x 3 = 2.0575 ms. Gold waits only for the one in service (READ_3MS from now),
+    # plus one wait's spread, then its own service.
+    spread = READ_3MS - 2.0575
+    assert predict_ms(cpu, 99.0, 0.0, 1, 10) == exactly(READ_3MS + spread + READ_3MS)
+    # A bronze request waits behind all ten too: 20 ms more, and the spread of eleven waits.
+    assert predict_ms(cpu, 99.0, 0.0, 1, 250) == exactly(
+        READ_3MS + 10 * 2.0 + spread * 11**0.5 + READ_3MS
+    )
     assert choose(REQ, [cpu, gpu], bronze, 0.0).route is cpu
     # Ten gold requests due before it fill the 10 ms: the next gold goes to the GPU.
     for _ in range(10):
@@ -86,23 +120,29 @@ def test_only_the_work_due_first_is_ahead_of_a_request() -> None:
 
 
 def test_a_request_in_service_frees_its_slot_sooner_the_longer_it_has_run() -> None:
+    # Every read of these routes is the 4 ms bucket, their mean 4 ms: a request waits
+    # until the one in service ends (READ_4MS from its start), plus one wait's spread
+    # (READ_4MS - 4), then its own service.
+    spread = READ_4MS - 4
     fresh = route("fresh", 0.1, p50=4, p99=4)
     busy(fresh, 1, started_s=0.0)
+    assert predict_ms(fresh, 99.0, 0.0) == exactly(READ_4MS + spread + READ_4MS)
     old = route("old", 0.1, p50=4, p99=4)
     busy(old, 1, started_s=-0.003)  # three of its four milliseconds done
-    assert predict_ms(fresh, 99.0, 0.0) - predict_ms(old, 99.0, 0.0) == pytest.approx(3.0)
+    assert predict_ms(old, 99.0, 0.0) == exactly(READ_4MS - 3 + spread + READ_4MS)
     # Running past its own p99 it is expected to end now, not in the past.
     late = route("late", 0.1, p50=4, p99=4)
     busy(late, 1, started_s=-1.0)
-    est = late.estimate
-    spread = est.p99_ms - est.mean_ms  # the spread of the one wait (0.05 ms)
-    assert predict_ms(late, 99.0, 0.0) == pytest.approx(est.p99_ms + spread)
-    # Of several in service, the first to end frees a slot: each is read at the
-    # percentile that puts the first of them at the policy's (here of two: p99.5).
-    two = route("two", 0.1, p50=4, p99=4, slots=2)
-    busy(two, 2, started_s=-0.001)
-    assert predict_ms(two, 99.0, 0.0) == pytest.approx(
-        est.p99_ms + est.quantile_ms(99.5) - 1.0 + spread * math.sqrt(1 / 2)
+    assert predict_ms(late, 99.0, 0.0) == exactly(spread + READ_4MS)
+    # Of several in service, the first to end frees a slot: each is read at the level
+    # that puts the first of them at the policy's percentile. Of three at p99, each is
+    # read at 1 - 0.01^(1/3) = p78.5: the p50's bucket (READ_4MS), where p99 would read
+    # the p99's (READ_8MS). The new request's own service reads READ_8MS; the route's
+    # mean is 0.9 x 4 + 0.085 x 6 + 0.015 x 8 = 4.23 ms; three slots share the spread.
+    three = route("three", 0.1, p50=4, p99=8, slots=3)
+    busy(three, 3, started_s=-0.001)
+    assert predict_ms(three, 99.0, 0.0) == exactly(
+        READ_4MS - 1 + (READ_8MS - 4.23) * math.sqrt(1 / 3) + READ_8MS
     )
 
 
@@ -113,15 +153,17 @@ def test_tighter_classes_arriving_lengthen_a_looser_wait() -> None:
     cpu = route("cpu", 0.1, p50=2, p99=2)
     cpu.state.admit(cpu, 2.0, 0.250, 0.0)
     cpu.state.admit(cpu, 2.0, 0.250, 0.0)
-    quiet = predict_ms(cpu, 99.0, 0.0, 1, 250)
+    # The one in service (READ_2MS), the one waiting (2 ms), the spread of two waits,
+    # then its own service.
+    wait_quiet = READ_2MS + 2.0 + (READ_2MS - 2) * math.sqrt(2)
+    assert predict_ms(cpu, 99.0, 0.0, 1, 250) == exactly(wait_quiet + READ_2MS)
     # Gold at 250 requests/s of 2 ms each: half the slot (decayed over about a second).
     for _ in range(250):  # sent and answered at once: only their rate remains
         cpu.state.finish(cpu.state.admit(cpu, 2.0, 0.01, 0.0, budget_ms=10.0), 0.0)
     assert cpu.state.tighter_load(250, 0.0) == pytest.approx(0.5)
     assert cpu.state.tighter_load(10, 0.0) == 0.0  # gold itself is not slowed by gold
-    loud = predict_ms(cpu, 99.0, 0.0, 1, 250)
-    wait_quiet = quiet - cpu.estimate.p99_ms
-    assert loud - cpu.estimate.p99_ms == pytest.approx(wait_quiet * 4.0)
+    # rho 0.5: the wait grows by 1 / (1 - 0.5)^2 = 4, the service does not.
+    assert predict_ms(cpu, 99.0, 0.0, 1, 250) == exactly(4 * wait_quiet + READ_2MS)
     # The rate decays: a second later it counts for 1/e of it.
     assert cpu.state.tighter_load(250, 1.0) == pytest.approx(0.5 / math.e)
     # Admitted requests count in their class's rate.
@@ -282,8 +324,14 @@ def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> 
     assert one.route is routes[0]
     many = choose(RouteRequest("m", 16), routes, policy, 0.0)
     assert many.route is routes[1]
-    rtt = cpu.network.rtt_ms
-    assert predict_ms(routes[0], 99.0, 0.0, 16) - rtt == pytest.approx(
-        16 * (predict_ms(routes[0], 99.0, 0.0, 1) - rtt)
-    )
-    assert cost_usd(routes[1], 16) == pytest.approx(cost_usd(routes[1], 1) * 1.75)
+    # Idle routes: the round trip (0.2 ms until a probe measures it) and the p99 (the
+    # 2.2 ms bucket) times the batch's factor, 1 + row fraction x 15 extra rows.
+    assert cpu.network.rtt_ms == 0.2
+    assert predict_ms(routes[0], 99.0, 0.0, 1) == exactly(0.2 + READ_2_2MS)
+    assert predict_ms(routes[0], 99.0, 0.0, 16) == exactly(0.2 + READ_2_2MS * 16)
+    assert predict_ms(routes[1], 99.0, 0.0, 16) == exactly(0.2 + READ_2_2MS * 1.75)
+    # The busy time priced: the mean, 0.9 x 2 + 0.085 x 2.1 + 0.015 x 2.2 = 2.0115 ms,
+    # times the factor, at the price per ms (USD/h over 3.6e6).
+    assert cost_usd(routes[0], 1) == pytest.approx(1.0 / 3.6e6 * 2.0115)
+    assert cost_usd(routes[0], 16) == pytest.approx(1.0 / 3.6e6 * 2.0115 * 16)
+    assert cost_usd(routes[1], 16) == pytest.approx(2.0 / 3.6e6 * 2.0115 * 1.75)
