@@ -16,6 +16,8 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.routing.router import Policy
+
 HostPort = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
 
@@ -134,16 +136,27 @@ class PolicySettings(_Strict):
     on_infeasible: Literal["fastest", "reject"] | None = None
     max_cost_usd_per_1m: float | None = Field(None, gt=0)
     retries: int | None = Field(None, ge=0, le=10)
-    """Further attempts on the next-best routes after a failed one (default 2)."""
+    """Further attempts on the next-best routes after a failed one (default: `Policy.retries`)."""
     hedge: bool | None = None
     """Send a second attempt to the next route when the first runs past its predicted
-    p95; the first answer wins and the other is cancelled (default off)."""
+    p95; the first answer wins and the other is cancelled (default: `Policy.hedge`, off)."""
+
+
+def _built_in_default() -> PolicySettings:
+    """The default policy as the routing core defines it (`Policy`'s own defaults)."""
+    p = Policy()
+    return PolicySettings(
+        latency_ms=p.latency_ms,
+        percentile=p.percentile,
+        objective=p.objective,
+        on_infeasible=p.on_infeasible,
+    )
 
 
 class PoliciesSettings(_Strict):
-    default: PolicySettings = PolicySettings(
-        latency_ms=100, percentile=99, objective="cost", on_infeasible="fastest"
-    )
+    default: PolicySettings = Field(default_factory=_built_in_default)
+    """Unset fields take the routing core's defaults (`gateway.routing.router.Policy`):
+    p99 <= 100 ms, objective cost, fastest when infeasible, 2 retries, no hedging."""
     classes: dict[str, PolicySettings] = {}
     models: dict[str, PolicySettings] = {}
 

@@ -569,9 +569,6 @@ class FleetState:
     def available_routes(self, model: str) -> list[Route]:
         return [r for r in self.routes(model) if r.state.available]
 
-    def route(self, backend: str, model: str, variant: str) -> Route | None:
-        return self._by_key.get((backend, model, variant))
-
     def all_routes(self) -> list[Route]:
         return list(self._by_key.values())
 

@@ -933,6 +933,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--short", action="store_true", help="the scenario's short form (as the tests run it)"
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the random seed of arrivals and service times (default: the scenario's `seed`)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -940,6 +946,8 @@ def run(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.scenario)
         if args.short:
             scenario = scenario.shortened()
+        if args.seed is not None:
+            scenario = scenario.model_copy(update={"seed": args.seed})
         report = simulate(scenario)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
