@@ -17,6 +17,7 @@ from backends.protocol.errors import InvalidInput
 from backends.protocol.tensors import (
     CONFIG_TYPES,
     CONTENTS_FIELDS,
+    ELEMENT_BYTES,
     NUMPY_DTYPES,
     TensorSpec,
     as_bytes_items,
@@ -100,15 +101,38 @@ def parameter_value(param: pb.InferParameter) -> ParamValue | None:
     return None if kind is None else getattr(param, kind)
 
 
-def set_parameter(target: pb.InferParameter, value: ParamValue) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    else:
-        target.string_param = value
+def zeros_request(
+    model: str,
+    inputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    rows: int = 1,
+    parameters: Mapping[str, str | float] | None = None,
+) -> bytes:
+    """A serialized ModelInferRequest of zeros in a model's input shapes, as raw
+    contents: `rows` in the batch dimension (the first, where the model batches:
+    max_batch_size > 0 and it is -1), every other dimension as declared. InvalidInput
+    names an input that has no fixed-size datatype (BYTES) or another dimension of any
+    size. `parameters`: strings as string_param, numbers as double_param."""
+    request = pb.ModelInferRequest(model_name=model)
+    for spec in inputs:
+        size = ELEMENT_BYTES.get(spec.datatype)
+        if size is None:
+            raise InvalidInput(f"input {spec.name!r}: cannot make zeros of {spec.datatype}")
+        shape = list(spec.shape)
+        if max_batch_size > 0 and shape and shape[0] == -1:
+            shape[0] = rows
+        if any(d < 0 for d in shape):
+            raise InvalidInput(
+                f"input {spec.name!r}: shape {spec.shape} has a dimension of any size"
+            )
+        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
+        request.raw_input_contents.append(bytes(size * element_count(shape)))
+    for key, value in (parameters or {}).items():
+        if isinstance(value, str):
+            request.parameters[key].string_param = value
+        else:
+            request.parameters[key].double_param = float(value)
+    return request.SerializeToString()
 
 
 def decode_request(request: pb.ModelInferRequest, signature: Signature) -> DecodedRequest:

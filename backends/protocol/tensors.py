@@ -53,6 +53,13 @@ CONTENTS_FIELDS: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 
+# Bytes per element of each datatype of fixed size. BF16 has no numpy dtype: it travels
+# raw only, and only what needs no decoding (zeros to send) can make it.
+ELEMENT_BYTES: dict[str, int] = {
+    **{dt: dtype.itemsize for dt, dtype in NUMPY_DTYPES.items() if dt != "BYTES"},
+    "BF16": 2,
+}
+
 # Triton model-config enum names (ModelConfig's DataType) per protocol datatype.
 CONFIG_TYPES: dict[str, str] = {
     dt: ("TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}") for dt in NUMPY_DTYPES
@@ -61,16 +68,6 @@ CONFIG_TYPES: dict[str, str] = {
 # The most elements one tensor may declare; larger shapes are rejected before
 # any allocation (a shape is caller input, and so is its product).
 MAX_ELEMENTS = 1 << 31
-
-
-def datatype_of(dtype: np.dtype[np.generic]) -> str:
-    """The protocol datatype for a numpy dtype (str and object arrays are BYTES)."""
-    if dtype.kind in ("O", "U", "S"):
-        return "BYTES"
-    for name, candidate in NUMPY_DTYPES.items():
-        if candidate == dtype:
-            return name
-    raise ValueError(f"no protocol datatype for numpy dtype {dtype}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import grpc
 
-from backends.protocol.tensors import NUMPY_DTYPES
+from backends.protocol.codec import zeros_request
+from backends.protocol.errors import InvalidInput
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, FleetState, ModelInfo, Route
 from gateway.serving.converters import model_info
@@ -138,8 +139,14 @@ class Prober:
 
     async def _latency_probe(self, route: Route) -> bool:
         info = route.state.models.get(route.model)
-        request = None if info is None else zeros_request(info, route)
-        if request is None:
+        if info is None:
+            return False
+        # A one-row request of zeros, naming the route's variant; a model whose inputs
+        # have no such request (BYTES, or a dimension of any size) is not probed.
+        variant = {} if route.default else {"switchyard_variant": route.variant}
+        try:
+            request = zeros_request(info.name, info.inputs, info.max_batch_size, 1, variant)
+        except InvalidInput:
             return False
         client = self.pool.client(route.address)
         # The probe holds a slot like any request, so a request sent meanwhile knows
@@ -189,25 +196,10 @@ class Prober:
             key = (address, name)
             info = self._cache.get(key)
             if info is None:
-                info = await self._describe(stub, name, timeout)
+                info = await describe(stub, name, timeout)
                 self._cache[key] = info
             found[name] = info
         return found, rtt_ms
-
-    async def _describe(self, stub: object, name: str, timeout_s: float) -> ModelInfo:
-        metadata = await stub.ModelMetadata(  # type: ignore[attr-defined]
-            pb.ModelMetadataRequest(name=name), timeout=timeout_s
-        )
-        config = None
-        try:
-            reply = await stub.ModelConfig(  # type: ignore[attr-defined]
-                pb.ModelConfigRequest(name=name), timeout=timeout_s
-            )
-            config = reply.config
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-        return model_info(metadata, config)
 
     def forget(self, address: str) -> None:
         """Drops cached metadata for an address (its backend restarted or changed)."""
@@ -215,24 +207,19 @@ class Prober:
             del self._cache[key]
 
 
-def zeros_request(info: ModelInfo, route: Route) -> bytes | None:
-    """A one-row request of zeros for the model (None when an input is BYTES or
-    has a variable non-batch dimension), naming the route's variant."""
-    request = pb.ModelInferRequest(model_name=info.name)
-    for spec in info.inputs:
-        dtype = NUMPY_DTYPES.get(spec.datatype)
-        if dtype is None or spec.datatype == "BYTES":
-            return None
-        shape = list(spec.shape)
-        if info.max_batch_size > 0 and shape and shape[0] == -1:
-            shape[0] = 1
-        if any(d < 0 for d in shape):
-            return None
-        count = 1
-        for d in shape:
-            count *= d
-        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
-        request.raw_input_contents.append(bytes(count * dtype.itemsize))
-    if not route.default:
-        request.parameters["switchyard_variant"].string_param = route.variant
-    return request.SerializeToString()
+async def describe(stub: object, name: str, timeout_s: float) -> ModelInfo:
+    """A model as a v2 server describes it: its metadata, and its configuration where
+    the server has Triton's extension (UNIMPLEMENTED: none)."""
+    metadata = await stub.ModelMetadata(  # type: ignore[attr-defined]
+        pb.ModelMetadataRequest(name=name), timeout=timeout_s
+    )
+    config = None
+    try:
+        reply = await stub.ModelConfig(  # type: ignore[attr-defined]
+            pb.ModelConfigRequest(name=name), timeout=timeout_s
+        )
+        config = reply.config
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    return model_info(metadata, config)
