@@ -270,17 +270,29 @@ def test_admin_cli_controls_the_running_gateway(served: RunningGateway, tmp_path
 
     unknown = served.admin("drain", "nope")
     assert unknown.returncode == 1 and "NOT_FOUND: unknown backend 'nope'" in unknown.stderr
-    no_token = subprocess.run(
-        [*SWITCHYARD, "admin", "--target", str(served.info["admin"]), "routes"],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "SWITCHYARD_ADMIN_TOKEN"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    # The embedded demo fleet names a token file; a fresh one holds a token the
-    # gateway under test does not use.
-    assert no_token.returncode != 0
+
+    def admin_without_token(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "SWITCHYARD_ADMIN_TOKEN"}
+        return subprocess.run(
+            [*SWITCHYARD, "admin", "--target", str(served.info["admin"]), *args],
+            cwd=cwd,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    # No token at all (the embedded demo fleet's token file is relative to where the
+    # CLI runs, and there is none there): refused before any call.
+    no_token = admin_without_token(tmp_path, "routes")
+    assert no_token.returncode == 2, no_token.stderr
+    assert "no admin token: set SWITCHYARD_ADMIN_TOKEN" in no_token.stderr
+    # A token the gateway does not use: the gateway refuses it.
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-gateway-token\n")
+    refused = admin_without_token(tmp_path, "--token-file", str(wrong), "routes")
+    assert refused.returncode == 1, refused.stderr
+    assert "switchyard admin: UNAUTHENTICATED" in refused.stderr
 
 
 def test_workers_end_when_the_gateway_is_killed(repository: Path, tmp_path: Path) -> None:
