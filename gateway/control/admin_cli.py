@@ -9,20 +9,18 @@ the token from SWITCHYARD_ADMIN_TOKEN, else `--token-file`, else the fleet's
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from gateway.config import ConfigError, load_fleet
-from gateway.control.admin import TOKEN_ENV, admin_token, read_token_file
+from gateway.config import ConfigError
+from gateway.control.admin_client import AdminCallError, AdminClient, admin_access, no_token
 from protos import admin_pb2 as apb
-from protos import admin_pb2_grpc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,63 +57,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain.add_argument("--batch-size", type=int, default=1)
 
 
-def admin_access(
-    fleet: Path | None, target: str | None, token_file: Path | None
-) -> tuple[str, str | None]:
-    """Where the admin API of the gateway running `fleet` (None: the demo fleet) listens,
-    unless `target` says, and its token: `token_file`'s, else SWITCHYARD_ADMIN_TOKEN,
-    else the fleet's `admin_token_file`; None when there is none."""
-    config = load_fleet(fleet)
-    token = None
-    if token_file is not None:
-        token = read_token_file(token_file, create=False)
-    if token is None:
-        token = admin_token(config, create=False)
-    return target or config.gateway.admin, token
-
-
-def _connect(args: argparse.Namespace) -> tuple[str, str]:
-    target, token = admin_access(args.config, args.target, args.token_file)
-    if token is None:
-        raise ConfigError(
-            f"no admin token: set {TOKEN_ENV}, or pass --token-file, or name "
-            "gateway.admin_token_file in the fleet file"
-        )
-    return target, token
-
-
-def _call(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub, token: str) -> Message:
-    metadata = (("authorization", f"Bearer {token}"),)
-    kw: dict[str, Any] = {"metadata": metadata, "timeout": args.timeout}
+def _request(args: argparse.Namespace) -> tuple[str, Message]:
+    """The admin API method the command calls, and its request."""
     command = args.admin_command
     if command == "routes":
-        return stub.ListRoutes(apb.ListRoutesRequest(model=args.model), **kw)  # type: ignore[no-any-return]
+        return "ListRoutes", apb.ListRoutesRequest(model=args.model)
     if command == "set-price":
-        request = apb.SetPriceRequest(backend=args.backend, usd_per_hour=args.usd_per_hour)
-        return stub.SetPrice(request, **kw)  # type: ignore[no-any-return]
+        return "SetPrice", apb.SetPriceRequest(backend=args.backend, usd_per_hour=args.usd_per_hour)
     if command == "policy":
         if args.set is None:
-            return stub.GetPolicy(apb.GetPolicyRequest(), **kw)  # type: ignore[no-any-return]
-        return stub.SetPolicy(apb.PolicyDocument(yaml=args.set.read_text()), **kw)  # type: ignore[no-any-return]
+            return "GetPolicy", apb.GetPolicyRequest()
+        return "SetPolicy", apb.PolicyDocument(yaml=args.set.read_text())
     if command in ("drain", "undrain"):
-        method = stub.Drain if command == "drain" else stub.Undrain
-        return method(apb.DrainRequest(backend=args.backend), **kw)  # type: ignore[no-any-return]
+        return command.capitalize(), apb.DrainRequest(backend=args.backend)
     if command == "backends":
-        return stub.ListBackends(apb.ListBackendsRequest(), **kw)  # type: ignore[no-any-return]
+        return "ListBackends", apb.ListBackendsRequest()
     if command in ("kill", "restart"):
-        method = stub.KillBackend if command == "kill" else stub.RestartBackend
-        return method(apb.BackendRequest(backend=args.backend), **kw)  # type: ignore[no-any-return]
+        method = "KillBackend" if command == "kill" else "RestartBackend"
+        return method, apb.BackendRequest(backend=args.backend)
     if command == "routing":
         if args.name is None:
-            return stub.GetRouting(apb.GetRoutingRequest(), **kw)  # type: ignore[no-any-return]
-        return stub.SetRouting(apb.Routing(name=args.name), **kw)  # type: ignore[no-any-return]
+            return "GetRouting", apb.GetRoutingRequest()
+        return "SetRouting", apb.Routing(name=args.name)
     explain = apb.ExplainRequest(
         model=args.model,
         sla_ms=args.sla_ms,
         sla_class=args.sla_class,
         batch_size=args.batch_size,
     )
-    return stub.Explain(explain, **kw)  # type: ignore[no-any-return]
+    return "Explain", explain
 
 
 def _ms(value: float) -> str:
@@ -247,36 +217,41 @@ def _render(args: argparse.Namespace, reply: Message) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        target, token = _connect(args)
+        target, token = admin_access(args.config, args.target, args.token_file)
+        if token is None:
+            raise no_token("no admin token")
     except ConfigError as exc:
         print(f"switchyard admin: {exc}", file=sys.stderr)
         return 2
+    try:
+        return asyncio.run(_run(args, target, token))
+    except AdminCallError as exc:
+        print(f"switchyard admin: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"switchyard admin: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _run(args: argparse.Namespace, target: str, token: str) -> int:
     from rich.console import Console
 
     # Piped output (scripts, logs) gets the whole table rather than a terminal's width.
     console = Console(width=None if sys.stdout.isatty() else 240)
-    with grpc.insecure_channel(target) as channel:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        try:
-            reply = _call(args, stub, token)
-            if args.json:
-                print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
-                return 0
-            if args.admin_command == "routes" and args.watch > 0:
-                from rich.live import Live
-
-                with Live(_render(args, reply), console=console, auto_refresh=False) as live:
-                    while True:
-                        time.sleep(args.watch)
-                        live.update(_render(args, _call(args, stub, token)), refresh=True)
-            console.print(_render(args, reply))
-        except grpc.RpcError as exc:
-            code = exc.code()
-            print(f"switchyard admin: {code.name}: {exc.details()}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
+    async with AdminClient(target, token, timeout_s=args.timeout) as admin:
+        method, request = _request(args)
+        reply = await admin.call(method, request)
+        if args.json:
+            print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
             return 0
-        except OSError as exc:
-            print(f"switchyard admin: {exc}", file=sys.stderr)
-            return 2
+        if args.admin_command == "routes" and args.watch > 0:
+            from rich.live import Live
+
+            with Live(_render(args, reply), console=console, auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(args.watch)
+                    live.update(_render(args, await admin.call(method, request)), refresh=True)
+        console.print(_render(args, reply))
     return 0

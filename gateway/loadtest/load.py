@@ -56,6 +56,7 @@ from backends.process import use_uvloop
 from backends.protocol.codec import zeros_request
 from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, PoliciesSettings
+from gateway.control.admin_client import AdminCallError, AdminClient, admin_access, no_token
 from gateway.loadtest import report as loadreport
 from gateway.loadtest.records import NO_ROUTE, FiredEvent, Records, Stream
 from gateway.routing.fleet import ModelInfo
@@ -72,7 +73,6 @@ from gateway.sim.scenario import (
 )
 from gateway.sim.simulate import Trace, make_trace
 from protos import admin_pb2 as apb
-from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
@@ -129,27 +129,6 @@ def make_plan(scenario: Scenario, short: bool, rate_scale: float = 1.0) -> Plan:
 # ---- the admin API: events, setup and restore ----------------------------------------
 
 
-class Admin:
-    """The gateway's admin API, for events and for setting up and restoring a run."""
-
-    def __init__(self, target: str, token: str) -> None:
-        self.target = target
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = admin_pb2_grpc.AdminStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    async def call(self, method: str, request: Any) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=10.0)
-        except grpc.aio.AioRpcError as exc:
-            raise LoadError(
-                f"admin {method} at {self.target}: {exc.code().name}: {exc.details()}"
-            ) from exc
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
 @dataclass(slots=True)
 class Saved:
     """The gateway's settings before the run, put back after it."""
@@ -159,18 +138,18 @@ class Saved:
     routing: str | None
 
 
-async def backend_prices(admin: Admin) -> dict[str, float]:
+async def backend_prices(admin: AdminClient) -> dict[str, float]:
     reply = await admin.call("ListRoutes", apb.ListRoutesRequest())
     return {r.backend: r.price_usd_per_hour for r in reply.routes}
 
 
-async def set_up(admin: Admin, plan: Plan, routing: str, console: Console) -> Saved:
+async def set_up(admin: AdminClient, plan: Plan, routing: str, console: Console) -> Saved:
     from gateway.control.admin import policies_yaml
 
     policy = await admin.call("GetPolicy", apb.GetPolicyRequest())
     prices = await backend_prices(admin)
     saved = Saved(policy.yaml, prices, None)
-    with contextlib.suppress(LoadError):
+    with contextlib.suppress(AdminCallError):
         saved.routing = (await admin.call("GetRouting", apb.GetRoutingRequest())).name
     if routing != "switchyard" or saved.routing not in (None, routing):
         if saved.routing is None:
@@ -193,21 +172,21 @@ async def set_up(admin: Admin, plan: Plan, routing: str, console: Console) -> Sa
     return saved
 
 
-async def restore(admin: Admin, saved: Saved, killed: set[str]) -> None:
+async def restore(admin: AdminClient, saved: Saved, killed: set[str]) -> None:
     for backend in sorted(killed):
-        with contextlib.suppress(LoadError):
+        with contextlib.suppress(AdminCallError):
             await admin.call("RestartBackend", apb.BackendRequest(backend=backend))
     for backend, price in saved.prices.items():
-        with contextlib.suppress(LoadError):
+        with contextlib.suppress(AdminCallError):
             await admin.call("SetPrice", apb.SetPriceRequest(backend=backend, usd_per_hour=price))
-    with contextlib.suppress(LoadError):
+    with contextlib.suppress(AdminCallError):
         await admin.call("SetPolicy", apb.PolicyDocument(yaml=saved.policy_yaml))
     if saved.routing is not None:
-        with contextlib.suppress(LoadError):
+        with contextlib.suppress(AdminCallError):
             await admin.call("SetRouting", apb.Routing(name=saved.routing))
 
 
-async def wait_ready(admin: Admin, backends: Sequence[str], timeout_s: float) -> list[str]:
+async def wait_ready(admin: AdminClient, backends: Sequence[str], timeout_s: float) -> list[str]:
     """Waits until every named backend's routes are ready; returns those that are not."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -223,14 +202,14 @@ async def wait_ready(admin: Admin, backends: Sequence[str], timeout_s: float) ->
 
 class AdminEvents:
     """Scenario events played on a live gateway through its admin API; each says what
-    was done (raises LoadError when it failed)."""
+    was done (raises AdminCallError when its call failed, LoadError with no admin API)."""
 
-    def __init__(self, admin: Admin | None, killed: set[str]) -> None:
+    def __init__(self, admin: AdminClient | None, killed: set[str]) -> None:
         self._admin = admin
         self.killed = killed
 
     @property
-    def admin(self) -> Admin:
+    def admin(self) -> AdminClient:
         if self._admin is None:
             raise LoadError("no admin API")
         return self._admin
@@ -345,7 +324,7 @@ class Run:
             if self.outstanding == 0 and self.sent == len(rec):
                 self.done.set()
 
-    async def _events(self, admin: Admin | None) -> None:
+    async def _events(self, admin: AdminClient | None) -> None:
         loop = asyncio.get_running_loop()
         for event in sorted(self.plan.scenario.events, key=lambda e: e.at_s):
             delay = self.started + event.at_s - loop.time()
@@ -359,10 +338,10 @@ class Run:
             try:
                 label = await event.apply(AdminEvents(admin, self.killed))
                 self.events.append(FiredEvent(at, label))
-            except LoadError as exc:
+            except (LoadError, AdminCallError) as exc:
                 self.events.append(FiredEvent(at, action, False, str(exc)))
 
-    async def run(self, admin: Admin | None, view: LiveView | None) -> float:
+    async def run(self, admin: AdminClient | None, view: LiveView | None) -> float:
         """Sends every arrival when due and waits for the answers; returns how long
         sending took (the scenario's duration, or longer when the generator fell behind)."""
         options = [
@@ -573,21 +552,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no live view")
 
 
-def _admin_for(args: argparse.Namespace, scenario: Scenario) -> Admin | None:
-    from gateway.control.admin import TOKEN_ENV
-    from gateway.control.admin_cli import admin_access
-
+def _admin_for(args: argparse.Namespace, scenario: Scenario) -> AdminClient | None:
     fleet = args.config if args.config is not None else scenario.live.fleet
     target, token = admin_access(fleet, args.admin, args.token_file)
     if token is None:
-        needs = scenario.events or args.baseline
-        if needs:
-            raise LoadError(
-                f"the scenario's events and baselines need the admin API: set {TOKEN_ENV}, "
-                "or pass --token-file"
-            )
+        if scenario.events or args.baseline:
+            raise no_token("the scenario's events and baselines need the admin API")
         return None
-    return Admin(target, token)
+    return AdminClient(target, token)
 
 
 async def _payloads(target: str, plan: Plan) -> list[bytes]:
@@ -633,7 +605,7 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
     if admin is not None:
         try:
             live_backends = set(await backend_prices(admin))
-        except LoadError as exc:
+        except AdminCallError as exc:
             if plan.scenario.events or args.baseline:
                 raise
             # A plain v2 server, or a gateway without its admin API: load only.
@@ -735,6 +707,6 @@ def run(args: argparse.Namespace) -> int:
     use_uvloop()
     try:
         return asyncio.run(_main(args, console))
-    except (ScenarioError, ConfigError, LoadError) as exc:
+    except (ScenarioError, ConfigError, LoadError, AdminCallError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         return 2

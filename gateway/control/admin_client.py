@@ -1,0 +1,88 @@
+"""A client of the admin API, for `switchyard admin` and the load generator: where the
+gateway's admin API listens and its token (a fleet file, SWITCHYARD_ADMIN_TOKEN, a token
+file), and calls carrying the bearer token and a deadline.
+
+Imports grpc and the generated admin stubs; nothing of the servicer's side but how the
+token is found (gateway.control.admin).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from gateway.config import ConfigError, load_fleet
+from gateway.control.admin import TOKEN_ENV, admin_token, read_token_file
+from protos import admin_pb2_grpc
+
+
+class AdminCallError(Exception):
+    """An admin call ended with an error status: the method, where, and the status."""
+
+    def __init__(self, method: str, target: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"admin {method} at {target}: {code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def admin_access(
+    fleet: Path | None, target: str | None, token_file: Path | None
+) -> tuple[str, str | None]:
+    """Where the admin API of the gateway running `fleet` (None: the demo fleet) listens,
+    unless `target` says, and its token: `token_file`'s, else SWITCHYARD_ADMIN_TOKEN,
+    else the fleet's `admin_token_file`; None when there is none."""
+    config = load_fleet(fleet)
+    token = None
+    if token_file is not None:
+        token = read_token_file(token_file, create=False)
+    if token is None:
+        token = admin_token(config, create=False)
+    return target or config.gateway.admin, token
+
+
+def no_token(what: str) -> ConfigError:
+    """The error when `what` needs the admin API and no token was found."""
+    return ConfigError(
+        f"{what}: set {TOKEN_ENV}, or pass --token-file, or name gateway.admin_token_file "
+        "in the fleet file"
+    )
+
+
+class AdminClient:
+    """One channel to a gateway's admin API; every call carries the bearer token and
+    a deadline. Use as an async context manager, or close()."""
+
+    def __init__(self, target: str, token: str, timeout_s: float = 10.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = admin_pb2_grpc.AdminStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    async def call(self, method: str, request: Message) -> Any:
+        """The admin API's `method` (ListRoutes, SetPrice, ...) with `request`;
+        AdminCallError when it ends with an error status."""
+        try:
+            return await getattr(self._stub, method)(
+                request, metadata=self._metadata, timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise AdminCallError(method, self.target, exc.code(), exc.details() or "") from exc
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.close()
