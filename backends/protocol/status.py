@@ -31,8 +31,20 @@ ServicerClass = TypeVar("ServicerClass", bound=type)
 Response = TypeVar("Response")
 
 
+class StatusError(errors.SwitchyardError):
+    """An error whose status was decided elsewhere (a backend's answer, which the
+    gateway passes on unchanged): it carries its own code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
     """The status code a caller receives for `error`."""
+    if isinstance(error, StatusError):
+        return error.code
     for cls in type(error).__mro__:
         code = _CODES.get(cls)
         if code is not None:

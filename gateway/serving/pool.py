@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import grpc
 
+from backends.protocol.status import StatusError
 from protos import inference_pb2_grpc as pb_grpc
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-class BackendCallError(Exception):
+class BackendCallError(StatusError):
     """A backend answered a call with an error status (passed to callers unchanged)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 class BackendClient:

@@ -27,7 +27,7 @@ from backends.protocol.errors import (
     SwitchyardError,
     Unavailable,
 )
-from backends.protocol.status import code_for
+from backends.protocol.status import aborts_with_status, code_for
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import Chooser, Policy, carbon_g, choose, cost_usd
@@ -44,7 +44,6 @@ from gateway.serving.converters import (
 )
 from gateway.serving.dispatch import Dispatcher, Job, LoopTimers
 from gateway.serving.metrics import GatewayMetrics
-from gateway.serving.pool import BackendCallError as ForwardedError
 from gateway.serving.pool import BackendPool
 from gateway.serving.stats import ModelCounters
 from gateway.serving.transport import Forward, GatewayObserver, GrpcTransport
@@ -58,6 +57,7 @@ EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchya
 STREAM_WINDOW = 64
 
 
+@aborts_with_status
 class GatewayServicer:
     def __init__(
         self,
@@ -87,13 +87,7 @@ class GatewayServicer:
     # ---- inference ---------------------------------------------------------------
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return await self._infer(request, context.time_remaining())
-        except SwitchyardError as exc:
-            await context.abort(code_for(exc), str(exc))
-        except ForwardedError as exc:
-            await context.abort(exc.code, exc.details)
-        raise AssertionError("unreachable")
+        return await self._infer(request, context.time_remaining())
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -113,7 +107,7 @@ class GatewayServicer:
             while (task := await pending.get()) is not None:
                 try:
                     yield stream_response(await task)
-                except (SwitchyardError, ForwardedError) as exc:
+                except SwitchyardError as exc:
                     yield stream_error(str(exc))
             await reader
         finally:
@@ -179,11 +173,8 @@ class GatewayServicer:
             if carbon is not None:
                 self.metrics.carbon.labels(model, backend).inc(carbon)
             return reply + self._suffix(route, attempts) + cost_parameter(cost)
-        except SwitchyardError as exc:
+        except SwitchyardError as exc:  # a backend's own status included
             outcome = code_for(exc).name
-            raise
-        except ForwardedError as exc:
-            outcome = exc.code.name
             raise
         finally:
             elapsed_ns = time.perf_counter_ns() - start_ns
@@ -266,36 +257,30 @@ class GatewayServicer:
     async def model_metadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        info = await self._described(request.name, request.version, context)
+        info = self._described(request.name, request.version)
         return metadata_message(info)
 
     async def model_config(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        info = await self._described(request.name, request.version, context)
+        info = self._described(request.name, request.version)
         return pb.ModelConfigResponse(
             config=config_message(info, self.fleet.variants(request.name))
         )
 
-    async def _described(
-        self, name: str, version: str, context: grpc.aio.ServicerContext
-    ) -> ModelInfo:
+    def _described(self, name: str, version: str) -> ModelInfo:
         info = self.fleet.model_info(name)
-        try:
-            if info is None:
-                raise ModelNotFound(f"unknown model {name!r}")
-            if version and version not in info.versions:
-                raise ModelNotFound(f"model {name!r} has no version {version!r}")
-        except SwitchyardError as exc:
-            await context.abort(code_for(exc), str(exc))
-        assert info is not None
+        if info is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        if version and version not in info.versions:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}")
         return info
 
     async def model_statistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         if request.name:
-            described = await self._described(request.name, request.version, context)
+            described = self._described(request.name, request.version)
             names = [described.name]
         else:
             names = self.fleet.known_models()
