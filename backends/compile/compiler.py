@@ -421,10 +421,6 @@ def _build(
     return Outcome(manifest.variant, status, detail, manifest, build_s)
 
 
-def tuning_entry(tuned: bool, trials: int, tasks: int, reused: bool) -> TuningEntry:
-    return TuningEntry(tuned=tuned, trials=trials, tasks=tasks, reused=reused)
-
-
 def parse_tolerances(items: Sequence[str]) -> dict[str, Tolerance]:
     """`int8=0.1` or `int8=0.1:0.98` (max abs diff, min top-1 agreement) per precision."""
     tolerances = dict(DEFAULT_TOLERANCES)

@@ -218,16 +218,11 @@ def _bin_of(times_s: FloatArray, bin_s: float, bins: int) -> IntArray:
 
 
 def shares_over_time(
-    records: Records, bin_s: float = 1.0
+    records: Records, bin_s: float = 1.0, until_s: float = 0.0
 ) -> tuple[FloatArray, dict[str, FloatArray]]:
     """Bin starts (s), and per route the share of the OK answers sent in each bin
-    (0 where a bin has no OK answer)."""
-    return _shares_over_time(records, bin_s, _bin_count(records, bin_s))
-
-
-def _shares_over_time(
-    records: Records, bin_s: float, bins: int
-) -> tuple[FloatArray, dict[str, FloatArray]]:
+    (0 where a bin has no OK answer); the bins cover the sends, or [0, until_s)."""
+    bins = _bin_count(records, bin_s, until_s)
     starts: FloatArray = np.arange(bins, dtype=np.float64) * bin_s
     ok = records.ok
     names, route = _route_names(records, ok)
@@ -343,10 +338,6 @@ def _ms(value: float) -> str:
 
 def _usd(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
-
-
-def _signed_pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value * 100:+.2f} pp"
 
 
 def _class_sla(records: Records) -> dict[str, list[float]]:
@@ -591,8 +582,8 @@ def chart(
 
     duration = max(summary.duration_s, float(records.send_s.max()) if len(records) else 0.0)
     bin_s = chart_bin_s(duration)
-    bins = _bin_count(records, bin_s, until_s=duration)
-    starts, shares = _shares_over_time(records, bin_s, bins)
+    starts, shares = shares_over_time(records, bin_s, until_s=duration)
+    bins = len(starts)
     mids = starts + bin_s / 2
     edges = np.append(starts, starts[-1] + bin_s)
 

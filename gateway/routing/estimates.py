@@ -1,9 +1,9 @@
 """Live latency estimates per route: an EWMA of the service time and a decayed
 quantile sketch, seeded from the compile-time profile.
 
-A sample is a route's observed service time (the attempt's latency less the
-network round trip and less the queue wait predicted when it was sent), so the
-estimate describes the route unloaded and the router adds the wait for the load
+A sample is a route's observed service time: the latency of an attempt that found
+a free slot, less the network round trip (attempts that queued are not measured), so
+the estimate describes the route unloaded and the router adds the wait for the load
 it sees. The sketch keeps counts in logarithmic buckets (relative error under
 5%); every count decays with a half-life, so old behaviour fades and a route
 that got slower shows it within a few seconds of traffic. Quantiles are
@@ -11,7 +11,8 @@ recomputed every few samples, or on the first sample after a second (a route
 that only gets probes follows each one), and read as plain attributes, because
 the router reads them for every route of every request.
 
-Pure: time comes in as `now_s`.
+Pure: time comes in as `now_s`. Imports no grpc, no protobuf, no clock, no asyncio
+and no randomness (the rule of gateway/routing).
 """
 
 from __future__ import annotations
@@ -165,13 +166,13 @@ class LatencyEstimate:
         return found + [self.mean_ms] * (len(ranks) - len(found))
 
 
-def service_sample(latency_ms: float, rtt_ms: float, wait_ms: float = 0.0) -> float:
-    """A route's service time from an attempt's latency: less the network round trip
-    and the queue wait predicted at send time, but never below a quarter of what
-    remains after the wait (a noisy round-trip estimate must not make a route look
+def service_sample(latency_ms: float, rtt_ms: float) -> float:
+    """A route's service time from the latency of an attempt that found a free slot
+    (so no queue wait is in it): less the network round trip, but never below a
+    quarter of the latency (a noisy round-trip estimate must not make a route look
     free)."""
-    after_wait = max(latency_ms - wait_ms, MIN_MS)
-    return max(after_wait - rtt_ms, after_wait * 0.25)
+    latency_ms = max(latency_ms, MIN_MS)
+    return max(latency_ms - rtt_ms, latency_ms * 0.25)
 
 
 RTT_WINDOW = 8

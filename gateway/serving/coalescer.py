@@ -125,7 +125,6 @@ class Coalescer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._arrivals = itertools.count()
         self.merged_calls = 0
-        self.merged_requests = 0
 
     async def call(
         self,
@@ -207,7 +206,6 @@ class Coalescer:
                 await self._send_alone(route, batch[0])
                 return
             self.merged_calls += 1
-            self.merged_requests += len(batch)
             if self._on_merged is not None:
                 self._on_merged(route, len(batch))
             requests = [w.parsed for w in batch]
