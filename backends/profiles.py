@@ -1,6 +1,10 @@
 """Variant profiles: measured latency and throughput of a variant on a hardware
 class, stored next to the variant (`profile.json`) as the router's prior and the
-worker's choice of default variant. Written by `switchyard profile`."""
+worker's choice of default variant. Written by `switchyard profile`.
+
+Imports pydantic and the repository only: no grpc, no generated protobuf, nothing from
+the gateway.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ typo in a fleet file fails loudly instead of becoming a silent default.
 Relative paths in a fleet file are relative to the file's folder. With no file,
 `switchyard serve` uses the embedded demo fleet (`gateway/demo_fleet.yaml`),
 whose repository is `models` under the current directory.
+
+Imports pydantic, YAML and the routing core's policy defaults: no grpc, no protobuf, no
+other plane.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Starts the launched backend workers, the prober, the Open Inference Protocol
 server (with `grpc.health.v1`), and the Prometheus endpoint; prints where to
 send requests; stops everything cleanly on SIGINT/SIGTERM.
+
+The one module that assembles every plane; only the CLI and the tests import it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ CUDA target asked for, or that the hardware classes of a fleet file need, tuned
 with MetaSchedule (records kept in the repository and reused). A variant that
 does not apply is skipped with the reason; one that misses its accuracy
 tolerance is kept on disk, marked rejected with the numbers, and never served.
+
+Imports nothing from the gateway (a fleet file's hardware classes are handed in by
+gateway.cli) and no grpc or generated protobuf; TVM only inside its builds.
 """
 
 from __future__ import annotations

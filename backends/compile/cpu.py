@@ -1,4 +1,7 @@
-"""What this machine's CPU can run and what it is: its /proc/cpuinfo flags and model name."""
+"""What this machine's CPU can run and what it is: its /proc/cpuinfo flags and model name.
+
+Imports the standard library only.
+"""
 
 from __future__ import annotations
 

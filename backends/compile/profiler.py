@@ -7,6 +7,9 @@ pinned to as many cores as the class has threads, with that many runtime
 threads, plus the class's emulated service delay. Each measurement runs the
 variant's adapter directly (service time, no network), one call at a time, at
 each batch size.
+
+Imports no grpc, no generated protobuf and nothing from the gateway; runtimes only
+through their loader.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Every builder writes its artifact into `<repo>/<model>/variants/<variant>/` and
 returns a manifest; `check_accuracy` runs a built variant on the sample inputs
 and compares it with the fp32 reference (max abs diff, top-1 agreement for
 classifiers). The compiler (`backends.compile.compiler`) drives these and the TVM ones.
+
+Imports ONNX Runtime and onnx (their quantisation and conversion tools); no grpc, no
+generated protobuf, nothing from the gateway.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ their latency, which is what int8 speeds up.
 Each model gets its source `model.onnx`, sample inputs and reference outputs
 under `samples/`, and its ONNX Runtime fp32 variant. Needs the `models` extra
 (onnx, scikit-learn, skl2onnx, magika).
+
+Imports no grpc, no generated protobuf and nothing from the gateway.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Decoding validates every input against the served model's signature and raises
 `InvalidInput` with a message naming the input; nothing malformed reaches a
 runtime. Raw contents are viewed without copying where the dtype allows.
+
+The one module here that imports generated protobuf (protos.inference_pb2); no grpc, no
+runtime, nothing from the gateway.
 """
 
 from __future__ import annotations

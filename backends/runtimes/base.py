@@ -1,8 +1,11 @@
-"""The interface every runtime adapter implements (ONNX Runtime now; TVM next).
+"""The interface every runtime adapter implements (ONNX Runtime and Apache TVM).
 
 An adapter owns one loaded variant and runs it on numpy arrays. It is called
 from worker threads, never on the event loop, and must be safe to call from
 several threads at once.
+
+Imports numpy only: no runtime (each adapter imports its own), no grpc, no protobuf,
+nothing from the gateway.
 """
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
+"""`python -m backends.worker`: one backend worker (backends.worker.server). Imports
+nothing from the gateway."""
+
 import sys
 
 from backends.worker.server import main

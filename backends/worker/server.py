@@ -1,12 +1,17 @@
 """The backend worker: serves a model repository over the Open Inference Protocol.
 
 `switchyard backend --repository DIR --listen HOST:PORT --threads N
---hardware-class NAME [--models ...]` loads one variant per model (ONNX Runtime
-for now), verifies each artifact's sha256 against its manifest, and answers the
-same gRPC API as the gateway, so the gateway can route to it or to any other v2
-server alike. Inference runs in worker threads behind a dynamic batcher, never
-on the event loop. On start it prints one JSON line,
+--hardware-class NAME [--models ...]` loads every servable variant of each model
+(ONNX Runtime or Apache TVM; the fastest by its profile here is the default, a
+request may name another with `switchyard_variant`), verifies each artifact's
+sha256 against its manifest, and answers the same gRPC API as the gateway, so the
+gateway can route to it or to any other v2 server alike. Inference runs in worker
+threads behind a dynamic batcher, never on the event loop. On start it prints one
+JSON line,
 `{"event": "listening", "address": ..., "pid": ...}`, for supervisors.
+
+A protocol edge: grpc and generated protobuf are imported here and in backends.protocol;
+nothing from the gateway.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Three targets, one after the other, each alone on the machine while measured:
 One closed-loop load client (`gateway.bench.loadgen`) drives all three at each
 concurrency; Triton's perf_analyzer, which cannot drive KServe (no ModelConfig RPC),
 cross-checks the first two. Prints rich tables and writes a Markdown report.
+
+Imports neither the project's `protos` nor tritonclient (their protobuf packages share a
+name): the load client and KServe run in processes of their own.
 """
 
 from __future__ import annotations

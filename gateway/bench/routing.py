@@ -4,6 +4,8 @@ process, all on the same seeded routes.
 
 `python -m gateway.bench.routing [--out BENCHMARKS.md]` writes its section of
 BENCHMARKS.md (between markers) and leaves the rest.
+
+Imports the routing core and the report formatting only: no grpc, no protobuf.
 """
 
 from __future__ import annotations

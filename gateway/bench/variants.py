@@ -15,6 +15,8 @@ first compile it is compared with is the tuning that made them, as their
 `--trials` trials, and compiles twice.
 
 Writes its section of BENCHMARKS.md (between markers) and leaves the rest.
+
+Imports the compiler and the profiler (backends.compile): no grpc, no protobuf.
 """
 
 from __future__ import annotations

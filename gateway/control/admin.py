@@ -6,6 +6,9 @@ The token comes from the environment variable SWITCHYARD_ADMIN_TOKEN, else from
 the file the fleet names (`gateway.admin_token_file`, created with a random
 token when missing, readable by its owner only). With neither, the admin API
 does not start.
+
+A protocol edge: imports grpc and the generated admin protobuf; of the data plane, only
+the routing core's views.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ admin API. Human tables by default, `--json` for machines.
 Where to connect and the token: `--target` (default: the fleet's `gateway.admin`),
 the token from SWITCHYARD_ADMIN_TOKEN, else `--token-file`, else the fleet's
 `gateway.admin_token_file`; the fleet is `--config`, default the embedded demo fleet.
+
+Imports the admin client and the generated admin messages; nothing of a running
+gateway's parts.
 """
 
 from __future__ import annotations

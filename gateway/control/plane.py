@@ -3,6 +3,8 @@ gateway goes through here (prices, policies, drains, routing, killing and
 restarting launched workers), from the admin API, the fleet file when it changes
 on disk, and price schedules replayed against the clock. Routing reads the
 result on the next request.
+
+Imports no grpc and no generated protobuf: the admin API converts at its edge.
 """
 
 from __future__ import annotations

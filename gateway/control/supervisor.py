@@ -6,6 +6,8 @@ on shutdown. Workers are asked to die with the gateway (Linux PR_SET_PDEATHSIG).
 For failure drills, `kill` SIGKILLs a worker and holds it down (the gateway sees
 the death as it sees a crash, but nothing restarts it) until `restart` releases
 the hold and the worker starts at once, on the port it had.
+
+Imports no grpc and no generated protobuf: it starts and watches processes.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ with the fastest-only baseline replayed after it, prints the tables and the path
 of the report's PNG, and stops the gateway. Opens nothing.
 
     python -m gateway.loadtest.demo [--scenario FILE] [--short] [--report DIR]
+
+Imports no grpc and no generated protobuf: it runs the gateway and `switchyard load` as
+processes.
 """
 
 from __future__ import annotations

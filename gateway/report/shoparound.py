@@ -7,6 +7,8 @@ the figures next to each variant. `report` turns them into the shop-around view:
 per model, a table of variant x hardware class with p50, p99, throughput, cost
 and carbon per million inferences, and the cheapest route under each SLA
 threshold; as Markdown and as a PNG chart.
+
+Imports no grpc and no generated protobuf; matplotlib only when the chart is drawn.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Resolves the SLA policy that applies to a request from the fleet's policies:
 the default, overridden by the model's entry, then the request's class, then the
 request's own `sla_ms`. Unknown classes are the caller's error.
+
+Pure, as the rest of gateway/routing: imports no grpc, no protobuf, no clock, no asyncio
+and no randomness.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ as the router predicts waits), then in arrival order; a merged call carries its
 best priority. A backend whose queue also goes by deadline (a Switchyard worker)
 is told, as each call leaves, how long its request has left (`switchyard_due_us`;
 a merged call: its earliest).
+
+Imports grpc and generated protobuf (it reads request headers and merges tensors);
+nothing of the control plane.
 """
 
 from __future__ import annotations

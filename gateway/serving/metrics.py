@@ -1,4 +1,7 @@
-"""Prometheus metrics of the gateway, on a registry passed in (never the global one)."""
+"""Prometheus metrics of the gateway, on a registry passed in (never the global one).
+
+Imports prometheus_client only: no grpc, no protobuf, and never the global registry.
+"""
 
 from __future__ import annotations
 

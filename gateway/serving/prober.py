@@ -1,6 +1,9 @@
 """Active health probing: asks each backend whether it is ready and which models
 it holds (RepositoryIndex, or the models its fleet entry lists), fetches metadata
 and configuration for each ready model, and records the result in the fleet state.
+
+A protocol edge (with the converters): imports grpc and generated protobuf; nothing of
+the control plane.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Per-model request statistics of the gateway, for the ModelStatistics API."""
+"""Per-model request statistics of the gateway, for the ModelStatistics API.
+
+Plain counters: imports no grpc and no protobuf.
+"""
 
 from __future__ import annotations
 
