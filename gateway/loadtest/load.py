@@ -28,6 +28,9 @@ budget.
 With `--baseline NAME` the same arrivals are replayed with the gateway's routing
 switched to that baseline (fastest-only, cheapest-only, round-robin,
 least-loaded), so savings are measured side by side on the same machine.
+
+A client: imports grpc and generated protobuf (the data plane's and the admin API's
+messages), and none of the gateway's running parts (servicer, dispatcher).
 """
 
 from __future__ import annotations

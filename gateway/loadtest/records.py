@@ -10,6 +10,8 @@ still outstanding when the run was cut short.
 
 Kept as numpy arrays so a 2,000 requests/s run costs little memory, and written
 as CSV (`requests.csv`) so SREs can read it with anything.
+
+Imports numpy only: no grpc, no protobuf.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ backends:                           # simulate: the modelled backends; load: nam
   - name: small-cpu                 # the live fleet's name (gateway/demo_fleet.yaml)
     hardware_class: cpu-x86-64-v4-1c
     price_usd_per_hour: 0.04
-    slots: 1                        # requests served at once; more wait in a FIFO queue
+    slots: 1                        # requests served at once; more wait, earliest deadline first
     network_ms: 0.2                 # round trip gateway <-> backend, added to each attempt
     models:                         # service time per model (and variant), batch 1
       resnet: {p50_ms: 8.0, p99_ms: 14.0}               # one variant (ort-cpu-fp32)
@@ -101,7 +101,8 @@ class ModelledBackend(_Strict):
     hardware_class: str = "cpu"
     price_usd_per_hour: float = Field(ge=0)
     slots: int = Field(1, ge=1)
-    """Requests it serves at once; the rest wait in a FIFO queue."""
+    """Requests it serves at once; the rest wait, earliest deadline first (their
+    arrival plus their SLA), as the live gateway and its workers queue them."""
     network_ms: float = Field(0.2, ge=0)
     """Round trip between the gateway and the backend, added to every attempt."""
     models: dict[Name, ServiceTime | list[ServiceTime]] = Field(min_length=1)
