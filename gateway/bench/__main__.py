@@ -42,6 +42,8 @@ from backends.process import dies_with_this_process
 from gateway.bench import harness, report
 from gateway.bench.harness import BenchError, Child, switchyard_command
 from gateway.bench.report import DIRECT, GATEWAY, KSERVE, Measurement, Results
+from gateway.config import BackendSettings, LaunchSettings
+from gateway.control.supervisor import worker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_LABELS = {
@@ -105,19 +107,12 @@ def start_target(
     work = work / f"round{round_number}"
     work.mkdir(exist_ok=True)
     if key == DIRECT:
-        command = [
-            sys.executable,
-            "-m",
-            "backends.worker.server",
-            "--repository",
-            str(repository),
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            str(args.threads),
-            "--hardware-class",
-            "cpu",
-        ]
+        # The worker as the gateway launches it (its defaults: no emulated delay, the
+        # variant's own batching), on a hardware class of no profile.
+        backend = BackendSettings(
+            name="cpu", address="127.0.0.1:0", launch=LaunchSettings(threads=args.threads)
+        )
+        command = worker_command(backend, repository, "127.0.0.1:0")
         with Child("backend", command, work, ROOT) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"worker": child.process.pid}
     elif key == GATEWAY:
@@ -391,12 +386,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: build perf_analyzer when missing and cross-check with it",
     )
-    parser.add_argument("--perf-analyzer-dir", type=Path, default=ROOT / ".bench" / "perf_analyzer")
-    parser.add_argument(
-        "--perf-analyzer-build",
-        type=Path,
-        default=ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh",
-    )
+    harness.add_perf_analyzer_arguments(parser, ROOT)
     parser.add_argument(
         "--perf-analyzer-models",
         nargs="*",

@@ -12,6 +12,7 @@ for that reason.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -224,6 +225,21 @@ def ensure_perf_analyzer(out_dir: Path, build_script: Path, log: Any) -> Path:
     return binary
 
 
+def add_perf_analyzer_arguments(parser: argparse.ArgumentParser, root: Path) -> None:
+    """Where perf_analyzer is built (`--perf-analyzer-dir`) and its build script."""
+    parser.add_argument("--perf-analyzer-dir", type=Path, default=root / ".bench" / "perf_analyzer")
+    parser.add_argument(
+        "--perf-analyzer-build",
+        type=Path,
+        default=root.parent / "shared" / "tools" / "perf_analyzer" / "build.sh",
+    )
+
+
+def perf_analyzer_command(binary: Path, address: str, model: str, *options: str) -> list[str]:
+    """perf_analyzer over gRPC against `model` at `address`, with `options`."""
+    return [str(binary), "-i", "grpc", "-u", address, "-m", model, *options]
+
+
 @dataclass(frozen=True, slots=True)
 class PerfAnalyzerLevel:
     concurrency: int
@@ -255,13 +271,9 @@ def perf_analyzer_rows(
 ) -> list[PerfAnalyzerRow]:
     """perf_analyzer over gRPC with `load_args` (`--concurrency-range C:C`,
     `--request-rate-range R:R`, ...); parses the CSV it writes to `csv_path`."""
-    command = [
-        str(binary),
-        "-i",
-        "grpc",
-        "-u",
+    command = perf_analyzer_command(
+        binary,
         address,
-        "-m",
         model,
         *load_args,
         "--measurement-interval",
@@ -272,7 +284,7 @@ def perf_analyzer_rows(
         str(max_trials),
         "-f",
         str(csv_path),
-    ]
+    )
     csv_path.unlink(missing_ok=True)
     try:
         result = subprocess.run(
@@ -344,13 +356,9 @@ def run_perf_analyzer(
 def probe_perf_analyzer(binary: Path, address: str, model: str, work_dir: Path) -> str:
     """Whether perf_analyzer can drive a server at all; returns its error, or ''."""
     result = subprocess.run(
-        [
-            str(binary),
-            "-i",
-            "grpc",
-            "-u",
+        perf_analyzer_command(
+            binary,
             address,
-            "-m",
             model,
             "--concurrency-range",
             "1:1",
@@ -360,7 +368,7 @@ def probe_perf_analyzer(binary: Path, address: str, model: str, work_dir: Path) 
             "1",
             "--stability-percentage",
             "100",
-        ],
+        ),
         capture_output=True,
         text=True,
         cwd=work_dir,

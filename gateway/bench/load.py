@@ -289,49 +289,48 @@ def measure_agreement(
         warm.write_text(scenario_yaml("warmup", 200.0, 2.0, "constant"))
         run_load(address, admin, warm, work, env, 60)
         pa_timeout = args.pa_trials * args.pa_interval_ms / 1000.0 + 60
-        for rate in args.pa_rates:
+
+        def pair(
+            label: str, pa_load: list[str], name: str, rate: float | None, arrivals: str
+        ) -> tuple[PerfAnalyzerRow, LoadRun]:
+            """perf_analyzer with `pa_load`, then `switchyard load` at `rate` (None: the
+            throughput perf_analyzer measured) with `arrivals`."""
             [row] = harness.perf_analyzer_rows(
                 pa_binary,
                 address,
                 MODEL,
-                ["--request-rate-range", f"{rate:g}:{rate:g}"],
+                pa_load,
                 args.pa_interval_ms,
-                work / f"pa-rate-{rate:g}.csv",
+                work / f"pa-{label}.csv",
                 pa_timeout,
                 args.pa_trials,
             )
-            path = work / f"rate-{rate:g}.yaml"
-            path.write_text(scenario_yaml(f"rate-{rate:g}", rate, args.level_s, "constant"))
+            rate = round(row.throughput_per_s, 1) if rate is None else rate
+            path = work / f"{name}.yaml"
+            path.write_text(scenario_yaml(name, rate, args.level_s, arrivals))
             done = run_load(address, admin, path, work, env, args.level_s + 60)
-            found.rate_pairs.append((rate, row, done))
             log(
-                f"  rate {rate:g}/s: perf_analyzer {row.throughput_per_s:,.1f}/s p50 "
+                f"  {label}: perf_analyzer {row.throughput_per_s:,.1f}/s p50 "
                 f"{row.latency_p50_ms:.3f} p99 {row.latency_p99_ms:.3f} ms; switchyard load "
-                f"{throughput_per_s(done.summary):,.1f}/s p50 {latency(done.summary, 'p50'):.3f} "
-                f"p99 {latency(done.summary, 'p99'):.3f} ms"
-            )
-        for c in args.pa_concurrency:
-            [row] = harness.perf_analyzer_rows(
-                pa_binary,
-                address,
-                MODEL,
-                ["--concurrency-range", f"{c}:{c}"],
-                args.pa_interval_ms,
-                work / f"pa-c{c}.csv",
-                pa_timeout,
-                args.pa_trials,
-            )
-            rate = round(row.throughput_per_s, 1)
-            path = work / f"poisson-c{c}.yaml"
-            path.write_text(scenario_yaml(f"poisson-c{c}", rate, args.level_s, "poisson"))
-            done = run_load(address, admin, path, work, env, args.level_s + 60)
-            found.concurrency_pairs.append((c, row, done))
-            log(
-                f"  c={c}: perf_analyzer {row.throughput_per_s:,.1f}/s p50 "
-                f"{row.latency_p50_ms:.3f} p99 {row.latency_p99_ms:.3f} ms; switchyard load "
-                f"Poisson {throughput_per_s(done.summary):,.1f}/s p50 "
+                f"({arrivals}) {throughput_per_s(done.summary):,.1f}/s p50 "
                 f"{latency(done.summary, 'p50'):.3f} p99 {latency(done.summary, 'p99'):.3f} ms"
             )
+            return row, done
+
+        for rate in args.pa_rates:
+            row, done = pair(
+                f"rate-{rate:g}",
+                ["--request-rate-range", f"{rate:g}:{rate:g}"],
+                f"rate-{rate:g}",
+                rate,
+                "constant",
+            )
+            found.rate_pairs.append((rate, row, done))
+        for c in args.pa_concurrency:
+            row, done = pair(
+                f"c{c}", ["--concurrency-range", f"{c}:{c}"], f"poisson-c{c}", None, "poisson"
+            )
+            found.concurrency_pairs.append((c, row, done))
 
 
 def measure_price_spike(
@@ -713,12 +712,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("capacity", "agreement", "price-spike"),
         default=["capacity", "agreement", "price-spike"],
     )
-    parser.add_argument("--perf-analyzer-dir", type=Path, default=ROOT / ".bench" / "perf_analyzer")
-    parser.add_argument(
-        "--perf-analyzer-build",
-        type=Path,
-        default=ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh",
-    )
+    harness.add_perf_analyzer_arguments(parser, ROOT)
     parser.add_argument(
         "--log-dir", type=Path, default=None, help="keep logs, scenarios and CSVs here"
     )
