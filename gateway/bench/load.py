@@ -45,6 +45,7 @@ from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
 from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow, switchyard_command
 from gateway.bench.report import with_section
+from gateway.loadtest.report import sla_met
 from gateway.report.markdown import markdown_table
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import RouteRequest
@@ -542,7 +543,7 @@ def price_spike_markdown(found: Findings) -> list[str]:
     targets = sla_targets(PRICE_SPIKE, classes)
 
     def meets(run: dict[str, Any], klass: str) -> bool:
-        return bool(run["attainment"].get(klass, 0.0) >= targets[klass][0] / 100)
+        return sla_met(run["attainment"].get(klass, math.nan), targets[klass][0])
 
     rows = []
     for klass in classes:

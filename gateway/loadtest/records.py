@@ -41,6 +41,9 @@ class Stream:
     for its own `sla_ms`, else `default`."""
     sla_ms: float
     """The latency target the request is held to (resolved from the scenario's policies)."""
+    percentile: float = 99.0
+    """The share of the class's requests (in %) that must be within `sla_ms`: its SLA is
+    p`percentile` <= `sla_ms`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,10 @@ class RunSummary:
     """Sum of cost_usd of OK answers / OK answers x 1e6; NaN when none was OK."""
     shares: dict[str, float] = field(default_factory=dict)
     """Per route (`backend/variant`): its share of the OK answers over the run."""
+    sla: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per SLA class: its SLA, (percentile, latency ms): met when at least that
+    percentile of its requests were answered OK within that latency (the strictest
+    of its streams' where they differ)."""
 
     @property
     def error_count(self) -> int:
@@ -104,6 +108,7 @@ class RunSummary:
                 "lag_p99_ms": self.lag_p99_ms,
                 "kept_up": self.kept_up,
                 "attainment": dict(self.attainment),
+                "sla": {k: {"percentile": p, "latency_ms": ms} for k, (p, ms) in self.sla.items()},
                 "latency_ms": {k: dict(v) for k, v in self.latency_ms.items()},
                 "cost_usd_per_1m": self.cost_usd_per_1m,
                 "shares": dict(self.shares),
@@ -168,6 +173,10 @@ def summarise(
     kept_up = lag_p99_ms <= MAX_LAG_P99_MS and sent_rate >= MIN_SENT_FRACTION * asked_rate_per_s
 
     names, klass, sla = _class_index(records)
+    targets: dict[str, tuple[float, float]] = {}
+    for stream in records.streams:
+        pct, ms = targets.get(stream.sla_class, (0.0, math.inf))
+        targets[stream.sla_class] = (max(pct, stream.percentile), min(ms, stream.sla_ms))
     attainment: dict[str, float] = {}
     latency: dict[str, dict[str, float]] = {}
     within = ok & (records.latency_ms <= sla)
@@ -201,6 +210,7 @@ def summarise(
         lag_p99_ms=lag_p99_ms,
         kept_up=bool(kept_up),
         attainment=attainment,
+        sla={name: targets[name] for name in names if name in targets},
         latency_ms=latency,
         cost_usd_per_1m=cost,
         shares=shares,
@@ -261,23 +271,34 @@ def share_moved(
     return {name: (share, second[name]) for name, share in first.items()}
 
 
+def sla_met(attainment: float, percentile: float) -> bool:
+    """Whether a class met its SLA: at least `percentile` % of its requests answered OK
+    within its latency (`attainment`, a fraction; NaN: no requests, not met)."""
+    return not math.isnan(attainment) and attainment >= percentile / 100.0
+
+
 def check_live(
     summary: RunSummary,
-    attainment_min: float | None,
     classes: Sequence[str] | None,
     max_error_fraction: float | None,
 ) -> list[Check]:
-    """The live run's checks: the attainment floor in the given classes (every class
-    when None), the error fraction, no request lost, and the generator kept up."""
+    """The live run's checks: each class (of `classes`; every class when None) held to
+    its own SLA, the error fraction, no request lost, and the generator kept up."""
     out: list[Check] = []
-    if attainment_min is not None:
-        for name in summary.attainment if classes is None else classes:
-            met = summary.attainment.get(name, math.nan)
-            title = f"attainment {name} >= {attainment_min:.2%}"
-            if math.isnan(met):
-                out.append((title, False, "no requests in this class"))
-            else:
-                out.append((title, met >= attainment_min, f"{met:.2%}"))
+    for name in summary.attainment if classes is None else classes:
+        met = summary.attainment.get(name, math.nan)
+        target = summary.sla.get(name)
+        if target is None or math.isnan(met):
+            out.append((f"{name} meets its SLA", False, "no requests in this class"))
+            continue
+        pct, latency_ms = target
+        out.append(
+            (
+                f"{name} meets p{pct:g} <= {latency_ms:g} ms",
+                sla_met(met, pct),
+                f"{met:.2%} within {latency_ms:g} ms ({pct:g}% needed)",
+            )
+        )
     if max_error_fraction is not None:
         errors = summary.error_count
         fraction = errors / summary.requests if summary.requests else 0.0

@@ -84,7 +84,9 @@ def test_short_form_meets_the_scenarios_live_thresholds(
     assert summary["lost"] == 0
     assert summary["ok"] + sum(summary["errors"].values()) == summary["requests"]
     names = [c["name"] for c in out["checks"]]
-    assert any(n.startswith("attainment") for n in names), names
+    # Each class is held to its own SLA (p99 <= its latency), not to a looser floor.
+    sla_checks = [c for c in out["checks"] if " meets p" in c["name"]]
+    assert {c["name"].split(" meets ")[0] for c in sla_checks} == set(summary["attainment"])
     if scenario != "price-spike":  # planned drain and kill -9: not one failed request
         assert summary["errors"] == {}, summary["errors"]
     # The routing moved as the scenario says (its `shares` checks passed above).
