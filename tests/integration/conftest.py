@@ -4,6 +4,7 @@ workers over the demo repository and a gateway in front of them."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,13 +31,18 @@ class Gate:
     execution waits at it in its inference thread. Once one is `holding`, the model
     is busy and whatever arrives queues behind it, for as long as the test needs;
     `open` lets them all through. `ran` keeps each execution's inputs, in the order
-    the executions reached the runtime."""
+    the executions reached the runtime, and `spans` when each ran (perf_counter
+    seconds, from passing the gate to its end, `delay_s` of emulated work included)."""
 
-    def __init__(self, run: RunFn) -> None:
+    def __init__(self, run: RunFn, closed: bool = True, delay_s: float = 0.0) -> None:
         self._run = run
+        self._delay_s = delay_s
         self._open = threading.Event()
+        if not closed:
+            self._open.set()
         self._reached = threading.Event()
         self.ran: list[dict[str, Array]] = []
+        self.spans: list[tuple[float, float]] = []
 
     @property
     def holding(self) -> bool:
@@ -51,7 +57,13 @@ class Gate:
         self._reached.set()
         if not self._open.wait(GATE_TIMEOUT_S):
             raise TimeoutError(f"the gate stayed closed for {GATE_TIMEOUT_S:g} s")
-        return self._run(inputs, outputs)
+        start = time.perf_counter()
+        try:
+            if self._delay_s:
+                time.sleep(self._delay_s)  # emulated work, in the inference thread
+            return self._run(inputs, outputs)
+        finally:
+            self.spans.append((start, time.perf_counter()))
 
 
 class CountingBatcher(Batcher):
@@ -73,7 +85,7 @@ class CountingBatcher(Batcher):
 
 @dataclass
 class HeldModel:
-    """A served model behind a closed gate, its queue counted."""
+    """A served model behind a gate, its queue counted."""
 
     gate: Gate
     batcher: CountingBatcher
@@ -91,15 +103,18 @@ class Worker:
     executor: Executor | None = None
     gates: list[Gate] = field(default_factory=list)
 
-    async def hold(self, model: str, max_batch_rows: int = 1) -> HeldModel:
-        """Puts `model`'s default variant behind a closed gate, with a batcher that
-        counts arrivals and merges at most `max_batch_rows` rows: the model is then
-        busy with the first request until the test opens the gate."""
+    async def hold(
+        self, model: str, max_batch_rows: int = 1, closed: bool = True, delay_s: float = 0.0
+    ) -> HeldModel:
+        """Puts `model`'s default variant behind a gate (closed: the model is busy with
+        the first request until the test opens it), with a batcher that counts
+        arrivals and merges at most `max_batch_rows` rows, and `delay_s` of emulated
+        work per execution."""
         served = self.models[model]
         loaded = served.variants[served.default]
         assert self.executor is not None
         await loaded.batcher.stop()
-        gate = Gate(loaded.adapter.run)
+        gate = Gate(loaded.adapter.run, closed, delay_s)
         outputs = [spec.name for spec in loaded.adapter.outputs]
         batcher = CountingBatcher(gate, self.executor, outputs, max_batch_rows)
         batcher.start()

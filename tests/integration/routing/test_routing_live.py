@@ -4,6 +4,7 @@ policies and `explain` through the admin API, and the response parameters."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import urllib.request
 from collections import Counter
@@ -313,6 +314,8 @@ async def test_a_late_attempt_is_hedged_to_the_next_route(
     )
     gw = await start_gateway(config)
     try:
+        # The slow route holds what it gets until the test ends: only a hedge answers.
+        held = await slow.hold("digits")
         inputs, _ = samples(repository, "digits")
         request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
         async with grpc.aio.insecure_channel(gw.address) as channel:
@@ -324,7 +327,11 @@ async def test_a_late_attempt_is_hedged_to_the_next_route(
             params = {k: v.string_param for k, v in reply.parameters.items()}
             assert params["switchyard_backend"] == "dear-fast"
             assert params["switchyard_attempts"] == "2"
-        assert gw.servicer.metrics.decisions.labels("digits", "hedge")._value.get() == 1
+        assert held.batcher.arrived == 1 and held.gate.holding  # the first attempt, still held
+        hedges = gw.registry.get_sample_value(
+            "switchyard_decisions_total", {"model": "digits", "reason": "hedge"}
+        )
+        assert hedges == 1
         # The losing attempt was cancelled: nothing is left in flight.
         await wait_until(
             lambda: all(b.in_flight == 0 for b in gw.fleet.backends.values()),
@@ -335,13 +342,13 @@ async def test_a_late_attempt_is_hedged_to_the_next_route(
 
 
 async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -> None:
-    """A one-slot worker serving four models, each emulated at 40 ms per request: a
-    round of latency probes measures each route alone, so the four routes' estimates
-    agree (probes sent together would queue, and the last would take 4x the first's)."""
+    """A worker serving four models, each taking 40 ms of emulated work per execution:
+    a round of latency probes measures each route alone, one after another, so no two
+    executions on the worker ever overlap (probes sent together would queue behind
+    each other, and each would measure the wait as well as its route)."""
     models = ("digits", "cnn", "resnet", "transformer")
-    worker = await launch_worker(
-        repository, threads=1, hardware_class="test-1c", emulate_latency_ms=40, models=models
-    )
+    worker = await launch_worker(repository, threads=1, hardware_class="test-1c", models=models)
+    watched = [await worker.hold(m, closed=False, delay_s=0.04) for m in models]
     gw = await start_gateway(
         fleet_config({"one": (worker.address, 0.04)}, latency_probe_interval_s=0.2)
     )
@@ -356,10 +363,11 @@ async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -
         await wait_until(
             measured, timeout_s=30.0, what="two rounds of latency probes on every route"
         )
-        routes = [r for r in gw.fleet.all_routes() if r.default]
-        p50s = {r.model: r.estimate.quantile_ms(50.0) for r in routes}
-        assert max(p50s.values()) < 1.5 * min(p50s.values()), p50s
+        spans = sorted(span for w in watched for span in w.gate.spans)
+        overlaps = [(a, b) for a, b in itertools.pairwise(spans) if b[0] < a[1]]
+        assert overlaps == [], f"{len(overlaps)} of {len(spans)} executions overlapped"
         # Each probe is a warm-up call, unmeasured, and the measured one.
+        routes = [r for r in gw.fleet.all_routes() if r.default]
         samples = {r.model: r.estimate.samples for r in routes}
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
