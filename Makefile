@@ -67,6 +67,7 @@ bench: models
 	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.variants --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.routing --out BENCHMARKS.md
+	$(PY) -m gateway.bench.simulation --out BENCHMARKS.md
 	$(PY) -m gateway.bench.load --out BENCHMARKS.md
 
 clean:

@@ -38,7 +38,6 @@ from types import FrameType
 
 from rich.console import Console
 
-from backends.process import dies_with_this_process
 from gateway.bench import harness, report
 from gateway.bench.harness import BenchError, Child, switchyard_command
 from gateway.bench.report import DIRECT, GATEWAY, KSERVE, Measurement, Results
@@ -155,8 +154,14 @@ def start_target(
 
 
 def run_loadgen(
-    args: argparse.Namespace, address: str, pids: dict[str, int], spec: ModelSpec
+    args: argparse.Namespace,
+    address: str,
+    pids: dict[str, int],
+    spec: ModelSpec,
+    log_dir: Path,
+    name: str,
 ) -> list[Measurement]:
+    """The load client (its own process, `name`'s files in `log_dir`) on one target."""
     command = [
         sys.executable,
         "-m",
@@ -176,26 +181,15 @@ def run_loadgen(
     ]
     for text in spec.inputs:
         command += ["--input", text]
-    for name, pid in pids.items():
-        command += ["--cpu-pid", f"{name}={pid}"]
+    for process, pid in pids.items():
+        command += ["--cpu-pid", f"{process}={pid}"]
     timeout_s = 60 + len(args.concurrency) * (args.warmup_s + args.window_s + 10)
-    try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=timeout_s,
-            check=False,
-            preexec_fn=dies_with_this_process(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"load client timed out on {spec.name} at {address}") from exc
-    if result.returncode != 0:
-        raise BenchError(
-            f"load client failed on {spec.name} at {address}: {result.stderr.strip()[-1500:]}"
-        )
-    levels = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    with Child(name, command, log_dir, ROOT) as child:
+        status, _ = child.wait(timeout_s)
+    if status != 0:
+        raise BenchError(f"load client failed on {spec.name} at {address}: {child.stderr_tail()}")
+    lines = child.stdout_path.read_text(errors="replace").splitlines()
+    levels = [json.loads(line) for line in lines if line.startswith("{")]
     out = []
     for level in levels:
         if level["errors"]:
@@ -254,8 +248,10 @@ def write_markdown(
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench`; every figure below comes from one run of it, all targets "
-        "side by side on the same machine. Run it again to refresh this file.",
+        "Written by `make bench`, which runs each section's command in turn; each section "
+        "names its command and when it ran, and the figures within a section come from that "
+        "one run, side by side on the same machine. Run `make bench` again to refresh all of "
+        "it, or a section's command to refresh that section.",
         "",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} (run took {elapsed_s:.0f} s)",
         f"- Machine: {machine_note()}. The load client, the gateway, the backend worker and "
@@ -518,7 +514,14 @@ def measure_target(
     ) as (address, pids):
         console.log(f"round {round_number}/{args.rounds}: {label} serving at {address}")
         for spec in specs:
-            levels = run_loadgen(args, address, pids, spec)
+            levels = run_loadgen(
+                args,
+                address,
+                pids,
+                spec,
+                work / f"round{round_number}",
+                f"loadgen-{key}-{spec.name}",
+            )
             for c, m in zip(args.concurrency, levels, strict=True):
                 results.rounds.setdefault((key, spec.name, c), []).append(m)
                 console.log(
