@@ -1,7 +1,10 @@
-"""Protocol messages to and from the gateway's domain types.
+"""Protocol messages to and from the gateway's domain types: model metadata and
+configuration, the request parameters routing reads, the response parameters the
+gateway appends (as serialized bytes, never re-encoding a reply).
 
-With the servicers and the prober, the only gateway module that imports
-generated protobuf code.
+Generated protobuf stays at the edges: in the gateway, serving (this module, the
+servicer, coalescer, pool, prober, transport), control (the admin API and its client),
+loadtest and bench import it; routing and sim never do (import-linter checks it).
 """
 
 from __future__ import annotations
