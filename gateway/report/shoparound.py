@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backends.compile.cpu import cpu_flags
 from backends.compile.profiler import DEFAULT_BATCH_SIZES, HardwareClass, measure_in_process, record
@@ -26,6 +27,9 @@ from backends.repository import ModelRepository, Variant
 from backends.worker.server import WorkerSettings, servable
 from gateway.config import BackendSettings, ConfigError, FleetConfig, load_fleet
 from gateway.report.markdown import markdown_table
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_SLA_MS = (2.0, 10.0, 100.0)
 
@@ -214,8 +218,14 @@ def chart(model: str, rows: Sequence[Offer], sla_ms: Sequence[float], path: Path
     plt.close(fig)
 
 
-def _config(args: argparse.Namespace) -> FleetConfig:
-    config = load_fleet(args.config)
+def _config(args: argparse.Namespace, console: Console) -> FleetConfig | None:
+    """The fleet (`--config`, its repository overridden by `--repository`); None, with
+    the reason printed, when it does not load."""
+    try:
+        config = load_fleet(args.config)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return None
     if args.repository is not None:
         config = config.model_copy(update={"repository": args.repository})
     return config
@@ -236,10 +246,8 @@ def run_profile(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     console = Console()
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
+    config = _config(args, console)
+    if config is None:
         return 2
     repository = ModelRepository(config.repository)
     classes = hardware_classes(config)
@@ -291,10 +299,8 @@ def run_report(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
+    config = _config(args, console)
+    if config is None:
         return 2
     repository = ModelRepository(config.repository)
     prices = {
