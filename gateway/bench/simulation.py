@@ -6,6 +6,8 @@ class's attainment, and how fast the simulator runs.
 `python -m gateway.bench.simulation [--seeds 1 2 3 4] [--out BENCHMARKS.md]` writes its
 section (between markers) and leaves the rest. Each row is what
 `switchyard simulate --scenario scenarios/NAME.yaml --seed N --json` prints.
+
+Imports the simulator and the report formatting: no grpc, no generated protobuf.
 """
 
 from __future__ import annotations

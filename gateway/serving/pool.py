@@ -2,8 +2,8 @@
 forwarding call (serialized bytes in, serialized bytes out), and the typed calls
 the prober uses. The caller's deadline travels with every call.
 
-The gRPC edge towards backends: grpc and the generated stubs; no routing and no fleet
-state.
+The gRPC edge towards backends: imports grpc and the generated stubs; no routing and no
+fleet state.
 """
 
 from __future__ import annotations
