@@ -44,7 +44,7 @@ from rich.console import Console
 from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
 from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow, switchyard_command
-from gateway.bench.report import with_section
+from gateway.bench.report import write_section
 from gateway.loadtest.report import sla_met
 from gateway.report.markdown import markdown_table
 from gateway.routing.policy import PolicyBook
@@ -765,8 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = section(found, args, started, time.monotonic() - t0, load)
     print(body)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-        args.out.write_text(with_section(text, body, BEGIN, END))
+        write_section(args.out, body, BEGIN, END)
     return 1 if found.notes else 0
 
 

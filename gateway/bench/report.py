@@ -9,6 +9,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -346,3 +347,12 @@ def with_section(text: str, body: str, begin: str = VARIANTS_BEGIN, end: str = V
     old = find_section(text, begin, end)
     rest = text.replace(old, "").rstrip() if old else text.rstrip()
     return f"{rest}\n\n{begin}\n{body.rstrip()}\n{end}\n"
+
+
+def write_section(
+    path: Path, body: str, begin: str = VARIANTS_BEGIN, end: str = VARIANTS_END
+) -> None:
+    """Writes `body` as `path`'s marked section (a new BENCHMARKS.md when missing),
+    leaving the rest of the file as it was."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(with_section(text, body, begin, end))

@@ -17,7 +17,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.bench.report import find_section, with_section
+from gateway.bench.report import write_section
 from gateway.report.markdown import markdown_table
 from gateway.routing.fleet import BackendState, Route
 from gateway.routing.percentiles import percentile
@@ -112,9 +112,7 @@ def run(args: argparse.Namespace) -> int:
     body = "\n".join(lines)
     print(body)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-        args.out.write_text(with_section(text, body, BEGIN, END))
-        assert find_section(args.out.read_text(), BEGIN, END)
+        write_section(args.out, body, BEGIN, END)
     return 0
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.bench.report import find_section, with_section
+from gateway.bench.report import write_section
 from gateway.report.markdown import markdown_table
 from gateway.sim.scenario import load_scenario
 from gateway.sim.simulate import POLICIES, Report, simulate
@@ -106,9 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = section(args.seeds, args.scenarios)
     print(body)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-        args.out.write_text(with_section(text, body, BEGIN, END))
-        assert find_section(args.out.read_text(), BEGIN, END)
+        write_section(args.out, body, BEGIN, END)
     return 0
 
 

@@ -36,7 +36,7 @@ from backends.compile.rewrites import prepared_source
 from backends.compile.tvm.build import best_cpu_target, host_cpu_flags
 from backends.compile.tvm.tuning import TuningInfo, read_info, records_for
 from backends.repository import ModelRepository
-from gateway.bench.report import with_section
+from gateway.bench.report import write_section
 from gateway.report.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         "",
     ]
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    args.out.write_text(with_section(text, "\n".join(lines)))
+    write_section(args.out, "\n".join(lines))
     console.log(f"wrote the variants section of {args.out}")
     return 0
 
