@@ -62,27 +62,11 @@ class Transport(Protocol):
     def cancel(self, attempt: Attempt) -> None: ...
 
 
-class Observer(Protocol):
+class Observer:
     """What the dispatcher's owner counts: retries and hedges sent, each attempt's
     outcome (`latency_ms` as the gateway saw it when it answered, else None; `fault`:
-    a failure that originated at the backend)."""
-
-    def retried(self, job: Job, route: Route) -> None: ...
-
-    def hedged(self, job: Job, route: Route) -> None: ...
-
-    def outcome(
-        self,
-        attempt: Attempt,
-        latency_ms: float | None,
-        fault: bool,
-        error: BaseException | None,
-        now_s: float,
-    ) -> None: ...
-
-
-class Quiet:
-    """An observer that counts nothing."""
+    a failure that originated at the backend). This one counts nothing: owners
+    override what they count."""
 
     def retried(self, job: Job, route: Route) -> None:
         pass
@@ -159,7 +143,7 @@ class Dispatcher:
     ) -> None:
         self.transport = transport
         self.timers = timers
-        self.observer: Observer = observer if observer is not None else Quiet()
+        self.observer = observer if observer is not None else Observer()
 
     # ---- a job's life -------------------------------------------------------------------
 

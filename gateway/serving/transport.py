@@ -17,7 +17,7 @@ from backends.protocol.errors import SwitchyardError
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.serving.coalescer import Coalescer
 from gateway.serving.converters import request_parameters
-from gateway.serving.dispatch import Attempt, Dispatcher, Job
+from gateway.serving.dispatch import Attempt, Dispatcher, Job, Observer
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendCallError, BackendPool
 from protos import gateway_pb2
@@ -144,7 +144,7 @@ class GrpcTransport:
         return suffix
 
 
-class GatewayObserver:
+class GatewayObserver(Observer):
     """Retries and hedges in the decision metrics; each attempt's outcome in the route's
     observed latency and the fleet's passive outlier detection."""
 

@@ -62,7 +62,7 @@ from gateway.routing.router import (
     batch_factor,
     chooser_for,
 )
-from gateway.serving.dispatch import Attempt, Dispatcher, Job
+from gateway.serving.dispatch import Attempt, Dispatcher, Job, Observer
 from gateway.sim.scenario import (
     MultiplyRate,
     MultiplyRateEvent,
@@ -424,7 +424,7 @@ class _Timer:
         self.cancelled = True
 
 
-class ModelledFleet:
+class ModelledFleet(Observer):
     """The simulated backends, as the Dispatcher sees them: its transport (each call
     takes its drawn service time once it holds a slot of its backend's earliest-deadline
     queue, the fleet state's own), its timers and its observer, over one event heap of
@@ -525,19 +525,6 @@ class ModelledFleet:
 
     def retried(self, job: Job, route: Route) -> None:
         self.retried_count += 1
-
-    def hedged(self, job: Job, route: Route) -> None:
-        pass
-
-    def outcome(
-        self,
-        attempt: Attempt,
-        latency_ms: float | None,
-        fault: bool,
-        error: BaseException | None,
-        now_s: float,
-    ) -> None:
-        pass
 
     # ---- scenario events and probes ----
 
