@@ -144,6 +144,8 @@ class Dispatcher:
         self.transport = transport
         self.timers = timers
         self.observer = observer if observer is not None else Observer()
+        # An observer that counts no outcomes is not called for each answer.
+        self._counts_outcomes = type(self.observer).outcome is not Observer.outcome
 
     # ---- a job's life -------------------------------------------------------------------
 
@@ -152,9 +154,10 @@ class Dispatcher:
         route = job.decision.route
         assert route is not None
         job.due_s = job.arrived_s + job.policy.budget_ms * 0.001
-        job.hedged = not job.policy.hedge
+        job.hedged = hedged = not job.policy.hedge
         self._launch(job, route, now_s)
-        self._arm(job, now_s)
+        if job.deadline_s is not None or not hedged:
+            self._arm(job, now_s)
 
     async def run(self, job: Job, now_s: float) -> Job:
         """`start`, then waits for the job's end (the live gateway): returns the job
@@ -205,7 +208,8 @@ class Dispatcher:
             route.estimate.observe(
                 sample / batch_factor(job.request.batch_size, route.row_fraction), now_s
             )
-        self.observer.outcome(attempt, latency_ms, False, None, now_s)
+        if self._counts_outcomes:
+            self.observer.outcome(attempt, latency_ms, False, None, now_s)
         if not job.done:
             job.winner, job.reply = attempt, reply
             self._end(job, None, now_s)
@@ -316,8 +320,9 @@ class Dispatcher:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
-        # Attempts still out lost the race (hedges): they leave their queues uncounted.
-        self._give_up(job, now_s)
+        if job.pending:
+            # Attempts still out lost the race (hedges): they leave their queues uncounted.
+            self._give_up(job, now_s)
         if job.on_done is not None:
             job.on_done(job)
 
