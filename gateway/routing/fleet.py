@@ -7,6 +7,9 @@ read by the router.
 Pure state: no I/O, no clock. Every method that depends on time takes `now_s`.
 Routes are long-lived objects (their estimates persist), rebuilt only when a
 backend's models or variants change; the router reads them without copying.
+
+Imports the estimates, the formulas and the protocol's tensor specs: no grpc,
+protobuf, clock, event loop or randomness.
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ lowest-carbon or the fastest as the policy's objective says. When none is
 feasible: the fastest route (best effort) or a rejection with the reason.
 
 The cost of a request on a route is the backend's price for the busy time it
-takes: USD per hour x mean service time / parallel slots.
+takes: USD per hour x mean service time / parallel slots (`figures.py`).
+
+Imports the fleet state and the formulas only: no grpc, protobuf, clock, event loop or
+randomness (import-linter and ruff check it).
 """
 
 from __future__ import annotations

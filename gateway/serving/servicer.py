@@ -5,7 +5,13 @@ the header routing needs, and forward the original bytes to the chosen backend;
 the backend's response bytes come back with the gateway's response parameters
 appended (protobuf merges them). Metadata, readiness, configuration and the
 repository index are answered from the fleet state; statistics from the
-gateway's own counters.
+gateway's own counters. The protocol edge only: each request's attempts, retries,
+hedges and deadline are the Dispatcher's (`dispatch.py`), its calls the transport's
+(`transport.py`); errors reach callers through the one status mapping
+(`aborts_with_status`).
+
+Imports grpc and generated protobuf (the edge); the routing core for choosing; never
+the control plane, the simulator or the load tools.
 """
 
 from __future__ import annotations

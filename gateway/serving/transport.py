@@ -1,6 +1,8 @@
 """The live side of the Dispatcher: its gRPC transport (each attempt's call through the
 coalescer and the backend pool, as forwarded bytes) and its observer (metrics, the
 routes' observed latency, passive outlier detection).
+
+Imports grpc and the data plane's coalescer and pool; the Dispatcher knows none of it.
 """
 
 from __future__ import annotations
