@@ -66,6 +66,7 @@ from gateway.routing.fleet import ModelInfo
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import RouteRequest
 from gateway.serving.prober import describe
+from gateway.sim.arrivals import Trace, make_trace
 from gateway.sim.scenario import (
     MultiplyRate,
     Scenario,
@@ -74,7 +75,6 @@ from gateway.sim.scenario import (
     action_of,
     load_scenario,
 )
-from gateway.sim.simulate import Trace, make_trace
 from protos import admin_pb2 as apb
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc

@@ -20,15 +20,11 @@ decision's `alternatives(now)` while the policy's retries allow (baselines, whos
 decisions carry no alternatives, choose again). Cost is the backend's price for
 the busy time each answered request took: `usd_per_busy_ms x drawn service ms`.
 
-The lower bound is an offline optimum: for each time segment between events a
-linear program (scipy HiGHS) sends each stream's arrival rate in that segment
-to the routes that can meet its SLA unloaded (network + service quantile at the
-policy's percentile <= latency), at least cost, with no backend above 100%
-utilisation (mean service time x rate / slots <= 1). It knows the future and
-ignores queueing, so no policy that meets the SLA can be cheaper in expectation.
+Each run is compared with the offline lower bound (`bound.py`) over the same trace
+(`arrivals.py`) of the modelled routes (`modelled.py`).
 
-Imports the router, the fleet state, the policy book and the scenario format;
-numpy and scipy; rich only for the table.
+Imports the router, the fleet state, the policy book, the serving Dispatcher and the
+scenario format; numpy; rich only for the table. No grpc, no protobuf.
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ import argparse
 import heapq
 import itertools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,193 +41,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from gateway.config import GatewaySettings, PoliciesSettings
 from gateway.routing.estimates import service_sample
-from gateway.routing.figures import per_request, predicted_ms, usd_per_busy_ms
 from gateway.routing.fleet import BackendState, Route, Ticket
 from gateway.routing.percentiles import percentile
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import (
     ROUTING,
     Chooser,
-    Policy,
     RouteRequest,
     batch_factor,
     chooser_for,
 )
 from gateway.serving.dispatch import Attempt, Dispatcher, Job, Observer
-from gateway.sim.scenario import (
-    MultiplyRate,
-    MultiplyRateEvent,
-    Scenario,
-    ScenarioError,
-    Traffic,
-    load_scenario,
-)
+from gateway.sim.arrivals import FloatArray, Trace, make_trace
+from gateway.sim.bound import Bound, lower_bound
+from gateway.sim.modelled import RouteModel, route_models
+from gateway.sim.scenario import MultiplyRate, Scenario, ScenarioError, load_scenario
 
-Z99 = 2.3263478740408408
-"""The standard normal's 99th percentile: p99 = p50 x exp(sigma x Z99)."""
-UTILISATION_CAP = 1.0
-"""The lower bound's per-backend utilisation limit (pure capacity: a bound, not a target)."""
 POLICIES = ROUTING
 """The policies a run compares: the SLA router and the baselines."""
 INF = float("inf")
 SAMPLE_CHUNK = 65_536
-
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
-
-
-# ---- the modelled fleet -------------------------------------------------------------
-
-
-def lognormal(p50_ms: float, p99_ms: float) -> tuple[float, float]:
-    """(mu, sigma) of the lognormal with this median and 99th percentile."""
-    return math.log(p50_ms), max(math.log(p99_ms / p50_ms), 0.0) / Z99
-
-
-def normal_quantile(percentile: float) -> float:
-    """The standard normal's quantile."""
-    from scipy.stats import norm
-
-    return float(norm.ppf(percentile / 100.0))
-
-
-@dataclass(frozen=True, slots=True)
-class RouteModel:
-    """One modelled route: its backend's index and its service-time distribution."""
-
-    backend: int
-    model: str
-    variant: str
-    default: bool
-    mu: float
-    sigma: float
-    p50_ms: float
-    p99_ms: float
-
-    @property
-    def mean_ms(self) -> float:
-        return math.exp(self.mu + self.sigma**2 / 2)
-
-    def quantile_ms(self, percentile: float) -> float:
-        if percentile == 50.0:
-            return self.p50_ms
-        if percentile == 99.0:
-            return self.p99_ms
-        return math.exp(self.mu + self.sigma * normal_quantile(percentile))
-
-
-def route_models(scenario: Scenario) -> list[RouteModel]:
-    """Every route of the scenario, in configuration order."""
-    out = []
-    for index, backend in enumerate(scenario.backends):
-        for model in backend.models:
-            for n, entry in enumerate(backend.variants(model)):
-                mu, sigma = lognormal(entry.p50_ms, entry.p99_ms)
-                out.append(
-                    RouteModel(
-                        index, model, entry.variant, n == 0, mu, sigma, entry.p50_ms, entry.p99_ms
-                    )
-                )
-    return out
-
-
-# ---- arrivals -----------------------------------------------------------------------
-
-
-def _rate_pieces(
-    scenario: Scenario, stream: Traffic, end_s: float
-) -> tuple[list[float], list[float]]:
-    """Breakpoints and the stream's rate on each piece between them."""
-    start = stream.start_s
-    stop = min(end_s, stream.end_s if stream.end_s is not None else end_s)
-    cuts = {start, stop}
-    surges = []
-    for event in scenario.events:
-        if not isinstance(event, MultiplyRateEvent):
-            continue
-        surge = event.multiply_rate
-        if surge.model is not None and surge.model != stream.model:
-            continue
-        if surge.sla_class is not None and surge.sla_class != stream.sla_class:
-            continue
-        surges.append((event.at_s, event.at_s + surge.for_s, surge.factor))
-        cuts.update((event.at_s, event.at_s + surge.for_s))
-    bursts = []
-    if stream.arrivals == "bursts":
-        at = stream.burst_every_s / 2
-        while at < stop:
-            bursts.append((at, at + stream.burst_for_s))
-            cuts.update((at, at + stream.burst_for_s))
-            at += stream.burst_every_s
-    points = sorted(c for c in cuts if start <= c <= stop)
-    rates = []
-    for a, b in itertools.pairwise(points):
-        mid = (a + b) / 2
-        rate = stream.rate_per_s
-        for s0, s1, factor in surges:
-            if s0 <= mid < s1:
-                rate *= factor
-        for b0, b1 in bursts:
-            if b0 <= mid < b1:
-                rate *= stream.burst_factor
-        rates.append(rate)
-    return points, rates
-
-
-def stream_arrivals(
-    scenario: Scenario, stream: Traffic, rng: np.random.Generator, end_s: float
-) -> FloatArray:
-    """Arrival times (seconds, sorted) of one stream."""
-    if stream.arrivals == "trace":
-        assert stream.trace_file is not None
-        try:
-            times = np.atleast_1d(np.loadtxt(stream.trace_file, dtype=np.float64, ndmin=1))
-        except (OSError, ValueError) as exc:
-            raise ScenarioError(f"trace {stream.trace_file}: {exc}") from exc
-        stop = min(end_s, stream.end_s if stream.end_s is not None else end_s)
-        times = np.sort(times[(times >= stream.start_s) & (times < stop)])
-        return times
-    points, rates = _rate_pieces(scenario, stream, end_s)
-    if len(points) < 2:
-        return np.empty(0)
-    widths = np.diff(np.asarray(points))
-    cumulative = np.concatenate(([0.0], np.cumsum(widths * np.asarray(rates))))
-    total = float(cumulative[-1])
-    if total <= 0:
-        return np.empty(0)
-    if stream.arrivals == "constant":
-        unit = np.arange(0.5, total, 1.0)
-    else:
-        # A Poisson process is uniform given its count; in cumulative-rate space.
-        unit = np.sort(rng.uniform(0.0, total, rng.poisson(total)))
-    out: FloatArray = np.interp(unit, cumulative, np.asarray(points))
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Trace:
-    """Every arrival of a run, in time order: its time and its stream's index."""
-
-    times: FloatArray
-    streams: IntArray
-
-    def __len__(self) -> int:
-        return len(self.times)
-
-
-def make_trace(scenario: Scenario) -> Trace:
-    rng = np.random.default_rng([scenario.seed, 0])
-    parts = [stream_arrivals(scenario, s, rng, scenario.duration_s) for s in scenario.traffic]
-    if not parts:
-        return Trace(np.empty(0), np.empty(0, dtype=np.int64))
-    times = np.concatenate(parts)
-    streams = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
-    order = np.argsort(times, kind="stable")
-    return Trace(times[order], streams[order])
 
 
 # ---- one run --------------------------------------------------------------------------
@@ -622,178 +453,6 @@ def summarise(
         failed=len(latency) - count,
         retried=retried,
     )
-
-
-# ---- the offline lower bound ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Bound:
-    cost_usd_per_1m: float
-    infeasible_classes: list[str]
-    relaxed_segments: int
-    """Segments where the fleet could not carry the traffic within capacity and
-    SLA, solved with those limits lifted for the streams concerned."""
-
-
-class _Segment:
-    """The fleet as the lower bound sees it between two events: prices, which
-    backends may take traffic, the policies."""
-
-    def __init__(self, scenario: Scenario) -> None:
-        self.prices = {b.name: b.price_usd_per_hour for b in scenario.backends}
-        self.down: set[str] = set()
-        self.drained: set[str] = set()
-        self.policies = scenario.policies
-
-    def set_price(self, backend: str, usd_per_hour: float) -> None:
-        self.prices[backend] = usd_per_hour
-
-    def kill(self, backend: str) -> None:
-        self.down.add(backend)
-
-    def restart(self, backend: str) -> None:
-        self.down.discard(backend)
-
-    def drain(self, backend: str, drained: bool) -> None:
-        (self.drained.add if drained else self.drained.discard)(backend)
-
-    def set_policy(self, policies: PoliciesSettings) -> None:
-        self.policies = policies
-
-    def multiply_rate(self, surge: MultiplyRate) -> None:
-        pass  # in the arrivals the segment counts
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "prices": dict(self.prices),
-            "available": {n for n in self.prices if n not in self.down | self.drained},
-            "policies": self.policies,
-        }
-
-
-def _segment_states(scenario: Scenario) -> list[tuple[float, float, dict[str, Any]]]:
-    """(start, end, state) for each stretch between events: prices, availability, policies."""
-    segment = _Segment(scenario)
-    events = sorted(scenario.events, key=lambda e: e.at_s)
-    cuts = {0.0, scenario.duration_s}
-    for event in events:
-        cuts.add(event.at_s)
-        if isinstance(event, MultiplyRateEvent):
-            cuts.add(min(scenario.duration_s, event.at_s + event.multiply_rate.for_s))
-    points = sorted(c for c in cuts if 0.0 <= c <= scenario.duration_s)
-    out = []
-    index = 0
-    for a, b in itertools.pairwise(points):
-        while index < len(events) and events[index].at_s <= a:
-            events[index].apply(segment)
-            index += 1
-        out.append((a, b, segment.snapshot()))
-    return out
-
-
-def feasible(route: RouteModel, backend_rtt_ms: float, policy: Policy, factor: float) -> bool:
-    """Whether `route`, unloaded, meets `policy`'s latency at its percentile."""
-    service_ms = route.quantile_ms(policy.percentile)
-    return predicted_ms(backend_rtt_ms, service_ms, factor) <= policy.budget_ms
-
-
-def infeasible_classes(scenario: Scenario) -> list[str]:
-    """Classes (under the scenario's policies) that no route can serve within SLA unloaded."""
-    book = PolicyBook(scenario.policies)
-    routes = route_models(scenario)
-    ok: dict[str, bool] = {}
-    for stream in scenario.traffic:
-        policy = book.resolve(
-            RouteRequest(stream.model, stream.batch_size, stream.sla_ms, stream.sla_class)
-        )
-        factor = batch_factor(stream.batch_size)
-        any_ok = any(
-            feasible(r, scenario.backends[r.backend].network_ms, policy, factor)
-            for r in routes
-            if r.model == stream.model
-        )
-        ok[stream.class_name] = ok.get(stream.class_name, False) or any_ok
-    return sorted(name for name, good in ok.items() if not good)
-
-
-def lower_bound(scenario: Scenario, trace: Trace) -> Bound:
-    from scipy.optimize import linprog
-
-    routes = route_models(scenario)
-    backends = scenario.backends
-    streams = scenario.traffic
-    total_cost = 0.0
-    total_served = 0
-    relaxed = 0
-    for start, end, state in _segment_states(scenario):
-        width = end - start
-        if width <= 0:
-            continue
-        lo, hi = np.searchsorted(trace.times, [start, end], side="left")
-        counts = np.bincount(trace.streams[lo:hi], minlength=len(streams))
-        book = PolicyBook(state["policies"])
-        available = [r for r in routes if backends[r.backend].name in state["available"]]
-        variables: list[tuple[int, RouteModel, float, float]] = []  # stream, route, cost, load
-        demand: list[tuple[int, float]] = []
-        for k, stream in enumerate(streams):
-            if counts[k] == 0:
-                continue
-            policy = book.resolve(
-                RouteRequest(stream.model, stream.batch_size, stream.sla_ms, stream.sla_class)
-            )
-            factor = batch_factor(stream.batch_size)
-            candidates = [r for r in available if r.model == stream.model]
-            if not candidates:
-                continue  # nothing could serve it: no cost to bound
-            cap = INF
-            if policy.max_cost_usd_per_1m is not None:
-                cap = policy.max_cost_usd_per_1m / 1e6 * stream.batch_size
-
-            def unit_cost(
-                r: RouteModel, factor: float = factor, prices: dict[str, float] = state["prices"]
-            ) -> float:
-                rate = usd_per_busy_ms(prices[backends[r.backend].name], backends[r.backend].slots)
-                return per_request(rate, r.mean_ms, factor)
-
-            good = [
-                r
-                for r in candidates
-                if feasible(r, backends[r.backend].network_ms, policy, factor)
-                and unit_cost(r) <= cap
-            ]
-            if not good:
-                if policy.on_infeasible == "reject":
-                    continue
-                good = candidates
-            rate = counts[k] / width
-            demand.append((k, rate))
-            for r in good:
-                load = rate * r.mean_ms * factor / 1000.0 / backends[r.backend].slots
-                variables.append((k, r, unit_cost(r), load))
-        if not variables:
-            continue
-        a_eq = np.zeros((len(demand), len(variables)))
-        b_eq = np.ones(len(demand))
-        row = {k: i for i, (k, _) in enumerate(demand)}
-        rate_of = dict(demand)
-        # Variables are fractions of each stream's rate, so the problem stays well scaled.
-        for j, (k, _, _, _) in enumerate(variables):
-            a_eq[row[k], j] = 1.0
-        used = sorted({v[1].backend for v in variables})
-        a_ub = np.zeros((len(used), len(variables)))
-        for j, (_, r, _, load) in enumerate(variables):
-            a_ub[used.index(r.backend), j] = load
-        b_ub = np.full(len(used), UTILISATION_CAP)
-        cost_per_s = np.asarray([v[2] * rate_of[v[0]] for v in variables])
-        result = linprog(cost_per_s, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, method="highs")
-        if result.status != 0:
-            relaxed += 1
-            result = linprog(cost_per_s, A_eq=a_eq, b_eq=b_eq, method="highs")
-        total_cost += float(result.fun) * width
-        total_served += int(sum(counts[k] for k, _ in demand))
-    per_1m = total_cost / total_served * 1e6 if total_served else 0.0
-    return Bound(per_1m, infeasible_classes(scenario), relaxed)
 
 
 # ---- the whole report -------------------------------------------------------------------

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from gateway.cli import main
+from gateway.sim.arrivals import make_trace
 from gateway.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
-from gateway.sim.simulate import POLICIES, Report, make_trace, simulate
+from gateway.sim.simulate import POLICIES, Report, simulate
 from tests import ROOT
 
 SCENARIOS = ROOT / "scenarios"
