@@ -23,7 +23,7 @@ check-protos: $(STAMP)
 	$(PY) -m protos.generate --check
 
 # The demo model repository, built from code (trained and exported here, nothing downloaded).
-$(REPOSITORY)/.built: $(STAMP) backends/demo/models.py
+$(REPOSITORY)/.built: $(STAMP) $(wildcard backends/demo/*.py)
 	$(PY) -m backends.demo --repository $(REPOSITORY)
 	@touch $@
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from backends.compile.variants import build_ort_fp32
-from backends.demo.models import ECHO_TYPES, build, build_echo
+from backends.demo.echo import ECHO_TYPES, build_echo
+from backends.demo.models import build
 from backends.repository import ModelRepository
 
 

@@ -13,14 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from backends.demo.models import (
-    SAMPLES,
-    digit_images,
-    magika_config,
-    magika_corpus,
-    transformer_reference,
-    transformer_weights,
-)
+from backends.demo.common import SAMPLES
+from backends.demo.convnets import digit_images
+from backends.demo.magika import magika_config, magika_corpus
+from backends.demo.transformer import transformer_reference, transformer_weights
 
 Arrays = dict[str, np.ndarray]
 

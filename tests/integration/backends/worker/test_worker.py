@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from backends.demo.models import ECHO_TYPES
+from backends.demo.echo import ECHO_TYPES
 from backends.protocol.tensors import NUMPY_DTYPES, encode_bytes_tensor
 from backends.worker.server import parse_batching
 from protos import inference_pb2 as pb
