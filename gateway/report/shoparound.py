@@ -24,7 +24,7 @@ from backends.compile.cpu import cpu_flags
 from backends.compile.profiler import DEFAULT_BATCH_SIZES, HardwareClass, measure_in_process, record
 from backends.profiles import ProfileEntry, read_profile
 from backends.repository import ModelRepository, Variant
-from backends.worker.server import WorkerSettings, servable
+from backends.worker.served import WorkerSettings, servable
 from gateway.config import BackendSettings, ConfigError, FleetConfig, load_fleet
 from gateway.report.markdown import markdown_table
 

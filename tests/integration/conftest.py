@@ -16,7 +16,8 @@ import pytest
 
 from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, RunFn
-from backends.worker.server import LoadedVariant, ServedModel, WorkerSettings, start_worker
+from backends.worker.served import LoadedVariant, ServedModel, WorkerSettings
+from backends.worker.server import start_worker
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb

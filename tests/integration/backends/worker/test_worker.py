@@ -12,7 +12,7 @@ import pytest
 
 from backends.demo.echo import ECHO_TYPES
 from backends.protocol.tensors import NUMPY_DTYPES, encode_bytes_tensor
-from backends.worker.server import parse_batching
+from backends.worker.served import parse_batching
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, launch_worker, output, raw_request, samples

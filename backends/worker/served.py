@@ -1,0 +1,363 @@
+"""The models a worker serves: its settings, which variants of each model it may serve
+(the manifest's hash and accuracy check, the CPU's flags, the precisions allowed), each
+loaded behind its own batcher, and the default variant per model.
+
+Imports the repository, the runtimes' loader and the batcher, and generated protobuf
+for the metadata, configuration and statistics a served model describes itself with;
+no grpc, nothing from the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends.compile.cpu import cpu_flags, missing_flags
+from backends.compile.variants import ORT_FP32
+from backends.profiles import (
+    profile_entry,
+    profile_row_fraction,
+    profiled_p50_ms,
+    read_profile,
+)
+from backends.protocol.codec import (
+    Signature,
+    add_config_tensors,
+    metadata_message,
+)
+from backends.protocol.errors import ModelNotFound
+from backends.protocol.parameters import (
+    PROFILE_PARAMETER,
+    VariantProfile,
+    profile_parameter,
+)
+from backends.repository import ManifestError, ModelRepository, Variant
+from backends.runtimes.base import Array, RuntimeAdapter
+from backends.runtimes.loader import load_adapter
+from backends.worker.batching import Batcher, RunFn
+from protos import inference_pb2 as pb
+
+log = logging.getLogger("switchyard.backend")
+
+
+MODEL_VERSION = "1"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a worker runs."""
+
+    repository: Path
+    threads: int = 1
+    """Threads for inference: the runtime's intra-op pool, so the worker stands for an
+    instance with this many cores."""
+    hardware_class: str = "cpu"
+    models: tuple[str, ...] = ()
+    """Models to serve; empty: every model in the repository."""
+    emulate_latency_ms: float = 0.0
+    """Added per row of every execution, standing for slower hardware (reported in metadata)."""
+    max_queue_delay_us: int = 0
+    """How long a batch may wait for more requests; 0 batches only what is already queued."""
+    max_batch_rows: int = 0
+    """Most rows dynamic batching merges into one execution (1: no merging); 0: the
+    variant's max_batch_size."""
+    batching: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """Per model: (max_batch_rows, max_queue_delay_us) in place of the two above."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    precisions: tuple[str, ...] = ()
+    """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
+    check passed. Variants that failed their check are never served."""
+
+
+def model_batching(settings: WorkerSettings, model: str) -> tuple[int, int]:
+    """(max_batch_rows, max_queue_delay_us) for `model`: its own, else the worker's."""
+    return settings.batching.get(model, (settings.max_batch_rows, settings.max_queue_delay_us))
+
+
+def parse_batching(items: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """`MODEL=ROWS:DELAY_US` items (`--batching resnet=8:2000`); ValueError naming a bad one."""
+    out = {}
+    for item in items:
+        model, _, spec = item.partition("=")
+        rows, _, delay = spec.partition(":")
+        if not model or not rows.isdigit() or not delay.isdigit():
+            raise ValueError(
+                f"--batching {item!r}: expected MODEL=ROWS:DELAY_US, e.g. resnet=8:2000"
+            )
+        out[model] = (int(rows), int(delay))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVariant:
+    """One variant loaded in this worker, behind its own batcher."""
+
+    variant: Variant
+    adapter: RuntimeAdapter
+    batcher: Batcher
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+
+class ServedModel:
+    """One model as this worker serves it: its servable variants, one the default."""
+
+    def __init__(
+        self, loaded: dict[str, LoadedVariant], default: str, settings: WorkerSettings
+    ) -> None:
+        first = loaded[default]
+        self.name = first.variant.model
+        self.variants = loaded
+        self.default = default
+        adapter = first.adapter
+        self.signature = Signature(
+            adapter.inputs, adapter.outputs, first.variant.manifest.max_batch_size
+        )
+        self.output_specs = {s.name: s for s in adapter.outputs}
+        self.settings = settings
+        self.success = [0, 0]  # count, ns
+        self.decode_ns = 0
+        self.encode_ns = 0
+        self.fail = [0, 0]
+        self.last_inference_ms = 0
+
+    def check_version(self, version: str) -> None:
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version!r} (versions: {MODEL_VERSION})"
+            )
+
+    def choose(self, requested: object) -> LoadedVariant:
+        """The variant a request names (`switchyard_variant`), else the default."""
+        if requested is None:
+            return self.variants[self.default]
+        chosen = self.variants.get(str(requested))
+        if chosen is None:
+            raise ModelNotFound(
+                f"model {self.name!r} has no variant {requested!r} on this backend "
+                f"(serves: {', '.join(sorted(self.variants))})"
+            )
+        return chosen
+
+    def metadata(self) -> pb.ModelMetadataResponse:
+        return metadata_message(
+            self.name,
+            [MODEL_VERSION],
+            self.platform,
+            self.signature.inputs,
+            self.signature.outputs,
+        )
+
+    @property
+    def platform(self) -> str:
+        runtime = self.variants[self.default].variant.manifest.runtime
+        return "onnxruntime_onnx" if runtime == "onnxruntime" else runtime
+
+    def config(self) -> pb.ModelConfig:
+        batch = self.signature.max_batch_size
+        manifest = self.variants[self.default].variant.manifest
+        cfg = pb.ModelConfig(
+            name=self.name, platform=self.platform, backend=manifest.runtime, max_batch_size=batch
+        )
+        add_config_tensors(cfg, self.signature.inputs, self.signature.outputs)
+        cfg.instance_group.add(name=f"{self.name}_0", count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+        if batch > 0:
+            _, delay_us = model_batching(self.settings, self.name)
+            cfg.dynamic_batching.max_queue_delay_microseconds = delay_us
+        params = {
+            "switchyard_variant": manifest.variant,
+            "switchyard_variants": ",".join(sorted(self.variants)),
+            "switchyard_runtime": f"{manifest.runtime} {manifest.runtime_version}",
+            "switchyard_target": manifest.target,
+            "switchyard_precision": manifest.precision,
+            "switchyard_hardware_class": self.settings.hardware_class,
+            "switchyard_threads": str(self.settings.threads),
+            "switchyard_emulated_latency_ms": str(self.settings.emulate_latency_ms),
+            # Its queue takes requests by priority, then earliest deadline first, the
+            # deadline given by `switchyard_due_us` (the gateway then sends it).
+            "switchyard_queue": "deadline",
+        }
+        profile = self.profile()
+        if profile:
+            params[PROFILE_PARAMETER] = profile
+        for key, value in params.items():
+            cfg.parameters[key].string_value = value
+        return cfg
+
+    def profile(self) -> str:
+        """The `switchyard_profile` parameter (backends.protocol.parameters): each
+        profiled variant's p50 and p99 at batch 1 on this worker's hardware class and
+        threads, and its row fraction (what each extra row of a batch adds, as a
+        fraction of one row's time): the gateway's latency prior. Figures are adjusted
+        for this worker's emulated delay; empty when no variant is profiled here."""
+        settings = self.settings
+        profiles = []
+        for name, loaded in sorted(self.variants.items()):
+            profile = read_profile(loaded.variant)
+            if profile is None:
+                continue
+            entry = profile_entry(profile, settings.hardware_class, settings.threads)
+            if entry is None:
+                continue
+            shift = settings.emulate_latency_ms - entry.emulated_latency_ms
+            rows = profile_row_fraction(profile, settings.hardware_class, settings.threads, shift)
+            profiles.append(VariantProfile(name, entry.p50_ms + shift, entry.p99_ms + shift, rows))
+        return profile_parameter(profiles) if profiles else ""
+
+    def statistics(self) -> pb.ModelStatistics:
+        executions = inferences = queue_ns = compute_ns = 0
+        by_size: dict[int, list[int]] = {}
+        for loaded in self.variants.values():
+            stats = loaded.batcher.stats
+            executions += stats.executions
+            inferences += stats.inferences
+            queue_ns += stats.queue_ns
+            compute_ns += stats.compute_ns
+            for size, (count, ns) in stats.by_size.items():
+                total = by_size.setdefault(size, [0, 0])
+                total[0] += count
+                total[1] += ns
+        reply = pb.ModelStatistics(
+            name=self.name,
+            version=MODEL_VERSION,
+            last_inference=self.last_inference_ms,
+            inference_count=inferences,
+            execution_count=executions,
+        )
+        inf = reply.inference_stats
+        inf.success.count, inf.success.ns = self.success
+        inf.fail.count, inf.fail.ns = self.fail
+        inf.queue.count, inf.queue.ns = self.success[0], queue_ns
+        # Equal counts for the three compute phases, as Triton reports (perf_analyzer checks).
+        inf.compute_input.count, inf.compute_input.ns = executions, self.decode_ns
+        inf.compute_infer.count, inf.compute_infer.ns = executions, compute_ns
+        inf.compute_output.count, inf.compute_output.ns = executions, self.encode_ns
+        for size, (count, ns) in sorted(by_size.items()):
+            batch = reply.batch_stats.add(batch_size=size)
+            batch.compute_infer.count, batch.compute_infer.ns = count, ns
+        return reply
+
+    def batchers(self) -> list[Batcher]:
+        return [loaded.batcher for loaded in self.variants.values()]
+
+
+def servable(variant: Variant, settings: WorkerSettings, flags: frozenset[str]) -> str | None:
+    """Why this worker must not serve `variant`, or None when it may."""
+    manifest = variant.manifest
+    accuracy = manifest.accuracy
+    if accuracy is not None and not accuracy.passed:
+        missed = []
+        if accuracy.max_abs_diff > accuracy.tolerance_max_abs_diff:
+            missed.append(
+                f"max |diff| {accuracy.max_abs_diff:.3g} > {accuracy.tolerance_max_abs_diff:g}"
+            )
+        top1, floor = accuracy.top1_agreement, accuracy.min_top1_agreement
+        if top1 is not None and floor is not None and top1 < floor:
+            missed.append(f"top-1 agreement {top1:.1%} < {floor:.1%}")
+        return f"failed its accuracy check ({'; '.join(missed) or 'marked failed'})"
+    if accuracy is None and manifest.precision != "fp32":
+        return "was never checked against the fp32 reference"
+    if settings.precisions and manifest.precision not in settings.precisions:
+        return f"precision {manifest.precision} is not allowed here"
+    if manifest.device != "cpu":
+        return f"needs a {manifest.device} device"
+    missing = missing_flags(manifest.required_cpu_flags, flags)
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    try:
+        variant.verify()
+    except ManifestError as exc:
+        return str(exc)
+    return None
+
+
+def default_variant(loaded: dict[str, LoadedVariant], settings: WorkerSettings) -> str:
+    """The fastest variant by its profile on this hardware class and thread count;
+    without profiles, ONNX Runtime fp32. Untuned TVM is never the default."""
+    candidates = {
+        name: lv
+        for name, lv in loaded.items()
+        if lv.variant.manifest.tuning is None or lv.variant.manifest.tuning.tuned
+    } or loaded
+    timed = {
+        name: p50
+        for name, lv in candidates.items()
+        if (p50 := profiled_p50_ms(lv.variant, settings.hardware_class, settings.threads))
+        is not None
+    }
+    if timed:
+        return min(timed, key=lambda n: (timed[n], n))
+    if ORT_FP32 in candidates:
+        return ORT_FP32
+    return sorted(candidates)[0]
+
+
+def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[str, ServedModel]:
+    """Loads every servable variant of each model; what is refused is logged with why."""
+    repository = ModelRepository(settings.repository)
+    names = list(settings.models) or repository.models()
+    flags = cpu_flags()
+    served: dict[str, ServedModel] = {}
+    for name in names:
+        try:
+            variants = repository.variants(name)
+        except ManifestError as exc:
+            log.error("model %s not served: %s", name, exc)
+            continue
+        loaded: dict[str, LoadedVariant] = {}
+        for variant in variants:
+            reason = servable(variant, settings, flags)
+            if reason is None:
+                try:
+                    adapter = load_adapter(variant, settings.threads)
+                except Exception as exc:  # a runtime missing here, a broken artifact
+                    reason = f"does not load: {exc}"
+            if reason is not None:
+                log.warning("model %s: variant %s not served: %s", name, variant.name, reason)
+                continue
+            run: RunFn = adapter.run
+            if settings.emulate_latency_ms > 0:
+                run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
+            rows, delay_us = model_batching(settings, name)
+            batcher = Batcher(
+                run,
+                executor,
+                [s.name for s in adapter.outputs],
+                _batch_rows(variant.manifest.max_batch_size, rows),
+                delay_us / 1e6,
+            )
+            loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
+        if not loaded:
+            log.error("model %s not served: no servable variant in %s", name, settings.repository)
+            continue
+        default = default_variant(loaded, settings)
+        served[name] = ServedModel(loaded, default, settings)
+        log.info("serving %s as %s (variants: %s)", name, default, ", ".join(sorted(loaded)))
+    return served
+
+
+def _batch_rows(max_batch_size: int, cap: int) -> int:
+    """The rows dynamic batching may merge: the variant's limit, capped by the worker's."""
+    if max_batch_size <= 0 or cap <= 0:
+        return max_batch_size
+    return min(max_batch_size, cap)
+
+
+def _with_delay(run: RunFn, delay_s: float) -> RunFn:
+    """`run`, plus `delay_s` per row of the batch: emulated hardware gains nothing
+    from batching, so an emulated backend's capacity is what its delay says."""
+
+    def delayed(inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
+        first = next(iter(inputs.values()), None)
+        rows = first.shape[0] if first is not None and first.ndim else 1
+        time.sleep(delay_s * max(1, rows))  # in a worker thread: occupies it as compute would
+        return run(inputs, outputs)
+
+    return delayed
