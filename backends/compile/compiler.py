@@ -48,7 +48,7 @@ from backends.runtimes.base import Array
 from backends.runtimes.loader import load_adapter
 
 if TYPE_CHECKING:
-    from backends.compile.tvm.build import TvmTarget
+    from backends.compile.tvm.targets import TvmTarget
 
 SAMPLE_ROWS = 32
 ORT_TARGET = "ort"
@@ -123,16 +123,21 @@ DEFAULT_TVM_BATCH = 1
 
 def tvm_targets(names: Sequence[str]) -> list[TvmTarget]:
     """TVM targets named `tvm-<target>` (`tvm-host`: this CPU's best ISA level)."""
-    from backends.compile.tvm import build as tc
+    from backends.compile.tvm.targets import (
+        CPU_TARGETS,
+        CUDA_TARGETS,
+        best_cpu_target,
+        host_cpu_flags,
+    )
 
-    known = {**tc.CPU_TARGETS, **tc.CUDA_TARGETS}
+    known = {**CPU_TARGETS, **CUDA_TARGETS}
     found: list[TvmTarget] = []
     for name in names:
         if not name.startswith(TVM_PREFIX):
             continue
         key = name.removeprefix(TVM_PREFIX)
         if key == "host":
-            target = tc.best_cpu_target(tc.host_cpu_flags())
+            target = best_cpu_target(host_cpu_flags())
         elif key in known:
             target = known[key]
         else:
@@ -236,7 +241,9 @@ def build_tvm(
     of a tuning folder `records_from`, such as a demo model's committed records, are
     taken first, see `tvm_compile.compile_onnx`)."""
     from backends.compile.rewrites import prepared_source
-    from backends.compile.tvm import build as tc
+    from backends.compile.tvm.build import compile_onnx
+    from backends.compile.tvm.importer import TvmImportError
+    from backends.compile.tvm.toolchain import ToolchainMissing
     from backends.compile.variants import (
         DEFAULT_MAX_BATCH_SIZE,
         batchable,
@@ -253,7 +260,7 @@ def build_tvm(
     name = tvm_variant_name(target.name, trials)
     directory = variant_dir(repository, model, name)
     try:
-        build = tc.compile_onnx(
+        build = compile_onnx(
             source,
             directory,
             target,
@@ -262,7 +269,7 @@ def build_tvm(
             trials=trials,
             records_from=records_from if trials > 0 else None,
         )
-    except (tc.TvmImportError, tc.ToolchainMissing) as exc:
+    except (TvmImportError, ToolchainMissing) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         raise BuildSkipped(str(exc)) from exc
     manifest = Manifest(

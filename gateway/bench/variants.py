@@ -33,7 +33,7 @@ from rich.console import Console
 from backends.compile.compiler import ORT_TARGET, compile_model
 from backends.compile.profiler import HardwareClass, measure_in_process
 from backends.compile.rewrites import prepared_source
-from backends.compile.tvm.build import best_cpu_target, host_cpu_flags
+from backends.compile.tvm.targets import best_cpu_target, host_cpu_flags
 from backends.compile.tvm.tuning import TuningInfo, read_info, records_for
 from backends.repository import ModelRepository
 from gateway.bench.report import write_section

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from backends.compile.tvm.build import host_cpu_flags
+from backends.compile.tvm.targets import host_cpu_flags
 from backends.demo.convnets import build_cnn
 from backends.repository import ModelRepository
 from tests.e2e.conftest import ROOT, SWITCHYARD

@@ -2,7 +2,7 @@
 
 `RECORDS / <model> / <target>` (in `backends/compile/tvm/tuning_records/`) holds, for each
 demo model TVM imports, MetaSchedule's JSON database pruned to the best schedule of each workload,
-the per-task budgets it was tuned with (`switchyard_trials.json`, as `tvm.build` writes
+the per-task budgets it was tuned with (`switchyard_trials.json`, as `tvm.records` writes
 it) and what the tuning cost (`switchyard_tuning.json`). A compile of a demo model passes
 `records_for(model)` to `tvm.build.compile_onnx` as `records_from`: the records are
 copied into the repository's own tuning folder and applied, and no trial runs when the
@@ -16,7 +16,7 @@ hour per model on two cores, and neither `make models` nor `make test` runs it.
 variants of the demo repository from the committed records, without tuning.
 
 This module reads and writes MetaSchedule's JSON files itself and imports no TVM; the
-compile runs in `tvm.build`'s own process. Nothing is read from argv or the
+compile runs in `tvm.child`'s own process. Nothing is read from argv or the
 environment at import time.
 """
 
@@ -31,7 +31,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backends.compile.tvm.build import BUDGETS, TvmTarget
+from backends.compile.tvm.records import BUDGETS
+from backends.compile.tvm.targets import TvmTarget
 
 ROOT = Path(__file__).resolve().parents[3]
 RECORDS = Path(__file__).resolve().parent / "tuning_records"
@@ -147,12 +148,12 @@ def tune(
     MetaSchedule's full records in `work / model` (a later call continues from them), and
     writes the pruned records and their `TuningInfo` to `out / model / target.name`."""
     from backends.compile.cpu import cpu_model
-    from backends.compile.tvm import build as tc
+    from backends.compile.tvm.build import compile_onnx
 
     source, shapes = _compiled_graph(repository, model)
     tuning_dir = work / model
     started = time.perf_counter()
-    build = tc.compile_onnx(
+    build = compile_onnx(
         source,
         tuning_dir / "build",
         target,
@@ -194,10 +195,10 @@ def apply(repository: Path, models: Sequence[str], root: Path = RECORDS) -> list
     `models` that has committed records for that target, applying them (no tuning when
     they match the model). Returns one line per model."""
     from backends.compile.compiler import compile_model
-    from backends.compile.tvm import build as tc
+    from backends.compile.tvm.targets import best_cpu_target, host_cpu_flags
     from backends.repository import ModelRepository
 
-    target = tc.best_cpu_target(tc.host_cpu_flags())
+    target = best_cpu_target(host_cpu_flags())
     store = ModelRepository(repository)
     lines = []
     for model in models:
@@ -228,9 +229,10 @@ def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tupl
     line per model, and whether all fit. Imports TVM in this process."""
     import tempfile
 
-    from backends.compile.tvm import build as tc
+    from backends.compile.tvm.records import check_records
+    from backends.compile.tvm.targets import best_cpu_target, host_cpu_flags
 
-    target = tc.best_cpu_target(tc.host_cpu_flags())
+    target = best_cpu_target(host_cpu_flags())
     lines, ok = [], True
     for model in models:
         records = records_for(model, root)
@@ -240,7 +242,7 @@ def check(repository: Path, models: Sequence[str], root: Path = RECORDS) -> tupl
             continue
         source, shapes = _compiled_graph(repository, model)
         with tempfile.TemporaryDirectory() as scratch:
-            found = tc.check_records(source, shapes, target, folder, Path(scratch))
+            found = check_records(source, shapes, target, folder, Path(scratch))
         if found.unbudgeted or found.stale:
             ok = False
             lines.append(
@@ -299,9 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in lines:
             print(line, flush=True)
         return 0 if ok else 1
-    from backends.compile.tvm import build as tc
+    from backends.compile.tvm.targets import best_cpu_target, host_cpu_flags
 
-    target = tc.best_cpu_target(tc.host_cpu_flags())
+    target = best_cpu_target(host_cpu_flags())
     for model in args.models:
         committed = records_for(model, args.out)
         known = read_info(committed / target.name) if committed else None

@@ -22,18 +22,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from backends.compile.tvm.build import (
-    CUDA_TARGETS,
-    LIBRARY,
-    ToolchainMissing,
-    TuningUnavailable,
-    TvmBuild,
-    TvmImportError,
-    TvmTarget,
-    best_cpu_target,
-    compile_onnx,
-    host_cpu_flags,
-)
+from backends.compile.tvm.build import LIBRARY, TvmBuild, compile_onnx
+from backends.compile.tvm.importer import TvmImportError
+from backends.compile.tvm.search import TuningUnavailable
+from backends.compile.tvm.targets import CUDA_TARGETS, TvmTarget, best_cpu_target, host_cpu_flags
+from backends.compile.tvm.toolchain import ToolchainMissing
 from backends.compile.tvm.tuning import DEMO_MODELS, check, read_info, records_for
 from backends.protocol.tensors import TensorSpec
 from backends.runtimes.install import make_runtime_only, runtime_only, tvm_package
@@ -467,8 +460,9 @@ def test_runtime_only_install_runs_tuned_libraries_and_refuses_to_compile(
 
     code = (
         "import tvm_ffi, sys; from pathlib import Path\n"
-        "from backends.compile.tvm.build import ToolchainMissing, compile_onnx, best_cpu_target, "
-        "host_cpu_flags\n"
+        "from backends.compile.tvm.build import compile_onnx\n"
+        "from backends.compile.tvm.targets import best_cpu_target, host_cpu_flags\n"
+        "from backends.compile.tvm.toolchain import ToolchainMissing\n"
         "try:\n"
         f"    compile_onnx(Path({str(repository / 'cnn' / 'model.onnx')!r}), "
         f"Path({str(tmp_path / 'out')!r}), best_cpu_target(host_cpu_flags()), "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backends.compile.tvm.build import BUDGETS, CPU_TARGETS
+from backends.compile.tvm.records import BUDGETS
+from backends.compile.tvm.targets import CPU_TARGETS
 from backends.compile.tvm.tuning import (
     DEMO_MODELS,
     INFO,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.compile.tvm.build import (
+from backends.compile.tvm.targets import (
     CPU_TARGETS,
     CUDA_TARGETS,
     best_cpu_target,
