@@ -239,7 +239,7 @@ def build_tvm(
     """The model compiled by Apache TVM for `target` (static batch of 1), tuned with
     `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused; those
     of a tuning folder `records_from`, such as a demo model's committed records, are
-    taken first, see `tvm_compile.compile_onnx`)."""
+    taken first, see `tvm.build.compile_onnx`)."""
     from backends.compile.rewrites import prepared_source
     from backends.compile.tvm.build import compile_onnx
     from backends.compile.tvm.importer import TvmImportError
