@@ -110,8 +110,6 @@ class Job:
     winner: Attempt | None = None
     reply: Any = None
     error: BaseException | None = None
-    last_error: BaseException | None = None
-    last_retryable: bool = False
     done: bool = False
     hedged: bool = False
     queue: list[Route] | None = None
@@ -228,7 +226,6 @@ class Dispatcher:
         self.observer.outcome(attempt, None, fault, error, now_s)
         if job.done:
             return nxt
-        job.last_error, job.last_retryable = error, retryable
         if retryable and not self._past_deadline(job, now_s):
             retry = self._next_route(job, now_s)
             if retry is not None:
@@ -283,9 +280,7 @@ class Dispatcher:
     def _arm(self, job: Job, now_s: float) -> None:
         """The job's next timer: the hedge (its first attempt out's predicted p95) or
         the deadline, whichever comes first."""
-        if job.timer is not None:
-            job.timer.cancel()
-            job.timer = None
+        self._cancel_timer(job)
         when = job.deadline_s
         if when is None and job.hedged:
             return
@@ -317,9 +312,7 @@ class Dispatcher:
     def _end(self, job: Job, error: BaseException | None, now_s: float) -> None:
         job.done = True
         job.error = error
-        if job.timer is not None:
-            job.timer.cancel()
-            job.timer = None
+        self._cancel_timer(job)
         if job.pending:
             # Attempts still out lost the race (hedges): they leave their queues uncounted.
             self._give_up(job, now_s)
