@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import FleetConfig
+from gateway.config import FleetConfig, PoliciesSettings
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, launch_worker, raw_request
+from tests.integration.conftest import Worker, fleet_config, launch_worker, raw_request
 
 SMALL_MESSAGE_BYTES = 4096
 """What a refusing worker accepts: a one-row digits request (about 300 bytes) passes,
@@ -38,24 +38,11 @@ REFUSED = re.compile(r"SERVER: Received message larger than max \(\d+ vs\. 4096\
 def config(
     backends: dict[str, tuple[str, float]], policy: dict[str, object], **gateway: object
 ) -> FleetConfig:
-    return FleetConfig.model_validate(
-        {
-            "gateway": {
-                "listen": "127.0.0.1:0",
-                "metrics": "127.0.0.1:0",
-                "probe_interval_s": 0.2,
-                # No probe inferences: the routes' estimates and attempt counts are
-                # the test's requests' alone.
-                "latency_probe_interval_s": 0,
-                **gateway,
-            },
-            "backends": [
-                {"name": name, "address": address, "price_usd_per_hour": price}
-                for name, (address, price) in backends.items()
-            ],
-            "policies": {"default": {"latency_ms": 1000, **policy}},
-        }
-    )
+    # No probe inferences: the routes' estimates and attempt counts are the test's
+    # requests' alone.
+    fleet = fleet_config(backends, **{"latency_probe_interval_s": 0, **gateway})
+    policies = PoliciesSettings.model_validate({"default": {"latency_ms": 1000, **policy}})
+    return fleet.model_copy(update={"policies": policies})
 
 
 def digits(rows: int) -> pb.ModelInferRequest:
