@@ -46,7 +46,13 @@ class RunningGateway:
         return self.log_path.read_text(errors="replace")
 
 
-def write_fleet(path: Path, repository: Path, backends: list[dict]) -> Path:  # type: ignore[type-arg]
+def write_fleet(
+    path: Path,
+    repository: Path,
+    backends: list[dict],  # type: ignore[type-arg]
+    **gateway: object,
+) -> Path:
+    """A fleet file on ports 0 with these backends; `gateway` adds or overrides settings."""
     path.write_text(
         yaml.safe_dump(
             {
@@ -56,6 +62,7 @@ def write_fleet(path: Path, repository: Path, backends: list[dict]) -> Path:  # 
                     "metrics": "127.0.0.1:0",
                     "admin": "127.0.0.1:0",
                     "probe_interval_s": 0.2,
+                    **gateway,
                 },
                 "backends": backends,
             }

@@ -16,13 +16,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import yaml
 
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.e2e.conftest import ADMIN_TOKEN, RunningGateway, start_serve, stop
+from tests.e2e.conftest import ADMIN_TOKEN, RunningGateway, start_serve, stop, write_fleet
 from tests.waiting import wait_until
 
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -33,34 +32,23 @@ SERVICE_MS = 400
 def one_slot(
     request: pytest.FixtureRequest, repository: Path, tmp_path: Path
 ) -> Iterator[RunningGateway]:
-    fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(
-        yaml.safe_dump(
-            {
-                "repository": str(repository),
-                "gateway": {
-                    "listen": "127.0.0.1:0",
-                    "metrics": "127.0.0.1:0",
-                    "admin": "127.0.0.1:0",
-                    "probe_interval_s": 0.2,
-                    "latency_probe_interval_s": 0,
-                    "coalesce_in_flight": request.param,
-                },
-                "backends": [
-                    {
-                        "name": "one",
-                        "address": "127.0.0.1:0",
-                        "price_usd_per_hour": 0.04,
-                        "launch": {
-                            "threads": 1,
-                            "models": ["digits"],
-                            "emulate_latency_ms": SERVICE_MS,
-                            "max_batch_rows": 1,
-                        },
-                    }
-                ],
-            }
-        )
+    backend = {
+        "name": "one",
+        "address": "127.0.0.1:0",
+        "price_usd_per_hour": 0.04,
+        "launch": {
+            "threads": 1,
+            "models": ["digits"],
+            "emulate_latency_ms": SERVICE_MS,
+            "max_batch_rows": 1,
+        },
+    }
+    fleet = write_fleet(
+        tmp_path / "fleet.yaml",
+        repository,
+        [backend],
+        latency_probe_interval_s=0,
+        coalesce_in_flight=request.param,
     )
     gateway = start_serve(fleet, tmp_path)
     yield gateway
