@@ -25,7 +25,63 @@ HostPort = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, and so is NaN or infinity in any number (a price,
+    carbon figure, latency target, percentile or time): NaN compares false with
+    everything, so one such value would silently win or lose every comparison."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ListenerTLS(_Strict):
+    """TLS on the gateway's client-facing listeners (inference gRPC, admin, and metrics
+    with `metrics_tls`). The files are read at start, and again by a new connection
+    after any of them changed (certificate rotation without a restart)."""
+
+    cert_file: Path
+    """The listener's certificate (PEM), its chain after it."""
+    key_file: Path
+    """The certificate's private key (PEM)."""
+    client_ca_file: Path | None = None
+    """CA certificates (PEM) that sign client certificates: when set, every client must
+    present a certificate they signed (mTLS); unset: any client may connect."""
+
+    def resolved(self, base_dir: Path) -> ListenerTLS:
+        """The same settings with relative paths taken from `base_dir`."""
+        return self.model_copy(update=_resolved_paths(self, base_dir))
+
+
+class BackendTLS(_Strict):
+    """TLS on the gateway's calls to a remote backend (mTLS with `cert_file` and
+    `key_file`)."""
+
+    ca_file: Path | None = None
+    """CA certificates (PEM) that sign the backend's certificate; default: the
+    system's roots."""
+    cert_file: Path | None = None
+    """The gateway's client certificate (PEM) for backends that require one."""
+    key_file: Path | None = None
+    """The client certificate's private key (PEM)."""
+    server_name: str | None = None
+    """The name to check the backend's certificate against, when it is not the
+    address's host (an IP address, a name behind a load balancer)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> BackendTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: cert_file and key_file go together (mTLS needs both)")
+        return self
+
+    def resolved(self, base_dir: Path) -> BackendTLS:
+        """The same settings with relative paths taken from `base_dir`."""
+        return self.model_copy(update=_resolved_paths(self, base_dir))
+
+
+def _resolved_paths(settings: BaseModel, base_dir: Path) -> dict[str, Path]:
+    return {
+        key: base_dir / value
+        for key, value in settings
+        if isinstance(value, Path) and not value.is_absolute()
+    }
 
 
 class GatewaySettings(_Strict):
@@ -34,7 +90,14 @@ class GatewaySettings(_Strict):
     metrics: HostPort = "127.0.0.1:8002"
     """Prometheus text endpoint, served at /metrics."""
     admin: HostPort = "127.0.0.1:8003"
-    """Admin gRPC endpoint (bearer token), for the SRE's controls."""
+    """Admin gRPC endpoint (bearer token), for the SRE's controls. Without `tls` it
+    must be a loopback address: the gateway refuses to start otherwise."""
+    tls: ListenerTLS | None = None
+    """TLS (mTLS with `client_ca_file`) on the inference and admin endpoints;
+    default: plaintext."""
+    metrics_tls: bool = False
+    """Serve metrics over TLS too, with `tls`'s files (read once, at start); default:
+    plaintext, as most Prometheus set-ups scrape."""
     max_message_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest request or response accepted; larger requests get RESOURCE_EXHAUSTED."""
     probe_interval_s: float = Field(1.0, gt=0)
@@ -46,6 +109,11 @@ class GatewaySettings(_Strict):
     admin_token_file: Path | None = None
     """File holding the admin API's bearer token (created with a random token when
     missing) when the SWITCHYARD_ADMIN_TOKEN environment variable is not set."""
+    state_file: Path | None = None
+    """Where changes made through the admin API (prices, policies, drains, the routing
+    rule) and the price schedule's start are kept, so that a restart restores them;
+    default: `state.json` beside `admin_token_file`. With neither, they live in memory
+    only."""
     eject_after_failures: int = Field(3, ge=1)
     """Passive outlier detection: consecutive failed or timed-out attempts that eject
     a backend (a refused connection takes it out at once)."""
@@ -128,6 +196,18 @@ class BackendSettings(_Strict):
     (KServe, MLServer); default: asked from the backend."""
     launch: LaunchSettings | None = None
     """Start and supervise it as a local worker process."""
+    tls: BackendTLS | None = None
+    """Call this remote backend over TLS; default: plaintext. Launched workers always
+    speak mTLS with the gateway, with certificates of its own private CA."""
+
+    @model_validator(mode="after")
+    def _tls_remote_only(self) -> BackendSettings:
+        if self.tls is not None and self.launch is not None:
+            raise ValueError(
+                f"backend {self.name!r}: tls is for remote backends; launched workers "
+                "always use the gateway's own certificates"
+            )
+        return self
 
 
 class PolicySettings(_Strict):
@@ -210,13 +290,21 @@ def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetC
     config = validate_yaml(text, FleetConfig, ConfigError, source)
     if not config.repository.is_absolute():
         config = config.model_copy(update={"repository": base_dir / config.repository})
-    updates = {}
-    for key in ("admin_token_file", "price_schedule"):
+    updates: dict[str, object] = {}
+    for key in ("admin_token_file", "price_schedule", "state_file"):
         value = getattr(config.gateway, key)
         if value is not None and not value.is_absolute():
             updates[key] = base_dir / value
+    if config.gateway.tls is not None:
+        updates["tls"] = config.gateway.tls.resolved(base_dir)
     if updates:
         config = config.model_copy(update={"gateway": config.gateway.model_copy(update=updates)})
+    if any(b.tls is not None for b in config.backends):
+        backends = [
+            b if b.tls is None else b.model_copy(update={"tls": b.tls.resolved(base_dir)})
+            for b in config.backends
+        ]
+        config = config.model_copy(update={"backends": backends})
     return config
 
 
@@ -226,8 +314,8 @@ def load_fleet(path: Path | None) -> FleetConfig:
         text = resources.files("gateway").joinpath("demo_fleet.yaml").read_text()
         return parse_fleet(text, Path.cwd(), "embedded demo fleet")
     try:
-        text = path.read_text()
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read fleet file {path}: {exc}") from exc
     return parse_fleet(text, path.resolve().parent, str(path))
 
