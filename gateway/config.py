@@ -143,6 +143,12 @@ class GatewaySettings(_Strict):
     it adds nothing. Raise it for backends that run several calls at once well (a
     large GPU); 0 sends every request on its own."""
 
+    @model_validator(mode="after")
+    def _metrics_tls_needs_tls(self) -> GatewaySettings:
+        if self.metrics_tls and self.tls is None:
+            raise ValueError("gateway.metrics_tls needs gateway.tls (its certificate and key)")
+        return self
+
 
 class ModelBatching(_Strict):
     """Dynamic batching of one model in a launched worker."""
