@@ -1,16 +1,19 @@
 """The backend client pool: one gRPC channel per backend address, the lean
 forwarding call (serialized bytes in, serialized bytes out), and the typed calls
-the prober uses. The caller's deadline travels with every call.
+the prober uses. The caller's deadline travels with every call. A channel is
+plaintext, or TLS as the pool's `security` says for its address (remote backends'
+`tls`, launched workers' mTLS).
 
-The gRPC edge towards backends: imports grpc and the generated stubs; no routing and no
-fleet state.
+The gRPC edge towards backends: channels (gateway.security) and the generated stubs; no
+routing and no fleet state.
 """
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Callable
 
 from backends.protocol.status import StatusError
+from gateway.security import ChannelSecurity, secure_channel
 from protos import inference_pb2_grpc as pb_grpc
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -23,11 +26,14 @@ class BackendCallError(StatusError):
 class BackendClient:
     """Channel and calls for one backend address."""
 
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(
+        self, address: str, max_message_bytes: int, security: ChannelSecurity | None = None
+    ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = secure_channel(
             address,
-            options=[
+            security,
+            [
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 # Reconnect fast when a backend comes back.
@@ -45,17 +51,27 @@ class BackendClient:
         await self.channel.close()
 
 
-class BackendPool:
-    """Clients by address, created on first use and replaced when an address changes."""
+def _plaintext(address: str) -> ChannelSecurity | None:
+    return None
 
-    def __init__(self, max_message_bytes: int) -> None:
+
+class BackendPool:
+    """Clients by address, created on first use and replaced when an address changes;
+    `security` says how the channel to an address is secured (None: plaintext)."""
+
+    def __init__(
+        self,
+        max_message_bytes: int,
+        security: Callable[[str], ChannelSecurity | None] = _plaintext,
+    ) -> None:
         self._max_message_bytes = max_message_bytes
+        self._security = security
         self._clients: dict[str, BackendClient] = {}
 
     def client(self, address: str) -> BackendClient:
         client = self._clients.get(address)
         if client is None:
-            client = BackendClient(address, self._max_message_bytes)
+            client = BackendClient(address, self._max_message_bytes, self._security(address))
             self._clients[address] = client
         return client
 
