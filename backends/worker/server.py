@@ -10,6 +10,10 @@ threads behind a dynamic batcher, never on the event loop. On start it prints on
 JSON line,
 `{"event": "listening", "address": ..., "pid": ...}`, for supervisors.
 
+With `--tls-cert` and `--tls-key` it listens over TLS; with `--tls-client-ca` too, it
+answers only clients whose certificate that CA signed (the gateway gives the workers
+it launches such files, from its private CA, so that only it reaches them).
+
 The models it serves, and which variants may be served, are `served.py`'s.
 
 A protocol edge: grpc and generated protobuf are imported here and in backends.protocol;
@@ -200,10 +204,24 @@ def _runtime_error(model: str, exc: Exception) -> SwitchyardError:
     return Internal(f"model {model!r} failed: {kind}: {exc}")
 
 
+def server_credentials(
+    cert_file: Path, key_file: Path, client_ca_file: Path | None
+) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files; client certificates signed by `client_ca_file`
+    required when it is given. OSError when a file cannot be read."""
+    root = client_ca_file.read_bytes() if client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(key_file.read_bytes(), cert_file.read_bytes())],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
 async def start_worker(
-    settings: WorkerSettings, listen: str
+    settings: WorkerSettings, listen: str, credentials: grpc.ServerCredentials | None = None
 ) -> tuple[grpc.aio.Server, int, dict[str, ServedModel], ThreadPoolExecutor]:
-    """Loads the models and starts serving on `listen`; returns the bound port."""
+    """Loads the models and starts serving on `listen` (over TLS with `credentials`);
+    returns the bound port."""
     executor = ThreadPoolExecutor(max_workers=max(2, settings.threads), thread_name_prefix="infer")
     models = await asyncio.get_running_loop().run_in_executor(None, load_models, settings, executor)
     for model in models.values():
@@ -218,7 +236,10 @@ async def start_worker(
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(WorkerServicer(models, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -230,8 +251,10 @@ async def start_worker(
     return server, port, models, executor
 
 
-async def serve(settings: WorkerSettings, listen: str) -> None:
-    server, port, models, executor = await start_worker(settings, listen)
+async def serve(
+    settings: WorkerSettings, listen: str, credentials: grpc.ServerCredentials | None = None
+) -> None:
+    server, port, models, executor = await start_worker(settings, listen, credentials)
     host = listen.rsplit(":", 1)[0]
     print(
         json.dumps(
@@ -310,6 +333,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest request or response accepted",
     )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="serve over TLS with this certificate (PEM)"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="the certificate's key (PEM)")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by these CAs (PEM): mTLS",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,6 +354,19 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("--threads must be at least 1", file=sys.stderr)
         return 2
+    credentials = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("--tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        print("--tls-client-ca needs --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    if args.tls_cert is not None:
+        try:
+            credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except OSError as exc:
+            print(f"cannot read TLS files: {exc}", file=sys.stderr)
+            return 2
     try:
         batching = parse_batching(args.batching)
     except ValueError as exc:
@@ -347,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     prepare_runtimes(settings.threads)
     use_uvloop()
-    asyncio.run(serve(settings, args.listen))
+    asyncio.run(serve(settings, args.listen, credentials))
     return 0
 
 
