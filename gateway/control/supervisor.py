@@ -3,11 +3,18 @@
 it prints, restarts it with growing back-off when it exits, and stops them all
 on shutdown. Workers are asked to die with the gateway (Linux PR_SET_PDEATHSIG).
 
+Workers speak mTLS with the gateway: each start gets a new server certificate of the
+gateway's private CA (gateway.security.WorkerPKI) in a private directory, removed once
+the worker listens, and answers only clients with a certificate of that CA. A worker's
+environment is the gateway's without its secrets (the admin token, and any variable
+whose name says token, secret, password, credential or key).
+
 For failure drills, `kill` SIGKILLs a worker and holds it down (the gateway sees
 the death as it sees a crash, but nothing restarts it) until `restart` releases
 the hold and the worker starts at once, on the port it had.
 
-Imports no grpc and no generated protobuf: it starts and watches processes.
+Imports no generated protobuf: it starts and watches processes (grpc only through
+the certificates of gateway.security).
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.process import PARENT_PID_ENV
 from backends.protocol.errors import DeadlineExceeded, FailedPrecondition
 from gateway.config import BackendSettings
+from gateway.security import WorkerFiles, WorkerPKI
 
 log = logging.getLogger("switchyard.supervisor")
 
@@ -33,7 +42,18 @@ MAX_BACKOFF_S = 10.0
 STABLE_AFTER_S = 30.0
 
 
-def worker_command(backend: BackendSettings, repository: Path, listen: str) -> list[str]:
+SECRET_ENV = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY", re.IGNORECASE
+)
+"""Environment variables whose names match are kept from workers (SWITCHYARD_ADMIN_TOKEN,
+cloud credentials, ...): a worker needs none of the gateway's secrets."""
+
+
+def worker_command(
+    backend: BackendSettings, repository: Path, listen: str, tls: WorkerFiles | None = None
+) -> list[str]:
+    """The command that starts `backend`'s worker on `listen`, with mTLS from `tls`'s
+    files when given."""
     launch = backend.launch
     assert launch is not None
     command = [
@@ -69,15 +89,21 @@ def worker_command(backend: BackendSettings, repository: Path, listen: str) -> l
         command += ["--cpus", *map(str, launch.cpus)]
     if launch.precisions:
         command += ["--precisions", *launch.precisions]
+    if tls is not None:
+        command += tls.arguments()
     return command
 
 
-def worker_environment(backend: BackendSettings) -> dict[str, str]:
-    """The worker's environment: the runtimes' thread counts fixed from its first
+def worker_environment(
+    backend: BackendSettings, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The worker's environment: the gateway's (`environ`, default os.environ) without
+    its secrets (SECRET_ENV), the runtimes' thread counts fixed from its first
     instruction, TVM's runtime library only."""
     threads = str(backend.launch.threads if backend.launch else 1)
+    inherited = os.environ if environ is None else environ
     return {
-        **os.environ,
+        **{name: value for name, value in inherited.items() if not SECRET_ENV.search(name)},
         # The worker arms its own parent-death signal with it (backends.process).
         PARENT_PID_ENV: str(os.getpid()),
         "TVM_USE_RUNTIME_LIB": "1",
@@ -100,6 +126,13 @@ class Supervised:
     """Set by `restart`: start now, without waiting out the back-off."""
     spawned: asyncio.Event = field(default_factory=asyncio.Event)
     """Set each time a worker process is created."""
+    tls_files: WorkerFiles | None = None
+    """The starting worker's certificate files, until it listens (or exits)."""
+
+    def remove_tls_files(self) -> None:
+        if self.tls_files is not None:
+            self.tls_files.remove()
+            self.tls_files = None
 
     @property
     def pid(self) -> int:
@@ -123,8 +156,12 @@ class Supervisor:
         repository: Path,
         on_address: Callable[[str, str], None],
         on_exit: Callable[[str, str], None],
+        pki: WorkerPKI | None = None,
     ) -> None:
+        """`pki`: the CA that secures the workers' listeners (None: plaintext workers,
+        for tests of supervision alone)."""
         self.repository = repository
+        self.pki = pki
         self.on_address = on_address
         self.on_exit = on_exit
         self.workers = {b.name: Supervised(b) for b in backends if b.launch is not None}
@@ -203,8 +240,14 @@ class Supervisor:
             if worker.process is not None:
                 worker.restarts += 1
             # A restarted worker reuses the port it got the first time.
+            address = worker.address or listen
+            if self.pki is not None:
+                worker.remove_tls_files()
+                worker.tls_files = self.pki.worker_files(
+                    worker.backend.name, address.rsplit(":", 1)[0]
+                )
             worker.process = await asyncio.create_subprocess_exec(
-                *worker_command(worker.backend, self.repository, worker.address or listen),
+                *worker_command(worker.backend, self.repository, address, worker.tls_files),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=worker_environment(worker.backend),
@@ -216,6 +259,7 @@ class Supervisor:
                 loop.create_task(self._relay_stderr(worker.backend.name, worker.process)),
             ]
             code = await worker.process.wait()
+            worker.remove_tls_files()
             for reader in readers:
                 reader.cancel()
             if self._stopping:
@@ -260,6 +304,7 @@ class Supervisor:
                 continue
             if isinstance(event, dict) and event.get("event") == "listening":
                 worker.address = str(event["address"])
+                worker.remove_tls_files()  # read at start: no copy of the key stays behind
                 self.on_address(worker.backend.name, worker.address)
                 worker.listening.set()
 
@@ -287,3 +332,5 @@ class Supervisor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.workers.values():
+            worker.remove_tls_files()
