@@ -2,7 +2,9 @@
 
 Starts the launched backend workers, the prober, the Open Inference Protocol
 server (with `grpc.health.v1`), and the Prometheus endpoint; prints where to
-send requests; stops everything cleanly on SIGINT/SIGTERM.
+send requests; stops everything cleanly on SIGINT/SIGTERM. The listeners speak TLS
+with `gateway.tls`; launched workers speak mTLS with certificates of the gateway's
+private CA, and remote backends TLS with their `tls` (gateway.security).
 
 The one module that assembles every plane; only the CLI and the tests import it.
 """
@@ -40,6 +42,13 @@ from gateway.control.supervisor import Supervisor
 from gateway.routing.fleet import BackendState, Ejection, FleetState
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import Chooser, cost_usd
+from gateway.security import (
+    ChannelSecurity,
+    WorkerPKI,
+    backend_security,
+    is_loopback,
+    server_credentials,
+)
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendPool
 from gateway.serving.prober import Prober
@@ -99,6 +108,17 @@ class Gateway:
             shutdown()
 
 
+def check_admin_listen(config: FleetConfig) -> None:
+    """ConfigError when the admin API would listen beyond this host in plaintext."""
+    settings = config.gateway
+    if settings.tls is None and not is_loopback(settings.admin):
+        raise ConfigError(
+            f"gateway.admin {settings.admin} is not a loopback address: the admin API "
+            "listens beyond this host only over TLS (set gateway.tls, or listen on "
+            "127.0.0.1)"
+        )
+
+
 def build_fleet(config: FleetConfig) -> FleetState:
     settings = config.gateway
     return FleetState(
@@ -126,7 +146,25 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     fleet = build_fleet(config)
-    pool = BackendPool(settings.max_message_bytes)
+    token = admin_token(config)
+    if token is not None:
+        check_admin_listen(config)
+    # Certificates first: a file that does not load fails before anything listens.
+    listener_credentials = None if settings.tls is None else server_credentials(settings.tls)
+    admin_credentials = None if settings.tls is None else server_credentials(settings.tls)
+    remote = {b.name: backend_security(b.tls) for b in config.backends if b.tls is not None}
+    launched = {b.name for b in config.backends if b.launch is not None}
+    pki = WorkerPKI(time.time) if launched else None
+
+    def security(address: str) -> ChannelSecurity | None:
+        for b in fleet.backends.values():
+            if b.address == address:
+                if b.name in launched and pki is not None:
+                    return pki.security
+                return remote.get(b.name)
+        return None
+
+    pool = BackendPool(settings.max_message_bytes, security)
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
     background: set[asyncio.Task[None]] = set()
@@ -200,7 +238,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         await prober.probe(fleet.backends[name])
         refresh()
 
-    supervisor = Supervisor(config.backends, config.repository, on_address, on_exit)
+    supervisor = Supervisor(config.backends, config.repository, on_address, on_exit, pki)
     control = Control(
         fleet,
         metrics,
@@ -222,18 +260,30 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Bind both ports before launching anything: a port in use fails fast.
     try:
-        port = server.add_insecure_port(settings.listen)
+        if listener_credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, listener_credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {settings.listen}: {exc}") from exc
     host, metrics_port_text = settings.metrics.rsplit(":", 1)
+    metrics_tls: dict[str, Any] = {}
+    if settings.metrics_tls and settings.tls is not None:
+        metrics_tls = {
+            "certfile": str(settings.tls.cert_file),
+            "keyfile": str(settings.tls.key_file),
+            "client_cafile": settings.tls.client_ca_file and str(settings.tls.client_ca_file),
+            "client_auth_required": settings.tls.client_ca_file is not None,
+        }
     try:
-        metrics_server, _ = start_http_server(int(metrics_port_text), addr=host, registry=registry)
+        metrics_server, _ = start_http_server(
+            int(metrics_port_text), addr=host, registry=registry, **metrics_tls
+        )
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {settings.metrics}: {exc}") from exc
 
     admin_server = None
     admin_port = None
-    token = admin_token(config)
     if token is None:
         log.warning(
             "admin API off: set SWITCHYARD_ADMIN_TOKEN or gateway.admin_token_file to enable it"
@@ -242,7 +292,10 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         admin_server = grpc.aio.server()
         add_to_server(admin_server, AdminServicer(control, token, time.monotonic))
         try:
-            admin_port = admin_server.add_insecure_port(settings.admin)
+            if admin_credentials is None:
+                admin_port = admin_server.add_insecure_port(settings.admin)
+            else:
+                admin_port = admin_server.add_secure_port(settings.admin, admin_credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot serve the admin API on {settings.admin}: {exc}") from exc
 
@@ -294,10 +347,15 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
 
 
 def describe(gateway: Gateway) -> str:
-    metrics_host = gateway.config.gateway.metrics.rsplit(":", 1)[0]
+    settings = gateway.config.gateway
+    metrics_host = settings.metrics.rsplit(":", 1)[0]
+    scheme = "https" if settings.metrics_tls else "http"
+    over = ""
+    if settings.tls is not None:
+        over = ", mTLS" if settings.tls.client_ca_file is not None else ", TLS"
     lines = [
-        f"switchyard gateway listening on {gateway.address} (Open Inference Protocol gRPC)",
-        f"  metrics:  http://{metrics_host}:{gateway.metrics_port}/metrics",
+        f"switchyard gateway listening on {gateway.address} (Open Inference Protocol gRPC{over})",
+        f"  metrics:  {scheme}://{metrics_host}:{gateway.metrics_port}/metrics",
         f"  admin:    {gateway.admin_address or 'off (no admin token)'}"
         + ("  (`switchyard admin routes`)" if gateway.admin_address else ""),
     ]
