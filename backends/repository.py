@@ -9,21 +9,31 @@ Layout::
     <repository>/<model>/variants/<variant>/<artifacts>  what the manifest lists
 
 A variant is one compiled form of a model (runtime + target + precision). Its
-manifest is validated with pydantic (unknown keys are errors) and every artifact's
-sha256 is checked before a worker loads it. No runtime is imported here.
+manifest is validated with pydantic (unknown keys are errors). Its artifacts are
+confined to the variant's folder: a path that is absolute, has `..`, or goes through a
+symbolic link (even one pointing inside the folder) is refused. `Variant.read_artifacts`
+reads each artifact once, by file descriptor, and checks those bytes against the
+manifest's sha256: the runtimes load the very bytes that were hashed
+(`backends.runtimes.loader`), so a file swapped after the check goes unloaded. A variant
+whose manifest is bad is refused alone (`VariantScan.refused`); the model's other
+variants are unaffected. No runtime is imported here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.files import UnsafePath, confined_parts, read_confined
 from backends.protocol.tensors import NUMPY_DTYPES, TensorSpec
+
+log = logging.getLogger("switchyard.repository")
 
 MANIFEST = "manifest.json"
 SOURCE = "model.onnx"
@@ -44,7 +54,8 @@ class TensorEntry(BaseModel):
 
 
 class ArtifactEntry(BaseModel):
-    """One file of the variant, relative to the variant's folder."""
+    """One file of the variant, relative to the variant's folder (`/`-separated, no
+    `..`, not absolute; no symbolic link on the way)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str
@@ -97,7 +108,9 @@ class Manifest(BaseModel):
     inputs: list[TensorEntry]
     outputs: list[TensorEntry]
     artifacts: list[ArtifactEntry] = Field(min_length=1)
-    """Files of the variant; the first is the one the runtime loads."""
+    """Files of the variant; the first is the one the runtime loads, the others what it
+    reads beside it (an ONNX model's external data files, by the location the model
+    gives them)."""
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """sha256 of the source model.onnx it was built from."""
     rewrites: list[str] = []
@@ -140,19 +153,58 @@ class Variant:
         return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in self.manifest.outputs)
 
     def verify(self) -> None:
-        """Raises ManifestError unless every artifact exists and matches its sha256."""
+        """Raises ManifestError unless every artifact is a regular file inside the
+        variant's folder and matches its sha256."""
+        self.read_artifacts()
+
+    def read_artifacts(self) -> tuple[VerifiedArtifact, ...]:
+        """Every artifact's bytes, in the manifest's order, each read once from inside
+        the variant's folder and checked against its sha256 (ManifestError naming the
+        variant and the path otherwise). Load these bytes, never the path again."""
+        verified = []
         for artifact in self.manifest.artifacts:
-            path = self.directory / artifact.path
-            if not path.is_file():
-                raise ManifestError(
-                    f"{self.model}/{self.name}: artifact {artifact.path} is missing"
-                )
-            digest = sha256_file(path)
+            where = f"{self.model}/{self.name}: artifact {artifact.path}"
+            try:
+                data = read_confined(self.directory, artifact.path)
+            except UnsafePath as exc:
+                raise ManifestError(f"{where} refused: it {exc}") from exc
+            except FileNotFoundError as exc:
+                raise ManifestError(f"{where} is missing") from exc
+            except OSError as exc:
+                raise ManifestError(f"{where} cannot be read: {exc.strerror}") from exc
+            digest = hashlib.sha256(data).hexdigest()
             if digest != artifact.sha256:
                 raise ManifestError(
-                    f"{self.model}/{self.name}: artifact {artifact.path} has sha256 {digest}, "
-                    f"the manifest says {artifact.sha256}"
+                    f"{where} has sha256 {digest}, the manifest says {artifact.sha256}"
                 )
+            verified.append(VerifiedArtifact(artifact.path, data))
+        return tuple(verified)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedArtifact:
+    """An artifact's bytes, read once and matching the manifest's sha256."""
+
+    path: str
+    """As the manifest lists it, relative to the variant's folder."""
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedVariant:
+    """A variant folder whose manifest could not be used, and why."""
+
+    model: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VariantScan:
+    """A model's variant folders: those whose manifests are valid, and those refused."""
+
+    variants: tuple[Variant, ...]
+    refused: tuple[RefusedVariant, ...]
 
 
 def sha256_file(path: Path) -> str:
@@ -183,27 +235,59 @@ class ModelRepository:
         return self.root / model / SOURCE
 
     def variants(self, model: str) -> list[Variant]:
-        """The model's variants, sorted by name; a malformed manifest raises ManifestError."""
+        """The model's variants whose manifests are valid, sorted by name; each refused
+        one is logged with why (`scan` returns them)."""
+        scan = self.scan(model)
+        for refused in scan.refused:
+            log.warning("model %s: variant %s refused: %s", model, refused.name, refused.reason)
+        return list(scan.variants)
+
+    def scan(self, model: str) -> VariantScan:
+        """The model's variant folders, sorted by name: a bad manifest refuses its own
+        variant, never the others."""
         folder = self.root / model / "variants"
         if not folder.is_dir():
-            return []
+            return VariantScan((), ())
         found = []
+        refused = []
         for directory in sorted(p for p in folder.iterdir() if p.is_dir()):
-            found.append(self.read_variant(model, directory))
-        return found
+            try:
+                found.append(self.read_variant(model, directory))
+            except ManifestError as exc:
+                refused.append(RefusedVariant(model, directory.name, str(exc)))
+        return VariantScan(tuple(found), tuple(refused))
 
     def read_variant(self, model: str, directory: Path) -> Variant:
-        path = directory / MANIFEST
+        """The variant in `directory`, its manifest validated and its artifact paths
+        confined to `directory` (ManifestError naming the variant otherwise); the
+        artifacts themselves are read by `Variant.read_artifacts`."""
+        where = f"{model}/{directory.name}"
         try:
-            manifest = Manifest.model_validate(json.loads(path.read_text()))
+            text = read_confined(directory, MANIFEST)
         except FileNotFoundError as exc:
-            raise ManifestError(f"{model}/{directory.name}: no {MANIFEST}") from exc
-        except ValueError as exc:  # JSON or validation error
-            raise ManifestError(f"{model}/{directory.name}: invalid {MANIFEST}: {exc}") from exc
+            raise ManifestError(f"{where}: no {MANIFEST}") from exc
+        except UnsafePath as exc:
+            raise ManifestError(f"{where}: {MANIFEST} refused: it {exc}") from exc
+        except OSError as exc:
+            raise ManifestError(f"{where}: {MANIFEST} cannot be read: {exc.strerror}") from exc
+        try:
+            manifest = Manifest.model_validate(json.loads(text))
+        except ValueError as exc:  # JSON, UTF-8 or validation error
+            raise ManifestError(f"{where}: invalid {MANIFEST}: {exc}") from exc
         if manifest.model != model or manifest.variant != directory.name:
-            raise ManifestError(
-                f"{model}/{directory.name}: manifest names {manifest.model}/{manifest.variant}"
-            )
+            raise ManifestError(f"{where}: manifest names {manifest.model}/{manifest.variant}")
+        seen = set()
+        for artifact in manifest.artifacts:
+            try:
+                confined_parts(artifact.path)
+            except UnsafePath as exc:
+                raise ManifestError(
+                    f"{where}: artifact path {artifact.path!r} refused: it {exc}; artifacts "
+                    "must lie inside the variant's folder"
+                ) from exc
+            if artifact.path in seen:
+                raise ManifestError(f"{where}: artifact {artifact.path!r} is listed twice")
+            seen.add(artifact.path)
         return Variant(model=model, name=directory.name, directory=directory, manifest=manifest)
 
     def write_variant(self, manifest: Manifest) -> Path:

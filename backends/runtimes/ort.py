@@ -1,5 +1,11 @@
 """ONNX Runtime adapter: loads an ONNX variant with an exact thread budget.
 
+A variant is loaded from bytes already checked against its manifest
+(`backends.runtimes.loader`), its external data files (tensors stored beside the model)
+from memory too; ONNX Runtime is pointed at an empty private folder for any other
+external file, so external data the manifest does not list fails to load instead of
+being read from disk. A path is taken for the compiler's own outputs and sources.
+
 The only module of the worker that imports onnxruntime.
 """
 
@@ -11,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from backends.files import empty_private_folder
 from backends.protocol.errors import InvalidInput
 from backends.protocol.tensors import TensorSpec
 from backends.runtimes.base import Array
@@ -34,6 +41,8 @@ _ORT_TYPES = {
 
 RUNTIME_NAME = "onnxruntime"
 RUNTIME_VERSION: str = ort.__version__
+# Where ONNX Runtime looks for external data files of a model loaded from bytes.
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -57,12 +66,36 @@ def _spec(node: ort.NodeArg) -> TensorSpec:
 
 
 class OrtAdapter:
-    """One ONNX model loaded in one InferenceSession."""
+    """One ONNX model loaded in one InferenceSession.
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
-        self._session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-        )
+    `model` is the model's bytes, or a path (the compiler's own files). With bytes,
+    `external_data` holds the files the model's external tensors name (by their location,
+    relative to the model), and no other file is read."""
+
+    def __init__(
+        self,
+        model: Path | bytes,
+        threads: int = 1,
+        external_data: Mapping[str, bytes] | None = None,
+    ) -> None:
+        options = session_options(threads)
+        # ONNX Runtime may point at these buffers rather than copy them: they live as
+        # long as the session.
+        self._external = dict(external_data or {})
+        if isinstance(model, bytes):
+            if self._external:
+                names = list(self._external)
+                buffers = [self._external[name] for name in names]
+                options.add_external_initializers_from_files_in_memory(
+                    names, buffers, [len(b) for b in buffers]
+                )
+            with empty_private_folder() as nowhere:
+                options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(nowhere))
+                self._session = _session(model, options)
+        else:
+            if self._external:
+                raise ValueError("external_data is taken with a model given as bytes")
+            self._session = _session(str(model), options)
         self._inputs = tuple(_spec(n) for n in self._session.get_inputs())
         self._outputs = tuple(_spec(n) for n in self._session.get_outputs())
         self._bytes_inputs = {s.name for s in self._inputs if s.datatype == "BYTES"}
@@ -80,6 +113,10 @@ class OrtAdapter:
         for name in self._bytes_inputs & feed.keys():
             feed[name] = _as_text(name, feed[name])
         return list(self._session.run(list(outputs), feed))
+
+
+def _session(model: str | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _as_text(name: str, array: Array) -> Array:

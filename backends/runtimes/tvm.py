@@ -121,6 +121,10 @@ class TvmAdapter:
     it runs the library on chunks of `compiled_batch` rows, zero-pads the last chunk and
     drops the padded rows from the outputs. Outputs are `main`'s results in order, named by
     `outputs`. Safe to call from several threads: the VM runs one call at a time.
+
+    `library` is loaded by path; a variant's library comes through
+    `backends.runtimes.loader`, which passes a private copy of the bytes it checked
+    against the manifest, never the repository's file.
     """
 
     def __init__(

@@ -1,6 +1,7 @@
 """The models a worker serves: its settings, which variants of each model it may serve
-(the manifest's hash and accuracy check, the CPU's flags, the precisions allowed), each
-loaded behind its own batcher, and the default variant per model.
+(the manifest's accuracy check, the CPU's flags, the precisions allowed, the artifacts
+matching their sha256: a bad variant is refused alone), each loaded behind its own
+batcher, and the default variant per model.
 
 Imports the repository, the runtimes' loader and the batcher, and generated protobuf
 for the metadata, configuration and statistics a served model describes itself with;
@@ -249,7 +250,23 @@ class ServedModel:
 
 
 def servable(variant: Variant, settings: WorkerSettings, flags: frozenset[str]) -> str | None:
-    """Why this worker must not serve `variant`, or None when it may."""
+    """Why this worker must not serve `variant` (its policy, then its artifacts' check),
+    or None when it may."""
+    reason = refused_by_policy(variant, settings, flags)
+    if reason is not None:
+        return reason
+    try:
+        variant.verify()
+    except ManifestError as exc:
+        return str(exc)
+    return None
+
+
+def refused_by_policy(
+    variant: Variant, settings: WorkerSettings, flags: frozenset[str]
+) -> str | None:
+    """Why this worker's settings and CPU rule `variant` out (accuracy, precision,
+    device, CPU flags), or None; its artifacts are checked when it loads."""
     manifest = variant.manifest
     accuracy = manifest.accuracy
     if accuracy is not None and not accuracy.passed:
@@ -271,10 +288,6 @@ def servable(variant: Variant, settings: WorkerSettings, flags: frozenset[str]) 
     missing = missing_flags(manifest.required_cpu_flags, flags)
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
-    try:
-        variant.verify()
-    except ManifestError as exc:
-        return str(exc)
     return None
 
 
@@ -300,23 +313,26 @@ def default_variant(loaded: dict[str, LoadedVariant], settings: WorkerSettings) 
 
 
 def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[str, ServedModel]:
-    """Loads every servable variant of each model; what is refused is logged with why."""
+    """Loads every servable variant of each model; each variant refused (its manifest,
+    its artifacts' check, this worker's policy, its runtime) is logged with why, and the
+    model's other variants still load. A model none of whose variants load is not served."""
     repository = ModelRepository(settings.repository)
     names = list(settings.models) or repository.models()
     flags = cpu_flags()
     served: dict[str, ServedModel] = {}
     for name in names:
-        try:
-            variants = repository.variants(name)
-        except ManifestError as exc:
-            log.error("model %s not served: %s", name, exc)
-            continue
+        scan = repository.scan(name)
+        for refused in scan.refused:
+            log.warning("model %s: variant %s not served: %s", name, refused.name, refused.reason)
         loaded: dict[str, LoadedVariant] = {}
-        for variant in variants:
-            reason = servable(variant, settings, flags)
+        for variant in scan.variants:
+            reason = refused_by_policy(variant, settings, flags)
             if reason is None:
                 try:
+                    # Checks the artifacts against the manifest and loads those bytes.
                     adapter = load_adapter(variant, settings.threads)
+                except ManifestError as exc:
+                    reason = str(exc)
                 except Exception as exc:  # a runtime missing here, a broken artifact
                     reason = f"does not load: {exc}"
             if reason is not None:
