@@ -38,6 +38,7 @@ from gateway.control.plane import (
     replay_prices,
     watch_fleet_file,
 )
+from gateway.control.state import state_store
 from gateway.control.supervisor import Supervisor
 from gateway.routing.fleet import BackendState, Ejection, FleetState
 from gateway.routing.policy import PolicyBook
@@ -245,9 +246,14 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         lambda: servicer.policies,
         set_policies,
         set_chooser=set_chooser,
+        config=config,
+        wall_clock=time.time,
+        store=state_store(settings),
         supervisor=supervisor,
         probe=probe_now,
     )
+    control.restore()
+    log.info("admin API changes kept in %s", control.store.where)
     schedule = read_price_schedule(settings.price_schedule) if settings.price_schedule else []
     server = grpc.aio.server(
         options=[

@@ -14,6 +14,7 @@ the routing core's views.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -182,8 +183,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetPrice(
         self, request: apb.SetPriceRequest, context: grpc.aio.ServicerContext
     ) -> apb.BackendStatus:
-        state = self.control.set_price(request.backend, request.usd_per_hour, "admin API")
-        return _backend_status(state)
+        return _backend_status(self.control.override_price(request.backend, request.usd_per_hour))
 
     @_guarded
     async def GetPolicy(
@@ -195,7 +195,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetPolicy(
         self, request: apb.PolicyDocument, context: grpc.aio.ServicerContext
     ) -> apb.PolicyDocument:
-        self.control.set_policies(parse_policies(request.yaml), "admin API")
+        self.control.override_policies(parse_policies(request.yaml))
         return apb.PolicyDocument(yaml=policies_yaml(self.control.policies.settings))
 
     @_guarded
@@ -217,6 +217,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         model = request.model
         if model not in self.fleet.known_models():
             raise InvalidInput(f"unknown model {model!r}")
+        if not math.isfinite(request.sla_ms):
+            raise InvalidInput(f"sla_ms must be a finite number, not {request.sla_ms}")
         if request.sla_ms < 0 or request.batch_size < 0:
             raise InvalidInput("sla_ms and batch_size must not be negative")
         route_req = RouteRequest(

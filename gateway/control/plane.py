@@ -4,6 +4,10 @@ restarting launched workers), from the admin API, the fleet file when it changes
 on disk, and price schedules replayed against the clock. Routing reads the
 result on the next request.
 
+The admin API's changes are kept in a `StateStore` (gateway.control.state) and
+restored at start (`Control.restore`); the fleet file and the price schedule replace
+them when they change the same value later (the last change wins).
+
 Imports no grpc and no generated protobuf: the admin API converts at its edge.
 """
 
@@ -11,13 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from backends.protocol.errors import InvalidInput, NotFound
-from gateway.config import ConfigError, FleetConfig, PoliciesSettings, load_fleet
+from backends.protocol.errors import InvalidInput, NotFound, Unavailable
+from gateway.config import ConfigError, FleetConfig, PoliciesSettings, parse_fleet
+from gateway.control.state import (
+    ControlState,
+    MemoryStateStore,
+    PoliciesOverride,
+    PriceOverride,
+    StateStore,
+)
 from gateway.control.supervisor import NotSupervised, Supervised, Supervisor
 from gateway.routing.fleet import BackendState, FleetState
 from gateway.routing.policy import PolicyBook
@@ -69,14 +82,30 @@ def read_price_schedule(path: Path) -> list[PriceChange]:
             offset, price = float(row[0]), float(row[2])
         except ValueError as exc:
             raise ConfigError(f"{path}:{number}: {exc}") from exc
+        for name, value in (("offset_s", offset), ("usd_per_hour", price)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}:{number}: {name} must be a finite number, not {value}")
         if offset < 0 or price < 0:
             raise ConfigError(f"{path}:{number}: offset and price must not be negative")
         changes.append(PriceChange(offset, row[1].strip(), price))
     return sorted(changes, key=lambda c: c.offset_s)
 
 
+def check_price(usd_per_hour: float, field: str = "usd_per_hour") -> None:
+    """InvalidInput naming `field` unless the price is a finite, non-negative number."""
+    if not math.isfinite(usd_per_hour):
+        raise InvalidInput(f"{field} must be a finite number, not {usd_per_hour}")
+    if usd_per_hour < 0:
+        raise InvalidInput(f"{field} must not be negative (got {usd_per_hour})")
+
+
+def _same_policies(a: PoliciesSettings, b: PoliciesSettings) -> bool:
+    return a.model_dump(exclude_none=True) == b.model_dump(exclude_none=True)
+
+
 class Control:
-    """Applies changes to the fleet and the policies, and keeps metrics in step."""
+    """Applies changes to the fleet and the policies, keeps metrics in step, and keeps
+    the admin API's changes in the state store."""
 
     def __init__(
         self,
@@ -86,16 +115,27 @@ class Control:
         set_policies: Callable[[PolicyBook], None],
         *,
         set_chooser: Callable[[Chooser], None],
+        config: FleetConfig,
+        wall_clock: Callable[[], float],
+        store: StateStore | None = None,
         supervisor: Supervisor | None = None,
         probe: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        """`set_chooser` installs the servicer's chooser; `supervisor` runs the
-        launched workers (None: none are); `probe` health-probes one backend now."""
+        """`set_chooser` installs the servicer's chooser; `config` is the fleet file in
+        force; `wall_clock` gives seconds since the epoch (when an admin change was
+        made, where the price schedule stands); `store` keeps the admin API's changes
+        (None: in memory only); `supervisor` runs the launched workers (None: none
+        are); `probe` health-probes one backend now."""
         self.fleet = fleet
         self.metrics = metrics
         self._policies = policies
         self._set_policies = set_policies
         self._set_chooser = set_chooser
+        self.config = config
+        self._wall_clock = wall_clock
+        self.store: StateStore = MemoryStateStore() if store is None else store
+        self.state = ControlState()
+        """The admin API's changes in force, as last kept in `store`."""
         self.supervisor = supervisor
         self._probe = probe
         self.routing = "switchyard"
@@ -107,9 +147,21 @@ class Control:
             raise UnknownBackend(name, sorted(self.fleet.backends))
         return state
 
-    def set_price(self, backend: str, usd_per_hour: float, source: str) -> BackendState:
-        if usd_per_hour < 0:
-            raise InvalidInput("a price must not be negative")
+    def _keep(self, state: ControlState, *, required: bool) -> None:
+        """Saves `state` in the store and makes it the state in force. `required`: a
+        store that cannot save raises Unavailable (the change is not made); otherwise
+        the failure is logged and the state is kept in memory."""
+        if state == self.state:
+            return
+        try:
+            self.store.save(state)
+        except Unavailable as exc:
+            if required:
+                raise Unavailable(f"{exc}; the change was not made") from exc
+            log.error("%s", exc)
+        self.state = state
+
+    def _apply_price(self, backend: str, usd_per_hour: float, source: str) -> BackendState:
         state = self.backend(backend)
         if state.price_usd_per_hour != usd_per_hour:
             log.info(
@@ -123,25 +175,55 @@ class Control:
         self.metrics.price.labels(backend).set(usd_per_hour)
         return state
 
-    def set_drained(self, backend: str, drained: bool) -> BackendState:
+    def set_price(self, backend: str, usd_per_hour: float, source: str) -> BackendState:
+        """A price from the fleet file or a price schedule: it replaces a price the
+        admin API set for the backend (the last change wins)."""
+        check_price(usd_per_hour)
+        state = self._apply_price(backend, usd_per_hour, source)
+        if backend in self.state.prices:
+            self._keep(self.state.with_price(backend, None), required=False)
+        return state
+
+    def override_price(self, backend: str, usd_per_hour: float) -> BackendState:
+        """A price set through the admin API: kept across restarts until the fleet file
+        or the price schedule changes the backend's price."""
+        check_price(usd_per_hour)
         self.backend(backend)
+        fleet_price = {b.name: b.price_usd_per_hour for b in self.config.backends}
+        override = PriceOverride(
+            usd_per_hour, fleet_price.get(backend, usd_per_hour), self._wall_clock()
+        )
+        self._keep(self.state.with_price(backend, override), required=True)
+        return self._apply_price(backend, usd_per_hour, "admin API")
+
+    def set_drained(self, backend: str, drained: bool) -> BackendState:
+        """Drains or undrains a backend (the admin API's), kept across restarts."""
+        self.backend(backend)
+        self._keep(self.state.with_drained(backend, drained), required=True)
+        return self._apply_drained(backend, drained)
+
+    def _apply_drained(self, backend: str, drained: bool) -> BackendState:
         state = self.fleet.set_drained(backend, drained)
         self.metrics.available.labels(backend).set(1 if state.available else 0)
         log.info("backend %s %s", backend, "drained" if drained else "undrained")
         return state
 
     def set_routing(self, name: str, source: str) -> str:
-        """Puts the chooser called `name` in force for the next request; an unknown
-        name is InvalidInput naming the known ones."""
+        """Puts the chooser called `name` in force for the next request, kept across
+        restarts; an unknown name is InvalidInput naming the known ones."""
         try:
             chooser = chooser_for(name)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+        self._keep(replace(self.state, routing=name), required=True)
+        self._apply_routing(name, chooser, source)
+        return name
+
+    def _apply_routing(self, name: str, chooser: Chooser, source: str) -> None:
         self._set_chooser(chooser)
         if name != self.routing:
             log.info("routing: %s -> %s (%s)", self.routing, name, source)
         self.routing = name
-        return name
 
     def processes(self) -> list[BackendProcess]:
         """Every backend, in fleet order, with its worker when launched."""
@@ -164,7 +246,8 @@ class Control:
 
     async def kill(self, backend: str) -> BackendProcess:
         """SIGKILLs a launched backend's worker and holds it down until `restart`.
-        Routing learns of it as of a crash (the exit, then a probe at once)."""
+        Routing learns of it as of a crash (the exit, then a probe at once). A failure
+        drill: not kept across a restart of the gateway, which starts every worker."""
         await self._supervisor(backend).kill(backend)
         if self._probe is not None:
             await self._probe(backend)
@@ -181,6 +264,19 @@ class Control:
         return self._policies()
 
     def set_policies(self, settings: PoliciesSettings, source: str) -> None:
+        """Policies from the fleet file: they replace those the admin API set."""
+        self._apply_policies(settings, source)
+        if self.state.policies is not None:
+            self._keep(replace(self.state, policies=None), required=False)
+
+    def override_policies(self, settings: PoliciesSettings) -> None:
+        """Policies set through the admin API: kept across restarts until the fleet
+        file changes its policies."""
+        override = PoliciesOverride(settings, self.config.policies)
+        self._keep(replace(self.state, policies=override), required=True)
+        self._apply_policies(settings, "admin API")
+
+    def _apply_policies(self, settings: PoliciesSettings, source: str) -> None:
         self._set_policies(PolicyBook(settings, self._policies().overhead_ms))
         log.info("policies replaced (%s)", source)
 
@@ -188,6 +284,7 @@ class Control:
         """Applies what a fleet file edit changed and can change live: prices, carbon,
         policies (values the edit left alone keep what the admin API or a price
         schedule set since). Other changes (backends, addresses) need a restart."""
+        self.config = config
         names = {b.name for b in config.backends}
         if names != set(self.fleet.backends):
             log.warning("%s: backends added or removed; restart the gateway to apply", source)
@@ -207,6 +304,138 @@ class Control:
         if config.policies != previous.policies:
             self.set_policies(config.policies, source)
 
+    def restore(self) -> None:
+        """Puts back the admin API's changes kept in the store, over the fleet file
+        just loaded: prices, policies, drains and the routing rule. What no longer
+        applies is dropped with a log line: changes for backends no longer in the
+        fleet, a price or policies the fleet file changed since they were set (the
+        file's edit is the later change), a routing rule that no longer exists."""
+        stored = kept = self.store.load()
+        where = self.store.where
+        gone = kept.backends() - set(self.fleet.backends)
+        if gone:
+            log.warning(
+                "%s: dropping the changes for backends no longer in the fleet: %s",
+                where,
+                ", ".join(sorted(gone)),
+            )
+            kept = kept.without_backends(frozenset(gone))
+        fleet_price = {b.name: b.price_usd_per_hour for b in self.config.backends}
+        for backend, price in sorted(kept.prices.items()):
+            if fleet_price[backend] != price.fleet_usd_per_hour:
+                log.warning(
+                    "%s: the fleet file changed %s's price since the admin API set it "
+                    "(%.4f -> %.4f USD/h), so the file's price applies, not %.4f",
+                    where,
+                    backend,
+                    price.fleet_usd_per_hour,
+                    fleet_price[backend],
+                    price.usd_per_hour,
+                )
+                kept = kept.with_price(backend, None)
+            else:
+                self._apply_price(backend, price.usd_per_hour, f"restored from {where}")
+        if kept.policies is not None:
+            if _same_policies(kept.policies.fleet_policies, self.config.policies):
+                self._apply_policies(kept.policies.policies, f"restored from {where}")
+            else:
+                log.warning(
+                    "%s: the fleet file changed its policies since the admin API set "
+                    "them, so the file's policies apply",
+                    where,
+                )
+                kept = replace(kept, policies=None)
+        for backend in sorted(kept.drained):
+            self._apply_drained(backend, True)
+        if kept.routing is not None:
+            try:
+                self._apply_routing(
+                    kept.routing, chooser_for(kept.routing), f"restored from {where}"
+                )
+            except ValueError as exc:
+                log.warning("%s: routing %r dropped: %s", where, kept.routing, exc)
+                kept = replace(kept, routing=None)
+        if self.config.gateway.price_schedule is None and kept.schedule_start_s is not None:
+            kept = replace(kept, schedule_start_s=None)
+        # What was dropped goes from the store too; nothing is written when nothing
+        # was dropped.
+        self.state = stored
+        self._keep(kept, required=False)
+
+    def schedule_elapsed_s(self) -> float:
+        """Seconds since the price schedule's offset 0, by the wall clock: the start is
+        kept in the store, so a restarted gateway resumes the schedule where the clock
+        says it is. The first call of a fresh schedule (or one whose kept start lies in
+        the future) starts it now."""
+        now = self._wall_clock()
+        start = self.state.schedule_start_s
+        if start is not None and start <= now:
+            return now - start
+        if start is not None:
+            log.warning(
+                "price schedule: its kept start is %.0f s in the future (the clock went "
+                "back?); starting it again now",
+                start - now,
+            )
+        self._keep(replace(self.state, schedule_start_s=now), required=False)
+        return 0.0
+
+    def resume_prices(self, position: SchedulePosition) -> None:
+        """Applies the price each backend has at `position` in the schedule, unless the
+        admin API set the backend's price after that step came due."""
+        now = self._wall_clock()
+        for backend, (change, ago_s) in sorted(position.in_force.items()):
+            override = self.state.prices.get(backend)
+            if override is not None and override.set_at_s > now - ago_s:
+                log.info(
+                    "price schedule: %s keeps the price the admin API set after the "
+                    "schedule's step at %.1f s",
+                    backend,
+                    change.offset_s,
+                )
+                continue
+            try:
+                self.set_price(backend, change.usd_per_hour, "price schedule")
+            except UnknownBackend as exc:
+                log.error("price schedule: %s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulePosition:
+    """Where a price schedule stands at some time after its start."""
+
+    pass_elapsed_s: float
+    """Seconds since the current pass began (the schedule's start, or its last loop)."""
+    due: int
+    """How many of the schedule's changes have come due in the current pass."""
+    in_force: dict[str, tuple[PriceChange, float]]
+    """Per backend, the change whose price holds now and how many seconds ago it came
+    due (from an earlier pass when none has yet in this one)."""
+
+
+def schedule_position(
+    schedule: list[PriceChange], elapsed_s: float, loop_schedule: bool
+) -> SchedulePosition:
+    """Where `schedule` (sorted by offset) stands `elapsed_s` after its start; with
+    `loop_schedule`, each pass lasts its last offset and the next begins then."""
+    period = schedule[-1].offset_s if schedule else 0.0
+    passes = 0
+    within = elapsed_s
+    if loop_schedule and period > 0 and elapsed_s >= period:
+        passes = int(elapsed_s // period)
+        within = elapsed_s - passes * period
+    in_force: dict[str, tuple[PriceChange, float]] = {}
+    if passes:
+        for change in schedule:
+            in_force[change.backend] = (change, within + period - change.offset_s)
+    due = 0
+    for change in schedule:
+        if change.offset_s > within:
+            break
+        in_force[change.backend] = (change, within - change.offset_s)
+        due += 1
+    return SchedulePosition(within, due, in_force)
+
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
     """What tells a file changed: its modification time and size."""
@@ -215,6 +444,19 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size)
+
+
+def _read_fleet(path: Path) -> tuple[bytes, FleetConfig | str]:
+    """The fleet file's bytes and its config, or why it is not one."""
+    data = path.read_bytes()
+    try:
+        return data, parse_fleet(data.decode("utf-8"), path.resolve().parent, str(path))
+    except UnicodeDecodeError as exc:
+        return data, f"{path}: not UTF-8 text: {exc}"
+    except ConfigError as exc:
+        return data, str(exc)
+    except Exception as exc:  # whatever the content, the watcher goes on
+        return data, f"{path}: cannot be read as a fleet file: {exc!r}"
 
 
 async def watch_fleet_file(
@@ -226,8 +468,12 @@ async def watch_fleet_file(
     seen: tuple[int, int] | None,
 ) -> None:
     """Re-reads the fleet file whenever it changes from `seen` (its stamp when it
-    was loaded) and applies it; a file that does not validate is logged and
-    ignored (the running settings stay)."""
+    was loaded) and applies it. Whatever the file holds, the watcher goes on: bytes
+    that are not UTF-8, YAML that does not parse, a config that does not validate or
+    a file that is gone leave the running settings as they are, and each rejected
+    version is logged once with the reason; a later good version applies."""
+    rejected: bytes | None = None
+    missing = False
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), interval_s)
@@ -235,15 +481,34 @@ async def watch_fleet_file(
         except TimeoutError:
             pass
         current = file_stamp(path)
-        if current is None or current == seen:
+        if current is None:
+            if not missing:
+                log.warning("fleet file %s is gone; keeping the running settings", path)
+            missing = True
+            continue
+        missing = False
+        if current == seen:
+            continue
+        try:
+            data, config = _read_fleet(path)
+        except OSError as exc:
+            log.warning("fleet file %s cannot be read now: %s", path, exc)
             continue
         seen = current
-        try:
-            config = load_fleet(path)
-        except ConfigError as exc:
-            log.error("fleet file changed but is not valid, keeping the running settings: %s", exc)
+        digest = hashlib.sha256(data).digest()
+        if isinstance(config, str):
+            if digest != rejected:
+                log.error(
+                    "fleet file changed but is not valid, keeping the running settings: %s",
+                    config,
+                )
+            rejected = digest
             continue
-        control.apply_fleet(loaded, config, f"fleet file {path}")
+        rejected = None
+        try:
+            control.apply_fleet(loaded, config, f"fleet file {path}")
+        except Exception:  # the watcher outlives one bad application
+            log.exception("fleet file %s: applying the change failed", path)
         loaded = config
 
 
@@ -254,13 +519,20 @@ async def replay_prices(
     loop_schedule: bool,
     stop: asyncio.Event,
 ) -> None:
-    """Applies each price change when its offset from the start comes round."""
+    """Applies each price change when its offset from the schedule's start comes
+    round. The start is kept in the control plane's store: after a restart the
+    schedule resumes where the wall clock says it is (each backend's price in force
+    there applies at once), not from offset 0. `clock` (monotonic seconds) times the
+    waits."""
     if not schedule:
         return
     period = schedule[-1].offset_s
-    start = clock()
+    position = schedule_position(schedule, control.schedule_elapsed_s(), loop_schedule)
+    control.resume_prices(position)
+    start = clock() - position.pass_elapsed_s
+    pending = schedule[position.due :]
     while not stop.is_set():
-        for change in schedule:
+        for change in pending:
             delay = start + change.offset_s - clock()
             if delay > 0:
                 try:
@@ -275,3 +547,4 @@ async def replay_prices(
         if not loop_schedule or period <= 0:
             return
         start += period
+        pending = schedule

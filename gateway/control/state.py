@@ -1,0 +1,282 @@
+"""What the control plane keeps across a restart: the changes made through the admin
+API (prices, SLA policies, drains, the routing rule) and when the price schedule
+started, behind one small interface (`StateStore`) so that a store shared by several
+gateways can stand in for the file.
+
+The file (`FileStateStore`) is JSON, written aside, synced and renamed
+(`backends.files.write_atomically`): a reader, or a gateway starting after a crash,
+sees the old state or the whole new one. A file that cannot be read or does not
+validate is logged and moved aside as `NAME.corrupt`; the gateway then starts from
+the fleet file alone.
+
+Imports pydantic and the fleet file's settings: no grpc, no protobuf, no clock (the
+times in the state are the callers').
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.files import write_text_atomically
+from backends.protocol.errors import Unavailable
+from gateway.config import GatewaySettings, PoliciesSettings
+
+log = logging.getLogger("switchyard.control")
+
+STATE_FILE_NAME = "state.json"
+"""The state file's name beside `gateway.admin_token_file` when `gateway.state_file`
+is not set."""
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """A backend's price set through the admin API."""
+
+    usd_per_hour: float
+    fleet_usd_per_hour: float
+    """The fleet file's price for the backend when this one was set: a fleet file
+    that says otherwise at start was edited since, and its price wins."""
+    set_at_s: float
+    """When it was set (seconds since the epoch): a price schedule step that came
+    due later replaces it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoliciesOverride:
+    """SLA policies set through the admin API."""
+
+    policies: PoliciesSettings
+    fleet_policies: PoliciesSettings
+    """The fleet file's policies when these were set: a fleet file whose policies
+    differ at start was edited since, and its policies win."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlState:
+    """The control plane's changes that outlive the process."""
+
+    prices: Mapping[str, PriceOverride] = field(default_factory=dict)
+    policies: PoliciesOverride | None = None
+    drained: frozenset[str] = frozenset()
+    routing: str | None = None
+    """The routing rule chosen through the admin API; None: the default."""
+    schedule_start_s: float | None = None
+    """When the price schedule's offset 0 was (seconds since the epoch)."""
+
+    def with_price(self, backend: str, price: PriceOverride | None) -> ControlState:
+        prices = {k: v for k, v in self.prices.items() if k != backend}
+        if price is not None:
+            prices[backend] = price
+        return replace(self, prices=prices)
+
+    def with_drained(self, backend: str, drained: bool) -> ControlState:
+        names = self.drained | {backend} if drained else self.drained - {backend}
+        return replace(self, drained=frozenset(names))
+
+    def without_backends(self, names: frozenset[str]) -> ControlState:
+        """The state with nothing left of the backends `names`."""
+        return replace(
+            self,
+            prices={k: v for k, v in self.prices.items() if k not in names},
+            drained=self.drained - names,
+        )
+
+    def backends(self) -> frozenset[str]:
+        """Every backend the state speaks of."""
+        return frozenset(self.prices) | self.drained
+
+
+class StateError(Exception):
+    """The stored state cannot be read or is not valid."""
+
+
+class StateStore(Protocol):
+    """Where the control plane's state is kept between runs."""
+
+    @property
+    def where(self) -> str:
+        """The store, in words, for logs and errors."""
+        ...
+
+    def load(self) -> ControlState:
+        """The stored state; an empty one when nothing was stored yet. A store that
+        cannot be read or holds what is not a state is logged, set aside where it
+        can be, and an empty state comes back."""
+        ...
+
+    def save(self, state: ControlState) -> None:
+        """Replaces the stored state, whole; Unavailable saying why when it cannot."""
+        ...
+
+
+# ---- the file's format: pydantic at the edge --------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class _PriceRecord(_Strict):
+    usd_per_hour: float = Field(ge=0)
+    fleet_usd_per_hour: float = Field(ge=0)
+    set_at_s: float
+
+
+class _PoliciesRecord(_Strict):
+    policies: PoliciesSettings
+    fleet_policies: PoliciesSettings
+
+
+class _StateRecord(_Strict):
+    version: int = FORMAT_VERSION
+    prices: dict[str, _PriceRecord] = {}
+    policies: _PoliciesRecord | None = None
+    drained: list[str] = []
+    routing: str | None = None
+    schedule_start_s: float | None = None
+
+
+def _policies_data(settings: PoliciesSettings) -> dict[str, Any]:
+    return settings.model_dump(mode="json", exclude_none=True)
+
+
+def encode_state(state: ControlState) -> str:
+    """The state as the file's JSON."""
+    record: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "prices": {
+            name: {
+                "usd_per_hour": p.usd_per_hour,
+                "fleet_usd_per_hour": p.fleet_usd_per_hour,
+                "set_at_s": p.set_at_s,
+            }
+            for name, p in sorted(state.prices.items())
+        },
+        "policies": None
+        if state.policies is None
+        else {
+            "policies": _policies_data(state.policies.policies),
+            "fleet_policies": _policies_data(state.policies.fleet_policies),
+        },
+        "drained": sorted(state.drained),
+        "routing": state.routing,
+        "schedule_start_s": state.schedule_start_s,
+    }
+    return json.dumps(record, indent=1, allow_nan=False) + "\n"
+
+
+def decode_state(text: str, source: str) -> ControlState:
+    """The state from the file's JSON; StateError naming `source` and what is wrong."""
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise StateError(f"{source}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StateError(f"{source}: expected a JSON object at the top level")
+    if data.get("version") != FORMAT_VERSION:
+        raise StateError(
+            f"{source}: format version {data.get('version')!r}, expected {FORMAT_VERSION}"
+        )
+    try:
+        record = _StateRecord.model_validate(data)
+    except ValidationError as exc:
+        raise StateError(f"{source}: {exc}") from exc
+    return ControlState(
+        prices={
+            name: PriceOverride(p.usd_per_hour, p.fleet_usd_per_hour, p.set_at_s)
+            for name, p in record.prices.items()
+        },
+        policies=None
+        if record.policies is None
+        else PoliciesOverride(record.policies.policies, record.policies.fleet_policies),
+        drained=frozenset(record.drained),
+        routing=record.routing,
+        schedule_start_s=record.schedule_start_s,
+    )
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number the state may hold")
+
+
+class FileStateStore:
+    """The state in one JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def where(self) -> str:
+        return f"state file {self.path}"
+
+    def load(self) -> ControlState:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return ControlState()
+        except OSError as exc:
+            log.error("cannot read %s, starting from the fleet file: %s", self.where, exc)
+            return ControlState()
+        try:
+            return decode_state(raw.decode("utf-8"), str(self.path))
+        except UnicodeDecodeError as exc:
+            problem = f"{self.path}: not UTF-8 text: {exc}"
+        except StateError as exc:
+            problem = str(exc)
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        try:
+            self.path.replace(aside)
+            kept = f"moved aside to {aside}"
+        except OSError as exc:
+            kept = f"left in place (cannot move it aside: {exc})"
+        log.error("state file not valid, starting from the fleet file; %s: %s", kept, problem)
+        return ControlState()
+
+    def save(self, state: ControlState) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(self.path, encode_state(state))
+        except OSError as exc:
+            raise Unavailable(f"cannot save the gateway's {self.where}: {exc}") from exc
+
+
+class MemoryStateStore:
+    """The state in this process only: forgotten at exit (no state file)."""
+
+    def __init__(self, state: ControlState | None = None) -> None:
+        self.state = state or ControlState()
+
+    @property
+    def where(self) -> str:
+        return "memory (not kept across restarts)"
+
+    def load(self) -> ControlState:
+        return self.state
+
+    def save(self, state: ControlState) -> None:
+        self.state = state
+
+
+def state_path(settings: GatewaySettings) -> Path | None:
+    """Where the gateway keeps its state: `state_file`, else `state.json` beside
+    `admin_token_file`, else nowhere (None)."""
+    if settings.state_file is not None:
+        return settings.state_file
+    if settings.admin_token_file is not None:
+        return settings.admin_token_file.parent / STATE_FILE_NAME
+    return None
+
+
+def state_store(settings: GatewaySettings) -> StateStore:
+    """The store the settings name: a file, else memory."""
+    path = state_path(settings)
+    return MemoryStateStore() if path is None else FileStateStore(path)
