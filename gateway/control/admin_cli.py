@@ -4,6 +4,8 @@ admin API. Human tables by default, `--json` for machines.
 Where to connect and the token: `--target` (default: the fleet's `gateway.admin`),
 the token from SWITCHYARD_ADMIN_TOKEN, else `--token-file`, else the fleet's
 `gateway.admin_token_file`; the fleet is `--config`, default the embedded demo fleet.
+An admin API that listens with TLS takes `--tls-ca` (the CA that signed its
+certificate), and `--tls-cert`/`--tls-key` when it asks for client certificates.
 
 Imports the admin client and the generated admin messages; nothing of a running
 gateway's parts.
@@ -22,7 +24,14 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from gateway.config import ConfigError
-from gateway.control.admin_client import AdminCallError, AdminClient, admin_access, no_token
+from gateway.control.admin_client import (
+    AdminCallError,
+    AdminClient,
+    admin_access,
+    no_token,
+    tls_security,
+)
+from gateway.security import ChannelSecurity
 from protos import admin_pb2 as apb
 
 
@@ -32,6 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, default=None, help="file holding the token")
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=None, help="TLS: the CA that signed the admin API's cert"
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="mTLS: client certificate")
+    parser.add_argument("--tls-key", type=Path, default=None, help="mTLS: the client cert's key")
+    parser.add_argument(
+        "--tls-server-name",
+        default=None,
+        help="TLS: the name to check the certificate against (default: the target's host)",
+    )
     sub = parser.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     routes = sub.add_parser("routes", help="every route's live state (a table)")
     routes.add_argument("--model", default="", help="only this model's routes")
@@ -223,11 +242,12 @@ def run(args: argparse.Namespace) -> int:
         target, token = admin_access(args.config, args.target, args.token_file)
         if token is None:
             raise no_token("no admin token")
+        security = tls_security(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     except ConfigError as exc:
         print(f"switchyard admin: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run(args, target, token))
+        return asyncio.run(_run(args, target, token, security))
     except AdminCallError as exc:
         print(f"switchyard admin: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
@@ -238,12 +258,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _run(args: argparse.Namespace, target: str, token: str) -> int:
+async def _run(
+    args: argparse.Namespace, target: str, token: str, security: ChannelSecurity | None
+) -> int:
     from rich.console import Console
 
     # Piped output (scripts, logs) gets the whole table rather than a terminal's width.
     console = Console(width=None if sys.stdout.isatty() else 240)
-    async with AdminClient(target, token, timeout_s=args.timeout) as admin:
+    async with AdminClient(target, token, timeout_s=args.timeout, security=security) as admin:
         method, request = _request(args)
         reply = await admin.call(method, request)
         if args.json:

@@ -1,6 +1,7 @@
 """A client of the admin API, for `switchyard admin` and the load generator: where the
 gateway's admin API listens and its token (a fleet file, SWITCHYARD_ADMIN_TOKEN, a token
-file), and calls carrying the bearer token and a deadline.
+file), and calls carrying the bearer token and a deadline, over TLS when the admin API
+listens with `gateway.tls` (`tls_security`: its CA, and a client certificate for mTLS).
 
 Imports grpc and the generated admin stubs; nothing of the servicer's side but how the
 token is found (gateway.control.admin).
@@ -17,6 +18,7 @@ from google.protobuf.message import Message
 
 from gateway.config import ConfigError, load_fleet
 from gateway.control.admin import TOKEN_ENV, admin_token, read_token_file
+from gateway.security import ChannelSecurity, client_security, secure_channel
 from protos import admin_pb2_grpc
 
 
@@ -52,14 +54,35 @@ def no_token(what: str) -> ConfigError:
     )
 
 
-class AdminClient:
-    """One channel to a gateway's admin API; every call carries the bearer token and
-    a deadline. Use as an async context manager, or close()."""
+def tls_security(
+    ca_file: Path | None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    server_name: str | None = None,
+) -> ChannelSecurity | None:
+    """TLS towards an admin API from its CA file (and a client certificate and key for
+    mTLS); None, plaintext, when no file is named. ConfigError when a file cannot be
+    read or the certificate comes without its key."""
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    return client_security(ca_file, cert_file, key_file, server_name)
 
-    def __init__(self, target: str, token: str, timeout_s: float = 10.0) -> None:
+
+class AdminClient:
+    """One channel to a gateway's admin API (plaintext, or TLS with `security`); every
+    call carries the bearer token and a deadline. Use as an async context manager, or
+    close()."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        timeout_s: float = 10.0,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = secure_channel(target, security)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
 
