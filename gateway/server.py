@@ -218,6 +218,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
 
     def on_address(name: str, address: str) -> None:
         fleet.set_address(name, address)
+        settings.max_message_bytes,
         prober.forget(address)
         spawn(prober.probe(fleet.backends[name]))
 

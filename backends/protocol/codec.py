@@ -16,11 +16,13 @@ from typing import Any, cast
 
 import numpy as np
 
-from backends.protocol.errors import InvalidInput
+from backends.protocol.errors import InvalidInput, shown
+from backends.protocol.parameters import MAX_PARAMETERS, check_parameter_map
 from backends.protocol.tensors import (
     CONFIG_TYPES,
     CONTENTS_FIELDS,
     ELEMENT_BYTES,
+    MAX_TENSORS,
     NUMPY_DTYPES,
     TensorSpec,
     as_bytes_items,
@@ -28,11 +30,16 @@ from backends.protocol.tensors import (
     element_count,
     encode_bytes_tensor,
     shape_problem,
+    shown_shape,
 )
 from backends.runtimes.base import Array
 from protos import inference_pb2 as pb
 
 ParamValue = bool | int | float | str
+
+MAX_ZEROS_BYTES = 64 * 1024 * 1024
+"""The most bytes of zeros `zeros_request` makes unless told otherwise (the gateway's
+default largest message)."""
 
 
 def _int_range(datatype: str) -> tuple[int, int]:
@@ -104,30 +111,72 @@ def parameter_value(param: pb.InferParameter) -> ParamValue | None:
     return None if kind is None else getattr(param, kind)
 
 
+def parameter_values(
+    where: str, parameters: Mapping[str, pb.InferParameter]
+) -> dict[str, ParamValue | None]:
+    """A parameters map's values (None for an entry with no value set), checked against
+    the bounds of backends.protocol.parameters (`check_parameter_map`) before any is
+    read: InvalidInput naming `where` ("request", "input 'x'") and what was too big."""
+    if len(parameters) > MAX_PARAMETERS:
+        check_parameter_map(where, parameters)  # raises: too many
+    values = {key: parameter_value(param) for key, param in parameters.items()}
+    check_parameter_map(where, values)
+    return values
+
+
+def check_request_size(inputs: int, outputs: int) -> None:
+    """InvalidInput when a request names more than MAX_TENSORS inputs or outputs."""
+    for what, count in (("inputs", inputs), ("outputs", outputs)):
+        if count > MAX_TENSORS:
+            raise InvalidInput(
+                f"the request names {count} {what}; at most {MAX_TENSORS} are allowed"
+            )
+
+
 def zeros_request(
     model: str,
     inputs: Sequence[TensorSpec],
     max_batch_size: int,
     rows: int = 1,
     parameters: Mapping[str, str | float] | None = None,
+    max_bytes: int = MAX_ZEROS_BYTES,
 ) -> bytes:
     """A serialized ModelInferRequest of zeros in a model's input shapes, as raw
     contents: `rows` in the batch dimension (the first, where the model batches:
     max_batch_size > 0 and it is -1), every other dimension as declared. InvalidInput
-    names an input that has no fixed-size datatype (BYTES) or another dimension of any
-    size. `parameters`: strings as string_param, numbers as double_param."""
+    names an input that has no fixed-size datatype (BYTES), another dimension of any
+    size or a malformed shape, or says that the contents would take more than
+    `max_bytes` (the shapes are a backend's word: checked before anything is
+    allocated). `parameters`: strings as string_param, numbers as double_param."""
     request = pb.ModelInferRequest(model_name=model)
+    shapes: list[list[int]] = []
+    total_bytes = 0
     for spec in inputs:
         size = ELEMENT_BYTES.get(spec.datatype)
         if size is None:
-            raise InvalidInput(f"input {spec.name!r}: cannot make zeros of {spec.datatype}")
+            raise InvalidInput(
+                f"input {shown(spec.name)}: cannot make zeros of {shown(spec.datatype)}"
+            )
         shape = list(spec.shape)
         if max_batch_size > 0 and shape and shape[0] == -1:
             shape[0] = rows
         if any(d < 0 for d in shape):
             raise InvalidInput(
-                f"input {spec.name!r}: shape {spec.shape} has a dimension of any size"
+                f"input {shown(spec.name)}: shape {shown_shape(spec.shape)} has a dimension "
+                "of any size"
             )
+        problem = shape_problem(shape)
+        if problem:
+            raise InvalidInput(f"input {shown(spec.name)}: {problem}")
+        total_bytes += size * element_count(shape)
+        if total_bytes > max_bytes:
+            raise InvalidInput(
+                f"zeros of the inputs up to {shown(spec.name)} take {total_bytes} bytes, "
+                f"over the limit of {max_bytes}"
+            )
+        shapes.append(shape)
+    for spec, shape in zip(inputs, shapes, strict=True):
+        size = ELEMENT_BYTES[spec.datatype]
         request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
         request.raw_input_contents.append(bytes(size * element_count(shape)))
     for key, value in (parameters or {}).items():
@@ -139,7 +188,14 @@ def zeros_request(
 
 
 def decode_request(request: pb.ModelInferRequest, signature: Signature) -> DecodedRequest:
-    """Validates `request` against `signature`; raises InvalidInput naming the culprit."""
+    """Validates `request` against `signature`; raises InvalidInput naming the culprit.
+    Counts, parameters maps and shapes are checked before anything is allocated."""
+    check_request_size(len(request.inputs), len(request.outputs))
+    parameters = {
+        key: value
+        for key, value in parameter_values("request", request.parameters).items()
+        if value is not None
+    }
     specs = {s.name: s for s in signature.inputs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -154,14 +210,16 @@ def decode_request(request: pb.ModelInferRequest, signature: Signature) -> Decod
         spec = specs.get(name)
         if spec is None:
             raise InvalidInput(
-                f"unexpected input {name!r}: the model takes " + ", ".join(repr(s) for s in specs)
+                f"unexpected input {shown(name)}: the model takes "
+                + ", ".join(repr(s) for s in specs)
             )
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given more than once")
+        parameter_values(f"input {name!r}", tensor.parameters)
         if tensor.datatype != spec.datatype:
+            given = tensor.datatype[:32] or "(empty)"
             raise InvalidInput(
-                f"input {name!r}: datatype {tensor.datatype or '(empty)'} does not match "
-                f"the model's {spec.datatype}"
+                f"input {name!r}: datatype {given} does not match the model's {spec.datatype}"
             )
         shape = list(tensor.shape)
         problem = shape_problem(shape) or spec.check_shape(shape)
@@ -186,20 +244,20 @@ def decode_request(request: pb.ModelInferRequest, signature: Signature) -> Decod
     if len(batch_sizes) > 1:
         raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
     known_outputs = {s.name for s in signature.outputs}
-    outputs = [o.name for o in request.outputs]
-    for out in outputs:
+    outputs: list[str] = []
+    for requested in request.outputs:
+        out = requested.name
         if out not in known_outputs:
             raise InvalidInput(
-                f"unknown output {out!r}: the model returns "
+                f"unknown output {shown(out)}: the model returns "
                 + ", ".join(repr(s.name) for s in signature.outputs)
             )
+        if out in outputs:
+            raise InvalidInput(f"output {out!r} is requested more than once")
+        parameter_values(f"output {out!r}", requested.parameters)
+        outputs.append(out)
     if not outputs:
         outputs = [s.name for s in signature.outputs]
-    parameters = {}
-    for key, param in request.parameters.items():
-        value = parameter_value(param)
-        if value is not None:
-            parameters[key] = value
     return DecodedRequest(
         id=request.id,
         inputs=arrays,

@@ -46,3 +46,14 @@ class DeadlineExceeded(SwitchyardError):
 
 class Internal(SwitchyardError):
     """A fault on our side: a runtime failed on input it had accepted."""
+
+
+SHOWN_CHARS = 64
+"""The most characters of a caller's value an error message repeats: a message travels
+in a gRPC trailer, whose size is limited, and a caller may send a name of megabytes."""
+
+
+def shown(value: object) -> str:
+    """`value` as an error message shows it: its repr, cut to SHOWN_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 4] + "..."

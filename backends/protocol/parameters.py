@@ -1,7 +1,10 @@
 """The request and model-configuration parameters that Switchyard's worker and gateway
 both read or write, each in one place: Triton's `priority` and its queue rank, the
-`switchyard_due_us` deadline, and the `switchyard_profile` a worker advertises in its
-model configuration (each variant's p50, p99 and row fraction: the gateway's prior).
+`switchyard_due_us` deadline, the `sla_ms` and `timeout` checks and the bounds on every
+parameters map, and the `switchyard_profile` a worker advertises in its model
+configuration (each variant's p50, p99 and row fraction: the gateway's prior). Every
+value here is caller input (or a foreign backend's): it is checked for kind, finiteness
+and range, and a bad one is InvalidInput naming the parameter and the value.
 
 Plain values in, plain values out: imports no grpc, no protobuf and nothing from the
 gateway (the worker and the gateway's converters put these on and take them off the
@@ -12,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from backends.protocol.errors import InvalidInput
+from backends.protocol.errors import InvalidInput, shown
 
 DUE_PARAMETER = "switchyard_due_us"
 """The request parameter by which a request is due: microseconds from its arrival."""
@@ -30,28 +33,119 @@ are uint64)."""
 MAX_ROW_FRACTION = 2.0
 """The largest believable row fraction: an extra row costing two rows' time."""
 
+MAX_PROFILE_MS = 3_600_000.0
+"""The largest believable profiled latency (one hour): a larger p50 or p99 is left out."""
+
+
+MAX_PRIORITY = 2**64 - 1
+"""The highest `priority` a request may give (Triton's priorities are uint64)."""
+
+MAX_DUE_US = 2**63 - 1
+"""The largest `switchyard_due_us` (an int64 on the wire)."""
+
+MAX_SLA_MS = 3_600_000.0
+"""The longest latency target a request may give in `sla_ms`: one hour."""
+
+MAX_TIMEOUT_US = 3_600_000_000
+"""The longest Triton `timeout` a request may give: one hour, in microseconds."""
+
+MAX_PARAMETERS = 64
+"""The most entries one parameters map may hold (a request's, an input's or an
+output's); more are INVALID_ARGUMENT."""
+
+MAX_STRING_PARAMETER_BYTES = 4096
+"""The longest parameter name, and the longest string parameter value, in UTF-8 bytes."""
+
 
 def checked_priority(value: object) -> int:
     """Triton's `priority` request parameter as given (an integer, or a float or a
     string that is one; None when absent: the default, 0), checked: InvalidInput unless
-    it is a non-negative integer."""
-    return 0 if value is None else _non_negative_int("priority", value)
+    it is an integer in 0..MAX_PRIORITY."""
+    return 0 if value is None else _non_negative_int("priority", value, MAX_PRIORITY)
 
 
 def checked_due_us(value: object) -> int | None:
     """The `switchyard_due_us` request parameter as given (None when absent), checked
-    as `priority` is: InvalidInput unless it is a non-negative integer."""
-    return None if value is None else _non_negative_int(DUE_PARAMETER, value)
+    as `priority` is: InvalidInput unless it is an integer in 0..MAX_DUE_US."""
+    return None if value is None else _non_negative_int(DUE_PARAMETER, value, MAX_DUE_US)
 
 
-def _non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+def parameter_number(name: str, value: object) -> int | float:
+    """A request parameter that must be a number: an integer or a double, or a string
+    holding one (tritonclient sends what it is given). InvalidInput naming `name` and
+    the value for anything else; integers stay exact, and the number may still be NaN
+    or infinite (the callers check their ranges)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and len(value) <= 64:
+        text = value.strip()
+        try:
+            return int(text) if text.isascii() and text.isdigit() else float(text)
+        except ValueError:
+            pass
+    raise InvalidInput(f"request parameter {name!r} must be a number, got {shown(value)}")
+
+
+def checked_sla_ms(value: object) -> float:
+    """The `sla_ms` request parameter as given: a finite number of milliseconds in
+    (0, MAX_SLA_MS]; InvalidInput naming the parameter and the value otherwise."""
+    return _in_range("sla_ms", parameter_number("sla_ms", value), MAX_SLA_MS, "ms")
+
+
+def checked_timeout_us(value: object) -> float:
+    """Triton's `timeout` request parameter as given: a finite number of microseconds
+    in (0, MAX_TIMEOUT_US]; InvalidInput naming the parameter and the value otherwise."""
+    return _in_range("timeout", parameter_number("timeout", value), MAX_TIMEOUT_US, "us")
+
+
+def _in_range(name: str, number: float, maximum: float, unit: str) -> float:
+    if not math.isfinite(number):
+        raise InvalidInput(f"request parameter {name!r} must be a finite number, got {number!r}")
+    if number <= 0:
+        raise InvalidInput(f"request parameter {name!r} must be positive, got {number!r}")
+    if number > maximum:
+        raise InvalidInput(
+            f"request parameter {name!r} must be at most {maximum:.0f} {unit}, got {number!r}"
+        )
+    return float(number)
+
+
+def check_parameter_map(where: str, parameters: Mapping[str, object]) -> None:
+    """InvalidInput when a parameters map (`where`: "request", "input 'x'", ...) holds
+    more than MAX_PARAMETERS entries, or a name or string value longer than
+    MAX_STRING_PARAMETER_BYTES; values are as given (bool, int, float, str or None)."""
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidInput(
+            f"{where} has {len(parameters)} parameters; at most {MAX_PARAMETERS} are allowed"
+        )
+    for key, value in parameters.items():
+        if len(key.encode()) > MAX_STRING_PARAMETER_BYTES:
+            raise InvalidInput(
+                f"{where} has a parameter name of {len(key.encode())} bytes "
+                f"({shown(key)}); at most {MAX_STRING_PARAMETER_BYTES} are allowed"
+            )
+        if isinstance(value, str) and len(value.encode()) > MAX_STRING_PARAMETER_BYTES:
+            raise InvalidInput(
+                f"{where} parameter {shown(key)} is a string of {len(value.encode())} bytes; "
+                f"at most {MAX_STRING_PARAMETER_BYTES} are allowed"
+            )
+
+
+def _non_negative_int(name: str, value: object, maximum: int) -> int:
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        try:
+            value = int(value)
+        except ValueError:  # more digits than Python converts
+            pass
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(
-            f"request parameter {name!r} must be a non-negative integer, got {value!r}"
+            f"request parameter {name!r} must be a non-negative integer, got {shown(value)}"
+        )
+    if value > maximum:
+        raise InvalidInput(
+            f"request parameter {name!r} must be at most {maximum}, got {shown(value)}"
         )
     return value
 
@@ -94,12 +188,13 @@ def read_profile_parameter(text: str) -> tuple[tuple[VariantProfile, ...], list[
     """The profiles in a `switchyard_profile` parameter, and what was wrong with it.
 
     Text that is not a JSON list gives no profile; an entry without a variant name and
-    positive, finite p50 and p99 is left out; a row fraction that is not a number in
-    [0, MAX_ROW_FRACTION] is taken as unknown. Each of these is named in the list of
-    problems (a foreign backend may send anything: never an exception)."""
+    positive, finite p50 and p99 (at most MAX_PROFILE_MS) is left out; a row fraction
+    that is not a number in [0, MAX_ROW_FRACTION] is taken as unknown. Each of these is
+    named in the list of problems (a foreign backend may send anything: never an
+    exception)."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return (), [f"not JSON: {exc}"]
     if not isinstance(data, list):
         return (), [f"not a JSON list: {type(data).__name__}"]
@@ -114,8 +209,16 @@ def read_profile_parameter(text: str) -> tuple[tuple[VariantProfile, ...], list[
         if not isinstance(variant, str) or not variant:
             problems.append(f"entry {index} names no variant")
             continue
-        if p50 is None or p99 is None or p50 <= 0 or p99 <= 0:
-            problems.append(f"{variant}: p50_ms and p99_ms must be positive numbers")
+        if (
+            p50 is None
+            or p99 is None
+            or not (0 < p50 <= MAX_PROFILE_MS and 0 < p99 <= MAX_PROFILE_MS)
+        ):
+            problems.append(
+                f"{variant}: p50_ms and p99_ms must be positive finite numbers of at most "
+                f"{MAX_PROFILE_MS:.0f} ms, got {shown(entry.get('p50_ms'))} and "
+                f"{shown(entry.get('p99_ms'))}"
+            )
             continue
         given = entry.get("row_fraction")
         rows = _number(given)
@@ -123,7 +226,7 @@ def read_profile_parameter(text: str) -> tuple[tuple[VariantProfile, ...], list[
             rows = None
         if given is not None and rows is None:
             problems.append(
-                f"{variant}: row_fraction {given!r} is not in [0, {MAX_ROW_FRACTION:g}]"
+                f"{variant}: row_fraction {shown(given)} is not in [0, {MAX_ROW_FRACTION:g}]"
             )
         profiles.append(VariantProfile(variant, p50, p99, rows))
     return tuple(profiles), problems

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from backends.protocol import errors
+
+log = logging.getLogger("switchyard.status")
 
 _CODES: dict[type[errors.SwitchyardError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -52,11 +55,22 @@ def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def internal_message(exc: BaseException) -> str:
+    """What a caller is told of an unexpected exception: that it is ours, and its kind
+    and message (cut short: it travels in a trailer)."""
+    text = str(exc)
+    if len(text) > errors.SHOWN_CHARS * 4:
+        text = text[: errors.SHOWN_CHARS * 4] + "..."
+    return f"internal error: {type(exc).__name__}: {text}"
+
+
 def aborts_with_status(servicer: ServicerClass) -> ServicerClass:
     """Class decorator for a grpc.aio servicer: each unary RPC method it defines (a
     public coroutine method) that raises a SwitchyardError ends the call with
-    `code_for` that error and its message. Streaming methods (async generators) report
-    their errors in their own messages and are left as they are."""
+    `code_for` that error and its message; any other exception (a fault of ours) with
+    INTERNAL and a message naming it, logged once with its traceback: never gRPC's
+    UNKNOWN. Streaming methods (async generators) report their errors in their own
+    messages and are left as they are."""
     for name, method in list(vars(servicer).items()):
         if not name.startswith("_") and inspect.iscoroutinefunction(method):
             setattr(servicer, name, _aborting(method))
@@ -72,6 +86,12 @@ def _aborting(
             return await method(self, request, context)
         except errors.SwitchyardError as exc:
             await context.abort(code_for(exc), str(exc))
+            raise  # abort raised already: not reached
+        except grpc.aio.AbortError:
+            raise  # the method ended the call itself
+        except Exception as exc:
+            log.exception("%s failed", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message(exc))
             raise  # abort raised already: not reached
 
     return wrapper

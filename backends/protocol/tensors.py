@@ -65,9 +65,19 @@ CONFIG_TYPES: dict[str, str] = {
     dt: ("TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}") for dt in NUMPY_DTYPES
 }
 
-# The most elements one tensor may declare; larger shapes are rejected before
-# any allocation (a shape is caller input, and so is its product).
 MAX_ELEMENTS = 1 << 31
+"""The most elements one tensor may declare; larger shapes are rejected before any
+allocation (a shape is caller input, and so is its product)."""
+
+MAX_RANK = 32
+"""The most dimensions one tensor may declare."""
+
+MAX_TENSORS = 256
+"""The most inputs, and the most outputs, one request may name."""
+
+BYTES_LENGTH_PREFIX = 4
+"""Each element of raw BYTES contents starts with its length, a uint32: no element
+takes fewer bytes than this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,19 +112,37 @@ def element_count(shape: Sequence[int]) -> int:
     return count
 
 
+def shown_shape(shape: Sequence[int]) -> str:
+    """`shape` as an error message shows it: its first 8 dimensions, then how many more."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return str(list(shape[:8]))[:-1] + f", ... ({len(shape)} dimensions)]"
+
+
 def shape_problem(shape: Sequence[int]) -> str | None:
-    """Why a caller-given shape is malformed (negative or overflowing), or None."""
+    """Why a caller-given shape is malformed, or None: more than MAX_RANK dimensions, a
+    negative one, or more than MAX_ELEMENTS elements (the product taken with an early
+    stop, each dimension bounded first). Cheap, and before any allocation."""
+    if len(shape) > MAX_RANK:
+        return f"shape {shown_shape(shape)} has rank {len(shape)}; at most {MAX_RANK} is allowed"
     for dim in shape:
         if dim < 0:
-            return f"shape {list(shape)} has a negative dimension {dim}"
-    if element_count(shape) > MAX_ELEMENTS:
-        return f"shape {list(shape)} has more than {MAX_ELEMENTS} elements"
+            return f"shape {shown_shape(shape)} has a negative dimension {dim}"
+    if any(dim > MAX_ELEMENTS for dim in shape) or element_count(shape) > MAX_ELEMENTS:
+        return f"shape {shown_shape(shape)} has more than {MAX_ELEMENTS} elements"
     return None
 
 
 def decode_bytes_tensor(raw: bytes, count: int) -> npt.NDArray[np.object_] | str:
     """Decodes BYTES raw contents (each element: uint32 little-endian length, then
-    the bytes) into an object array of `count` elements; a string says what is wrong."""
+    the bytes) into an object array of `count` elements; a string says what is wrong.
+    The length of `raw` is checked against `count` (each element takes its 4-byte
+    length at least) before the array is allocated."""
+    if count * BYTES_LENGTH_PREFIX > len(raw):
+        return (
+            f"raw BYTES contents hold {len(raw)} bytes, too few for {count} elements "
+            f"({BYTES_LENGTH_PREFIX} bytes of length each at least)"
+        )
     out = np.empty(count, dtype=np.object_)
     view = memoryview(raw)
     offset = 0

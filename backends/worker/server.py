@@ -43,13 +43,19 @@ from backends.protocol.codec import (
     decode_request,
     encode_response,
 )
-from backends.protocol.errors import Internal, InvalidInput, ModelNotFound, SwitchyardError
+from backends.protocol.errors import (
+    Internal,
+    InvalidInput,
+    ModelNotFound,
+    SwitchyardError,
+    shown,
+)
 from backends.protocol.parameters import (
     DUE_PARAMETER,
     checked_due_us,
     checked_priority,
 )
-from backends.protocol.status import aborts_with_status
+from backends.protocol.status import aborts_with_status, internal_message
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MODEL_VERSION,
@@ -76,7 +82,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}")
+            raise ModelNotFound(f"unknown model {shown(name)}")
         model.check_version(version)
         return model
 
@@ -152,7 +158,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Runs one request; a SwitchyardError is counted as a failure and raised."""
+        """Runs one request; a failure is counted and raised as a SwitchyardError
+        (any other exception as Internal)."""
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
         try:
@@ -189,11 +196,15 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.success[1] += elapsed
             model.last_inference_ms = int(time.time() * 1000)
             return response
-        except SwitchyardError:
+        except Exception as exc:
             if model is not None:
                 model.fail[0] += 1
                 model.fail[1] += time.perf_counter_ns() - start_ns
-            raise
+            if isinstance(exc, SwitchyardError):
+                raise
+            # A fault of ours: INTERNAL for the caller (a stream goes on), never UNKNOWN.
+            log.exception("request for model %s failed", shown(request.model_name))
+            raise Internal(internal_message(exc)) from exc
 
 
 def _runtime_error(model: str, exc: Exception) -> SwitchyardError:

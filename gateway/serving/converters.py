@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 
 from backends.protocol import codec
-from backends.protocol.errors import InvalidInput
+from backends.protocol.errors import InvalidInput, shown
 from backends.protocol.parameters import (
     DUE_PARAMETER,
     PROFILE_PARAMETER,
     VariantProfile,
     checked_priority,
+    checked_sla_ms,
+    checked_timeout_us,
+    parameter_number,
     read_profile_parameter,
 )
-from backends.protocol.tensors import TensorSpec
+from backends.protocol.tensors import TensorSpec, shape_problem
 from gateway.routing.fleet import ModelInfo
 from gateway.routing.router import RouteRequest
 from protos import gateway_pb2
@@ -29,6 +32,9 @@ from protos import inference_pb2 as pb
 log = logging.getLogger("switchyard.converters")
 
 REMOTE_VARIANT = "remote"
+MAX_CLASS_CHARS = 128
+"""The longest `sla_class` a request may name (longer is INVALID_ARGUMENT before the
+policies are looked at)."""
 DEFAULT_VERSION = "1"
 
 
@@ -98,16 +104,24 @@ def config_message(info: ModelInfo, variants: list[str]) -> pb.ModelConfig:
     return cfg
 
 
-def _number(param: pb.InferParameter, key: str) -> float:
-    kind = param.WhichOneof("parameter_choice")
-    if kind in ("int64_param", "double_param", "uint64_param"):
-        return float(getattr(param, kind))
-    if kind == "string_param":
-        try:
-            return float(param.string_param)
-        except ValueError:
-            pass
-    raise InvalidInput(f"request parameter {key!r} must be a number")
+def check_header(header: gateway_pb2.InferRequestHeader) -> None:
+    """What the gateway checks of every request before routing it (the backend checks
+    the rest against the model): at most MAX_TENSORS inputs and outputs, parameters maps
+    within their bounds, and every input's shape well formed (no negative dimension,
+    not too many elements). InvalidInput naming what was wrong."""
+    codec.check_request_size(len(header.inputs), len(header.outputs))
+    codec.parameter_values("request", header.parameters)
+    for tensor in header.inputs:
+        codec.parameter_values(f"input {shown(tensor.name)}", tensor.parameters)
+        problem = shape_problem(tensor.shape)
+        if problem:
+            raise InvalidInput(f"input {shown(tensor.name)}: {problem}")
+    for out in header.outputs:
+        codec.parameter_values(f"output {shown(out.name)}", out.parameters)
+
+
+def _value(param: pb.InferParameter) -> object:
+    return codec.parameter_value(param)
 
 
 def request_rows(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> int:
@@ -118,26 +132,34 @@ def request_rows(header: gateway_pb2.InferRequestHeader, max_batch_size: int) ->
 
 
 def priority_param(header: gateway_pb2.InferRequestHeader) -> int:
-    """Triton's `priority` request parameter: a non-negative integer, 0 (or absent) for
-    the default level; anything else raises InvalidInput."""
+    """Triton's `priority` request parameter: an integer in 0..MAX_PRIORITY, 0 (or
+    absent) for the default level; anything else raises InvalidInput."""
     if "priority" not in header.parameters:
         return 0
-    return checked_priority(_number(header.parameters["priority"], "priority"))
+    return checked_priority(parameter_number("priority", _value(header.parameters["priority"])))
 
 
 def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -> RouteRequest:
-    """What routing needs from a request header; bad parameters raise InvalidInput."""
+    """What routing needs from a request header; bad parameters raise InvalidInput
+    naming the parameter and the value (backends.protocol.parameters: kind, finite,
+    in range)."""
     params = header.parameters
     sla_ms = None
     if "sla_ms" in params:
-        sla_ms = _number(params["sla_ms"], "sla_ms")
-        if sla_ms <= 0:
-            raise InvalidInput("request parameter 'sla_ms' must be positive")
+        sla_ms = checked_sla_ms(_value(params["sla_ms"]))
     sla_class = None
     if "sla_class" in params:
-        if params["sla_class"].WhichOneof("parameter_choice") != "string_param":
-            raise InvalidInput("request parameter 'sla_class' must be a string")
-        sla_class = params["sla_class"].string_param
+        value = _value(params["sla_class"])
+        if not isinstance(value, str):
+            raise InvalidInput(
+                f"request parameter 'sla_class' must be a string, got {shown(value)}"
+            )
+        if len(value) > MAX_CLASS_CHARS:
+            raise InvalidInput(
+                f"request parameter 'sla_class' is {len(value)} characters long, "
+                f"no class is named with more than {MAX_CLASS_CHARS}: {shown(value)}"
+            )
+        sla_class = value
     priority = priority_param(header)
     return RouteRequest(
         model=header.model_name,
@@ -149,13 +171,11 @@ def route_request(header: gateway_pb2.InferRequestHeader, max_batch_size: int) -
 
 
 def timeout_param_s(header: gateway_pb2.InferRequestHeader) -> float | None:
-    """Triton's `timeout` request parameter (microseconds), in seconds."""
+    """Triton's `timeout` request parameter (microseconds, in (0, MAX_TIMEOUT_US]), in
+    seconds."""
     if "timeout" not in header.parameters:
         return None
-    micros = _number(header.parameters["timeout"], "timeout")
-    if micros <= 0:
-        raise InvalidInput("request parameter 'timeout' must be positive (microseconds)")
-    return micros / 1e6
+    return checked_timeout_us(_value(header.parameters["timeout"])) / 1e6
 
 
 def response_parameters(params: dict[str, str]) -> bytes:

@@ -2,6 +2,12 @@
 it holds (RepositoryIndex, or the models its fleet entry lists), fetches metadata
 and configuration for each ready model, and records the result in the fleet state.
 
+A backend's answers are untrusted input (a foreign v2 server may advertise anything):
+bad profile figures are left out with a log line (converters.parse_profile), a model
+whose zeros would be too large for a message gets no latency probe, and whatever
+fails while probing one backend is logged and marks that backend unhealthy; it never
+stops the loop, nor the probes of the others.
+
 A protocol edge (with the converters): imports grpc and generated protobuf; nothing of
 the control plane.
 """
@@ -16,7 +22,7 @@ from collections.abc import Callable
 
 import grpc
 
-from backends.protocol.codec import zeros_request
+from backends.protocol.codec import MAX_ZEROS_BYTES, zeros_request
 from backends.protocol.errors import InvalidInput
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, FleetState, ModelInfo, Route
@@ -41,7 +47,11 @@ class Prober:
         timeout_s: float,
         on_change: Callable[[], None] | None = None,
         latency_interval_s: float = 0.0,
+        max_probe_bytes: int = MAX_ZEROS_BYTES,
     ) -> None:
+        """`max_probe_bytes`: the largest latency probe (zeros of a model's inputs) sent;
+        a model whose one-row request would be larger is not probed (the gateway passes
+        its `max_message_bytes`)."""
         self.fleet = fleet
         self.pool = pool
         self.clock = clock
@@ -49,7 +59,9 @@ class Prober:
         self.timeout_s = timeout_s
         self.on_change = on_change
         self.latency_interval_s = latency_interval_s
+        self.max_probe_bytes = max_probe_bytes
         self._cache: dict[tuple[str, str], ModelInfo] = {}
+        self._unprobed: set[tuple[str, str, str]] = set()
         self._task: asyncio.Task[None] | None = None
         self._latency: asyncio.Task[int] | None = None
 
@@ -68,7 +80,10 @@ class Prober:
     async def _loop(self) -> None:
         last_latency_probe = self.clock()
         while True:
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:  # a fault of ours: logged, and the next round goes on
+                log.exception("probe round failed")
             now = self.clock()
             idle = self._latency is None or self._latency.done()
             if (
@@ -93,21 +108,24 @@ class Prober:
         address = backend.address
         if address.endswith(":0"):  # launched, not listening yet
             return
+        was_healthy = backend.healthy
+        was_ejected = backend.ejected_until_s is not None
         try:
             models, rtt_ms = await self._models(backend, address)
-        except (grpc.aio.AioRpcError, BackendNotReady) as exc:
+            self.fleet.record_probe(backend.name, self.clock(), models, rtt_ms)
+        except Exception as exc:  # whatever the backend said, it stops here
             if isinstance(exc, grpc.aio.AioRpcError):
                 error = f"{exc.code().name}: {exc.details()}"
-            else:
+            elif isinstance(exc, BackendNotReady):
                 error = str(exc)
-            was_healthy = backend.healthy
+            else:
+                error = f"probe failed: {type(exc).__name__}: {str(exc)[:200]}"
+                if backend.last_error != error:  # once, with its traceback
+                    log.warning("backend %s: %s", backend.name, error, exc_info=exc)
             self.fleet.record_failure(backend.name, self.clock(), error)
             if was_healthy:
                 log.warning("backend %s unhealthy: %s", backend.name, error)
             return
-        was_healthy = backend.healthy
-        was_ejected = backend.ejected_until_s is not None
-        self.fleet.record_probe(backend.name, self.clock(), models, rtt_ms)
         if was_ejected and backend.ejected_until_s is None:
             log.info("backend %s re-admitted after ejection", backend.name)
         if not was_healthy:
@@ -126,8 +144,16 @@ class Prober:
             last = route.estimate.last_sample_s
             if route.state.available and (last is None or now_s - last >= idle_s):
                 stale.setdefault(route.backend, []).append(route)
-        results = await asyncio.gather(*(self._probe_in_turn(r) for r in stale.values()))
-        return sum(results)
+        results = await asyncio.gather(
+            *(self._probe_in_turn(r) for r in stale.values()), return_exceptions=True
+        )
+        sent = 0
+        for backend, result in zip(stale, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("latency probes of %s failed", backend, exc_info=result)
+            else:
+                sent += result
+        return sent
 
     async def _probe_in_turn(self, routes: list[Route]) -> int:
         sent = 0
@@ -145,11 +171,17 @@ class Prober:
         if info is None:
             return False
         # A one-row request of zeros, naming the route's variant; a model whose inputs
-        # have no such request (BYTES, or a dimension of any size) is not probed.
+        # have no such request (BYTES, a dimension of any size, a malformed shape, or
+        # more than max_probe_bytes of zeros) is not probed.
         variant = {} if route.default else {"switchyard_variant": route.variant}
         try:
-            request = zeros_request(info.name, info.inputs, info.max_batch_size, 1, variant)
-        except InvalidInput:
+            request = zeros_request(
+                info.name, info.inputs, info.max_batch_size, 1, variant, self.max_probe_bytes
+            )
+        except InvalidInput as exc:
+            if route.key not in self._unprobed:
+                self._unprobed.add(route.key)
+                log.info("route %s/%s/%s gets no latency probe: %s", *route.key, exc)
             return False
         client = self.pool.client(route.address)
         # The probe holds a slot like any request, so a request sent meanwhile knows

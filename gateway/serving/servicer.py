@@ -28,17 +28,20 @@ from google.protobuf.message import DecodeError
 from backends import __version__
 from backends.protocol.errors import (
     Exhausted,
+    Internal,
     InvalidInput,
     ModelNotFound,
     SwitchyardError,
     Unavailable,
+    shown,
 )
-from backends.protocol.status import aborts_with_status, code_for
+from backends.protocol.status import aborts_with_status, code_for, internal_message
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import Chooser, Policy, carbon_g, choose, cost_usd
 from gateway.serving.converters import (
     REMOTE_VARIANT,
+    check_header,
     config_message,
     cost_parameter,
     metadata_message,
@@ -61,6 +64,9 @@ log = logging.getLogger("switchyard.gateway")
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "switchyard_routing"]
 STREAM_WINDOW = 64
+"""The most requests of one ModelStreamInfer stream in flight at once: past it, the
+stream reads no further request until an answer goes out (backpressure, through gRPC's
+flow control, to the client)."""
 
 
 @aborts_with_status
@@ -98,23 +104,35 @@ class GatewayServicer:
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """Each request is routed on its own; responses come back in request order,
-        with up to STREAM_WINDOW requests in flight."""
-        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_WINDOW)
+        """Each request is routed on its own; responses come back in request order.
+        At most STREAM_WINDOW requests are in flight: the next request is read only
+        once a slot is free (an answer went out), so one stream cannot queue unbounded
+        work."""
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue()
 
         async def read() -> None:
-            async for request in requests:
-                task = asyncio.ensure_future(self._infer(request, context.time_remaining()))
-                await pending.put(task)
-            await pending.put(None)
+            iterator = aiter(requests)
+            while True:
+                await window.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                pending.put_nowait(
+                    asyncio.ensure_future(self._infer(request, context.time_remaining()))
+                )
+            pending.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:
             while (task := await pending.get()) is not None:
                 try:
-                    yield stream_response(await task)
+                    reply = stream_response(await task)
                 except SwitchyardError as exc:
-                    yield stream_error(str(exc))
+                    reply = stream_error(str(exc))
+                yield reply
+                window.release()
             await reader
         finally:
             reader.cancel()
@@ -137,6 +155,7 @@ class GatewayServicer:
                 header = gateway_pb2.InferRequestHeader.FromString(request)
             except DecodeError as exc:
                 raise InvalidInput("request is not a valid ModelInferRequest") from exc
+            check_header(header)
             model = header.model_name
             info = self._model_info(model, header.model_version)
             model_label = model
@@ -182,6 +201,14 @@ class GatewayServicer:
         except SwitchyardError as exc:  # a backend's own status included
             outcome = code_for(exc).name
             raise
+        except asyncio.CancelledError:
+            outcome = grpc.StatusCode.CANCELLED.name  # the caller went away
+            raise
+        except Exception as exc:
+            # A fault of ours: INTERNAL (never UNKNOWN), counted as the failure it is.
+            outcome = grpc.StatusCode.INTERNAL.name
+            log.exception("request for model %s failed", shown(model_label))
+            raise Internal(internal_message(exc)) from exc
         finally:
             elapsed_ns = time.perf_counter_ns() - start_ns
             if counters is not None:
@@ -216,7 +243,7 @@ class GatewayServicer:
         if not pinned:
             known = ", ".join(self.fleet.variants(model)) or "none"
             raise ModelNotFound(
-                f"no backend serves model {model!r} as variant {wanted!r} (variants: {known})"
+                f"no backend serves model {model!r} as variant {shown(wanted)} (variants: {known})"
             )
         return pinned
 
@@ -225,10 +252,11 @@ class GatewayServicer:
         if info is None:
             if model in self.fleet.known_models():
                 raise Unavailable(f"model {model!r} is not ready on any backend")
-            raise ModelNotFound(f"unknown model {model!r}")
+            raise ModelNotFound(f"unknown model {shown(model)}")
         if version and version not in info.versions:
             raise ModelNotFound(
-                f"model {model!r} has no version {version!r} (versions: {', '.join(info.versions)})"
+                f"model {model!r} has no version {shown(version)} "
+                f"(versions: {', '.join(info.versions)})"
             )
         return info
 
@@ -277,9 +305,9 @@ class GatewayServicer:
     def _described(self, name: str, version: str) -> ModelInfo:
         info = self.fleet.model_info(name)
         if info is None:
-            raise ModelNotFound(f"unknown model {name!r}")
+            raise ModelNotFound(f"unknown model {shown(name)}")
         if version and version not in info.versions:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}")
+            raise ModelNotFound(f"model {name!r} has no version {shown(version)}")
         return info
 
     async def model_statistics(
