@@ -113,9 +113,9 @@ def test_the_demo_models_keep_their_weights_inside_model_onnx(repository: Path) 
     assert all(len(v.manifest.artifacts) == 1 for v in variants)
     for variant in variants:
         proto = onnx.load(str(variant.artifact_path), load_external_data=False)
-        assert not any(
-            t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer
-        ), variant.name
+        assert not any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer), (
+            variant.name
+        )
 
 
 def test_external_data_listed_and_intact_loads(tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def test_tampered_external_data_is_refused(tmp_path: Path) -> None:
     data = bytearray((variant.directory / WEIGHTS).read_bytes())
     data[:4] = np.float32(1000.0).tobytes()
     (variant.directory / WEIGHTS).write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match=f"ext/ort-cpu-fp32: artifact {WEIGHTS} has sha256"):
+    with pytest.raises(ManifestError, match=rf"ext/ort-cpu-fp32: artifact {WEIGHTS} has sha256"):
         load_adapter(variant, threads=1)
 
 
@@ -166,7 +166,7 @@ def test_a_file_swapped_after_its_check_is_not_what_loads(tmp_path: Path) -> Non
     np.testing.assert_array_equal(run(swapped), X * 3.0)
     # The swap happened: loading again now refuses the replacement by its hash.
     assert (checked.directory / "model.onnx").read_bytes() == replacement
-    with pytest.raises(ManifestError, match="swap/ort-cpu-fp32: artifact model.onnx has sha256"):
+    with pytest.raises(ManifestError, match=r"swap/ort-cpu-fp32: artifact model\.onnx has sha256"):
         load_adapter(checked, threads=1)
 
 
