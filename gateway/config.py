@@ -120,6 +120,33 @@ class GatewaySettings(_Strict):
     eject_base_s: float = Field(1.0, gt=0)
     """First ejection's length; each further ejection in a row doubles it."""
     eject_max_s: float = Field(30.0, gt=0)
+    eject_max_share: float = Field(0.5, ge=0, le=1)
+    """Most backends out by ejection at once, as a share of the fleet (past it a failing
+    backend stays in the routes: the panic threshold). A fleet of one never ejects."""
+    eject_success_rate_below: float = Field(0.8, ge=0, le=1)
+    """Success-rate ejection: a backend whose attempts over `eject_window_s` succeeded
+    less often than this (at least `eject_min_requests` of them) is ejected; 0: off.
+    Only failures that originate at the backend count: its error statuses (not the
+    caller's own errors) and attempts past their timeout; never a caller's
+    cancellation, an expired caller's deadline, a load shed, or a hedge that lost."""
+    eject_window_s: float = Field(10.0, gt=0)
+    eject_min_requests: int = Field(20, ge=1)
+    retry_budget_ratio: float = Field(0.2, ge=0)
+    """Retries and hedges, at most, as a share of requests (a token bucket: each request
+    deposits this, each retry or hedge takes one)."""
+    retry_budget_min_per_s: float = Field(10.0, ge=0)
+    """Retries a second allowed whatever the traffic."""
+    attempt_timeout_factor: float = Field(4.0, ge=0)
+    """An attempt running longer than this many times its route's predicted p99 counts
+    as a failure at its backend, and the request is retried on another route while the
+    attempt keeps running (a hung backend costs a request about this, not its
+    deadline); 0: off."""
+    attempt_timeout_min_ms: float = Field(50.0, ge=0)
+    """The attempt timeout's floor."""
+    backend_keepalive_s: float = Field(10.0, ge=0)
+    """HTTP/2 keepalive pings on the channels to backends while calls are out: a
+    connection whose ping goes unanswered for `backend_keepalive_s` is closed and its
+    calls fail over; 0: off."""
     request_overhead_ms: float = Field(0.0, ge=0)
     """Latency an SLA counts outside the gateway's calls to backends: the clients'
     network hop and the gateway's own gRPC handling, as the clients measure it. A

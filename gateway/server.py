@@ -136,7 +136,15 @@ def build_fleet(config: FleetConfig) -> FleetState:
             )
             for b in config.backends
         ],
-        Ejection(settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s),
+        Ejection(
+            settings.eject_after_failures,
+            settings.eject_base_s,
+            settings.eject_max_s,
+            settings.eject_max_share,
+            settings.eject_success_rate_below,
+            settings.eject_window_s,
+            settings.eject_min_requests,
+        ),
     )
 
 
@@ -165,7 +173,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
                 return remote.get(b.name)
         return None
 
-    pool = BackendPool(settings.max_message_bytes, security)
+    pool = BackendPool(settings.max_message_bytes, security, settings.backend_keepalive_s)
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
     background: set[asyncio.Task[None]] = set()
@@ -229,6 +237,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         metrics,
         coalesce_in_flight=settings.coalesce_in_flight,
     )
+    servicer.dispatcher.guard(settings, fleet.throttle)
 
     def set_policies(book: PolicyBook) -> None:
         servicer.policies = book

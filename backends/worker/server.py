@@ -242,6 +242,10 @@ async def start_worker(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # A gateway pings its backends while calls are out (to find a hung one): take
+        # pings as often as every second without calling it abuse.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(WorkerServicer(models, settings), server)

@@ -118,6 +118,13 @@ class BackendState:
     """Ejections in a row without a clean spell: the back-off doubles with each."""
     attempt_failures: int = 0
     """Consecutive failed or timed-out attempts (passive outlier detection)."""
+    window_start_s: float = 0.0
+    window_attempts: int = 0
+    window_failures: int = 0
+    """Attempts, and those that failed, since `window_start_s` (success-rate ejection)."""
+    retry_tokens: float = 10.0
+    """gRPC retry throttling: retries and hedges come here while this is above half
+    its most (see RetryThrottle)."""
     available: bool = False
     """Healthy, not drained, not ejected: the router's one check."""
     models: dict[str, ModelInfo] = field(default_factory=dict)
@@ -454,21 +461,52 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Ejection:
-    """Passive outlier detection settings."""
+    """Passive outlier detection settings (after Envoy's): only failures that originate
+    at the backend count (errors it returned, attempts that ran past their timeout),
+    never a caller's cancellation, a caller's expired deadline or a hedge that lost."""
 
     after_failures: int = 3
-    """Consecutive failed attempts (errors or timeouts) that eject a backend."""
+    """Consecutive failed attempts that eject a backend."""
     base_s: float = 1.0
     """First ejection's length; each ejection in a row doubles it."""
     max_s: float = 30.0
+    max_share: float = 0.5
+    """Most backends out by ejection at once, as a share of the fleet: past it a
+    failing backend stays in the routes (the panic threshold), so a fault that is
+    not the backends' own (a poisoned request, the gateway's own network) cannot
+    empty the fleet. A fleet of one backend never ejects it."""
+    success_rate_below: float = 0.8
+    """Success-rate ejection: a backend whose attempts over the last `window_s`
+    succeeded less often than this (with at least `min_requests` of them) is
+    ejected, though its failures were not consecutive; 0: off."""
+    window_s: float = 10.0
+    min_requests: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class RetryThrottle:
+    """gRPC's retry throttling, per backend: each fault takes a token, each success
+    gives back `token_ratio`; retries and hedges go to a backend only while it holds
+    more than half of `max_tokens`."""
+
+    max_tokens: float = 10.0
+    token_ratio: float = 0.1
 
 
 class FleetState:
     """All backends, keyed by name, and the routes of each model."""
 
-    def __init__(self, backends: Iterable[BackendState], ejection: Ejection = Ejection()) -> None:
+    def __init__(
+        self,
+        backends: Iterable[BackendState],
+        ejection: Ejection = Ejection(),
+        throttle: RetryThrottle = RetryThrottle(),
+    ) -> None:
         self.backends = {b.name: b for b in backends}
         self.ejection = ejection
+        self.throttle = throttle
+        for state in self.backends.values():
+            state.retry_tokens = throttle.max_tokens
         self._routes: dict[str, list[Route]] = {}
         self._by_key: dict[tuple[str, str, str], Route] = {}
 
@@ -508,28 +546,66 @@ class FleetState:
         state.consecutive_failures += 1
         state.refresh()
 
-    def record_attempt(self, route: Route, ok: bool, now_s: float, error: str = "") -> bool:
-        """An attempt's outcome, for passive outlier detection; True when this
-        failure ejected the backend."""
+    def record_attempt(self, route: Route, ok: bool | None, now_s: float, error: str = "") -> bool:
+        """An attempt's outcome for passive outlier detection: `ok` True (answered,
+        whatever its status, unless the backend failed it), False (a failure that
+        originated at the backend), None (no verdict: the caller left, its deadline
+        passed, or a hedge won). True when this failure ejected the backend."""
         state = route.state
         route.count(now_s)
+        if ok is None:
+            return False
+        throttle = self.throttle
+        window = self.ejection.window_s
+        if now_s - state.window_start_s >= window:
+            state.window_start_s, state.window_attempts, state.window_failures = now_s, 0, 0
+        state.window_attempts += 1
         if ok:
             state.attempt_failures = 0
             if state.ejected_until_s is None:
                 state.ejections = 0
+            state.retry_tokens = min(throttle.max_tokens, state.retry_tokens + throttle.token_ratio)
             return False
         route.failures += 1
         state.attempt_failures += 1
-        if state.attempt_failures < self.ejection.after_failures or state.ejected_until_s:
+        state.window_failures += 1
+        state.retry_tokens = max(0.0, state.retry_tokens - 1.0)
+        if state.ejected_until_s is not None:
             return False
-        backoff = min(self.ejection.max_s, self.ejection.base_s * 2**state.ejections)
+        ejection = self.ejection
+        if state.attempt_failures >= ejection.after_failures:
+            why = f"{state.attempt_failures} failures in a row"
+        elif (
+            ejection.success_rate_below > 0.0
+            and state.window_attempts >= ejection.min_requests
+            and state.window_attempts - state.window_failures
+            < ejection.success_rate_below * state.window_attempts
+        ):
+            why = (
+                f"{state.window_failures} of {state.window_attempts} attempts failed"
+                f" since {now_s - state.window_start_s:.1f} s ago"
+            )
+        else:
+            return False
+        if not self._may_eject():
+            state.last_error = f"not ejected ({why}): the most the fleet may eject are out"
+            return False
+        backoff = min(ejection.max_s, ejection.base_s * 2**state.ejections)
         state.ejections += 1
         state.ejected_until_s = now_s + backoff
-        state.last_error = (
-            f"ejected for {backoff:g} s after {state.attempt_failures} failures: {error}"
-        )
+        state.window_start_s, state.window_attempts, state.window_failures = now_s, 0, 0
+        state.last_error = f"ejected for {backoff:g} s after {why}: {error}"
         state.refresh()
         return True
+
+    def _may_eject(self) -> bool:
+        """Whether one more ejection keeps within the fleet's maximum ejection share."""
+        out = sum(1 for b in self.backends.values() if b.ejected_until_s is not None)
+        return out + 1 <= self.ejection.max_share * len(self.backends)
+
+    def may_retry_on(self, state: BackendState) -> bool:
+        """gRPC retry throttling: whether a retry or a hedge may go to `state`."""
+        return state.retry_tokens > self.throttle.max_tokens * 0.5
 
     def set_drained(self, backend: str, drained: bool) -> BackendState:
         state = self.backends[backend]

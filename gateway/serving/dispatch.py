@@ -7,7 +7,12 @@ failure the next route of the decision's alternatives (ranked when the retry goe
 by the load of that moment; a baseline's decision chooses again) while the policy's
 retries and the deadline allow; with hedging, a second attempt when the first runs
 past its predicted p95 (the first answer wins, the others are abandoned); at the
-deadline, DeadlineExceeded. Every attempt is a ticket in its backend's queue
+deadline, DeadlineExceeded. An attempt that runs past its timeout (a multiple of its
+route's predicted p99, see `AttemptTimeout`) counts against its backend and, where
+another route and the retry budget allow, is retried there while it keeps running (a
+hung backend costs a request about its timeout, not its deadline). Retries and hedges
+draw on one `RetryBudget` and skip backends that gRPC's retry throttling holds back.
+Every attempt is a ticket in its backend's queue
 (`BackendState.admit` / `finish`), due at the request's arrival plus its SLA budget;
 an attempt that found a free slot when sent measures its route's service time (one
 that queued would feed the estimate's own error back, magnified by the queue).
@@ -29,8 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from backends.protocol.errors import DeadlineExceeded
+from gateway.config import GatewaySettings
+from gateway.routing.budget import RetryBudget
 from gateway.routing.estimates import service_sample
-from gateway.routing.fleet import Route, Ticket
+from gateway.routing.fleet import RetryThrottle, Route, Ticket
 from gateway.routing.router import (
     Chooser,
     Decision,
@@ -38,7 +45,26 @@ from gateway.routing.router import (
     RouteRequest,
     batch_factor,
     hedge_after_ms,
+    predict_ms,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptTimeout:
+    """How long one attempt may run before it counts as failed at its backend and
+    the request is retried elsewhere: `factor` x its route's predicted p99 when sent
+    (queue wait included), at least `min_ms`; never past the caller's deadline."""
+
+    factor: float = 4.0
+    min_ms: float = 50.0
+
+    def after_ms(self, route: Route, policy: Policy, now_s: float, batch_size: int) -> float:
+        p99 = predict_ms(route, max(99.0, policy.percentile), now_s, batch_size, policy.budget_ms)
+        return max(self.min_ms, self.factor * p99)
+
+
+class AttemptTimedOut(Exception):
+    """An attempt ran past its timeout (it may still answer: it is not cancelled)."""
 
 
 class TimerHandle(Protocol):
@@ -131,19 +157,45 @@ class Attempt:
     hedge_at_s: float | None = None
     """When a hedge follows it: its predicted p95 from its send, as predicted before it
     joined its backend's queue (None where the job hedges no more)."""
+    timeout_at_s: float | None = None
+    """When it counts as failed at its backend (None: no timeout, or it has passed)."""
+    timed_out: bool = False
+    """It ran past its timeout and was counted then: its end is not counted again."""
+    sent_s: float = 0.0
     settled: bool = False
     """It has left its backend's queue (answered, failed or given up)."""
 
 
 class Dispatcher:
     def __init__(
-        self, transport: Transport, timers: Timers, observer: Observer | None = None
+        self,
+        transport: Transport,
+        timers: Timers,
+        observer: Observer | None = None,
+        budget: RetryBudget | None = None,
+        attempt_timeout: AttemptTimeout | None = None,
+        throttle: RetryThrottle | None = None,
     ) -> None:
         self.transport = transport
         self.timers = timers
         self.observer = observer if observer is not None else Observer()
+        self.budget = budget if budget is not None else RetryBudget(ratio=float("inf"))
+        """Retries and hedges allowed; default: unlimited."""
+        self.attempt_timeout = attempt_timeout
+        self.throttle = throttle
         # An observer that counts no outcomes is not called for each answer.
         self._counts_outcomes = type(self.observer).outcome is not Observer.outcome
+
+    def guard(self, settings: GatewaySettings, throttle: RetryThrottle | None = None) -> None:
+        """Takes the retry budget and attempt timeout the gateway's settings say, and
+        `throttle` (gRPC's retry throttling, whose tokens the fleet state keeps)."""
+        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_s)
+        self.attempt_timeout = (
+            AttemptTimeout(settings.attempt_timeout_factor, settings.attempt_timeout_min_ms)
+            if settings.attempt_timeout_factor > 0.0
+            else None
+        )
+        self.throttle = throttle
 
     # ---- a job's life -------------------------------------------------------------------
 
@@ -153,8 +205,9 @@ class Dispatcher:
         assert route is not None
         job.due_s = job.arrived_s + job.policy.budget_ms * 0.001
         job.hedged = hedged = not job.policy.hedge
+        self.budget.deposit(now_s)
         self._launch(job, route, now_s)
-        if job.deadline_s is not None or not hedged:
+        if job.deadline_s is not None or not hedged or self.attempt_timeout is not None:
             self._arm(job, now_s)
 
     async def run(self, job: Job, now_s: float) -> Job:
@@ -206,7 +259,7 @@ class Dispatcher:
             route.estimate.observe(
                 sample / batch_factor(job.request.batch_size, route.row_fraction), now_s
             )
-        if self._counts_outcomes:
+        if self._counts_outcomes and not attempt.timed_out:
             self.observer.outcome(attempt, latency_ms, False, None, now_s)
         if not job.done:
             job.winner, job.reply = attempt, reply
@@ -223,7 +276,8 @@ class Dispatcher:
             return None
         job = attempt.job
         nxt = self._settle(attempt, now_s)
-        self.observer.outcome(attempt, None, fault, error, now_s)
+        if not attempt.timed_out:
+            self.observer.outcome(attempt, None, fault, error, now_s)
         if job.done:
             return nxt
         if retryable and not self._past_deadline(job, now_s):
@@ -235,7 +289,7 @@ class Dispatcher:
             if retryable and self._past_deadline(job, now_s):
                 error = self._deadline_error(job)
             self._end(job, error, now_s)
-        elif not job.hedged:
+        elif not job.hedged or self.attempt_timeout is not None:
             self._arm(job, now_s)
         return nxt
 
@@ -247,11 +301,19 @@ class Dispatcher:
         if not job.hedged:
             batch = job.request.batch_size
             hedge_at_s = now_s + hedge_after_ms(route, job.policy, now_s, batch) / 1000.0
+        timeout_at_s = None
+        timeout = self.attempt_timeout
+        if timeout is not None:  # predicted, like the hedge's, before it joins the queue
+            after_ms = timeout.after_ms(route, job.policy, now_s, job.request.batch_size)
+            timeout_at_s = now_s + after_ms * 0.001
         ticket = route.state.admit(
             route, route.estimate.mean_ms, job.due_s, now_s, job.policy.budget_ms
         )
         attempt = Attempt(job, route, ticket, ticket.started_s is not None)
         attempt.hedge_at_s = hedge_at_s
+        attempt.sent_s = now_s
+        if timeout_at_s is not None:
+            attempt.timeout_at_s = timeout_at_s
         ticket.attempt = attempt
         job.pending.append(attempt)
         self.transport.send(attempt)
@@ -263,10 +325,18 @@ class Dispatcher:
         queue = job.queue
         if queue is None:
             queue = job.queue = self._alternatives(job, now_s)
+        throttle = self.throttle
         while queue:
             candidate = queue.pop(0)
-            if candidate.state.available:
-                return candidate
+            state = candidate.state
+            if not state.available:
+                continue
+            if throttle is not None and state.retry_tokens <= throttle.max_tokens * 0.5:
+                continue
+            if not self.budget.withdraw(now_s):
+                queue.insert(0, candidate)
+                return None
+            return candidate
         return None
 
     @staticmethod
@@ -278,16 +348,18 @@ class Dispatcher:
         return [] if again.route is None else [again.route]
 
     def _arm(self, job: Job, now_s: float) -> None:
-        """The job's next timer: the hedge (its first attempt out's predicted p95) or
-        the deadline, whichever comes first."""
+        """The job's next timer: the hedge (its first attempt out's predicted p95), an
+        attempt's timeout or the deadline, whichever comes first."""
         self._cancel_timer(job)
         when = job.deadline_s
-        if when is None and job.hedged:
-            return
         if not job.hedged and job.pending:
             hedge_s = job.pending[0].hedge_at_s
             if hedge_s is not None:
                 when = hedge_s if when is None else min(when, hedge_s)
+        for attempt in job.pending:
+            timeout_s = attempt.timeout_at_s
+            if timeout_s is not None and (when is None or timeout_s < when):
+                when = timeout_s
         if when is not None:
             job.timer = self.timers.call_at(when, lambda at_s: self._timer(job, at_s))
 
@@ -296,17 +368,39 @@ class Dispatcher:
         if job.done:
             return
         if self._past_deadline(job, now_s):
-            # The attempts still out ran past the deadline: they count against their backends.
+            # The caller's deadline passed: the attempts still out are given up, and
+            # not counted against their backends (the caller chose the deadline).
             late = DeadlineExceeded("deadline passed")
             for attempt in self._give_up(job, now_s):
-                self.observer.outcome(attempt, None, True, late, now_s)
+                if not attempt.timed_out:
+                    self.observer.outcome(attempt, None, False, late, now_s)
             self._end(job, self._deadline_error(job), now_s)
             return
-        job.hedged = True
-        hedge = self._next_route(job, now_s)
-        if hedge is not None:
-            self.observer.hedged(job, hedge)
-            self._launch(job, hedge, now_s)
+        late_attempts = [
+            a for a in job.pending if a.timeout_at_s is not None and now_s >= a.timeout_at_s
+        ]
+        for attempt in late_attempts:
+            # Past its timeout: it counts against its backend at once, and the request
+            # is retried elsewhere while this attempt keeps running (it may yet win).
+            attempt.timeout_at_s = None
+            attempt.timed_out = True
+            after_ms = (now_s - attempt.sent_s) * 1000.0
+            error = AttemptTimedOut(
+                f"no answer from {attempt.route.backend} after {after_ms:.0f} ms"
+            )
+            self.observer.outcome(attempt, None, True, error, now_s)
+            retry = self._next_route(job, now_s)
+            if retry is not None:
+                self.observer.retried(job, retry)
+                self._launch(job, retry, now_s)
+        if not late_attempts and not job.hedged:
+            hedge_s = job.pending[0].hedge_at_s if job.pending else None
+            if hedge_s is not None and now_s >= hedge_s:
+                job.hedged = True
+                hedge = self._next_route(job, now_s)
+                if hedge is not None:
+                    self.observer.hedged(job, hedge)
+                    self._launch(job, hedge, now_s)
         self._arm(job, now_s)
 
     def _end(self, job: Job, error: BaseException | None, now_s: float) -> None:

@@ -27,22 +27,33 @@ class BackendClient:
     """Channel and calls for one backend address."""
 
     def __init__(
-        self, address: str, max_message_bytes: int, security: ChannelSecurity | None = None
+        self,
+        address: str,
+        max_message_bytes: int,
+        security: ChannelSecurity | None = None,
+        keepalive_s: float = 0.0,
     ) -> None:
         self.address = address
-        self.channel = secure_channel(
-            address,
-            security,
-            [
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                # Reconnect fast when a backend comes back.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        options: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Reconnect fast when a backend comes back.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0),
+        ]
+        if keepalive_s > 0.0:
+            # Pings while calls are out; one unanswered for keepalive_s closes the
+            # connection, failing its calls over (a hung or partitioned backend).
+            keepalive_ms = int(keepalive_s * 1000)
+            options += [
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", keepalive_ms),
+                ("grpc.keepalive_permit_without_calls", 0),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        self.channel = secure_channel(address, security, options)
         # Identity (de)serializers: the gateway forwards bytes without re-encoding.
         self.infer = self.channel.unary_unary(INFER_METHOD)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
@@ -63,15 +74,19 @@ class BackendPool:
         self,
         max_message_bytes: int,
         security: Callable[[str], ChannelSecurity | None] = _plaintext,
+        keepalive_s: float = 0.0,
     ) -> None:
         self._max_message_bytes = max_message_bytes
         self._security = security
+        self._keepalive_s = keepalive_s
         self._clients: dict[str, BackendClient] = {}
 
     def client(self, address: str) -> BackendClient:
         client = self._clients.get(address)
         if client is None:
-            client = BackendClient(address, self._max_message_bytes, self._security(address))
+            client = BackendClient(
+                address, self._max_message_bytes, self._security(address), self._keepalive_s
+            )
             self._clients[address] = client
         return client
 

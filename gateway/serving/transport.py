@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from backends.protocol.errors import SwitchyardError
+from backends.protocol.errors import DeadlineExceeded, SwitchyardError
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.serving.coalescer import Coalescer
 from gateway.serving.converters import request_parameters
@@ -40,9 +40,23 @@ RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-# Codes that count against a backend in passive outlier detection (the caller's
-# own errors, such as INVALID_ARGUMENT, do not).
-BACKEND_FAULTS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
+# Codes that count against a backend in passive outlier detection: failures of its
+# own. Not the caller's errors (INVALID_ARGUMENT...), not a deadline (the caller's,
+# which travels with the call: attempts past their own timeout are counted by the
+# dispatcher), and not load shed (RESOURCE_EXHAUSTED, CANCELLED): an overloaded
+# backend is routed around by its queue, and ejecting it would pile its load on
+# the others.
+BACKEND_FAULTS = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+# Codes that give no verdict on the backend either way.
+NO_VERDICT = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +185,21 @@ class GatewayObserver(Observer):
         route = attempt.route
         if latency_ms is not None:
             route.observed.observe(latency_ms, now_s)
-        if self.fleet.record_attempt(route, not fault, now_s, _describe(error)):
+        if self.fleet.record_attempt(route, _verdict(fault, error), now_s, _describe(error)):
             self.metrics.ejections.labels(route.backend).inc()
             log.warning("backend %s ejected: %s", route.backend, route.state.last_error)
+
+
+def _verdict(fault: bool, error: BaseException | None) -> bool | None:
+    """An attempt's outcome for outlier detection: False (the backend failed it), None
+    (no verdict: a deadline, a cancellation or load shed), True (it answered)."""
+    if fault:
+        return False
+    if isinstance(error, DeadlineExceeded):
+        return None
+    if isinstance(error, BackendCallError) and error.code in NO_VERDICT:
+        return None
+    return True
 
 
 def _describe(error: BaseException | None) -> str:

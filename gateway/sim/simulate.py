@@ -272,6 +272,8 @@ class ModelledFleet(Observer):
         set_policies: Callable[[PoliciesSettings], None],
     ) -> None:
         self.dispatcher = Dispatcher(self, self, self)
+        # The live gateway's retry budget and attempt timeout, at their defaults.
+        self.dispatcher.guard(GatewaySettings())
         self.set_policies = set_policies
         self.states = states
         self.rtts = rtts

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.routing.fleet import BackendState
+from gateway.routing.fleet import BackendState, Ejection, FleetState, Route
 from gateway.routing.router import ROW_FRACTION, Policy, choose
 from tests.unit.routing.builders import INFO, REQ, route, two_backends
 
@@ -130,3 +130,75 @@ def test_traffic_share_follows_recent_attempts_not_the_whole_history() -> None:
     share_new = recent_new / (recent_old + recent_new)
     assert share_new > 0.9  # what SREs see: where traffic goes now
     assert old.recent_requests(now + 1e6) == pytest.approx(0.0)
+
+
+def fleet_of(n: int, ejection: Ejection) -> FleetState:
+    fleet = FleetState(
+        [BackendState(f"b{i}", f"127.0.0.1:{i + 1}", "cpu", 0.1) for i in range(n)], ejection
+    )
+    for i in range(n):
+        fleet.record_probe(f"b{i}", 0.0, {"m": INFO})
+    return fleet
+
+
+def one_route_each(fleet: FleetState) -> list[Route]:
+    """A route of each backend, in the fleet's order."""
+    return [next(r for r in fleet.routes("m") if r.backend == name) for name in fleet.backends]
+
+
+def test_no_verdict_outcomes_neither_count_nor_reset() -> None:
+    """A caller's expired deadline or cancellation, or load shed, is no verdict on the
+    backend: it neither counts toward ejection nor clears the failures before it."""
+    fleet = fleet_of(4, Ejection(after_failures=3))
+    r = one_route_each(fleet)[0]
+    fleet.record_attempt(r, False, 1.0)
+    fleet.record_attempt(r, False, 1.0)
+    for _ in range(50):
+        assert not fleet.record_attempt(r, None, 1.0)
+    assert r.state.attempt_failures == 2 and r.state.available
+    assert fleet.record_attempt(r, False, 1.0)
+    assert r.requests == 53  # every attempt counts in the traffic share
+
+
+def test_ejection_stops_at_the_fleets_maximum_share() -> None:
+    fleet = fleet_of(4, Ejection(after_failures=1, max_share=0.5))
+    routes = one_route_each(fleet)
+    assert fleet.record_attempt(routes[0], False, 1.0, "boom")
+    assert fleet.record_attempt(routes[1], False, 1.0, "boom")
+    # Half the fleet is out: the third failing backend stays in the routes.
+    assert not fleet.record_attempt(routes[2], False, 1.0, "boom")
+    assert routes[2].state.available
+    assert "not ejected" in routes[2].state.last_error
+    assert {r.backend for r in fleet.available_routes("m")} == {"b2", "b3"}
+    # A fleet of one never ejects its backend.
+    single = fleet_of(1, Ejection(after_failures=1))
+    assert not single.record_attempt(single.routes("m")[0], False, 1.0)
+    assert single.routes("m")[0].state.available
+
+
+def test_success_rate_ejection_catches_a_backend_failing_now_and_then() -> None:
+    ejection = Ejection(after_failures=3, success_rate_below=0.8, window_s=10.0, min_requests=20)
+    fleet = fleet_of(4, ejection)
+    flaky, fine = one_route_each(fleet)[:2]
+    ejected = []
+    for i in range(40):
+        now = 1.0 + i * 0.1
+        ejected.append(fleet.record_attempt(flaky, i % 3 != 0, now, "INTERNAL"))  # 1 in 3 fail
+        assert not fleet.record_attempt(fine, i % 10 != 0, now)  # 1 in 10: kept
+    # Never two failures in a row, yet ejected once 20 attempts showed the rate.
+    assert ejected.index(True) == 21 and sum(ejected) == 1  # the first failure past 20
+    assert "8 of 22 attempts failed" in flaky.state.last_error
+    assert fine.state.available
+
+
+def test_retry_tokens_fall_with_faults_and_come_back_with_successes() -> None:
+    fleet = fleet_of(2, Ejection(after_failures=100, success_rate_below=0.0))
+    state = fleet.backends["b0"]
+    r = one_route_each(fleet)[0]
+    assert fleet.may_retry_on(state)
+    for _ in range(5):
+        fleet.record_attempt(r, False, 1.0)
+    assert state.retry_tokens == 5.0 and not fleet.may_retry_on(state)
+    for _ in range(10):
+        fleet.record_attempt(r, True, 1.0)
+    assert fleet.may_retry_on(state)

@@ -11,9 +11,10 @@ from collections.abc import Callable
 import pytest
 
 from backends.protocol.errors import DeadlineExceeded, InvalidInput, Unavailable
-from gateway.routing.fleet import BackendState, Route
-from gateway.routing.router import Policy, RouteRequest, choose, fastest_only
-from gateway.serving.dispatch import Attempt, Dispatcher, Job
+from gateway.routing.budget import RetryBudget
+from gateway.routing.fleet import BackendState, RetryThrottle, Route
+from gateway.routing.router import Policy, RouteRequest, choose, fastest_only, predict_ms
+from gateway.serving.dispatch import Attempt, AttemptTimeout, Dispatcher, Job
 
 REQ = RouteRequest("m")
 
@@ -202,7 +203,7 @@ def test_a_caller_error_is_not_retried_and_does_not_count_against_the_backend() 
     assert rig.observer.outcomes == [("a", False)]
 
 
-def test_the_deadline_ends_the_job_and_counts_the_late_attempt_against_its_backend() -> None:
+def test_the_callers_deadline_ends_the_job_and_does_not_count_against_the_backend() -> None:
     rig = Rig()
     slow = route("slow", 0.1)
     job = rig.start([slow], Policy(latency_ms=10), deadline_s=0.050)
@@ -213,7 +214,8 @@ def test_the_deadline_ends_the_job_and_counts_the_late_attempt_against_its_backe
     assert isinstance(job.error, DeadlineExceeded)
     assert str(job.error) == "deadline passed after 1 attempt(s) for model 'm'"
     assert rig.transport.cancelled == rig.transport.sent
-    assert rig.observer.outcomes == [("slow", True)]
+    # The caller chose the deadline: the backend's verdict is not a fault.
+    assert rig.observer.outcomes == [("slow", False)]
     assert slow.state.in_flight == 0
 
 
@@ -280,3 +282,68 @@ def test_a_late_report_after_the_end_changes_nothing_but_its_slot() -> None:
     rig.fail(hedge)
     assert job.winner is first and rig.ended == [job]
     assert a.state.in_flight == 0 and b.state.in_flight == 0
+
+
+def test_an_attempt_past_its_timeout_counts_once_and_the_request_goes_on_elsewhere() -> None:
+    """A hung backend: at 4x its route's predicted p99 (at least 50 ms) the attempt
+    counts against it, and the request is retried on the next route while the slow
+    attempt keeps running; the first answer wins and the loser is given up uncounted."""
+    rig = Rig()
+    rig.dispatcher.attempt_timeout = AttemptTimeout(factor=4.0, min_ms=50.0)
+    hung, other = route("hung", 0.1, p50=10.0, p99=20.0), route("other", 5.0)
+    p99_ms = predict_ms(hung, 99.0, 0.0, 1, 100.0)
+    job = rig.start([hung, other], Policy(latency_ms=100))
+    (first,) = rig.transport.sent
+    assert first.route is hung
+    assert first.timeout_at_s == pytest.approx(4 * p99_ms / 1000)
+    rig.timers.advance(0.99 * first.timeout_at_s)
+    assert len(rig.transport.sent) == 1
+    rig.timers.advance(first.timeout_at_s + 0.001)
+    assert [a.route.backend for a in rig.transport.sent] == ["hung", "other"]
+    assert rig.transport.cancelled == [] and first.timed_out
+    assert rig.observer.outcomes == [("hung", True)]
+    assert rig.observer.retries == ["other"]
+    rig.answer(rig.transport.sent[1])
+    assert job.winner is rig.transport.sent[1]
+    assert rig.transport.cancelled == [first]
+    # The timed-out attempt counted once, when it timed out; the winner as a success.
+    assert rig.observer.outcomes == [("hung", True), ("other", False)]
+    assert hung.state.in_flight == 0 and other.state.in_flight == 0
+
+
+def test_a_timed_out_attempt_with_nowhere_else_to_go_keeps_running() -> None:
+    rig = Rig()
+    rig.dispatcher.attempt_timeout = AttemptTimeout(factor=4.0, min_ms=50.0)
+    only = route("only", 0.1)
+    job = rig.start([only], Policy(latency_ms=100))
+    rig.timers.advance(1.0)
+    assert not job.done and len(rig.transport.sent) == 1
+    rig.answer(rig.transport.sent[0], latency_ms=1000.0)
+    assert job.winner is rig.transport.sent[0]
+    assert rig.observer.outcomes == [("only", True)]  # counted at the timeout only
+
+
+def test_the_retry_budget_bounds_retries_as_a_share_of_requests() -> None:
+    rig = Rig()
+    rig.dispatcher.budget = RetryBudget(ratio=0.2, min_per_s=0.0)
+    assert rig.dispatcher.budget.balance == 0.0
+    routes = [route("a", 0.1), route("b", 0.2)]
+    jobs = [rig.start(routes, Policy(latency_ms=10)) for _ in range(10)]
+    # Ten requests deposited 2 tokens: two of the ten failures are retried.
+    for attempt in list(rig.transport.sent):
+        rig.fail(attempt)
+    assert rig.observer.retries == ["b", "b"]
+    assert rig.dispatcher.budget.refused == 8 and rig.dispatcher.budget.withdrawn == 2
+    assert sum(job.done for job in jobs) == 8
+
+
+def test_retry_throttling_keeps_retries_off_a_failing_backend() -> None:
+    rig = Rig()
+    rig.dispatcher.throttle = RetryThrottle(max_tokens=10.0, token_ratio=0.1)
+    a, b, c = route("a", 0.1), route("b", 0.2), route("c", 0.3)
+    b.state.retry_tokens = 5.0  # half or less: no retries or hedges go there
+    job = rig.start([a, b, c], Policy(latency_ms=10))
+    rig.fail(rig.transport.sent[0])
+    assert [x.route.backend for x in rig.transport.sent] == ["a", "c"]
+    rig.answer(rig.transport.sent[1])
+    assert job.winner is not None and job.winner.route is c
