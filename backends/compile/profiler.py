@@ -8,6 +8,11 @@ threads, plus the class's emulated service delay. Each measurement runs the
 variant's adapter directly (service time, no network), one call at a time, at
 each batch size.
 
+A variant is measured as a worker loads it: through `backends.runtimes.loader`, from
+the bytes checked against its manifest, so a variant whose artifacts are outside its
+folder or not what the manifest hashed is refused here too (its measurement fails
+naming why).
+
 Imports no grpc, no generated protobuf and nothing from the gateway; runtimes only
 through their loader.
 """
@@ -55,7 +60,8 @@ def batch_inputs(samples: dict[str, Array], batch_size: int) -> dict[str, Array]
 def measure(
     variant_dir: Path, threads: int, batch_sizes: Sequence[int], runs: int, delay_ms: float
 ) -> list[dict[str, float]]:
-    """Runs in the measuring process: loads the variant, times each batch size."""
+    """Runs in the measuring process: loads the variant (its artifacts checked against
+    the manifest; ManifestError otherwise), times each batch size."""
     from backends.runtimes.loader import load_adapter
 
     repository = ModelRepository(variant_dir.parent.parent.parent)

@@ -146,7 +146,11 @@ def start_target(
             args.kserve_logging,
         ]
         for spec in specs:
-            command += ["--model", f"{spec.name}={spec.model_file}"]
+            # KServe loads by path: it gets a copy of the bytes checked against the manifest.
+            model_file = harness.verified_variant_copy(
+                repository, spec.name, args.variant, work / "kserve-models"
+            )
+            command += ["--model", f"{spec.name}={model_file}"]
         with Child("kserve", command, work, work) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"kserve": child.process.pid}
     else:

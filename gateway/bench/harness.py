@@ -28,12 +28,39 @@ from pathlib import Path
 from typing import Any
 
 from backends.process import dies_with_this_process
+from backends.repository import ManifestError, ModelRepository
 
 PEER_PACKAGES = ("kserve==0.21.0", "onnxruntime==1.32.0", "numpy==2.4.6")
 
 
 class BenchError(Exception):
     """A part of the benchmark cannot be set up or run."""
+
+
+def verified_variant_copy(repository: Path, model: str, variant: str, folder: Path) -> Path:
+    """For a server that loads a model by path and cannot check it (KServe, in its own
+    virtualenv): the variant's artifacts read once and checked against its manifest
+    (`Variant.read_artifacts`), written under `folder/MODEL/VARIANT` (`folder` made
+    private to this user); returns the copy of the file the runtime loads. Only the
+    files the manifest lists are there, so external data it does not list is not found.
+    BenchError naming the variant and why when it is refused."""
+    try:
+        found = ModelRepository(repository).read_variant(
+            model, repository / model / "variants" / variant
+        )
+        artifacts = found.read_artifacts()
+    except ManifestError as exc:
+        raise BenchError(f"{model} variant {variant} refused: {exc}") from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    target = folder / model / variant
+    if target.exists():
+        shutil.rmtree(target)
+    for artifact in artifacts:
+        path = target / artifact.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(artifact.data)
+    return target / artifacts[0].path
 
 
 def switchyard_command() -> list[str]:

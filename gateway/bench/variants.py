@@ -14,6 +14,10 @@ first compile it is compared with is the tuning that made them, as their
 `switchyard_tuning.json` records it. `--no-committed-records` tunes here instead, with
 `--trials` trials, and compiles twice.
 
+Each variant is loaded as a worker loads it (the profiler's measuring process, through
+`backends.runtimes.loader`): its artifacts checked against its manifest, a refused
+variant logged and left out.
+
 Writes its section of BENCHMARKS.md (between markers) and leaves the rest.
 
 Imports the compiler and the profiler (backends.compile): no grpc, no protobuf.

@@ -1,8 +1,9 @@
 """Variants load from the bytes their manifest's sha256 was checked on, through ONNX
 Runtime for real: an ONNX model with external data loads only with every external file
-listed and intact; a file swapped after the check is not what runs; and a worker over a
-repository with tampered variants serves each model from the variants still good,
-logging every one it refused and why."""
+listed and intact; a file swapped after the check is not what runs; the profiler measures
+and the bench hands KServe only checked bytes; and a worker over a repository with
+tampered variants serves each model from the variants still good, logging every one it
+refused and why."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import json
 import logging
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from backends.compile.profiler import measure
 from backends.repository import (
     ArtifactEntry,
     Manifest,
@@ -29,6 +32,7 @@ from backends.repository import (
     VerifiedArtifact,
 )
 from backends.runtimes.loader import load_adapter
+from gateway.bench.harness import BenchError, verified_variant_copy
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import launch_worker, output, raw_request, samples
@@ -236,3 +240,28 @@ async def test_worker_serves_each_model_from_its_good_variants(
     )
     assert refused["model digits"].startswith("no servable variant")
     assert not any(key.startswith("model ext") for key in refused)
+
+
+def test_the_profiler_measures_verified_variants_only(tmp_path: Path) -> None:
+    variant = write_matmul_variant(tmp_path, "ext", 3.0, external=True)
+    (tmp_path / "ext" / "samples").mkdir()
+    np.savez(tmp_path / "ext" / "samples" / "inputs.npz", x=X)
+    (figures,) = measure(variant.directory, 1, [1], runs=2, delay_ms=0.0)
+    assert figures["batch_size"] == 1
+    (variant.directory / WEIGHTS).write_bytes(b"\0" * WIDTH * WIDTH * 4)
+    with pytest.raises(ManifestError, match=rf"ext/ort-cpu-fp32: artifact {WEIGHTS} has sha256"):
+        measure(variant.directory, 1, [1], runs=2, delay_ms=0.0)
+
+
+def test_the_bench_gives_kserve_a_checked_copy_of_the_listed_files_only(tmp_path: Path) -> None:
+    variant = write_matmul_variant(tmp_path / "repo", "ext", 3.0, external=True)
+    (variant.directory / "notes.txt").write_text("not listed")
+    copy = verified_variant_copy(tmp_path / "repo", "ext", "ort-cpu-fp32", tmp_path / "work")
+    assert copy == tmp_path / "work" / "ext" / "ort-cpu-fp32" / "model.onnx"
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["model.onnx", WEIGHTS]
+    assert copy.read_bytes() == (variant.directory / "model.onnx").read_bytes()
+    assert stat.S_IMODE((tmp_path / "work").stat().st_mode) == 0o700
+    (variant.directory / WEIGHTS).unlink()
+    (variant.directory / WEIGHTS).symlink_to(copy.parent / WEIGHTS)
+    with pytest.raises(BenchError, match=rf"ext variant ort-cpu-fp32 refused: .*{WEIGHTS} refused"):
+        verified_variant_copy(tmp_path / "repo", "ext", "ort-cpu-fp32", tmp_path / "work")
