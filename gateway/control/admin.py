@@ -5,7 +5,9 @@ restarting launched backend workers (failure drills), behind a bearer token.
 The token comes from the environment variable SWITCHYARD_ADMIN_TOKEN, else from
 the file the fleet names (`gateway.admin_token_file`, created with a random
 token when missing, readable by its owner only). With neither, the admin API
-does not start.
+does not start. It listens with `gateway.tls` (TLS, or mTLS with a client CA);
+without it, only on a loopback address (gateway.server refuses anything else), so
+the token does not cross a network in plaintext.
 
 A protocol edge: imports grpc and the generated admin protobuf; of the data plane, only
 the routing core's views.
