@@ -13,7 +13,16 @@ orders its scheduler's queue: a lower non-zero value first, and 0 (the default,
 or no priority) after every explicit level. Within a level, earliest deadline
 first: a request may say by when it is due with `switchyard_due_us` (microseconds
 from its arrival; the gateway sends what is left of the request's SLA), and those
-that do not say come after those that do; arrival order among equals.
+that do not say come after those that do; arrival order among equals. The due time
+is a soft priority, never a deadline: a request past it still runs.
+
+The queue is bounded (`max_queue` requests waiting, not counting those already in a
+batch): a request that finds it full is shed at once with `QueueFull`, which says
+the limit and estimates when room frees (the requests waiting x the recent mean
+execution time / the recent mean requests per execution, at least 1 ms). A request
+may also carry a deadline (`timeout_s`: the caller's gRPC deadline or Triton's
+`timeout`); one whose deadline has passed when its batch is formed is answered
+`DeadlineExceeded` without running, and counted in `BatchStats.expired`.
 
 Arrays in, arrays out: imports no grpc, no protobuf and nothing from the gateway.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -30,10 +40,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backends.protocol.errors import DeadlineExceeded, Exhausted
 from backends.protocol.parameters import priority_level
 from backends.runtimes.base import Array
 
 RunFn = Callable[[Mapping[str, Array], Sequence[str]], list[Array]]
+Clock = Callable[[], int]
+"""A monotonic clock in nanoseconds (time.perf_counter_ns; tests may pass their own)."""
+
+DEFAULT_MAX_QUEUE = 128
+"""Requests that may wait in one batcher's queue (per model variant) by default:
+two full batches of the demo models' 64 rows, and few enough that the last waits
+tens of milliseconds, not seconds, behind the others."""
+
+EWMA_WEIGHT = 0.2
+"""Weight of the newest execution in the recent means behind the retry estimate."""
+
+
+class QueueFull(Exhausted):
+    """The queue holds its limit: the request was shed without waiting."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+        """About when room frees, in ms: a retry sooner would likely be shed again."""
 
 
 @dataclass(slots=True)
@@ -46,6 +76,10 @@ class BatchStats:
     compute_ns: int = 0
     by_size: dict[int, tuple[int, int]] = field(default_factory=dict)
     """Batch size -> (executions, compute ns)."""
+    shed: int = 0
+    """Requests refused because the queue was full."""
+    expired: int = 0
+    """Requests whose deadline passed before their batch formed: answered, never run."""
 
 
 NO_DEADLINE_NS = 2**63
@@ -62,7 +96,11 @@ class _Pending:
     rows: int = field(compare=False)
     key: tuple[tuple[str, tuple[int, ...]], ...] = field(compare=False)
     enqueued_ns: int = field(compare=False)
+    expires_ns: int = field(compare=False)
+    """When its deadline passes (the batcher's clock); NO_DEADLINE_NS: never."""
     future: asyncio.Future[list[Array]] = field(compare=False)
+    queued: bool = field(default=True, compare=False)
+    """Waiting in the queue, so counted against its bound."""
 
 
 class Batcher:
@@ -75,7 +113,12 @@ class Batcher:
         output_names: Sequence[str],
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        name: str = "this model",
+        clock_ns: Clock = time.perf_counter_ns,
     ) -> None:
+        """`max_queue`: most requests waiting (at least 1); `name` names the model
+        (and variant) in the errors callers see."""
         self._run = run
         self._executor = executor
         self._outputs = list(output_names)
@@ -85,6 +128,16 @@ class Batcher:
         self._queue: asyncio.PriorityQueue[_Pending] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._clock = clock_ns
+        self.max_queue = max(1, max_queue)
+        self.name = name
+        self.waiting = 0
+        """Requests in the queue now, not yet taken into a batch."""
+        self.running = 0
+        """Requests in the batch executing now."""
+        self._running_since_ns = 0
+        self._execution_ns = 0.0
+        self._requests_per_execution = 1.0
         self.stats = BatchStats()
 
     def start(self) -> None:
@@ -99,13 +152,27 @@ class Batcher:
             self._task = None
 
     async def infer(
-        self, inputs: dict[str, Array], rows: int, priority: int = 0, due_us: int | None = None
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        priority: int = 0,
+        due_us: int | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, Array]:
         """Runs one request (`priority` as Triton's, due `due_us` microseconds from now
-        or None: see the module); returns every output by name."""
+        or None, its deadline `timeout_s` seconds from now or None: see the module);
+        returns every output by name. QueueFull when the queue holds its limit;
+        DeadlineExceeded when the deadline passed before its batch formed."""
+        if self.waiting >= self.max_queue:
+            self.stats.shed += 1
+            raise QueueFull(
+                f"{self.name}: queue full ({self.waiting} requests waiting, "
+                f"limit {self.max_queue})",
+                self.retry_after_ms(),
+            )
         key = tuple(sorted((name, tuple(a.shape[1:])) for name, a in inputs.items()))
         future: asyncio.Future[list[Array]] = asyncio.get_running_loop().create_future()
-        now_ns = time.perf_counter_ns()
+        now_ns = self._clock()
         pending = _Pending(
             priority_level(priority),
             NO_DEADLINE_NS if due_us is None else now_ns + due_us * 1000,
@@ -114,14 +181,62 @@ class Batcher:
             rows,
             key,
             now_ns,
+            NO_DEADLINE_NS if timeout_s is None else now_ns + int(timeout_s * 1e9),
             future,
         )
         self._queue.put_nowait(pending)
-        arrays = await future
+        self.waiting += 1
+        try:
+            arrays = await future
+        finally:
+            self._dequeued(pending)  # the caller went away: it waits no more
         return dict(zip(self._outputs, arrays, strict=True))
+
+    def retry_after_ms(self) -> int:
+        """About when the queue has room, in ms: the requests waiting x the recent mean
+        execution time / the recent mean requests per execution; at least 1. The batch
+        running now counts as one execution at least as long as it has taken so far."""
+        execution_ns = self._execution_ns
+        if self.running:
+            execution_ns = max(execution_ns, self._clock() - self._running_since_ns)
+        ns = self.waiting * execution_ns / max(1.0, self._requests_per_execution)
+        return max(1, math.ceil(ns / 1e6))
+
+    def _dequeued(self, pending: _Pending) -> None:
+        if pending.queued:
+            pending.queued = False
+            self.waiting -= 1
+
+    def _requeue(self, pending: _Pending) -> None:
+        self._queue.put_nowait(pending)
+        if not pending.queued:
+            pending.queued = True
+            self.waiting += 1
+
+    def _take(self, pending: _Pending) -> bool:
+        """Takes `pending` off the queue for a batch: False when it is not to run (its
+        caller went away, or its deadline passed: answered DeadlineExceeded)."""
+        self._dequeued(pending)
+        if pending.future.done():
+            return False
+        now_ns = self._clock()
+        if pending.expires_ns <= now_ns:
+            self.stats.expired += 1
+            waited_ms = (now_ns - pending.enqueued_ns) / 1e6
+            _deliver(
+                pending.future,
+                DeadlineExceeded(
+                    f"{self.name}: the request's deadline passed after "
+                    f"{waited_ms:.1f} ms in the queue; it was not run"
+                ),
+            )
+            return False
+        return True
 
     async def _next_batch(self) -> list[_Pending]:
         first = await self._queue.get()
+        while not self._take(first):
+            first = await self._queue.get()
         batch = [first]
         if not self._batching:
             return batch
@@ -138,11 +253,12 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-            if item.future.done():  # the caller went away
-                continue
             if item.key != first.key or rows + item.rows > self._max_rows:
-                self._queue.put_nowait(item)  # keeps its place: level, deadline, arrival
-                break
+                if not item.future.done():
+                    self._requeue(item)  # keeps its place: level, deadline, arrival
+                    break
+            if not self._take(item):
+                continue
             batch.append(item)
             rows += item.rows
         return batch
@@ -150,12 +266,15 @@ class Batcher:
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [p for p in await self._next_batch() if not p.future.done()]
+            formed = await self._next_batch()
+            start_ns = self._clock()
+            # Formed now: one whose deadline passed while the batch gathered is dropped.
+            batch = [p for p in formed if not p.future.done() and self._in_time(p, start_ns)]
             if not batch:
                 continue
-            start_ns = time.perf_counter_ns()
             for pending in batch:
                 self.stats.queue_ns += start_ns - pending.enqueued_ns
+            self.running, self._running_since_ns = len(batch), start_ns
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as exc:  # delivered to the callers, never kills the loop
@@ -171,7 +290,12 @@ class Batcher:
                     except Exception as single_exc:
                         _deliver(pending.future, single_exc)
                 continue
-            elapsed_ns = time.perf_counter_ns() - start_ns
+            finally:
+                self.running = 0
+            elapsed_ns = self._clock() - start_ns
+            weight = EWMA_WEIGHT if self.stats.executions else 1.0
+            self._execution_ns += weight * (elapsed_ns - self._execution_ns)
+            self._requests_per_execution += weight * (len(batch) - self._requests_per_execution)
             size = sum(p.rows for p in batch)
             self.stats.executions += 1
             self.stats.inferences += size
@@ -180,6 +304,9 @@ class Batcher:
             self.stats.by_size[size] = (count + 1, total + elapsed_ns)
             for pending, result in zip(batch, results, strict=True):
                 _deliver(pending.future, result)
+
+    def _in_time(self, pending: _Pending, now_ns: int) -> bool:
+        return pending.expires_ns > now_ns or self._take(pending)
 
     def _run_batch(self, batch: list[_Pending]) -> list[list[Array]]:
         """Runs in a worker thread: one runtime call for the whole batch."""

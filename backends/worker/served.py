@@ -39,7 +39,7 @@ from backends.protocol.parameters import (
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtimes.base import Array, RuntimeAdapter
 from backends.runtimes.loader import load_adapter
-from backends.worker.batching import Batcher, RunFn
+from backends.worker.batching import DEFAULT_MAX_QUEUE, Batcher, RunFn
 from protos import inference_pb2 as pb
 
 log = logging.getLogger("switchyard.backend")
@@ -70,6 +70,11 @@ class WorkerSettings:
     batching: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """Per model: (max_batch_rows, max_queue_delay_us) in place of the two above."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+    """Most requests waiting per model variant; one more is shed at once (RESOURCE_EXHAUSTED)."""
+    max_concurrent_rpcs: int | None = None
+    """Most RPCs in progress at once, health checks included; past it gRPC answers
+    RESOURCE_EXHAUSTED. None: server.default_max_concurrent_rpcs of `max_queue`."""
     precisions: tuple[str, ...] = ()
     """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
     check passed. Variants that failed their check are never served."""
@@ -348,6 +353,8 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 [s.name for s in adapter.outputs],
                 _batch_rows(variant.manifest.max_batch_size, rows),
                 delay_us / 1e6,
+                settings.max_queue,
+                f"model {name!r} (variant {variant.name})",
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
         if not loaded:

@@ -10,6 +10,16 @@ threads behind a dynamic batcher, never on the event loop. On start it prints on
 JSON line,
 `{"event": "listening", "address": ..., "pid": ...}`, for supervisors.
 
+Under overload it sheds rather than queues without end: each model variant's queue
+holds at most `--max-queue` requests, and one more is answered RESOURCE_EXHAUSTED at
+once, naming the limit, with a `grpc-retry-pushback-ms` trailer (gRPC's retry
+design, A6) saying about when room frees; a request whose deadline (its gRPC
+deadline, or Triton's `timeout` parameter) passed while it waited is answered
+DEADLINE_EXCEEDED without running; and past `--max-concurrent-rpcs` calls in
+progress, gRPC itself answers RESOURCE_EXHAUSTED (never CANCELLED: its backlog of
+calls not yet handed over is deep). Health, liveness, readiness and metadata are
+answered on the event loop; inference runs in worker threads, off it.
+
 With `--tls-cert` and `--tls-key` it listens over TLS; with `--tls-client-ca` too, it
 answers only clients whose certificate that CA signed (the gateway gives the workers
 it launches such files, from its private CA, so that only it reaches them).
@@ -54,8 +64,10 @@ from backends.protocol.parameters import (
     DUE_PARAMETER,
     checked_due_us,
     checked_priority,
+    checked_timeout_us,
 )
 from backends.protocol.status import aborts_with_status, internal_message
+from backends.worker.batching import DEFAULT_MAX_QUEUE, QueueFull
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MODEL_VERSION,
@@ -68,6 +80,26 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("switchyard.backend")
+
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+"""The trailer by which a shed call says when to retry (gRPC's retry design, A6)."""
+
+CONCURRENT_RPCS_PER_QUEUED = 4
+"""The default concurrency limit: this many RPCs per request one queue may hold ..."""
+CONCURRENT_RPCS_HEADROOM = 64
+"""... plus this many, for probes, metadata and the batch running."""
+
+PENDING_CALLS_SOFT_LIMIT = 20_000
+"""Calls gRPC may hold for this server before it cancels some at random ..."""
+PENDING_CALLS_HARD_LIMIT = 40_000
+"""... and before it cancels every further one (gRPC's defaults: 1,000 and 3,000)."""
+
+
+def default_max_concurrent_rpcs(max_queue: int) -> int:
+    """The default limit on RPCs in progress: generous enough that a full queue, a
+    batch running and the answers being sent fit well inside it, so the queue bound
+    sheds first and the limit only guards the process."""
+    return CONCURRENT_RPCS_PER_QUEUED * max_queue + CONCURRENT_RPCS_HEADROOM
 
 
 @aborts_with_status
@@ -142,7 +174,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        try:
+            return await self._infer(request, context.time_remaining())
+        except QueueFull as exc:
+            context.set_trailing_metadata(((PUSHBACK_TRAILER, str(exc.retry_after_ms)),))
+            raise
 
     async def ModelStreamInfer(
         self,
@@ -151,15 +187,18 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             try:
-                response = await self._infer(request)
+                response = await self._infer(request, context.time_remaining())
             except SwitchyardError as exc:
                 yield pb.ModelStreamInferResponse(error_message=str(exc))
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Runs one request; a failure is counted and raised as a SwitchyardError
-        (any other exception as Internal)."""
+    async def _infer(
+        self, request: pb.ModelInferRequest, remaining_s: float | None
+    ) -> pb.ModelInferResponse:
+        """Runs one request with `remaining_s` left of its call's deadline (None: none)
+        or less, as Triton's `timeout` parameter says; a failure is counted and raised
+        as a SwitchyardError (any other exception as Internal)."""
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
         try:
@@ -169,9 +208,13 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             chosen = model.choose(decoded.parameters.get("switchyard_variant"))
             priority = checked_priority(decoded.parameters.get("priority"))
             due_us = checked_due_us(decoded.parameters.get(DUE_PARAMETER))
+            timeout = decoded.parameters.get("timeout")
+            if timeout is not None:
+                timeout_s = checked_timeout_us(timeout) / 1e6
+                remaining_s = timeout_s if remaining_s is None else min(remaining_s, timeout_s)
             try:
                 outputs = await chosen.batcher.infer(
-                    decoded.inputs, decoded.batch_size, priority, due_us
+                    decoded.inputs, decoded.batch_size, priority, due_us, remaining_s
                 )
             except SwitchyardError:
                 raise
@@ -247,7 +290,16 @@ async def start_worker(
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
-    server = grpc.aio.server(options=options)
+    max_rpcs = settings.max_concurrent_rpcs or default_max_concurrent_rpcs(settings.max_queue)
+    options += [
+        # Calls gRPC has accepted but not yet handed to this server wait in its
+        # backlog; past 1,000 it cancels them at random (CANCELLED, which a caller
+        # cannot act on). A deep backlog instead: each call reaches the concurrency
+        # limit or the queue bound and is answered RESOURCE_EXHAUSTED.
+        ("grpc.server.max_pending_requests", PENDING_CALLS_SOFT_LIMIT),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD_LIMIT),
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(WorkerServicer(models, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -343,6 +395,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="precisions allowed (fp32 fp16 int8); default: any that passed its accuracy check",
     )
     parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="most requests waiting per model variant; more are shed at once with "
+        f"RESOURCE_EXHAUSTED (default: {DEFAULT_MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=0,
+        help="most calls in progress at once, health checks included; more are answered "
+        f"RESOURCE_EXHAUSTED by gRPC (default: {CONCURRENT_RPCS_PER_QUEUED} x --max-queue "
+        f"+ {CONCURRENT_RPCS_HEADROOM})",
+    )
+    parser.add_argument(
         "--max-message-bytes",
         type=int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -368,6 +435,9 @@ def run(args: argparse.Namespace) -> int:
         die_with_parent(int(parent))
     if args.threads < 1:
         print("--threads must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_queue < 1 or args.max_concurrent_rpcs < 0:
+        print("--max-queue must be at least 1, --max-concurrent-rpcs at least 0", file=sys.stderr)
         return 2
     credentials = None
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -397,6 +467,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch_rows=max(0, args.max_batch_rows),
         batching=batching,
         max_message_bytes=args.max_message_bytes,
+        max_queue=args.max_queue,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         precisions=tuple(args.precisions),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -78,10 +78,15 @@ class CountingBatcher(Batcher):
         self.arrived = 0
 
     async def infer(
-        self, inputs: dict[str, Array], rows: int, priority: int = 0, due_us: int | None = None
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        priority: int = 0,
+        due_us: int | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, Array]:
         self.arrived += 1
-        return await super().infer(inputs, rows, priority, due_us)
+        return await super().infer(inputs, rows, priority, due_us, timeout_s)
 
 
 @dataclass
