@@ -63,12 +63,16 @@ lint typecheck: check
 demo: models
 	$(PY) -m gateway.loadtest.demo
 
+# Fuzzed requests in `make bench` (1,000,000 take about 40 minutes on two shared cores).
+FUZZ_REQUESTS ?= 20000
+
 bench: models
 	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.variants --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.routing --out BENCHMARKS.md
 	$(PY) -m gateway.bench.simulation --out BENCHMARKS.md
 	$(PY) -m gateway.bench.load --out BENCHMARKS.md
+	$(PY) -m gateway.bench.fuzz --repository $(REPOSITORY) --requests $(FUZZ_REQUESTS) --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(REPOSITORY) .pytest_cache

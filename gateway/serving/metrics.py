@@ -29,7 +29,9 @@ class GatewayMetrics:
         self.registry = registry
         self.requests = Counter(
             "switchyard_requests",
-            "Inference requests answered, by model, route and outcome (gRPC status name).",
+            "Inference requests answered, by model, route and outcome: the gRPC status name "
+            "the caller got (OK; INTERNAL for a fault of the gateway's own; CANCELLED when "
+            "the caller went away first).",
             ["model", "backend", "variant", "outcome"],
             registry=registry,
         )

@@ -7,9 +7,14 @@ import struct
 import numpy as np
 import pytest
 
-from backends.protocol.codec import Signature, decode_request, encode_response
+from backends.protocol.codec import Signature, decode_request, encode_response, zeros_request
 from backends.protocol.errors import InvalidInput
-from backends.protocol.tensors import TensorSpec, decode_bytes_tensor, encode_bytes_tensor
+from backends.protocol.tensors import (
+    TensorSpec,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    shape_problem,
+)
 from protos import inference_pb2 as pb
 
 SIG = Signature(
@@ -161,3 +166,60 @@ def test_encode_response_raw_and_typed() -> None:
     mixed = pb.ModelInferResponse()
     encode_response(mixed, specs, ["y", "h"], [y, np.ones(2, np.float16)], raw=False)
     assert len(mixed.raw_output_contents) == 2
+
+
+def test_shapes_are_bounded_before_anything_is_allocated() -> None:
+    assert shape_problem([2, 4]) is None
+    assert "has rank 40; at most 32" in str(shape_problem([1] * 40))
+    assert "[1, 1, 1, 1, 1, 1, 1, 1, ... (40 dimensions)]" in str(shape_problem([1] * 40))
+    assert "more than" in str(shape_problem([2**62, 0]))  # each dimension bounded
+    assert "more than" in str(shape_problem([2**20] * 30))  # the product, stopped early
+    assert shape_problem([0, 2**31]) is None  # empty, and no dimension over the bound
+
+
+def test_bytes_contents_are_checked_against_the_count_before_the_array() -> None:
+    """A BYTES input of [1, 2**31 - 1] (a -1 dimension of the model) in 8 bytes of data:
+    refused from the length, without allocating 16 GiB of element slots."""
+    problem = decode_bytes_tensor(b"\0" * 8, 2**31 - 1)
+    assert isinstance(problem, str)
+    assert "hold 8 bytes, too few for 2147483647 elements" in problem
+    sig = Signature((TensorSpec("s", "BYTES", (-1, -1)),), (TensorSpec("y", "BYTES", (-1,)),), 8)
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="s", datatype="BYTES", shape=[1, 2**31 - 1])
+    req.raw_input_contents.append(b"\0" * 8)
+    with pytest.raises(InvalidInput, match="input 's': raw BYTES contents hold 8 bytes"):
+        decode_request(req, sig)
+
+
+def test_counts_and_parameter_maps_of_a_request_are_bounded() -> None:
+    req = raw_request()
+    for index in range(65):
+        req.parameters[f"p{index}"].int64_param = index
+    assert "request has 65 parameters; at most 64" in _err(req)
+    req = raw_request()
+    req.inputs[0].parameters["k"].string_param = "v" * 5000
+    assert "input 'x' parameter 'k' is a string of 5000 bytes" in _err(req)
+    req = raw_request()
+    for _ in range(257):
+        req.outputs.add(name="y")
+    assert "the request names 257 outputs; at most 256" in _err(req)
+    req = raw_request()
+    req.outputs.add(name="y")
+    req.outputs.add(name="y")
+    assert "output 'y' is requested more than once" in _err(req)
+    req = raw_request()
+    req.inputs[0].name = "n" * 10_000
+    message = _err(req)
+    assert "unexpected input 'nnnn" in message and len(message) < 200
+
+
+def test_zeros_of_a_backend_shape_are_bounded() -> None:
+    specs = [TensorSpec("x", "FP32", (-1, 1 << 40))]
+    with pytest.raises(InvalidInput, match="more than 2147483648 elements"):
+        zeros_request("m", specs, 8)
+    specs = [TensorSpec("x", "FP32", (-1, 1 << 20))]
+    with pytest.raises(InvalidInput, match="take 4194304 bytes, over the limit of 1000000"):
+        zeros_request("m", specs, 8, max_bytes=1_000_000)
+    assert len(zeros_request("m", specs, 8)) > 4 << 20
+    with pytest.raises(InvalidInput, match="has a dimension of any size"):
+        zeros_request("m", [TensorSpec("x", "FP32", (-1, 0, -7))], 0)
