@@ -239,6 +239,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.success[1] += elapsed
             model.last_inference_ms = int(time.time() * 1000)
             return response
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            if model is not None:
+                model.fail[0] += 1
+                model.fail[1] += time.perf_counter_ns() - start_ns
+            raise
         except Exception as exc:
             if model is not None:
                 model.fail[0] += 1
