@@ -202,6 +202,10 @@ class LaunchSettings(_Strict):
     request runs on its own); 0: the variant's max_batch_size."""
     batching: dict[str, ModelBatching] | None = None
     """Dynamic batching per model, in place of the two settings above for that model."""
+    max_queue: int | None = Field(None, ge=1)
+    """Most requests waiting per model variant; one more is shed at once with
+    RESOURCE_EXHAUSTED and a retry hint (`switchyard backend --max-queue`); default:
+    the worker's, 128."""
     cpus: list[int] | None = None
     """Pin the worker to these CPU numbers, so instance sizes do not share cores."""
     precisions: list[Literal["fp32", "fp16", "int8"]] | None = None

@@ -85,6 +85,8 @@ def worker_command(
                 for model, b in sorted(launch.batching.items())
             ),
         ]
+    if launch.max_queue is not None:
+        command += ["--max-queue", str(launch.max_queue)]
     if launch.cpus:
         command += ["--cpus", *map(str, launch.cpus)]
     if launch.precisions:

@@ -7,6 +7,7 @@ runtime) and a real worker over real gRPC, with ONNX Runtime and emulated latenc
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from backends.protocol.errors import DeadlineExceeded
 from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, QueueFull
-from backends.worker.server import PUSHBACK_TRAILER
+from backends.worker.server import PUSHBACK_TRAILER, add_arguments
+from gateway.config import BackendSettings, LaunchSettings
+from gateway.control.supervisor import worker_command
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Gate, Worker, launch_worker, raw_request, samples
@@ -283,3 +286,18 @@ async def test_requests_whose_deadline_passes_in_the_queue_are_not_run(repositor
         assert (stats.execution_count, stats.inference_count) == (2, 2)
     finally:
         await worker.stop()
+
+
+def test_the_fleet_files_max_queue_reaches_the_worker(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def worker_args(launch: LaunchSettings) -> argparse.Namespace:
+        backend = BackendSettings(name="b", address="127.0.0.1:0", launch=launch)
+        command = worker_command(backend, tmp_path, "127.0.0.1:0")
+        return parser.parse_args(command[command.index("backends.worker.server") + 1 :])
+
+    assert worker_args(LaunchSettings(max_queue=16)).max_queue == 16
+    assert worker_args(LaunchSettings()).max_queue == 128  # the worker's default
+    with pytest.raises(ValueError, match="max_queue"):
+        LaunchSettings(max_queue=0)
