@@ -141,8 +141,10 @@ class GatewaySettings(_Strict):
     as a failure at its backend, and the request is retried on another route while the
     attempt keeps running (a hung backend costs a request about this, not its
     deadline); 0: off."""
-    attempt_timeout_min_ms: float = Field(50.0, ge=0)
-    """The attempt timeout's floor."""
+    attempt_timeout_min_ms: float = Field(1000.0, ge=0)
+    """The attempt timeout's floor: well above what a busy host's scheduler, a garbage
+    collection or a new connection's handshakes add to a call, so those are not taken
+    for a hung backend (each counts toward ejecting it)."""
     backend_keepalive_s: float = Field(10.0, ge=0)
     """HTTP/2 keepalive pings on the channels to backends while calls are out: a
     connection whose ping goes unanswered for `backend_keepalive_s` is closed and its

@@ -56,7 +56,7 @@ class AttemptTimeout:
     (queue wait included), at least `min_ms`; never past the caller's deadline."""
 
     factor: float = 4.0
-    min_ms: float = 50.0
+    min_ms: float = 1000.0
 
     def after_ms(self, route: Route, policy: Policy, now_s: float, batch_size: int) -> float:
         p99 = predict_ms(route, max(99.0, policy.percentile), now_s, batch_size, policy.budget_ms)
