@@ -74,7 +74,8 @@ class WorkerSettings:
     """Most requests waiting per model variant; one more is shed at once (RESOURCE_EXHAUSTED)."""
     max_concurrent_rpcs: int | None = None
     """Most RPCs in progress at once, health checks included; past it gRPC answers
-    RESOURCE_EXHAUSTED. None: server.default_max_concurrent_rpcs of `max_queue`."""
+    RESOURCE_EXHAUSTED. None: server.default_max_concurrent_rpcs (of `max_queue` and
+    the models served)."""
     precisions: tuple[str, ...] = ()
     """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
     check passed. Variants that failed their check are never served."""

@@ -85,9 +85,10 @@ PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 """The trailer by which a shed call says when to retry (gRPC's retry design, A6)."""
 
 CONCURRENT_RPCS_PER_QUEUED = 4
-"""The default concurrency limit: this many RPCs per request one queue may hold ..."""
+"""The default concurrency limit: this many RPCs per request each served model's queue
+may hold ..."""
 CONCURRENT_RPCS_HEADROOM = 64
-"""... plus this many, for probes, metadata and the batch running."""
+"""... plus this many, for probes, metadata and the batches running."""
 
 PENDING_CALLS_SOFT_LIMIT = 20_000
 """Calls gRPC may hold for this server before it cancels some at random ..."""
@@ -95,11 +96,12 @@ PENDING_CALLS_HARD_LIMIT = 40_000
 """... and before it cancels every further one (gRPC's defaults: 1,000 and 3,000)."""
 
 
-def default_max_concurrent_rpcs(max_queue: int) -> int:
-    """The default limit on RPCs in progress: generous enough that a full queue, a
-    batch running and the answers being sent fit well inside it, so the queue bound
-    sheds first and the limit only guards the process."""
-    return CONCURRENT_RPCS_PER_QUEUED * max_queue + CONCURRENT_RPCS_HEADROOM
+def default_max_concurrent_rpcs(max_queue: int, models: int) -> int:
+    """The default limit on RPCs in progress with `models` models served: generous
+    enough that every model's full queue, its batch running and the answers being sent
+    fit well inside it, so the queue bounds shed first (and probes are answered) and the
+    limit only guards the process."""
+    return CONCURRENT_RPCS_PER_QUEUED * max_queue * max(1, models) + CONCURRENT_RPCS_HEADROOM
 
 
 @aborts_with_status
@@ -295,7 +297,9 @@ async def start_worker(
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
-    max_rpcs = settings.max_concurrent_rpcs or default_max_concurrent_rpcs(settings.max_queue)
+    max_rpcs = settings.max_concurrent_rpcs or default_max_concurrent_rpcs(
+        settings.max_queue, len(models)
+    )
     options += [
         # Calls gRPC has accepted but not yet handed to this server wait in its
         # backlog; past 1,000 it cancels them at random (CANCELLED, which a caller
@@ -412,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="most calls in progress at once, health checks included; more are answered "
         f"RESOURCE_EXHAUSTED by gRPC (default: {CONCURRENT_RPCS_PER_QUEUED} x --max-queue "
-        f"+ {CONCURRENT_RPCS_HEADROOM})",
+        f"x the models served + {CONCURRENT_RPCS_HEADROOM})",
     )
     parser.add_argument(
         "--max-message-bytes",
