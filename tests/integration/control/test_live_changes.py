@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,11 @@ from gateway.server import start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, launch_worker, raw_request, samples
+from tests.integration.conftest import Worker, raw_request, samples
 from tests.waiting import wait_until
 
 TOKEN = "live-changes-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-
-
-@pytest.fixture
-async def pair(repository: Path) -> AsyncIterator[tuple[Worker, Worker]]:
-    a = await launch_worker(repository, threads=1, hardware_class="test-1c", models=("digits",))
-    b = await launch_worker(repository, threads=1, hardware_class="test-1c", models=("digits",))
-    yield a, b
-    await a.stop()
-    await b.stop()
 
 
 def write_fleet(
