@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import __version__
@@ -80,6 +81,8 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("switchyard.backend")
+
+SERVICE = "inference.GRPCInferenceService"
 
 PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 """The trailer by which a shed call says when to retry (gRPC's retry design, A6)."""
@@ -174,7 +177,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInferRequest | bytes, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
             return await self._infer(request, context.time_remaining())
@@ -184,7 +187,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        request_iterator: AsyncIterator[pb.ModelInferRequest | bytes],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
@@ -196,14 +199,16 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
     async def _infer(
-        self, request: pb.ModelInferRequest, remaining_s: float | None
+        self, given: pb.ModelInferRequest | bytes, remaining_s: float | None
     ) -> pb.ModelInferResponse:
         """Runs one request with `remaining_s` left of its call's deadline (None: none)
         or less, as Triton's `timeout` parameter says; a failure is counted and raised
         as a SwitchyardError (any other exception as Internal)."""
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
+        request = pb.ModelInferRequest()
         try:
+            request = _parsed(given)
             model = self._model(request.model_name, request.model_version)
             decoded = decode_request(request, model.signature)
             model.decode_ns += time.perf_counter_ns() - start_ns
@@ -255,6 +260,51 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             # A fault of ours: INTERNAL for the caller (a stream goes on), never UNKNOWN.
             log.exception("request for model %s failed", shown(request.model_name))
             raise Internal(internal_message(exc)) from exc
+
+
+def _parsed(request: pb.ModelInferRequest | bytes) -> pb.ModelInferRequest:
+    """A request as it came (bytes, see `add_servicer`), parsed: InvalidInput when it is
+    not a ModelInferRequest (gRPC's own parse would answer UNKNOWN, which a gateway
+    retries and holds against the backend)."""
+    if not isinstance(request, bytes):
+        return request
+    try:
+        return pb.ModelInferRequest.FromString(request)
+    except DecodeError as exc:
+        raise InvalidInput("request is not a valid ModelInferRequest") from exc
+
+
+class _Registration:
+    """Stands for the server while the generated code registers the servicer, to take
+    its method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_servicer(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that ModelInfer and ModelStreamInfer take
+    their requests as bytes and parse them in the handler (`_parsed`)."""
+    registration = _Registration()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registration)
+    handlers = registration.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _runtime_error(model: str, exc: Exception) -> SwitchyardError:
@@ -309,7 +359,7 @@ async def start_worker(
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD_LIMIT),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(WorkerServicer(models, settings), server)
+    add_servicer(WorkerServicer(models, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if credentials is None:

@@ -78,6 +78,12 @@ CLEAN = frozenset(
 
 DATATYPES = (*ELEMENT_BYTES, "BYTES")
 
+_BAD_TENSOR = b"\x0a\x05input\x12\x04FP32\x1a\x02\x01\x40\x2a\x05\x32\x03abc"
+BAD_CONTENTS_INPUT = b"\x2a" + bytes([len(_BAD_TENSOR)]) + _BAD_TENSOR
+"""ModelInferRequest field 5 (an input): name, datatype and shape that parse, and
+contents whose fp32_contents hold 3 bytes (packed floats come in 4s): a header parse,
+which skips contents, takes it; a full parse does not."""
+
 
 @dataclass(frozen=True, slots=True)
 class Model:
@@ -449,6 +455,8 @@ def malformed(draw: st.DrawFn, models: Sequence[Model]) -> Case:
         return Case(f"{model.name} cut at byte {cut}", data[:cut])
     if kind == 2:  # a model_name that is not UTF-8 (field 1, length-delimited)
         return Case("model_name not UTF-8", base.SerializeToString() + b"\x0a\x02\xff\xfe")
+    if kind == 3:  # an input whose typed contents do not parse (only a full parse sees it)
+        return Case("contents not protobuf", base.SerializeToString() + BAD_CONTENTS_INPUT)
     request = pb.ModelInferRequest()
     request.CopyFrom(base)
     done = [

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.bench.fuzz import fuzz
+from gateway.bench.fuzz import BAD_CONTENTS_INPUT, fuzz
 from gateway.routing.router import Decision, Policy, RouteRequest
 from gateway.server import Gateway, start_gateway
 from gateway.serving.servicer import STREAM_WINDOW
@@ -185,3 +185,32 @@ async def test_a_stream_holds_at_most_its_window_in_flight(
     assert pulled == total
     assert [a.error_message for a in answers] == [""] * total
     assert [a.infer_response.id for a in answers] == [str(i) for i in range(total)]
+
+
+async def test_a_body_only_a_full_parse_refuses_is_invalid_argument_and_no_fault_of_the_backend(
+    gateway: Gateway, worker: Worker
+) -> None:
+    """The gateway parses only the header and forwards the bytes; the worker parses them
+    whole. Contents that do not parse are INVALID_ARGUMENT there (gRPC's own parse
+    answered UNKNOWN, which the gateway retried and held against the backend: a
+    client could have had backends ejected), on ModelInfer and on a stream."""
+    body = b"\x0a\x06digits" + BAD_CONTENTS_INPUT
+    for address in (gateway.address, worker.address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for _ in range(4):  # more than eject_after_failures
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(body)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, address
+                assert "not a valid ModelInferRequest" in (caught.value.details() or "")
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+
+            async def bodies() -> AsyncIterator[bytes]:
+                yield body
+                yield good_request_for(gateway).SerializeToString()
+
+            replies = [pb.ModelStreamInferResponse.FromString(r) async for r in stream(bodies())]
+            assert "not a valid ModelInferRequest" in replies[0].error_message
+            assert replies[1].error_message == ""
+    backend = gateway.fleet.backends["cpu"]
+    assert backend.available and backend.last_error == ""
