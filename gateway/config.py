@@ -145,6 +145,11 @@ class GatewaySettings(_Strict):
     """The attempt timeout's floor: well above what a busy host's scheduler, a garbage
     collection or a new connection's handshakes add to a call, so those are not taken
     for a hung backend (each counts toward ejecting it)."""
+    backend_queue_limit: int = Field(256, ge=0)
+    """Requests that may wait at each backend beyond its slots (sent, not yet running,
+    as the gateway counts them) before the router sends it no more; a request whose
+    every route is at its limit is shed at once with RESOURCE_EXHAUSTED. Overridden
+    per backend by `queue_limit`."""
     backend_keepalive_s: float = Field(10.0, ge=0)
     """HTTP/2 keepalive pings on the channels to backends while calls are out: a
     connection whose ping goes unanswered for `backend_keepalive_s` is closed and its
@@ -221,6 +226,8 @@ class BackendSettings(_Strict):
     """Where it serves the Open Inference Protocol; port 0 with `launch`: any free port."""
     hardware_class: str = "cpu"
     """What it runs on, e.g. `cpu-x86-64-v4-2c`, `gpu-cuda-h100`."""
+    queue_limit: int | None = Field(None, ge=0)
+    """Requests that may wait here beyond its slots; default: gateway.backend_queue_limit."""
     slots: int | None = Field(None, ge=1)
     """Requests it runs at once, for queue-wait predictions; default: the launched
     worker's threads, else 1."""

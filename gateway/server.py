@@ -130,6 +130,9 @@ def build_fleet(config: FleetConfig) -> FleetState:
                 hardware_class=b.hardware_class,
                 price_usd_per_hour=b.price_usd_per_hour,
                 slots=b.slots or (b.launch.threads if b.launch else 1),
+                queue_limit=(
+                    settings.backend_queue_limit if b.queue_limit is None else b.queue_limit
+                ),
                 expected_models=tuple(b.models or ()),
                 carbon_g_per_kwh=b.carbon_g_per_kwh,
                 power_w=b.power_w,
@@ -218,6 +221,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         settings.probe_timeout_s,
         refresh,
         settings.latency_probe_interval_s,
+        settings.max_message_bytes,
     )
 
     def on_exit(name: str, reason: str) -> None:
@@ -226,7 +230,6 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
 
     def on_address(name: str, address: str) -> None:
         fleet.set_address(name, address)
-        settings.max_message_bytes,
         prober.forget(address)
         spawn(prober.probe(fleet.backends[name]))
 

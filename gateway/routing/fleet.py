@@ -106,6 +106,9 @@ class BackendState:
     price_usd_per_hour: float
     slots: int = 1
     """How many requests it runs at once (its threads), for queue-wait predictions."""
+    queue_limit: int = 2**62
+    """Requests that may wait for a slot (sent beyond `slots`) before the router sends
+    it no more: past it, work is shed at the gateway, not queued without end."""
     expected_models: tuple[str, ...] = ()
     """Models configured for v2 servers that cannot list their own."""
     carbon_g_per_kwh: float | None = None

@@ -89,7 +89,8 @@ class Decision:
     route: Route | None
     reason: str
     """cheapest-feasible, lowest-carbon-feasible, fastest-feasible, infeasible-fallback,
-    infeasible-reject or no-healthy-route."""
+    infeasible-reject, queue-full (every available route's backend is at its queue
+    limit) or no-healthy-route."""
     predicted_ms: float = INF
     cost_usd: float = 0.0
     message: str = ""
@@ -206,6 +207,7 @@ def _choose(
     fastest: Route | None = None
     fastest_pred = fastest_cost = INF
     p99 = pct == 99.0
+    full: BackendState | None = None
     for route in routes:
         state = route.state
         if not state.available:
@@ -215,9 +217,13 @@ def _choose(
         # batch_factor(request.batch_size, route.row_fraction), inlined as below
         factor = 1.0 + route.row_fraction * extra_rows if extra_rows > 0 else 1.0
         service = est.p99_ms if p99 else est.quantile_ms(pct)
-        wait = (
-            state.wait_ms(mean, service, sla, pct, now_s) if state.in_flight >= state.slots else 0.0
-        )
+        if state.in_flight >= state.slots:
+            if state.in_flight - state.slots >= state.queue_limit:
+                full = state  # its queue is at its limit: no more work goes there
+                continue
+            wait = state.wait_ms(mean, service, sla, pct, now_s)
+        else:
+            wait = 0.0
         pred = predicted_ms(state.network.rtt_ms, service, factor, wait)
         cost = per_request(state.usd_per_busy_ms, mean, factor)
         if pred <= sla and cost <= cap:
@@ -242,6 +248,12 @@ def _choose(
             best, REASONS.get(objective, "cheapest-feasible"), best_pred, best_cost, "", asked
         )
     if fastest is None:
+        if full is not None:
+            message = (
+                f"every route of model {request.model!r} is at its queue limit"
+                f" ({full.name}: {full.in_flight - full.slots} waiting, limit {full.queue_limit})"
+            )
+            return Decision(None, "queue-full", message=message)
         return Decision(None, "no-healthy-route", message=f"no healthy route for {request.model!r}")
     if policy.on_infeasible == "reject":
         message = (

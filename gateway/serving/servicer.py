@@ -172,7 +172,7 @@ class GatewayServicer:
             decision = self.chooser(route_req, routes, policy, arrived)
             self.metrics.decisions.labels(model, decision.reason).inc()
             if decision.route is None:
-                if decision.reason == "infeasible-reject":
+                if decision.reason in ("infeasible-reject", "queue-full"):
                     raise Exhausted(decision.message)
                 raise Unavailable(f"no healthy backend serves model {model!r} right now")
             started = time.perf_counter_ns()

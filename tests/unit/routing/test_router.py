@@ -335,3 +335,22 @@ def test_a_batch_is_predicted_and_priced_with_the_route_s_own_row_fraction() -> 
     assert cost_usd(routes[0], 1) == pytest.approx(1.0 / 3.6e6 * 2.0115)
     assert cost_usd(routes[0], 16) == pytest.approx(1.0 / 3.6e6 * 2.0115 * 16)
     assert cost_usd(routes[1], 16) == pytest.approx(2.0 / 3.6e6 * 2.0115 * 1.75)
+
+
+def test_a_backend_at_its_queue_limit_gets_no_more_work_and_all_full_is_queue_full() -> None:
+    cheap, dear = route("cheap", 0.1), route("dear", 0.5)
+    for r in (cheap, dear):
+        r.state.queue_limit = 2
+    policy = Policy(latency_ms=1000)
+    for _ in range(3):  # one running, two waiting: at the limit
+        cheap.state.admit(cheap, 1.0, 1.0, 0.0)
+    decision = choose(REQ, [cheap, dear], policy, 0.0)
+    assert decision.route is dear
+    for _ in range(3):
+        dear.state.admit(dear, 1.0, 1.0, 0.0)
+    decision = choose(REQ, [cheap, dear], policy, 0.0)
+    assert decision.route is None and decision.reason == "queue-full"
+    assert "is at its queue limit" in decision.message and "limit 2" in decision.message
+    # One answer frees a place: work goes there again.
+    cheap.state.finish(cheap.state.serving[0], 0.1)
+    assert choose(REQ, [cheap, dear], policy, 0.1).route is cheap
