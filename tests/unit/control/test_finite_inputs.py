@@ -12,7 +12,9 @@ from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, load_fleet, parse_fleet
 from gateway.control.admin import parse_policies
 from gateway.control.plane import read_price_schedule
+from gateway.sim.scenario import ScenarioError, parse_scenario
 
+ROOT = Path(__file__).resolve().parents[3]
 BACKEND = "backends:\n  - {{name: a, address: 127.0.0.1:9101, {field}: {value}}}\n"
 
 
@@ -73,3 +75,19 @@ def test_a_fleet_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None
     path.write_bytes(b"\xff\xfe\x00\x01backends: []")
     with pytest.raises(ConfigError, match=r"cannot read fleet file .*fleet\.yaml: .*utf-8"):
         load_fleet(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("usd_per_hour: 0.80", "usd_per_hour: .nan", "usd_per_hour"),
+        ("price_usd_per_hour: 0.04", "price_usd_per_hour: .inf", "price_usd_per_hour"),
+    ],
+)
+def test_scenario_prices_must_be_finite(tmp_path: Path, old: str, new: str, field: str) -> None:
+    """A scenario's prices reach the live gateway through the admin API (`switchyard
+    load`) and the simulator's router: NaN and infinity stop at the file."""
+    text = (ROOT / "scenarios" / "price-spike.yaml").read_text()
+    assert old in text
+    with pytest.raises(ScenarioError, match=rf"(?s){field}.*finite number"):
+        parse_scenario(text.replace(old, new), ROOT / "scenarios")
