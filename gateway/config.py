@@ -92,6 +92,11 @@ class GatewaySettings(_Strict):
     admin: HostPort = "127.0.0.1:8003"
     """Admin gRPC endpoint (bearer token), for the SRE's controls. Without `tls` it
     must be a loopback address: the gateway refuses to start otherwise."""
+    probes: HostPort | None = None
+    """Liveness and readiness (grpc.health.v1, ServerLive, ServerReady) answered by
+    threads of their own, never waiting behind inference work on the event loop: the
+    port for Kubernetes probes (plaintext, as kubelet's gRPC probes are; it tells only
+    whether the gateway is ready). None: off (the inference port answers them too)."""
     tls: ListenerTLS | None = None
     """TLS (mTLS with `client_ca_file`) on the inference and admin endpoints;
     default: plaintext."""
@@ -106,6 +111,11 @@ class GatewaySettings(_Strict):
     """How long a probe may take before the backend counts as unhealthy."""
     startup_timeout_s: float = Field(60.0, gt=0)
     """How long launched backends may take to start listening."""
+    restart_after_failed_probes: int = Field(5, ge=0)
+    """A launched worker that listened and then fails this many probes in a row (one
+    per `probe_interval_s`, each up to `probe_timeout_s`) is taken for hung (stopped,
+    deadlocked), killed with SIGKILL and restarted; 0: never (it rejoins the routes
+    once it answers again)."""
     admin_token_file: Path | None = None
     """File holding the admin API's bearer token (created with a random token when
     missing) when the SWITCHYARD_ADMIN_TOKEN environment variable is not set."""
@@ -145,6 +155,11 @@ class GatewaySettings(_Strict):
     """The attempt timeout's floor: well above what a busy host's scheduler, a garbage
     collection or a new connection's handshakes add to a call, so those are not taken
     for a hung backend (each counts toward ejecting it)."""
+    max_concurrent_rpcs: int = Field(10_000, ge=0)
+    """Calls the inference listener takes at once (health and readiness checks among
+    them); past it gRPC answers RESOURCE_EXHAUSTED at once. Set it above what the
+    backends' queue limits let through, so inference is shed by the queue limits first
+    and probes still get in; 0: no limit."""
     backend_queue_limit: int = Field(256, ge=0)
     """Requests that may wait at each backend beyond its slots (sent, not yet running,
     as the gateway counts them) before the router sends it no more; a request whose

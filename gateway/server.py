@@ -53,6 +53,7 @@ from gateway.security import (
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendPool
 from gateway.serving.prober import Prober
+from gateway.serving.probes import ProbePort
 from gateway.serving.servicer import SERVICE, GatewayServicer, generic_handler
 
 log = logging.getLogger("switchyard.gateway")
@@ -77,6 +78,7 @@ class Gateway:
     registry: CollectorRegistry
     servicer: GatewayServicer
     health: health.aio.HealthServicer
+    probes: ProbePort | None
     control: Control
     admin_server: grpc.aio.Server | None
     admin_port: int | None
@@ -104,6 +106,8 @@ class Gateway:
         await self.prober.stop()
         await self.supervisor.stop()
         await self.pool.close()
+        if self.probes is not None:
+            self.probes.stop()
         shutdown = getattr(self._metrics_server, "shutdown", None)
         if shutdown is not None:
             shutdown()
@@ -178,6 +182,12 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
 
     pool = BackendPool(settings.max_message_bytes, security, settings.backend_keepalive_s)
     health_servicer = health.aio.HealthServicer()
+    probes = None
+    if settings.probes is not None:
+        try:
+            probes = ProbePort(settings.probes)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot serve probes on {settings.probes}: {exc}") from exc
     loop = asyncio.get_running_loop()
     background: set[asyncio.Task[None]] = set()
 
@@ -205,9 +215,12 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
             metrics.route_cost.labels(*labels).set(cost_usd(r) * 1e6)
         for model in fleet.known_models():
             metrics.model_ready.labels(model).set(1 if fleet.model_ready(model) else 0)
+        ready = fleet.any_ready()
+        if probes is not None:
+            probes.set_ready(ready)
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if fleet.any_ready()
+            if ready
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", SERVICE):
@@ -273,7 +286,14 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+            # Calls gRPC accepted but has not yet handed to the servicer wait in its
+            # backlog; past 1,000 it cancels them at random (CANCELLED, which a caller
+            # cannot act on). A deep backlog instead: each call reaches the concurrency
+            # limit or a queue limit and is answered RESOURCE_EXHAUSTED.
+            ("grpc.server.max_pending_requests", 20_000),
+            ("grpc.server.max_pending_requests_hard_limit", 40_000),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -327,6 +347,8 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     await server.start()
     if admin_server is not None:
         await admin_server.start()
+    if probes is not None:
+        probes.start()
     refresh()
     stop = asyncio.Event()
     tasks = []
@@ -356,6 +378,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         registry=registry,
         servicer=servicer,
         health=health_servicer,
+        probes=probes,
         control=control,
         admin_server=admin_server,
         admin_port=admin_port,
@@ -378,6 +401,9 @@ def describe(gateway: Gateway) -> str:
         f"  admin:    {gateway.admin_address or 'off (no admin token)'}"
         + ("  (`switchyard admin routes`)" if gateway.admin_address else ""),
     ]
+    if gateway.probes is not None and settings.probes is not None:
+        probe_host = settings.probes.rsplit(":", 1)[0]
+        lines.append(f"  probes:   {probe_host}:{gateway.probes.port} (health and readiness)")
     for b in gateway.fleet.backends.values():
         state = "ready" if b.healthy else f"not ready ({b.last_error or 'starting'})"
         models = ", ".join(sorted(b.models)) or "-"
