@@ -112,7 +112,7 @@ class GatewaySettings(_Strict):
     startup_timeout_s: float = Field(60.0, gt=0)
     """How long launched backends may take to start listening."""
     restart_after_failed_probes: int = Field(5, ge=0)
-    """A launched worker that listened and then fails this many probes in a row (one
+    """A launched worker that was probed ready and then fails this many probes in a row (one
     per `probe_interval_s`, each up to `probe_timeout_s`) is taken for hung (stopped,
     deadlocked), killed with SIGKILL and restarted; 0: never (it rejoins the routes
     once it answers again)."""

@@ -235,6 +235,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         refresh,
         settings.latency_probe_interval_s,
         settings.max_message_bytes,
+        on_probe=lambda name, ok, error: supervisor.probed(name, ok, error),
     )
 
     def on_exit(name: str, reason: str) -> None:
@@ -265,7 +266,14 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         await prober.probe(fleet.backends[name])
         refresh()
 
-    supervisor = Supervisor(config.backends, config.repository, on_address, on_exit, pki)
+    supervisor = Supervisor(
+        config.backends,
+        config.repository,
+        on_address,
+        on_exit,
+        pki,
+        settings.restart_after_failed_probes,
+    )
     control = Control(
         fleet,
         metrics,

@@ -13,6 +13,12 @@ For failure drills, `kill` SIGKILLs a worker and holds it down (the gateway sees
 the death as it sees a crash, but nothing restarts it) until `restart` releases
 the hold and the worker starts at once, on the port it had.
 
+A worker that runs but does not answer (stopped, deadlocked, stuck in a call) is
+found by its probes: the prober reports each probe's outcome (`probed`), and a
+worker that was once probed ready and then failed `restart_after_failed_probes`
+probes in a row is SIGKILLed (a stopped process ignores SIGTERM until it is continued) and restarted
+as after a crash.
+
 Imports no generated protobuf: it starts and watches processes (grpc only through
 the certificates of gateway.security).
 """
@@ -130,6 +136,14 @@ class Supervised:
     """Set each time a worker process is created."""
     tls_files: WorkerFiles | None = None
     """The starting worker's certificate files, until it listens (or exits)."""
+    serving: bool = False
+    """A probe found the running process ready: its failed probes count from then
+    on. A starting worker's do not (it loads its models; the gateway's channel may
+    still be waiting out a reconnect back-off from the previous process)."""
+    failed_probes: int = 0
+    """Probes failed in a row since the running process was last probed ready."""
+    kill_reason: str = ""
+    """Why the supervisor killed the running process, for its exit's log line."""
 
     def remove_tls_files(self) -> None:
         if self.tls_files is not None:
@@ -159,11 +173,14 @@ class Supervisor:
         on_address: Callable[[str, str], None],
         on_exit: Callable[[str, str], None],
         pki: WorkerPKI | None = None,
+        restart_after_failed_probes: int = 0,
     ) -> None:
         """`pki`: the CA that secures the workers' listeners (None: plaintext workers,
-        for tests of supervision alone)."""
+        for tests of supervision alone). `restart_after_failed_probes`: failed probes
+        in a row that get a listening worker killed and restarted (0: never)."""
         self.repository = repository
         self.pki = pki
+        self.restart_after_failed_probes = restart_after_failed_probes
         self.on_address = on_address
         self.on_exit = on_exit
         self.workers = {b.name: Supervised(b) for b in backends if b.launch is not None}
@@ -230,6 +247,43 @@ class Supervisor:
             ) from exc
         return worker
 
+    def probed(self, name: str, ok: bool, error: str = "") -> None:
+        """A probe's outcome for backend `name` (any backend: those not launched are
+        ignored). A worker whose process was probed ready and has since failed
+        `restart_after_failed_probes` probes in a row is hung: SIGKILLed, and restarted
+        as after a crash."""
+        worker = self.workers.get(name)
+        process = worker.process if worker is not None else None
+        if worker is None or process is None or self._stopping or worker.held:
+            return
+        if process.returncode is not None:
+            return  # gone: `_supervise` sees the exit
+        if ok:
+            worker.serving = True
+            worker.failed_probes = 0
+            return
+        if not worker.serving:
+            return  # starting
+        worker.failed_probes += 1
+        limit = self.restart_after_failed_probes
+        if limit <= 0 or worker.failed_probes < limit:
+            return
+        worker.kill_reason = (
+            f"killed after {worker.failed_probes} failed probes in a row (last: {error})"
+        )
+        worker.serving = False
+        worker.failed_probes = 0
+        log.warning(
+            "backend %s: worker (pid %d) failed %d probes in a row, hung (last: %s): "
+            "killing it (SIGKILL) to restart it",
+            name,
+            process.pid,
+            limit,
+            error,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
     async def _supervise(self, worker: Supervised) -> None:
         backoff = MIN_BACKOFF_S
         loop = asyncio.get_running_loop()
@@ -248,6 +302,9 @@ class Supervisor:
                 worker.tls_files = self.pki.worker_files(
                     worker.backend.name, address.rsplit(":", 1)[0]
                 )
+            worker.serving = False
+            worker.failed_probes = 0
+            worker.kill_reason = ""
             worker.process = await asyncio.create_subprocess_exec(
                 *worker_command(worker.backend, self.repository, address, worker.tls_files),
                 stdout=asyncio.subprocess.PIPE,
@@ -267,6 +324,8 @@ class Supervisor:
             if self._stopping:
                 return
             reason = f"worker exited with status {code}"
+            if worker.kill_reason:
+                reason += f", {worker.kill_reason}"
             killed = worker.held
             if killed:
                 log.warning("backend %s: %s; held down", worker.backend.name, reason)

@@ -48,10 +48,12 @@ class Prober:
         on_change: Callable[[], None] | None = None,
         latency_interval_s: float = 0.0,
         max_probe_bytes: int = MAX_ZEROS_BYTES,
+        on_probe: Callable[[str, bool, str], None] | None = None,
     ) -> None:
         """`max_probe_bytes`: the largest latency probe (zeros of a model's inputs) sent;
         a model whose one-row request would be larger is not probed (the gateway passes
-        its `max_message_bytes`)."""
+        its `max_message_bytes`). `on_probe(backend, ok, error)`: told each health
+        probe's outcome (the supervisor restarts a launched worker that stops answering)."""
         self.fleet = fleet
         self.pool = pool
         self.clock = clock
@@ -60,6 +62,7 @@ class Prober:
         self.on_change = on_change
         self.latency_interval_s = latency_interval_s
         self.max_probe_bytes = max_probe_bytes
+        self.on_probe = on_probe
         self._cache: dict[tuple[str, str], ModelInfo] = {}
         self._unprobed: set[tuple[str, str, str]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -125,7 +128,11 @@ class Prober:
             self.fleet.record_failure(backend.name, self.clock(), error)
             if was_healthy:
                 log.warning("backend %s unhealthy: %s", backend.name, error)
+            if self.on_probe is not None:
+                self.on_probe(backend.name, False, error)
             return
+        if self.on_probe is not None:
+            self.on_probe(backend.name, True, "")
         if was_ejected and backend.ejected_until_s is None:
             log.info("backend %s re-admitted after ejection", backend.name)
         if not was_healthy:
