@@ -11,6 +11,10 @@ from __future__ import annotations
 class SwitchyardError(Exception):
     """Base of every error a caller may see."""
 
+    retry_after_ms: int | None = None
+    """When a retry may succeed, where known (sent as gRPC's `grpc-retry-pushback-ms`
+    trailer, so clients that follow gRPC's retry design wait that long)."""
+
 
 class NotFound(SwitchyardError):
     """What the request names is not here (a model, a version, a backend)."""
@@ -38,6 +42,10 @@ class Unavailable(SwitchyardError):
 
 class Exhausted(SwitchyardError):
     """A limit was reached (size, queue, SLA infeasible under a reject policy)."""
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class DeadlineExceeded(SwitchyardError):

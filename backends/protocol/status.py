@@ -38,10 +38,13 @@ class StatusError(errors.SwitchyardError):
     """An error whose status was decided elsewhere (a backend's answer, which the
     gateway passes on unchanged): it carries its own code."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.retry_after_ms = retry_after_ms
 
 
 def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
@@ -53,6 +56,30 @@ def code_for(error: errors.SwitchyardError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN
+
+
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+"""The trailer by which a shed call says when to retry (gRPC's retry design, A6)."""
+
+
+def trailers_for(error: errors.SwitchyardError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that goes with `error`: its retry hint, if it has one."""
+    if error.retry_after_ms is None:
+        return ()
+    return ((PUSHBACK_TRAILER, str(max(1, error.retry_after_ms))),)
+
+
+def retry_after_ms(trailers: object) -> int | None:
+    """The retry hint among a call's trailing metadata (pairs of key and value), if any."""
+    if not trailers:
+        return None
+    for key, value in trailers:  # type: ignore[attr-defined]
+        if key == PUSHBACK_TRAILER:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def internal_message(exc: BaseException) -> str:
@@ -85,7 +112,7 @@ def _aborting(
         try:
             return await method(self, request, context)
         except errors.SwitchyardError as exc:
-            await context.abort(code_for(exc), str(exc))
+            await context.abort(code_for(exc), str(exc), trailing_metadata=trailers_for(exc))
             raise  # abort raised already: not reached
         except grpc.aio.AbortError:
             raise  # the method ended the call itself

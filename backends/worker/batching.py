@@ -61,9 +61,8 @@ class QueueFull(Exhausted):
     """The queue holds its limit: the request was shed without waiting."""
 
     def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
-        """About when room frees, in ms: a retry sooner would likely be shed again."""
+        # About when room frees, in ms: a retry sooner would likely be shed again.
+        super().__init__(message, retry_after_ms)
 
 
 @dataclass(slots=True)

@@ -68,7 +68,7 @@ from backends.protocol.parameters import (
     checked_timeout_us,
 )
 from backends.protocol.status import aborts_with_status, internal_message
-from backends.worker.batching import DEFAULT_MAX_QUEUE, QueueFull
+from backends.worker.batching import DEFAULT_MAX_QUEUE
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MODEL_VERSION,
@@ -83,9 +83,6 @@ from protos import inference_pb2_grpc as pb_grpc
 log = logging.getLogger("switchyard.backend")
 
 SERVICE = "inference.GRPCInferenceService"
-
-PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
-"""The trailer by which a shed call says when to retry (gRPC's retry design, A6)."""
 
 CONCURRENT_RPCS_PER_QUEUED = 4
 """The default concurrency limit: this many RPCs per request each served model's queue
@@ -179,11 +176,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest | bytes, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        try:
-            return await self._infer(request, context.time_remaining())
-        except QueueFull as exc:
-            context.set_trailing_metadata(((PUSHBACK_TRAILER, str(exc.retry_after_ms)),))
-            raise
+        # A full queue's QueueFull carries its retry hint: aborts_with_status sends it
+        # as the grpc-retry-pushback-ms trailer.
+        return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self,

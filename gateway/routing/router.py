@@ -26,6 +26,7 @@ randomness (import-linter and ruff check it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -207,7 +208,7 @@ def _choose(
     fastest: Route | None = None
     fastest_pred = fastest_cost = INF
     p99 = pct == 99.0
-    full: BackendState | None = None
+    full: Route | None = None
     for route in routes:
         state = route.state
         if not state.available:
@@ -219,7 +220,7 @@ def _choose(
         service = est.p99_ms if p99 else est.quantile_ms(pct)
         if state.in_flight >= state.slots:
             if state.in_flight - state.slots >= state.queue_limit:
-                full = state  # its queue is at its limit: no more work goes there
+                full = route  # its queue is at its limit: no more work goes there
                 continue
             wait = state.wait_ms(mean, service, sla, pct, now_s)
         else:
@@ -249,11 +250,15 @@ def _choose(
         )
     if fastest is None:
         if full is not None:
+            state = full.state
+            waiting = state.in_flight - state.slots
             message = (
                 f"every route of model {request.model!r} is at its queue limit"
-                f" ({full.name}: {full.in_flight - full.slots} waiting, limit {full.queue_limit})"
+                f" ({state.name}: {waiting} waiting, limit {state.queue_limit})"
             )
-            return Decision(None, "queue-full", message=message)
+            # predicted_ms: about when the queue has room again (its work, shared by its slots).
+            drain_ms = (waiting + 1 - state.queue_limit) * full.estimate.mean_ms / state.slots
+            return Decision(None, "queue-full", drain_ms, message=message)
         return Decision(None, "no-healthy-route", message=f"no healthy route for {request.model!r}")
     if policy.on_infeasible == "reject":
         message = (
@@ -264,6 +269,19 @@ def _choose(
         )
         return Decision(None, "infeasible-reject", fastest_pred, fastest_cost, message, asked)
     return Decision(fastest, "infeasible-fallback", fastest_pred, fastest_cost, "", asked)
+
+
+def retry_hint_ms(decision: Decision, policy: Policy) -> int:
+    """When a request refused for load may succeed if sent again (ms, at least 1): a
+    full queue's drain time; under a reject policy, how far the fastest route's
+    prediction is over the SLA (its queue's excess work)."""
+    if decision.reason == "queue-full":
+        wait = decision.predicted_ms
+    else:
+        wait = decision.predicted_ms - policy.budget_ms
+    if not math.isfinite(wait):
+        return 1000
+    return max(1, math.ceil(wait))
 
 
 # ---- explain: the same rule, with every route's verdict, for SREs ----------------------

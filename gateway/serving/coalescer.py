@@ -283,7 +283,7 @@ async def _settle(waiting: _Waiting, call: Awaitable[bytes]) -> None:
 
 def _fail(waiting: _Waiting, exc: BackendCallError) -> None:
     if not waiting.future.done():
-        waiting.future.set_exception(BackendCallError(exc.code, exc.details))
+        waiting.future.set_exception(BackendCallError(exc.code, exc.details, exc.retry_after_ms))
 
 
 def _checked(request: bytes) -> pb.ModelInferRequest | None:

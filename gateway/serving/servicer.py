@@ -38,7 +38,14 @@ from backends.protocol.errors import (
 from backends.protocol.status import aborts_with_status, code_for, internal_message
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.routing.policy import PolicyBook
-from gateway.routing.router import Chooser, Policy, carbon_g, choose, cost_usd
+from gateway.routing.router import (
+    Chooser,
+    Policy,
+    carbon_g,
+    choose,
+    cost_usd,
+    retry_hint_ms,
+)
 from gateway.serving.converters import (
     REMOTE_VARIANT,
     check_header,
@@ -173,7 +180,7 @@ class GatewayServicer:
             self.metrics.decisions.labels(model, decision.reason).inc()
             if decision.route is None:
                 if decision.reason in ("infeasible-reject", "queue-full"):
-                    raise Exhausted(decision.message)
+                    raise Exhausted(decision.message, retry_hint_ms(decision, policy))
                 raise Unavailable(f"no healthy backend serves model {model!r} right now")
             started = time.perf_counter_ns()
             job = Job(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from backends.protocol.errors import DeadlineExceeded, SwitchyardError
+from backends.protocol.status import retry_after_ms
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.serving.coalescer import Coalescer
 from gateway.serving.converters import request_parameters
@@ -148,7 +149,8 @@ class GrpcTransport:
                 # until a probe finds it ready again.
                 self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
                 log.warning("backend %s unavailable: %s", route.backend, exc.details())
-            raise BackendCallError(code, exc.details() or code.name) from exc
+            hint = retry_after_ms(exc.trailing_metadata())
+            raise BackendCallError(code, exc.details() or code.name, hint) from exc
         self.metrics.attempts.labels(route.backend, "OK").inc()
         return reply
 

@@ -22,6 +22,7 @@ from gateway.routing.router import (
     fastest_only,
     least_loaded,
     predict_ms,
+    retry_hint_ms,
 )
 from tests.unit.routing.builders import REQ, busy, names, route
 
@@ -351,6 +352,9 @@ def test_a_backend_at_its_queue_limit_gets_no_more_work_and_all_full_is_queue_fu
     decision = choose(REQ, [cheap, dear], policy, 0.0)
     assert decision.route is None and decision.reason == "queue-full"
     assert "is at its queue limit" in decision.message and "limit 2" in decision.message
+    # The retry hint: about when the queue has room again (one waiting request's work).
+    assert decision.predicted_ms == pytest.approx(dear.estimate.mean_ms)
+    assert retry_hint_ms(decision, policy) == math.ceil(dear.estimate.mean_ms)
     # One answer frees a place: work goes there again.
     cheap.state.finish(cheap.state.serving[0], 0.1)
     assert choose(REQ, [cheap, dear], policy, 0.1).route is cheap

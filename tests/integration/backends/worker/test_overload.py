@@ -19,9 +19,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends.protocol.errors import DeadlineExceeded
+from backends.protocol.status import PUSHBACK_TRAILER
 from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, QueueFull
-from backends.worker.server import PUSHBACK_TRAILER, add_arguments
+from backends.worker.server import add_arguments
 from gateway.config import BackendSettings, LaunchSettings
 from gateway.control.supervisor import worker_command
 from protos import inference_pb2 as pb
