@@ -1,0 +1,368 @@
+"""The fault suite: `switchyard serve` on real worker processes, real faults under
+traffic. Traffic is open loop (grpc.aio, a steady rate whatever the answers), and each
+case checks that every request sent got exactly one answer, each with a clean status
+(OK, or where it is the right answer UNAVAILABLE, RESOURCE_EXHAUSTED or
+DEADLINE_EXCEEDED; never UNKNOWN, INTERNAL or CANCELLED, and none left waiting for its
+deadline), and that traffic went where it should around the fault.
+
+Two fleets: `pair`, two launched digits workers (kill -9, SIGSTOP, the deadline storm,
+the overload burst); `mixed`, a launched worker beside a remote worker that the test
+runs behind a TCP proxy (a partition, a tenfold latency jump, a gateway restart with
+its state restored). What the cases measure is printed at the end of the module, and
+written as JSON to $FAULTS_REPORT_JSON when set (python -m gateway.bench.faults)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import admin_pb2 as apb
+from protos import admin_pb2_grpc
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from tests.e2e.conftest import ADMIN_TOKEN, RunningGateway, start_serve, stop, write_fleet
+from tests.waiting import wait_until
+
+CLIENT_DEADLINE_S = 30.0
+"""Every request's deadline: an answer near it would be a request left hanging."""
+PROBE_INTERVAL_S = 0.2
+PROBE_TIMEOUT_S = 0.5
+RESTART_AFTER_FAILED_PROBES = 3
+AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+OK = grpc.StatusCode.OK
+REMOTE_LATENCY_MS = 2.5
+"""The remote worker's emulated service time; the latency jump multiplies it by ten,
+past digits' SLA (DIGITS_SLA_MS), which it meets before."""
+DIGITS_SLA_MS = 20.0
+
+
+def digits_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
+    return request
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    sent_s: float
+    latency_s: float
+    code: grpc.StatusCode
+    backend: str
+    detail: str
+
+
+class Traffic:
+    """Requests at a steady rate (open loop: one every 1/rate_per_s s, whatever the
+    answers), each one's answer recorded once."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        rate_per_s: float = 40.0,
+        timeout_s: float = CLIENT_DEADLINE_S,
+    ) -> None:
+        self.stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self.request = digits_request()
+        self.period_s = 1.0 / rate_per_s
+        self.timeout_s = timeout_s
+        self.sent = 0
+        self.answers: list[Answer] = []
+        self._calls: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Traffic:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        """Stops sending and waits for every answer."""
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        await asyncio.gather(*self._calls)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while not self._stop.is_set():
+            call = loop.create_task(self.send())
+            self._calls.add(call)
+            due += self.period_s
+            await asyncio.sleep(max(0.0, due - loop.time()))  # the rate's pacing
+
+    async def send(self) -> Answer:
+        """One request; its answer, also recorded."""
+        self.sent += 1
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            reply = await self.stub.ModelInfer(self.request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code, backend, detail = exc.code(), "", exc.details() or ""
+        else:
+            code, backend = OK, reply.parameters["switchyard_backend"].string_param
+            detail = ""
+        answer = Answer(sent, loop.time() - sent, code, backend, detail)
+        self.answers.append(answer)
+        return answer
+
+    def answered_by(self, backend: str, after_s: float = 0.0) -> int:
+        return sum(1 for a in self.answers if a.backend == backend and a.sent_s >= after_s)
+
+    def latest(self, count: int) -> list[Answer]:
+        return sorted(self.answers, key=lambda a: a.sent_s)[-count:]
+
+    def check(self, allowed: tuple[grpc.StatusCode, ...] = (OK,)) -> Counter[str]:
+        """Every request answered once, each with an allowed status, none near its
+        deadline; returns the count of each status."""
+        assert len(self.answers) == self.sent, f"{self.sent} sent, {len(self.answers)} answered"
+        bad = [a for a in self.answers if a.code not in allowed]
+        assert not bad, f"{len(bad)} of {self.sent} unclean answers, first: {bad[:5]}"
+        slowest = max(a.latency_s for a in self.answers)
+        assert slowest < CLIENT_DEADLINE_S / 2, f"a request waited {slowest:.1f} s"
+        return Counter(a.code.name for a in self.answers)
+
+
+class Admin:
+    """The gateway's admin API from the test's event loop."""
+
+    def __init__(self, gateway: RunningGateway) -> None:
+        self.channel = grpc.aio.insecure_channel(gateway.info["admin"])
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+
+    async def routes(self) -> dict[str, apb.RouteStatus]:
+        """Digits' default-variant route on each backend, by backend."""
+        reply = await self.stub.ListRoutes(
+            apb.ListRoutesRequest(model="digits"), metadata=AUTH, timeout=10
+        )
+        return {r.backend: r for r in reply.routes if r.default_variant}
+
+    async def pids(self) -> dict[str, int]:
+        reply = await self.stub.ListBackends(apb.ListBackendsRequest(), metadata=AUTH, timeout=10)
+        return {b.backend: b.pid for b in reply.backends}
+
+    async def all_ready(self) -> bool:
+        routes = await self.routes()
+        return bool(routes) and all(r.status == "ready" for r in routes.values())
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def ejections(gateway: RunningGateway) -> float:
+    """switchyard_backend_ejections_total, summed over backends, from /metrics."""
+    url = f"http://127.0.0.1:{gateway.info['metrics_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("switchyard_backend_ejections_total{")
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def measured() -> Iterator[dict[str, Any]]:
+    """What the cases measure: printed at the end, and written to $FAULTS_REPORT_JSON."""
+    figures: dict[str, Any] = {}
+    yield figures
+    print("\nfault suite:", json.dumps(figures, indent=2, sort_keys=True))
+    report = os.environ.get("FAULTS_REPORT_JSON")
+    if report:
+        Path(report).write_text(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def launched(name: str, price: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": "127.0.0.1:0",
+        "price_usd_per_hour": price,
+        "launch": {"threads": 1, "models": ["digits"]},
+    }
+
+
+GATEWAY = {
+    "probe_interval_s": PROBE_INTERVAL_S,
+    "probe_timeout_s": PROBE_TIMEOUT_S,
+    "restart_after_failed_probes": RESTART_AFTER_FAILED_PROBES,
+}
+
+
+@pytest.fixture(scope="module")
+def pair(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """Two launched digits workers: "a" the cheaper, so traffic goes there first."""
+    workdir = tmp_path_factory.mktemp("pair")
+    fleet = write_fleet(
+        workdir / "fleet.yaml", repository, [launched("a", 0.04), launched("b", 0.08)], **GATEWAY
+    )
+    gateway = start_serve(fleet, workdir)
+    yield gateway
+    stop(gateway)
+
+
+@pytest.fixture
+async def clients(pair: RunningGateway) -> AsyncIterator[tuple[grpc.aio.Channel, Admin]]:
+    async with grpc.aio.insecure_channel(pair.address) as channel:
+        admin = Admin(pair)
+        await wait_until(admin.all_ready, timeout_s=30, what="every route ready")
+        yield channel, admin
+        await admin.close()
+
+
+async def test_deadline_storm_ejects_nothing(
+    pair: RunningGateway, clients: tuple[grpc.aio.Channel, Admin], measured: dict[str, Any]
+) -> None:
+    channel, admin = clients
+    before = ejections(pair)
+    storm = Traffic(channel, timeout_s=0.0005)
+    # 60 requests with a 0.5 ms deadline, all at once: each expires at the client, in
+    # the gateway or in a worker, which is the caller's doing, never the backend's.
+    await asyncio.gather(*(storm.send() for _ in range(60)))
+    storm_codes = storm.check((OK, grpc.StatusCode.DEADLINE_EXCEEDED))
+    plain = Traffic(channel)
+    for _ in range(40):
+        await plain.send()
+    assert plain.check() == {"OK": 40}
+    assert ejections(pair) == before
+    assert await admin.all_ready()
+    measured["deadline_storm"] = {
+        "storm": dict(storm_codes),
+        "plain_ok": 40,
+        "ejections": ejections(pair) - before,
+    }
+
+
+async def test_overload_burst_answers_each_request_once_and_stays_ready(
+    pair: RunningGateway, clients: tuple[grpc.aio.Channel, Admin], measured: dict[str, Any]
+) -> None:
+    channel, _ = clients
+    burst = Traffic(channel)
+    loop = asyncio.get_running_loop()
+    calls = [loop.create_task(burst.send()) for _ in range(3000)]
+    checks: list[tuple[str, float]] = []  # (answer, seconds) of each readiness check
+    async with grpc.aio.insecure_channel(pair.address) as probe_channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(probe_channel)
+        health = health_pb2_grpc.HealthStub(probe_channel)
+        while not all(call.done() for call in calls):
+            started = loop.time()
+            ready = await stub.ServerReady(pb.ServerReadyRequest(), timeout=10)
+            serving = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            checks.append(
+                (
+                    f"{ready.ready}/{health_pb2.HealthCheckResponse.ServingStatus.Name(serving.status)}",
+                    loop.time() - started,
+                )
+            )
+    await asyncio.gather(*calls)
+    codes = burst.check((OK, grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert sum(codes.values()) == 3000
+    assert checks and {answer for answer, _ in checks} == {"True/SERVING"}
+    shed = [a for a in burst.answers if a.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert all(a.detail for a in shed), "a shed request's message names why"
+    measured["overload_burst"] = {
+        "requests": 3000,
+        "statuses": dict(codes),
+        "readiness_checks": len(checks),
+        "slowest_readiness_check_ms": round(max(s for _, s in checks) * 1000, 1),
+        "shed_message": shed[0].detail if shed else "",
+    }
+
+
+async def test_kill_9_of_a_worker_under_traffic_loses_no_request(
+    clients: tuple[grpc.aio.Channel, Admin], measured: dict[str, Any]
+) -> None:
+    channel, admin = clients
+    traffic = Traffic(channel).start()
+    loop = asyncio.get_running_loop()
+    try:
+        await wait_until(lambda: traffic.answered_by("a") >= 10, what="traffic on a")
+        killed = (await admin.pids())["a"]
+        killed_at = loop.time()
+        os.kill(killed, signal.SIGKILL)
+
+        async def back() -> bool:
+            pid = (await admin.pids()).get("a", 0)
+            routes = await admin.routes()
+            return (
+                pid not in (0, killed)
+                and routes["a"].status == "ready"
+                and traffic.answered_by("a", loop.time() - 0.5) > 0
+            )
+
+        await wait_until(back, timeout_s=40, what="a restarted, ready and taking traffic again")
+    finally:
+        await traffic.stop()
+    codes = traffic.check()
+    measured["kill_9"] = {
+        "requests": traffic.sent,
+        "statuses": dict(codes),
+        "answered_by_b_after_kill": traffic.answered_by("b", killed_at),
+        "worst_latency_ms": round(max(a.latency_s for a in traffic.answers) * 1000, 1),
+    }
+
+
+async def test_sigstop_of_a_worker_under_traffic_fails_over_and_replaces_it(
+    pair: RunningGateway, clients: tuple[grpc.aio.Channel, Admin], measured: dict[str, Any]
+) -> None:
+    channel, admin = clients
+    predicted_p99_ms = (await admin.routes())["a"].predicted_p99_ms
+    traffic = Traffic(channel).start()
+    loop = asyncio.get_running_loop()
+    stopped = 0
+    try:
+        await wait_until(lambda: traffic.answered_by("a") >= 10, what="traffic on a")
+        stopped = (await admin.pids())["a"]
+        stopped_at = loop.time()
+        os.kill(stopped, signal.SIGSTOP)
+        replaced_at = 0.0
+
+        async def replaced() -> bool:
+            nonlocal replaced_at
+            pid = (await admin.pids()).get("a", 0)
+            if pid in (0, stopped) or (await admin.routes())["a"].status != "ready":
+                return False
+            replaced_at = replaced_at or loop.time()
+            return traffic.answered_by("a", replaced_at) > 0
+
+        await wait_until(replaced, timeout_s=40, what="a replaced, ready and taking traffic")
+    finally:
+        if stopped and alive(stopped):  # a failed test: let it go
+            os.kill(stopped, signal.SIGCONT)
+        await traffic.stop()
+    codes = traffic.check()
+    assert not alive(stopped)
+    assert f"worker (pid {stopped}) failed {RESTART_AFTER_FAILED_PROBES} probes" in pair.log()
+    during = [a for a in traffic.answers if stopped_at <= a.sent_s <= replaced_at]
+    worst_ms = max(a.latency_s for a in during) * 1000
+    measured["sigstop"] = {
+        "requests": traffic.sent,
+        "statuses": dict(codes),
+        "requests_during_stop": len(during),
+        "worst_latency_during_stop_ms": round(worst_ms, 1),
+        "predicted_p99_ms": round(predicted_p99_ms, 2),
+        "probe_interval_ms": PROBE_INTERVAL_S * 1000,
+        "target_ms": round(predicted_p99_ms + PROBE_INTERVAL_S * 1000, 1),
+        "replaced_after_s": round(replaced_at - stopped_at, 1),
+    }
