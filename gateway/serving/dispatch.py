@@ -29,6 +29,7 @@ Imports the routing core and the domain errors; no grpc, no protobuf.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from backends.protocol.errors import DeadlineExceeded
 from gateway.config import GatewaySettings
 from gateway.routing.budget import RetryBudget
 from gateway.routing.estimates import service_sample
+from gateway.routing.figures import predicted_ms as predicted
 from gateway.routing.fleet import RetryThrottle, Route, Ticket
 from gateway.routing.router import (
     Chooser,
@@ -45,7 +47,6 @@ from gateway.routing.router import (
     RouteRequest,
     batch_factor,
     hedge_after_ms,
-    predict_ms,
 )
 
 
@@ -58,9 +59,28 @@ class AttemptTimeout:
     factor: float = 4.0
     min_ms: float = 1000.0
 
-    def after_ms(self, route: Route, policy: Policy, now_s: float, batch_size: int) -> float:
-        p99 = predict_ms(route, max(99.0, policy.percentile), now_s, batch_size, policy.budget_ms)
-        return max(self.min_ms, self.factor * p99)
+    def after_ms(
+        self,
+        route: Route,
+        policy: Policy,
+        now_s: float,
+        batch_size: int,
+        predicted_ms: float = math.inf,
+    ) -> float:
+        """The timeout of an attempt sent on `route` now; `predicted_ms`: its latency as
+        the router just predicted it at the policy's percentile (p99 or above), where
+        known. Else (a retry, a hedge, a baseline's choice) a quick bound: the route's
+        p99 service time behind the work waiting at its backend, shared by its slots
+        (the router's full prediction reads the whole queue: too dear for every send)."""
+        if not 0.0 < predicted_ms < math.inf or policy.percentile < 99.0:
+            state = route.state
+            est = route.estimate
+            waiting = max(0, state.in_flight - state.slots + 1)
+            wait_ms = waiting * est.mean_ms / state.slots
+            service_ms = est.quantile_ms(max(99.0, policy.percentile))
+            factor = batch_factor(batch_size, route.row_fraction)
+            predicted_ms = predicted(state.network.rtt_ms, service_ms, factor, wait_ms)
+        return max(self.min_ms, self.factor * predicted_ms)
 
 
 class AttemptTimedOut(Exception):
@@ -304,7 +324,9 @@ class Dispatcher:
         timeout_at_s = None
         timeout = self.attempt_timeout
         if timeout is not None:  # predicted, like the hedge's, before it joins the queue
-            after_ms = timeout.after_ms(route, job.policy, now_s, job.request.batch_size)
+            decision = job.decision
+            predicted = decision.predicted_ms if route is decision.route else math.inf
+            after_ms = timeout.after_ms(route, job.policy, now_s, job.request.batch_size, predicted)
             timeout_at_s = now_s + after_ms * 0.001
         ticket = route.state.admit(
             route, route.estimate.mean_ms, job.due_s, now_s, job.policy.budget_ms
@@ -329,8 +351,8 @@ class Dispatcher:
         while queue:
             candidate = queue.pop(0)
             state = candidate.state
-            if not state.available:
-                continue
+            if not state.available or any(a.route is candidate for a in job.pending):
+                continue  # down, or already running this request (a timed-out attempt)
             if throttle is not None and state.retry_tokens <= throttle.max_tokens * 0.5:
                 continue
             if not self.budget.withdraw(now_s):

@@ -272,8 +272,10 @@ class ModelledFleet(Observer):
         set_policies: Callable[[PoliciesSettings], None],
     ) -> None:
         self.dispatcher = Dispatcher(self, self, self)
-        # The live gateway's retry budget and attempt timeout, at their defaults.
-        self.dispatcher.guard(GatewaySettings())
+        # The live gateway's retry budget, at its default. No attempt timeouts: no
+        # modelled backend hangs, and under modelled overload they would only move
+        # a baseline's queue about (each would cost a full queue prediction per send).
+        self.dispatcher.guard(GatewaySettings(attempt_timeout_factor=0))
         self.set_policies = set_policies
         self.states = states
         self.rtts = rtts

@@ -347,3 +347,18 @@ def test_retry_throttling_keeps_retries_off_a_failing_backend() -> None:
     assert [x.route.backend for x in rig.transport.sent] == ["a", "c"]
     rig.answer(rig.transport.sent[1])
     assert job.winner is not None and job.winner.route is c
+
+
+def test_a_timed_out_attempt_is_never_retried_on_its_own_route() -> None:
+    """A baseline chooses again on a retry, and would choose the same (overloaded or
+    hung) route: the retry is not sent there a second time."""
+    rig = Rig()
+    rig.dispatcher.attempt_timeout = AttemptTimeout(factor=4.0, min_ms=50.0)
+    fast, slow = route("fast", 0.4, p50=1.0, p99=2.0), route("slow", 0.1, p50=5.0, p99=9.0)
+    job = rig.start([fast, slow], Policy(latency_ms=100), chooser=fastest_only)
+    (first,) = rig.transport.sent
+    assert first.route is fast
+    rig.timers.advance(1.0)
+    assert rig.transport.sent == [first] and first.timed_out and not job.done
+    rig.answer(first)
+    assert job.winner is first
