@@ -14,9 +14,12 @@ written as JSON to $FAULTS_REPORT_JSON when set (python -m gateway.bench.faults)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -27,13 +30,22 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.e2e.conftest import ADMIN_TOKEN, RunningGateway, start_serve, stop, write_fleet
+from tests.e2e.conftest import (
+    ADMIN_TOKEN,
+    ROOT,
+    RunningGateway,
+    start_serve,
+    stop,
+    write_fleet,
+)
+from tests.e2e.proxy import Proxy
 from tests.waiting import wait_until
 
 CLIENT_DEADLINE_S = 30.0
@@ -43,10 +55,10 @@ PROBE_TIMEOUT_S = 0.5
 RESTART_AFTER_FAILED_PROBES = 3
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 OK = grpc.StatusCode.OK
-REMOTE_LATENCY_MS = 2.5
+REMOTE_LATENCY_MS = 4.0
 """The remote worker's emulated service time; the latency jump multiplies it by ten,
 past digits' SLA (DIGITS_SLA_MS), which it meets before."""
-DIGITS_SLA_MS = 20.0
+DIGITS_SLA_MS = 30.0
 
 
 def digits_request() -> pb.ModelInferRequest:
@@ -63,6 +75,8 @@ class Answer:
     code: grpc.StatusCode
     backend: str
     detail: str
+    attempts: int
+    """switchyard_attempts: more than 1 when the gateway retried it."""
 
 
 class Traffic:
@@ -113,11 +127,11 @@ class Traffic:
         try:
             reply = await self.stub.ModelInfer(self.request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            code, backend, detail = exc.code(), "", exc.details() or ""
+            code, backend, detail, attempts = exc.code(), "", exc.details() or "", 0
         else:
             code, backend = OK, reply.parameters["switchyard_backend"].string_param
-            detail = ""
-        answer = Answer(sent, loop.time() - sent, code, backend, detail)
+            detail, attempts = "", int(reply.parameters["switchyard_attempts"].string_param)
+        answer = Answer(sent, loop.time() - sent, code, backend, detail, attempts)
         self.answers.append(answer)
         return answer
 
@@ -366,3 +380,243 @@ async def test_sigstop_of_a_worker_under_traffic_fails_over_and_replaces_it(
         "target_ms": round(predicted_p99_ms + PROBE_INTERVAL_S * 1000, 1),
         "replaced_after_s": round(replaced_at - stopped_at, 1),
     }
+
+
+@dataclass
+class Mixed:
+    """A launched worker ("local") beside a remote worker ("remote", cheaper) that the
+    gateway reaches through `proxy`; `remotes` are the remote worker processes started
+    (the one behind the proxy last)."""
+
+    gateway: RunningGateway
+    proxy: Proxy
+    fleet: Path
+    workdir: Path
+    repository: Path
+    remotes: list[subprocess.Popen[bytes]]
+
+    def start_remote(self, emulate_latency_ms: float) -> str:
+        """Starts a remote digits worker (plaintext, as a remote backend without `tls`
+        is called); returns its address."""
+        log = (self.workdir / f"remote-{len(self.remotes)}.log").open("wb")
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "backends.worker.server"),
+                *("--repository", str(self.repository), "--listen", "127.0.0.1:0"),
+                *("--threads", "1", "--hardware-class", "cpu-remote", "--models", "digits"),
+                *("--emulate-latency-ms", str(emulate_latency_ms)),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        self.remotes.append(process)
+        assert process.stdout is not None
+        for line in process.stdout:  # its first line says where it listens
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "listening":
+                    return str(event["address"])
+        raise AssertionError(f"remote worker exited: {log.name}")
+
+
+@pytest.fixture(scope="module")
+def mixed(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
+    workdir = tmp_path_factory.mktemp("mixed")
+    proxy = Proxy("127.0.0.1:1").start()
+    fleet = write_fleet(
+        workdir / "fleet.yaml",
+        repository,
+        [
+            launched("local", 0.08),
+            {
+                "name": "remote",
+                "address": proxy.address,
+                "hardware_class": "cpu-remote",
+                "price_usd_per_hour": 0.02,
+            },
+        ],
+        state_file=str(workdir / "state.json"),
+        **GATEWAY,
+    )
+    data = yaml.safe_load(fleet.read_text())
+    data["policies"] = {"models": {"digits": {"latency_ms": DIGITS_SLA_MS}}}
+    fleet.write_text(yaml.safe_dump(data))
+    setup = Mixed(None, proxy, fleet, workdir, repository, [])  # type: ignore[arg-type]
+    try:
+        proxy.retarget(setup.start_remote(REMOTE_LATENCY_MS))
+        setup.gateway = start_serve(fleet, workdir)
+        yield setup
+    finally:
+        if setup.gateway is not None:
+            stop(setup.gateway)
+        proxy.close()
+        for process in setup.remotes:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+@pytest.fixture
+async def mixed_clients(mixed: Mixed) -> AsyncIterator[tuple[grpc.aio.Channel, Admin]]:
+    async with grpc.aio.insecure_channel(mixed.gateway.address) as channel:
+        admin = Admin(mixed.gateway)
+        await wait_until(admin.all_ready, timeout_s=30, what="every route ready")
+        yield channel, admin
+        await admin.close()
+
+
+async def test_a_partitioned_backend_is_routed_around_and_comes_back_when_healed(
+    mixed: Mixed, mixed_clients: tuple[grpc.aio.Channel, Admin], measured: dict[str, Any]
+) -> None:
+    channel, admin = mixed_clients
+    traffic = Traffic(channel).start()
+    loop = asyncio.get_running_loop()
+    statuses: set[str] = set()  # the remote route's, during the partition
+    try:
+        await wait_until(lambda: traffic.answered_by("remote") >= 10, what="traffic on remote")
+        mixed.proxy.blackhole()
+        cut_at = loop.time()
+
+        def retried() -> list[Answer]:
+            """Requests held by the partition, answered by local after their attempt
+            on remote timed out."""
+            return [
+                a
+                for a in traffic.answers
+                if a.sent_s >= cut_at and a.backend == "local" and a.attempts > 1
+            ]
+
+        async def routed_around() -> bool:
+            statuses.add((await admin.routes())["remote"].status)
+            return (
+                bool(statuses - {"ready"})
+                and traffic.answered_by("local", cut_at) >= 20
+                and bool(retried())
+            )
+
+        await wait_until(
+            routed_around,
+            timeout_s=30,
+            what="remote out, local taking traffic, held requests retried there",
+        )
+        mixed.proxy.heal()
+        healed_at = loop.time()
+        await wait_until(
+            lambda: _ready(admin, "remote"), timeout_s=40, what="remote ready after the heal"
+        )
+        back_at = loop.time()
+        predicted_after_ms = (await admin.routes())["remote"].predicted_p99_ms
+        # The route is ready, but the attempts the partition held feed its latency
+        # estimate (see the module's notes): with local drained it is the only route,
+        # and it must serve.
+        await admin.stub.Drain(apb.DrainRequest(backend="local"), metadata=AUTH, timeout=10)
+        try:
+            await wait_until(
+                lambda: traffic.answered_by("remote", back_at) >= 5,
+                what="remote serving again",
+            )
+        finally:
+            await admin.stub.Undrain(apb.DrainRequest(backend="local"), metadata=AUTH, timeout=10)
+    finally:
+        mixed.proxy.heal()
+        await traffic.stop()
+    codes = traffic.check()
+    during = [a for a in traffic.answers if cut_at <= a.sent_s <= healed_at]
+    assert all(a.backend == "local" for a in during if a.sent_s > cut_at + 5.0)
+    measured["partition"] = {
+        "requests": traffic.sent,
+        "statuses": dict(codes),
+        "remote_status_seen": sorted(statuses - {"ready"}),
+        "retried_on_local": len(retried()),
+        "remote_predicted_p99_ms_at_end": round(
+            (await admin.routes())["remote"].predicted_p99_ms, 1
+        ),
+        "worst_latency_during_partition_ms": round(max(a.latency_s for a in during) * 1000, 1),
+        "ready_after_heal_s": round(back_at - healed_at, 1),
+        "remote_predicted_p99_ms_after_heal": round(predicted_after_ms, 1),
+    }
+
+
+async def test_traffic_leaves_a_backend_whose_latency_jumps_tenfold(
+    mixed: Mixed, mixed_clients: tuple[grpc.aio.Channel, Admin], measured: dict[str, Any]
+) -> None:
+    channel, admin = mixed_clients
+    traffic = Traffic(channel).start()
+    loop = asyncio.get_running_loop()
+    try:
+        await wait_until(lambda: traffic.answered_by("remote") >= 10, what="traffic on remote")
+        before_ms = (await admin.routes())["remote"].predicted_p99_ms
+        # The remote backend restarts on slower hardware behind the same address: the
+        # proxy sends new connections to a worker ten times slower, and the old one
+        # stops gracefully (its connections close, the gateway reconnects).
+        fast = mixed.remotes[-1]
+        mixed.proxy.retarget(mixed.start_remote(REMOTE_LATENCY_MS * 10))
+        jumped_at = loop.time()
+        fast.terminate()
+        await asyncio.to_thread(fast.wait, 15)
+
+        async def moved() -> bool:
+            latest = traffic.latest(20)
+            routes = await admin.routes()
+            return (
+                routes["remote"].status == "ready"
+                and len(latest) == 20
+                and all(a.sent_s > jumped_at and a.backend == "local" for a in latest)
+            )
+
+        await wait_until(moved, timeout_s=30, what="traffic moved to local, remote ready")
+    finally:
+        await traffic.stop()
+    codes = traffic.check()
+    after_ms = (await admin.routes())["remote"].predicted_p99_ms
+    assert after_ms > DIGITS_SLA_MS > before_ms
+    measured["latency_jump"] = {
+        "requests": traffic.sent,
+        "statuses": dict(codes),
+        "remote_predicted_p99_ms": [round(before_ms, 1), round(after_ms, 1)],
+        "answered_by_remote_after_jump": traffic.answered_by("remote", jumped_at),
+        "answered_by_local_after_jump": traffic.answered_by("local", jumped_at),
+    }
+
+
+async def test_a_restarted_gateway_restores_price_and_drain_and_traffic_follows(
+    mixed: Mixed, mixed_clients: tuple[grpc.aio.Channel, Admin]
+) -> None:
+    _, admin = mixed_clients
+    price = await admin.stub.SetPrice(
+        apb.SetPriceRequest(backend="remote", usd_per_hour=1.0), metadata=AUTH, timeout=10
+    )
+    assert price.price_usd_per_hour == 1.0
+    drained = await admin.stub.Drain(apb.DrainRequest(backend="local"), metadata=AUTH, timeout=10)
+    assert drained.status == "drained"
+    await admin.close()
+
+    await asyncio.to_thread(stop, mixed.gateway)
+    again = mixed.workdir / "again"
+    again.mkdir()
+    mixed.gateway = await asyncio.to_thread(start_serve, mixed.fleet, again)
+
+    listed = await asyncio.to_thread(mixed.gateway.admin, "--json", "routes", "--model", "digits")
+    assert listed.returncode == 0, listed.stderr
+    routes = {r["backend"]: r for r in json.loads(listed.stdout)["routes"]}
+    assert routes["remote"]["price_usd_per_hour"] == 1.0
+    assert routes["local"]["status"] == "drained"
+    admin = Admin(mixed.gateway)
+    async with grpc.aio.insecure_channel(mixed.gateway.address) as channel:
+        traffic = Traffic(channel)
+        await wait_until(
+            lambda: _ready(admin, "remote"), timeout_s=30, what="remote ready after the restart"
+        )
+        drained_answers = [await traffic.send() for _ in range(10)]
+        assert {(a.code, a.backend) for a in drained_answers} == {(OK, "remote")}
+        await admin.stub.Undrain(apb.DrainRequest(backend="local"), metadata=AUTH, timeout=10)
+        await wait_until(lambda: _ready(admin, "local"), timeout_s=30, what="local ready")
+        # The kept price makes local the cheaper route now.
+        priced_answers = [await traffic.send() for _ in range(10)]
+        assert {(a.code, a.backend) for a in priced_answers} == {(OK, "local")}
+    await admin.close()
+    assert "admin API changes kept in" in mixed.gateway.log()
+
+
+async def _ready(admin: Admin, backend: str) -> bool:
+    return (await admin.routes())[backend].status == "ready"
