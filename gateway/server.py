@@ -440,6 +440,7 @@ async def serve(
                     "address": gateway.address,
                     "metrics_port": gateway.metrics_port,
                     "admin": gateway.admin_address,
+                    "probes_port": None if gateway.probes is None else gateway.probes.port,
                     "backends": {
                         b.name: {"address": b.address, "healthy": b.healthy}
                         for b in gateway.fleet.backends.values()

@@ -97,7 +97,7 @@ class Round:
         ]
 
 
-def _request(repository: Path, model: str) -> pb.ModelInferRequest:
+def flood_request(repository: Path, model: str) -> pb.ModelInferRequest:
     """One row of the model's first sample input (a model of one input)."""
     samples = repository / model / "samples" / "inputs.npz"
     with np.load(samples) as data:
@@ -217,7 +217,7 @@ async def one_round(args: argparse.Namespace, target: str, work: Path, n: int) -
     return Round(result, probes)
 
 
-def _latency_row(label: str, probes: Sequence[Probe]) -> list[str]:
+def latency_row(label: str, probes: Sequence[Probe]) -> list[str]:
     ms = [p.latency_ms for p in probes]
     failed = Counter(p.code for p in probes if p.code != "OK")
     slow = sum(1 for v in ms if v > KUBERNETES_PROBE_TIMEOUT_S * 1000)
@@ -235,10 +235,10 @@ def _latency_row(label: str, probes: Sequence[Probe]) -> list[str]:
 def section(args: argparse.Namespace, rounds: Sequence[Round], took_s: float) -> str:
     quiet = [p for r in rounds for p in r.probes if p.sent_s < r.flood.fired_s]
     latency_rows = [
-        _latency_row("ServerReady, quiet", [p for p in quiet if p.kind == "ready"]),
-        _latency_row("ServerReady, flooded", [p for r in rounds for p in r.during("ready")]),
-        _latency_row("health Check, quiet", [p for p in quiet if p.kind == "health"]),
-        _latency_row("health Check, flooded", [p for r in rounds for p in r.during("health")]),
+        latency_row("ServerReady, quiet", [p for p in quiet if p.kind == "ready"]),
+        latency_row("ServerReady, flooded", [p for r in rounds for p in r.during("ready")]),
+        latency_row("health Check, quiet", [p for p in quiet if p.kind == "health"]),
+        latency_row("health Check, flooded", [p for r in rounds for p in r.during("health")]),
     ]
     flood_rows = []
     for i, r in enumerate(rounds, 1):
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--target", required=True, help="HOST:PORT of a v2 gRPC server")
         add_common(parser)
         args = parser.parse_args(argv[1:])
-        request = _request(args.repository, args.model)
+        request = flood_request(args.repository, args.model)
         result = asyncio.run(flood(args.target, request, args.requests, args.channels))
         print(json.dumps(asdict(result)), flush=True)
         return 0
