@@ -151,8 +151,9 @@ async def flood(
     )
 
 
-async def probe_until(target: str, stop: asyncio.Event) -> list[Probe]:
-    """ServerReady and health Check, one after the other, until `stop` is set."""
+async def probe_until(target: str, stop: asyncio.Event, interval_s: float = 0.005) -> list[Probe]:
+    """ServerReady and health Check, one after the other (`interval_s` apart), until
+    `stop` is set."""
     probes: list[Probe] = []
     async with grpc.aio.insecure_channel(target) as channel:
         inference = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -179,7 +180,7 @@ async def probe_until(target: str, stop: asyncio.Event) -> list[Probe]:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             probes.append(Probe(kind, sent, (time.monotonic() - sent) * 1000, code))
-            await asyncio.sleep(0.005)  # a probe every few ms: the flood gets the CPU
+            await asyncio.sleep(interval_s)  # a probe every few ms: the flood gets the CPU
     return probes
 
 
