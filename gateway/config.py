@@ -146,15 +146,14 @@ class GatewaySettings(_Strict):
     deposits this, each retry or hedge takes one)."""
     retry_budget_min_per_s: float = Field(10.0, ge=0)
     """Retries a second allowed whatever the traffic."""
-    attempt_timeout_factor: float = Field(4.0, ge=0)
-    """An attempt running longer than this many times its route's predicted p99 counts
-    as a failure at its backend, and the request is retried on another route while the
-    attempt keeps running (a hung backend costs a request about this, not its
-    deadline); 0: off."""
-    attempt_timeout_min_ms: float = Field(1000.0, ge=0)
-    """The attempt timeout's floor: well above what a busy host's scheduler, a garbage
-    collection or a new connection's handshakes add to a call, so those are not taken
-    for a hung backend (each counts toward ejecting it)."""
+    attempt_timeout_slack_s: float = Field(1.0, ge=0)
+    """An attempt still running this long past its route's predicted p99 (as predicted
+    when it was sent, queue wait included) counts as a failure at its backend, and the
+    request is retried on another route while the attempt keeps running: a hung backend
+    (stopped, deadlocked, partitioned) costs a request its route's p99 plus this, not
+    its deadline. The default matches the default probe interval; far below it, a busy
+    host's stalls (scheduler, garbage collection, a new connection's handshakes) pass
+    for hung backends and count against them. 0: off."""
     max_concurrent_rpcs: int = Field(10_000, ge=0)
     """Calls the inference listener takes at once (health and readiness checks among
     them); past it gRPC answers RESOURCE_EXHAUSTED at once. Set it above what the

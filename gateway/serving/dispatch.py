@@ -7,8 +7,8 @@ failure the next route of the decision's alternatives (ranked when the retry goe
 by the load of that moment; a baseline's decision chooses again) while the policy's
 retries and the deadline allow; with hedging, a second attempt when the first runs
 past its predicted p95 (the first answer wins, the others are abandoned); at the
-deadline, DeadlineExceeded. An attempt that runs past its timeout (a multiple of its
-route's predicted p99, see `AttemptTimeout`) counts against its backend and, where
+deadline, DeadlineExceeded. An attempt that runs past its timeout (its route's
+predicted p99 plus a slack, see `AttemptTimeout`) counts against its backend and, where
 another route and the retry budget allow, is retried there while it keeps running (a
 hung backend costs a request about its timeout, not its deadline). Retries and hedges
 draw on one `RetryBudget` and skip backends that gRPC's retry throttling holds back.
@@ -53,11 +53,10 @@ from gateway.routing.router import (
 @dataclass(frozen=True, slots=True)
 class AttemptTimeout:
     """How long one attempt may run before it counts as failed at its backend and
-    the request is retried elsewhere: `factor` x its route's predicted p99 when sent
-    (queue wait included), at least `min_ms`; never past the caller's deadline."""
+    the request is retried elsewhere: its route's predicted p99 when sent (queue wait
+    included) plus `slack_ms`; never past the caller's deadline."""
 
-    factor: float = 4.0
-    min_ms: float = 1000.0
+    slack_ms: float = 1000.0
 
     def after_ms(
         self,
@@ -80,7 +79,7 @@ class AttemptTimeout:
             service_ms = est.quantile_ms(max(99.0, policy.percentile))
             factor = batch_factor(batch_size, route.row_fraction)
             predicted_ms = predicted(state.network.rtt_ms, service_ms, factor, wait_ms)
-        return max(self.min_ms, self.factor * predicted_ms)
+        return predicted_ms + self.slack_ms
 
 
 class AttemptTimedOut(Exception):
@@ -210,11 +209,8 @@ class Dispatcher:
         """Takes the retry budget and attempt timeout the gateway's settings say, and
         `throttle` (gRPC's retry throttling, whose tokens the fleet state keeps)."""
         self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_s)
-        self.attempt_timeout = (
-            AttemptTimeout(settings.attempt_timeout_factor, settings.attempt_timeout_min_ms)
-            if settings.attempt_timeout_factor > 0.0
-            else None
-        )
+        slack_s = settings.attempt_timeout_slack_s
+        self.attempt_timeout = AttemptTimeout(slack_s * 1000.0) if slack_s > 0.0 else None
         self.throttle = throttle
 
     # ---- a job's life -------------------------------------------------------------------

@@ -275,7 +275,7 @@ class ModelledFleet(Observer):
         # The live gateway's retry budget, at its default. No attempt timeouts: no
         # modelled backend hangs, and under modelled overload they would only move
         # a baseline's queue about (each would cost a full queue prediction per send).
-        self.dispatcher.guard(GatewaySettings(attempt_timeout_factor=0))
+        self.dispatcher.guard(GatewaySettings(attempt_timeout_slack_s=0))
         self.set_policies = set_policies
         self.states = states
         self.rtts = rtts

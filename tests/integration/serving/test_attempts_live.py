@@ -42,7 +42,7 @@ def config(
     # requests' alone; no attempt timeouts: a slow refusal on a busy host is still
     # one attempt, answered (timeouts have their own tests).
     fleet = fleet_config(
-        backends, **{"latency_probe_interval_s": 0, "attempt_timeout_factor": 0, **gateway}
+        backends, **{"latency_probe_interval_s": 0, "attempt_timeout_slack_s": 0, **gateway}
     )
     policies = PoliciesSettings.model_validate({"default": {"latency_ms": 1000, **policy}})
     return fleet.model_copy(update={"policies": policies})

@@ -27,7 +27,7 @@ async def test_a_full_queue_sheds_at_once_with_a_retry_hint(repository: Path) ->
             {"only": (worker.address, 0.1)},
             latency_probe_interval_s=0,
             backend_queue_limit=1,
-            attempt_timeout_factor=0,
+            attempt_timeout_slack_s=0,
         )
     )
     try:

@@ -285,17 +285,17 @@ def test_a_late_report_after_the_end_changes_nothing_but_its_slot() -> None:
 
 
 def test_an_attempt_past_its_timeout_counts_once_and_the_request_goes_on_elsewhere() -> None:
-    """A hung backend: at 4x its route's predicted p99 (at least 50 ms) the attempt
+    """A hung backend: at its route's predicted p99 plus the slack (50 ms) the attempt
     counts against it, and the request is retried on the next route while the slow
     attempt keeps running; the first answer wins and the loser is given up uncounted."""
     rig = Rig()
-    rig.dispatcher.attempt_timeout = AttemptTimeout(factor=4.0, min_ms=50.0)
+    rig.dispatcher.attempt_timeout = AttemptTimeout(slack_ms=50.0)
     hung, other = route("hung", 0.1, p50=10.0, p99=20.0), route("other", 5.0)
     p99_ms = predict_ms(hung, 99.0, 0.0, 1, 100.0)
     job = rig.start([hung, other], Policy(latency_ms=100))
     (first,) = rig.transport.sent
     assert first.route is hung
-    assert first.timeout_at_s == pytest.approx(4 * p99_ms / 1000)
+    assert first.timeout_at_s == pytest.approx((p99_ms + 50.0) / 1000)
     rig.timers.advance(0.99 * first.timeout_at_s)
     assert len(rig.transport.sent) == 1
     rig.timers.advance(first.timeout_at_s + 0.001)
@@ -313,7 +313,7 @@ def test_an_attempt_past_its_timeout_counts_once_and_the_request_goes_on_elsewhe
 
 def test_a_timed_out_attempt_with_nowhere_else_to_go_keeps_running() -> None:
     rig = Rig()
-    rig.dispatcher.attempt_timeout = AttemptTimeout(factor=4.0, min_ms=50.0)
+    rig.dispatcher.attempt_timeout = AttemptTimeout(slack_ms=50.0)
     only = route("only", 0.1)
     job = rig.start([only], Policy(latency_ms=100))
     rig.timers.advance(1.0)
@@ -353,7 +353,7 @@ def test_a_timed_out_attempt_is_never_retried_on_its_own_route() -> None:
     """A baseline chooses again on a retry, and would choose the same (overloaded or
     hung) route: the retry is not sent there a second time."""
     rig = Rig()
-    rig.dispatcher.attempt_timeout = AttemptTimeout(factor=4.0, min_ms=50.0)
+    rig.dispatcher.attempt_timeout = AttemptTimeout(slack_ms=50.0)
     fast, slow = route("fast", 0.4, p50=1.0, p99=2.0), route("slow", 0.1, p50=5.0, p99=9.0)
     job = rig.start([fast, slow], Policy(latency_ms=100), chooser=fastest_only)
     (first,) = rig.transport.sent
