@@ -7,8 +7,9 @@ its turn behind them, and a probe that times out takes a healthy gateway out of
 service just when it is loaded. This port is a separate gRPC server run by a small
 thread pool (not the event loop), serving `grpc.health.v1` and the Open Inference
 Protocol's ServerLive and ServerReady, from a readiness flag the event loop sets
-whenever the fleet's health changes. Its answers take a thread and the interpreter
-lock for a moment, never a turn of the event loop.
+whenever the fleet's health changes (health's `liveness` service is SERVING throughout).
+Its answers take a thread and the interpreter lock for a moment, never a turn of the
+event loop.
 
 The gRPC edge: imports grpc, the health service and generated stubs; it reads no
 fleet state of its own (the flag is set from the event loop).
@@ -26,6 +27,11 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
 SERVICE = "inference.GRPCInferenceService"
+LIVENESS_SERVICE = "liveness"
+"""A grpc.health.v1 service name answered SERVING for as long as the port serves, whatever
+the readiness: the name for a Kubernetes liveness probe (`grpc: {port: ..., service:
+liveness}`). A gateway whose backends are all down is not ready, but restarting it would
+not bring them back."""
 
 
 class _Readiness(pb_grpc.GRPCInferenceServiceServicer):
@@ -62,6 +68,7 @@ class ProbePort:
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, credentials)
+        self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.set_ready(False)
 
     def start(self) -> None:

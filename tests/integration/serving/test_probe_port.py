@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.server import start_gateway
+from gateway.serving.probes import LIVENESS_SERVICE
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, fleet_config
@@ -86,5 +87,11 @@ async def test_probes_answer_while_the_event_loop_is_busy(
 
         await wait_until(not_ready, timeout_s=20, what="the probes to say not ready")
         assert ready_on(probes, 2.0)[1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Liveness (Kubernetes' liveness probe) stays SERVING: a restart would not help.
+        with grpc.insecure_channel(probes) as channel:
+            live = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=2.0
+            )
+        assert live.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await gw.stop()
