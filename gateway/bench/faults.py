@@ -66,8 +66,10 @@ def section(figures: Mapping[str, Any], took_s: float, passed: bool) -> str:
     ]
     if kill:
         lines.append(
-            f"| kill -9 of the worker taking traffic | {kill['requests']} | "
-            f"{_statuses(kill['statuses'])} | {_lost(kill)} | worst latency "
+            f"| kill -9 of the worker taking traffic (stopped a moment first, so requests are "
+            f"in flight there) | {kill['requests']} | "
+            f"{_statuses(kill['statuses'])} | {_lost(kill)} | {kill['retried_on_b']} "
+            "requests in flight there retried on the other; worst latency "
             f"{kill['worst_latency_ms']} ms; restarted and taking traffic again |"
         )
     if stop:

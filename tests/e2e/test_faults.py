@@ -191,7 +191,8 @@ class Admin:
 
 
 def ejections(gateway: RunningGateway) -> float:
-    """switchyard_backend_ejections_total, summed over backends, from /metrics."""
+    """switchyard_backend_ejections_total, summed over backends, from /metrics (no
+    line at all before a first ejection: 0)."""
     url = f"http://127.0.0.1:{gateway.info['metrics_port']}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
@@ -262,6 +263,7 @@ async def test_deadline_storm_ejects_nothing(
 ) -> None:
     channel, admin = clients
     before = ejections(pair)
+    failures = {name: r.failures for name, r in (await admin.routes()).items()}
     storm = Traffic(channel, timeout_s=0.0005)
     # 60 requests with a 0.5 ms deadline, all at once: each expires at the client, in
     # the gateway or in a worker, which is the caller's doing, never the backend's.
@@ -273,6 +275,8 @@ async def test_deadline_storm_ejects_nothing(
     assert plain.check() == {"OK": 40}
     assert ejections(pair) == before
     assert await admin.all_ready()
+    # Not one attempt counted against a backend.
+    assert {name: r.failures for name, r in (await admin.routes()).items()} == failures
     measured["deadline_storm"] = {
         "storm": dict(storm_codes),
         "plain_ok": 40,
@@ -325,8 +329,16 @@ async def test_kill_9_of_a_worker_under_traffic_loses_no_request(
     try:
         await wait_until(lambda: traffic.answered_by("a") >= 10, what="traffic on a")
         killed = (await admin.pids())["a"]
-        killed_at = loop.time()
-        os.kill(killed, signal.SIGKILL)
+        # Stopped a moment first, so that requests are in flight there at the kill
+        # for certain (at this rate a request of a few ms is seldom caught otherwise).
+        os.kill(killed, signal.SIGSTOP)
+        try:
+            await wait_until(
+                lambda: _in_flight(admin, "a", 3), what="requests held by the stopped a"
+            )
+        finally:
+            killed_at = loop.time()
+            os.kill(killed, signal.SIGKILL)
 
         async def back() -> bool:
             pid = (await admin.pids()).get("a", 0)
@@ -342,10 +354,13 @@ async def test_kill_9_of_a_worker_under_traffic_loses_no_request(
         await traffic.stop()
     codes = traffic.check(no_route=True)
     assert all(a.code == OK for a in traffic.answers if a.sent_s < killed_at)
+    retried = [a for a in traffic.answers if a.attempts > 1]
+    assert retried and {a.backend for a in retried} == {"b"}
     measured["kill_9"] = {
         "requests": traffic.sent,
         "statuses": dict(codes),
         "answered_by_b_after_kill": traffic.answered_by("b", killed_at),
+        "retried_on_b": len(retried),
         "worst_latency_ms": round(max(a.latency_s for a in traffic.answers) * 1000, 1),
     }
 
@@ -487,7 +502,10 @@ async def test_a_partitioned_backend_is_routed_around_and_comes_back_when_healed
     loop = asyncio.get_running_loop()
     statuses: set[str] = set()  # the remote route's, during the partition
     try:
-        await wait_until(lambda: traffic.answered_by("remote") >= 10, what="traffic on remote")
+        await wait_until(
+            lambda: [a.backend for a in traffic.latest(10)] == ["remote"] * 10,
+            what="traffic on remote",
+        )
         mixed.proxy.blackhole()
         cut_at = loop.time()
 
@@ -632,6 +650,10 @@ async def test_a_restarted_gateway_restores_price_and_drain_and_traffic_follows(
         assert {(a.code, a.backend) for a in priced_answers} == {(OK, "local")}
     await admin.close()
     assert "admin API changes kept in" in mixed.gateway.log()
+
+
+async def _in_flight(admin: Admin, backend: str, at_least: int) -> bool:
+    return (await admin.routes())[backend].in_flight >= at_least
 
 
 async def _ready(admin: Admin, backend: str) -> bool:
