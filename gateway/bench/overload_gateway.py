@@ -101,6 +101,8 @@ class Sent:
     answered_s: list[float | None]
     """None: no answer when the sender gave up."""
     codes: list[str]
+    pushback_ms: list[int | None]
+    """Each answer's `grpc-retry-pushback-ms` trailer (None: none)."""
     messages: dict[str, int]
     """`CODE: message` of the answers but OK -> how many."""
     pushback: int
@@ -121,6 +123,7 @@ class _Calls:
         self.sent: list[float] = []
         self.answered: list[float | None] = []
         self.codes: list[str] = []
+        self.pushback_ms: list[int | None] = []
         self.messages: Counter[str] = Counter()
         self.pushback = 0
 
@@ -135,6 +138,7 @@ class _Calls:
         self.sent.append(time.monotonic())
         self.answered.append(None)
         self.codes.append("UNANSWERED")
+        self.pushback_ms.append(None)
         return self._answer(i, call)
 
     async def _answer(self, i: int, call: Any) -> float:
@@ -151,7 +155,9 @@ class _Calls:
             if PUSHBACK_KEY in trailers:
                 self.pushback += 1
                 with contextlib.suppress(ValueError):
-                    hint_s = int(trailers[PUSHBACK_KEY]) / 1000
+                    hint_ms = int(trailers[PUSHBACK_KEY])
+                    self.pushback_ms[i] = hint_ms
+                    hint_s = hint_ms / 1000
         self.answered[i] = time.monotonic()
         return hint_s
 
@@ -166,6 +172,7 @@ class _Calls:
             self.sent,
             self.answered,
             self.codes,
+            self.pushback_ms,
             dict(self.messages),
             self.pushback,
         )
@@ -220,6 +227,15 @@ async def send_closed_loop(
     return calls.result(0.0, start)
 
 
+def flood_payload(repository: Path, model: str, sla_ms: float | None = None) -> bytes:
+    """The serialized ModelInferRequest every call sends (one sample row), with an
+    `sla_ms` parameter when given."""
+    request = flood_request(repository, model)
+    if sla_ms is not None:
+        request.parameters["sla_ms"].double_param = sla_ms
+    return bytes(request.SerializeToString())
+
+
 def send_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.bench.overload_gateway send")
     parser.add_argument("--target", required=True, help="HOST:PORT of a v2 gRPC server")
@@ -235,10 +251,7 @@ def send_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="where the JSON record goes")
     args = parser.parse_args(argv)
-    request = flood_request(args.repository, args.model)
-    if args.sla_ms is not None:
-        request.parameters["sla_ms"].double_param = args.sla_ms
-    payload = request.SerializeToString()
+    payload = flood_payload(args.repository, args.model, args.sla_ms)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -483,9 +496,11 @@ def figures(sent: Sent) -> Figures:
     for message, count in sent.messages.items():
         if message.startswith("RESOURCE_EXHAUSTED"):
             reasons[_shed_reason(message)] += count
-    lag_ms = [
-        (s - (sent.scheduled_s + i / sent.rate_per_s)) * 1000 for i, s in enumerate(sent.sent_s)
-    ]
+    lag_ms = (  # open loop only: a closed loop has no schedule
+        [(s - (sent.scheduled_s + i / sent.rate_per_s)) * 1000 for i, s in enumerate(sent.sent_s)]
+        if sent.rate_per_s > 0
+        else []
+    )
     answered = [a for a in sent.answered_s if a is not None]
     first, last = sent.sent_s[0], sent.sent_s[-1]
     return Figures(
