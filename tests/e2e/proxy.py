@@ -23,8 +23,6 @@ class Proxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.address = ""
-        self.connections = 0
-        """Connections accepted so far."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._open = asyncio.Event()
@@ -52,6 +50,7 @@ class Proxy:
         self._call(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
@@ -69,7 +68,6 @@ class Proxy:
         self._open.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
         self._writers.add(writer)
         try:
             await self._open.wait()  # a partitioned connection reaches nothing
