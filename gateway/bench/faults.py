@@ -91,10 +91,12 @@ def section(figures: Mapping[str, Any], took_s: float, passed: bool) -> str:
         )
     if jump:
         before, after = jump["remote_predicted_p99_ms"]
+        slow_ms = jump["remote_emulated_ms"]
         lines.append(
             f"| tenfold latency jump of the remote backend | {jump['requests']} | "
-            f"{_statuses(jump['statuses'])} | {_lost(jump)} | its predicted p99 {before} -> "
-            f"{after} ms; traffic moved to local |"
+            f"{_statuses(jump['statuses'])} | {_lost(jump)} | emulated service "
+            f"{slow_ms[0]:g} -> {slow_ms[1]:g} ms, its predicted p99 {before} -> {after} ms "
+            f"against digits' SLA {jump['sla_ms']:g} ms; traffic moved to local |"
         )
     if storm:
         lines.append(
