@@ -115,11 +115,9 @@ def section(figures: Mapping[str, Any], took_s: float, passed: bool) -> str:
     if stop:
         notes.append(
             "- SIGSTOP: the requests sent to the stopped worker before its probes failed "
-            "waited for the attempt timeout (4x the route's predicted p99, at least "
-            "`attempt_timeout_min_ms`, 1 s), then were answered by the other worker: the "
-            "worst latency is that floor, not the target of predicted p99 + one probe "
-            "interval. A lower floor would meet it, at the price of counting a busy host's "
-            "stalls against healthy backends. No request waited for its deadline."
+            "waited for the attempt timeout (their route's predicted p99 plus "
+            "`attempt_timeout_slack_s`, set here to the probe interval), then were answered "
+            "by the other worker. No request waited for its deadline."
         )
     if burst:
         notes.append(
