@@ -65,6 +65,7 @@ from gateway.loadtest.records import NO_ROUTE, FiredEvent, Records, Stream
 from gateway.routing.fleet import ModelInfo
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import RouteRequest
+from gateway.security import ChannelSecurity, client_security, secure_channel
 from gateway.serving.prober import describe
 from gateway.sim.arrivals import Trace, make_trace
 from gateway.sim.scenario import (
@@ -253,10 +254,18 @@ class AdminEvents:
 class Run:
     """One open-loop run of a plan against the gateway at `target`."""
 
-    def __init__(self, plan: Plan, target: str, payloads: list[bytes]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        target: str,
+        payloads: list[bytes],
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.plan = plan
         self.target = target
         self.payloads = payloads
+        self.security = security
+        """How the channels to the gateway are secured (None: plaintext)."""
         n = len(plan.trace)
         self.records = Records(
             streams=plan.streams,
@@ -353,9 +362,7 @@ class Run:
             # Each channel its own connection, not one shared subchannel.
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        channels = [
-            grpc.aio.insecure_channel(self.target, options=options) for _ in range(CHANNELS)
-        ]
+        channels = [secure_channel(self.target, self.security, options) for _ in range(CHANNELS)]
         calls = [c.unary_unary(INFER_METHOD) for c in channels]
         loop = asyncio.get_running_loop()
         times: list[float] = self.plan.trace.times.tolist()
@@ -553,23 +560,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, nargs="+", default=None, help="pin to these CPUs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no live view")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="CA certificates (PEM) of a gateway that listens with TLS (gateway.tls)",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="client certificate (PEM), for mTLS"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    parser.add_argument(
+        "--tls-server-name", default=None, help="the name the gateway's certificate carries"
+    )
 
 
-def _admin_for(args: argparse.Namespace, scenario: Scenario) -> AdminClient | None:
+def _admin_for(
+    args: argparse.Namespace, scenario: Scenario, security: ChannelSecurity | None
+) -> AdminClient | None:
+    """The admin API's client for the scenario's events and baselines (over TLS with
+    `security`, as the gateway's listeners share gateway.tls)."""
     fleet = args.config if args.config is not None else scenario.live.fleet
     target, token = admin_access(fleet, args.admin, args.token_file)
     if token is None:
         if scenario.events or args.baseline:
             raise no_token("the scenario's events and baselines need the admin API")
         return None
-    return AdminClient(target, token)
+    return AdminClient(target, token, security=security)
 
 
-async def _payloads(target: str, plan: Plan) -> list[bytes]:
+async def _payloads(
+    target: str, plan: Plan, security: ChannelSecurity | None = None
+) -> list[bytes]:
     """Each stream's request, serialized once: zeros in the shapes the target describes
     (backends.protocol.codec.zeros_request, the prober's rule), with the stream's
     `sla_class` and `sla_ms`."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with secure_channel(target, security) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         cache: dict[str, ModelInfo] = {}
         payloads = []
@@ -602,8 +628,11 @@ async def _payloads(target: str, plan: Plan) -> list[bytes]:
 async def _main(args: argparse.Namespace, console: Console) -> int:
     scenario = load_scenario(args.scenario)
     plan = make_plan(scenario, args.short, args.rate_scale)
-    admin = _admin_for(args, scenario)
-    payloads = await _payloads(args.target, plan)
+    security = None
+    if args.tls_ca is not None or args.tls_cert is not None:
+        security = client_security(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    admin = _admin_for(args, scenario, security)
+    payloads = await _payloads(args.target, plan, security)
     live_backends: set[str] = set()
     if admin is not None:
         try:
@@ -627,7 +656,7 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
                         style="yellow",
                     )
                 saved = await set_up(admin, plan, routing, console)
-            run = Run(plan, args.target, payloads)
+            run = Run(plan, args.target, payloads, security)
             view = None
             if not args.quiet and not args.json and console.is_terminal:
                 view = LiveView(console, f"{plan.scenario.scenario} [{routing}]")

@@ -248,3 +248,35 @@ def test_serve_refuses_a_plaintext_admin_api_beyond_loopback(
     )
     assert run.returncode == 1
     assert "gateway.admin 0.0.0.0:0 is not a loopback address" in run.stderr
+
+
+def test_load_generator_over_tls(tls_served: RunningGateway, pki: PKI, tmp_path: Path) -> None:
+    """`switchyard load --tls-ca` drives a gateway that listens with TLS; without it the
+    same run cannot reach the gateway."""
+    scenario = tmp_path / "tls.yaml"
+    scenario.write_text(
+        "scenario: tls\n"
+        "duration_s: 2\n"
+        "backends:\n"
+        "  - {name: small, price_usd_per_hour: 0.04, models: {digits: {p50_ms: 1, p99_ms: 2}}}\n"
+        "traffic:\n"
+        "  - {model: digits, rate_per_s: 20, arrivals: constant}\n"
+        "thresholds:\n"
+        "  live: {max_error_fraction: 0}\n"
+    )
+    command = [
+        sys.executable, "-m", "gateway.cli", "load", "--target", tls_served.address,
+        "--scenario", str(scenario), "--json", "--quiet",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "SWITCHYARD_ADMIN_TOKEN"}
+    run = subprocess.run(
+        [*command, "--tls-ca", str(pki.ca_file)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["requests"] == 40 and summary["ok"] == 40, summary
+    assert summary["lost"] == 0
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    assert "UNAVAILABLE" in plain.stdout + plain.stderr
