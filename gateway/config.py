@@ -101,8 +101,8 @@ class GatewaySettings(_Strict):
     """TLS (mTLS with `client_ca_file`) on the inference and admin endpoints;
     default: plaintext."""
     metrics_tls: bool = False
-    """Serve metrics over TLS too, with `tls`'s files (read once, at start); default:
-    plaintext, as most Prometheus set-ups scrape."""
+    """Serve metrics over TLS too, with `tls`'s files (read again after they change, as
+    the other listeners'); default: plaintext, as most Prometheus set-ups scrape."""
     max_message_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest request or response accepted; larger requests get RESOURCE_EXHAUSTED."""
     probe_interval_s: float = Field(1.0, gt=0)

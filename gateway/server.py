@@ -49,8 +49,9 @@ from gateway.security import (
     backend_security,
     is_loopback,
     server_credentials,
+    ssl_server_context,
 )
-from gateway.serving.metrics import GatewayMetrics
+from gateway.serving.metrics import GatewayMetrics, serve_metrics_tls
 from gateway.serving.pool import BackendPool
 from gateway.serving.prober import Prober
 from gateway.serving.probes import ProbePort
@@ -314,18 +315,17 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {settings.listen}: {exc}") from exc
     host, metrics_port_text = settings.metrics.rsplit(":", 1)
-    metrics_tls: dict[str, Any] = {}
-    if settings.metrics_tls and settings.tls is not None:
-        metrics_tls = {
-            "certfile": str(settings.tls.cert_file),
-            "keyfile": str(settings.tls.key_file),
-            "client_cafile": settings.tls.client_ca_file and str(settings.tls.client_ca_file),
-            "client_auth_required": settings.tls.client_ca_file is not None,
-        }
     try:
-        metrics_server, _ = start_http_server(
-            int(metrics_port_text), addr=host, registry=registry, **metrics_tls
-        )
+        metrics_server: Any
+        if settings.metrics_tls and settings.tls is not None:
+            # The listener's context: its files are read again after they change.
+            metrics_server = serve_metrics_tls(
+                host, int(metrics_port_text), registry, ssl_server_context(settings.tls)
+            )
+        else:
+            metrics_server, _ = start_http_server(
+                int(metrics_port_text), addr=host, registry=registry
+            )
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {settings.metrics}: {exc}") from exc
 

@@ -1,11 +1,17 @@
 """Prometheus metrics of the gateway, on a registry passed in (never the global one).
 
-Imports prometheus_client only: no grpc, no protobuf, and never the global registry.
+Imports prometheus_client and the standard library's HTTP server only: no grpc, no
+protobuf, and never the global registry.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import ssl
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -135,3 +141,27 @@ class GatewayMetrics:
             ["model", "reason"],
             registry=registry,
         )
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
+def serve_metrics_tls(
+    host: str, port: int, registry: CollectorRegistry, context: ssl.SSLContext
+) -> WSGIServer:
+    """/metrics over TLS on `host:port` from threads of its own, with `context` (the
+    gateway's listener context, whose files are read again by the first connection
+    after they change: prometheus-client's own TLS option reads them once). Returns
+    the server (`server_port`; `shutdown()` stops it)."""
+    server = make_server(
+        host, port, make_wsgi_app(registry), _ThreadingServer, handler_class=_QuietHandler
+    )
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

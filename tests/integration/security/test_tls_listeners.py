@@ -234,7 +234,8 @@ async def test_certificate_files_that_do_not_load_stop_the_start(
 
 
 async def test_metrics_over_tls(two_workers: tuple[Worker, Worker], pki: PKI) -> None:
-    gateway = await start_tls_gateway(two_workers, pki.server(), metrics_tls=True)
+    first = pki.server()
+    gateway = await start_tls_gateway(two_workers, first, metrics_tls=True)
     try:
         context = ssl.create_default_context(cafile=str(pki.ca_file))
 
@@ -246,6 +247,14 @@ async def test_metrics_over_tls(two_workers: tuple[Worker, Worker], pki: PKI) ->
         assert "switchyard_backend_healthy" in await asyncio.to_thread(get, "https")
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             await asyncio.to_thread(get, "http")
+        # Its certificate is read again after the files change, as the gRPC listeners' is.
+        metrics = f"127.0.0.1:{gateway.metrics_port}"
+        assert await peer_serial(metrics) == first.serial
+        rotated = pki.server("rotated-metrics")
+        replace_atomically(first.key_file, rotated.key_file.read_bytes())
+        replace_atomically(first.cert_file, rotated.cert_file.read_bytes())
+        assert await peer_serial(metrics) == rotated.serial
+        assert "switchyard_backend_healthy" in await asyncio.to_thread(get, "https")
     finally:
         await gateway.stop()
 
