@@ -539,14 +539,17 @@ class FleetState:
         if changed:
             self._rebuild()
 
-    def record_failure(self, backend: str, now_s: float, error: str) -> None:
-        """A failed probe or a refused connection: the backend leaves the routes
-        until a probe finds it ready again."""
+    def record_failure(
+        self, backend: str, now_s: float, error: str, confirm_after: int = 1
+    ) -> None:
+        """A failed probe or a refused connection: once `confirm_after` in a row, the
+        backend leaves the routes until a probe finds it ready again."""
         state = self.backends[backend]
-        state.healthy = False
         state.last_probe_s = now_s
         state.last_error = error
         state.consecutive_failures += 1
+        if state.consecutive_failures >= confirm_after:
+            state.healthy = False
         state.refresh()
 
     def record_attempt(self, route: Route, ok: bool | None, now_s: float, error: str = "") -> bool:

@@ -125,8 +125,17 @@ class Prober:
                 error = f"probe failed: {type(exc).__name__}: {str(exc)[:200]}"
                 if backend.last_error != error:  # once, with its traceback
                     log.warning("backend %s: %s", backend.name, error, exc_info=exc)
-            self.fleet.record_failure(backend.name, self.clock(), error)
-            if was_healthy:
+            # A probe that timed out may be a busy host's stall: a healthy backend
+            # leaves the routes on the second in a row (its attempts in flight are
+            # covered by their attempt timeouts meanwhile); any other failure, at once.
+            timed_out = (
+                isinstance(exc, grpc.aio.AioRpcError)
+                and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            self.fleet.record_failure(
+                backend.name, self.clock(), error, confirm_after=2 if timed_out else 1
+            )
+            if was_healthy and not backend.healthy:
                 log.warning("backend %s unhealthy: %s", backend.name, error)
             if self.on_probe is not None:
                 self.on_probe(backend.name, False, error)

@@ -202,3 +202,18 @@ def test_retry_tokens_fall_with_faults_and_come_back_with_successes() -> None:
     for _ in range(10):
         fleet.record_attempt(r, True, 1.0)
     assert fleet.may_retry_on(state)
+
+
+def test_a_probe_timeout_takes_a_backend_out_only_when_it_happens_twice_in_a_row() -> None:
+    fleet = fleet_of(2, Ejection())
+    state = fleet.backends["b0"]
+    fleet.record_failure("b0", 1.0, "DEADLINE_EXCEEDED: probe", confirm_after=2)
+    assert state.healthy and state.available and state.consecutive_failures == 1
+    fleet.record_probe("b0", 2.0, {"m": INFO})  # a good probe starts the count again
+    fleet.record_failure("b0", 3.0, "DEADLINE_EXCEEDED: probe", confirm_after=2)
+    assert state.available
+    fleet.record_failure("b0", 4.0, "DEADLINE_EXCEEDED: probe", confirm_after=2)
+    assert not state.healthy and not state.available
+    # A refused connection takes it out at once.
+    fleet.record_failure("b1", 5.0, "UNAVAILABLE: connection refused")
+    assert not fleet.backends["b1"].available
