@@ -506,6 +506,7 @@ async def test_a_partitioned_backend_is_routed_around_and_comes_back_when_healed
     loop = asyncio.get_running_loop()
     statuses: set[str] = set()  # the remote route's, during the partition
     try:
+        await measured_within_sla(admin, "remote", "local")
         await wait_until(
             lambda: [a.backend for a in traffic.latest(10)] == ["remote"] * 10,
             timeout_s=30,
@@ -584,14 +585,8 @@ async def test_traffic_leaves_a_backend_whose_latency_jumps_tenfold(
     loop = asyncio.get_running_loop()
     try:
         # The remote's estimate may still hold the partition's late answers (the case
-        # before): with local drained for a moment, the remote serves and is measured.
-        await admin.stub.Drain(apb.DrainRequest(backend="local"), metadata=AUTH, timeout=10)
-        try:
-            await wait_until(
-                lambda: traffic.answered_by("remote") >= 10, timeout_s=30, what="traffic on remote"
-            )
-        finally:
-            await admin.stub.Undrain(apb.DrainRequest(backend="local"), metadata=AUTH, timeout=10)
+        # before).
+        await measured_within_sla(admin, "remote", "local")
         before_ms = (await admin.routes())["remote"].predicted_p99_ms
         # The remote backend restarts on slower hardware behind the same address: the
         # proxy sends new connections to a worker ten times slower, and the old one
@@ -678,6 +673,23 @@ async def test_a_restarted_gateway_restores_price_and_drain_and_traffic_follows(
 
 async def _in_flight(admin: Admin, backend: str, at_least: int) -> bool:
     return (await admin.routes())[backend].in_flight >= at_least
+
+
+async def measured_within_sla(admin: Admin, backend: str, other: str) -> None:
+    """With `other` drained for a moment, `backend` serves the traffic (running) until its
+    predicted p99 is within digits' SLA: a slow sample it took earlier (a cold first
+    inference, answers a partition held) can keep its estimate past the SLA, and the
+    route away from traffic, for a minute (latency probes come every 5 s)."""
+    await admin.stub.Drain(apb.DrainRequest(backend=other), metadata=AUTH, timeout=10)
+    try:
+
+        async def measured() -> bool:
+            route = (await admin.routes())[backend]
+            return route.status == "ready" and route.predicted_p99_ms <= DIGITS_SLA_MS
+
+        await wait_until(measured, timeout_s=60, what=f"{backend} measured within the SLA")
+    finally:
+        await admin.stub.Undrain(apb.DrainRequest(backend=other), metadata=AUTH, timeout=10)
 
 
 async def _ready(admin: Admin, backend: str) -> bool:
