@@ -81,7 +81,10 @@ class Prober:
                     pass
 
     async def _loop(self) -> None:
-        last_latency_probe = self.clock()
+        # The first round of latency probes goes with the first health probes: routes
+        # the backends' profiles did not seed are measured before traffic relies on
+        # their first guess (a cold route looks as fast as any).
+        last_latency_probe = self.clock() - self.latency_interval_s
         while True:
             try:
                 await self.probe_all()
