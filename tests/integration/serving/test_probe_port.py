@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import grpc
 import pytest
@@ -48,25 +47,29 @@ async def test_probes_answer_while_the_event_loop_is_busy(
         serving = health_pb2.HealthCheckResponse.SERVING
         assert await asyncio.to_thread(ready_on, probes, 5.0) == (True, serving)
 
-        # Hold the event loop for 3 s from a callback, as a flood of work would, and
-        # probe both ports from a thread meanwhile.
+        # Hold the event loop from a callback, as a flood of work would, until a thread
+        # has probed both ports (at most 10 s).
         held = threading.Event()
+        probed = threading.Event()
         released = threading.Event()
         answers: dict[str, object] = {}
 
         def hold() -> None:
             held.set()
-            time.sleep(3.0)  # the busy loop: nothing else on it runs meanwhile
+            probed.wait(10.0)  # the busy loop: nothing else on it runs meanwhile
             released.set()
 
         def probe() -> None:
             held.wait(5.0)
-            answers["probes"] = ready_on(probes, 2.0)
-            answers["probes_while_held"] = not released.is_set()
             try:
-                answers["inference_port"] = ready_on(gw.address, 0.5)
-            except grpc.RpcError as exc:
-                answers["inference_port"] = exc.code()
+                answers["probes"] = ready_on(probes, 2.0)
+                answers["probes_while_held"] = not released.is_set()
+                try:
+                    answers["inference_port"] = ready_on(gw.address, 0.5)
+                except grpc.RpcError as exc:
+                    answers["inference_port"] = exc.code()
+            finally:
+                probed.set()
 
         thread = threading.Thread(target=probe)
         thread.start()
