@@ -329,7 +329,7 @@ def _json_to_raw(where: str, datatype: str, shape: list[int], count: int, data: 
             narrow = wide.astype(NUMPY_DTYPES[datatype].newbyteorder("<"))
         overflow = ~np.isfinite(narrow)
     if overflow.any():
-        bad = wide[np.flatnonzero(overflow)[0]]
+        bad = flat[int(np.flatnonzero(overflow)[0])]
         raise InvalidInput(f"{where}: value {bad!r} does not fit {datatype} (too large)")
     return bits.tobytes() if datatype == "BF16" else narrow.tobytes()
 
@@ -359,8 +359,16 @@ def _only(where: str, datatype: str, kinds: set[type], allowed: set[type], what:
 
 
 def _bf16_bits(values: npt.NDArray[np.float64]) -> npt.NDArray[np.uint16]:
-    """BF16 bit patterns of `values`, rounded to nearest even (NaN stays NaN)."""
-    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    """BF16 bit patterns of `values`, rounded to nearest even in one rounding (NaN stays
+    NaN): to float32 by rounding to odd (toward zero, the last bit set when inexact),
+    which the rounding to BF16's fewer bits then cannot round twice."""
+    with np.errstate(over="ignore"):
+        nearest = values.astype(np.float32)
+    back = nearest.astype(np.float64)
+    inexact = back != values
+    bits = nearest.view(np.uint32)
+    bits = np.where(inexact & (np.abs(back) > np.abs(values)), bits - np.uint32(1), bits)
+    bits = np.where(inexact, bits | np.uint32(1), bits).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded).astype("<u2")
 
