@@ -28,7 +28,13 @@ from hypothesis import strategies as st
 from backends.protocol.codec import Signature, decode_request
 from backends.protocol.errors import Internal, InvalidInput
 from backends.protocol.parameters import MAX_PARAMETERS
-from backends.protocol.tensors import MAX_RANK, MAX_TENSORS, TensorSpec, encode_bytes_tensor
+from backends.protocol.tensors import (
+    ELEMENT_BYTES,
+    MAX_RANK,
+    MAX_TENSORS,
+    TensorSpec,
+    encode_bytes_tensor,
+)
 from gateway.serving.rest_codec import (
     RestRequest,
     decode_infer_request,
@@ -838,43 +844,91 @@ JSON_VALUES = st.recursive(
 )
 
 
+# Values that fit each datatype in JSON, and a few that do not.
+FITTING_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "BOOL": st.booleans(),
+    "BYTES": st.text(max_size=4),
+    **{
+        dt: st.integers(int(np.iinfo(dt.lower()).min), int(np.iinfo(dt.lower()).max))
+        for dt in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
+    },
+    **{
+        dt: st.floats(-1e4, 1e4) | st.integers(-100, 100) for dt in ("FP16", "FP32", "FP64", "BF16")
+    },
+}
+ASTRAY_VALUES = JSON_LEAVES | st.integers(-(2**63), 2**64 - 1) | st.floats(-1e300, 1e300)
+
+
 @st.composite
 def near_requests(draw: st.DrawFn) -> tuple[bytes, int | None]:
-    """Bodies shaped like requests, with a field or a value astray here and there, and
-    some binary data after them."""
+    """Bodies shaped like requests, mostly well formed, each input's data as JSON or
+    binary, with now and then a value, a size, a field or the header length astray."""
+
+    def astray() -> bool:
+        return draw(st.sampled_from([False] * 9 + [True]))
+
     inputs = []
+    tail = b""
     for i in range(draw(st.integers(0, 3))):
-        datatype = draw(st.sampled_from([*DATATYPES, "FP8", ""]))
-        shape = draw(st.lists(st.integers(-1, 3), max_size=3) | JSON_VALUES)
-        tensor: dict[str, Any] = {
-            "name": draw(st.sampled_from([f"i{i}", "", 5])),
-            "datatype": datatype,
-            "shape": shape,
-        }
+        datatype = draw(st.sampled_from(DATATYPES))
+        shape: Any = draw(st.lists(st.integers(0, 3), max_size=3))
+        count = int(np.prod(shape))
+        tensor: dict[str, Any] = {"name": f"i{i}", "datatype": datatype, "shape": shape}
         if draw(st.booleans()):
-            tensor["parameters"] = {"binary_data_size": draw(st.integers(-1, 40) | JSON_VALUES)}
-        if draw(st.booleans()):
-            tensor["data"] = draw(JSON_VALUES)
-        if draw(st.integers(0, 5)) == 0:
-            tensor[draw(st.text(max_size=4))] = draw(JSON_VALUES)
+            values = [
+                draw(ASTRAY_VALUES) if astray() else draw(FITTING_VALUES[datatype])
+                for _ in range(count + (draw(st.integers(-1, 1)) if astray() else 0))
+            ]
+            tensor["data"] = (
+                np.array(values, dtype=object).reshape(shape).tolist()
+                if len(values) == count and draw(st.booleans())
+                else values
+            )
+        else:
+            size = count * ELEMENT_BYTES.get(datatype, 4) + (
+                draw(st.integers(-2, 2)) if astray() else 0
+            )
+            data = draw(st.binary(min_size=max(0, size), max_size=max(0, size)))
+            if datatype == "BYTES" and not astray():
+                data = struct.pack("<I", 0) * count
+                size = len(data)
+            tensor["parameters"] = {"binary_data_size": size}
+            tail += data
+        if astray():
+            tensor["datatype"] = draw(st.sampled_from(["FP8", "", "fp32"]))
+        if astray():
+            tensor["shape"] = draw(JSON_VALUES)
+        if astray():
+            tensor[draw(st.sampled_from(["contents", "name", "parameters"]))] = draw(JSON_VALUES)
         inputs.append(tensor)
     document: dict[str, Any] = {"inputs": inputs}
     if draw(st.booleans()):
-        document["outputs"] = draw(
-            st.lists(
-                st.fixed_dictionaries(
-                    {"name": st.text(max_size=3)}, optional={"parameters": JSON_VALUES}
-                ),
-                max_size=3,
-            )
-        )
+        document["outputs"] = [
+            {"name": f"o{i}", "parameters": {"binary_data": draw(st.booleans())}}
+            for i in range(draw(st.integers(0, 2)))
+        ]
+        if astray():
+            document["outputs"].append(draw(JSON_VALUES))
     if draw(st.booleans()):
-        document["parameters"] = draw(st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4))
+        document["parameters"] = {
+            **draw(
+                st.dictionaries(
+                    st.sampled_from(["sla_ms", "priority", "sla_class", "k"]),
+                    ASTRAY_VALUES,
+                    max_size=3,
+                )
+            ),
+            "binary_data_output": draw(st.booleans()),
+        }
+    if astray():
+        document[draw(st.sampled_from(["id", "inputs", "outputs", "parameters", "other"]))] = draw(
+            JSON_VALUES
+        )
     header = orjson.dumps(document)
-    tail = draw(st.binary(max_size=48))
-    length = draw(st.none() | st.just(len(header)) | st.integers(-2, len(header) + len(tail) + 2))
-    if length is None and tail:
-        length = len(header)
+    tail += draw(st.binary(max_size=4)) if astray() else b""
+    length: int | None = len(header) if tail or draw(st.booleans()) else None
+    if astray():
+        length = draw(st.integers(-2, len(header) + len(tail) + 2))
     return header + tail, length
 
 
@@ -886,7 +940,14 @@ def decodes_or_is_invalid(body: bytes, header_length: int | None) -> None:
         return
     message = decoded.message
     assert len(message.raw_input_contents) == len(message.inputs)
-    message.SerializeToString()
+    for tensor, raw in zip(message.inputs, message.raw_input_contents, strict=True):
+        assert not tensor.HasField("contents")
+        count = int(np.prod(tensor.shape))
+        if tensor.datatype == "BYTES":
+            assert len(raw) >= 4 * count
+        else:
+            assert len(raw) == count * ELEMENT_BYTES[tensor.datatype]
+    pb.ModelInferRequest.FromString(message.SerializeToString())
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
