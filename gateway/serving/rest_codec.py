@@ -8,6 +8,11 @@ contents from Switchyard workers, typed contents from other v2 servers) becomes 
 REST body, each output as JSON `data` or as binary data after the JSON header, as the
 request asked.
 
+The JSON is read strictly: an unknown field, an integer datatype given a non-integer,
+a value out of its datatype's range (a float too large for FP16, FP32 or BF16
+included) or a `data` count other than the shape's is InvalidInput naming the input.
+`data` may be flat or nested lists (row-major).
+
 Triton's binary extension, as tritonclient.http sends and reads it: the body is a JSON
 header of `header_length` bytes (the `Inference-Header-Content-Length` header), then
 each binary input's bytes in input order. An input is binary when its `parameters`
@@ -156,6 +161,7 @@ def decode_infer_request(
     and `version` come from the URL. InvalidInput naming what was wrong (the input,
     the field, what was expected and what came) for anything malformed; counts,
     shapes and sizes are checked before anything is allocated for them."""
+    whole = header_length is None
     if header_length is None:
         header_length = len(body)
     elif header_length < 0 or header_length > len(body):
@@ -166,7 +172,10 @@ def decode_infer_request(
     try:
         document = orjson.loads(view[:header_length])
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request's JSON is malformed: {exc}") from exc
+        hint = ""
+        if whole and BINARY_DATA_SIZE.encode() in body:
+            hint = " (binary data after the JSON needs the Inference-Header-Content-Length header)"
+        raise InvalidInput(f"the request's JSON is malformed: {exc}{hint}") from exc
     if not isinstance(document, dict):
         raise InvalidInput(f"the request's JSON must be an object, got {_kind(document)}")
     _check_keys("the request", document, _REQUEST_KEYS)

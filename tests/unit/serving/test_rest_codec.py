@@ -641,6 +641,10 @@ def bad_binary_requests() -> list[tuple[str, bytes, int | None, str]]:
     )
     cases.append(("header length negative", body, -1, "Inference-Header-Content-Length is -1"))
     cases.append(("header length cuts json", body, length - 2, "JSON is malformed"))
+    body, length = with_tail(BINARY_FP32, bytes(8))
+    cases.append(
+        ("binary without the header", body, None, "needs the Inference-Header-Content-Length")
+    )
     return cases
 
 
