@@ -698,6 +698,9 @@ def test_response_parses_with_tritonclient_into_the_backend_array(
     output = result.get_output("y")
     assert output["datatype"] == datatype and output["shape"] == list(array.shape)
     assert ("data" in output) != binary
+    if datatype == "BOOL" and not binary:
+        assert output["data"] == array.reshape(-1).tolist()
+        assert {type(v) for v in output["data"]} == {bool}  # true/false, not 1/0
     assert_same(datatype, result.as_numpy("y"), array)
 
 
