@@ -2,9 +2,10 @@
 quantile sketch, seeded from the compile-time profile.
 
 A sample is a route's observed service time: the latency of an attempt that found
-a free slot, less the network round trip (attempts that queued are not measured), so
-the estimate describes the route unloaded and the router adds the wait for the load
-it sees. The sketch keeps counts in logarithmic buckets (relative error under
+a free slot, less the network round trip, or, for one that waited, the time from when
+it took its slot to its answer (never its latency, which holds the queue), so the
+estimate describes the time a request holds a slot and the router adds the wait for
+the load it sees. The sketch keeps counts in logarithmic buckets (relative error under
 5%); every count decays with a half-life, so old behaviour fades and a route
 that got slower shows it within a few seconds of traffic. Quantiles are
 recomputed every few samples, or on the first sample after a second (a route

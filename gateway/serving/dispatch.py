@@ -13,9 +13,13 @@ another route and the retry budget allow, is retried there while it keeps runnin
 hung backend costs a request about its timeout, not its deadline). Retries and hedges
 draw on one `RetryBudget` and skip backends that gRPC's retry throttling holds back.
 Every attempt is a ticket in its backend's queue
-(`BackendState.admit` / `finish`), due at the request's arrival plus its SLA budget;
-an attempt that found a free slot when sent measures its route's service time (one
-that queued would feed the estimate's own error back, magnified by the queue).
+(`BackendState.admit` / `finish`), due at the request's arrival plus its SLA budget.
+Answers measure their route's service time: an attempt that found a free slot when
+sent, its latency less the network round trip; one that waited and travelled alone,
+the time from when it took its slot (the answer that freed it) to its own answer, so
+that a backend kept busy by a flood, where no request finds a free slot, still shows
+how long it takes (its latency, queue included, would feed the estimate's own error
+back, magnified by the queue).
 
 Nothing here does I/O or reads a clock. The transport starts and cancels calls and
 reports their ends (`answered`, `failed`) with the time they ended; timers come from
@@ -171,6 +175,10 @@ class Attempt:
     ticket: Ticket
     free_slot: bool
     """It took a free slot when sent: its latency measures the route."""
+    alone: bool = True
+    """Its call carries its request only (the transport clears it where its calls may
+    be merged with others): had it waited, the time from when it took its slot to its
+    answer measures the route."""
     call: Any = None
     """The transport's own handle on the call."""
     hedge_at_s: float | None = None
@@ -268,10 +276,17 @@ class Dispatcher:
         job = attempt.job
         route = attempt.route
         state = route.state
+        ticket = attempt.ticket
         nxt = self._settle(attempt, now_s)
+        sample = None
         if attempt.free_slot:
-            # The estimate is of a one-row request: a batch's time is scaled back.
             sample = service_sample(latency_ms, state.network.rtt_ms)
+        elif attempt.alone and ticket.started_s is not None:
+            # It waited, then took the slot an answer freed: from then to its own answer
+            # the slot was its (the backend takes its next request as it answers one).
+            sample = (now_s - ticket.started_s) * 1000.0
+        if sample is not None:
+            # The estimate is of a one-row request: a batch's time is scaled back.
             route.estimate.observe(
                 sample / batch_factor(job.request.batch_size, route.row_fraction), now_s
             )

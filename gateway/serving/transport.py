@@ -86,6 +86,9 @@ class GrpcTransport:
         self.metrics = metrics
         self.clock = clock
         self.dispatcher: Dispatcher | None = None
+        self._merges = coalesce_in_flight > 0
+        """Calls may carry several requests, merged: their answers measure no route
+        once they waited (see Attempt.alone)."""
         self._variant_suffixes: dict[str, bytes] = {}
         self.coalescer = Coalescer(
             self._send,
@@ -95,6 +98,7 @@ class GrpcTransport:
         )
 
     def send(self, attempt: Attempt) -> None:
+        attempt.alone = not self._merges
         attempt.call = asyncio.ensure_future(self._attempt(attempt))
 
     def cancel(self, attempt: Attempt) -> None:

@@ -156,19 +156,65 @@ def test_an_answer_ends_the_job_frees_the_slot_and_measures_the_route() -> None:
     assert rig.observer.outcomes == [("cheap", False)]
 
 
-def test_an_attempt_that_queued_does_not_measure_its_route() -> None:
+def unseeded(name: str) -> Route:
+    """A route whose estimate is its samples alone (the first sets its mean)."""
+    state = BackendState(name, "127.0.0.1:1", "cpu", 0.1)
+    state.network.rtt_ms = 0.0
+    state.healthy = True
+    state.refresh()
+    return Route(state, "m", "v", True)
+
+
+def test_an_attempt_that_queued_measures_its_route_from_when_it_took_its_slot() -> None:
+    # Each takes 7 ms at the backend: the second, sent at once, waited 7 ms of its 14
+    # for the first. Its sample is its 7 ms in the slot, not its latency.
     rig = Rig()
-    only = route("only", 0.1)
+    only = unseeded("only")
     first = rig.start([only], Policy(latency_ms=1000))
     second = rig.start([only], Policy(latency_ms=1000))
     a1, a2 = rig.transport.sent
     assert a1.free_slot and not a2.free_slot
-    samples = only.estimate.samples
-    rig.answer(a1)
-    assert only.estimate.samples == samples + 1
-    rig.answer(a2)
-    assert only.estimate.samples == samples + 1  # the queued one measured nothing
+    rig.timers.advance(0.007)
+    rig.answer(a1, latency_ms=7.0)
+    assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
+    assert a2.ticket.started_s == pytest.approx(0.007)  # it took the slot a1 freed
+    rig.timers.advance(0.014)
+    rig.answer(a2, latency_ms=14.0)
+    assert only.estimate.samples == 2
+    assert only.estimate.mean_ms == pytest.approx(7.0)  # 14 would have made it 7.7
     assert first.done and second.done and only.state.in_flight == 0
+
+
+def test_a_queued_attempt_whose_call_may_carry_others_measures_nothing() -> None:
+    # Where the transport merges calls (the gateway's coalescer), a queued request's
+    # answer may come with its neighbours': the time since it took its slot is not its own.
+    rig = Rig()
+    only = unseeded("only")
+    rig.start([only], Policy(latency_ms=1000))
+    rig.start([only], Policy(latency_ms=1000))
+    a1, a2 = rig.transport.sent
+    a2.alone = False
+    rig.timers.advance(0.007)
+    rig.answer(a1, latency_ms=7.0)
+    rig.timers.advance(0.008)
+    rig.answer(a2, latency_ms=8.0)
+    assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
+
+
+def test_an_attempt_answered_while_it_waited_measures_nothing() -> None:
+    # The queued one answers first (its call overtook, or travelled merged): it never
+    # held the slot, so nothing of its latency is the route's service time.
+    rig = Rig()
+    only = unseeded("only")
+    rig.start([only], Policy(latency_ms=1000))
+    rig.start([only], Policy(latency_ms=1000))
+    a1, a2 = rig.transport.sent
+    rig.timers.advance(0.003)
+    rig.answer(a2, latency_ms=3.0)
+    assert only.estimate.samples == 0 and only.state.in_flight == 1
+    rig.timers.advance(0.007)
+    rig.answer(a1, latency_ms=7.0)
+    assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
 
 
 def test_a_retryable_failure_goes_to_the_next_best_route() -> None:
