@@ -205,22 +205,28 @@ class Prober:
         client = self.pool.client(route.address)
         # The probe holds a slot like any request, so a request sent meanwhile knows
         # it may wait and does not take its own latency for the route's service time.
-        expected_ms = route.estimate.mean_ms
-        ticket = route.state.admit(route, expected_ms, math.inf, self.clock())
+        state = route.state
+        ticket = state.admit(route, route.estimate.mean_ms, math.inf, self.clock())
         try:
             # A first call after an idle spell wakes what went to sleep (the runtime's
             # threads, the connection) and takes about a millisecond more than the
             # calls of a steady flow, which the estimate is for: it goes unmeasured.
             await client.infer(request, timeout=self.timeout_s)
+            # The round trip the sample is taken less, on the connection just woken: the
+            # first health probe's held the connection's set-up (7 ms, where 1 ms is
+            # usual), and the first latency probes go with it.
+            started = time.perf_counter()
+            await client.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout_s)
+            state.network.observe((time.perf_counter() - started) * 1000.0)
             started = time.perf_counter()
             await client.infer(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.debug("latency probe of %r failed: %s", route, exc.details())
             return False
         finally:
-            route.state.finish(ticket, self.clock())
+            state.finish(ticket, self.clock())
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        route.estimate.observe(service_sample(elapsed_ms, route.state.network.rtt_ms), self.clock())
+        route.estimate.observe(service_sample(elapsed_ms, state.network.rtt_ms), self.clock())
         return True
 
     async def _models(
