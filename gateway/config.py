@@ -89,6 +89,9 @@ class GatewaySettings(_Strict):
     """Open Inference Protocol gRPC endpoint (port 0: any free port)."""
     metrics: HostPort = "127.0.0.1:8002"
     """Prometheus text endpoint, served at /metrics."""
+    http: HostPort | None = "127.0.0.1:8000"
+    """Open Inference Protocol REST endpoint (HTTP/1.1, Triton's binary tensor data
+    extension; port 0: any free port), routed as the gRPC endpoint is; None: off."""
     admin: HostPort = "127.0.0.1:8003"
     """Admin gRPC endpoint (bearer token), for the SRE's controls. Without `tls` it
     must be a loopback address: the gateway refuses to start otherwise."""
@@ -98,8 +101,8 @@ class GatewaySettings(_Strict):
     port for Kubernetes probes (plaintext, as kubelet's gRPC probes are; it tells only
     whether the gateway is ready). None: off (the inference port answers them too)."""
     tls: ListenerTLS | None = None
-    """TLS (mTLS with `client_ca_file`) on the inference and admin endpoints;
-    default: plaintext."""
+    """TLS (mTLS with `client_ca_file`) on the inference endpoints (gRPC and REST) and
+    the admin endpoint; default: plaintext."""
     metrics_tls: bool = False
     """Serve metrics over TLS too, with `tls`'s files (read again after they change, as
     the other listeners'); default: plaintext, as most Prometheus set-ups scrape."""

@@ -56,6 +56,7 @@ from gateway.serving.metrics import GatewayMetrics, serve_metrics_tls
 from gateway.serving.pool import BackendPool
 from gateway.serving.prober import Prober
 from gateway.serving.probes import ProbePort
+from gateway.serving.rest import RestApp, RestServer
 from gateway.serving.servicer import SERVICE, GatewayServicer, generic_handler
 
 log = logging.getLogger("switchyard.gateway")
@@ -81,6 +82,7 @@ class Gateway:
     servicer: GatewayServicer
     health: health.aio.HealthServicer
     probes: ProbePort | None
+    rest: RestServer | None
     control: Control
     admin_server: grpc.aio.Server | None
     admin_port: int | None
@@ -104,6 +106,8 @@ class Gateway:
             task.cancel()
         if self.admin_server is not None:
             await self.admin_server.stop(grace=0.5)
+        if self.rest is not None:
+            await self.rest.stop()
         await self.server.stop(grace=2.0)
         await self.prober.stop()
         await self.supervisor.stop()
@@ -330,6 +334,18 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {settings.metrics}: {exc}") from exc
 
+    rest = None
+    if settings.http is not None:
+        try:
+            rest = RestServer(
+                RestApp(servicer, settings.max_message_bytes),
+                settings.http,
+                None if settings.tls is None else ssl_server_context(settings.tls),
+                settings.max_concurrent_rpcs or None,
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot serve REST on {settings.http}: {exc}") from exc
+
     admin_server = None
     admin_port = None
     if token is None:
@@ -354,6 +370,8 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     await prober.probe_all()
     prober.start()
     await server.start()
+    if rest is not None:
+        await rest.start()
     if admin_server is not None:
         await admin_server.start()
     if probes is not None:
@@ -388,6 +406,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         servicer=servicer,
         health=health_servicer,
         probes=probes,
+        rest=rest,
         control=control,
         admin_server=admin_server,
         admin_port=admin_port,
@@ -406,6 +425,14 @@ def describe(gateway: Gateway) -> str:
         over = ", mTLS" if settings.tls.client_ca_file is not None else ", TLS"
     lines = [
         f"switchyard gateway listening on {gateway.address} (Open Inference Protocol gRPC{over})",
+    ]
+    if gateway.rest is not None and settings.http is not None:
+        http_host = settings.http.rsplit(":", 1)[0]
+        web = "https" if settings.tls is not None else "http"
+        lines.append(
+            f"  REST:     {web}://{http_host}:{gateway.rest.port}/v2 (Open Inference Protocol)"
+        )
+    lines += [
         f"  metrics:  {scheme}://{metrics_host}:{gateway.metrics_port}/metrics",
         f"  admin:    {gateway.admin_address or 'off (no admin token)'}"
         + ("  (`switchyard admin routes`)" if gateway.admin_address else ""),
@@ -424,6 +451,11 @@ def describe(gateway: Gateway) -> str:
         '  try:      .venv/bin/python -c "import tritonclient.grpc as g; '
         f"print(g.InferenceServerClient('{gateway.address}').get_model_repository_index())\""
     )
+    if gateway.rest is not None and settings.http is not None and settings.tls is None:
+        http_host = settings.http.rsplit(":", 1)[0]
+        lines.append(
+            f"            curl -s -X POST http://{http_host}:{gateway.rest.port}/v2/repository/index"
+        )
     return "\n".join(lines)
 
 
@@ -446,6 +478,7 @@ async def serve(
                     "metrics_port": gateway.metrics_port,
                     "admin": gateway.admin_address,
                     "probes_port": None if gateway.probes is None else gateway.probes.port,
+                    "http_port": None if gateway.rest is None else gateway.rest.port,
                     "backends": {
                         b.name: {"address": b.address, "healthy": b.healthy}
                         for b in gateway.fleet.backends.values()
@@ -473,6 +506,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=None, help="override gateway.listen (HOST:PORT)")
     parser.add_argument("--metrics", default=None, help="override gateway.metrics (HOST:PORT)")
     parser.add_argument(
+        "--http", default=None, help="override gateway.http, the REST endpoint (HOST:PORT)"
+    )
+    parser.add_argument(
         "--ready-file",
         type=Path,
         default=None,
@@ -490,7 +526,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("listen", args.listen), ("metrics", args.metrics)) if v}
+    overrides = {
+        k: v
+        for k, v in (
+            ("listen", args.listen),
+            ("metrics", args.metrics),
+            ("http", args.http),
+        )
+        if v
+    }
     if overrides:
         config = config.model_copy(update={"gateway": config.gateway.model_copy(update=overrides)})
     if not config.repository.is_dir() and any(b.launch for b in config.backends):

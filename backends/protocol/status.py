@@ -93,13 +93,17 @@ def internal_message(exc: BaseException) -> str:
 
 def aborts_with_status(servicer: ServicerClass) -> ServicerClass:
     """Class decorator for a grpc.aio servicer: each unary RPC method it defines (a
-    public coroutine method) that raises a SwitchyardError ends the call with
-    `code_for` that error and its message; any other exception (a fault of ours) with
+    public coroutine method taking `(request, context)`) that raises a SwitchyardError
+    ends the call with `code_for` that error and its message; any other exception (a fault of ours) with
     INTERNAL and a message naming it, logged once with its traceback: never gRPC's
     UNKNOWN. Streaming methods (async generators) report their errors in their own
     messages and are left as they are."""
     for name, method in list(vars(servicer).items()):
-        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+        if (
+            not name.startswith("_")
+            and inspect.iscoroutinefunction(method)
+            and list(inspect.signature(method).parameters)[-1:] == ["context"]
+        ):
             setattr(servicer, name, _aborting(method))
     return servicer
 

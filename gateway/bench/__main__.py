@@ -81,7 +81,8 @@ def model_spec(repository: Path, name: str, variant: str) -> ModelSpec:
 def fleet_yaml(repository: Path, threads: int) -> str:
     return (
         f"repository: {json.dumps(str(repository))}\n"
-        "gateway: {listen: 127.0.0.1:0, metrics: 127.0.0.1:0, admin: 127.0.0.1:0}\n"
+        "gateway: {listen: 127.0.0.1:0, metrics: 127.0.0.1:0, http: 127.0.0.1:0,\n"
+        "  admin: 127.0.0.1:0}\n"
         "backends:\n"
         "  - name: cpu\n"
         "    address: 127.0.0.1:0\n"

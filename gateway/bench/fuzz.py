@@ -560,7 +560,8 @@ def section(tally: Tally, requests: int, seed_value: int) -> str:
 def fleet_yaml(repository: Path) -> str:
     return (
         f"repository: {json.dumps(str(repository))}\n"
-        "gateway: {listen: 127.0.0.1:0, metrics: 127.0.0.1:0, admin: 127.0.0.1:0, "
+        "gateway: {listen: 127.0.0.1:0, metrics: 127.0.0.1:0, http: 127.0.0.1:0,\n"
+        "  admin: 127.0.0.1:0, "
         "latency_probe_interval_s: 0}\n"
         "backends:\n"
         "  - name: cpu\n"

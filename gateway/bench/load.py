@@ -213,7 +213,12 @@ def gateway(fleet: dict[str, Any], name: str, work: Path) -> Iterator[Any]:
 def one_worker_fleet(repository: Path) -> dict[str, Any]:
     return {
         "repository": str(repository),
-        "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "gateway": {
+            "listen": "127.0.0.1:0",
+            "metrics": "127.0.0.1:0",
+            "http": "127.0.0.1:0",
+            "admin": "127.0.0.1:0",
+        },
         "backends": [
             {
                 "name": "w",
@@ -232,7 +237,12 @@ def three_tier_fleet(repository: Path) -> dict[str, Any]:
     fleet: dict[str, Any] = yaml.safe_load(THREE_TIER.read_text())
     fleet["repository"] = str(repository)
     fleet["gateway"].update(
-        {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0", "admin": "127.0.0.1:0"}
+        {
+            "listen": "127.0.0.1:0",
+            "metrics": "127.0.0.1:0",
+            "http": "127.0.0.1:0",
+            "admin": "127.0.0.1:0",
+        }
     )
     fleet["gateway"].pop("admin_token_file", None)
     return fleet

@@ -282,6 +282,7 @@ def fleet_yaml(repository: Path, model: str, sla_ms: float, emulate_latency_ms: 
         "gateway:\n"
         "  listen: 127.0.0.1:0\n"
         "  metrics: 127.0.0.1:0\n"
+        "  http: 127.0.0.1:0\n"
         "  admin: 127.0.0.1:0\n"
         "  probes: 127.0.0.1:0\n"
         "  coalesce_in_flight: 0\n"

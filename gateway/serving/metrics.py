@@ -37,14 +37,15 @@ class GatewayMetrics:
             "switchyard_requests",
             "Inference requests answered, by model, route and outcome: the gRPC status name "
             "the caller got (OK; INTERNAL for a fault of the gateway's own; CANCELLED when "
-            "the caller went away first).",
-            ["model", "backend", "variant", "outcome"],
+            "the caller went away first), and protocol (grpc, rest).",
+            ["model", "backend", "variant", "outcome", "protocol"],
             registry=registry,
         )
         self.latency = Histogram(
             "switchyard_request_latency_seconds",
-            "Gateway-observed latency of inference requests, by model and backend.",
-            ["model", "backend"],
+            "Gateway-observed latency of inference requests, by model, backend and protocol "
+            "(grpc, rest).",
+            ["model", "backend", "protocol"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )

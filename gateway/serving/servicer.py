@@ -106,7 +106,7 @@ class GatewayServicer:
     # ---- inference ---------------------------------------------------------------
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining())
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -127,7 +127,7 @@ class GatewayServicer:
                 except StopAsyncIteration:
                     break
                 pending.put_nowait(
-                    asyncio.ensure_future(self._infer(request, context.time_remaining()))
+                    asyncio.ensure_future(self.infer(request, context.time_remaining()))
                 )
             pending.put_nowait(None)
 
@@ -148,7 +148,14 @@ class GatewayServicer:
                 if leftover is not None:
                     leftover.cancel()
 
-    async def _infer(self, request: bytes, time_remaining: float | None) -> bytes:
+    async def infer(
+        self, request: bytes, time_remaining: float | None, protocol: str = "grpc"
+    ) -> bytes:
+        """One inference request, a serialized ModelInferRequest, however it arrived
+        (`protocol`: `grpc`, or `rest` for the REST binding's requests made into the
+        same message): routed, dispatched, answered with the backend's response bytes
+        and the gateway's response parameters; a failure raises the SwitchyardError
+        that names it."""
         start_ns = time.perf_counter_ns()
         model_label = "(unknown)"  # unknown names stay out of metric labels
         backend = variant = "none"
@@ -222,8 +229,8 @@ class GatewayServicer:
                 counters.record(
                     outcome == "OK", elapsed_ns, batch_size, int(time.time() * 1000), backend_ns
                 )
-            self.metrics.requests.labels(model_label, backend, variant, outcome).inc()
-            self.metrics.latency.labels(model_label, backend).observe(elapsed_ns / 1e9)
+            self.metrics.requests.labels(model_label, backend, variant, outcome, protocol).inc()
+            self.metrics.latency.labels(model_label, backend, protocol).observe(elapsed_ns / 1e9)
             if policy is not None and counters is not None:
                 met = outcome == "OK" and elapsed_ns / 1e6 <= policy.latency_ms
                 self.metrics.sla.labels(model_label, policy.name, "met" if met else "missed").inc()
@@ -282,32 +289,59 @@ class GatewayServicer:
     async def model_ready(
         self, request: pb.ModelReadyRequest, context: Any
     ) -> pb.ModelReadyResponse:
-        ready = self.fleet.model_ready(request.name)
-        if ready and request.version:
-            info = self.fleet.model_info(request.name)
-            ready = info is not None and request.version in info.versions
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=self.is_model_ready(request.name, request.version))
 
     async def server_metadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name="switchyard", version=__version__, extensions=EXTENSIONS
-        )
+        return self.server_description()
 
     async def model_metadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        info = self._described(request.name, request.version)
-        return metadata_message(info)
+        return self.metadata_of(request.name, request.version)
 
     async def model_config(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        info = self._described(request.name, request.version)
-        return pb.ModelConfigResponse(
-            config=config_message(info, self.fleet.variants(request.name))
+        return self.config_of(request.name, request.version)
+
+    async def model_statistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        return self.statistics_of(request.name, request.version)
+
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        return self.repository_of(request.ready)
+
+    # The answers themselves, for both protocol bindings (gRPC above, REST in rest.py);
+    # each raises the SwitchyardError that names what was wrong.
+
+    def is_model_ready(self, name: str, version: str = "") -> bool:
+        ready = self.fleet.model_ready(name)
+        if ready and version:
+            info = self.fleet.model_info(name)
+            ready = info is not None and version in info.versions
+        return ready
+
+    def server_description(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="switchyard", version=__version__, extensions=EXTENSIONS
         )
+
+    def metadata_of(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
+        return metadata_message(self._described(name, version))
+
+    def config_of(self, name: str, version: str = "") -> pb.ModelConfigResponse:
+        info = self._described(name, version)
+        return pb.ModelConfigResponse(config=config_message(info, self.fleet.variants(name)))
+
+    def described(self, name: str, version: str = "") -> ModelInfo:
+        """The model `name` (at `version`, when given); ModelNotFound when the fleet
+        knows no such model or version."""
+        return self._described(name, version)
 
     def _described(self, name: str, version: str) -> ModelInfo:
         info = self.fleet.model_info(name)
@@ -317,11 +351,10 @@ class GatewayServicer:
             raise ModelNotFound(f"model {name!r} has no version {shown(version)}")
         return info
 
-    async def model_statistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            described = self._described(request.name, request.version)
+    def statistics_of(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        """Every model's statistics (`name` empty), or one model's."""
+        if name:
+            described = self._described(name, version)
             names = [described.name]
         else:
             names = self.fleet.known_models()
@@ -350,13 +383,11 @@ class GatewayServicer:
             inf.compute_output.count = counters.success_count
         return reply
 
-    async def repository_index(
-        self, request: pb.RepositoryIndexRequest, context: Any
-    ) -> pb.RepositoryIndexResponse:
+    def repository_of(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:
         reply = pb.RepositoryIndexResponse()
         for name in self.fleet.known_models():
             ready = self.fleet.model_ready(name)
-            if request.ready and not ready:
+            if ready_only and not ready:
                 continue
             info = self.fleet.model_info(name)
             reply.models.add(

@@ -161,6 +161,7 @@ def fleet_config(addresses: dict[str, tuple[str, float]], **gateway: object) -> 
             "gateway": {
                 "listen": "127.0.0.1:0",
                 "metrics": "127.0.0.1:0",
+                "http": "127.0.0.1:0",
                 "probe_interval_s": 0.2,
                 **gateway,
             },

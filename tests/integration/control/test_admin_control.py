@@ -57,6 +57,7 @@ async def supervised(
             "gateway": {
                 "listen": "127.0.0.1:0",
                 "metrics": "127.0.0.1:0",
+                "http": "127.0.0.1:0",
                 "admin": "127.0.0.1:0",
                 "probe_interval_s": 0.2,
                 "latency_probe_interval_s": 0,

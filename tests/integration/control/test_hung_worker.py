@@ -47,6 +47,7 @@ async def start(repository: Path) -> AsyncIterator[Start]:
                 "gateway": {
                     "listen": "127.0.0.1:0",
                     "metrics": "127.0.0.1:0",
+                    "http": "127.0.0.1:0",
                     "probe_interval_s": 0.2,
                     "probe_timeout_s": 0.5,
                     "latency_probe_interval_s": 0,

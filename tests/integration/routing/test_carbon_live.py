@@ -61,6 +61,7 @@ async def carbon_gateway(four: dict[str, Worker]) -> AsyncIterator[Gateway]:
             "gateway": {
                 "listen": "127.0.0.1:0",
                 "metrics": "127.0.0.1:0",
+                "http": "127.0.0.1:0",
                 "probe_interval_s": 0.2,
                 "latency_probe_interval_s": 0,
             },

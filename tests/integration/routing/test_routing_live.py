@@ -255,7 +255,8 @@ async def test_fleet_file_changes_and_price_schedules_apply_live(
 
     def write(price_a: float) -> None:
         fleet.write_text(
-            "gateway: {listen: '127.0.0.1:0', metrics: '127.0.0.1:0', admin: '127.0.0.1:0',\n"
+            "gateway: {listen: '127.0.0.1:0', metrics: '127.0.0.1:0', http: '127.0.0.1:0',\n"
+            "  admin: '127.0.0.1:0',\n"
             "  probe_interval_s: 0.2, watch_config_s: 0.1, price_schedule: prices.csv}\n"
             "backends:\n"
             f"  - {{name: a, address: '{fast.address}', price_usd_per_hour: {price_a}}}\n"

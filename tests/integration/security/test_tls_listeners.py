@@ -282,7 +282,12 @@ def remote_fleet(address: str, tls: dict[str, str] | None) -> FleetConfig:
         backend["tls"] = tls
     return FleetConfig.model_validate(
         {
-            "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0", "probe_interval_s": 0.2},
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "metrics": "127.0.0.1:0",
+                "http": "127.0.0.1:0",
+                "probe_interval_s": 0.2,
+            },
             "backends": [backend],
         }
     )

@@ -158,6 +158,7 @@ async def test_every_route_refusing_costs_exactly_one_plus_retries_attempts(
                 ("backend", "none"),
                 ("model", "digits"),
                 ("outcome", "RESOURCE_EXHAUSTED"),
+                ("protocol", "grpc"),
                 ("variant", "none"),
             ),
         )

@@ -36,7 +36,7 @@ async def resnet_worker(repository: Path) -> AsyncIterator[Worker]:
 async def gateway(resnet_worker: Worker) -> AsyncIterator[Gateway]:
     config = FleetConfig.model_validate(
         {
-            "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0"},
+            "gateway": {"listen": "127.0.0.1:0", "metrics": "127.0.0.1:0", "http": "127.0.0.1:0"},
             "backends": [
                 {"name": "cpu", "address": resnet_worker.address, "price_usd_per_hour": 0.04}
             ],

@@ -1,0 +1,422 @@
+"""The Open Inference Protocol's REST binding (KServe v2 HTTP/REST), with the Triton
+extensions its clients call: health, server and model metadata, model configuration,
+statistics, the repository index, and inference in JSON or in Triton's binary tensor
+data extension, gzip/deflate both ways.
+
+A thin ASGI app under uvicorn (httptools' parser, the gateway's own uvloop loop): no
+framework router, no per-request validation models. An inference body becomes the same
+serialized ModelInferRequest the gRPC binding forwards (`rest_codec`), and goes through
+the same servicer (`GatewayServicer.infer`): the same routing, dispatch, deadlines
+(Triton's `timeout` parameter), admission limits and metrics, with `protocol="rest"`.
+Backends stay gRPC. Errors are HTTP statuses with `{"error": "..."}` naming what was
+wrong, mapped from the one gRPC status mapping (`code_for`).
+
+Imports uvicorn, generated protobuf and the servicer: the serving plane's edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import logging
+import math
+import socket
+import ssl
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import orjson
+import uvicorn
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from backends.protocol.errors import InvalidInput, SwitchyardError, shown
+from backends.protocol.status import StatusError, code_for, internal_message
+from gateway.serving.rest_codec import decode_infer_request, encode_infer_response, error_body
+from gateway.serving.servicer import GatewayServicer
+from protos import inference_pb2 as pb
+
+log = logging.getLogger("switchyard.rest")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+HEADER_LENGTH = b"inference-header-content-length"
+"""Triton's binary tensor data extension: the length of the JSON part of a body whose
+tensors follow it as raw bytes."""
+
+JSON = b"application/json"
+OCTETS = b"application/octet-stream"
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+"""gRPC status -> HTTP status. INTERNAL and UNKNOWN: 502 when a backend said it (its
+fault, passed on), 500 when it is the gateway's own."""
+
+
+class Disconnected(Exception):
+    """The caller closed the connection before its body arrived: nothing to answer."""
+
+
+class HttpError(Exception):
+    """A request the REST binding refuses before it reaches the servicer (an unknown
+    path, a method the path does not take, a body too large or undecodable)."""
+
+    def __init__(self, status: int, message: str, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.allow = allow
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class RestApp:
+    """The ASGI app: one coroutine per request, no middleware."""
+
+    def __init__(self, servicer: GatewayServicer, max_body_bytes: int) -> None:
+        self.servicer = servicer
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are not served
+        headers = dict(scope["headers"])
+        try:
+            reply = await self._route(scope["method"], scope["path"], headers, receive)
+        except Disconnected:
+            return
+        except HttpError as exc:
+            extra = () if exc.allow is None else ((b"allow", exc.allow.encode()),)
+            reply = Reply(exc.status, error_body(str(exc)), headers=extra)
+        except SwitchyardError as exc:
+            reply = _error_reply(exc)
+        except Exception as exc:
+            log.exception("REST %s %s failed", scope["method"], shown(scope["path"]))
+            reply = Reply(500, error_body(internal_message(exc)))
+        await _send(send, reply, headers.get(b"accept-encoding", b""))
+
+    async def _route(
+        self, method: str, path: str, headers: dict[bytes, bytes], receive: Receive
+    ) -> Reply:
+        parts = path.strip("/").split("/")
+        if parts[0] != "v2":
+            raise HttpError(404, f"no endpoint at {shown(path)}: the API is under /v2")
+        parts = parts[1:]
+        servicer = self.servicer
+        if parts in ([], [""]):
+            _allow(method, "GET")
+            return _json(_message_json(servicer.server_description()))
+        if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
+            _allow(method, "GET")
+            if parts[1] == "live":
+                return _json({"live": True})
+            ready = servicer.fleet.any_ready()
+            return _json({"ready": ready}, 200 if ready else 503)
+        if parts == ["repository", "index"]:
+            _allow(method, "POST")
+            body = await self._body(headers, receive)
+            return _json(
+                [_message_json(m) for m in servicer.repository_of(_ready_only(body)).models]
+            )
+        if parts == ["models", "stats"]:
+            _allow(method, "GET")
+            return _json(_message_json(servicer.statistics_of()))
+        if parts[0] == "models" and len(parts) >= 2 and parts[1]:
+            return await self._model(method, parts[1], parts[2:], headers, receive)
+        raise HttpError(404, f"no endpoint at {shown(path)}")
+
+    async def _model(
+        self,
+        method: str,
+        model: str,
+        rest: list[str],
+        headers: dict[bytes, bytes],
+        receive: Receive,
+    ) -> Reply:
+        version = ""
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+        servicer = self.servicer
+        action = rest[0] if len(rest) == 1 else ("" if not rest else None)
+        if action == "":
+            _allow(method, "GET")
+            return _json(_message_json(servicer.metadata_of(model, version)))
+        if action == "ready":
+            _allow(method, "GET")
+            ready = servicer.is_model_ready(model, version)
+            return _json({"name": model, "ready": ready}, 200 if ready else 503)
+        if action == "config":
+            _allow(method, "GET")
+            return _json(_message_json(servicer.config_of(model, version).config))
+        if action == "stats":
+            _allow(method, "GET")
+            return _json(_message_json(servicer.statistics_of(model, version)))
+        if action == "infer":
+            _allow(method, "POST")
+            return await self._infer(model, version, headers, receive)
+        raise HttpError(404, f"no endpoint {shown('/'.join(rest))} for model {shown(model)}")
+
+    async def _infer(
+        self, model: str, version: str, headers: dict[bytes, bytes], receive: Receive
+    ) -> Reply:
+        self.servicer.described(model, version)  # an unknown model is a 404 before its body
+        body = await self._body(headers, receive)
+        header_length = _header_length(headers.get(HEADER_LENGTH))
+        request = decode_infer_request(body, header_length, model, version)
+        reply = await self.servicer.infer(request.message.SerializeToString(), None, "rest")
+        answer, json_length = encode_infer_response(
+            pb.ModelInferResponse.FromString(reply), request
+        )
+        if json_length is None:
+            return Reply(200, answer)
+        return Reply(200, answer, OCTETS, ((HEADER_LENGTH, str(json_length).encode()),))
+
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        """The request's body, decompressed, at most `max_body_bytes` either way."""
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HttpError(413, f"request body of {int(declared)} bytes exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding in (b"", b"identity"):
+            return body
+        return _decompressed(body, encoding, limit)
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise HttpError(405, f"{method} is not allowed here: use {allowed}", allow=allowed)
+
+
+def _json(value: object, status: int = 200) -> Reply:
+    return Reply(status, orjson.dumps(value))
+
+
+def _ready_only(body: bytes) -> bool:
+    """The repository index request's `{"ready": true}` (an empty body: all models)."""
+    if not body.strip():
+        return False
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"repository index request is not JSON: {exc}") from exc
+    if not isinstance(request, dict):
+        raise InvalidInput("repository index request must be a JSON object")
+    ready = request.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput(f"'ready' must be true or false, not {shown(ready)}")
+    return ready
+
+
+def _header_length(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    if not text.isdigit():
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be a non-negative integer, not {shown(text)}"
+        )
+    return int(text)
+
+
+def _decompressed(body: bytes, encoding: bytes, limit: int) -> bytes:
+    if encoding == b"gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == b"deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise HttpError(
+            415,
+            f"Content-Encoding {shown(encoding.decode('latin-1'))} is not supported "
+            "(gzip, deflate, identity)",
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding.decode()} data: {exc}") from exc
+    if len(data) > limit:
+        raise HttpError(413, f"request body exceeds {limit} bytes once decompressed")
+    if not inflater.eof:
+        raise InvalidInput(f"request body is truncated {encoding.decode()} data")
+    return data
+
+
+def _error_reply(exc: SwitchyardError) -> Reply:
+    code = code_for(exc)
+    status = HTTP_STATUS.get(code)
+    if status is None:  # INTERNAL, UNKNOWN, DATA_LOSS
+        status = 502 if isinstance(exc, StatusError) else 500
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if exc.retry_after_ms is not None:
+        ms = max(1, exc.retry_after_ms)
+        headers = (
+            (b"retry-after", str(math.ceil(ms / 1000)).encode()),
+            (b"retry-after-ms", str(ms).encode()),
+        )
+    return Reply(status, error_body(str(exc)), headers=headers)
+
+
+async def _send(send: Send, reply: Reply, accept_encoding: bytes) -> None:
+    body = reply.body
+    headers = [(b"content-type", reply.content_type), *reply.headers]
+    coding = _response_coding(accept_encoding) if len(body) > 0 else None
+    if coding is not None:
+        if coding == b"gzip":
+            body = gzip.compress(body, compresslevel=1)
+        else:
+            body = zlib.compress(body, 1)
+        headers.append((b"content-encoding", coding))
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _response_coding(accept_encoding: bytes) -> bytes | None:
+    """gzip or deflate when the caller accepts it (as Triton does: only when asked)."""
+    if not accept_encoding:
+        return None
+    offered = {item.split(b";")[0].strip().lower() for item in accept_encoding.split(b",")}
+    if b"gzip" in offered:
+        return b"gzip"
+    if b"deflate" in offered:
+        return b"deflate"
+    return None
+
+
+# ---- protobuf messages as Triton's JSON --------------------------------------------------
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    """A message as Triton's REST endpoint writes it: proto field names, every field
+    (defaults included, as its clients read them), 64-bit integers as numbers (not
+    strings, as protobuf's JSON mapping has them), enums by name, bytes in base64."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            of = field.message_type.fields_by_name["value"]
+            out[field.name] = {key: _field_json(of, item) for key, item in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_field_json(field, item) for item in value]
+        elif field.containing_oneof is not None:
+            if message.WhichOneof(field.containing_oneof.name) == field.name:
+                out[field.name] = _field_json(field, value)
+        elif field.message_type is not None and not message.HasField(field.name):
+            continue
+        else:
+            out[field.name] = _field_json(field, value)
+    return out
+
+
+def _field_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None:
+        return _message_json(value)
+    if field.enum_type is not None:
+        named = field.enum_type.values_by_number.get(value)
+        return value if named is None else named.name
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value
+
+
+# ---- the listener ------------------------------------------------------------------------
+
+
+class RestServer:
+    """uvicorn serving a RestApp on the running loop, on a socket bound at `start`."""
+
+    def __init__(
+        self,
+        app: RestApp,
+        listen: str,
+        context: ssl.SSLContext | None,
+        limit_concurrency: int | None,
+    ) -> None:
+        self._socket = _bind(listen)
+        self.port: int = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            loop="none",
+            interface="asgi3",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            limit_concurrency=limit_concurrency,
+            timeout_graceful_shutdown=2,
+        )
+        config.load()
+        config.ssl = context
+        self._server = uvicorn.Server(config)
+        self._server.lifespan = config.lifespan_class(config)  # off: no startup events
+        self._ticks: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._server.startup(sockets=[self._socket])
+        # uvicorn's tick: refreshes the Date header once a second.
+        self._ticks = asyncio.get_running_loop().create_task(self._server.main_loop())
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._ticks is not None:
+            await self._ticks
+        if self._server.started:
+            await self._server.shutdown(sockets=[self._socket])
+        self._socket.close()
+
+
+def _bind(listen: str) -> socket.socket:
+    """A listening socket at HOST:PORT (`[v6]:PORT` too); OSError when it cannot bind."""
+    host, port = listen.rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
