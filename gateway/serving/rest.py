@@ -298,7 +298,9 @@ def _error_reply(exc: SwitchyardError) -> Reply:
 async def _send(send: Send, reply: Reply, accept_encoding: bytes) -> None:
     body = reply.body
     headers = [(b"content-type", reply.content_type), *reply.headers]
-    coding = _response_coding(accept_encoding) if len(body) > 0 else None
+    # Only answers are compressed, as Triton does: an error's JSON stays readable to
+    # clients (tritonclient.http) that decode it without looking at Content-Encoding.
+    coding = _response_coding(accept_encoding) if reply.status == 200 and body else None
     if coding is not None:
         if coding == b"gzip":
             body = gzip.compress(body, compresslevel=1)
