@@ -262,9 +262,21 @@ def add_perf_analyzer_arguments(parser: argparse.ArgumentParser, root: Path) -> 
     )
 
 
-def perf_analyzer_command(binary: Path, address: str, model: str, *options: str) -> list[str]:
-    """perf_analyzer over gRPC against `model` at `address`, with `options`."""
-    return [str(binary), "-i", "grpc", "-u", address, "-m", model, *options]
+PERF_ANALYZER_PROTOCOLS = ("grpc", "http")
+"""perf_analyzer's `-i`: the Open Inference Protocol's gRPC or HTTP/REST binding (over
+HTTP it sends and asks for tensors in Triton's binary data extension by default)."""
+
+
+def perf_analyzer_command(
+    binary: Path, address: str, model: str, *options: str, protocol: str = "grpc"
+) -> list[str]:
+    """perf_analyzer over `protocol` (gRPC or HTTP) against `model` at `address`, with
+    `options`."""
+    if protocol not in PERF_ANALYZER_PROTOCOLS:
+        raise BenchError(
+            f"perf_analyzer speaks {' or '.join(PERF_ANALYZER_PROTOCOLS)}, not {protocol}"
+        )
+    return [str(binary), "-i", protocol, "-u", address, "-m", model, *options]
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,8 +307,10 @@ def perf_analyzer_rows(
     csv_path: Path,
     timeout_s: float,
     max_trials: int = 10,
+    protocol: str = "grpc",
+    stability_percentage: int = 50,
 ) -> list[PerfAnalyzerRow]:
-    """perf_analyzer over gRPC with `load_args` (`--concurrency-range C:C`,
+    """perf_analyzer over `protocol` with `load_args` (`--concurrency-range C:C`,
     `--request-rate-range R:R`, ...); parses the CSV it writes to `csv_path`."""
     command = perf_analyzer_command(
         binary,
@@ -306,11 +320,12 @@ def perf_analyzer_rows(
         "--measurement-interval",
         str(measurement_interval_ms),
         "--stability-percentage",
-        "50",
+        str(stability_percentage),
         "--max-trials",
         str(max_trials),
         "-f",
         str(csv_path),
+        protocol=protocol,
     )
     csv_path.unlink(missing_ok=True)
     try:
@@ -355,11 +370,12 @@ def run_perf_analyzer(
     measurement_interval_ms: int,
     work_dir: Path,
     timeout_s: float,
+    protocol: str = "grpc",
 ) -> list[PerfAnalyzerLevel]:
-    """perf_analyzer over gRPC at each concurrency; parses its CSV (latencies in us)."""
+    """perf_analyzer over `protocol` at each concurrency; parses its CSV (latencies in us)."""
     levels = []
     for c in concurrency:
-        csv_path = work_dir / f"pa-{model}-{address.replace(':', '_')}-c{c}.csv"
+        csv_path = work_dir / f"pa-{model}-{protocol}-{address.replace(':', '_')}-c{c}.csv"
         for row in perf_analyzer_rows(
             binary,
             address,
@@ -368,6 +384,7 @@ def run_perf_analyzer(
             measurement_interval_ms,
             csv_path,
             timeout_s,
+            protocol=protocol,
         ):
             levels.append(
                 PerfAnalyzerLevel(
@@ -380,8 +397,11 @@ def run_perf_analyzer(
     return levels
 
 
-def probe_perf_analyzer(binary: Path, address: str, model: str, work_dir: Path) -> str:
-    """Whether perf_analyzer can drive a server at all; returns its error, or ''."""
+def probe_perf_analyzer(
+    binary: Path, address: str, model: str, work_dir: Path, protocol: str = "grpc"
+) -> str:
+    """Whether perf_analyzer can drive a server over `protocol` at all; returns its
+    error, or ''."""
     result = subprocess.run(
         perf_analyzer_command(
             binary,
@@ -395,6 +415,7 @@ def probe_perf_analyzer(binary: Path, address: str, model: str, work_dir: Path) 
             "1",
             "--stability-percentage",
             "100",
+            protocol=protocol,
         ),
         capture_output=True,
         text=True,

@@ -1,5 +1,6 @@
 """The KServe peer for `make bench`: KServe 0.21's ModelServer serving ONNX models
-with ONNX Runtime over the Open Inference Protocol gRPC API, bound to 127.0.0.1.
+with ONNX Runtime over the Open Inference Protocol gRPC API (or, with `--rest`, its
+REST API), bound to 127.0.0.1.
 
 Runs in its own virtualenv and process (`.bench/peers-venv`, made by
 `gateway.bench`): it imports only kserve, onnxruntime and numpy, never this
@@ -7,7 +8,7 @@ project's `protos` package (two protobuf packages named `inference` clash in one
 process) nor anything else from Switchyard. Run it by path:
 
     .bench/peers-venv/bin/python -I gateway/bench/kserve_peer.py \
-        --model digits=models/digits/variants/ort-cpu-fp32/model.onnx
+        --model digits=models/digits/variants/ort-cpu-fp32/model.onnx [--rest]
 
 Prints one JSON line `{"event": "listening", "address": "127.0.0.1:PORT", ...}` on
 stdout once it serves, like `backends.worker.server`.
@@ -18,7 +19,13 @@ What differs from `ModelServer.start()`, and why:
   `GRPCServer.start()` with that one line changed (same servicer, interceptors,
   thread pool, options and data plane);
 - the REST (uvicorn) server is not started: it would bind 0.0.0.0:8080 and the
-  benchmark only speaks gRPC;
+  gRPC benchmark only speaks gRPC;
+- with `--rest`, the REST server is started instead of the gRPC one: KServe's own
+  `RESTServer` (its FastAPI app, middleware, endpoints and uvicorn settings, one
+  process), served on a socket bound to 127.0.0.1 port 0 (read back) where KServe
+  would bind 0.0.0.0:8080; it runs, as KServe's single-process server does, on the
+  loop `asyncio.run` makes (uvicorn's `--event_loop` choice applies only when
+  uvicorn makes the loop itself);
 - KServe parses `sys.argv` when `kserve` is imported, so argv is cleared first;
 - SIGTERM ends the process at once (KServe's own handler did not stop it).
 """
@@ -31,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from concurrent import futures
 from typing import Any
@@ -51,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("default", "quiet"),
         default="quiet",
         help="default: KServe's INFO log line per gRPC call and latency log; quiet: warnings only",
+    )
+    parser.add_argument(
+        "--rest",
+        action="store_true",
+        help="serve KServe's REST (FastAPI/uvicorn) endpoint instead of its gRPC one",
     )
     return parser.parse_args(argv)
 
@@ -84,6 +97,7 @@ def main() -> int:
     from kserve.protocol.grpc.servicer import (  # type: ignore[import-not-found]
         InferenceServicer,
     )
+    from kserve.protocol.rest.server import RESTServer  # type: ignore[import-not-found]
     from kserve.utils.numpy_codec import from_np_dtype  # type: ignore[import-not-found]
 
     ort_types = {
@@ -153,6 +167,19 @@ def main() -> int:
                 use_binary_outputs=True,
             )
 
+    def _listening(address: str, protocol: str, http: object = None) -> None:
+        event: dict[str, Any] = {
+            "event": "listening",
+            "address": address,
+            "protocol": protocol,
+            "pid": os.getpid(),
+            "models": sorted(served),
+            "loop": type(asyncio.get_running_loop()).__module__,
+        }
+        if http is not None:  # uvicorn's HTTP protocol class: httptools or h11
+            event["http"] = getattr(http, "__name__", str(http))
+        print(json.dumps(event), flush=True)
+
     class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
         """KServe's GRPCServer.start(), listening on 127.0.0.1:0 instead of [::]:PORT."""
 
@@ -179,34 +206,56 @@ def main() -> int:
             if port == 0:
                 raise OSError("cannot listen on 127.0.0.1:0")
             await self._server.start()
-            print(
-                json.dumps(
-                    {
-                        "event": "listening",
-                        "address": f"127.0.0.1:{port}",
-                        "pid": os.getpid(),
-                        "models": sorted(served),
-                    }
-                ),
-                flush=True,
-            )
+            _listening(f"127.0.0.1:{port}", "grpc")
             await self._server.wait_for_termination()
 
+    class LoopbackRESTServer(RESTServer):  # type: ignore[misc]
+        """KServe's RESTServer.start(), serving on 127.0.0.1:0 instead of 0.0.0.0:PORT."""
+
+        async def start(self) -> None:
+            self.create_application()
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(2048)
+            port = listener.getsockname()[1]
+            self._server.config.load()
+            _listening(f"127.0.0.1:{port}", "rest", self._server.config.http_protocol_class)
+            await self._server.serve(sockets=[listener])
+
     class LoopbackModelServer(ModelServer):  # type: ignore[misc]
-        """ModelServer.start() with the gRPC server only, on the loopback interface."""
+        """ModelServer.start() with one server (gRPC, or REST with `--rest`), on the
+        loopback interface."""
 
         def start(self, models: list[Model]) -> None:
-            from kserve.model_server import args as kserve_args  # type: ignore[import-not-found]
+            from kserve.model_server import (  # type: ignore[import-not-found]
+                FASTAPI_APP_IMPORT_STRING,
+            )
+            from kserve.model_server import args as kserve_args
 
             self._register_and_check_atleast_one_model_is_ready(models)
-            self._grpc_server = LoopbackGRPCServer(
-                0,
-                self.dataplane,
-                self.model_repository_extension,
-                kwargs=vars(kserve_args),
-                grace_period=self.grace_period,
-            )
-            self.servers.append(self._grpc_server.start(self.max_threads))
+            if options.rest:
+                self._rest_server = LoopbackRESTServer(
+                    FASTAPI_APP_IMPORT_STRING,
+                    self.dataplane,
+                    self.model_repository_extension,
+                    0,
+                    access_log_format=self.access_log_format,
+                    workers=1,
+                    grace_period=self.grace_period,
+                    event_loop=self.event_loop,
+                    timeout_keep_alive=self.timeout_keep_alive,
+                )
+                self.servers.append(self._rest_server.start())
+            else:
+                self._grpc_server = LoopbackGRPCServer(
+                    0,
+                    self.dataplane,
+                    self.model_repository_extension,
+                    kwargs=vars(kserve_args),
+                    grace_period=self.grace_period,
+                )
+                self.servers.append(self._grpc_server.start(self.max_threads))
             self.setup_event_loop()
             self.register_signal_handler()
             asyncio.run(self._serve())
@@ -218,10 +267,13 @@ def main() -> int:
 
     served = dict(spec.split("=", 1) for spec in options.model)
     quiet = options.kserve_logging == "quiet"
-    server = LoopbackModelServer(enable_grpc=True, enable_latency_logging=not quiet, grace_period=1)
+    server = LoopbackModelServer(
+        enable_grpc=not options.rest, enable_latency_logging=not quiet, grace_period=1
+    )
     if quiet:
         kserve_logger.setLevel(logging.WARNING)
         trace_logger.setLevel(logging.WARNING)
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     server.start([OnnxModel(name, path, options.threads) for name, path in served.items()])
     return 0
 
