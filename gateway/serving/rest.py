@@ -23,6 +23,7 @@ import logging
 import math
 import socket
 import ssl
+import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -183,10 +184,22 @@ class RestApp:
     async def _infer(
         self, model: str, version: str, headers: dict[bytes, bytes], receive: Receive
     ) -> Reply:
-        self.servicer.described(model, version)  # an unknown model is a 404 before its body
-        body = await self._body(headers, receive)
-        header_length = _header_length(headers.get(HEADER_LENGTH))
-        request = decode_infer_request(body, header_length, model, version)
+        start_ns = time.perf_counter_ns()
+        label = "(unknown)"  # unknown names stay out of metric labels
+        try:
+            self.servicer.described(model, version)  # unknown: a 404 before its body
+            label = model
+            body = await self._body(headers, receive)
+            header_length = _header_length(headers.get(HEADER_LENGTH))
+            request = decode_infer_request(body, header_length, model, version)
+        except SwitchyardError as exc:
+            # Counted as the servicer counts a request it refuses (a gRPC request that
+            # does not parse, an unknown model): the same metrics for both bindings.
+            metrics = self.servicer.metrics
+            metrics.requests.labels(label, "none", "none", code_for(exc).name, "rest").inc()
+            elapsed_s = (time.perf_counter_ns() - start_ns) / 1e9
+            metrics.latency.labels(label, "none", "rest").observe(elapsed_s)
+            raise
         reply = await self.servicer.infer(request.message.SerializeToString(), None, "rest")
         answer, json_length = encode_infer_response(
             pb.ModelInferResponse.FromString(reply), request
