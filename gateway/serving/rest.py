@@ -112,6 +112,10 @@ class RestApp:
             return
         except HttpError as exc:
             extra = () if exc.allow is None else ((b"allow", exc.allow.encode()),)
+            if exc.status == 413:
+                # The rest of a body over the limit is not read, not even to discard
+                # it on a kept-alive connection: the connection ends with the answer.
+                extra = (*extra, (b"connection", b"close"))
             reply = Reply(exc.status, error_body(str(exc)), headers=extra)
         except SwitchyardError as exc:
             reply = _error_reply(exc)

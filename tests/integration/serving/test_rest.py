@@ -446,18 +446,23 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(rest_gateway: 
     assert rest_gateway.rest is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", rest_gateway.rest.port)
     try:
-        # A gigabyte declared, not one byte of it sent: the answer cannot wait for it.
+        # A gigabyte declared on a kept-alive connection, 16 KiB of it sent: the answer
+        # cannot have waited for the rest.
         writer.write(
             f"POST {infer_path()} HTTP/1.1\r\nHost: x\r\nContent-Length: {2**30}\r\n\r\n".encode()
+            + b" " * 16384
         )
         await writer.drain()
         answer = await asyncio.wait_for(_read_answer(reader), 30)
+        assert answer.status == 413
+        assert answer.error == f"request body of {2**30} bytes exceeds {LIMIT_BYTES} bytes"
+        # Nor does it read the rest to discard it: the connection ends with the answer.
+        assert answer.headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 30) == b""
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-    assert answer.status == 413
-    assert answer.error == f"request body of {2**30} bytes exceeds {LIMIT_BYTES} bytes"
 
 
 async def test_good_requests_among_bad_ones_are_answered_and_counted_as_rest(
