@@ -98,14 +98,30 @@ class Reply:
 class RestApp:
     """The ASGI app: one coroutine per request, no middleware."""
 
-    def __init__(self, servicer: GatewayServicer, max_body_bytes: int) -> None:
+    def __init__(
+        self, servicer: GatewayServicer, max_body_bytes: int, max_in_flight: int | None = None
+    ) -> None:
         self.servicer = servicer
         self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        """Requests served at once (None: no limit); past it, 429 at once."""
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
         headers = dict(scope["headers"])
+        limit = self.max_in_flight
+        if limit is not None and self.in_flight >= limit:
+            # As gRPC answers past max_concurrent_rpcs: RESOURCE_EXHAUSTED, at once.
+            message = (
+                f"the gateway is serving its limit of {limit} requests at once "
+                "(gateway.max_concurrent_rpcs)"
+            )
+            reply = Reply(429, error_body(message), headers=((b"retry-after", b"1"),))
+            await _send(send, reply, b"")
+            return
+        self.in_flight += 1
         try:
             reply = await self._route(scope["method"], scope["path"], headers, receive)
         except Disconnected:
@@ -122,6 +138,8 @@ class RestApp:
         except Exception as exc:
             log.exception("REST %s %s failed", scope["method"], shown(scope["path"]))
             reply = Reply(500, error_body(internal_message(exc)))
+        finally:
+            self.in_flight -= 1
         await _send(send, reply, headers.get(b"accept-encoding", b""))
 
     async def _route(
@@ -390,6 +408,10 @@ class RestServer:
         context: ssl.SSLContext | None,
         limit_concurrency: int | None,
     ) -> None:
+        # The app keeps the limit, answering past it as the gRPC listener does (429,
+        # JSON): uvicorn's own limit answers a plain-text 503 and counts idle
+        # kept-alive connections as requests.
+        app.max_in_flight = limit_concurrency
         self._socket = _bind(listen)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
@@ -401,7 +423,6 @@ class RestServer:
             log_config=None,
             access_log=False,
             server_header=False,
-            limit_concurrency=limit_concurrency,
             timeout_graceful_shutdown=2,
         )
         config.load()

@@ -556,6 +556,42 @@ async def test_a_full_queue_is_429_with_retry_after(repository: Path) -> None:
         await worker.stop()
 
 
+async def test_past_max_concurrent_rpcs_is_429_naming_the_limit(repository: Path) -> None:
+    worker = await launch_worker(repository, threads=1, hardware_class="test-1c")
+    gw = await start_gateway(
+        fleet_config(
+            {"only": (worker.address, 0.1)}, latency_probe_interval_s=0, max_concurrent_rpcs=2
+        )
+    )
+    try:
+        assert gw.rest is not None
+        port = gw.rest.port
+        held = await worker.hold("digits", max_batch_rows=8)
+        inputs, reference = samples(repository, "digits")
+        request = Call("POST", infer_path(), json_infer(inputs["input"][:1]))
+        # Idle kept-alive connections are no requests: they do not count.
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        accepted = [asyncio.ensure_future(send(port, request)) for _ in range(2)]
+        state = gw.fleet.backends["only"]
+        await wait_until(lambda: state.in_flight == 2, what="two requests at the backend")
+        over = await send(port, request)
+        assert over.status == 429, over.body
+        assert over.headers["content-type"] == "application/json"
+        assert over.error == (
+            "the gateway is serving its limit of 2 requests at once (gateway.max_concurrent_rpcs)"
+        )
+        assert over.headers["retry-after"] == "1"
+        held.gate.open()
+        for answer in accepted:
+            assert labels_of(await answer) == reference["label"][:1].tolist()
+        assert labels_of(await send(port, request)) == reference["label"][:1].tolist()
+        for _, writer in idle:
+            writer.close()
+    finally:
+        await gw.stop()
+        await worker.stop()
+
+
 async def test_no_ready_backend_is_503(repository: Path) -> None:
     worker = await launch_worker(repository, threads=1, hardware_class="test-1c")
     gw = await start_gateway(fleet_config({"only": (worker.address, 0.1)}))
