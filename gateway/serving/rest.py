@@ -351,12 +351,22 @@ def _response_coding(accept_encoding: bytes) -> bytes | None:
     """gzip or deflate when the caller accepts it (as Triton does: only when asked)."""
     if not accept_encoding:
         return None
-    offered = {item.split(b";")[0].strip().lower() for item in accept_encoding.split(b",")}
+    offered = set()
+    for item in accept_encoding.lower().split(b","):
+        coding, *params = (part.strip() for part in item.split(b";"))
+        if not any(_refused(param) for param in params):
+            offered.add(coding)
     if b"gzip" in offered:
         return b"gzip"
     if b"deflate" in offered:
         return b"deflate"
     return None
+
+
+def _refused(param: bytes) -> bool:
+    """An Accept-Encoding parameter that refuses its coding: `q=0` (or 0.0, 0.00 ...)."""
+    name, _, value = param.partition(b"=")
+    return name.strip() == b"q" and value.strip().rstrip(b"0").rstrip(b".") in (b"0", b"")
 
 
 # ---- protobuf messages as Triton's JSON --------------------------------------------------

@@ -521,6 +521,38 @@ async def test_good_requests_among_bad_ones_are_answered_and_counted_as_rest(
     assert requests("grpc", "OK") == 1 and requests("rest", "OK") == good
 
 
+async def test_compression_as_the_caller_asks(rest_gateway: Gateway, repository: Path) -> None:
+    assert rest_gateway.rest is not None
+    port = rest_gateway.rest.port
+    inputs, reference = samples(repository, "digits")
+    x, labels = inputs["input"][:4], reference["label"][:4].tolist()
+    decoders = {"gzip": gzip.decompress, "deflate": zlib.decompress}
+    body = json_infer(x)
+    for request_coding, compress in (
+        ("identity", bytes),
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+    ):
+        for accept, answered in (
+            ("", None),
+            ("gzip", "gzip"),
+            ("deflate", "deflate"),
+            ("br, deflate;q=0.5", "deflate"),
+            ("gzip;q=0, deflate", "deflate"),
+            ("gzip;q=0.0", None),
+            ("br", None),
+        ):
+            headers = {"Content-Encoding": request_coding}
+            if accept:
+                headers["Accept-Encoding"] = accept
+            answer = await send(port, Call("POST", infer_path(), compress(body), headers))
+            what = (request_coding, accept)
+            assert answer.headers.get("content-encoding") == answered, what
+            if answered is not None:
+                answer.body = decoders[answered](answer.body)
+            assert labels_of(answer) == labels, what
+
+
 async def test_a_full_queue_is_429_with_retry_after(repository: Path) -> None:
     worker = await launch_worker(repository, threads=1, hardware_class="test-1c")
     gw = await start_gateway(
