@@ -138,6 +138,18 @@ def main() -> None:
             "parameters": response.get("parameters", {}),
         }
 
+    # A variant pinned, a deadline given (Triton's timeout, microseconds).
+    result = client.infer(
+        "digits",
+        [digits_input(x, True)],
+        parameters={"switchyard_variant": "ort-cpu-fp32"},
+        timeout=30_000_000,
+    )
+    out["infer_pinned"] = {
+        "parameters": result.get_response().get("parameters", {}),
+        "labels_match": bool((result.as_numpy("label") == labels).all()),
+    }
+
     # No outputs named: every output, as the request's binary_data_output says.
     result = client.infer("digits", [digits_input(x, True)], model_version="1")
     out["infer_versioned"] = {

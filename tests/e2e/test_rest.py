@@ -107,6 +107,8 @@ def test_infer_json_and_binary_with_parameters(seen: dict[str, Any]) -> None:
         )
         assert params["switchyard_attempts"] == 1
     assert seen["infer_versioned"] == {"model_version": "1", "labels_match": True}
+    pinned = seen["infer_pinned"]
+    assert pinned["labels_match"] and pinned["parameters"]["switchyard_variant"] == "ort-cpu-fp32"
 
 
 def test_every_datatype_round_trips_through_echo(seen: dict[str, Any]) -> None:
@@ -151,14 +153,18 @@ def test_failures_reach_the_client_as_statuses_naming_the_problem(seen: dict[str
 
 
 def test_statistics_count_the_infers(seen: dict[str, Any]) -> None:
-    def success(stats: dict[str, Any]) -> int:
+    def counts(stats: dict[str, Any]) -> tuple[int, int]:
         (digits,) = (m for m in stats["model_stats"] if m["name"] == "digits")
-        return int(digits["inference_stats"]["success"]["count"])
+        inference = digits["inference_stats"]
+        return int(inference["success"]["count"]), int(inference["fail"]["count"])
 
-    # json, binary, binary in json out, versioned, four compressed, eight async.
-    assert success(seen["stats_after"]) - success(seen["stats_before"]) >= 16
-    (failed,) = (m for m in seen["stats_after"]["model_stats"] if m["name"] == "digits")
-    assert failed["inference_stats"]["fail"]["count"] >= 2  # the two bad shapes
+    (ok_before, failed_before), (ok_after, failed_after) = (
+        counts(seen["stats_before"]),
+        counts(seen["stats_after"]),
+    )
+    # json, binary, binary in json out, pinned, versioned, four compressed, eight async.
+    assert ok_after - ok_before == 17
+    assert failed_after - failed_before == 2  # the two bad shapes
     assert {m["name"] for m in seen["all_stats"]["model_stats"]} == {"digits", "echo"}
 
 
