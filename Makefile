@@ -75,6 +75,7 @@ bench: models
 	$(PY) -m gateway.bench.fuzz --repository $(REPOSITORY) --requests $(FUZZ_REQUESTS) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.overload --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.overload_gateway --repository $(REPOSITORY) --out BENCHMARKS.md
+	$(PY) -m gateway.bench.rest --repository $(REPOSITORY) --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(REPOSITORY) .pytest_cache
