@@ -35,7 +35,7 @@ import uvicorn
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from backends.protocol.errors import InvalidInput, SwitchyardError, shown
+from backends.protocol.errors import Internal, InvalidInput, SwitchyardError, shown
 from backends.protocol.status import StatusError, code_for, internal_message
 from gateway.serving.rest_codec import decode_infer_request, encode_infer_response, error_body
 from gateway.serving.servicer import GatewayServicer
@@ -223,9 +223,14 @@ class RestApp:
             metrics.latency.labels(label, "none", "rest").observe(elapsed_s)
             raise
         reply = await self.servicer.infer(request.message.SerializeToString(), None, "rest")
-        answer, json_length = encode_infer_response(
-            pb.ModelInferResponse.FromString(reply), request
-        )
+        try:
+            answer, json_length = encode_infer_response(
+                pb.ModelInferResponse.FromString(reply), request
+            )
+        except Internal as exc:
+            # The backend's answer does not hold what it says (contents that do not
+            # fit their shapes, a datatype unknown): its fault, passed on as a 502.
+            raise HttpError(502, f"model {model!r}: {exc}") from exc
         if json_length is None:
             return Reply(200, answer)
         return Reply(200, answer, OCTETS, ((HEADER_LENGTH, str(json_length).encode()),))

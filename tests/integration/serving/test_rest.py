@@ -28,6 +28,7 @@ from backends.runtimes.base import Array
 from backends.worker.batching import Batcher
 from backends.worker.served import LoadedVariant
 from gateway.server import Gateway, start_gateway
+from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, fleet_config, launch_worker, raw_request, samples
 from tests.integration.security.certs import PKI, Leaf
@@ -700,6 +701,62 @@ async def test_a_backends_own_failure_is_502_and_the_gateways_is_not_blamed(
         await batcher.stop()
     finally:
         await gw.stop()
+        await worker.stop()
+
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class ShortAnswers(grpc.GenericRpcHandler):
+    """A hop in front of a worker that forwards every call, and cuts the last byte off
+    each inference answer's first output: a backend whose answers do not fit their
+    shapes."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                reply: bytes = await self.channel.unary_unary(method)(
+                    request, timeout=context.time_remaining()
+                )
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            if method != INFER_METHOD:
+                return reply
+            response = pb.ModelInferResponse.FromString(reply)
+            response.raw_output_contents[0] = response.raw_output_contents[0][:-1]
+            return response.SerializeToString()
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+
+async def test_a_backend_answer_that_does_not_fit_its_shape_is_502(repository: Path) -> None:
+    worker = await launch_worker(repository, threads=1, hardware_class="test-1c")
+    channel = grpc.aio.insecure_channel(worker.address)
+    hop = grpc.aio.server()
+    hop.add_generic_rpc_handlers([ShortAnswers(channel)])
+    hop_port = hop.add_insecure_port("127.0.0.1:0")
+    await hop.start()
+    gw = await start_gateway(
+        fleet_config({"short": (f"127.0.0.1:{hop_port}", 0.1)}, latency_probe_interval_s=0)
+    )
+    try:
+        assert gw.rest is not None
+        body = json_infer(np.zeros((2, 64), np.float32))
+        answer = await send(gw.rest.port, Call("POST", infer_path(), body))
+        assert answer.status == 502, answer.body
+        assert answer.error == (
+            "model 'digits': output 'label': the backend's raw contents hold 15 bytes; "
+            "shape [2] of INT64 needs 16"
+        )
+    finally:
+        await gw.stop()
+        await hop.stop(None)
+        await channel.close()
         await worker.stop()
 
 
