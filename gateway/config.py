@@ -159,9 +159,10 @@ class GatewaySettings(_Strict):
     for hung backends and count against them. 0: off."""
     max_concurrent_rpcs: int = Field(10_000, ge=0)
     """Calls the inference listener takes at once (health and readiness checks among
-    them); past it gRPC answers RESOURCE_EXHAUSTED at once. Set it above what the
-    backends' queue limits let through, so inference is shed by the queue limits first
-    and probes still get in; 0: no limit."""
+    them); past it gRPC answers RESOURCE_EXHAUSTED at once. The REST listener holds its
+    requests in flight to the same number, past it answering 429 with Retry-After. Set
+    it above what the backends' queue limits let through, so inference is shed by the
+    queue limits first and probes still get in; 0: no limit."""
     backend_queue_limit: int = Field(256, ge=0)
     """Requests that may wait at each backend beyond its slots (sent, not yet running,
     as the gateway counts them) before the router sends it no more; a request whose

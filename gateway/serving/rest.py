@@ -308,16 +308,30 @@ def _decompressed(body: bytes, encoding: bytes, limit: int) -> bytes:
             f"Content-Encoding {shown(encoding.decode('latin-1'))} is not supported "
             "(gzip, deflate, identity)",
         )
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding.decode()} data: {exc}") from exc
-    if len(data) > limit:
-        raise HttpError(413, f"request body exceeds {limit} bytes once decompressed")
-    if not inflater.eof:
-        raise InvalidInput(f"request body is truncated {encoding.decode()} data")
-    return data
+    # gzip allows several members one after the other (`cat a.gz b.gz`): each is
+    # inflated in turn, the limit counting them all.
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            data = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidInput(
+                f"request body is not valid {encoding.decode()} data: {exc}"
+            ) from exc
+        size += len(data)
+        if size > limit:
+            raise HttpError(413, f"request body exceeds {limit} bytes once decompressed")
+        parts.append(data)
+        if not inflater.eof:
+            raise InvalidInput(f"request body is truncated {encoding.decode()} data")
+        rest = inflater.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if encoding != b"gzip":
+            raise InvalidInput(f"request body has {len(rest)} bytes after its deflate data")
 
 
 def _error_reply(exc: SwitchyardError) -> Reply:

@@ -391,6 +391,12 @@ def bad_requests(x: np.ndarray) -> list[Bad]:
             ["truncated deflate"],
         ),
         Bad(
+            "deflate with bytes after its end",
+            Call("POST", infer, zlib.compress(good) + b"xx", {"Content-Encoding": "deflate"}),
+            400,
+            ["2 bytes after its deflate data"],
+        ),
+        Bad(
             "a gzip bomb",
             Call("POST", infer, gzip_bomb, {"Content-Encoding": "gzip"}),
             413,
@@ -529,9 +535,16 @@ async def test_compression_as_the_caller_asks(rest_gateway: Gateway, repository:
     x, labels = inputs["input"][:4], reference["label"][:4].tolist()
     decoders = {"gzip": gzip.decompress, "deflate": zlib.decompress}
     body = json_infer(x)
+
+    def gzip_members(data: bytes) -> bytes:
+        """gzip in two members one after the other (as `cat a.gz b.gz` makes)."""
+        half = len(data) // 2
+        return gzip.compress(data[:half]) + gzip.compress(data[half:])
+
     for request_coding, compress in (
         ("identity", bytes),
         ("gzip", gzip.compress),
+        ("gzip", gzip_members),
         ("deflate", zlib.compress),
     ):
         for accept, answered in (
