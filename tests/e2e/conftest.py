@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,36 @@ def served(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     gateway = start_serve(fleet, workdir)
     yield gateway
     stop(gateway)
+
+
+def perf_analyzer_throughput(
+    protocol: str, address: str, model: str, tmp_path: Path, *options: str
+) -> float:
+    """Runs Triton's perf_analyzer (`-i grpc` or `-i http`) against `address` at
+    concurrency 2 for up to three 1 s windows and returns its inferences a second; skips
+    (with the reason printed) where perf_analyzer cannot be built."""
+    binary = _perf_analyzer()
+    if binary is None:
+        pytest.skip("perf_analyzer is not available (needs ../shared/tools/perf_analyzer/build.sh)")
+    csv = tmp_path / f"pa-{protocol}.csv"
+    command = [binary, "-i", protocol, "-u", address, "-m", model, *options]
+    command += ["--concurrency-range", "2", "--measurement-interval", "1000"]
+    command += ["--max-trials", "3", "--stability-percentage", "100", "-f", str(csv)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header, row = csv.read_text().splitlines()[:2]
+    return float(dict(zip(header.split(","), row.split(","), strict=False))["Inferences/Second"])
+
+
+def _perf_analyzer() -> str | None:
+    """perf_analyzer, built once into .bench/ by the shared build script when present."""
+    binary = ROOT / ".bench" / "perf_analyzer" / "bin" / "perf_analyzer"
+    if binary.exists():
+        return str(binary)
+    script = ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh"
+    if not script.exists() or shutil.which("g++") is None:
+        return None
+    proc = subprocess.run(
+        ["bash", str(script), str(binary.parents[1])], capture_output=True, timeout=600
+    )
+    return str(binary) if proc.returncode == 0 and binary.exists() else None

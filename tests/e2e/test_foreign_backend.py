@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 
 from gateway.bench.harness import ensure_peers_venv
-from tests.e2e.conftest import ROOT, RunningGateway, start_serve, stop, write_fleet
-from tests.e2e.test_serve import _perf_analyzer
+from tests.e2e.conftest import (
+    ROOT,
+    RunningGateway,
+    perf_analyzer_throughput,
+    start_serve,
+    stop,
+    write_fleet,
+)
 
 CLIENT = """
 import json, sys
@@ -144,32 +150,7 @@ def test_requests_reach_kserve_through_the_gateway(
 def test_perf_analyzer_drives_kserve_through_the_gateway(
     fronted: RunningGateway, tmp_path: Path
 ) -> None:
-    binary = _perf_analyzer()
-    if binary is None:
-        pytest.skip("perf_analyzer is not available (needs ../shared/tools/perf_analyzer/build.sh)")
-    proc = subprocess.run(
-        [
-            binary,
-            "-i",
-            "grpc",
-            "-u",
-            fronted.address,
-            "-m",
-            "digits",
-            "--shape",
-            "input:1,64",
-            "--concurrency-range",
-            "2",
-            "--measurement-interval",
-            "1000",
-            "--max-trials",
-            "3",
-            "--stability-percentage",
-            "100",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    throughput = perf_analyzer_throughput(
+        "grpc", fronted.address, "digits", tmp_path, "--shape", "input:1,64"
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Throughput:" in proc.stdout
+    assert throughput > 0

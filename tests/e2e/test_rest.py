@@ -13,8 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import RunningGateway, start_serve, stop, write_fleet
-from tests.e2e.test_serve import _perf_analyzer
+from tests.e2e.conftest import (
+    RunningGateway,
+    perf_analyzer_throughput,
+    start_serve,
+    stop,
+    write_fleet,
+)
 
 HERE = Path(__file__).resolve().parent
 BACKENDS = {"small", "big"}
@@ -169,37 +174,5 @@ def test_statistics_count_the_infers(seen: dict[str, Any]) -> None:
 
 
 def test_perf_analyzer_over_http(rest_served: RunningGateway, tmp_path: Path) -> None:
-    binary = _perf_analyzer()
-    if binary is None:
-        pytest.skip("perf_analyzer is not available (needs ../shared/tools/perf_analyzer/build.sh)")
-    csv = tmp_path / "pa.csv"
-    proc = subprocess.run(
-        [
-            binary,
-            "-i",
-            "http",
-            "-u",
-            rest_address(rest_served),
-            "-m",
-            "digits",
-            "--concurrency-range",
-            "2",
-            "--measurement-interval",
-            "1000",
-            "--max-trials",
-            "3",
-            "--stability-percentage",
-            "100",
-            "-f",
-            str(csv),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    header, row = csv.read_text().splitlines()[:2]
-    throughput = float(
-        dict(zip(header.split(","), row.split(","), strict=False))["Inferences/Second"]
-    )
-    assert throughput > 0
+    address = rest_address(rest_served)
+    assert perf_analyzer_throughput("http", address, "digits", tmp_path) > 0

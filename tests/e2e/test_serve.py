@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,9 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD, RunningGateway
+from tests.e2e.conftest import (
+    ADMIN_TOKEN,
+    ROOT,
+    SWITCHYARD,
+    RunningGateway,
+    perf_analyzer_throughput,
+)
 from tests.waiting import wait_until_blocking
 
 HERE = Path(__file__).resolve().parent
@@ -67,55 +70,8 @@ def test_launched_workers_run_with_their_cpus_and_threads(served: RunningGateway
     assert b"TVM_NUM_THREADS=2" in environ and b"TVM_USE_RUNTIME_LIB=1" in environ
 
 
-def _perf_analyzer() -> str | None:
-    """perf_analyzer, built once into .bench/ by the shared build script when present."""
-    binary = ROOT / ".bench" / "perf_analyzer" / "bin" / "perf_analyzer"
-    if binary.exists():
-        return str(binary)
-    script = ROOT.parent / "shared" / "tools" / "perf_analyzer" / "build.sh"
-    if not script.exists() or shutil.which("g++") is None:
-        return None
-    proc = subprocess.run(
-        ["bash", str(script), str(binary.parents[1])], capture_output=True, timeout=600
-    )
-    return str(binary) if proc.returncode == 0 and binary.exists() else None
-
-
 def test_perf_analyzer_drives_the_gateway(served: RunningGateway, tmp_path: Path) -> None:
-    binary = _perf_analyzer()
-    if binary is None:
-        pytest.skip("perf_analyzer is not available (needs ../shared/tools/perf_analyzer/build.sh)")
-    csv = tmp_path / "pa.csv"
-    proc = subprocess.run(
-        [
-            binary,
-            "-i",
-            "grpc",
-            "-u",
-            served.address,
-            "-m",
-            "digits",
-            "--concurrency-range",
-            "2",
-            "--measurement-interval",
-            "1000",
-            "--max-trials",
-            "3",
-            "--stability-percentage",
-            "100",
-            "-f",
-            str(csv),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    header, row = csv.read_text().splitlines()[:2]
-    throughput = float(
-        dict(zip(header.split(","), row.split(","), strict=False))["Inferences/Second"]
-    )
-    assert throughput > 0
+    assert perf_analyzer_throughput("grpc", served.address, "digits", tmp_path) > 0
 
 
 def test_a_killed_worker_is_ejected_restarted_readmitted_and_costs_no_request(
