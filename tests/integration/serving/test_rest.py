@@ -112,6 +112,13 @@ def infer_path(model: str = "digits") -> str:
     return f"/v2/models/{model}/infer"
 
 
+def one_input(shape: object, datatype: object, data: object) -> bytes:
+    """A JSON body with one input named `input`, as given (ill-formed on purpose or not)."""
+    return orjson.dumps(
+        {"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}
+    )
+
+
 def json_infer(
     x: np.ndarray, parameters: Mapping[str, object] | None = None, **extra: object
 ) -> bytes:
@@ -219,18 +226,7 @@ def bad_requests(x: np.ndarray) -> list[Bad]:
             Call(
                 "POST",
                 infer,
-                orjson.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "input",
-                                "shape": [1, 64],
-                                "datatype": "FP32",
-                                "data": [0.0] * 63,
-                            }
-                        ]
-                    }
-                ),
+                one_input([1, 64], "FP32", [0.0] * 63),
             ),
             400,
             ["input 'input'", "holds 63 values", "needs 64"],
@@ -246,18 +242,7 @@ def bad_requests(x: np.ndarray) -> list[Bad]:
             Call(
                 "POST",
                 infer,
-                orjson.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "input",
-                                "shape": [1, 64],
-                                "datatype": "INT32",
-                                "data": [0] * 64,
-                            }
-                        ]
-                    }
-                ),
+                one_input([1, 64], "INT32", [0] * 64),
             ),
             400,
             ["input 'input'", "INT32", "FP32"],
@@ -267,18 +252,7 @@ def bad_requests(x: np.ndarray) -> list[Bad]:
             Call(
                 "POST",
                 infer,
-                orjson.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "input",
-                                "shape": [1, 64],
-                                "datatype": "FP33",
-                                "data": [0] * 64,
-                            }
-                        ]
-                    }
-                ),
+                one_input([1, 64], "FP33", [0] * 64),
             ),
             400,
             ["input 'input'", "unknown datatype 'FP33'"],
@@ -288,13 +262,7 @@ def bad_requests(x: np.ndarray) -> list[Bad]:
             Call(
                 "POST",
                 infer,
-                orjson.dumps(
-                    {
-                        "inputs": [
-                            {"name": "input", "shape": [1, 1], "datatype": "FP32", "data": ["a"]}
-                        ]
-                    }
-                ),
+                one_input([1, 1], "FP32", ["a"]),
             ),
             400,
             ["input 'input'", "FP32 'data' must hold numbers", "a string"],
