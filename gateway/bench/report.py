@@ -343,10 +343,13 @@ def marked_sections(text: str) -> str:
 
 
 def with_section(text: str, body: str, begin: str = VARIANTS_BEGIN, end: str = VARIANTS_END) -> str:
-    """`text` with its marked section replaced by `body` (appended when missing)."""
+    """`text` with its marked section replaced by `body` where it stands (appended when
+    missing), so the sections keep the order a reader finds them in."""
+    new = f"{begin}\n{body.rstrip()}\n{end}"
     old = find_section(text, begin, end)
-    rest = text.replace(old, "").rstrip() if old else text.rstrip()
-    return f"{rest}\n\n{begin}\n{body.rstrip()}\n{end}\n"
+    if old:
+        return text.replace(old, new, 1)
+    return f"{text.rstrip()}\n\n{new}\n"
 
 
 def write_section(
