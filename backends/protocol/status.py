@@ -94,10 +94,10 @@ def internal_message(exc: BaseException) -> str:
 def aborts_with_status(servicer: ServicerClass) -> ServicerClass:
     """Class decorator for a grpc.aio servicer: each unary RPC method it defines (a
     public coroutine method taking `(request, context)`) that raises a SwitchyardError
-    ends the call with `code_for` that error and its message; any other exception (a fault of ours) with
-    INTERNAL and a message naming it, logged once with its traceback: never gRPC's
-    UNKNOWN. Streaming methods (async generators) report their errors in their own
-    messages and are left as they are."""
+    ends the call with `code_for` that error and its message; any other exception (a
+    fault of ours) with INTERNAL and a message naming it, logged once with its
+    traceback: never gRPC's UNKNOWN. Streaming methods (async generators) report their
+    errors in their own messages and are left as they are."""
     for name, method in list(vars(servicer).items()):
         if (
             not name.startswith("_")
