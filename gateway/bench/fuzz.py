@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 
 from backends.protocol.tensors import ELEMENT_BYTES, TensorSpec
 from gateway.bench.harness import BenchError, Child, switchyard_command
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -625,9 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc)
         return 1
     body = section(tally, args.requests, args.seed)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 0 if tally.clean and not tally.crashes else 1
 
 

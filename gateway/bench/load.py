@@ -44,7 +44,7 @@ from rich.console import Console
 from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
 from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow, switchyard_command
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.loadtest.report import sla_met
 from gateway.report.markdown import markdown_table
 from gateway.routing.policy import PolicyBook
@@ -773,9 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in found.notes:
         console.print(f"[red]{note}[/]")
     body = section(found, args, started, time.monotonic() - t0, load)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 1 if found.notes else 0
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.bench.harness import BenchError, Child
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from gateway.routing.percentiles import percentile
 from protos import inference_pb2 as pb
@@ -357,9 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"overload bench: {exc}", file=sys.stderr)
         return 1
     body = section(args, rounds, time.perf_counter() - started)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 0
 
 

@@ -64,7 +64,7 @@ import grpc
 from gateway.bench.harness import BenchError, Child, switchyard_command
 from gateway.bench.loadgen import cpu_seconds
 from gateway.bench.overload import PUSHBACK_KEY, Probe, flood_request, latency_row, probe_until
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from gateway.routing.percentiles import percentile
 
@@ -763,9 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway overload bench: {exc}", file=sys.stderr)
         return 1
     body = section(args, runs, time.monotonic() - started)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 0
 
 

@@ -359,3 +359,11 @@ def write_section(
     leaving the rest of the file as it was."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     path.write_text(with_section(text, body, begin, end))
+
+
+def publish(body: str, out: Path | None, begin: str, end: str) -> None:
+    """Prints a benchmark's section and, with `out` (BENCHMARKS.md), writes it there
+    between its markers."""
+    print(body)
+    if out is not None:
+        write_section(out, body, begin, end)

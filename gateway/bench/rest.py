@@ -66,7 +66,7 @@ import numpy as np
 from gateway.bench import harness
 from gateway.bench.harness import BenchError, Child, switchyard_command
 from gateway.bench.loadgen import cpu_seconds
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from gateway.routing.percentiles import percentile
 
@@ -1329,9 +1329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     results.notes += static_notes(args)
     body = section(args, results, time.monotonic() - started, load_1m)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 0
 
 

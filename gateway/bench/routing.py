@@ -17,7 +17,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from gateway.routing.fleet import BackendState, Route
 from gateway.routing.percentiles import percentile
@@ -110,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
     status = "met" if hundred <= 50.0 else "NOT met"
     lines += ["", f"Target: <= 50 us per decision with 100 routes: {hundred:.1f} us, {status}.", ""]
     body = "\n".join(lines)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 0
 
 

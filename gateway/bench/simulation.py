@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.bench.report import write_section
+from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from gateway.sim.scenario import load_scenario
 from gateway.sim.simulate import POLICIES, Report, simulate
@@ -104,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to update")
     args = parser.parse_args(argv)
     body = section(args.seeds, args.scenarios)
-    print(body)
-    if args.out is not None:
-        write_section(args.out, body, BEGIN, END)
+    publish(body, args.out, BEGIN, END)
     return 0
 
 
