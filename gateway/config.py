@@ -179,7 +179,21 @@ class GatewaySettings(_Strict):
     met as the gateway sees them."""
     latency_probe_interval_s: float = Field(5.0, ge=0)
     """Routes that got no traffic for this long get one probe inference (zeros of
-    the model's input shape), so their latency estimates stay fresh; 0: never."""
+    the model's input shape), so their latency estimates stay fresh; 0: never (and no
+    warm-up)."""
+    latency_probe_when_busy: bool = True
+    """A route due a latency probe whose backend has no free slot (saturated by its
+    other routes' traffic) is probed all the same: the probe takes the next slot that
+    frees, ahead of the queue, so no route goes unmeasured for much longer than
+    `latency_probe_interval_s`. Each costs the requests waiting there one service time;
+    false: such routes wait for a free slot (which a saturated backend never has)."""
+    warmup_samples: int = Field(3, ge=0)
+    """Latency probes each route takes before the gateway says it is ready (gRPC health,
+    ServerReady, the probe port), as its backend becomes ready; 0: ready without them."""
+    warmup_timeout_s: float = Field(30.0, gt=0)
+    """The longest the warm-up holds readiness back, from the gateway's start: then it
+    is ready with whatever routes are measured (a warning names the rest, which start
+    from their profiles and are measured by the latency probes)."""
     price_schedule: Path | None = None
     """CSV of price changes replayed against the clock (`offset_s,backend,usd_per_hour`,
     offsets from the gateway's start), such as a spot-price trace."""

@@ -242,6 +242,9 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         settings.latency_probe_interval_s,
         settings.max_message_bytes,
         on_probe=lambda name, ok, error: supervisor.probed(name, ok, error),
+        warmup_samples=settings.warmup_samples,
+        warmup_timeout_s=settings.warmup_timeout_s,
+        probe_when_busy=settings.latency_probe_when_busy,
     )
 
     def on_exit(name: str, reason: str) -> None:
@@ -368,6 +371,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     if late:
         log.error("backends not listening after %.0fs: %s", settings.startup_timeout_s, late)
     await prober.probe_all()
+    await prober.warm_up()  # the backends up by now are measured before it returns
     prober.start()
     await server.start()
     if rest is not None:

@@ -117,6 +117,14 @@ class LatencyEstimate:
             self._refresh()
             self._refreshed_s = now_s
 
+    def weight(self, now_s: float) -> float:
+        """How many samples the estimate rests on at `now_s` (the profile's prior
+        included), each decayed with its age: a percentile p is told apart from one
+        outlier only past 1 / (1 - p) of them (100 for p99)."""
+        if self._decayed_s is None or now_s <= self._decayed_s:
+            return self._total
+        return float(self._total * 0.5 ** ((now_s - self._decayed_s) / HALF_LIFE_S))
+
     def quantile_ms(self, percentile: float) -> float:
         """The service time at `percentile` (0..100)."""
         if percentile == 99.0:

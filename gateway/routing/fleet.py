@@ -512,6 +512,9 @@ class FleetState:
             state.retry_tokens = throttle.max_tokens
         self._routes: dict[str, list[Route]] = {}
         self._by_key: dict[tuple[str, str, str], Route] = {}
+        self.warming = False
+        """Set while the gateway's routes take their warm-up measurements (the prober
+        sets and clears it): the gateway is not ready meanwhile."""
 
     # ---- updates (prober, pool, supervisor, admin) ----
 
@@ -679,6 +682,10 @@ class FleetState:
         return any(b.available and model in b.models for b in self.backends.values())
 
     def any_ready(self) -> bool:
+        """Whether the gateway may say it is ready: warmed up, and some backend is
+        available with models."""
+        if self.warming:
+            return False
         return any(b.available and b.models for b in self.backends.values())
 
     def variants(self, model: str) -> list[str]:

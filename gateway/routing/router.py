@@ -90,8 +90,8 @@ class Decision:
     route: Route | None
     reason: str
     """cheapest-feasible, lowest-carbon-feasible, fastest-feasible, infeasible-fallback,
-    infeasible-reject, queue-full (every available route's backend is at its queue
-    limit) or no-healthy-route."""
+    infeasible-explore (see `explores`), infeasible-reject, queue-full (every available
+    route's backend is at its queue limit) or no-healthy-route."""
     predicted_ms: float = INF
     cost_usd: float = 0.0
     message: str = ""
@@ -261,6 +261,8 @@ def _choose(
             return Decision(None, "queue-full", drain_ms, message=message)
         return Decision(None, "no-healthy-route", message=f"no healthy route for {request.model!r}")
     if policy.on_infeasible == "reject":
+        if explores(fastest, pct, sla, request.batch_size, now_s):
+            return Decision(fastest, "infeasible-explore", fastest_pred, fastest_cost, "", asked)
         message = (
             f"no route for model {request.model!r} meets p{pct:g} <= {policy.latency_ms:g} ms"
             + (f" (less {policy.overhead_ms:g} ms overhead)" if policy.overhead_ms else "")
@@ -269,6 +271,29 @@ def _choose(
         )
         return Decision(None, "infeasible-reject", fastest_pred, fastest_cost, message, asked)
     return Decision(fastest, "infeasible-fallback", fastest_pred, fastest_cost, "", asked)
+
+
+def explores(
+    route: Route, percentile: float, budget_ms: float, batch_size: int, now_s: float
+) -> bool:
+    """Under a reject policy with no feasible route: whether the fastest, `route`, gets
+    the request anyway, so that its estimate is measured again rather than left to
+    decay (one slow answer among a few samples would rule a route out for as long as
+    it takes to fade under its percentile's share of the weight: about 50 s at p99).
+    It does when its estimate, not its queue, rules it out (a slot is free), only its
+    tail misses (its median meets the budget: an outlier's mark), and it rests on live
+    samples too few to tell the percentile from one outlier (a decayed weight under
+    1 / (1 - p), 100 at p99). Each answer adds a sample, so it stops by itself."""
+    state = route.state
+    est = route.estimate
+    if state.in_flight >= state.slots or est.samples == 0:
+        return False
+    if est.weight(now_s) >= 100.0 / max(100.0 - percentile, 0.01):
+        return False
+    median = predicted_ms(
+        state.network.rtt_ms, est.p50_ms, batch_factor(batch_size, route.row_fraction), 0.0
+    )
+    return median <= budget_ms
 
 
 def retry_hint_ms(decision: Decision, policy: Policy) -> int:

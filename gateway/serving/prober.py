@@ -26,7 +26,7 @@ from backends.protocol.codec import MAX_ZEROS_BYTES, zeros_request
 from backends.protocol.errors import InvalidInput
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, FleetState, ModelInfo, Route
-from gateway.serving.converters import model_info
+from gateway.serving.converters import due_parameter, model_info
 from gateway.serving.pool import BackendPool
 from protos import inference_pb2 as pb
 
@@ -49,11 +49,19 @@ class Prober:
         latency_interval_s: float = 0.0,
         max_probe_bytes: int = MAX_ZEROS_BYTES,
         on_probe: Callable[[str, bool, str], None] | None = None,
+        warmup_samples: int = 0,
+        warmup_timeout_s: float = 30.0,
+        probe_when_busy: bool = True,
     ) -> None:
         """`max_probe_bytes`: the largest latency probe (zeros of a model's inputs) sent;
         a model whose one-row request would be larger is not probed (the gateway passes
         its `max_message_bytes`). `on_probe(backend, ok, error)`: told each health
-        probe's outcome (the supervisor restarts a launched worker that stops answering)."""
+        probe's outcome (the supervisor restarts a launched worker that stops answering).
+        `warmup_samples`: latency probes each route takes before the fleet says it is
+        ready (`FleetState.warming`, set here), until `warmup_timeout_s` after the start
+        at the latest (0, or no latency probes: no warm-up). `probe_when_busy`: a
+        route due a latency probe whose backend has no free slot is probed all the same,
+        the probe taking the next slot that frees."""
         self.fleet = fleet
         self.pool = pool
         self.clock = clock
@@ -67,6 +75,12 @@ class Prober:
         self._unprobed: set[tuple[str, str, str]] = set()
         self._task: asyncio.Task[None] | None = None
         self._latency: asyncio.Task[int] | None = None
+        self.warmup_samples = warmup_samples if latency_interval_s > 0 else 0
+        self.warmup_timeout_s = warmup_timeout_s
+        self.probe_when_busy = probe_when_busy
+        self._started_s = clock()
+        if self.warmup_samples > 0:
+            fleet.warming = True
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -92,7 +106,11 @@ class Prober:
                 log.exception("probe round failed")
             now = self.clock()
             idle = self._latency is None or self._latency.done()
-            if (
+            if idle and self.unwarmed():
+                # Routes that came up since (a backend that just became ready, a model
+                # it just loaded) take their warm-up measurements at once.
+                self._latency = asyncio.get_running_loop().create_task(self.warm_up())
+            elif (
                 self.latency_interval_s > 0
                 and idle
                 and now - last_latency_probe >= self.latency_interval_s
@@ -107,8 +125,76 @@ class Prober:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(b) for b in list(self.fleet.backends.values())))
+        self._check_warm()
         if self.on_change is not None:
             self.on_change()
+
+    def unwarmed(self) -> list[Route]:
+        """The available routes short of their warm-up measurements (less those that
+        can get no probe: their models' inputs have no request of zeros)."""
+        if self.warmup_samples <= 0:
+            return []
+        return [
+            r
+            for r in self.fleet.all_routes()
+            if r.state.available
+            and r.estimate.samples < self.warmup_samples
+            and r.key not in self._unprobed
+        ]
+
+    async def warm_up(self) -> int:
+        """Measures each route short of its warm-up samples (backends side by side,
+        each backend's routes in turn); returns how many routes were measured. The
+        fleet says it is ready once every route is warm (see `_check_warm`)."""
+        routes: dict[str, list[Route]] = {}
+        for route in self.unwarmed():
+            routes.setdefault(route.backend, []).append(route)
+        results = await asyncio.gather(
+            *(self._warm_in_turn(r) for r in routes.values()), return_exceptions=True
+        )
+        warmed = 0
+        for backend, result in zip(routes, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("warm-up probes of %s failed", backend, exc_info=result)
+            else:
+                warmed += result
+        if self._check_warm() and self.on_change is not None:
+            self.on_change()
+        return warmed
+
+    async def _warm_in_turn(self, routes: list[Route]) -> int:
+        warmed = 0
+        for route in routes:
+            needed = self.warmup_samples - route.estimate.samples
+            if needed > 0 and route.state.available:
+                warmed += await self._latency_probe(route, needed)
+        return warmed
+
+    def _check_warm(self) -> bool:
+        """Ends the warm-up once every backend is healthy and every available route
+        has its warm-up samples, or `warmup_timeout_s` after the start, whatever is
+        left (named in a warning: a backend still down joins the routes when it comes
+        up, the routes start from their profiles or first guesses, and the latency
+        probes go on measuring them); True when it just ended."""
+        fleet = self.fleet
+        if not fleet.warming:
+            return False
+        late = self.clock() - self._started_s >= self.warmup_timeout_s
+        healthy = all(b.healthy for b in fleet.backends.values())
+        cold = self.unwarmed()
+        if healthy and not cold:
+            log.info("warm-up done: every route has %d latency samples", self.warmup_samples)
+        elif late:
+            down = [b.name for b in fleet.backends.values() if not b.healthy]
+            log.warning(
+                "warm-up timed out after %g s: ready without warm-up samples of %s",
+                self.warmup_timeout_s,
+                ", ".join(["/".join(r.key) for r in cold] + [f"backend {d}" for d in down]),
+            )
+        else:
+            return False
+        fleet.warming = False
+        return True
 
     async def probe(self, backend: BackendState) -> None:
         address = backend.address
@@ -178,30 +264,78 @@ class Prober:
         sent = 0
         for route in sorted(routes, key=lambda r: r.estimate.last_sample_s or -math.inf):
             state = route.state
-            # A probe that would queue measures the queue, not the route: while the
-            # backend is busy with traffic, the rest wait for the next round.
-            if not state.available or state.in_flight >= state.slots:
+            if not state.available:
                 break
-            sent += await self._latency_probe(route)
+            if state.in_flight >= state.slots:
+                # Saturated: a probe that waited its turn would measure the queue, and one
+                # that waited for a free slot would never go (a backend kept busy by traffic
+                # never has one), leaving the routes traffic does not take unmeasured. So
+                # it takes the next slot that frees, ahead of the queue, and measures from
+                # then to its answer, as an attempt that waited does.
+                if not self.probe_when_busy:
+                    break
+                sent += await self._queued_probe(route)
+            else:
+                sent += await self._latency_probe(route)
         return sent
 
-    async def _latency_probe(self, route: Route) -> bool:
+    def _probe_request(self, route: Route) -> bytes | None:
+        """A one-row request of zeros, naming the route's variant; None for a model whose
+        inputs have no such request (BYTES, a dimension of any size, a malformed shape,
+        or more than max_probe_bytes of zeros): it is not probed."""
         info = route.state.models.get(route.model)
         if info is None:
-            return False
-        # A one-row request of zeros, naming the route's variant; a model whose inputs
-        # have no such request (BYTES, a dimension of any size, a malformed shape, or
-        # more than max_probe_bytes of zeros) is not probed.
+            return None
         variant = {} if route.default else {"switchyard_variant": route.variant}
         try:
-            request = zeros_request(
+            return zeros_request(
                 info.name, info.inputs, info.max_batch_size, 1, variant, self.max_probe_bytes
             )
         except InvalidInput as exc:
             if route.key not in self._unprobed:
                 self._unprobed.add(route.key)
                 log.info("route %s/%s/%s gets no latency probe: %s", *route.key, exc)
+            return None
+
+    async def _queued_probe(self, route: Route) -> bool:
+        """One probe of a route whose backend has no free slot: due at once, so that it
+        takes the next slot that frees (the backend's queue, and the gateway's model of
+        it, are earliest deadline first); its sample is the time from when it took that
+        slot to its answer. It costs the requests waiting there one service time."""
+        request = self._probe_request(route)
+        if request is None:
             return False
+        if route.deadlines:
+            request += due_parameter(0)
+        state = route.state
+        now = self.clock()
+        ticket = state.admit(route, route.estimate.mean_ms, now, now)
+        free_slot = ticket.started_s is not None
+        started = time.perf_counter()
+        try:
+            await self.pool.client(route.address).infer(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("latency probe of %r failed: %s", route, exc.details())
+            return False
+        finally:
+            state.finish(ticket, self.clock())
+        now = self.clock()
+        if free_slot:  # a slot freed meanwhile: its latency measures the route
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            sample = service_sample(elapsed_ms, state.network.rtt_ms)
+        elif ticket.started_s is not None:
+            sample = (now - ticket.started_s) * 1000.0
+        else:
+            return False  # answered while modelled waiting: nothing to measure by
+        route.estimate.observe(sample, now)
+        return True
+
+    async def _latency_probe(self, route: Route, samples: int = 1) -> int:
+        """`samples` probes of a route whose backend has a free slot, after one that
+        wakes it; returns how many were measured."""
+        request = self._probe_request(route)
+        if request is None:
+            return 0
         client = self.pool.client(route.address)
         # The probe holds a slot like any request, so a request sent meanwhile knows
         # it may wait and does not take its own latency for the route's service time.
@@ -218,16 +352,20 @@ class Prober:
             started = time.perf_counter()
             await client.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout_s)
             state.network.observe((time.perf_counter() - started) * 1000.0)
-            started = time.perf_counter()
-            await client.infer(request, timeout=self.timeout_s)
+            measured = 0
+            for _ in range(samples):
+                started = time.perf_counter()
+                await client.infer(request, timeout=self.timeout_s)
+                elapsed_ms = (time.perf_counter() - started) * 1000.0
+                sample = service_sample(elapsed_ms, state.network.rtt_ms)
+                route.estimate.observe(sample, self.clock())
+                measured += 1
         except grpc.aio.AioRpcError as exc:
             log.debug("latency probe of %r failed: %s", route, exc.details())
-            return False
+            return 0
         finally:
             state.finish(ticket, self.clock())
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        route.estimate.observe(service_sample(elapsed_ms, state.network.rtt_ms), self.clock())
-        return True
+        return measured
 
     async def _models(
         self, backend: BackendState, address: str

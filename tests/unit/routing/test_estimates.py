@@ -60,3 +60,17 @@ def test_network_estimate_ignores_a_stalled_probe_and_follows_a_lasting_rise() -
     for _ in range(RTT_WINDOW):
         net.observe(5.0)  # the network really got slower
     assert net.rtt_ms == 5.0
+
+
+def test_the_weight_counts_the_samples_decayed_with_their_age() -> None:
+    est = LatencyEstimate()
+    assert est.weight(0.0) == 0.0
+    for _ in range(4):
+        est.observe(1.0, 0.0)
+    assert est.weight(0.0) == 4.0
+    assert est.weight(10.0) == pytest.approx(2.0)  # one half-life later
+    est.observe(1.0, 20.0)
+    assert est.weight(20.0) == pytest.approx(2.0)  # 4 x 1/4, and the new one
+    seeded = LatencyEstimate()
+    seeded.seed(1.0, 2.0)
+    assert seeded.weight(100.0) == 20.0  # the prior decays from the first sample on

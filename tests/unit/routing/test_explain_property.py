@@ -82,7 +82,7 @@ def test_explain_reports_what_choose_does(
         if policy.objective == "latency":
             assert verdict.predicted_ms == min(v.predicted_ms for v in feasible)
     elif any(v.route.state.available for v in verdicts):
-        assert decision.reason in {"infeasible-fallback", "infeasible-reject"}
+        assert decision.reason in {"infeasible-fallback", "infeasible-explore", "infeasible-reject"}
         if decision.route is not None:
             fastest = min(v.predicted_ms for v in verdicts if v.route.state.available)
             assert verdict.predicted_ms == fastest

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.routing.estimates import LatencyEstimate
 from gateway.routing.fleet import BackendState, Route
 from gateway.routing.router import (
     Policy,
@@ -358,3 +359,53 @@ def test_a_backend_at_its_queue_limit_gets_no_more_work_and_all_full_is_queue_fu
     # One answer frees a place: work goes there again.
     cheap.state.finish(cheap.state.serving[0], 0.1)
     assert choose(REQ, [cheap, dear], policy, 0.1).route is cheap
+
+
+def _outlier_route(samples: int, slow_ms: float = 40.0) -> Route:
+    """A route measured `samples` times at 1 ms (no profile), then once at `slow_ms`."""
+    r = route("r", 0.1)
+    r.estimate = LatencyEstimate()
+    for _ in range(samples):
+        r.estimate.observe(1.0, 0.0)
+    r.estimate.observe(slow_ms, 1.0)  # a second on: the quantiles take it at once
+    return r
+
+
+def test_a_route_one_outlier_rules_out_under_reject_is_explored_until_it_is_measured() -> None:
+    reject = Policy(latency_ms=10, on_infeasible="reject")
+    r = _outlier_route(5)
+    assert r.estimate.p99_ms > 10 and r.estimate.p50_ms < 10
+    now = 1.0
+    explored = 0
+    decision = choose(REQ, [r], reject, now)
+    while decision.reason == "infeasible-explore":
+        assert decision.route is r
+        explored += 1
+        now += 0.01
+        r.estimate.observe(1.0, now)  # its answer, as the dispatcher measures it
+        decision = choose(REQ, [r], reject, now)
+    # About 100 samples (1 / (1 - 0.99)) outweigh the outlier: the route is feasible again.
+    assert 80 <= explored <= 100, explored
+    assert decision.reason == "cheapest-feasible" and decision.route is r
+
+
+def test_reject_explores_no_route_its_queue_its_median_or_many_samples_rule_out() -> None:
+    reject = Policy(latency_ms=10, on_infeasible="reject")
+    assert choose(REQ, [_outlier_route(5)], reject, 1.0).reason == "infeasible-explore"
+    busy_route = _outlier_route(5)
+    busy(busy_route, 1)  # its one slot is taken: the queue, not the estimate, decides
+    assert choose(REQ, [busy_route], reject, 1.0).reason == "infeasible-reject"
+    slow = route("slow", 0.1)
+    slow.estimate = LatencyEstimate()
+    for _ in range(5):
+        slow.estimate.observe(30.0, 0.0)  # its median misses too: not an outlier
+    assert choose(REQ, [slow], reject, 0.0).reason == "infeasible-reject"
+    many = _outlier_route(5)
+    for _ in range(150):  # many slow answers: the percentile is measured, and misses
+        many.estimate.observe(40.0, 2.0)
+        many.estimate.observe(1.0, 2.0)
+    assert choose(REQ, [many], reject, 2.0).reason == "infeasible-reject"
+    profiled = route("profiled", 0.1, p50=1.0, p99=40.0)  # only its profile: trusted
+    assert choose(REQ, [profiled], reject, 0.0).reason == "infeasible-reject"
+    fallback = Policy(latency_ms=10)
+    assert choose(REQ, [_outlier_route(5)], fallback, 1.0).reason == "infeasible-fallback"
