@@ -67,7 +67,13 @@ from backends.protocol.parameters import (
     checked_priority,
     checked_timeout_us,
 )
-from backends.protocol.status import aborts_with_status, internal_message
+from backends.protocol.status import aborts_with_status, code_for, internal_message
+from backends.protocol.streams import (
+    RETRY_AFTER_PARAMETER,
+    STATUS_PARAMETER,
+    WireError,
+    message_id,
+)
 from backends.worker.batching import DEFAULT_MAX_QUEUE
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -185,13 +191,46 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest | bytes],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in request_iterator:
+        """Requests run concurrently, each answered as it finishes (out of order), with
+        its `id` echoed; an error is that request's answer (`error_message`, and its
+        status and retry hint as parameters: backends.protocol.streams), never the
+        stream's end. Each request's deadline is its `timeout` parameter (a stream has
+        one gRPC deadline for all), or the stream's, whichever comes first. The stream
+        ends when the caller's side ends and every answer is sent."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest | bytes) -> None:
             try:
                 response = await self._infer(request, context.time_remaining())
             except SwitchyardError as exc:
-                yield pb.ModelStreamInferResponse(error_message=str(exc))
+                answers.put_nowait(_stream_error(request, exc))
             else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await answers.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+        await reader
 
     async def _infer(
         self, given: pb.ModelInferRequest | bytes, remaining_s: float | None
@@ -267,6 +306,27 @@ def _parsed(request: pb.ModelInferRequest | bytes) -> pb.ModelInferRequest:
         return pb.ModelInferRequest.FromString(request)
     except DecodeError as exc:
         raise InvalidInput("request is not a valid ModelInferRequest") from exc
+
+
+def _stream_error(
+    request: pb.ModelInferRequest | bytes, error: SwitchyardError
+) -> pb.ModelStreamInferResponse:
+    """A request's error as its answer on a stream: the message, and in the response's
+    parameters the status code and the retry hint a unary call would carry."""
+    if isinstance(request, bytes):
+        try:
+            request_id = message_id(request)
+        except WireError:
+            request_id = ""
+    else:
+        request_id = request.id
+    reply = pb.ModelStreamInferResponse(error_message=str(error))
+    reply.infer_response.id = request_id
+    parameters = reply.infer_response.parameters
+    parameters[STATUS_PARAMETER].string_param = code_for(error).name
+    if error.retry_after_ms is not None:
+        parameters[RETRY_AFTER_PARAMETER].int64_param = max(1, error.retry_after_ms)
+    return reply
 
 
 class _Registration:

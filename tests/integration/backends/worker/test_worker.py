@@ -333,10 +333,15 @@ async def test_streaming_inference(stub, repository: Path) -> None:  # type: ign
         yield _bad(lambda r: setattr(r.inputs[0], "datatype", "INT8"))
 
     replies = [r async for r in stub.ModelStreamInfer(requests())]
-    assert [r.infer_response.id for r in replies[:4]] == ["0", "1", "2", "3"]
-    for i, r in enumerate(replies[:4]):
-        assert output(r.infer_response, "label", np.int64)[0] == reference["label"][i]
-    assert "datatype INT8 does not match" in replies[4].error_message
+    # Answers come as requests finish, each naming its request.
+    answered = {r.infer_response.id: r for r in replies if not r.error_message}
+    assert sorted(answered) == ["0", "1", "2", "3"]
+    for i in range(4):
+        label = output(answered[str(i)].infer_response, "label", np.int64)[0]
+        assert label == reference["label"][i]
+    [error] = [r for r in replies if r.error_message]
+    assert "datatype INT8 does not match" in error.error_message
+    assert error.infer_response.parameters["switchyard_status"].string_param == "INVALID_ARGUMENT"
 
 
 Params = dict[str, int | str]
