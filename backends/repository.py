@@ -67,8 +67,16 @@ class AccuracyEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     samples: int
+    source: str | None = None
+    """Where the sample inputs came from: `calibration`, `samples` (the model's stored
+    ones), `random` (seeded, drawn to each input's datatype and range), or one of the
+    first two topped up with random rows (`samples+random`)."""
+    unchecked: str | None = None
+    """Why no check ran (`no samples for BYTES input 'INPUT0'`): samples is 0, and the
+    variant serves as built."""
     max_abs_diff: float
-    """Largest absolute difference over every float output element."""
+    """Largest absolute difference over every float output element; integer outputs
+    (other than class labels) count too, string outputs as 0 (all equal) or inf."""
     top1_agreement: float | None = None
     """Share of samples whose top-1 class agrees (classifiers only)."""
     tolerance_max_abs_diff: float

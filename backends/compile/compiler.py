@@ -2,11 +2,18 @@
 against the fp32 source on sample inputs, and records it in the repository.
 
 Variants: ONNX Runtime fp32 (graph-optimised, saved), fp16, int8 dynamic and
-int8 static QDQ (per-channel, calibrated); Apache TVM for each CPU ISA level and
+int8 static QDQ (per-channel, calibrated); a model with no float tensors gets its
+ONNX Runtime variant named for what it computes in (`ort-cpu-int32`) and no
+reduced-precision ones; Apache TVM for each CPU ISA level and
 CUDA target asked for, or that the hardware classes of a fleet file need, tuned
 with MetaSchedule (records kept in the repository and reused). A variant that
 does not apply is skipped with the reason; one that misses its accuracy
 tolerance is kept on disk, marked rejected with the numbers, and never served.
+
+The accuracy gate runs on at least MIN_SAMPLES samples (`load_samples`): calibration
+data, else the model's stored samples, topped up with seeded random rows where they
+are fewer. A model with a string (BYTES) input and no sample strings that it takes
+gets its full-precision variant unchecked, said so in the manifest and the table.
 
 Imports nothing from the gateway (a fleet file's hardware classes are handed in by
 gateway.cli) and no grpc or generated protobuf; TVM only inside its builds.
@@ -15,6 +22,7 @@ gateway.cli) and no grpc or generated protobuf; TVM only inside its builds.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import shutil
 import time
@@ -27,20 +35,26 @@ import numpy as np
 
 from backends.compile.variants import (
     DEFAULT_TOLERANCES,
+    EXACT,
+    FLOAT_PRECISION,
     ORT_CUDA_FP32,
     ORT_FP16,
-    ORT_FP32,
     ORT_INT8_DYNAMIC,
     ORT_INT8_QDQ,
     BuildSkipped,
+    SampleSet,
     Tolerance,
+    batchable,
     build_ort_cuda_fp32,
     build_ort_fp16,
     build_ort_fp32,
     build_ort_int8_dynamic,
     build_ort_int8_qdq,
     check_accuracy,
+    compute_type,
+    ort_variant_name,
     reference_outputs,
+    unchecked_accuracy,
 )
 from backends.protocol.tensors import NUMPY_DTYPES, TensorSpec
 from backends.repository import Manifest, ModelRepository, TuningEntry, Variant
@@ -50,7 +64,14 @@ from backends.runtimes.loader import load_adapter
 if TYPE_CHECKING:
     from backends.compile.tvm.targets import TvmTarget
 
-SAMPLE_ROWS = 32
+log = logging.getLogger(__name__)
+
+MIN_SAMPLES = 64
+"""The fewest sample rows the accuracy gate runs on."""
+RANDOM_INT_HIGH = 16
+"""Random integer inputs are drawn from [0, RANDOM_INT_HIGH) (no rows to follow)."""
+VOCABULARY_SIZE = 256
+"""Random strings are drawn from a seeded vocabulary of this many lowercase words."""
 ORT_TARGET = "ort"
 ORT_CUDA_TARGET = "ort-cuda"
 ProgressFn = Callable[[str], None]
@@ -75,45 +96,155 @@ class Plan:
     build: Callable[[], Manifest]
 
 
+def _given(path: Path, inputs: Sequence[TensorSpec], batched: bool, what: str) -> dict[str, Array]:
+    """The sample rows of an .npz by input name, stacked on a leading axis (the batch
+    axis of a batched model; an unbatched model's rows are whole inputs, and an array
+    of the input's own rank is one row). ValueError names what does not fit."""
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {path}: not an .npz of plain arrays: {exc}") from exc
+    out: dict[str, Array] = {}
+    for spec in inputs:
+        if spec.name not in arrays:
+            have = ", ".join(sorted(arrays)) or "none"
+            raise ValueError(f"{what} {path}: no array for input {spec.name!r} (has: {have})")
+        array = shown = arrays[spec.name]
+        if not batched and array.ndim == len(spec.shape):
+            array = array[None]
+        dims = spec.shape[1:] if batched else spec.shape
+        rank = len(dims) + 1
+        if (
+            array.ndim != rank
+            or len(array) == 0
+            or any(d > 0 and d != n for d, n in zip(dims, array.shape[1:], strict=True))
+        ):
+            raise ValueError(
+                f"{what} {path}: input {spec.name!r} has shape {list(shown.shape)}; "
+                f"the model takes {list(spec.shape)} (-1: any size)"
+                + ("" if batched else ", one row per sample on a leading axis")
+            )
+        if spec.datatype == "BYTES":
+            if array.dtype.kind == "U":
+                array = np.char.encode(array, "utf-8")
+            if array.dtype.kind != "S":
+                raise ValueError(
+                    f"{what} {path}: BYTES input {spec.name!r} holds {array.dtype}, not strings"
+                )
+        else:
+            array = array.astype(NUMPY_DTYPES[spec.datatype])
+        out[spec.name] = array
+    return out
+
+
+def _vocabulary(rng: np.random.Generator) -> Array:
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+    words = [rng.choice(letters, int(rng.integers(1, 9))).tobytes() for _ in range(VOCABULARY_SIZE)]
+    return np.array(words, dtype="S8")
+
+
+def _random_rows(
+    spec: TensorSpec, rows: int, batched: bool, like: Array | None, rng: np.random.Generator
+) -> Array:
+    """`rows` seeded random rows of one input, drawn to its datatype and to the range
+    (or strings) of the given rows `like`; without them, floats in [0, 1), integers in
+    [0, RANDOM_INT_HIGH), bools, and words of a seeded vocabulary."""
+    if like is not None:
+        shape = [rows, *like.shape[1:]]
+    else:
+        dims = [d if d > 0 else 1 for d in spec.shape]
+        shape = [rows, *(dims[1:] if batched else dims)]
+    dtype = NUMPY_DTYPES[spec.datatype]
+    if spec.datatype == "BYTES":
+        vocabulary = np.unique(like) if like is not None else _vocabulary(rng)
+        return rng.choice(vocabulary, shape)
+    if dtype.kind == "f":
+        low, high = (float(like.min()), float(like.max())) if like is not None else (0.0, 1.0)
+        return (low + (high - low) * rng.random(shape)).astype(dtype)
+    if dtype.kind in "iu":
+        low, high = (
+            (int(like.min()), int(like.max()) + 1) if like is not None else (0, RANDOM_INT_HIGH)
+        )
+        high = min(high, int(np.iinfo(np.int64).max))
+        return rng.integers(low, high, shape).astype(dtype)
+    share = float(np.mean(like.astype(np.float64))) if like is not None else 0.5
+    return rng.random(shape) < share
+
+
 def load_samples(
-    repository: ModelRepository, model: str, inputs: Sequence[TensorSpec], calibration: Path | None
-) -> dict[str, Array]:
-    """Sample inputs: `--calibration` (an .npz by input name), else the model's
-    `samples/inputs.npz`, else seeded random inputs of the right shape (written there)."""
-    if calibration is not None:
-        return dict(np.load(calibration))
+    repository: ModelRepository,
+    model: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    calibration: Path | None,
+) -> SampleSet:
+    """The accuracy gate's samples, at least MIN_SAMPLES rows: `--calibration` (an .npz
+    by input name), else the model's `samples/inputs.npz`; where those hold fewer rows
+    (or there are none) seeded random rows drawn to each input's datatype and the given
+    rows' range make up the count (`_random_rows`). Batched where the model has a batch
+    dimension, row by row where it has not."""
+    batched = batchable(tuple(inputs), tuple(outputs))
+    given: dict[str, Array] = {}
+    source = "random"
     stored = repository.root / model / "samples" / "inputs.npz"
-    if stored.is_file():
-        return dict(np.load(stored))
+    if calibration is not None:
+        given, source = _given(calibration, inputs, batched, "calibration data"), "calibration"
+    elif stored.is_file():
+        given, source = _given(stored, inputs, batched, "stored samples"), "samples"
+    rows = min((len(a) for a in given.values()), default=0)
+    if rows >= MIN_SAMPLES:
+        return SampleSet({k: a[:rows] for k, a in given.items()}, rows, batched, source)
     rng = np.random.default_rng(0)
     samples: dict[str, Array] = {}
     for spec in inputs:
-        shape = [
-            SAMPLE_ROWS if i == 0 and d < 0 else (d if d > 0 else 1)
-            for i, d in enumerate(spec.shape)
-        ]
-        dtype = NUMPY_DTYPES[spec.datatype]
-        if dtype.kind == "f":
-            samples[spec.name] = rng.random(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            samples[spec.name] = rng.integers(0, 2, shape).astype(dtype)
-        elif dtype.kind == "b":
-            samples[spec.name] = rng.random(shape) < 0.5
-        else:
-            raise BuildSkipped(f"cannot make sample inputs for {spec.datatype} input {spec.name!r}")
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(stored, **samples)  # type: ignore[arg-type]
-    return samples
+        like = given[spec.name][:rows] if given else None
+        extra = _random_rows(spec, MIN_SAMPLES - rows, batched, like, rng)
+        samples[spec.name] = extra if like is None else np.concatenate([like, extra])
+    return SampleSet(samples, MIN_SAMPLES, batched, source + "+random" if given else source)
+
+
+def _skip(reason: str) -> Callable[[], Manifest]:
+    def build() -> Manifest:
+        raise BuildSkipped(reason)
+
+    return build
 
 
 def ort_plans(
-    repository: ModelRepository, model: str, calibration: Mapping[str, Array]
+    repository: ModelRepository, model: str, samples: SampleSet, compute: str = FLOAT_PRECISION
 ) -> list[Plan]:
+    """ONNX Runtime's variants: full precision, named for what the model computes in,
+    and the reduced-precision ones where they apply and their accuracy can be checked."""
+    why_not: str | None = None
+    if compute != FLOAT_PRECISION:
+        why_not = f"no float tensors: the model computes in {compute}"
+    elif samples.unchecked is not None:
+        why_not = (
+            f"unchecked: {samples.unchecked}; reduced precision is built only where "
+            "its accuracy is checked"
+        )
     return [
-        Plan(ORT_FP32, "fp32", lambda: build_ort_fp32(repository, model)),
-        Plan(ORT_FP16, "fp16", lambda: build_ort_fp16(repository, model)),
-        Plan(ORT_INT8_DYNAMIC, "int8", lambda: build_ort_int8_dynamic(repository, model)),
-        Plan(ORT_INT8_QDQ, "int8", lambda: build_ort_int8_qdq(repository, model, calibration)),
+        Plan(
+            ort_variant_name(compute),
+            compute,
+            lambda: build_ort_fp32(repository, model, precision=compute),
+        ),
+        Plan(
+            ORT_FP16,
+            "fp16",
+            _skip(why_not) if why_not else lambda: build_ort_fp16(repository, model),
+        ),
+        Plan(
+            ORT_INT8_DYNAMIC,
+            "int8",
+            _skip(why_not) if why_not else lambda: build_ort_int8_dynamic(repository, model),
+        ),
+        Plan(
+            ORT_INT8_QDQ,
+            "int8",
+            _skip(why_not) if why_not else lambda: build_ort_int8_qdq(repository, model, samples),
+        ),
     ]
 
 
@@ -235,6 +366,7 @@ def build_tvm(
     target: TvmTarget,
     trials: int,
     records_from: Path | None = None,
+    precision: str = FLOAT_PRECISION,
 ) -> Manifest:
     """The model compiled by Apache TVM for `target` (static batch of 1), tuned with
     `trials` MetaSchedule trials (records kept under `<model>/tuning/` and reused; those
@@ -257,7 +389,7 @@ def build_tvm(
     inputs, outputs = signature(source)
     batched = batchable(inputs, outputs)
     shapes = tvm_input_shapes(inputs)
-    name = tvm_variant_name(target.name, trials)
+    name = tvm_variant_name(target.name, trials, precision)
     directory = variant_dir(repository, model, name)
     try:
         build = compile_onnx(
@@ -278,7 +410,7 @@ def build_tvm(
         runtime="tvm",
         runtime_version=build.tvm_version,
         target=target.name,
-        precision="fp32",
+        precision=precision,
         max_batch_size=DEFAULT_MAX_BATCH_SIZE if batched else 0,
         inputs=tensor_entries(inputs),
         outputs=tensor_entries(outputs),
@@ -300,10 +432,10 @@ def build_tvm(
     return manifest
 
 
-def tvm_variant_name(target: str, trials: int) -> str:
-    """`tvm-llvm-avx512-fp32`; an untuned build says so in its name, so it never
-    replaces a tuned one."""
-    return f"tvm-{target}-fp32" + ("" if trials > 0 else "-untuned")
+def tvm_variant_name(target: str, trials: int, precision: str = FLOAT_PRECISION) -> str:
+    """`tvm-llvm-avx512-fp32` (a model with no float tensors: `-int32`, ...); an
+    untuned build says so in its name, so it never replaces a tuned one."""
+    return f"tvm-{target}-{precision}" + ("" if trials > 0 else "-untuned")
 
 
 def tvm_plans(
@@ -312,18 +444,20 @@ def tvm_plans(
     targets: Sequence[str],
     trials: int,
     records_from: Path | None = None,
+    compute: str = FLOAT_PRECISION,
+    strings: Sequence[str] = (),
 ) -> list[Plan]:
+    """A TVM build per target; `strings` (the model's BYTES tensors) rule TVM out."""
     plans = []
     for target in tvm_targets(targets):
-        plans.append(
-            Plan(
-                tvm_variant_name(target.name, trials),
-                "fp32",
-                lambda t=target: build_tvm(  # type: ignore[misc]
-                    repository, model, t, trials, records_from
-                ),
+        build: Callable[[], Manifest] = (
+            _skip(f"Apache TVM takes no string tensors (BYTES {strings[0]!r})")
+            if strings
+            else lambda t=target: build_tvm(  # type: ignore[misc]
+                repository, model, t, trials, records_from, compute
             )
         )
+        plans.append(Plan(tvm_variant_name(target.name, trials, compute), compute, build))
     return plans
 
 
@@ -338,7 +472,7 @@ def compile_model(
     tuning_records: Path | None = None,
     tolerances: Mapping[str, Tolerance] = DEFAULT_TOLERANCES,
     progress: ProgressFn | None = None,
-    extra_plans: Callable[[ModelRepository, str, Mapping[str, Array]], list[Plan]] | None = None,
+    extra_plans: Callable[[ModelRepository, str, SampleSet], list[Plan]] | None = None,
 ) -> list[Outcome]:
     """Builds and checks the variants of `source` as model `name`. `tuning_records`: a
     tuning folder (`<folder>/<target>/`) whose records tuned TVM builds take before
@@ -361,32 +495,70 @@ def compile_model(
         shutil.copyfile(source, destination)
     from backends.runtimes.ort import signature
 
-    inputs, _ = signature(destination)
-    samples = load_samples(repository, name, inputs, calibration)
-    reference = reference_outputs(destination, samples)
+    inputs, outputs = signature(destination)
+    compute = compute_type(destination)
+    samples = load_samples(repository, name, inputs, outputs, calibration)
+    reference, unchecked = _reference(destination, samples, inputs)
+    if unchecked is not None:
+        samples = SampleSet({}, 0, samples.batched, samples.source, unchecked)
+    elif samples.source == "random":  # what the profiler times the variants on
+        stored = repository.root / name / "samples" / "inputs.npz"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(stored, **samples.inputs)  # type: ignore[arg-type]
     plans: list[Plan] = []
     if ORT_TARGET in targets:
-        plans += ort_plans(repository, name, samples)
+        plans += ort_plans(repository, name, samples, compute)
     if ORT_CUDA_TARGET in targets:
         plans.append(Plan(ORT_CUDA_FP32, "fp32", lambda: build_ort_cuda_fp32(repository, name)))
     if any(t.startswith(TVM_PREFIX) for t in targets):
-        plans += tvm_plans(repository, name, targets, trials, tuning_records)
+        strings = [t.name for t in (*inputs, *outputs) if t.datatype == "BYTES"]
+        plans += tvm_plans(repository, name, targets, trials, tuning_records, compute, strings)
     if extra_plans is not None:
         plans += extra_plans(repository, name, samples)
     outcomes = []
     for plan in plans:
         say(f"{name}: building {plan.variant}")
-        outcomes.append(_build(repository, name, plan, samples, reference, tolerances))
+        outcome = _build(
+            repository, name, plan, samples, reference, _tolerance(tolerances, compute)
+        )
+        if outcome.status in ("skipped", "failed"):
+            log.info("%s: %s %s: %s", name, outcome.variant, outcome.status, outcome.detail)
+        outcomes.append(outcome)
     return outcomes
+
+
+def _tolerance(tolerances: Mapping[str, Tolerance], compute: str) -> Callable[[str], Tolerance]:
+    """A variant's tolerance by its precision; a model with no float tensors: EXACT."""
+    if compute != FLOAT_PRECISION:
+        return lambda _: EXACT
+    return lambda precision: tolerances.get(precision, EXACT)
+
+
+def _reference(
+    source: Path, samples: SampleSet, inputs: Sequence[TensorSpec]
+) -> tuple[dict[str, Array], str | None]:
+    """The source model's outputs on the samples, or why there are none: random
+    strings a model does not take (it casts decimal numbers, say) leave its variants
+    unchecked. ValueError when the model fails on given samples or random numbers."""
+    try:
+        return reference_outputs(source, samples), None
+    except Exception as exc:
+        strings = [s.name for s in inputs if s.datatype == "BYTES"]
+        if strings and samples.source == "random":
+            return {}, f"no samples for BYTES input {strings[0]!r}"
+        raise ValueError(
+            f"the source model fails on its {samples.rows} sample inputs ({samples.source}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _build(
     repository: ModelRepository,
     model: str,
     plan: Plan,
-    samples: Mapping[str, Array],
+    samples: SampleSet,
     reference: Mapping[str, Array],
-    tolerances: Mapping[str, Tolerance],
+    tolerance_for: Callable[[str], Tolerance],
 ) -> Outcome:
     start = time.perf_counter()
     try:
@@ -409,16 +581,29 @@ def _build(
             manifest,
             build_s,
         )
+    tolerance = tolerance_for(manifest.precision)
     try:
         adapter = load_adapter(variant, threads=1)
-        accuracy = check_accuracy(adapter, samples, reference, tolerances[manifest.precision])
+        if samples.unchecked is not None:
+            accuracy = unchecked_accuracy(samples, tolerance)
+        else:
+            accuracy = check_accuracy(adapter, samples, reference, tolerance)
     except Exception as exc:
         return Outcome(manifest.variant, "failed", f"check failed: {type(exc).__name__}: {exc}")
     manifest = manifest.model_copy(update={"accuracy": accuracy, "build_s": build_s})
     repository.write_variant(manifest)
-    detail = f"max |diff| {accuracy.max_abs_diff:.2g}" + (
-        f", top-1 {accuracy.top1_agreement:.1%}" if accuracy.top1_agreement is not None else ""
-    )
+    if accuracy.unchecked is not None:
+        detail = f"unchecked: {accuracy.unchecked}"
+    else:
+        detail = (
+            f"{accuracy.samples} samples ({accuracy.source}): max |diff| "
+            + (f"{accuracy.max_abs_diff:.2g}")
+            + (
+                f", top-1 {accuracy.top1_agreement:.1%}"
+                if accuracy.top1_agreement is not None
+                else ""
+            )
+        )
     if manifest.tuning is not None:
         tuning = manifest.tuning
         detail += (
@@ -493,6 +678,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _samples_cell(manifest: Manifest | None) -> str:
+    """The table's samples column: how many the check ran on, and where they came from."""
+    accuracy = manifest.accuracy if manifest else None
+    if accuracy is None:
+        return ""
+    if accuracy.unchecked is not None:
+        return "unchecked"
+    return f"{accuracy.samples} {accuracy.source or ''}".strip()
+
+
 def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
     """`switchyard compile`; `read_fleet` reads `--fleet` (required with it)."""
     from rich.console import Console
@@ -546,7 +741,15 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
             console.print(f"[red]{exc}[/red]")
             return 2
     table = Table(title=f"{args.name}: variants in {args.repository}")
-    for column in ("variant", "status", "precision", "runtime", "build s", "accuracy / reason"):
+    for column in (
+        "variant",
+        "status",
+        "precision",
+        "runtime",
+        "build s",
+        "samples",
+        "accuracy / reason",
+    ):
         table.add_column(column)
     colours = {"built": "green", "rejected": "red", "skipped": "yellow", "failed": "red"}
     for outcome in outcomes:
@@ -557,6 +760,7 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
             m.precision if m else "",
             f"{m.runtime} {m.runtime_version}" if m else "",
             f"{outcome.build_s:.1f}" if m else "",
+            _samples_cell(m),
             outcome.detail,
         )
     console.print(table)

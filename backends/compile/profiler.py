@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.profiles import Profile, ProfileEntry, read_profile, write_profile
+from backends.protocol.tensors import TensorSpec
 from backends.repository import ModelRepository, Variant
 from backends.runtimes.base import Array
 
@@ -57,6 +58,16 @@ def batch_inputs(samples: dict[str, Array], batch_size: int) -> dict[str, Array]
     return out
 
 
+def first_input(samples: dict[str, Array], inputs: Sequence[TensorSpec]) -> dict[str, Array]:
+    """An unbatched model's first sample: its rows are whole inputs, stacked on a
+    leading axis (an array of the input's own rank is one input)."""
+    ranks = {spec.name: len(spec.shape) for spec in inputs}
+    return {
+        name: array[0] if array.ndim == ranks.get(name, array.ndim) + 1 else array
+        for name, array in samples.items()
+    }
+
+
 def measure(
     variant_dir: Path, threads: int, batch_sizes: Sequence[int], runs: int, delay_ms: float
 ) -> list[dict[str, float]]:
@@ -73,7 +84,11 @@ def measure(
     for batch_size in batch_sizes:
         if variant.manifest.max_batch_size == 0 and batch_size > 1:
             continue
-        feed = batch_inputs(samples, batch_size)
+        feed = (
+            first_input(samples, adapter.inputs)
+            if variant.manifest.max_batch_size == 0
+            else batch_inputs(samples, batch_size)
+        )
         for _ in range(3):
             adapter.run(feed, outputs)
         times_ms = []

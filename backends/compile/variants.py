@@ -46,6 +46,42 @@ class BuildSkipped(Exception):
     """The variant does not apply to this model (or its toolchain is missing)."""
 
 
+FLOAT_PRECISION = "fp32"
+
+
+def ort_variant_name(precision: str) -> str:
+    """`ort-cpu-<precision>`: `ort-cpu-fp32`, or a non-float model's `ort-cpu-int32`."""
+    return f"ort-cpu-{precision}"
+
+
+def compute_type(source: Path) -> str:
+    """What the model computes in, which names its full-precision variants: `fp32`
+    when any tensor is floating point (an input, output, weight, intermediate or cast
+    target), else its widest integer type (`int32`, `int8`, `uint8`, ...), else `bytes`
+    (strings only) or `bool`."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
+    graph = model.graph
+    types = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+    types |= {v.type.tensor_type.elem_type for v in graph.value_info}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    types.discard(TensorProto.UNDEFINED)
+    integers: list[np.dtype[np.generic]] = []
+    for elem in types:
+        if elem in (TensorProto.STRING, TensorProto.BOOL):
+            continue
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+        if dtype.kind not in "iu":  # float, float16, bfloat16, float8, complex
+            return FLOAT_PRECISION
+        integers.append(dtype)
+    if integers:
+        return max(integers, key=lambda d: (d.itemsize, d.kind == "i", d.name)).name
+    return "bytes" if TensorProto.STRING in types else "bool"
+
+
 @dataclass(frozen=True, slots=True)
 class Tolerance:
     """How far a variant may stray from the fp32 source on the sample inputs."""
@@ -60,6 +96,40 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(5e-2, 0.99),
     "int8": Tolerance(0.25, 0.99),
 }
+EXACT = Tolerance(0.0, 1.0)
+"""A model with no float tensors (int32, int8, strings): every output exactly as the source's."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampleSet:
+    """The accuracy gate's inputs: `rows` samples of each input, stacked on a leading
+    axis. `batched`: that axis is the model's batch dimension (the samples run as one
+    batch); otherwise each row is one whole input of the model (they run one by one)."""
+
+    inputs: Mapping[str, Array]
+    rows: int
+    batched: bool
+    source: str
+    """calibration, samples (the model's stored ones), random (seeded), or one of the
+    first two topped up with random rows (`samples+random`)."""
+    unchecked: str | None = None
+    """Why no check can run (`no samples for BYTES input 'INPUT0'`); rows is then 0."""
+
+    def feeds(self) -> list[dict[str, Array]]:
+        """One feed per sample row, shaped as the model takes it."""
+        if self.batched:
+            return [{k: a[i : i + 1] for k, a in self.inputs.items()} for i in range(self.rows)]
+        return [{k: a[i] for k, a in self.inputs.items()} for i in range(self.rows)]
+
+
+def run_samples(
+    adapter: RuntimeAdapter, samples: SampleSet, names: Sequence[str]
+) -> dict[str, Array]:
+    """The named outputs on every sample row, stacked as the inputs are."""
+    if samples.batched:
+        return dict(zip(names, adapter.run(samples.inputs, names), strict=True))
+    runs = [adapter.run(feed, names) for feed in samples.feeds()]
+    return {name: np.stack([run[i] for run in runs]) for i, name in enumerate(names)}
 
 
 def batchable(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> bool:
@@ -110,12 +180,18 @@ def variant_dir(repository: ModelRepository, model: str, variant: str) -> Path:
 
 
 def build_ort_fp32(
-    repository: ModelRepository, model: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    repository: ModelRepository,
+    model: str,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    precision: str = FLOAT_PRECISION,
 ) -> Manifest:
-    """The source model after ONNX Runtime's portable graph optimisations, saved."""
+    """The source model after ONNX Runtime's portable graph optimisations, saved, as
+    `ort-cpu-fp32`; a model with no float tensors names its `precision` (`compute_type`)
+    instead: `ort-cpu-int32`."""
     import onnxruntime as ort
 
-    directory = variant_dir(repository, model, ORT_FP32)
+    name = ort_variant_name(precision)
+    directory = variant_dir(repository, model, name)
     artifact = directory / "model.onnx"
     options = ort.SessionOptions()
     # EXTENDED, not ALL: the saved graph must stay portable across CPUs (ALL adds
@@ -125,7 +201,7 @@ def build_ort_fp32(
     source, rewrites = prepared_source(repository.source(model))
     ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
     manifest = onnx_manifest(
-        repository, model, ORT_FP32, artifact, "fp32", max_batch_size, rewrites=rewrites
+        repository, model, name, artifact, precision, max_batch_size, rewrites=rewrites
     )
     repository.write_variant(manifest)
     return manifest
@@ -231,11 +307,8 @@ def build_ort_int8_dynamic(repository: ModelRepository, model: str) -> Manifest:
 class _Calibration:
     """Feeds calibration samples to ONNX Runtime's static quantiser, one row at a time."""
 
-    def __init__(self, samples: Mapping[str, Array]) -> None:
-        rows = min(len(a) for a in samples.values())
-        self._items = iter(
-            [{name: a[i : i + 1] for name, a in samples.items()} for i in range(rows)]
-        )
+    def __init__(self, samples: SampleSet) -> None:
+        self._items = iter(samples.feeds())
 
     def get_next(self) -> dict[str, Array] | None:
         return next(self._items, None)
@@ -273,9 +346,7 @@ def _named(model_path: Path, scratch: Path) -> tuple[Path, list[str]]:
     return out, head
 
 
-def build_ort_int8_qdq(
-    repository: ModelRepository, model: str, calibration: Mapping[str, Array]
-) -> Manifest:
+def build_ort_int8_qdq(repository: ModelRepository, model: str, calibration: SampleSet) -> Manifest:
     """Static QDQ quantisation, per-channel weights, calibrated on `calibration`."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -311,52 +382,70 @@ def build_ort_int8_qdq(
     return manifest
 
 
-def reference_outputs(source: Path, samples: Mapping[str, Array]) -> dict[str, Array]:
-    """The fp32 source model's outputs on the samples: what every variant is held to."""
+def reference_outputs(source: Path, samples: SampleSet) -> dict[str, Array]:
+    """The source model's outputs on the samples: what every variant is held to."""
     adapter = OrtAdapter(source, threads=1)
-    names = [s.name for s in adapter.outputs]
-    return dict(zip(names, adapter.run(samples, names), strict=True))
+    return run_samples(adapter, samples, [s.name for s in adapter.outputs])
+
+
+def _exact(got: Array, expected: Array) -> float:
+    """Largest absolute difference of integer outputs; 0 or inf for strings and bools
+    (equal everywhere, or not)."""
+    if expected.dtype.kind in "iu" and got.dtype.kind in "iu":
+        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+        return float(diff.max()) if diff.size else 0.0
+    return 0.0 if np.array_equal(got, expected) else float("inf")
 
 
 def check_accuracy(
     adapter: RuntimeAdapter,
-    samples: Mapping[str, Array],
+    samples: SampleSet,
     reference: Mapping[str, Array],
     tolerance: Tolerance,
 ) -> AccuracyEntry:
-    """Runs the variant on the samples and compares with the reference outputs."""
-    names = list(reference)
-    outputs = dict(zip(names, adapter.run(samples, names), strict=True))
+    """Runs the variant on the samples and compares with the reference outputs: float
+    outputs by their largest absolute difference (and top-1 agreement of class scores),
+    class labels by agreement, other integer and string outputs exactly."""
+    outputs = run_samples(adapter, samples, list(reference))
     max_diff = 0.0
     agreements: list[float] = []
     for name, expected in reference.items():
         got = outputs[name]
         if got.shape != expected.shape:
-            return AccuracyEntry(
-                samples=len(next(iter(samples.values()))),
-                max_abs_diff=float("inf"),
-                tolerance_max_abs_diff=tolerance.max_abs_diff,
-                min_top1_agreement=tolerance.min_top1_agreement,
-                passed=False,
-            )
-        if expected.dtype.kind == "f":
+            max_diff = float("inf")
+        elif expected.dtype.kind == "f":
             diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
             max_diff = max(max_diff, float(diff.max()) if diff.size else 0.0)
             if expected.ndim == 2 and expected.shape[1] > 1:  # class scores
                 agreements.append(float(np.mean(got.argmax(1) == expected.argmax(1))))
-        elif expected.dtype.kind in "iub" and expected.ndim == 1:  # class labels
-            agreements.append(float(np.mean(got == expected)))
+        elif expected.dtype.kind in "iub" and expected.ndim == 1 and samples.batched:
+            agreements.append(float(np.mean(got == expected)))  # class labels
+        else:
+            max_diff = max(max_diff, _exact(got, expected))
     top1 = min(agreements) if agreements else None
     passed = max_diff <= tolerance.max_abs_diff and (
         top1 is None or top1 >= tolerance.min_top1_agreement
     )
     return AccuracyEntry(
-        samples=len(next(iter(samples.values()))),
+        samples=samples.rows,
+        source=samples.source,
         max_abs_diff=max_diff,
         top1_agreement=top1,
         tolerance_max_abs_diff=tolerance.max_abs_diff,
         min_top1_agreement=tolerance.min_top1_agreement if top1 is not None else None,
         passed=passed,
+    )
+
+
+def unchecked_accuracy(samples: SampleSet, tolerance: Tolerance) -> AccuracyEntry:
+    """The manifest's entry for a variant no check could run on (`samples.unchecked`
+    says why): it serves as built, and says so."""
+    return AccuracyEntry(
+        samples=0,
+        max_abs_diff=0.0,
+        tolerance_max_abs_diff=tolerance.max_abs_diff,
+        passed=True,
+        unchecked=samples.unchecked,
     )
 
 
