@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 OPSET = 17
-SAMPLES = 32
+SAMPLES = 64
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 

@@ -1,6 +1,6 @@
 """The `magika` demo model: Google's file-type detector, the ONNX model shipped
 inside the installed `magika` wheel (never downloaded), with its sample corpus
-(32 files of the Python installation, magika's package and standard-library
+(64 files of the Python installation, magika's package and standard-library
 encoders), magika's feature extraction, and reference outputs from ONNX Runtime
 fp32 on the model.
 
@@ -10,11 +10,13 @@ Imports no grpc, no generated protobuf and nothing from the gateway.
 from __future__ import annotations
 
 import argparse
+import base64
 import bz2
 import configparser
 import csv
 import difflib
 import email.message
+import functools
 import gzip
 import io
 import json
@@ -158,7 +160,7 @@ def _module_file(module: str) -> Path:
 
 
 def magika_corpus() -> dict[str, bytes]:
-    """32 files for magika: real files of the Python installation and magika's
+    """SAMPLES (64) files for magika: real files of the Python installation and magika's
     package, and files written by standard-library encoders, all deterministic."""
     import pydoc
 
@@ -239,8 +241,100 @@ def magika_corpus() -> dict[str, bytes]:
         ).encode(),
     }
     corpus.update(generated)
+    corpus.update(_more_files(corpus, rows, stdlib))
     assert len(corpus) == SAMPLES, len(corpus)
     return corpus
+
+
+def _more_files(
+    corpus: dict[str, bytes], rows: list[tuple[int, str]], stdlib: Path
+) -> dict[str, bytes]:
+    """32 more files of the same kinds, from other sources: more modules, extension
+    modules, archives, documents, data and media files."""
+    import pydoc
+
+    real = {
+        "LICENSE.txt": stdlib / "LICENSE.txt",
+        "functools.py": _module_file("functools"),
+        "dataclasses.py": _module_file("dataclasses"),
+        "_csv.so": _module_file("_csv"),
+        "_decimal.so": _module_file("_decimal"),
+        "_ctypes.so": _module_file("_ctypes"),
+    }
+    out = {name: path.read_bytes() for name, path in real.items()}
+    rng = np.random.default_rng(59)
+    source = corpus["csv.py"]
+    other = out["functools.py"]
+    noise = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    checker = ((np.indices((40, 40)).sum(axis=0) // 5) % 2 * 255).astype(np.uint8)
+    image = np.stack([checker, noise[..., 1], 255 - checker], axis=-1)
+    words = [name for _, name in rows[:120]]
+    table = io.StringIO()
+    csv.writer(table, delimiter=";").writerows(
+        [("word", "upper"), *((w, w.upper()) for w in words)]
+    )
+    tree = ElementTree.Element("words")
+    for word in words:
+        ElementTree.SubElement(tree, "word", length=str(len(word))).text = word
+    message = email.message.EmailMessage()
+    message["Received"] = (
+        "from router.example.org (router.example.org [192.0.2.7]) by mx.example.org"
+        " with ESMTPS id 7C1B; Tue, 2 Jan 2024 09:30:00 +0000"
+    )
+    message["Date"] = "Tue, 02 Jan 2024 09:30:00 +0000"
+    message["Message-ID"] = "<price-7@switchyard.example.org>"
+    message["From"] = "Switchyard Prices <prices@example.org>"
+    message["To"] = "SRE <sre@example.org>"
+    message["Subject"] = "Price of small-cpu changed"
+    message.set_content("small-cpu now costs 0.05 USD per hour; routes were re-ranked.\n" * 15)
+    ini = configparser.ConfigParser()
+    ini["worker"] = {"repository": "models", "threads": "1", "hardware_class": "cpu-x86-64-v3"}
+    ini["batching"] = {"max_batch_rows": "16", "max_delay_ms": "2"}
+    ini_text = io.StringIO()
+    ini.write(ini_text)
+    array = rng.standard_normal((48, 48)).astype(np.float64)
+    npy, npz = io.BytesIO(), io.BytesIO()
+    np.save(npy, array)
+    np.savez_compressed(npz, scale=array, shift=array[:, 0])
+    old_lines = source.decode().splitlines(keepends=True)[:300]
+    new_lines = [line.replace("reader", "parser") for line in old_lines]
+    shell = "#!/bin/sh\nset -eu\n" + "".join(
+        f'echo "building {w}"\nmkdir -p "build/{w}"\n' for w in words[:60]
+    )
+    markdown = "# Modules\n\n" + "".join(
+        f"## {w}\n\nThe `{w}` module, {len(w)} letters long.\n\n" for w in words[:60]
+    )
+    out |= {
+        "csv.py.gz": gzip.compress(source, mtime=0),
+        "functools.py.bz2": bz2.compress(other),
+        "functools.py.xz": lzma.compress(other),
+        "more.zip": _zip({"functools.py": other, "LICENSE.txt": out["LICENSE.txt"]}),
+        "more.tar": _tar({"functools.py": other, "dataclasses.py": out["dataclasses.py"]}),
+        "words.json": json.dumps([{"word": w, "length": len(w)} for w in words]).encode(),
+        "words.csv": table.getvalue().encode(),
+        "words.xml": ElementTree.tostring(tree, xml_declaration=True, encoding="utf-8"),
+        "csv.html": pydoc.html.page("csv", pydoc.html.document(csv)).encode(),
+        "words.pickle": pickle.dumps({"words": words}, protocol=5),
+        "functools.pyc": _pyc(other),
+        "words.sqlite": _sqlite(rows[:120]),
+        "scale.npy": npy.getvalue(),
+        "scale.npz": npz.getvalue(),
+        "checker.png": _png(image),
+        "checker.bmp": _bmp(image),
+        "noise.wav": _wav(rng),
+        "price.eml": message.as_bytes(),
+        "worker.ini": ini_text.getvalue().encode(),
+        "csv.diff": "".join(
+            difflib.unified_diff(old_lines, new_lines, "a/csv.py", "b/csv.py")
+        ).encode(),
+        "build.sh": shell.encode(),
+        "modules.md": markdown.encode(),
+        "csv.py.zlib": zlib.compress(source),
+        "csv.py.b64": base64.b64encode(source[:6000]),
+        "functools.html": pydoc.html.page("functools", pydoc.html.document(functools)).encode(),
+        "words.tsv": "".join(f"{i}\t{w}\t{len(w)}\n" for i, w in enumerate(words)).encode(),
+    }
+    return out
 
 
 def build_magika(model_dir: Path) -> None:

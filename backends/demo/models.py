@@ -6,7 +6,7 @@
 - `cnn`, `resnet`, `mobilenet`: conv nets that classify scikit-learn's bundled
   8x8 digits, scaled up to 3 x 32 x 32 images. Each has a seeded conv body and
   a dense classifier fitted (logistic regression) to the body's features of 256
-  training digits; the samples are 32 held-out digits. The classifier pools the
+  training digits; the samples are 64 held-out digits. The classifier pools the
   last feature map to a 4 x 4 grid, flattens it, and ends in dense 10, softmax.
 - `cnn`: conv-BN-ReLU (32), conv-BN-ReLU (64), 2x2 max pool, conv-BN-ReLU (128).
 - `resnet`: a CIFAR-style ResNet-8 (conv-BN-ReLU stem, three stages of one basic
@@ -21,7 +21,7 @@
   and LayerNormalization.
 - `magika`: Google's file-type detector, the ONNX model shipped inside the
   `magika` wheel (found in the installed package, never downloaded). Its samples
-  are magika's byte features of 32 files: modules and scripts of the Python
+  are magika's byte features of 64 files: modules and scripts of the Python
   standard library, the Python executable, a numpy extension module, magika's
   own files, and files written by standard-library encoders (gzip, zip, sqlite,
   PNG, WAV, ...). Reference outputs come from ONNX Runtime fp32 on the model.
