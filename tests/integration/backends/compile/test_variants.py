@@ -46,7 +46,7 @@ def test_every_applicable_variant_is_built_and_checked(compiled: Path) -> None:
     assert sorted(cnn) == ORT_VARIANTS
     for variant in cnn.values():
         m = variant.manifest
-        assert m.accuracy is not None and m.accuracy.passed and m.accuracy.samples == 32
+        assert m.accuracy is not None and m.accuracy.passed and m.accuracy.samples == 64
         assert m.accuracy.top1_agreement is not None and m.accuracy.top1_agreement >= 0.99
         assert m.versions["onnxruntime"] == m.runtime_version
         assert m.artifacts[0].sha256 == sha256_file(variant.artifact_path)
