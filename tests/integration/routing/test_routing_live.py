@@ -351,7 +351,10 @@ async def test_latency_probes_do_not_queue_behind_each_other(repository: Path) -
     worker = await launch_worker(repository, threads=1, hardware_class="test-1c", models=models)
     watched = [await worker.hold(m, closed=False, delay_s=0.04) for m in models]
     gw = await start_gateway(
-        fleet_config({"one": (worker.address, 0.04)}, latency_probe_interval_s=0.2)
+        # No warm-up: its probes take several samples after one wake-up call.
+        fleet_config(
+            {"one": (worker.address, 0.04)}, latency_probe_interval_s=0.2, warmup_samples=0
+        )
     )
     try:
 
