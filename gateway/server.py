@@ -186,7 +186,12 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
                 return remote.get(b.name)
         return None
 
-    pool = BackendPool(settings.max_message_bytes, security, settings.backend_keepalive_s)
+    pool = BackendPool(
+        settings.max_message_bytes,
+        security,
+        settings.backend_keepalive_s,
+        settings.backend_streams,
+    )
     health_servicer = health.aio.HealthServicer()
     probes = None
     if settings.probes is not None:

@@ -1,8 +1,8 @@
 """The backend client pool: one gRPC channel per backend address, the lean
-forwarding call (serialized bytes in, serialized bytes out), and the typed calls
-the prober uses. The caller's deadline travels with every call. A channel is
-plaintext, or TLS as the pool's `security` says for its address (remote backends'
-`tls`, launched workers' mTLS).
+forwarding call (serialized bytes in, serialized bytes out; unary, or over a few
+long-lived streams: streams.py), and the typed calls the prober uses. The caller's
+deadline travels with every call. A channel is plaintext, or TLS as the pool's
+`security` says for its address (remote backends' `tls`, launched workers' mTLS).
 
 The gRPC edge towards backends: channels (gateway.security) and the generated stubs; no
 routing and no fleet state.
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backends.protocol.status import StatusError
 from gateway.security import ChannelSecurity, secure_channel
+from gateway.serving.streams import BackendCallError as BackendCallError
+from gateway.serving.streams import StreamMux
 from protos import inference_pb2_grpc as pb_grpc
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
-
-class BackendCallError(StatusError):
-    """A backend answered a call with an error status (passed to callers unchanged)."""
 
 
 class BackendClient:
@@ -32,6 +29,7 @@ class BackendClient:
         max_message_bytes: int,
         security: ChannelSecurity | None = None,
         keepalive_s: float = 0.0,
+        streams: int = 0,
     ) -> None:
         self.address = address
         options: list[tuple[str, object]] = [
@@ -57,8 +55,12 @@ class BackendClient:
         # Identity (de)serializers: the gateway forwards bytes without re-encoding.
         self.infer = self.channel.unary_unary(INFER_METHOD)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.streams = StreamMux(self.channel, address, streams) if streams > 0 else None
+        """Forwarding over long-lived streams (None: unary calls only)."""
 
     async def close(self) -> None:
+        if self.streams is not None:
+            await self.streams.close()
         await self.channel.close()
 
 
@@ -68,24 +70,32 @@ def _plaintext(address: str) -> ChannelSecurity | None:
 
 class BackendPool:
     """Clients by address, created on first use and replaced when an address changes;
-    `security` says how the channel to an address is secured (None: plaintext)."""
+    `security` says how the channel to an address is secured (None: plaintext);
+    `streams`: how many ModelStreamInfer streams forward requests to each backend that
+    serves them (0: one unary call per request)."""
 
     def __init__(
         self,
         max_message_bytes: int,
         security: Callable[[str], ChannelSecurity | None] = _plaintext,
         keepalive_s: float = 0.0,
+        streams: int = 0,
     ) -> None:
         self._max_message_bytes = max_message_bytes
         self._security = security
         self._keepalive_s = keepalive_s
+        self.streams = streams
         self._clients: dict[str, BackendClient] = {}
 
     def client(self, address: str) -> BackendClient:
         client = self._clients.get(address)
         if client is None:
             client = BackendClient(
-                address, self._max_message_bytes, self._security(address), self._keepalive_s
+                address,
+                self._max_message_bytes,
+                self._security(address),
+                self._keepalive_s,
+                self.streams,
             )
             self._clients[address] = client
         return client

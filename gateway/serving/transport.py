@@ -17,12 +17,14 @@ import grpc
 
 from backends.protocol.errors import DeadlineExceeded, SwitchyardError
 from backends.protocol.status import retry_after_ms
+from backends.protocol.streams import id_field
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.serving.coalescer import Coalescer
 from gateway.serving.converters import request_parameters
 from gateway.serving.dispatch import Attempt, Dispatcher, Job, Observer
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendCallError, BackendPool
+from gateway.serving.streams import StreamsUnsupported
 from protos import gateway_pb2
 
 log = logging.getLogger("switchyard.gateway")
@@ -90,6 +92,7 @@ class GrpcTransport:
         """Calls may carry several requests, merged: their answers measure no route
         once they waited (see Attempt.alone)."""
         self._variant_suffixes: dict[str, bytes] = {}
+        self._streams = pool.streams > 0
         self.coalescer = Coalescer(
             self._send,
             clock,
@@ -136,27 +139,45 @@ class GrpcTransport:
             dispatcher.failed(attempt, exc, False, True, self.clock())
         else:
             latency_ms = (time.perf_counter_ns() - sent_ns) / 1e6
+            if self._streams:
+                # A stream's answer names the stream's id for the request: the caller's
+                # own (or none) goes back in its place.
+                reply += id_field(forward.header.id)
             dispatcher.answered(attempt, reply, latency_ms, self.clock())
         finally:
             in_flight.dec()
 
     async def _send(self, route: Route, request: bytes, timeout_s: float | None) -> bytes:
-        """One backend call, as the coalescer makes it."""
+        """One backend call, as the coalescer makes it: on a stream where the backend
+        serves them, else unary."""
         client = self.pool.client(route.address)
+        error: BackendCallError
         try:
-            reply: bytes = await client.infer(request, timeout=timeout_s)
+            streams = client.streams
+            if streams is not None and not streams.unsupported:
+                try:
+                    reply = await streams.infer(request, timeout_s)
+                except StreamsUnsupported:
+                    reply = await client.infer(request, timeout=timeout_s)
+            else:
+                reply = await client.infer(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            self.metrics.attempts.labels(route.backend, code.name).inc()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                # Passive health: a backend that refuses connections leaves the routes
-                # until a probe finds it ready again.
-                self.fleet.record_failure(route.backend, self.clock(), exc.details() or "")
-                log.warning("backend %s unavailable: %s", route.backend, exc.details())
             hint = retry_after_ms(exc.trailing_metadata())
-            raise BackendCallError(code, exc.details() or code.name, hint) from exc
-        self.metrics.attempts.labels(route.backend, "OK").inc()
-        return reply
+            error = BackendCallError(code, exc.details() or code.name, hint)
+        except BackendCallError as exc:
+            error = exc
+        else:
+            self.metrics.attempts.labels(route.backend, "OK").inc()
+            return reply
+        code = error.code
+        self.metrics.attempts.labels(route.backend, code.name).inc()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # Passive health: a backend that refuses connections leaves the routes
+            # until a probe finds it ready again.
+            self.fleet.record_failure(route.backend, self.clock(), error.details)
+            log.warning("backend %s unavailable: %s", route.backend, error.details)
+        raise error
 
     def _variant_parameter(self, variant: str) -> bytes:
         suffix = self._variant_suffixes.get(variant)
