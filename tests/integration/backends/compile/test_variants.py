@@ -246,13 +246,14 @@ async def test_the_gateway_passes_the_variant_choice_through(compiled: Path) -> 
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             req = raw_request("cnn", {"image": inputs["image"][:2]}, {"image": "FP32"})
-            assert (await stub.ModelInfer(req)).parameters[
-                "switchyard_variant"
-            ].string_param == "ort-cpu-fp32"
-            req.parameters["switchyard_variant"].string_param = "ort-cpu-int8-qdq"
-            reply = await stub.ModelInfer(req)
-            assert reply.parameters["switchyard_variant"].string_param == "ort-cpu-int8-qdq"
-            assert reply.parameters["switchyard_backend"].string_param == "w"
+            # Unpinned, the router picks among the routes (which one is its business).
+            chosen = (await stub.ModelInfer(req)).parameters["switchyard_variant"].string_param
+            assert chosen in ORT_VARIANTS
+            for pinned in ("ort-cpu-int8-qdq", "ort-cpu-fp32"):
+                req.parameters["switchyard_variant"].string_param = pinned
+                reply = await stub.ModelInfer(req)
+                assert reply.parameters["switchyard_variant"].string_param == pinned
+                assert reply.parameters["switchyard_backend"].string_param == "w"
     finally:
         await gateway.stop()
         await worker.stop()
