@@ -94,7 +94,8 @@ class _Forward(grpc.GenericRpcHandler):
 async def test_the_callers_deadline_reaches_the_backend(repository: Path, how: str) -> None:
     worker = await launch_worker(repository, emulate_latency_ms=1500, models=("digits",))
     hop = await RecordingHop(worker.address).start()
-    gw = await start_gateway(fleet_config({"slow": (hop.address, 0.1)}))
+    # No latency probes (nor their warm-up): the hop's one inference is the caller's.
+    gw = await start_gateway(fleet_config({"slow": (hop.address, 0.1)}, latency_probe_interval_s=0))
     try:
         async with grpc.aio.insecure_channel(gw.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
