@@ -9,9 +9,11 @@ from __future__ import annotations
 import ssl
 import threading
 from socketserver import ThreadingMixIn
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.metrics import MetricWrapperBase
 
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -28,6 +30,25 @@ LATENCY_BUCKETS_S = (
     2.0,
     5.0,
 )
+
+
+def cache_children(metric: MetricWrapperBase) -> None:
+    """Makes `metric.labels(...)` with positional values remember each child it made: the
+    serving path asks for the same few children on every request, and prometheus_client
+    checks and converts the values and takes a lock each time. The children are never
+    removed here (a removed child would stay in the cache)."""
+    original = metric.labels
+    children: dict[tuple[str, ...], Any] = {}
+
+    def labels(*values: str, **named: str) -> Any:
+        if named:
+            return original(*values, **named)
+        child = children.get(values)
+        if child is None:
+            child = children[values] = original(*values)
+        return child
+
+    setattr(metric, "labels", labels)  # noqa: B010 (a method replaced on one instance)
 
 
 class GatewayMetrics:
@@ -142,6 +163,18 @@ class GatewayMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        # What every request touches: its children remembered (see cache_children).
+        for metric in (
+            self.requests,
+            self.latency,
+            self.sla,
+            self.cost,
+            self.carbon,
+            self.decisions,
+            self.attempts,
+            self.in_flight,
+        ):
+            cache_children(metric)
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
