@@ -387,30 +387,14 @@ async def serve_stack(server: str, app: ASGIApp) -> None:
     """Serves `app` with `server` on 127.0.0.1 port 0, on the running loop; prints the
     listening line and serves until the process is ended."""
     if server.startswith("uvicorn-"):
-        import uvicorn
+        from gateway.serving.rest import bind_listener, uvicorn_server
 
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(2048)
-        listener.setblocking(False)
+        listener = bind_listener("127.0.0.1:0")
         # The gateway's own listener's settings (gateway.serving.rest.RestServer).
-        config = uvicorn.Config(
-            app,
-            http=server.removeprefix("uvicorn-"),
-            loop="none",
-            interface="asgi3",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-        )
-        config.load()
-        uvicorn_server = uvicorn.Server(config)
-        uvicorn_server.lifespan = config.lifespan_class(config)  # off: no startup events
-        await uvicorn_server.startup(sockets=[listener])
+        running = uvicorn_server(app, server.removeprefix("uvicorn-"))
+        await running.startup(sockets=[listener])
         _listening(f"127.0.0.1:{listener.getsockname()[1]}", server=server)
-        await uvicorn_server.main_loop()
+        await running.main_loop()
     elif server == "granian":
         # Only in the granian virtualenv (ensure_granian_venv).
         from granian.constants import HTTPModes, Interfaces  # type: ignore[import-not-found]

@@ -441,23 +441,9 @@ class RestServer:
         # JSON): uvicorn's own limit answers a plain-text 503 and counts idle
         # kept-alive connections as requests.
         app.max_in_flight = limit_concurrency
-        self._socket = _bind(listen)
+        self._socket = bind_listener(listen)
         self.port: int = self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            http="httptools",
-            loop="none",
-            interface="asgi3",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=2,
-        )
-        config.load()
-        config.ssl = context
-        self._server = uvicorn.Server(config)
-        self._server.lifespan = config.lifespan_class(config)  # off: no startup events
+        self._server = uvicorn_server(app, "httptools", context, timeout_graceful_shutdown=2)
         self._ticks: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -474,7 +460,32 @@ class RestServer:
         self._socket.close()
 
 
-def _bind(listen: str) -> socket.socket:
+def uvicorn_server(
+    app: Any, http: str = "httptools", context: ssl.SSLContext | None = None, **options: Any
+) -> uvicorn.Server:
+    """uvicorn as the gateway runs it on its own loop: `http`'s parser, no lifespan
+    events, no access log or server header, uvicorn's logging left alone; TLS with
+    `context`. Started with `startup(sockets=[...])`, never `serve()` (which takes the
+    process's signals)."""
+    config = uvicorn.Config(
+        app,
+        http=http,
+        loop="none",
+        interface="asgi3",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        **options,
+    )
+    config.load()
+    config.ssl = context
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)  # off: no startup events
+    return server
+
+
+def bind_listener(listen: str) -> socket.socket:
     """A listening socket at HOST:PORT (`[v6]:PORT` too); OSError when it cannot bind."""
     host, port = listen.rsplit(":", 1)
     host = host.strip("[]")
