@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
@@ -146,18 +146,7 @@ class Prober:
         """Measures each route short of its warm-up samples (backends side by side,
         each backend's routes in turn); returns how many routes were measured. The
         fleet says it is ready once every route is warm (see `_check_warm`)."""
-        routes: dict[str, list[Route]] = {}
-        for route in self.unwarmed():
-            routes.setdefault(route.backend, []).append(route)
-        results = await asyncio.gather(
-            *(self._warm_in_turn(r) for r in routes.values()), return_exceptions=True
-        )
-        warmed = 0
-        for backend, result in zip(routes, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("warm-up probes of %s failed", backend, exc_info=result)
-            else:
-                warmed += result
+        warmed = await self._per_backend(self.unwarmed(), self._warm_in_turn, "warm-up")
         if self._check_warm() and self.on_change is not None:
             self.on_change()
         return warmed
@@ -244,21 +233,38 @@ class Prober:
         (the least recently measured first): probes sent together would queue behind
         each other at the worker, and each would take the wait for its route's
         service time."""
-        stale: dict[str, list[Route]] = {}
-        for route in self.fleet.all_routes():
-            last = route.estimate.last_sample_s
-            if route.state.available and (last is None or now_s - last >= idle_s):
-                stale.setdefault(route.backend, []).append(route)
+        stale = [
+            route
+            for route in self.fleet.all_routes()
+            if route.state.available
+            and (
+                route.estimate.last_sample_s is None
+                or now_s - route.estimate.last_sample_s >= idle_s
+            )
+        ]
+        return await self._per_backend(stale, self._probe_in_turn, "latency")
+
+    async def _per_backend(
+        self,
+        routes: Iterable[Route],
+        in_turn: Callable[[list[Route]], Awaitable[int]],
+        what: str,
+    ) -> int:
+        """Runs `in_turn` on each backend's `routes`, backends side by side; returns the
+        probes they counted (a backend whose probes fail is logged and counts none)."""
+        by_backend: dict[str, list[Route]] = {}
+        for route in routes:
+            by_backend.setdefault(route.backend, []).append(route)
         results = await asyncio.gather(
-            *(self._probe_in_turn(r) for r in stale.values()), return_exceptions=True
+            *(in_turn(r) for r in by_backend.values()), return_exceptions=True
         )
-        sent = 0
-        for backend, result in zip(stale, results, strict=True):
+        counted = 0
+        for backend, result in zip(by_backend, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("latency probes of %s failed", backend, exc_info=result)
+                log.warning("%s probes of %s failed", what, backend, exc_info=result)
             else:
-                sent += result
-        return sent
+                counted += result
+        return counted
 
     async def _probe_in_turn(self, routes: list[Route]) -> int:
         sent = 0
