@@ -17,7 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from backends.compile.cpu import cpu_flags, missing_flags
+from backends.compile.profiler import batch_inputs, first_input
 from backends.compile.variants import ORT_FP32
 from backends.profiles import (
     profile_entry,
@@ -36,6 +39,7 @@ from backends.protocol.parameters import (
     VariantProfile,
     profile_parameter,
 )
+from backends.protocol.tensors import NUMPY_DTYPES
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtimes.base import Array, RuntimeAdapter
 from backends.runtimes.loader import load_adapter
@@ -341,6 +345,8 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                     reason = str(exc)
                 except Exception as exc:  # a runtime missing here, a broken artifact
                     reason = f"does not load: {exc}"
+                else:
+                    reason = warm_up(variant, adapter, repository.root)
             if reason is not None:
                 log.warning("model %s: variant %s not served: %s", name, variant.name, reason)
                 continue
@@ -365,6 +371,55 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
         served[name] = ServedModel(loaded, default, settings)
         log.info("serving %s as %s (variants: %s)", name, default, ", ".join(sorted(loaded)))
     return served
+
+
+WARM_UP_RUNS = 2
+
+
+def warm_up(variant: Variant, adapter: RuntimeAdapter, root: Path) -> str | None:
+    """Runs the variant WARM_UP_RUNS times on one row before the worker serves it, so
+    no caller (nor the gateway's first latency sample after a restart) pays for the
+    runtime's first run (ONNX Runtime's first run of a small model is ~70x its
+    steady state here). The row is the model's first stored sample, else zeros of
+    each input's shape (-1: 1). Returns why the variant must not be served when it
+    fails on its own stored sample, else None (a failure on zeros is logged only)."""
+    stored = root / variant.model / "samples" / "inputs.npz"
+    feed: dict[str, Array] = {}
+    batched = variant.manifest.max_batch_size > 0
+    try:
+        if stored.is_file():
+            with np.load(stored) as data:
+                samples = {spec.name: data[spec.name] for spec in adapter.inputs}
+            feed = batch_inputs(samples, 1) if batched else first_input(samples, adapter.inputs)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("model %s: stored samples not usable for warm-up: %s", variant.model, exc)
+        feed = {}
+    from_samples = bool(feed)
+    if not feed:
+        if any(spec.datatype == "BYTES" for spec in adapter.inputs):
+            log.info(
+                "model %s: variant %s not warmed up: no sample for a BYTES input",
+                variant.model,
+                variant.name,
+            )
+            return None
+        feed = {
+            spec.name: np.zeros(
+                [d if d > 0 else 1 for d in spec.shape], NUMPY_DTYPES[spec.datatype]
+            )
+            for spec in adapter.inputs
+        }
+    outputs = [s.name for s in adapter.outputs]
+    try:
+        for _ in range(WARM_UP_RUNS):
+            adapter.run(feed, outputs)
+    except Exception as exc:  # the runtime's own error, whatever its type
+        if from_samples:
+            return f"fails on its stored sample: {exc}"
+        log.warning(
+            "model %s: variant %s warm-up on zeros failed: %s", variant.model, variant.name, exc
+        )
+    return None
 
 
 def _batch_rows(max_batch_size: int, cap: int) -> int:
