@@ -26,8 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,41 @@ def first_input(samples: dict[str, Array], inputs: Sequence[TensorSpec]) -> dict
     }
 
 
+def time_runs(
+    run: Callable[[], object],
+    runs: int,
+    delay_ms: float = 0.0,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Times `run` up to `runs` calls, one at a time, each in ms plus `delay_ms` (an
+    emulated service delay); with `budget_s`, stops once that much time has passed
+    (the first call is always timed)."""
+    times_ms: list[float] = []
+    began = clock()
+    while len(times_ms) < runs:
+        start = clock()
+        run()
+        end = clock()
+        times_ms.append((end - start) * 1000 + delay_ms)
+        if budget_s is not None and end - began >= budget_s:
+            break
+    return times_ms
+
+
+def figures(times_ms: Sequence[float], batch_size: int) -> dict[str, float]:
+    """A profile entry's figures (p50, p99, throughput, runs) from timed calls."""
+    ordered = sorted(times_ms)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "batch_size": batch_size,
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": p99,
+        "throughput_per_s": batch_size * 1000 / statistics.fmean(ordered),
+        "runs": len(ordered),
+    }
+
+
 def measure(
     variant_dir: Path, threads: int, batch_sizes: Sequence[int], runs: int, delay_ms: float
 ) -> list[dict[str, float]]:
@@ -80,7 +116,7 @@ def measure(
     adapter = load_adapter(variant, threads)
     samples = dict(np.load(repository.root / variant.model / "samples" / "inputs.npz"))
     outputs = [s.name for s in adapter.outputs]
-    figures = []
+    measured = []
     for batch_size in batch_sizes:
         if variant.manifest.max_batch_size == 0 and batch_size > 1:
             continue
@@ -91,23 +127,9 @@ def measure(
         )
         for _ in range(3):
             adapter.run(feed, outputs)
-        times_ms = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            adapter.run(feed, outputs)
-            times_ms.append((time.perf_counter() - start) * 1000 + delay_ms)
-        times_ms.sort()
-        p99 = times_ms[min(len(times_ms) - 1, round(0.99 * (len(times_ms) - 1)))]
-        figures.append(
-            {
-                "batch_size": batch_size,
-                "p50_ms": statistics.median(times_ms),
-                "p99_ms": p99,
-                "throughput_per_s": batch_size * 1000 / statistics.fmean(times_ms),
-                "runs": runs,
-            }
-        )
-    return figures
+        times_ms = time_runs(partial(adapter.run, feed, outputs), runs, delay_ms)
+        measured.append(figures(times_ms, batch_size))
+    return measured
 
 
 def measure_in_process(

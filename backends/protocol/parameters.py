@@ -30,6 +30,14 @@ DEFAULT_PRIORITY_LEVEL = 2**64
 """Where priority 0 (the default) ranks: after every explicit level (Triton's priorities
 are uint64)."""
 
+PROFILED = "profile"
+"""A `switchyard_profile` entry's `source`: the variant's profile (`profile.json`) for
+the worker's hardware class and threads."""
+
+MEASURED_AT_START = "start"
+"""A `switchyard_profile` entry's `source`: measured by the worker when it started (the
+variant has no profile for its hardware class and threads), over a few runs."""
+
 MAX_ROW_FRACTION = 2.0
 """The largest believable row fraction: an extra row costing two rows' time."""
 
@@ -166,10 +174,15 @@ class VariantProfile(NamedTuple):
     when not profiled at more than one batch size."""
 
 
-def profile_parameter(profiles: Iterable[VariantProfile]) -> str:
+def profile_parameter(
+    profiles: Iterable[VariantProfile], sources: Mapping[str, str] | None = None
+) -> str:
     """The `switchyard_profile` parameter: a JSON list of objects with `variant`,
-    `p50_ms`, `p99_ms` and `row_fraction` (null when unknown); times to 4 significant
-    digits, the row fraction to 3."""
+    `p50_ms`, `p99_ms`, `row_fraction` (null when unknown) and `source` (where the
+    figures came from, by variant in `sources`: PROFILED, the default, or
+    MEASURED_AT_START; readers may ignore it); times to 4 significant digits, the row
+    fraction to 3."""
+    given = sources or {}
     return json.dumps(
         [
             {
@@ -177,6 +190,7 @@ def profile_parameter(profiles: Iterable[VariantProfile]) -> str:
                 "p50_ms": _round(p.p50_ms, 4),
                 "p99_ms": _round(p.p99_ms, 4),
                 "row_fraction": None if p.row_fraction is None else _round(p.row_fraction, 3),
+                "source": given.get(p.variant, PROFILED),
             }
             for p in profiles
         ],
