@@ -1,6 +1,9 @@
 """Variant profiles: measured latency and throughput of a variant on a hardware
 class, stored next to the variant (`profile.json`) as the router's prior and the
-worker's choice of default variant. Written by `switchyard profile`.
+worker's choice of default variant. Written by `switchyard compile` (this host's
+hardware class, after building) and `switchyard profile` (each hardware class of a
+fleet). A worker never writes here: it measures a variant without a profile for its
+hardware class when it starts, and keeps that figure in memory.
 
 Imports pydantic and the repository only: no grpc, no generated protobuf, nothing from
 the gateway.

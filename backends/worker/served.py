@@ -1,7 +1,8 @@
 """The models a worker serves: its settings, which variants of each model it may serve
 (the manifest's accuracy check, the CPU's flags, the precisions allowed, the artifacts
 matching their sha256: a bad variant is refused alone), each loaded behind its own
-batcher, and the default variant per model.
+batcher, and the default variant per model: the fastest by the variants' profiles for
+this worker's hardware class and threads, else by a short measurement when it starts.
 
 Imports the repository, the runtimes' loader and the batcher, and generated protobuf
 for the metadata, configuration and statistics a served model describes itself with;
@@ -20,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from backends.compile.cpu import cpu_flags, missing_flags
-from backends.compile.profiler import batch_inputs, first_input
+from backends.compile.profiler import batch_inputs, figures, first_input, time_runs
 from backends.compile.variants import ORT_FP32
 from backends.profiles import (
+    ProfileEntry,
     profile_entry,
     profile_row_fraction,
-    profiled_p50_ms,
     read_profile,
 )
 from backends.protocol.codec import (
@@ -35,7 +36,9 @@ from backends.protocol.codec import (
 )
 from backends.protocol.errors import ModelNotFound
 from backends.protocol.parameters import (
+    MEASURED_AT_START,
     PROFILE_PARAMETER,
+    PROFILED,
     VariantProfile,
     profile_parameter,
 )
@@ -83,6 +86,13 @@ class WorkerSettings:
     precisions: tuple[str, ...] = ()
     """Precisions this worker may serve (fp32, fp16, int8); empty: any whose accuracy
     check passed. Variants that failed their check are never served."""
+    measure_at_start: bool = False
+    """Time each loaded variant that has no profile for this hardware class and thread
+    count right after its warm-up (batch 1, at most MEASURE_RUNS runs or MEASURE_BUDGET_S
+    per variant, plus `emulate_latency_ms`), to choose the default variant and advertise
+    as its profile; nothing is written to the repository. Off here, so a worker built in
+    process (tests, benches) keeps a default that no timing decides; `switchyard backend`
+    turns it on unless given `--no-measure-at-start`."""
 
 
 def model_batching(settings: WorkerSettings, model: str) -> tuple[int, int]:
@@ -121,7 +131,11 @@ class ServedModel:
     """One model as this worker serves it: its servable variants, one the default."""
 
     def __init__(
-        self, loaded: dict[str, LoadedVariant], default: str, settings: WorkerSettings
+        self,
+        loaded: dict[str, LoadedVariant],
+        default: str,
+        settings: WorkerSettings,
+        measured: Mapping[str, ProfileEntry] | None = None,
     ) -> None:
         first = loaded[default]
         self.name = first.variant.model
@@ -133,6 +147,8 @@ class ServedModel:
         )
         self.output_specs = {s.name: s for s in adapter.outputs}
         self.settings = settings
+        self.measured = dict(measured or {})
+        """Figures measured at start, by variant (those without a profile here)."""
         self.success = [0, 0]  # count, ns
         self.decode_ns = 0
         self.encode_ns = 0
@@ -204,23 +220,19 @@ class ServedModel:
 
     def profile(self) -> str:
         """The `switchyard_profile` parameter (backends.protocol.parameters): each
-        profiled variant's p50 and p99 at batch 1 on this worker's hardware class and
-        threads, and its row fraction (what each extra row of a batch adds, as a
-        fraction of one row's time): the gateway's latency prior. Figures are adjusted
-        for this worker's emulated delay; empty when no variant is profiled here."""
-        settings = self.settings
-        profiles = []
+        variant's p50 and p99 at batch 1 on this worker's hardware class and threads,
+        and its row fraction (what each extra row of a batch adds, as a fraction of one
+        row's time): the gateway's latency prior. From the variant's profile, adjusted
+        for this worker's emulated delay, else from the worker's measurement at start
+        (marked `source: start`, no row fraction); empty when no variant has either."""
+        profiles, sources = [], {}
         for name, loaded in sorted(self.variants.items()):
-            profile = read_profile(loaded.variant)
-            if profile is None:
+            figure = variant_figure(loaded.variant, self.settings, self.measured.get(name))
+            if figure is None:
                 continue
-            entry = profile_entry(profile, settings.hardware_class, settings.threads)
-            if entry is None:
-                continue
-            shift = settings.emulate_latency_ms - entry.emulated_latency_ms
-            rows = profile_row_fraction(profile, settings.hardware_class, settings.threads, shift)
-            profiles.append(VariantProfile(name, entry.p50_ms + shift, entry.p99_ms + shift, rows))
-        return profile_parameter(profiles) if profiles else ""
+            profiles.append(VariantProfile(name, figure.p50_ms, figure.p99_ms, figure.row_fraction))
+            sources[name] = figure.source
+        return profile_parameter(profiles, sources) if profiles else ""
 
     def statistics(self) -> pb.ModelStatistics:
         executions = inferences = queue_ns = compute_ns = 0
@@ -301,25 +313,111 @@ def refused_by_policy(
     return None
 
 
-def default_variant(loaded: dict[str, LoadedVariant], settings: WorkerSettings) -> str:
-    """The fastest variant by its profile on this hardware class and thread count;
-    without profiles, ONNX Runtime fp32. Untuned TVM is never the default."""
+@dataclass(frozen=True, slots=True)
+class VariantFigure:
+    """A variant's service time at batch 1 on this worker, and where it came from."""
+
+    p50_ms: float
+    p99_ms: float
+    row_fraction: float | None
+    """What each extra row adds, as a fraction of one row's time; None: not known."""
+    source: str
+    """PROFILED (its profile.json) or MEASURED_AT_START."""
+    runs: int
+    """How many timed runs the figures stand on."""
+
+
+def variant_figure(
+    variant: Variant, settings: WorkerSettings, measured: ProfileEntry | None
+) -> VariantFigure | None:
+    """`variant`'s figure on this worker: its profile for this hardware class and thread
+    count (shifted by the difference between this worker's emulated delay and the
+    profile's), else `measured` (its measurement at start), else None."""
+    profile = read_profile(variant)
+    entry = (
+        None
+        if profile is None
+        else profile_entry(profile, settings.hardware_class, settings.threads)
+    )
+    if profile is not None and entry is not None:
+        shift = settings.emulate_latency_ms - entry.emulated_latency_ms
+        rows = profile_row_fraction(profile, settings.hardware_class, settings.threads, shift)
+        return VariantFigure(entry.p50_ms + shift, entry.p99_ms + shift, rows, PROFILED, entry.runs)
+    if measured is not None:
+        return VariantFigure(
+            measured.p50_ms, measured.p99_ms, None, MEASURED_AT_START, measured.runs
+        )
+    return None
+
+
+def default_variant(variants: Mapping[str, Variant], figures: Mapping[str, VariantFigure]) -> str:
+    """The fastest variant by its figure (profiled, else measured at start); without
+    any figure, ONNX Runtime fp32, else the first by name. Untuned TVM is never the
+    default while another variant is served."""
     candidates = {
-        name: lv
-        for name, lv in loaded.items()
-        if lv.variant.manifest.tuning is None or lv.variant.manifest.tuning.tuned
-    } or loaded
-    timed = {
-        name: p50
-        for name, lv in candidates.items()
-        if (p50 := profiled_p50_ms(lv.variant, settings.hardware_class, settings.threads))
-        is not None
-    }
+        name: variant
+        for name, variant in variants.items()
+        if variant.manifest.tuning is None or variant.manifest.tuning.tuned
+    } or dict(variants)
+    timed = {name: figures[name].p50_ms for name in candidates if name in figures}
     if timed:
         return min(timed, key=lambda n: (timed[n], n))
     if ORT_FP32 in candidates:
         return ORT_FP32
     return sorted(candidates)[0]
+
+
+def default_reason(
+    default: str, figures: Mapping[str, VariantFigure], settings: WorkerSettings
+) -> str:
+    """Where the default's figure came from, for the worker's log."""
+    figure = figures.get(default)
+    threads = f"{settings.threads} thread" + ("" if settings.threads == 1 else "s")
+    if figure is None:
+        return "no variant profiled or measured here: the fallback"
+    if figure.source == PROFILED:
+        where = f"profile for {settings.hardware_class}/{threads}"
+    else:
+        where = f"measured at start, {figure.runs} runs"
+    return f"p50 {figure.p50_ms:.3g} ms at batch 1, {where}"
+
+
+MEASURE_RUNS = 20
+"""Most timed runs of one variant when a worker measures it at start."""
+
+MEASURE_BUDGET_S = 0.5
+"""Longest a worker spends timing one variant at start (the first run always counts)."""
+
+
+def measure_variant(
+    variant: Variant, adapter: RuntimeAdapter, root: Path, settings: WorkerSettings
+) -> ProfileEntry | None:
+    """Times `variant` as this worker runs it, at batch 1 on its warm-up row (the
+    model's first stored sample, else zeros): at most MEASURE_RUNS runs or
+    MEASURE_BUDGET_S, each plus the worker's emulated delay, as `switchyard profile`
+    adds it. None, logged, when there is no row to time it on or the run fails."""
+    feed, _ = warm_up_feed(variant, adapter, root)
+    if not feed:
+        return None
+    outputs = [s.name for s in adapter.outputs]
+    try:
+        times_ms = time_runs(
+            lambda: adapter.run(feed, outputs),
+            MEASURE_RUNS,
+            settings.emulate_latency_ms,
+            MEASURE_BUDGET_S,
+        )
+    except Exception as exc:  # the runtime's own error, whatever its type
+        log.warning(
+            "model %s: variant %s not measured at start: %s", variant.model, variant.name, exc
+        )
+        return None
+    return ProfileEntry(
+        hardware_class=settings.hardware_class,
+        threads=settings.threads,
+        emulated_latency_ms=settings.emulate_latency_ms,
+        **figures(times_ms, 1),
+    )
 
 
 def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[str, ServedModel]:
@@ -335,6 +433,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
         for refused in scan.refused:
             log.warning("model %s: variant %s not served: %s", name, refused.name, refused.reason)
         loaded: dict[str, LoadedVariant] = {}
+        measured: dict[str, ProfileEntry] = {}
         for variant in scan.variants:
             reason = refused_by_policy(variant, settings, flags)
             if reason is None:
@@ -364,12 +463,27 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 f"model {name!r} (variant {variant.name})",
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
+            if settings.measure_at_start and variant_figure(variant, settings, None) is None:
+                entry = measure_variant(variant, adapter, repository.root, settings)
+                if entry is not None:
+                    measured[variant.name] = entry
         if not loaded:
             log.error("model %s not served: no servable variant in %s", name, settings.repository)
             continue
-        default = default_variant(loaded, settings)
-        served[name] = ServedModel(loaded, default, settings)
-        log.info("serving %s as %s (variants: %s)", name, default, ", ".join(sorted(loaded)))
+        figures_here = {
+            n: f
+            for n, lv in loaded.items()
+            if (f := variant_figure(lv.variant, settings, measured.get(n))) is not None
+        }
+        default = default_variant({n: lv.variant for n, lv in loaded.items()}, figures_here)
+        served[name] = ServedModel(loaded, default, settings, measured)
+        log.info(
+            "serving %s as %s (%s; variants: %s)",
+            name,
+            default,
+            default_reason(default, figures_here, settings),
+            ", ".join(sorted(loaded)),
+        )
     return served
 
 
@@ -383,32 +497,14 @@ def warm_up(variant: Variant, adapter: RuntimeAdapter, root: Path) -> str | None
     steady state here). The row is the model's first stored sample, else zeros of
     each input's shape (-1: 1). Returns why the variant must not be served when it
     fails on its own stored sample, else None (a failure on zeros is logged only)."""
-    stored = root / variant.model / "samples" / "inputs.npz"
-    feed: dict[str, Array] = {}
-    batched = variant.manifest.max_batch_size > 0
-    try:
-        if stored.is_file():
-            with np.load(stored) as data:
-                samples = {spec.name: data[spec.name] for spec in adapter.inputs}
-            feed = batch_inputs(samples, 1) if batched else first_input(samples, adapter.inputs)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("model %s: stored samples not usable for warm-up: %s", variant.model, exc)
-        feed = {}
-    from_samples = bool(feed)
+    feed, from_samples = warm_up_feed(variant, adapter, root)
     if not feed:
-        if any(spec.datatype == "BYTES" for spec in adapter.inputs):
-            log.info(
-                "model %s: variant %s not warmed up: no sample for a BYTES input",
-                variant.model,
-                variant.name,
-            )
-            return None
-        feed = {
-            spec.name: np.zeros(
-                [d if d > 0 else 1 for d in spec.shape], NUMPY_DTYPES[spec.datatype]
-            )
-            for spec in adapter.inputs
-        }
+        log.info(
+            "model %s: variant %s not warmed up: no sample for a BYTES input",
+            variant.model,
+            variant.name,
+        )
+        return None
     outputs = [s.name for s in adapter.outputs]
     try:
         for _ in range(WARM_UP_RUNS):
@@ -420,6 +516,34 @@ def warm_up(variant: Variant, adapter: RuntimeAdapter, root: Path) -> str | None
             "model %s: variant %s warm-up on zeros failed: %s", variant.model, variant.name, exc
         )
     return None
+
+
+def warm_up_feed(
+    variant: Variant, adapter: RuntimeAdapter, root: Path
+) -> tuple[dict[str, Array], bool]:
+    """The row a variant is warmed up and measured on at start, and whether it is the
+    model's first stored sample (True) or zeros of each input's shape, -1 as 1 (False);
+    empty when neither can be made (a BYTES input without a stored sample)."""
+    stored = root / variant.model / "samples" / "inputs.npz"
+    feed: dict[str, Array] = {}
+    batched = variant.manifest.max_batch_size > 0
+    try:
+        if stored.is_file():
+            with np.load(stored) as data:
+                samples = {spec.name: data[spec.name] for spec in adapter.inputs}
+            feed = batch_inputs(samples, 1) if batched else first_input(samples, adapter.inputs)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("model %s: stored samples not usable for warm-up: %s", variant.model, exc)
+        feed = {}
+    if feed:
+        return feed, True
+    if any(spec.datatype == "BYTES" for spec in adapter.inputs):
+        return {}, False
+    zeros = {
+        spec.name: np.zeros([d if d > 0 else 1 for d in spec.shape], NUMPY_DTYPES[spec.datatype])
+        for spec in adapter.inputs
+    }
+    return zeros, False
 
 
 def _batch_rows(max_batch_size: int, cap: int) -> int:

@@ -77,6 +77,8 @@ from backends.protocol.streams import (
 from backends.worker.batching import DEFAULT_MAX_QUEUE
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MEASURE_BUDGET_S,
+    MEASURE_RUNS,
     MODEL_VERSION,
     ServedModel,
     WorkerSettings,
@@ -509,6 +511,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="precisions allowed (fp32 fp16 int8); default: any that passed its accuracy check",
     )
     parser.add_argument(
+        "--measure-at-start",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time each variant without a profile for this hardware class and threads "
+        f"after its warm-up (batch 1, at most {MEASURE_RUNS} runs or {MEASURE_BUDGET_S:g} s "
+        "each) to choose the default variant and advertise to the gateway; nothing is "
+        "written to the repository (default: on)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=DEFAULT_MAX_QUEUE,
@@ -584,6 +595,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         precisions=tuple(args.precisions),
+        measure_at_start=args.measure_at_start,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cpus:
