@@ -15,6 +15,12 @@ data, else the model's stored samples, topped up with seeded random rows where t
 are fewer. A model with a string (BYTES) input and no sample strings that it takes
 gets its full-precision variant unchecked, said so in the manifest and the table.
 
+After building, `run` measures each built variant this host can serve (accuracy passed,
+CPU flags present; untuned TVM too, marked) as the profiler does, and records the
+figures in its `profile.json` under the hardware class this host stands for
+(`--hardware-class`, else named from this CPU's x86-64 level: `cpu-x86-64-v4-1c`), or
+under each class of `--fleet` at this host's level; `--no-profile` skips it.
+
 Imports nothing from the gateway (a fleet file's hardware classes are handed in by
 gateway.cli) and no grpc or generated protobuf; TVM only inside its builds.
 """
@@ -23,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from backends.compile.cpu import cpu_flags, cpu_model, missing_flags
+from backends.compile.profiler import HardwareClass, measure_in_process, record
 from backends.compile.variants import (
     DEFAULT_TOLERANCES,
     EXACT,
@@ -352,6 +362,157 @@ def fleet_file_targets(
     except UnknownHardwareClass as exc:
         names = ", ".join(name for name, c in backends if c == exc.hardware_class)
         raise ValueError(f"{path}: backend {names}: {exc}") from exc
+
+
+_X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3")
+_CORES = re.compile(r".+-(?P<cores>[1-9][0-9]*)c")
+
+
+def host_cpu_level(flags: frozenset[str]) -> int:
+    """This CPU's x86-64 microarchitecture level as the fleet's hardware classes name
+    it: 4 with AVX-512 (what tvm-llvm-avx512 needs), 3 with AVX2 (tvm-llvm-avx2), 2
+    with SSE4.2 and POPCNT, else 1."""
+    from backends.compile.tvm.targets import best_cpu_target
+
+    best = best_cpu_target(flags).name
+    if best == "llvm-avx512":
+        return 4
+    if best == "llvm-avx2":
+        return 3
+    return 2 if set(_X86_64_V2) <= flags else 1
+
+
+def host_hardware_class(flags: frozenset[str], threads: int = 1) -> str:
+    """The hardware class this host stands for at `threads` cores, in the fleet's
+    naming: `cpu-x86-64-v4-1c`."""
+    return f"cpu-x86-64-v{host_cpu_level(flags)}-{threads}c"
+
+
+def class_threads(hardware_class: str) -> int | None:
+    """The cores a hardware class's name gives (`cpu-x86-64-v4-2c`: 2), else None."""
+    cores = _CORES.fullmatch(hardware_class)
+    return int(cores["cores"]) if cores else None
+
+
+def profile_classes(
+    hardware_class: str | None,
+    threads: int,
+    fleet_classes: Sequence[str],
+    flags: frozenset[str],
+    cores_here: int,
+) -> tuple[list[HardwareClass], list[str]]:
+    """The hardware classes `compile` measures its variants as on this host, and why
+    each other class of the fleet is left out. `hardware_class` given: that one at
+    `threads`. Else the fleet's CPU classes of this host's x86-64 level (a faster or
+    slower CPU's figures would stand for neither), each at the cores its name gives
+    (else `threads`) where this host has that many; none of those: the class this host
+    stands for (`host_hardware_class`) at `threads`."""
+    if hardware_class is not None:
+        return [HardwareClass(hardware_class, threads)], []
+    level = host_cpu_level(flags)
+    chosen: list[HardwareClass] = []
+    left: list[str] = []
+    for name in dict.fromkeys(fleet_classes):
+        cpu = _CPU_CLASS.fullmatch(name)
+        wanted = class_threads(name) or threads
+        if cpu is None:
+            left.append(f"{name}: not a CPU class")
+        elif int(cpu["level"]) != level:
+            left.append(f"{name}: this host is x86-64-v{level}")
+        elif wanted > cores_here:
+            left.append(f"{name}: needs {wanted} cores, this host has {cores_here}")
+        else:
+            chosen.append(HardwareClass(name, wanted))
+    return chosen or [HardwareClass(host_hardware_class(flags, threads), threads)], left
+
+
+PROFILE_BATCH_SIZES = (1, 8)
+"""Batch sizes `compile` measures (batch 8 gives the row fraction); untuned TVM: 1 only."""
+DEFAULT_PROFILE_RUNS = 20
+"""Timed calls per batch size when `compile` measures a variant."""
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What `compile` measured of one variant on one hardware class, as the table shows it."""
+
+    p50_ms: float | None
+    """At batch 1; None when not measured."""
+    note: str = ""
+    """`untuned`; or why it was not measured (`this CPU lacks avx512f`)."""
+    failed: bool = False
+
+    @property
+    def cell(self) -> str:
+        if self.p50_ms is None:
+            return self.note
+        return f"{self.p50_ms:.3g}" + (f" ({self.note})" if self.note else "")
+
+
+def not_measurable(outcome: Outcome, flags: frozenset[str], samples: Path) -> str | None:
+    """Why `compile` does not measure this variant here (what a worker here would not
+    serve, or nothing to time it on), or None."""
+    manifest = outcome.manifest
+    if outcome.status != "built" or manifest is None:
+        return ""
+    if manifest.device != "cpu":
+        return f"needs a {manifest.device} device"
+    missing = missing_flags(manifest.required_cpu_flags, flags)
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if not samples.is_file():
+        return "no stored samples to time on"
+    return None
+
+
+def profile_outcomes(
+    repository: ModelRepository,
+    model: str,
+    outcomes: Sequence[Outcome],
+    classes: Sequence[HardwareClass],
+    flags: frozenset[str],
+    runs: int = DEFAULT_PROFILE_RUNS,
+    progress: ProgressFn | None = None,
+) -> dict[tuple[str, str], Measurement]:
+    """Measures each built variant this host can serve on each of `classes` (in a
+    pinned process of its own, `profiler.measure_in_process`) and records the figures
+    in its profile.json; by (variant, class name)."""
+    say = progress or (lambda _: None)
+    samples = repository.root / model / "samples" / "inputs.npz"
+    found: dict[tuple[str, str], Measurement] = {}
+    for outcome in outcomes:
+        why_not = not_measurable(outcome, flags, samples)
+        if why_not is not None or outcome.manifest is None:
+            for hardware in classes:
+                found[(outcome.variant, hardware.name)] = Measurement(None, why_not or "")
+            continue
+        variant = repository.read_variant(
+            model, repository.root / model / "variants" / outcome.variant
+        )
+        tuning = outcome.manifest.tuning
+        untuned = tuning is not None and not tuning.tuned
+        batch_sizes = PROFILE_BATCH_SIZES[:1] if untuned else PROFILE_BATCH_SIZES
+        entries = []
+        for hardware in classes:
+            say(f"{model}: measuring {outcome.variant} as {hardware.name}")
+            try:
+                measured = measure_in_process(variant, hardware, batch_sizes, runs)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                log.warning(
+                    "%s: %s not measured on %s: %s", model, variant.name, hardware.name, exc
+                )
+                found[(outcome.variant, hardware.name)] = Measurement(
+                    None, f"failed: {exc}", failed=True
+                )
+                continue
+            entries += measured
+            single = next((e for e in measured if e.batch_size == 1), None)
+            found[(outcome.variant, hardware.name)] = Measurement(
+                single.p50_ms if single else None, "untuned" if untuned else ""
+            )
+        if entries:
+            record(variant, entries)
+    return found
 
 
 def tvm_input_shapes(inputs: Sequence[TensorSpec]) -> dict[str, list[int]]:
@@ -677,6 +838,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="PRECISION=MAXDIFF[:MINTOP1], e.g. int8=0.1:0.99",
     )
+    parser.add_argument(
+        "--hardware-class",
+        default=None,
+        metavar="NAME",
+        help="after building, measure each variant this host can serve and write its "
+        "profile.json as hardware class NAME (default: this CPU's x86-64 level and "
+        "--profile-threads, e.g. cpu-x86-64-v4-1c; with --fleet: each of its classes of "
+        "this host's level, at the cores its name gives)",
+    )
+    parser.add_argument(
+        "--profile-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="threads (and pinned cores) the variants are measured with (default: 1)",
+    )
+    parser.add_argument(
+        "--profile-runs",
+        type=int,
+        default=DEFAULT_PROFILE_RUNS,
+        metavar="N",
+        help=f"timed calls per batch size ({', '.join(map(str, PROFILE_BATCH_SIZES))}) "
+        f"when measuring (default: {DEFAULT_PROFILE_RUNS})",
+    )
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the variants after building (default: on; --no-profile skips it)",
+    )
 
 
 def _samples_cell(manifest: Manifest | None) -> str:
@@ -705,12 +896,18 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2
+    if args.profile_threads < 1 or args.profile_runs < 1:
+        console.print("[red]--profile-threads and --profile-runs must be at least 1[/red]")
+        return 2
     targets: list[str] = list(args.targets or [])
+    fleet_classes: list[str] = []
     if args.fleet is not None:
         try:
             if read_fleet is None:
                 raise ValueError("--fleet: no fleet file reader was given")
-            chosen, by_class = fleet_file_targets(args.fleet, read_fleet(args.fleet))
+            backends = read_fleet(args.fleet)
+            fleet_classes = [hardware_class for _, hardware_class in backends]
+            chosen, by_class = fleet_file_targets(args.fleet, backends)
         except ValueError as exc:
             console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
             return 2
@@ -725,6 +922,15 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
     targets = targets or [ORT_TARGET]
     console.print(f"targets: {' '.join(targets)}", markup=False, highlight=False, soft_wrap=True)
     repository = ModelRepository(args.repository)
+    flags = cpu_flags()
+    classes, left_out = profile_classes(
+        args.hardware_class,
+        args.profile_threads,
+        fleet_classes,
+        flags,
+        len(os.sched_getaffinity(0)),
+    )
+    measured: dict[tuple[str, str], Measurement] = {}
     with console.status("compiling") as status:
         try:
             outcomes = compile_model(
@@ -741,7 +947,26 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")
             return 2
-    table = Table(title=f"{args.name}: variants in {args.repository}")
+        if args.profile:
+            measured = profile_outcomes(
+                repository,
+                args.name,
+                outcomes,
+                classes,
+                flags,
+                args.profile_runs,
+                progress=lambda text: status.update(text),
+            )
+    if args.profile:
+        caption = (
+            "p50 ms at batch 1, measured as "
+            + ", ".join(f"{c.name} ({c.threads} thread{'s' * (c.threads > 1)})" for c in classes)
+            + f" on this host ({cpu_model()}) and written to each variant's profile.json"
+            + "".join(f"; not measured as {why}" for why in left_out)
+        )
+    else:
+        caption = "not measured (--no-profile): workers measure their variants when they start"
+    table = Table(title=f"{args.name}: variants in {args.repository}", caption=caption)
     for column in (
         "variant",
         "status",
@@ -749,6 +974,7 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
         "runtime",
         "build s",
         "samples",
+        *(f"p50 ms {c.name}" for c in (classes if args.profile else ())),
         "accuracy / reason",
     ):
         table.add_column(column)
@@ -762,7 +988,12 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
             f"{m.runtime} {m.runtime_version}" if m else "",
             f"{outcome.build_s:.1f}" if m else "",
             _samples_cell(m),
+            *(
+                measured.get((outcome.variant, c.name), Measurement(None)).cell
+                for c in (classes if args.profile else ())
+            ),
             outcome.detail,
         )
     console.print(table)
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    failed = any(o.status == "failed" for o in outcomes) or any(m.failed for m in measured.values())
+    return 1 if failed else 0

@@ -1,8 +1,12 @@
 """`switchyard compile --fleet`: the CLI builds ONNX Runtime and the TVM targets the
-fleet's hardware classes need, and nothing else (untuned, so no tuning runs)."""
+fleet's hardware classes need, and nothing else (untuned, so no tuning runs); then it
+measures each variant this host can serve and writes its profile under the hardware
+class this host stands for (or the fleet's classes of its level), named in its table."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -10,10 +14,12 @@ import yaml
 
 from backends.compile.tvm.targets import host_cpu_flags
 from backends.demo.convnets import build_cnn
+from backends.profiles import profile_entry, read_profile
 from backends.repository import ModelRepository
 from tests.e2e.conftest import ROOT, SWITCHYARD
 
 ORT_VARIANTS = ["ort-cpu-fp16", "ort-cpu-fp32", "ort-cpu-int8-dyn", "ort-cpu-int8-qdq"]
+AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 
 def fleet_file(path: Path, hardware_classes: dict[str, str | None]) -> Path:
@@ -53,8 +59,10 @@ def test_fleet_of_v4_cpus_builds_ort_and_avx512_only(tmp_path: Path) -> None:
         str(fleet),
         "--targets",
         "ort-cuda",
+        "--profile-runs",
+        "3",
     )
-    avx512_here = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= host_cpu_flags()
+    avx512_here = AVX512 <= host_cpu_flags()
     assert proc.returncode == (0 if avx512_here else 1), proc.stdout + proc.stderr
     assert "cpu-x86-64-v4-1c -> tvm-llvm-avx512, cpu-x86-64-v4-2c -> tvm-llvm-avx512" in proc.stdout
     assert "targets: ort tvm-llvm-avx512 ort-cuda\n" in proc.stdout
@@ -64,6 +72,21 @@ def test_fleet_of_v4_cpus_builds_ort_and_avx512_only(tmp_path: Path) -> None:
     assert sorted(v for v in variants if v != "ort-cuda-fp32") == sorted([*ORT_VARIANTS, tvm])
     assert variants[tvm].target == "llvm-avx512"
     assert "avx512f" in variants[tvm].required_cpu_flags
+    # Measured as each class of the fleet this host stands for, at its cores; on a host
+    # without AVX-512, as the host's own class (the fleet's are not its level).
+    cores = len(os.sched_getaffinity(0))
+    classes = (
+        {c: t for c, t in (("cpu-x86-64-v4-1c", 1), ("cpu-x86-64-v4-2c", 2)) if t <= cores}
+        if avx512_here
+        else {host_class(): 1}
+    )
+    measured = measured_classes(tmp_path / "models", "cnn")
+    assert measured["ort-cpu-fp32"] == {(c, t, b) for c, t in classes.items() for b in (1, 8)}
+    if avx512_here:  # untuned TVM: measured at batch 1 only, and marked so in the table
+        assert measured[tvm] == {(c, t, 1) for c, t in classes.items()}
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"│ {tvm} "))
+        assert "(untuned)" in row
+    assert "ort-cuda-fp32" not in measured
 
 
 def test_a_class_without_a_target_fails_before_building(tmp_path: Path) -> None:
@@ -199,3 +222,78 @@ def test_tritons_example_models_compile_and_serve_through_the_gateway(tmp_path: 
                 assert {o.name for o in reply.outputs} == set(outputs)
     finally:
         stop(gateway)
+
+
+def host_class() -> str:
+    """This host's one-core hardware class as the fleet names it: x86-64-v4 with
+    AVX-512, v3 with AVX2, else v2 or v1."""
+    flags = host_cpu_flags()
+    if AVX512 <= flags:
+        return "cpu-x86-64-v4-1c"
+    if "avx2" in flags:
+        return "cpu-x86-64-v3-1c"
+    return "cpu-x86-64-v2-1c" if {"sse4_2", "popcnt"} <= flags else "cpu-x86-64-v1-1c"
+
+
+def measured_classes(root: Path, model: str) -> dict[str, set[tuple[str, int, int]]]:
+    """(hardware class, threads, batch size) of each profiled variant's entries."""
+    found = {}
+    for variant in ModelRepository(root).variants(model):
+        profile = read_profile(variant)
+        if profile is not None:
+            found[variant.name] = {
+                (e.hardware_class, e.threads, e.batch_size) for e in profile.entries
+            }
+    return found
+
+
+def test_compile_profiles_what_it_built_as_this_hosts_class(tmp_path: Path) -> None:
+    """No `switchyard profile`: compile writes each servable variant's profile at batch 1
+    and 8 under this host's class, its table gives the p50s and names the class, and a
+    variant that failed its accuracy check is not measured."""
+    build_cnn(tmp_path / "source")
+    root = tmp_path / "models"
+    proc = compile_cli(
+        str(tmp_path / "source" / "model.onnx"),
+        "--name",
+        "cnn",
+        "--repository",
+        str(root),
+        "--profile-runs",
+        "5",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cls = host_class()
+    variants = ModelRepository(root).variants("cnn")
+    passed = {v.name for v in variants if v.manifest.accuracy and v.manifest.accuracy.passed}
+    assert passed >= {"ort-cpu-fp32", "ort-cpu-int8-qdq"}
+    assert measured_classes(root, "cnn") == {v: {(cls, 1, 1), (cls, 1, 8)} for v in passed}
+    assert re.search(rf"p50 ms\s*{cls}", proc.stdout), proc.stdout  # the column header
+    text = " ".join(proc.stdout.split())
+    assert f"p50 ms at batch 1, measured as {cls} (1 thread) on this host" in text, text
+    for variant in variants:
+        row = next(
+            line for line in proc.stdout.splitlines() if line.startswith(f"│ {variant.name} ")
+        )
+        profile = read_profile(variant)
+        if profile is None:
+            continue
+        entry = profile_entry(profile, cls, 1)
+        assert entry is not None and entry.runs == 5
+        assert f"│ {entry.p50_ms:.3g} " in row, row
+
+
+def test_no_profile_builds_without_measuring(tmp_path: Path) -> None:
+    build_cnn(tmp_path / "source")
+    proc = compile_cli(
+        str(tmp_path / "source" / "model.onnx"),
+        "--name",
+        "cnn",
+        "--repository",
+        str(tmp_path / "models"),
+        "--no-profile",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert measured_classes(tmp_path / "models", "cnn") == {}
+    assert "not measured (--no-profile)" in " ".join(proc.stdout.split())
+    assert "p50 ms" not in proc.stdout  # no column of figures
