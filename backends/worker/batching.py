@@ -3,7 +3,10 @@
 Requests wait in a queue; one consumer takes every request already waiting
 (up to `max_batch_size` rows, waiting at most `max_queue_delay_s` for more),
 concatenates those whose non-batch dimensions agree, runs them as one call on
-the runtime in a worker thread, and splits the outputs back. While one batch
+the runtime in a worker thread, and splits the outputs back. A model whose runs take
+less than `inline_below_us` on recent average (a tiny model: tens of microseconds) runs
+on the event loop instead: the hand-off to a thread and back (a queue, a lock, a wake-up
+of the loop) costs it more CPU than the run. While one batch
 runs, the next one gathers, so batches grow with load and a lone request waits
 for nobody. A batch that fails is retried one request at a time, so one bad
 request never fails its neighbours.
@@ -54,6 +57,10 @@ two full batches of the demo models' 64 rows, and few enough that the last waits
 tens of milliseconds, not seconds, behind the others."""
 
 EWMA_WEIGHT = 0.2
+
+INLINE_AFTER_EXECUTIONS = 8
+"""Executions in a thread before a batcher may run them on the event loop: enough for the
+recent mean to say what a run costs (the first runs of a runtime are its slowest)."""
 """Weight of the newest execution in the recent means behind the retry estimate."""
 
 
@@ -115,9 +122,12 @@ class Batcher:
         max_queue: int = DEFAULT_MAX_QUEUE,
         name: str = "this model",
         clock_ns: Clock = time.perf_counter_ns,
+        inline_below_us: int = 0,
     ) -> None:
         """`max_queue`: most requests waiting (at least 1); `name` names the model
-        (and variant) in the errors callers see."""
+        (and variant) in the errors callers see; `inline_below_us`: executions whose
+        recent mean is below this run on the event loop, not in `executor` (0: never;
+        `run` must then never block on anything but its own compute)."""
         self._run = run
         self._executor = executor
         self._outputs = list(output_names)
@@ -128,6 +138,7 @@ class Batcher:
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._clock = clock_ns
+        self._inline_below_ns = inline_below_us * 1000
         self.max_queue = max(1, max_queue)
         self.name = name
         self.waiting = 0
@@ -275,7 +286,10 @@ class Batcher:
                 self.stats.queue_ns += start_ns - pending.enqueued_ns
             self.running, self._running_since_ns = len(batch), start_ns
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                if self._inline_below_ns and self._runs_fast():
+                    results = self._run_batch(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as exc:  # delivered to the callers, never kills the loop
                 if len(batch) == 1:
                     _deliver(batch[0].future, exc)
@@ -303,6 +317,14 @@ class Batcher:
             self.stats.by_size[size] = (count + 1, total + elapsed_ns)
             for pending, result in zip(batch, results, strict=True):
                 _deliver(pending.future, result)
+
+    def _runs_fast(self) -> bool:
+        """The recent executions were short enough to run on the event loop: handing
+        them to a thread and back costs more than they do."""
+        return (
+            self.stats.executions >= INLINE_AFTER_EXECUTIONS
+            and self._execution_ns < self._inline_below_ns
+        )
 
     def _in_time(self, pending: _Pending, now_ns: int) -> bool:
         return pending.expires_ns > now_ns or self._take(pending)
