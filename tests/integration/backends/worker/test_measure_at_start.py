@@ -91,8 +91,11 @@ def write_variant(root: Path, name: str, length: int, precision: str) -> None:
 
 @pytest.fixture
 def chain_repository(tmp_path: Path) -> Path:
+    return build_chain_repository(tmp_path / "models")
+
+
+def build_chain_repository(root: Path) -> Path:
     """The chain model's slow fp32 and fast int8 variants, its samples, no profile."""
-    root = tmp_path / "models"
     write_variant(root, SLOW, CHAIN, "fp32")
     write_variant(root, FAST, 0, "int8")
     (root / MODEL / "samples").mkdir()
