@@ -172,12 +172,13 @@ class GatewaySettings(_Strict):
     """HTTP/2 keepalive pings on the channels to backends while calls are out: a
     connection whose ping goes unanswered for `backend_keepalive_s` is closed and its
     calls fail over; 0: off."""
-    backend_streams: int = Field(0, ge=0, le=64)
+    backend_streams: int = Field(2, ge=0, le=64)
     """Long-lived ModelStreamInfer streams per backend that forward requests (each
-    tagged with an id, answered in any order): far less CPU per request on the gateway
-    than one unary call each. A backend that serves no streams (KServe) gets unary
-    calls; a stream that breaks fails its requests over, and is reopened. 0: one unary
-    call per request."""
+    tagged with an id, answered in any order), taken in turn: less CPU per request on
+    the gateway and far less on the worker than one unary call each (BENCHMARKS.md,
+    "The gateway's hop"). A backend that serves no streams (KServe) gets unary calls; a
+    stream that breaks fails its requests over, and is reopened. 0: one unary call per
+    request."""
     request_overhead_ms: float = Field(0.0, ge=0)
     """Latency an SLA counts outside the gateway's calls to backends: the clients'
     network hop and the gateway's own gRPC handling, as the clients measure it. A

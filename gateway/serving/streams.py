@@ -72,8 +72,12 @@ class _Stream:
                 await self.wakeup
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the call ended: the reader sees why
-            self.break_with(BackendCallError(grpc.StatusCode.UNAVAILABLE, f"stream broke: {exc}"))
+        except Exception:
+            # The call ended (a write to a stream the backend refused fails with
+            # INTERNAL "Failed execute_batch"): the reader learns the call's own
+            # status (UNIMPLEMENTED from a backend without streams) and fails what
+            # is in flight with it.
+            return
 
     async def _read(self) -> None:
         error: Exception
@@ -174,6 +178,10 @@ class StreamMux:
             stream.pending.pop(tag, None)
             if timer is not None:
                 timer.cancel()
+
+    def in_flight(self) -> int:
+        """Requests sent on this backend's open streams and not yet answered."""
+        return sum(len(s.pending) for s in self._streams if s is not None)
 
     def forget(self, stream: _Stream) -> None:
         """A broken stream leaves its place, for a new one on next use."""

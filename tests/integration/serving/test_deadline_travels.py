@@ -82,7 +82,9 @@ class _Forward(grpc.GenericRpcHandler):
         self.hop = hop
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
+        method = str(details.method)
+        if method.endswith("StreamInfer") or method.endswith("/Watch"):
+            return None  # unary calls only (UNIMPLEMENTED): the gateway forwards unary
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return await self.hop.forward(method, request, context)

@@ -697,7 +697,9 @@ class ShortAnswers(grpc.GenericRpcHandler):
         self.channel = channel
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
+        method = str(details.method)
+        if method.endswith("StreamInfer") or method.endswith("/Watch"):
+            return None  # unary calls only (UNIMPLEMENTED): the gateway forwards unary
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
