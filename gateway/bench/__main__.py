@@ -40,7 +40,7 @@ from rich.console import Console
 
 from gateway.bench import harness, report
 from gateway.bench.harness import BenchError, Child, switchyard_command
-from gateway.bench.report import DIRECT, GATEWAY, KSERVE, Measurement, Results
+from gateway.bench.report import DIRECT, GATEWAY, GATEWAY_UNARY, KSERVE, Measurement, Results
 from gateway.config import BackendSettings, LaunchSettings
 from gateway.control.supervisor import worker_command
 
@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET_LABELS = {
     DIRECT: "backend direct",
     GATEWAY: "gateway -> backend",
+    GATEWAY_UNARY: "gateway -> backend, unary calls",
     KSERVE: "KServe 0.21",
 }
 STARTUP_TIMEOUT_S = 90.0
@@ -78,11 +79,12 @@ def model_spec(repository: Path, name: str, variant: str) -> ModelSpec:
     )
 
 
-def fleet_yaml(repository: Path, threads: int) -> str:
+def fleet_yaml(repository: Path, threads: int, streams: bool = True) -> str:
+    """A one-backend fleet; `streams` False: `backend_streams: 0` (unary calls)."""
     return (
         f"repository: {json.dumps(str(repository))}\n"
         "gateway: {listen: 127.0.0.1:0, metrics: 127.0.0.1:0, http: 127.0.0.1:0,\n"
-        "  admin: 127.0.0.1:0}\n"
+        f"  admin: 127.0.0.1:0{'' if streams else ', backend_streams: 0'}}}\n"
         "backends:\n"
         "  - name: cpu\n"
         "    address: 127.0.0.1:0\n"
@@ -115,9 +117,9 @@ def start_target(
         command = worker_command(backend, repository, "127.0.0.1:0")
         with Child("backend", command, work, ROOT) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"worker": child.process.pid}
-    elif key == GATEWAY:
-        fleet = work / "fleet.yaml"
-        fleet.write_text(fleet_yaml(repository, args.threads))
+    elif key in (GATEWAY, GATEWAY_UNARY):
+        fleet = work / f"fleet-{key}.yaml"
+        fleet.write_text(fleet_yaml(repository, args.threads, streams=key == GATEWAY))
         ready = work / "ready.json"
         ready.unlink(missing_ok=True)
         command = [
@@ -274,15 +276,21 @@ def write_markdown(
         "",
         "## What is measured",
         "",
-        f"Each model is served by three targets, each with {args.threads} ONNX Runtime "
-        f"intra-op threads on the same file "
-        f"(`{args.repository}/MODEL/variants/{args.variant}/model.onnx`):",
+        f"Each model is served by four targets, each with {args.threads} ONNX Runtime "
+        f"intra-op thread(s). KServe serves `{args.repository}/MODEL/variants/"
+        f"{args.variant}/model.onnx`; the Switchyard worker serves its model as users get "
+        "it: the variant it measured fastest when it started, among those that passed their "
+        "accuracy gate (the `switchyard_variant` of its answers says which):",
         "",
         "1. **backend direct**: one Switchyard backend worker (`python -m backends.worker "
         f"--threads {args.threads}`), requests sent straight to it;",
         "2. **gateway -> backend**: `switchyard serve` with a one-backend fleet "
-        "(the same worker, launched by the gateway); requests go through the gateway;",
-        "3. **KServe 0.21**: KServe's `ModelServer` with a custom `kserve.Model` whose "
+        "(the same worker, launched by the gateway, over mTLS as launched workers are); "
+        "requests go through the gateway, which forwards them over its long-lived "
+        "streams to the worker (`backend_streams`, default 2);",
+        "3. **gateway -> backend, unary calls**: the same with `backend_streams: 0`, one "
+        "unary call to the worker per request, side by side;",
+        "4. **KServe 0.21**: KServe's `ModelServer` with a custom `kserve.Model` whose "
         "`predict` runs ONNX Runtime on the v2 `InferRequest` (`gateway/bench/kserve_peer.py`), "
         f"gRPC only, bound to 127.0.0.1; KServe logging: {args.kserve_logging}.",
         "",
@@ -298,7 +306,7 @@ def write_markdown(
         f"decoded. {args.warmup_s:g} s of warm-up, then a {args.window_s:g} s window, at each "
         "concurrency: throughput is the calls answered in the window over its length, "
         "latencies are send-to-answer times of those calls (nearest-rank percentiles). The "
-        "same client drives all three targets, because Triton's perf_analyzer cannot drive "
+        "same client drives all the targets, because Triton's perf_analyzer cannot drive "
         "KServe (see notes); perf_analyzer cross-checks the other two below.",
         "",
         "## Results",
@@ -354,7 +362,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--variant", default="ort-cpu-fp32", help="the variant whose model.onnx KServe serves"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per server")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per server")
     parser.add_argument(
         "--rounds",
         type=int,

@@ -18,11 +18,13 @@ from gateway.report.markdown import markdown_table
 
 GATEWAY_VS_KSERVE_TARGET = 0.8
 """Gateway throughput at the highest concurrency over KServe's must be at least this."""
-OVERHEAD_P50_TARGET_MS = 1.0
+OVERHEAD_P50_TARGET_MS = 0.3
 """Gateway p50 minus backend-direct p50 at the lowest concurrency must be at most this."""
 
 DIRECT = "direct"
 GATEWAY = "gateway"
+GATEWAY_UNARY = "gateway-unary"
+"""The gateway with `backend_streams: 0`: one unary call to the backend per request."""
 KSERVE = "kserve"
 
 
@@ -118,6 +120,13 @@ def ratios(
             None if math.isnan(vs_kserve) else vs_kserve >= GATEWAY_VS_KSERVE_TARGET,
         ),
         Ratio(f"gateway / backend-direct throughput, c={high}", vs_direct, "x", "-", None),
+        Ratio(
+            f"gateway over streams / over unary calls, throughput c={high}",
+            divide(gw_high, get(GATEWAY_UNARY, high)),
+            "x",
+            "-",
+            None,
+        ),
         Ratio(
             f"gateway p50 - backend-direct p50, c={low}",
             overhead,
