@@ -93,6 +93,12 @@ class WorkerSettings:
     as its profile; nothing is written to the repository. Off here, so a worker built in
     process (tests, benches) keeps a default that no timing decides; `switchyard backend`
     turns it on unless given `--no-measure-at-start`."""
+    inline_below_us: int = 0
+    """A variant whose recent runs average under this many microseconds runs on the
+    event loop, not handed to an inference thread and back (see backends.worker.batching):
+    less CPU and latency per request for a tiny model at low concurrency, but no overlap
+    of compute with the gRPC work, so less throughput under concurrent load (measured in
+    docs/bring-your-own-model.md). 0: every run in a thread. Never with `emulate_latency_ms`."""
 
 
 def model_batching(settings: WorkerSettings, model: str) -> tuple[int, int]:
@@ -461,6 +467,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 delay_us / 1e6,
                 settings.max_queue,
                 f"model {name!r} (variant {variant.name})",
+                inline_below_us=0 if settings.emulate_latency_ms > 0 else settings.inline_below_us,
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
             if settings.measure_at_start and variant_figure(variant, settings, None) is None:

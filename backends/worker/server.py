@@ -520,6 +520,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "written to the repository (default: on)",
     )
     parser.add_argument(
+        "--inline-below-us",
+        type=int,
+        default=0,
+        help="run a variant whose recent runs average under this many microseconds on "
+        "the event loop, not in an inference thread: less CPU and latency at low "
+        "concurrency, less throughput under concurrent load (default 0: never)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=DEFAULT_MAX_QUEUE,
@@ -596,6 +604,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         precisions=tuple(args.precisions),
         measure_at_start=args.measure_at_start,
+        inline_below_us=max(0, args.inline_below_us),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cpus:

@@ -18,7 +18,7 @@ from backends.repository import ModelRepository
 from backends.runtimes.base import Array
 from backends.runtimes.loader import load_adapter
 from backends.worker.batching import INLINE_AFTER_EXECUTIONS, Batcher
-from tests.integration.conftest import samples
+from tests.integration.conftest import launch_worker, samples
 
 
 class Clock:
@@ -118,3 +118,19 @@ async def test_onnx_runtime_inline_answers_as_in_a_thread(repository: Path) -> N
                 np.testing.assert_allclose(
                     one[name].astype(np.float64), array.astype(np.float64), rtol=1e-5, atol=1e-7
                 )
+
+
+async def test_the_workers_setting_reaches_its_batchers_but_never_with_emulated_latency(
+    repository: Path,
+) -> None:
+    inline = await launch_worker(repository, models=["digits"], inline_below_us=150)
+    emulated = await launch_worker(
+        repository, models=["digits"], inline_below_us=150, emulate_latency_ms=1.0
+    )
+    try:
+        for worker, expected_ns in ((inline, 150_000), (emulated, 0)):
+            for batcher in worker.models["digits"].batchers():
+                assert batcher._inline_below_ns == expected_ns
+    finally:
+        await inline.stop()
+        await emulated.stop()
