@@ -12,14 +12,25 @@ other plane.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.routing.router import Policy
+
+STATE_URL = re.compile(r"^(redis|rediss|unix)://\S+$")
+"""A shared state store's URL (redis-py's forms)."""
 
 HostPort = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
@@ -127,6 +138,13 @@ class GatewaySettings(_Strict):
     rule) and the price schedule's start are kept, so that a restart restores them;
     default: `state.json` beside `admin_token_file`. With neither, they live in memory
     only."""
+    state: str | None = None
+    """Where the control state lives: `memory` (this gateway only, forgotten at exit),
+    or a Redis store shared by several gateways that route as one
+    (`redis://HOST:PORT/DB`, `rediss://` for TLS, `unix:///PATH?db=N`): prices,
+    policies, drains and the routing rule set through any gateway's admin API reach
+    every gateway within about a second, and only one gateway at a time plays the
+    price schedule. Default: `state_file` (a file), else memory."""
     eject_after_failures: int = Field(3, ge=1)
     """Passive outlier detection: consecutive failed or timed-out attempts that eject
     a backend (a refused connection takes it out at once)."""
@@ -220,6 +238,25 @@ class GatewaySettings(_Strict):
     def _metrics_tls_needs_tls(self) -> GatewaySettings:
         if self.metrics_tls and self.tls is None:
             raise ValueError("gateway.metrics_tls needs gateway.tls (its certificate and key)")
+        return self
+
+    @field_validator("state")
+    @classmethod
+    def _state_store(cls, value: str | None) -> str | None:
+        if value is None or value == "memory" or STATE_URL.match(value):
+            return value
+        raise ValueError(
+            f"gateway.state {value!r} is not a store: `memory`, `redis://HOST:PORT/DB`, "
+            "`rediss://HOST:PORT/DB` or `unix:///PATH?db=N`"
+        )
+
+    @model_validator(mode="after")
+    def _one_state_store(self) -> GatewaySettings:
+        if self.state is not None and self.state_file is not None:
+            raise ValueError(
+                f"gateway.state ({self.state}) and gateway.state_file name two stores: "
+                "set one of them"
+            )
         return self
 
 

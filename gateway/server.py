@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from backends.files import write_text_atomically
 from backends.process import use_uvloop
+from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, FleetConfig, load_fleet
 from gateway.control.admin import AdminServicer, add_to_server, admin_token
 from gateway.control.plane import (
@@ -39,7 +40,8 @@ from gateway.control.plane import (
     replay_prices,
     watch_fleet_file,
 )
-from gateway.control.state import state_store
+from gateway.control.shared_state import RedisStateStore, run_leased
+from gateway.control.state import StateStore, state_store
 from gateway.control.supervisor import Supervisor
 from gateway.routing.fleet import BackendState, Ejection, FleetState
 from gateway.routing.policy import PolicyBook
@@ -86,6 +88,8 @@ class Gateway:
     control: Control
     admin_server: grpc.aio.Server | None
     admin_port: int | None
+    shared_state: RedisStateStore | None
+    """The store shared with other gateways (`gateway.state: redis://...`); None: none."""
     _metrics_server: object
     _stop: asyncio.Event
     _tasks: list[asyncio.Task[None]]
@@ -104,6 +108,8 @@ class Gateway:
         self._stop.set()
         for task in self._tasks:
             task.cancel()
+        if self.shared_state is not None:
+            await self.shared_state.close()
         if self.admin_server is not None:
             await self.admin_server.stop(grace=0.5)
         if self.rest is not None:
@@ -280,6 +286,20 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         await prober.probe(fleet.backends[name])
         refresh()
 
+    store: StateStore
+    shared_state = None
+    if settings.state is not None and settings.state != "memory":
+        try:
+            shared_state = RedisStateStore.from_url(
+                settings.state, lambda up: metrics.state_store_up.set(1 if up else 0)
+            )
+        except InvalidInput as exc:
+            raise ConfigError(str(exc)) from exc
+        await shared_state.connect()
+        store = shared_state
+    else:
+        store = state_store(settings)
+        metrics.state_store_up.set(1)
     supervisor = Supervisor(
         config.backends,
         config.repository,
@@ -296,12 +316,14 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         set_chooser=set_chooser,
         config=config,
         wall_clock=time.time,
-        store=state_store(settings),
+        store=store,
         supervisor=supervisor,
         probe=probe_now,
     )
     control.restore()
     log.info("admin API changes kept in %s", control.store.where)
+    if shared_state is not None:
+        shared_state.start(control.apply_state)
     schedule = read_price_schedule(settings.price_schedule) if settings.price_schedule else []
     server = grpc.aio.server(
         options=[
@@ -397,9 +419,17 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
             )
         )
     if schedule:
+        # With a shared store, one gateway at a time plays the schedule (a lease).
+        lease = None if shared_state is None else shared_state.lease("price-schedule")
         tasks.append(
             loop.create_task(
-                replay_prices(control, schedule, time.monotonic, settings.price_schedule_loop, stop)
+                run_leased(
+                    lease,
+                    lambda until: replay_prices(
+                        control, schedule, time.monotonic, settings.price_schedule_loop, until
+                    ),
+                    stop,
+                )
             )
         )
     return Gateway(
@@ -419,6 +449,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         control=control,
         admin_server=admin_server,
         admin_port=admin_port,
+        shared_state=shared_state,
         _metrics_server=metrics_server,
         _stop=stop,
         _tasks=tasks,

@@ -38,6 +38,9 @@ from protos import admin_pb2_grpc
 
 TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
 SERVICE = "switchyard.admin.Admin"
+NOT_SHARED = "switchyard-not-shared"
+"""Trailing metadata of a change applied on this gateway that its shared state store
+did not take in time (unreachable): why. The change is written when the store is back."""
 
 
 def admin_token(config: FleetConfig, create: bool = True) -> str | None:
@@ -170,6 +173,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.token = token
         self.clock = clock
 
+    async def _shared(self, context: grpc.aio.ServicerContext) -> None:
+        """Answers a change once its store has it; when a shared store cannot take it,
+        the change stands here and the answer's trailing metadata says why
+        (`NOT_SHARED`)."""
+        why = await self.control.share()
+        if why is not None:
+            text = why.encode("ascii", "replace").decode("ascii")
+            context.set_trailing_metadata(((NOT_SHARED, f"applied here, not shared yet: {text}"),))
+
     @_guarded
     async def ListRoutes(
         self, request: apb.ListRoutesRequest, context: grpc.aio.ServicerContext
@@ -185,7 +197,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetPrice(
         self, request: apb.SetPriceRequest, context: grpc.aio.ServicerContext
     ) -> apb.BackendStatus:
-        return _backend_status(self.control.override_price(request.backend, request.usd_per_hour))
+        state = self.control.override_price(request.backend, request.usd_per_hour)
+        await self._shared(context)
+        return _backend_status(state)
 
     @_guarded
     async def GetPolicy(
@@ -198,19 +212,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: apb.PolicyDocument, context: grpc.aio.ServicerContext
     ) -> apb.PolicyDocument:
         self.control.override_policies(parse_policies(request.yaml))
+        await self._shared(context)
         return apb.PolicyDocument(yaml=policies_yaml(self.control.policies.settings))
 
     @_guarded
     async def Drain(
         self, request: apb.DrainRequest, context: grpc.aio.ServicerContext
     ) -> apb.BackendStatus:
-        return _backend_status(self.control.set_drained(request.backend, True))
+        state = self.control.set_drained(request.backend, True)
+        await self._shared(context)
+        return _backend_status(state)
 
     @_guarded
     async def Undrain(
         self, request: apb.DrainRequest, context: grpc.aio.ServicerContext
     ) -> apb.BackendStatus:
-        return _backend_status(self.control.set_drained(request.backend, False))
+        state = self.control.set_drained(request.backend, False)
+        await self._shared(context)
+        return _backend_status(state)
 
     @_guarded
     async def Explain(
@@ -287,7 +306,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetRouting(
         self, request: apb.Routing, context: grpc.aio.ServicerContext
     ) -> apb.Routing:
-        return _routing(self.control.set_routing(request.name, "admin API"))
+        name = self.control.set_routing(request.name, "admin API")
+        await self._shared(context)
+        return _routing(name)
 
 
 def policies_yaml(settings: PoliciesSettings) -> str:

@@ -6,7 +6,9 @@ result on the next request.
 
 The admin API's changes are kept in a `StateStore` (gateway.control.state) and
 restored at start (`Control.restore`); the fleet file and the price schedule replace
-them when they change the same value later (the last change wins).
+them when they change the same value later (the last change wins). A store shared by
+several gateways (gateway.control.shared_state) hands each one the others' changes
+(`Control.apply_state`).
 
 Imports no grpc and no generated protobuf: the admin API converts at its edge.
 """
@@ -34,7 +36,7 @@ from gateway.control.state import (
 from gateway.control.supervisor import NotSupervised, Supervised, Supervisor
 from gateway.routing.fleet import BackendState, FleetState
 from gateway.routing.policy import PolicyBook
-from gateway.routing.router import Chooser, chooser_for
+from gateway.routing.router import ROUTING, Chooser, chooser_for
 from gateway.serving.metrics import GatewayMetrics
 
 log = logging.getLogger("switchyard.control")
@@ -175,13 +177,18 @@ class Control:
         self.metrics.price.labels(backend).set(usd_per_hour)
         return state
 
-    def set_price(self, backend: str, usd_per_hour: float, source: str) -> BackendState:
-        """A price from the fleet file or a price schedule: it replaces a price the
-        admin API set for the backend (the last change wins)."""
+    def set_price(
+        self, backend: str, usd_per_hour: float, source: str, *, scheduled: bool = False
+    ) -> BackendState:
+        """A price from the fleet file or (`scheduled`) a price schedule: it replaces a
+        price the admin API set for the backend (the last change wins). A shared store
+        keeps the schedule's prices, for the gateways that do not play it."""
         check_price(usd_per_hour)
         state = self._apply_price(backend, usd_per_hour, source)
-        if backend in self.state.prices:
-            self._keep(self.state.with_price(backend, None), required=False)
+        kept = self.state.with_price(backend, None)
+        if self.store.shared:
+            kept = kept.with_scheduled(backend, usd_per_hour if scheduled else None)
+        self._keep(kept, required=False)
         return state
 
     def override_price(self, backend: str, usd_per_hour: float) -> BackendState:
@@ -304,6 +311,41 @@ class Control:
         if config.policies != previous.policies:
             self.set_policies(config.policies, source)
 
+    def apply_state(self, state: ControlState, source: str = "shared state") -> None:
+        """Puts `state` in force on the live fleet (from a shared store: the changes of
+        every gateway), each value only where it differs from what is in force: each
+        backend's price (the admin API's, else the price schedule's, else the fleet
+        file's), its drain, the policies (the admin API's, else the fleet file's) and
+        the routing rule (the default when none). Backends this fleet does not have
+        are passed over. Nothing is saved: the state comes from the store."""
+        fleet_price = {b.name: b.price_usd_per_hour for b in self.config.backends}
+        for name, backend in self.fleet.backends.items():
+            override = state.prices.get(name)
+            if override is not None:
+                price = override.usd_per_hour
+            else:
+                price = state.scheduled.get(name, fleet_price.get(name, backend.price_usd_per_hour))
+            if price != backend.price_usd_per_hour:
+                self._apply_price(name, price, source)
+            drained = name in state.drained
+            if drained != backend.drained:
+                self._apply_drained(name, drained)
+        if state.policies != self.state.policies:
+            policies = self.config.policies if state.policies is None else state.policies.policies
+            self._apply_policies(policies, source)
+        routing = ROUTING[0] if state.routing is None else state.routing
+        if routing != self.routing:
+            try:
+                self._apply_routing(routing, chooser_for(routing), source)
+            except ValueError as exc:
+                log.warning("%s: routing %r not applied: %s", source, routing, exc)
+        self.state = state
+
+    async def share(self) -> str | None:
+        """Waits until the changes made so far are in the store: None once they are
+        (at once for a local store), else why not yet (they stay in force here)."""
+        return await self.store.flush()
+
     def restore(self) -> None:
         """Puts back the admin API's changes kept in the store, over the fleet file
         just loaded: prices, policies, drains and the routing rule. What no longer
@@ -395,7 +437,7 @@ class Control:
                 )
                 continue
             try:
-                self.set_price(backend, change.usd_per_hour, "price schedule")
+                self.set_price(backend, change.usd_per_hour, "price schedule", scheduled=True)
             except UnknownBackend as exc:
                 log.error("price schedule: %s", exc)
 
@@ -541,7 +583,9 @@ async def replay_prices(
                 except TimeoutError:
                     pass
             try:
-                control.set_price(change.backend, change.usd_per_hour, "price schedule")
+                control.set_price(
+                    change.backend, change.usd_per_hour, "price schedule", scheduled=True
+                )
             except UnknownBackend as exc:
                 log.error("price schedule: %s", exc)
         if not loop_schedule or period <= 0:

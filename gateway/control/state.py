@@ -1,7 +1,7 @@
 """What the control plane keeps across a restart: the changes made through the admin
 API (prices, SLA policies, drains, the routing rule) and when the price schedule
-started, behind one small interface (`StateStore`) so that a store shared by several
-gateways can stand in for the file.
+started, behind one small interface (`StateStore`), so that a store shared by several
+gateways (gateway.control.shared_state) stands in for the file.
 
 The file (`FileStateStore`) is JSON, written aside, synced and renamed
 (`backends.files.write_atomically`): a reader, or a gateway starting after a crash,
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,12 +71,21 @@ class ControlState:
     """The routing rule chosen through the admin API; None: the default."""
     schedule_start_s: float | None = None
     """When the price schedule's offset 0 was (seconds since the epoch)."""
+    scheduled: Mapping[str, float] = field(default_factory=dict)
+    """The price schedule's last price per backend (USD per hour), kept only in a
+    shared store: one gateway plays the schedule, every gateway applies its prices."""
 
     def with_price(self, backend: str, price: PriceOverride | None) -> ControlState:
         prices = {k: v for k, v in self.prices.items() if k != backend}
         if price is not None:
             prices[backend] = price
         return replace(self, prices=prices)
+
+    def with_scheduled(self, backend: str, usd_per_hour: float | None) -> ControlState:
+        scheduled = {k: v for k, v in self.scheduled.items() if k != backend}
+        if usd_per_hour is not None:
+            scheduled[backend] = usd_per_hour
+        return replace(self, scheduled=scheduled)
 
     def with_drained(self, backend: str, drained: bool) -> ControlState:
         names = self.drained | {backend} if drained else self.drained - {backend}
@@ -88,11 +97,46 @@ class ControlState:
             self,
             prices={k: v for k, v in self.prices.items() if k not in names},
             drained=self.drained - names,
+            scheduled={k: v for k, v in self.scheduled.items() if k not in names},
         )
 
     def backends(self) -> frozenset[str]:
         """Every backend the state speaks of."""
-        return frozenset(self.prices) | self.drained
+        return frozenset(self.prices) | self.drained | frozenset(self.scheduled)
+
+
+def _merge_map(stored: Mapping[str, Any], base: Mapping[str, Any], mine: Mapping[str, Any]) -> Any:
+    merged = dict(stored)
+    for key in base.keys() | mine.keys():
+        if key not in mine:
+            merged.pop(key, None)
+        elif base.get(key) != mine[key]:
+            merged[key] = mine[key]
+    return merged
+
+
+def merge_state(stored: ControlState, base: ControlState, mine: ControlState) -> ControlState:
+    """`mine`'s changes from `base` made on `stored`: one backend's price, one drain,
+    the policies, the routing rule or the schedule's start, each on its own, so that a
+    change made here never undoes another gateway's change of something else (for the
+    same value, the later write wins)."""
+    merged = stored
+    if mine.prices != base.prices:
+        merged = replace(merged, prices=_merge_map(merged.prices, base.prices, mine.prices))
+    if mine.scheduled != base.scheduled:
+        merged = replace(
+            merged, scheduled=_merge_map(merged.scheduled, base.scheduled, mine.scheduled)
+        )
+    if mine.drained != base.drained:
+        drained = (merged.drained | (mine.drained - base.drained)) - (base.drained - mine.drained)
+        merged = replace(merged, drained=frozenset(drained))
+    if mine.policies != base.policies:
+        merged = replace(merged, policies=mine.policies)
+    if mine.routing != base.routing:
+        merged = replace(merged, routing=mine.routing)
+    if mine.schedule_start_s != base.schedule_start_s:
+        merged = replace(merged, schedule_start_s=mine.schedule_start_s)
+    return merged
 
 
 class StateError(Exception):
@@ -114,7 +158,20 @@ class StateStore(Protocol):
         ...
 
     def save(self, state: ControlState) -> None:
-        """Replaces the stored state, whole; Unavailable saying why when it cannot."""
+        """Replaces the stored state, whole; Unavailable saying why when it cannot. A
+        shared store takes the changes from the state last loaded or saved and writes
+        them (`flush`) without undoing other gateways' changes."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Several gateways share this store (so each needs the schedule's prices)."""
+        ...
+
+    async def flush(self) -> str | None:
+        """Waits until every state saved so far is stored: None once it is, else why it
+        is not yet (a shared store that cannot be reached: it is written when the store
+        is back). A local store stores in `save`."""
         ...
 
 
@@ -143,6 +200,7 @@ class _StateRecord(_Strict):
     drained: list[str] = []
     routing: str | None = None
     schedule_start_s: float | None = None
+    scheduled: dict[str, Annotated[float, Field(ge=0)]] = {}
 
 
 def _policies_data(settings: PoliciesSettings) -> dict[str, Any]:
@@ -171,6 +229,8 @@ def encode_state(state: ControlState) -> str:
         "routing": state.routing,
         "schedule_start_s": state.schedule_start_s,
     }
+    if state.scheduled:
+        record["scheduled"] = dict(sorted(state.scheduled.items()))
     return json.dumps(record, indent=1, allow_nan=False) + "\n"
 
 
@@ -201,6 +261,7 @@ def decode_state(text: str, source: str) -> ControlState:
         drained=frozenset(record.drained),
         routing=record.routing,
         schedule_start_s=record.schedule_start_s,
+        scheduled=dict(record.scheduled),
     )
 
 
@@ -248,6 +309,13 @@ class FileStateStore:
         except OSError as exc:
             raise Unavailable(f"cannot save the gateway's {self.where}: {exc}") from exc
 
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def flush(self) -> str | None:
+        return None
+
 
 class MemoryStateStore:
     """The state in this process only: forgotten at exit (no state file)."""
@@ -265,6 +333,13 @@ class MemoryStateStore:
     def save(self, state: ControlState) -> None:
         self.state = state
 
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def flush(self) -> str | None:
+        return None
+
 
 def state_path(settings: GatewaySettings) -> Path | None:
     """Where the gateway keeps its state: `state_file`, else `state.json` beside
@@ -277,6 +352,9 @@ def state_path(settings: GatewaySettings) -> Path | None:
 
 
 def state_store(settings: GatewaySettings) -> StateStore:
-    """The store the settings name: a file, else memory."""
+    """The local store the settings name: memory (`state: memory`), a file, else
+    memory. A shared store (`state: redis://...`) is gateway.control.shared_state's."""
+    if settings.state == "memory":
+        return MemoryStateStore()
     path = state_path(settings)
     return MemoryStateStore() if path is None else FileStateStore(path)

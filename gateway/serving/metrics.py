@@ -144,6 +144,13 @@ class GatewayMetrics:
             ["backend"],
             registry=registry,
         )
+        self.state_store_up = Gauge(
+            "switchyard_state_store_up",
+            "1 while the control state's store answers (always 1 for memory or a file); 0 "
+            "while a shared store cannot be reached: the gateway serves on the last state it "
+            "knew and keeps its own changes until the store is back.",
+            registry=registry,
+        )
         self.route_latency = Gauge(
             "switchyard_route_latency_ms",
             "Per route: predicted service time and observed latency, at p50 and p99.",
