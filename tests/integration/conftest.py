@@ -3,9 +3,11 @@ workers over the demo repository and a gateway in front of them."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, RunFn
 from backends.worker.served import LoadedVariant, ServedModel, WorkerSettings
 from backends.worker.server import start_worker
+from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb
@@ -147,6 +150,27 @@ async def worker(repository: Path) -> AsyncIterator[Worker]:
     w = await launch_worker(repository, threads=1, hardware_class="test-1c")
     yield w
     await w.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a Unix socket (Debian's package; `make test`
+    installs it where it can); the test skips, saying why, when there is none."""
+    executable = RedisServer.find()
+    if executable is None:
+        reason = (
+            "redis-server is not installed (Debian: apt-get install redis-server, which "
+            "`make test` runs as root)"
+        )
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    # A short folder: a Unix socket's path holds at most 107 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="redis-", dir="/tmp"))
+    server = RedisServer(folder, executable)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
