@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning
+.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,16 @@ serve: models
 
 # The static checks before the tests: style, strict types, and the walls between the
 # planes (import-linter contracts in pyproject.toml).
-test: models check
+test: models check redis
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The shared-state tests and bench run a redis-server of their own (Debian's package),
+# installed here as root where apt-get can; elsewhere those tests skip, saying why.
+redis:
+	@command -v redis-server >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& { apt-get install -y -q redis-server >/dev/null 2>&1 \
+		     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } \
+		|| echo "redis-server not installed (apt-get install redis-server): the shared-state tests will skip"
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check gateway backends tests protos/generate.py
@@ -66,7 +74,7 @@ demo: models
 # Fuzzed requests in `make bench` (1,000,000 take about 40 minutes on two shared cores).
 FUZZ_REQUESTS ?= 20000
 
-bench: models
+bench: models redis
 	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.variants --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.routing --out BENCHMARKS.md
@@ -76,6 +84,7 @@ bench: models
 	$(PY) -m gateway.bench.overload --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.overload_gateway --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.rest --repository $(REPOSITORY) --out BENCHMARKS.md
+	$(PY) -m gateway.bench.shared_state --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(REPOSITORY) .pytest_cache
