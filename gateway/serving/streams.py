@@ -34,6 +34,16 @@ log = logging.getLogger("switchyard.gateway")
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
+REFUSALS_BEFORE_UNARY = 2
+"""Streams in a row that end INTERNAL before any answer, after which a backend gets unary
+calls only (UNIMPLEMENTED says so at once)."""
+
+STREAM_MAX_REQUEST_BYTES = 1 << 20
+"""Requests larger than this go to the backend as unary calls, not on a stream: a message
+over the backend's own limit ends the whole stream it travels on (its neighbours in
+flight would be retried), one stream carries one message at a time (a large one holds
+the small ones back), and a call's own cost is small beside a megabyte's."""
+
 
 class BackendCallError(StatusError):
     """A backend answered a call with an error status (passed to callers unchanged)."""
@@ -53,6 +63,8 @@ class _Stream:
         self.outbox: deque[bytes] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.broken = False
+        self.answers = 0
+        """Answers read from this stream so far."""
         self.reader = asyncio.ensure_future(self._read())
         self.writer = asyncio.ensure_future(self._write())
 
@@ -93,9 +105,13 @@ class _Stream:
             )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                self.mux.unsupported = True
-                log.info("backend %s serves no ModelStreamInfer: unary calls", self.mux.address)
+            refused = code == grpc.StatusCode.UNIMPLEMENTED
+            if refused or (code == grpc.StatusCode.INTERNAL and not self.answers):
+                # UNIMPLEMENTED: no ModelStreamInfer there. INTERNAL before any answer:
+                # the first write failed on a stream the backend refused, and gRPC
+                # reports that write's failure rather than the backend's status. Either
+                # way the requests in flight go as unary calls, which say what is wrong.
+                self.mux.refused(exc.details() or code.name, for_good=refused)
                 error = StreamsUnsupported(exc.details() or code.name)
             else:
                 if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -106,6 +122,8 @@ class _Stream:
         self.break_with(error)
 
     def _answer(self, data: bytes) -> None:
+        self.answers += 1
+        self.mux.refusals = 0
         try:
             answer = read_answer(data)
         except WireError as exc:
@@ -140,14 +158,39 @@ class StreamMux:
     """Up to `count` streams to one backend, taken in turn; each opened on first use
     and again after it breaks."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, count: int) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        address: str,
+        count: int,
+        max_request_bytes: int = STREAM_MAX_REQUEST_BYTES,
+    ) -> None:
         self.address = address
         self.unsupported = False
         """Set once the backend answered a stream UNIMPLEMENTED: callers go unary."""
+        self.max_request_bytes = max_request_bytes
+        """Larger requests are for unary calls (`carries`)."""
+        self.sent = 0
+        """Requests sent on this backend's streams so far."""
+        self.refusals = 0
+        """Streams in a row that ended INTERNAL before their first answer."""
         self._open = channel.stream_stream(STREAM_METHOD)  # bytes in, bytes out
         self._streams: list[_Stream | None] = [None] * count
         self._turn = itertools.cycle(range(count))
         self._ids = itertools.count(1)
+
+    def refused(self, why: str, for_good: bool) -> None:
+        """A stream was refused: UNIMPLEMENTED (`for_good`), or ended INTERNAL before its
+        first answer, which REFUSALS_BEFORE_UNARY streams in a row take as a refusal."""
+        self.refusals += 1
+        if for_good or self.refusals >= REFUSALS_BEFORE_UNARY:
+            self.unsupported = True
+            log.info("backend %s serves no ModelStreamInfer (%s): unary calls", self.address, why)
+
+    def carries(self, request: bytes) -> bool:
+        """Whether `request` goes on a stream: the backend serves streams (as far as
+        known) and the request is no larger than `max_request_bytes`."""
+        return not self.unsupported and len(request) <= self.max_request_bytes
 
     async def infer(self, request: bytes, timeout_s: float | None) -> bytes:
         """The backend's answer to `request` (a serialized ModelInferRequest) within
@@ -172,6 +215,7 @@ class StreamMux:
             data += timeout_field(timeout_s)
             timer = loop.call_later(timeout_s, _expire, future)
         stream.send(data)
+        self.sent += 1
         try:
             return await future
         finally:

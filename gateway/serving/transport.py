@@ -154,7 +154,7 @@ class GrpcTransport:
         error: BackendCallError
         try:
             streams = client.streams
-            if streams is not None and not streams.unsupported:
+            if streams is not None and streams.carries(request):
                 try:
                     reply = await streams.infer(request, timeout_s)
                 except StreamsUnsupported:

@@ -104,3 +104,25 @@ async def test_a_backend_without_streams_is_answered_over_unary_calls(worker: Wo
             assert hop.infers >= 2
         finally:
             await server.stop(None)
+
+
+async def test_a_request_over_the_stream_limit_goes_as_a_unary_call(worker: Worker) -> None:
+    small, large = echo_request("small"), echo_request("large")
+    gateway = await start_gateway(
+        fleet_config({"w": (worker.address, 0.1)}, backend_streams=2, latency_probe_interval_s=0)
+    )
+    try:
+        streams = gateway.pool.client(worker.address).streams
+        assert streams is not None
+        streams.max_request_bytes = small.ByteSize() + 100  # room for what the gateway appends
+        large.id = "large-" + "x" * 200
+        assert large.ByteSize() > streams.max_request_bytes
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ModelInfer(small, timeout=30)
+            assert streams.sent == 1
+            reply = await stub.ModelInfer(large, timeout=30)
+            assert reply.id == large.id and len(reply.outputs) == len(large.inputs)
+            assert streams.sent == 1, "the large request went as a unary call"
+    finally:
+        await gateway.stop()

@@ -190,3 +190,27 @@ async def test_a_backend_without_streams_is_found_out() -> None:
             await mux.close()
     finally:
         await server.stop(None)
+
+
+async def test_streams_ended_internal_before_any_answer_send_their_requests_unary() -> None:
+    async def broken(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+        yield b""  # an async generator: gRPC's stream handler shape
+
+    server, address = await serve(
+        {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(broken)}
+    )
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            mux = StreamMux(channel, address, 2)
+            with pytest.raises(StreamsUnsupported):  # its caller resends it unary
+                await mux.infer(request("m"), 5.0)
+            assert not mux.unsupported, "one such stream may be a backend's own fault"
+            with pytest.raises(StreamsUnsupported):
+                await mux.infer(request("m"), 5.0)
+            assert mux.unsupported and not mux.carries(request("m"))
+            await mux.close()
+    finally:
+        await server.stop(None)
