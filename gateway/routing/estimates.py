@@ -27,6 +27,17 @@ MIN_MS = 0.01
 BUCKETS = 240  # 0.01 ms .. about 1,000 s
 HALF_LIFE_S = 10.0
 EWMA_WEIGHT = 0.1
+"""The newest sample's weight in the mean once the mean rests on enough samples; before
+that a sample weighs 1/(samples + 2), the prior (or a first sample) counting as one, so
+a prior that misjudges the route (a profile times compute alone, not the calls around
+it) gives way within a few answers instead of a few dozen."""
+MEAN_CLIP = 4.0
+"""Once the mean rests on CLIP_AFTER samples, a sample moves it as if it were at most
+this many times the mean: one slow answer (a garbage collection, a runtime's first run, a
+new connection) then raises the mean by at most 30%, where it could double or triple
+it and make a cheap route look dear for dozens of answers; a real slowdown still lifts the
+mean by 30% a sample."""
+CLIP_AFTER = 10
 REFRESH_EVERY = 8
 """Samples between quantile refreshes..."""
 REFRESH_AFTER_S = 1.0
@@ -101,8 +112,12 @@ class LatencyEstimate:
         self._decay(now_s)
         if self.samples == 0 and not self.seeded:
             self.mean_ms = service_ms
+        elif self.samples < CLIP_AFTER:
+            weight = max(EWMA_WEIGHT, 1.0 / (self.samples + 2))
+            self.mean_ms += weight * (service_ms - self.mean_ms)
         else:
-            self.mean_ms += EWMA_WEIGHT * (service_ms - self.mean_ms)
+            clipped = min(service_ms, MEAN_CLIP * self.mean_ms)
+            self.mean_ms += EWMA_WEIGHT * (clipped - self.mean_ms)
         self._counts[_bucket(service_ms)] += 1.0
         self._total += 1.0
         self.samples += 1

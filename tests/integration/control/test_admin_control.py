@@ -60,7 +60,9 @@ async def supervised(
                 "http": "127.0.0.1:0",
                 "admin": "127.0.0.1:0",
                 "probe_interval_s": 0.2,
-                "latency_probe_interval_s": 0,
+                # Warm-up probes only (no later ones to count among the requests): every
+                # route measured before Ready, as the workers' priors time compute alone.
+                "latency_probe_interval_s": 3600,
             },
             "backends": [
                 {
@@ -105,10 +107,14 @@ async def clients(
         grpc.aio.insecure_channel(supervised.address) as channel,
         grpc.aio.insecure_channel(supervised.admin_address) as admin_channel,
     ):
-        yield (
-            pb_grpc.GRPCInferenceServiceStub(channel),
-            admin_pb2_grpc.AdminStub(admin_channel),
-        )
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def ready() -> bool:
+            reply = await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)
+            return bool(reply.ready)
+
+        await wait_until(ready, timeout_s=60, what="the gateway ready (its routes warmed up)")
+        yield stub, admin_pb2_grpc.AdminStub(admin_channel)
 
 
 def digits_request(repository: Path) -> pb.ModelInferRequest:

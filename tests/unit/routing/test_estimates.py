@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.routing.estimates import RTT_WINDOW, LatencyEstimate, NetworkEstimate
+from gateway.routing.estimates import (
+    CLIP_AFTER,
+    MEAN_CLIP,
+    RTT_WINDOW,
+    LatencyEstimate,
+    NetworkEstimate,
+)
 
 
 def test_estimate_follows_samples_and_forgets_old_ones() -> None:
@@ -74,3 +80,32 @@ def test_the_weight_counts_the_samples_decayed_with_their_age() -> None:
     seeded = LatencyEstimate()
     seeded.seed(1.0, 2.0)
     assert seeded.weight(100.0) == 20.0  # the prior decays from the first sample on
+
+
+def test_a_prior_that_misjudges_the_route_gives_way_within_a_few_answers() -> None:
+    # A profile that timed compute alone (0.01 ms) where answers take 1 ms with the
+    # calls around it: the mean follows the answers, not the prior.
+    est = LatencyEstimate()
+    est.seed(0.01, 0.02)
+    for i in range(5):
+        est.observe(1.0, float(i))
+    assert est.mean_ms > 0.8
+
+
+def test_one_slow_answer_raises_a_settled_mean_by_at_most_its_clip() -> None:
+    est = LatencyEstimate()
+    for i in range(CLIP_AFTER + 20):
+        est.observe(0.5, i * 0.01)
+    settled = est.mean_ms
+    est.observe(100.0, 1.0)  # a collection, a first run on a new connection
+    assert est.mean_ms == pytest.approx(settled + 0.1 * (MEAN_CLIP - 1) * settled)
+    assert est.p99_ms >= 0.5  # the tail still sees what came
+
+
+def test_a_real_slowdown_is_still_followed() -> None:
+    est = LatencyEstimate()
+    for i in range(CLIP_AFTER + 20):
+        est.observe(0.5, i * 0.01)
+    for i in range(40):
+        est.observe(5.0, 1.0 + i * 0.01)  # ten times slower from now on
+    assert est.mean_ms > 4.5
