@@ -268,6 +268,8 @@ async def _run(
     async with AdminClient(target, token, timeout_s=args.timeout, security=security) as admin:
         method, request = _request(args)
         reply = await admin.call(method, request)
+        if admin.not_shared is not None:
+            print(f"warning: {admin.not_shared}", file=sys.stderr)
         if args.json:
             print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
             return 0

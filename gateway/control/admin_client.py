@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway.config import ConfigError, load_fleet
-from gateway.control.admin import TOKEN_ENV, admin_token, read_token_file
+from gateway.control.admin import NOT_SHARED, TOKEN_ENV, admin_token, read_token_file
 from gateway.security import ChannelSecurity, client_security, secure_channel
 from protos import admin_pb2_grpc
 
@@ -85,16 +85,23 @@ class AdminClient:
         self._channel = secure_channel(target, security)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
+        self.not_shared: str | None = None
+        """Why the last change applied on this gateway only (its state store out of
+        reach: it is written when the store is back); None when it was shared."""
 
     async def call(self, method: str, request: Message) -> Any:
         """The admin API's `method` (ListRoutes, SetPrice, ...) with `request`;
         AdminCallError when it ends with an error status."""
         try:
-            return await getattr(self._stub, method)(
+            call = getattr(self._stub, method)(
                 request, metadata=self._metadata, timeout=self.timeout_s
             )
+            reply = await call
+            trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
             raise AdminCallError(method, self.target, exc.code(), exc.details() or "") from exc
+        self.not_shared = next((str(v) for k, v in trailing or () if k == NOT_SHARED), None)
+        return reply
 
     async def close(self) -> None:
         await self._channel.close()

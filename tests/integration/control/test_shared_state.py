@@ -22,6 +22,7 @@ import yaml
 
 from gateway.bench.shared_state import RedisServer
 from gateway.control.admin import NOT_SHARED
+from gateway.control.admin_client import AdminClient
 from gateway.control.shared_state import KEY, LEASE_PREFIX
 from gateway.control.state import ControlState, decode_state, encode_state
 from gateway.server import Gateway, start_gateway
@@ -220,6 +221,12 @@ async def test_a_store_that_goes_away_leaves_both_serving_and_reconciles_when_ba
         assert "not shared yet" in trailing[NOT_SHARED], trailing
         assert one.price("cheap") == 7.0
         assert two.price("cheap") == 0.04
+        # `switchyard admin`'s client says so too (it prints it as a warning).
+        assert one.gateway.admin_address is not None
+        async with AdminClient(one.gateway.admin_address, TOKEN) as client:
+            await client.call("Undrain", apb.DrainRequest(backend="dear"))
+            assert client.not_shared is not None and "not shared yet" in client.not_shared
+            await client.call("Drain", apb.DrainRequest(backend="dear"))
 
         # Back, empty (nothing kept on disk): what each knew is written again, and the
         # change made during the outage reaches the other gateway.
