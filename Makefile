@@ -76,6 +76,8 @@ FUZZ_REQUESTS ?= 20000
 
 bench: models redis
 	$(PY) -m gateway.bench --repository $(REPOSITORY) --out BENCHMARKS.md
+	$(PY) -m backends.demo --repository .bench/hop-models tinyconv midconv
+	$(PY) -m gateway.bench --repository .bench/hop-models --models tinyconv midconv --section hop --out BENCHMARKS.md
 	$(PY) -m gateway.bench.variants --repository $(REPOSITORY) --out BENCHMARKS.md
 	$(PY) -m gateway.bench.routing --out BENCHMARKS.md
 	$(PY) -m gateway.bench.simulation --out BENCHMARKS.md

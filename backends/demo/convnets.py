@@ -170,18 +170,21 @@ class ConvNet:
         self.nodes.append(helper.make_node("Softmax", [logits[0]], ["probabilities"], axis=1))
         return "probabilities", probabilities
 
-    def save(self, model_dir: Path, output: Tensor) -> None:
-        """Writes the model, and the sample rows of the batch with their reference outputs."""
+    def save(self, model_dir: Path, output: Tensor, batch: int | None = None) -> None:
+        """Writes the model, and the sample rows of the batch with their reference outputs.
+        `batch`: a fixed batch size (no batch dimension to merge requests on; each sample
+        is then one whole input, stacked on a leading axis); None: any."""
         from onnx import TensorProto, helper, numpy_helper
 
         image_shape = list(self.image[1].shape[1:])
+        rows: int | str = "N" if batch is None else batch
         graph = helper.make_graph(
             self.nodes,
             self.name,
-            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", *image_shape])],
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, [rows, *image_shape])],
             [
                 helper.make_tensor_value_info(
-                    output[0], TensorProto.FLOAT, ["N", output[1].shape[1]]
+                    output[0], TensorProto.FLOAT, [rows, output[1].shape[1]]
                 )
             ],
             initializer=[numpy_helper.from_array(v, k) for k, v in self.initializers.items()],
@@ -191,6 +194,9 @@ class ConvNet:
         )
         samples = self.image[1][self.training :].astype(np.float32)
         reference = output[1][self.training :].astype(np.float32)
+        if batch is not None:  # one whole input a sample: (64, batch, ...)
+            samples = samples.reshape(-1, batch, *samples.shape[1:])
+            reference = reference.reshape(-1, batch, *reference.shape[1:])
         save_samples(model_dir, {"image": samples}, {output[0]: reference})
 
 
@@ -249,4 +255,24 @@ def build_mobilenet(model_dir: Path) -> None:
         depth = x[1].shape[1]
         x = net.relu6(net.batch_norm(net.conv(x, depth, 3, stride, groups=depth)))
         x = net.relu6(net.batch_norm(net.conv(x, channels, 1)))
+    net.save(model_dir, net.classifier(x))
+
+
+def build_tinyconv(model_dir: Path) -> None:
+    """A tiny conv net of fixed batch 1 (about 6 MFLOP): the gateway can merge nothing, so
+    its hop is measured alone. Not in the demo repository: `make bench` builds it."""
+    net = _conv_net("tinyconv", 302)
+    x = net.relu(net.batch_norm(net.conv(net.image, 16, 3)))
+    x = net.max_pool(net.relu(net.batch_norm(net.conv(x, 16, 3))))
+    net.save(model_dir, net.classifier(x), batch=1)
+
+
+def build_midconv(model_dir: Path) -> None:
+    """A mid-size conv net (about 0.37 GFLOP a row, any batch) on which int8 and batching
+    decide. Not in the demo repository: `make bench` builds it."""
+    net = _conv_net("midconv", 402)
+    x = net.relu(net.batch_norm(net.conv(net.image, 64, 3)))
+    x = net.max_pool(net.relu(net.batch_norm(net.conv(x, 96, 3))))
+    x = net.relu(net.batch_norm(net.conv(x, 192, 3)))
+    x = net.relu(net.batch_norm(net.conv(x, 192, 3)))
     net.save(model_dir, net.classifier(x))

@@ -25,6 +25,9 @@
   standard library, the Python executable, a numpy extension module, magika's
   own files, and files written by standard-library encoders (gzip, zip, sqlite,
   PNG, WAV, ...). Reference outputs come from ONNX Runtime fp32 on the model.
+- `tinyconv` (fixed batch 1, about 6 MFLOP) and `midconv` (about 0.37 GFLOP a row),
+  conv nets of the same kind, are built only when named: `make bench` measures the
+  gateway's hop on them in a repository of its own.
 - `echo`: one input per protocol datatype (BOOL ... FP64, BYTES), each returned
   unchanged, for clients that want to check tensor transport.
 
@@ -50,7 +53,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backends.compile.variants import build_ort_fp32
-from backends.demo.convnets import build_cnn, build_mobilenet, build_resnet
+from backends.demo.convnets import (
+    build_cnn,
+    build_midconv,
+    build_mobilenet,
+    build_resnet,
+    build_tinyconv,
+)
 from backends.demo.digits import build_digits
 from backends.demo.echo import build_echo
 from backends.demo.magika import build_magika
@@ -68,6 +77,13 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+# Built only when named (`make bench` builds them in its own repository): the gateway's
+# hop targets' models, a tiny conv net of fixed batch 1 and a mid-size one.
+BENCH_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tinyconv": build_tinyconv,
+    "midconv": build_midconv,
+}
+
 # Models whose point is transport, not compute: the fp32 variant is all they need.
 FP32_ONLY = frozenset({"echo"})
 
@@ -80,7 +96,7 @@ def build(root: Path, models: list[str] | None = None) -> list[str]:
     repository = ModelRepository(root)
     built = []
     for name in models or list(BUILDERS):
-        BUILDERS[name](root / name)
+        {**BUILDERS, **BENCH_BUILDERS}[name](root / name)
         if name in FP32_ONLY:
             build_ort_fp32(repository, name)
         else:
@@ -96,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repository", type=Path, default=Path("models"))
-    parser.add_argument("models", nargs="*", choices=[*BUILDERS, []], help="default: all")
+    parser.add_argument(
+        "models",
+        nargs="*",
+        choices=[*BUILDERS, *BENCH_BUILDERS, []],
+        help=f"default: all but {', '.join(BENCH_BUILDERS)}",
+    )
     args = parser.parse_args(argv)
     for name in build(args.repository, args.models or None):
         print(f"built {args.repository / name}")

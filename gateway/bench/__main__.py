@@ -241,6 +241,43 @@ def version(package: str) -> str:
         return "?"
 
 
+def section_markdown(
+    results: Results,
+    args: argparse.Namespace,
+    started: dt.datetime,
+    elapsed_s: float,
+    notes: list[str],
+    argv: str,
+) -> str:
+    """The run as one section of BENCHMARKS.md (`--section`), beside the main one whose
+    setup it shares: the same targets, load client and rounds, on other models."""
+    lines = [
+        f"## The gateway's hop: {', '.join(args.models)}",
+        "",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} (run took {elapsed_s:.0f} s)",
+        f"- Command: `{argv}`",
+        f'- The same four targets, load client and rounds as "Results" above, each server '
+        f"with {args.threads} ONNX Runtime thread(s), on models of `{args.repository}` "
+        "(`python -m backends.demo --repository "
+        f"{args.repository} {' '.join(args.models)}` builds them): `tinyconv`, a conv net of "
+        "fixed batch 1 (about 6 MFLOP, nothing for the gateway to merge), and `midconv`, "
+        "about 0.37 GFLOP a row with any batch. KServe serves "
+        f"`{args.variant}`; the worker serves the variant it measured fastest at start.",
+        "",
+    ]
+    for model in results.models:
+        lines += [report.model_markdown(results, model).replace("### ", "#### ", 1), ""]
+    pa_sections = [
+        s for s in (report.perf_analyzer_markdown(results, m) for m in results.models) if s
+    ]
+    if pa_sections:
+        lines += ["Cross-check with Triton perf_analyzer (round 1):", ""]
+        for section in pa_sections:
+            lines += [section.replace("#### ", "##### ", 1), ""]
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def write_markdown(
     path: Path,
     results: Results,
@@ -403,6 +440,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="models perf_analyzer cross-checks (default: the first of --models)",
     )
     parser.add_argument(
+        "--section",
+        default=None,
+        metavar="NAME",
+        help="write the results as one marked section NAME of --out (kept in place when "
+        "the main run rewrites the file) rather than the whole file",
+    )
+    parser.add_argument(
         "--log-dir",
         type=Path,
         default=None,
@@ -501,7 +545,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     elapsed_s = time.monotonic() - t0
     report.print_tables(results, console)
-    notes = _dedupe(notes) + static_notes(args)
+    notes = _dedupe(notes)
+    if args.section:
+        argv = shlex.join(["python", "-m", "gateway.bench", *sys.argv[1:]])
+        body = section_markdown(results, args, started, elapsed_s, notes, argv)
+        report.publish(
+            body,
+            args.out,
+            f"<!-- {args.section}: written by `{argv}` -->",
+            f"<!-- /{args.section} -->",
+        )
+        console.log(f"wrote section {args.section} of {args.out} ({elapsed_s:.0f} s)")
+        return 1 if any(k in results.skipped for k in results.targets) else 0
+    notes += static_notes(args)
     write_markdown(args.out, results, args, started, elapsed_s, notes, kserve_versions)
     console.log(f"wrote {args.out} ({elapsed_s:.0f} s)")
     return 1 if any(k in results.skipped for k in results.targets) else 0

@@ -131,3 +131,20 @@ def test_magika_samples_are_magikas_own_features(repository: Path) -> None:
     for name, content, scores in zip(corpus, corpus.values(), reference, strict=True):
         prediction = magika.identify_bytes(content).prediction
         assert prediction.dl.label == labels[int(scores.argmax())], name
+
+
+def test_the_bench_only_tiny_conv_net_has_a_fixed_batch_and_passes_its_gates(
+    tmp_path: Path,
+) -> None:
+    from backends.demo.models import build
+    from backends.repository import ModelRepository
+
+    assert build(tmp_path, ["tinyconv"]) == ["tinyconv"]
+    scan = ModelRepository(tmp_path).scan("tinyconv")
+    assert not scan.refused
+    variants = {v.name: v.manifest for v in scan.variants}
+    assert set(variants) >= {"ort-cpu-fp32", "ort-cpu-int8-qdq"}
+    for manifest in variants.values():
+        assert manifest.max_batch_size == 0  # fixed batch 1: nothing to merge
+        assert manifest.accuracy is not None and manifest.accuracy.passed
+        assert manifest.accuracy.samples == 64
