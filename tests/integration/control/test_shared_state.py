@@ -248,7 +248,8 @@ async def test_one_gateway_plays_the_price_schedule_and_the_other_takes_over(
     caplog.set_level(logging.INFO, logger="switchyard")
     schedule = tmp_path / "prices.csv"
     schedule.write_text(
-        "offset_s,backend,usd_per_hour\n0,cheap,1.0\n0.4,cheap,2.0\n0.8,cheap,3.0\n1.2,dear,0.08\n"
+        # A second a step: each price stands long enough to be seen on a busy machine.
+        "offset_s,backend,usd_per_hour\n0,cheap,1.0\n1,cheap,2.0\n2,cheap,3.0\n3,dear,0.08\n"
     )
     settings = {"price_schedule": str(schedule), "price_schedule_loop": True}
     lease_key = LEASE_PREFIX + "price-schedule"
