@@ -339,6 +339,15 @@ def variant_figure(
     """`variant`'s figure on this worker: its profile for this hardware class and thread
     count (shifted by the difference between this worker's emulated delay and the
     profile's), else `measured` (its measurement at start), else None."""
+    figure = profiled_figure(variant, settings)
+    if figure is None and measured is not None:
+        figure = measured_figure(measured)
+    return figure
+
+
+def profiled_figure(variant: Variant, settings: WorkerSettings) -> VariantFigure | None:
+    """`variant`'s profile for this hardware class and thread count, shifted by the
+    difference between this worker's emulated delay and the profile's; None without."""
     profile = read_profile(variant)
     entry = (
         None
@@ -349,11 +358,12 @@ def variant_figure(
         shift = settings.emulate_latency_ms - entry.emulated_latency_ms
         rows = profile_row_fraction(profile, settings.hardware_class, settings.threads, shift)
         return VariantFigure(entry.p50_ms + shift, entry.p99_ms + shift, rows, PROFILED, entry.runs)
-    if measured is not None:
-        return VariantFigure(
-            measured.p50_ms, measured.p99_ms, None, MEASURED_AT_START, measured.runs
-        )
     return None
+
+
+def measured_figure(measured: ProfileEntry) -> VariantFigure:
+    """A measurement at start as a figure (batch 1 only: no row fraction)."""
+    return VariantFigure(measured.p50_ms, measured.p99_ms, None, MEASURED_AT_START, measured.runs)
 
 
 def default_variant(variants: Mapping[str, Variant], figures: Mapping[str, VariantFigure]) -> str:
@@ -396,15 +406,12 @@ MEASURE_BUDGET_S = 0.5
 
 
 def measure_variant(
-    variant: Variant, adapter: RuntimeAdapter, root: Path, settings: WorkerSettings
+    variant: Variant, adapter: RuntimeAdapter, feed: Mapping[str, Array], settings: WorkerSettings
 ) -> ProfileEntry | None:
-    """Times `variant` as this worker runs it, at batch 1 on its warm-up row (the
-    model's first stored sample, else zeros): at most MEASURE_RUNS runs or
-    MEASURE_BUDGET_S, each plus the worker's emulated delay, as `switchyard profile`
-    adds it. None, logged, when there is no row to time it on or the run fails."""
-    feed, _ = warm_up_feed(variant, adapter, root)
-    if not feed:
-        return None
+    """Times `variant` as this worker runs it, at batch 1 on its warm-up row `feed`
+    (`warm_up_feed`): at most MEASURE_RUNS runs or MEASURE_BUDGET_S, each plus the
+    worker's emulated delay, as `switchyard profile` adds it. None, logged, when the
+    run fails."""
     outputs = [s.name for s in adapter.outputs]
     try:
         times_ms = time_runs(
@@ -440,7 +447,9 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
             log.warning("model %s: variant %s not served: %s", name, refused.name, refused.reason)
         loaded: dict[str, LoadedVariant] = {}
         measured: dict[str, ProfileEntry] = {}
+        figures_here: dict[str, VariantFigure] = {}
         for variant in scan.variants:
+            feed: dict[str, Array] = {}
             reason = refused_by_policy(variant, settings, flags)
             if reason is None:
                 try:
@@ -451,7 +460,8 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 except Exception as exc:  # a runtime missing here, a broken artifact
                     reason = f"does not load: {exc}"
                 else:
-                    reason = warm_up(variant, adapter, repository.root)
+                    feed, from_samples = warm_up_feed(variant, adapter, repository.root)
+                    reason = warm_up(variant, adapter, feed, from_samples)
             if reason is not None:
                 log.warning("model %s: variant %s not served: %s", name, variant.name, reason)
                 continue
@@ -470,18 +480,17 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 inline_below_us=0 if settings.emulate_latency_ms > 0 else settings.inline_below_us,
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
-            if settings.measure_at_start and variant_figure(variant, settings, None) is None:
-                entry = measure_variant(variant, adapter, repository.root, settings)
+            figure = profiled_figure(variant, settings)
+            if figure is None and settings.measure_at_start and feed:
+                entry = measure_variant(variant, adapter, feed, settings)
                 if entry is not None:
                     measured[variant.name] = entry
+                    figure = measured_figure(entry)
+            if figure is not None:
+                figures_here[variant.name] = figure
         if not loaded:
             log.error("model %s not served: no servable variant in %s", name, settings.repository)
             continue
-        figures_here = {
-            n: f
-            for n, lv in loaded.items()
-            if (f := variant_figure(lv.variant, settings, measured.get(n))) is not None
-        }
         default = default_variant({n: lv.variant for n, lv in loaded.items()}, figures_here)
         served[name] = ServedModel(loaded, default, settings, measured)
         log.info(
@@ -497,14 +506,15 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
 WARM_UP_RUNS = 2
 
 
-def warm_up(variant: Variant, adapter: RuntimeAdapter, root: Path) -> str | None:
-    """Runs the variant WARM_UP_RUNS times on one row before the worker serves it, so
-    no caller (nor the gateway's first latency sample after a restart) pays for the
-    runtime's first run (ONNX Runtime's first run of a small model is ~70x its
-    steady state here). The row is the model's first stored sample, else zeros of
-    each input's shape (-1: 1). Returns why the variant must not be served when it
-    fails on its own stored sample, else None (a failure on zeros is logged only)."""
-    feed, from_samples = warm_up_feed(variant, adapter, root)
+def warm_up(
+    variant: Variant, adapter: RuntimeAdapter, feed: Mapping[str, Array], from_samples: bool
+) -> str | None:
+    """Runs the variant WARM_UP_RUNS times on one row, `feed` (`warm_up_feed`), before
+    the worker serves it, so no caller (nor the gateway's first latency sample after a
+    restart) pays for the runtime's first run (ONNX Runtime's first run of a small model
+    is ~70x its steady state here). Returns why the variant must not be served when it
+    fails on its own stored sample (`from_samples`), else None (a failure on zeros is
+    logged only)."""
     if not feed:
         log.info(
             "model %s: variant %s not warmed up: no sample for a BYTES input",
