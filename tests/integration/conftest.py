@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from backends.worker.server import start_worker
 from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
+from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
@@ -177,6 +179,20 @@ def redis_server() -> Iterator[RedisServer]:
 async def stub(worker: Worker) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
     async with grpc.aio.insecure_channel(worker.address) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@asynccontextmanager
+async def gateway_clients(
+    gw: Gateway,
+) -> AsyncIterator[tuple[pb_grpc.GRPCInferenceServiceStub, admin_pb2_grpc.AdminStub]]:
+    """Stubs for a running gateway's inference and admin endpoints (it must have one),
+    on channels closed at the end."""
+    assert gw.admin_address is not None
+    async with (
+        grpc.aio.insecure_channel(gw.address) as channel,
+        grpc.aio.insecure_channel(gw.admin_address) as admin_channel,
+    ):
+        yield pb_grpc.GRPCInferenceServiceStub(channel), admin_pb2_grpc.AdminStub(admin_channel)
 
 
 def fleet_config(addresses: dict[str, tuple[str, float]], **gateway: object) -> FleetConfig:

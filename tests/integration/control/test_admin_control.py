@@ -26,7 +26,7 @@ from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, launch_worker, raw_request, samples
+from tests.integration.conftest import Worker, gateway_clients, launch_worker, raw_request, samples
 from tests.waiting import wait_until
 
 TOKEN = "test-admin-control"
@@ -102,19 +102,14 @@ def _alive(pid: int) -> bool:
 async def clients(
     supervised: Gateway,
 ) -> AsyncIterator[Clients]:
-    assert supervised.admin_address is not None
-    async with (
-        grpc.aio.insecure_channel(supervised.address) as channel,
-        grpc.aio.insecure_channel(supervised.admin_address) as admin_channel,
-    ):
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    async with gateway_clients(supervised) as (stub, admin):
 
         async def ready() -> bool:
             reply = await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)
             return bool(reply.ready)
 
         await wait_until(ready, timeout_s=60, what="the gateway ready (its routes warmed up)")
-        yield stub, admin_pb2_grpc.AdminStub(admin_channel)
+        yield stub, admin
 
 
 def digits_request(repository: Path) -> pb.ModelInferRequest:

@@ -23,8 +23,7 @@ from gateway.control import admin_cli
 from gateway.server import start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
-from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, raw_request, samples
+from tests.integration.conftest import Worker, gateway_clients, raw_request, samples
 from tests.waiting import wait_until
 
 TOKEN = "live-changes-token"
@@ -181,13 +180,7 @@ async def test_fleet_file_edits_of_carbon_and_policies_apply_live(
     inputs, _ = samples(repository, "digits")
     request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
     try:
-        assert gw.admin_address is not None
-        async with (
-            grpc.aio.insecure_channel(gw.admin_address) as admin_channel,
-            grpc.aio.insecure_channel(gw.address) as channel,
-        ):
-            admin = admin_pb2_grpc.AdminStub(admin_channel)
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        async with gateway_clients(gw) as (stub, admin):
 
             async def backend_used() -> str:
                 reply = await stub.ModelInfer(request)

@@ -15,7 +15,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import redis.asyncio as aioredis
 import yaml
@@ -29,7 +28,7 @@ from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, fleet_config, raw_request, samples
+from tests.integration.conftest import Worker, fleet_config, gateway_clients, raw_request, samples
 from tests.waiting import wait_until
 
 TOKEN = "shared-state-token"
@@ -74,16 +73,8 @@ async def member(pair: tuple[Worker, Worker], url: str, **gateway: object) -> As
     )
     gw = await start_gateway(config)
     try:
-        assert gw.admin_address is not None
-        async with (
-            grpc.aio.insecure_channel(gw.admin_address) as admin_channel,
-            grpc.aio.insecure_channel(gw.address) as channel,
-        ):
-            yield Member(
-                gw,
-                admin_pb2_grpc.AdminStub(admin_channel),
-                pb_grpc.GRPCInferenceServiceStub(channel),
-            )
+        async with gateway_clients(gw) as (stub, admin):
+            yield Member(gw, admin, stub)
     finally:
         await gw.stop()
 

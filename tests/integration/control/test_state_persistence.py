@@ -27,7 +27,7 @@ from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, raw_request, samples
+from tests.integration.conftest import Worker, gateway_clients, raw_request, samples
 from tests.integration.control.test_live_changes import (
     AUTH,
     TOKEN,
@@ -63,17 +63,8 @@ class Running:
 async def running(fleet: Path, repository: Path) -> AsyncIterator[Running]:
     gw = await start_gateway(load_fleet(fleet), fleet)
     try:
-        assert gw.admin_address is not None
-        async with (
-            grpc.aio.insecure_channel(gw.admin_address) as admin_channel,
-            grpc.aio.insecure_channel(gw.address) as channel,
-        ):
-            yield Running(
-                gw,
-                admin_pb2_grpc.AdminStub(admin_channel),
-                pb_grpc.GRPCInferenceServiceStub(channel),
-                repository,
-            )
+        async with gateway_clients(gw) as (stub, admin):
+            yield Running(gw, admin, stub, repository)
     finally:
         await gw.stop()
 

@@ -19,7 +19,14 @@ from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, fleet_config, launch_worker, raw_request, samples
+from tests.integration.conftest import (
+    Worker,
+    fleet_config,
+    gateway_clients,
+    launch_worker,
+    raw_request,
+    samples,
+)
 from tests.waiting import wait_until
 
 TOKEN = "test-token-123"
@@ -88,14 +95,7 @@ def backends(replies: list[pb.ModelInferResponse]) -> Counter[str]:
 async def test_sla_price_drain_and_policy_steer_traffic(routed: Gateway, repository: Path) -> None:
     inputs, _ = samples(repository, "digits")
     request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
-    assert routed.admin_address is not None
-    async with (
-        grpc.aio.insecure_channel(routed.address) as channel,
-        grpc.aio.insecure_channel(routed.admin_address) as admin_channel,
-    ):
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        admin = admin_pb2_grpc.AdminStub(admin_channel)
-
+    async with gateway_clients(routed) as (stub, admin):
         # A loose SLA: the cheap, slow route takes everything.
         loose = await infer_many(stub, request, 10)
         assert backends(loose) == {"cheap-slow": 10}
