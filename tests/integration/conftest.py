@@ -195,6 +195,15 @@ async def gateway_clients(
         yield pb_grpc.GRPCInferenceServiceStub(channel), admin_pb2_grpc.AdminStub(admin_channel)
 
 
+async def server_ready(gw: Gateway) -> bool:
+    """The gateway's ServerReady answer (for `wait_until`)."""
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+            pb.ServerReadyRequest(), timeout=5.0
+        )
+    return bool(reply.ready)
+
+
 def fleet_config(addresses: dict[str, tuple[str, float]], **gateway: object) -> FleetConfig:
     return FleetConfig.model_validate(
         {

@@ -26,7 +26,14 @@ from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, gateway_clients, launch_worker, raw_request, samples
+from tests.integration.conftest import (
+    Worker,
+    gateway_clients,
+    launch_worker,
+    raw_request,
+    samples,
+    server_ready,
+)
 from tests.waiting import wait_until
 
 TOKEN = "test-admin-control"
@@ -103,12 +110,11 @@ async def clients(
     supervised: Gateway,
 ) -> AsyncIterator[Clients]:
     async with gateway_clients(supervised) as (stub, admin):
-
-        async def ready() -> bool:
-            reply = await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)
-            return bool(reply.ready)
-
-        await wait_until(ready, timeout_s=60, what="the gateway ready (its routes warmed up)")
+        await wait_until(
+            lambda: server_ready(supervised),
+            timeout_s=60,
+            what="the gateway ready (its routes warmed up)",
+        )
         yield stub, admin
 
 

@@ -19,7 +19,7 @@ from backends.protocol.codec import zeros_request
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import fleet_config, launch_worker
+from tests.integration.conftest import fleet_config, launch_worker, server_ready
 from tests.waiting import wait_until
 
 MODEL = "cnn"
@@ -32,14 +32,6 @@ def zeros(gw: Gateway, **parameters: str) -> pb.ModelInferRequest:
     return pb.ModelInferRequest.FromString(
         zeros_request(info.name, info.inputs, info.max_batch_size, 1, parameters)
     )
-
-
-async def server_ready(gw: Gateway) -> bool:
-    async with grpc.aio.insecure_channel(gw.address) as channel:
-        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(
-            pb.ServerReadyRequest(), timeout=5.0
-        )
-    return bool(reply.ready)
 
 
 async def test_the_gateway_is_ready_only_once_every_route_has_its_warm_up_samples(

@@ -18,7 +18,7 @@ import grpc
 from gateway.server import start_gateway
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import fleet_config, raw_request, samples
+from tests.integration.conftest import fleet_config, raw_request, samples, server_ready
 from tests.waiting import wait_until
 
 
@@ -79,13 +79,8 @@ async def test_requests_in_flight_on_a_killed_workers_streams_are_answered_elsew
             assert streams is not None
             async with grpc.aio.insecure_channel(gw.address) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
-
-                async def ready() -> bool:
-                    reply = await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)
-                    return bool(reply.ready)
-
                 # Ready: both backends answered their warm-up probes.
-                await wait_until(ready, timeout_s=30, what="the gateway ready")
+                await wait_until(lambda: server_ready(gw), timeout_s=30, what="the gateway ready")
                 # Stopped first, so that requests pile up in flight on a's streams.
                 os.kill(doomed.pid, signal.SIGSTOP)
                 calls = [
