@@ -267,9 +267,7 @@ def section_markdown(
     ]
     for model in results.models:
         lines += [report.model_markdown(results, model).replace("### ", "#### ", 1), ""]
-    pa_sections = [
-        s for s in (report.perf_analyzer_markdown(results, m) for m in results.models) if s
-    ]
+    pa_sections = report.perf_analyzer_sections(results)
     if pa_sections:
         lines += ["Cross-check with Triton perf_analyzer (round 1):", ""]
         for section in pa_sections:
@@ -351,9 +349,7 @@ def write_markdown(
     ]
     for model in results.models:
         lines += [report.model_markdown(results, model), ""]
-    pa_sections = [
-        s for s in (report.perf_analyzer_markdown(results, m) for m in results.models) if s
-    ]
+    pa_sections = report.perf_analyzer_sections(results)
     if pa_sections:
         lines += [
             "## Cross-check with Triton perf_analyzer",

@@ -305,6 +305,11 @@ def model_markdown(results: Results, model: str) -> str:
     return "\n".join(parts)
 
 
+def perf_analyzer_sections(results: Results) -> list[str]:
+    """Each model's perf_analyzer cross-check that has figures, in model order."""
+    return [s for s in (perf_analyzer_markdown(results, m) for m in results.models) if s]
+
+
 def perf_analyzer_markdown(results: Results, model: str) -> str:
     rows = [row for row in _rows(results, results.perf_analyzer, model) if row[2] != "-"]
     if not rows:
