@@ -295,11 +295,53 @@ class LaunchSettings(_Strict):
     """Precisions it may serve; default: any variant whose accuracy check passed."""
 
 
+DNS_NAME = r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$"
+"""A DNS name (letters, digits, `-` and `_` in dot-separated labels, a trailing dot allowed)."""
+
+
+class DiscoverySettings(_Strict):
+    """A backend group found by DNS: every A and AAAA record of `dns` is one backend
+    at that address and `port` (a Kubernetes headless Service's pods), resolved again
+    every `interval_s`. A new address joins the routes once its readiness probe
+    passes; an address gone from the answer drains (no new requests, those in flight
+    finish) and then leaves. Each gateway resolves the name itself."""
+
+    dns: str = Field(pattern=DNS_NAME, max_length=254)
+    """The name to resolve, e.g. `workers.switchyard.svc.cluster.local`."""
+    port: int = Field(ge=1, le=65535)
+    """The port every address serves the Open Inference Protocol on."""
+    interval_s: float = Field(5.0, gt=0)
+    """How often the name is resolved again."""
+    timeout_s: float = Field(2.0, gt=0)
+    """How long one resolution may take (both record types, retries included) before it
+    counts as failed."""
+    nameserver: HostPort | None = None
+    """The DNS server to ask (`HOST:PORT`, an IP address); default: the system's
+    resolver (/etc/resolv.conf)."""
+    empty_after_s: float = Field(30.0, ge=0)
+    """How long the name must keep answering NXDOMAIN or no records before the group
+    counts as empty and its backends drain; until then the last known set keeps
+    serving (a Service deleted and made again, a zone being reloaded). A failed
+    resolution (a timeout, SERVFAIL, a refused query) always keeps the last known set.
+    0: empty at the first such answer."""
+
+
 class BackendSettings(_Strict):
+    """One backend (`address`), or a group of them found by DNS (`discovery`): each
+    discovered address is a backend with the group's settings."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    """Unique name, shown in responses (`switchyard_backend`), metrics and the admin API."""
-    address: HostPort
-    """Where it serves the Open Inference Protocol; port 0 with `launch`: any free port."""
+    """Unique name, shown in responses (`switchyard_backend`), metrics and the admin API.
+    For a `discovery` group, the group's name: each discovered address is a backend named
+    after it and the address (`NAME-10-1-2-3`, `NAME-fd00--1`)."""
+    address: HostPort | None = None
+    """Where it serves the Open Inference Protocol; port 0 with `launch`: any free port.
+    Exactly one of `address` and `discovery`."""
+    discovery: DiscoverySettings | None = None
+    """Find the group's backends by DNS instead of one `address`; each inherits this
+    entry's hardware class, price, carbon, slots, queue limit, models and TLS (with
+    `tls`, the certificates are checked against `tls.server_name`, else the DNS
+    name). Not with `launch`."""
     hardware_class: str = "cpu"
     """What it runs on, e.g. `cpu-x86-64-v4-2c`, `gpu-cuda-h100`."""
     queue_limit: int | None = Field(None, ge=0)
@@ -321,6 +363,27 @@ class BackendSettings(_Strict):
     tls: BackendTLS | None = None
     """Call this remote backend over TLS; default: plaintext. Launched workers always
     speak mTLS with the gateway, with certificates of its own private CA."""
+
+    @model_validator(mode="after")
+    def _address_or_discovery(self) -> BackendSettings:
+        if (self.address is None) == (self.discovery is None):
+            raise ValueError(
+                f"backend {self.name!r}: set exactly one of `address` (one backend) and "
+                "`discovery` (a group found by DNS)"
+            )
+        if self.discovery is not None and self.launch is not None:
+            raise ValueError(
+                f"backend {self.name!r}: `launch` starts one local worker; a `discovery` "
+                "group's backends are found by DNS, not launched"
+            )
+        return self
+
+    @property
+    def fixed_address(self) -> str:
+        """The `address` of a backend that has one (not a `discovery` group)."""
+        if self.address is None:
+            raise ValueError(f"backend {self.name!r} is a discovery group: no fixed address")
+        return self.address
 
     @model_validator(mode="after")
     def _tls_remote_only(self) -> BackendSettings:
@@ -379,7 +442,11 @@ class FleetConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"backend names must be unique: {', '.join(duplicates)}")
-        fixed = [b.address for b in self.backends if not b.address.endswith(":0")]
+        fixed = [
+            b.address
+            for b in self.backends
+            if b.address is not None and not b.address.endswith(":0")
+        ]
         clashes = sorted({a for a in fixed if fixed.count(a) > 1})
         if clashes:
             raise ValueError(f"backend addresses must be unique: {', '.join(clashes)}")

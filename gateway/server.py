@@ -142,7 +142,7 @@ def build_fleet(config: FleetConfig) -> FleetState:
         [
             BackendState(
                 name=b.name,
-                address=b.address,
+                address=b.fixed_address,
                 hardware_class=b.hardware_class,
                 price_usd_per_hour=b.price_usd_per_hour,
                 slots=b.slots or (b.launch.threads if b.launch else 1),
@@ -154,6 +154,7 @@ def build_fleet(config: FleetConfig) -> FleetState:
                 power_w=b.power_w,
             )
             for b in config.backends
+            if b.discovery is None
         ],
         Ejection(
             settings.eject_after_failures,

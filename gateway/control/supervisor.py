@@ -287,7 +287,7 @@ class Supervisor:
     async def _supervise(self, worker: Supervised) -> None:
         backoff = MIN_BACKOFF_S
         loop = asyncio.get_running_loop()
-        listen = worker.backend.address
+        listen = worker.backend.fixed_address
         while not self._stopping:
             if worker.held:
                 await self._pause(worker, 0.0)
