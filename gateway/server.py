@@ -33,6 +33,14 @@ from backends.process import use_uvloop
 from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, FleetConfig, load_fleet
 from gateway.control.admin import AdminServicer, add_to_server, admin_token
+from gateway.control.discovery import (
+    Discovery,
+    DiscoveryMetrics,
+    backend_state,
+    discovery_group,
+    group_tls,
+)
+from gateway.control.feeds.poller import ControlFeedTarget, FeedPoller
 from gateway.control.plane import (
     Control,
     file_stamp,
@@ -93,6 +101,8 @@ class Gateway:
     _metrics_server: object
     _stop: asyncio.Event
     _tasks: list[asyncio.Task[None]]
+    discovery: Discovery
+    """The DNS discovery of the fleet's `discovery` groups (none: it does nothing)."""
 
     @property
     def address(self) -> str:
@@ -108,6 +118,7 @@ class Gateway:
         self._stop.set()
         for task in self._tasks:
             task.cancel()
+        await self.discovery.stop()
         if self.shared_state is not None:
             await self.shared_state.close()
         if self.admin_server is not None:
@@ -125,6 +136,28 @@ class Gateway:
             shutdown()
 
 
+def forget_backend_metrics(metrics: GatewayMetrics, state: BackendState) -> None:
+    """Drops the gauges of a backend that left the fleet (its counters stay)."""
+    gauges = (metrics.healthy, metrics.available, metrics.price, metrics.queue_depth)
+    for gauge in (*gauges, metrics.in_flight):
+        try:
+            gauge.remove(state.name)
+        except KeyError:
+            pass
+    for model, info in state.models.items():
+        for variant in info.all_variants():
+            keys = [(state.name, model, variant)] + [
+                (state.name, model, variant, kind, quantile)
+                for kind in ("predicted", "observed")
+                for quantile in ("0.5", "0.99")
+            ]
+            for key in keys:
+                try:
+                    (metrics.route_cost if len(key) == 3 else metrics.route_latency).remove(*key)
+                except KeyError:
+                    pass
+
+
 def check_admin_listen(config: FleetConfig) -> None:
     """ConfigError when the admin API would listen beyond this host in plaintext."""
     settings = config.gateway
@@ -140,19 +173,7 @@ def build_fleet(config: FleetConfig) -> FleetState:
     settings = config.gateway
     return FleetState(
         [
-            BackendState(
-                name=b.name,
-                address=b.fixed_address,
-                hardware_class=b.hardware_class,
-                price_usd_per_hour=b.price_usd_per_hour,
-                slots=b.slots or (b.launch.threads if b.launch else 1),
-                queue_limit=(
-                    settings.backend_queue_limit if b.queue_limit is None else b.queue_limit
-                ),
-                expected_models=tuple(b.models or ()),
-                carbon_g_per_kwh=b.carbon_g_per_kwh,
-                power_w=b.power_w,
-            )
+            backend_state(b, b.fixed_address, settings)
             for b in config.backends
             if b.discovery is None
         ],
@@ -181,7 +202,10 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     # Certificates first: a file that does not load fails before anything listens.
     listener_credentials = None if settings.tls is None else server_credentials(settings.tls)
     admin_credentials = None if settings.tls is None else server_credentials(settings.tls)
-    remote = {b.name: backend_security(b.tls) for b in config.backends if b.tls is not None}
+    remote = {
+        b.name: backend_security(tls) for b in config.backends if (tls := group_tls(b)) is not None
+    }
+    static = {b.name for b in config.backends if b.discovery is None}
     launched = {b.name for b in config.backends if b.launch is not None}
     pki = WorkerPKI(time.time) if launched else None
 
@@ -190,7 +214,8 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
             if b.address == address:
                 if b.name in launched and pki is not None:
                     return pki.security
-                return remote.get(b.name)
+                group = None if b.name in static else discovery_group(config.backends, b.name)
+                return remote.get(b.name if group is None else group.name)
         return None
 
     pool = BackendPool(
@@ -322,6 +347,24 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         probe=probe_now,
     )
     control.restore()
+
+    async def release(state: BackendState) -> None:
+        """A backend gone from discovery has drained: its channel and metrics go."""
+        if all(b.address != state.address for b in fleet.backends.values()):
+            prober.forget(state.address)
+            await pool.discard(state.address)
+        if state.name not in fleet.backends:
+            forget_backend_metrics(metrics, state)
+
+    discovery = Discovery(
+        config.backends,
+        settings,
+        control,
+        DiscoveryMetrics(registry),
+        time.monotonic,
+        probe=probe_now,
+        release=release,
+    )
     log.info("admin API changes kept in %s", control.store.where)
     if shared_state is not None:
         shared_state.start(control.apply_state)
@@ -398,6 +441,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     late = await supervisor.wait_listening(settings.startup_timeout_s)
     if late:
         log.error("backends not listening after %.0fs: %s", settings.startup_timeout_s, late)
+    await discovery.resolve_all()  # discovered backends are probed and warmed up with the rest
     await prober.probe_all()
     await prober.warm_up()  # the backends up by now are measured before it returns
     prober.start()
@@ -419,6 +463,8 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
                 )
             )
         )
+    if discovery.groups:
+        tasks.append(loop.create_task(discovery.run(stop)))
     if schedule:
         # With a shared store, one gateway at a time plays the schedule (a lease).
         lease = None if shared_state is None else shared_state.lease("price-schedule")
@@ -433,6 +479,20 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
                 )
             )
         )
+    for feed in config.feeds:
+        poller = FeedPoller(
+            feed,
+            ControlFeedTarget(control, feed.sets_prices),
+            metrics,
+            clock=time.monotonic,
+            wall_clock=time.time,
+        )
+        # With a shared store, one gateway at a time polls a price feed (a lease) and its
+        # prices are shared; carbon feeds are polled by every gateway.
+        feed_lease = None
+        if shared_state is not None and feed.sets_prices:
+            feed_lease = shared_state.lease(f"feed:{feed.name}")
+        tasks.append(loop.create_task(run_leased(feed_lease, poller.run, stop)))
     return Gateway(
         config=config,
         fleet=fleet,
@@ -454,6 +514,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         _metrics_server=metrics_server,
         _stop=stop,
         _tasks=tasks,
+        discovery=discovery,
     )
 
 

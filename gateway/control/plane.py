@@ -26,6 +26,7 @@ from pathlib import Path
 
 from backends.protocol.errors import InvalidInput, NotFound, Unavailable
 from gateway.config import ConfigError, FleetConfig, PoliciesSettings, parse_fleet
+from gateway.control.discovery import discovery_group
 from gateway.control.state import (
     ControlState,
     MemoryStateStore,
@@ -36,8 +37,8 @@ from gateway.control.state import (
 from gateway.control.supervisor import NotSupervised, Supervised, Supervisor
 from gateway.routing.fleet import BackendState, FleetState
 from gateway.routing.policy import PolicyBook
-from gateway.routing.router import ROUTING, Chooser, chooser_for
-from gateway.serving.metrics import GatewayMetrics
+from gateway.routing.router import ROUTING, Chooser, RouteRequest, chooser_for
+from gateway.serving.metrics import GatewayMetrics, SlaTarget
 
 log = logging.getLogger("switchyard.control")
 
@@ -142,11 +143,70 @@ class Control:
         self._probe = probe
         self.routing = "switchyard"
         """The name of the chooser in force (one of ROUTING)."""
+        metrics.sla_targets.source = self.sla_targets
+
+    def sla_targets(self) -> list[SlaTarget]:
+        """The SLA target of each model the fleet knows (or the policies name), for the
+        default class and each class of the policies in force. Called by the metrics
+        server's thread at each scrape: it reads copies of the fleet's tables only."""
+        book = self._policies()
+        models = set(book.settings.models)
+        for state in list(self.fleet.backends.values()):
+            models.update(list(state.models))
+            models.update(state.expected_models)
+        targets = []
+        for model in sorted(models):
+            for sla_class in (None, *book.settings.classes):
+                policy = book.resolve(RouteRequest(model, sla_class=sla_class))
+                targets.append((model, policy.name, policy.latency_ms, policy.percentile))
+        return targets
 
     def backend(self, name: str) -> BackendState:
         state = self.fleet.backends.get(name)
         if state is None:
             raise UnknownBackend(name, sorted(self.fleet.backends))
+        return state
+
+    def fleet_price(self, backend: str) -> float | None:
+        """The backend's price in the fleet file: its own entry's, or its discovery
+        group's; None when the file has neither."""
+        for b in self.config.backends:
+            if b.name == backend and b.discovery is None:
+                return b.price_usd_per_hour
+        group = discovery_group(self.config.backends, backend)
+        return None if group is None else group.price_usd_per_hour
+
+    def add_backend(self, state: BackendState, source: str) -> bool:
+        """A backend that joins the running fleet (found by discovery), out of the
+        routes until a probe finds it ready, with the changes in force for its name
+        (a price or a drain set through the admin API, on this gateway or, with a
+        shared store, another). False when the name is taken (nothing is added)."""
+        if state.name in self.fleet.backends:
+            return False
+        self.fleet.add_backend(state)
+        log.info("backend %s at %s added (%s)", state.name, state.address, source)
+        override = self.state.prices.get(state.name)
+        if override is not None:
+            self._apply_price(state.name, override.usd_per_hour, source)
+        elif state.name in self.state.scheduled:
+            self._apply_price(state.name, self.state.scheduled[state.name], source)
+        self.metrics.price.labels(state.name).set(state.price_usd_per_hour)
+        self.metrics.healthy.labels(state.name).set(0)
+        if state.name in self.state.drained:
+            self._apply_drained(state.name, True)
+        else:
+            self.metrics.available.labels(state.name).set(0)
+        return True
+
+    def remove_backend(self, name: str, source: str) -> BackendState | None:
+        """Takes a backend out of the running fleet and its routes at once (gone from
+        discovery): no new requests go to it, those in flight finish. What the admin
+        API set for it stays in the control state, for its name's return. None when
+        the fleet has no backend of that name."""
+        if name not in self.fleet.backends:
+            return None
+        state = self.fleet.remove_backend(name)
+        log.info("backend %s at %s removed from the routes (%s)", name, state.address, source)
         return state
 
     def _keep(self, state: ControlState, *, required: bool) -> None:
@@ -180,9 +240,10 @@ class Control:
     def set_price(
         self, backend: str, usd_per_hour: float, source: str, *, scheduled: bool = False
     ) -> BackendState:
-        """A price from the fleet file or (`scheduled`) a price schedule: it replaces a
-        price the admin API set for the backend (the last change wins). A shared store
-        keeps the schedule's prices, for the gateways that do not play it."""
+        """A price from the fleet file or (`scheduled`) a price schedule or feed: it
+        replaces a price the admin API set for the backend (the last change wins). A
+        shared store keeps the schedule's and feeds' prices, for the gateways that do
+        not play them."""
         check_price(usd_per_hour)
         state = self._apply_price(backend, usd_per_hour, source)
         kept = self.state.with_price(backend, None)
@@ -196,9 +257,9 @@ class Control:
         or the price schedule changes the backend's price."""
         check_price(usd_per_hour)
         self.backend(backend)
-        fleet_price = {b.name: b.price_usd_per_hour for b in self.config.backends}
+        fleet_price = self.fleet_price(backend)
         override = PriceOverride(
-            usd_per_hour, fleet_price.get(backend, usd_per_hour), self._wall_clock()
+            usd_per_hour, usd_per_hour if fleet_price is None else fleet_price, self._wall_clock()
         )
         self._keep(self.state.with_price(backend, override), required=True)
         return self._apply_price(backend, usd_per_hour, "admin API")
@@ -292,24 +353,38 @@ class Control:
         policies (values the edit left alone keep what the admin API or a price
         schedule set since). Other changes (backends, addresses) need a restart."""
         self.config = config
-        names = {b.name for b in config.backends}
-        if names != set(self.fleet.backends):
+        if {(b.name, b.address, b.discovery) for b in config.backends} != {
+            (b.name, b.address, b.discovery) for b in previous.backends
+        }:
             log.warning("%s: backends added or removed; restart the gateway to apply", source)
         before = {b.name: b for b in previous.backends}
         for b in config.backends:
-            state = self.fleet.backends.get(b.name)
             old = before.get(b.name)
-            if state is None:
-                continue
-            if old is None or old.price_usd_per_hour != b.price_usd_per_hour:
-                self.set_price(b.name, b.price_usd_per_hour, source)
-            if old is None or (old.carbon_g_per_kwh, old.power_w) != (
-                b.carbon_g_per_kwh,
-                b.power_w,
-            ):
-                state.set_carbon(b.carbon_g_per_kwh, b.power_w)
+            members = [b.name] if b.discovery is None else self._members(b.name)
+            for name in members:
+                state = self.fleet.backends.get(name)
+                if state is None:
+                    continue
+                if old is None or old.price_usd_per_hour != b.price_usd_per_hour:
+                    self.set_price(name, b.price_usd_per_hour, source)
+                if old is None or (old.carbon_g_per_kwh, old.power_w) != (
+                    b.carbon_g_per_kwh,
+                    b.power_w,
+                ):
+                    state.set_carbon(b.carbon_g_per_kwh, b.power_w)
         if config.policies != previous.policies:
             self.set_policies(config.policies, source)
+        if config.feeds != previous.feeds:
+            log.warning("%s: feeds changed; restart the gateway to apply", source)
+
+    def _members(self, group: str) -> list[str]:
+        """The backends in the fleet now that discovery group `group` found."""
+        return [
+            name
+            for name in self.fleet.backends
+            if (found := discovery_group(self.config.backends, name)) is not None
+            and found.name == group
+        ]
 
     def apply_state(self, state: ControlState, source: str = "shared state") -> None:
         """Puts `state` in force on the live fleet (from a shared store: the changes of
@@ -318,13 +393,15 @@ class Control:
         file's), its drain, the policies (the admin API's, else the fleet file's) and
         the routing rule (the default when none). Backends this fleet does not have
         are passed over. Nothing is saved: the state comes from the store."""
-        fleet_price = {b.name: b.price_usd_per_hour for b in self.config.backends}
         for name, backend in self.fleet.backends.items():
             override = state.prices.get(name)
             if override is not None:
                 price = override.usd_per_hour
             else:
-                price = state.scheduled.get(name, fleet_price.get(name, backend.price_usd_per_hour))
+                fleet_price = self.fleet_price(name)
+                price = state.scheduled.get(
+                    name, backend.price_usd_per_hour if fleet_price is None else fleet_price
+                )
             if price != backend.price_usd_per_hour:
                 self._apply_price(name, price, source)
             drained = name in state.drained
@@ -354,7 +431,13 @@ class Control:
         file's edit is the later change), a routing rule that no longer exists."""
         stored = kept = self.store.load()
         where = self.store.where
-        gone = kept.backends() - set(self.fleet.backends)
+        # Discovered backends are not in the fleet yet: what was set for them waits
+        # for their names in the state (applied by add_backend).
+        gone = {
+            name
+            for name in kept.backends() - set(self.fleet.backends)
+            if discovery_group(self.config.backends, name) is None
+        }
         if gone:
             log.warning(
                 "%s: dropping the changes for backends no longer in the fleet: %s",
@@ -362,20 +445,20 @@ class Control:
                 ", ".join(sorted(gone)),
             )
             kept = kept.without_backends(frozenset(gone))
-        fleet_price = {b.name: b.price_usd_per_hour for b in self.config.backends}
         for backend, price in sorted(kept.prices.items()):
-            if fleet_price[backend] != price.fleet_usd_per_hour:
+            fleet_price = self.fleet_price(backend)
+            if fleet_price is not None and fleet_price != price.fleet_usd_per_hour:
                 log.warning(
                     "%s: the fleet file changed %s's price since the admin API set it "
                     "(%.4f -> %.4f USD/h), so the file's price applies, not %.4f",
                     where,
                     backend,
                     price.fleet_usd_per_hour,
-                    fleet_price[backend],
+                    fleet_price,
                     price.usd_per_hour,
                 )
                 kept = kept.with_price(backend, None)
-            else:
+            elif backend in self.fleet.backends:
                 self._apply_price(backend, price.usd_per_hour, f"restored from {where}")
         if kept.policies is not None:
             if _same_policies(kept.policies.fleet_policies, self.config.policies):
@@ -387,7 +470,7 @@ class Control:
                     where,
                 )
                 kept = replace(kept, policies=None)
-        for backend in sorted(kept.drained):
+        for backend in sorted(kept.drained & set(self.fleet.backends)):
             self._apply_drained(backend, True)
         if kept.routing is not None:
             try:

@@ -518,6 +518,24 @@ class FleetState:
 
     # ---- updates (prober, pool, supervisor, admin) ----
 
+    def add_backend(self, state: BackendState) -> None:
+        """A backend that joins the running fleet (found by discovery): out of the
+        routes until a probe finds it ready. ValueError when the name is taken."""
+        if state.name in self.backends:
+            raise ValueError(f"backend {state.name!r} is already in the fleet")
+        state.retry_tokens = self.throttle.max_tokens
+        self.backends[state.name] = state
+        if state.models:
+            self._rebuild()
+
+    def remove_backend(self, backend: str) -> BackendState:
+        """Takes a backend out of the fleet and its routes at once: no new requests go
+        to it, while those in flight hold their routes and finish."""
+        state = self.backends.pop(backend)
+        if state.models:
+            self._rebuild()
+        return state
+
     def set_address(self, backend: str, address: str) -> None:
         self.backends[backend].address = address
 

@@ -100,6 +100,12 @@ class BackendPool:
             self._clients[address] = client
         return client
 
+    async def discard(self, address: str) -> None:
+        """Closes the client of `address` (a backend that left the fleet), if any."""
+        client = self._clients.pop(address, None)
+        if client is not None:
+            await client.close()
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()

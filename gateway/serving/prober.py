@@ -193,8 +193,12 @@ class Prober:
         was_ejected = backend.ejected_until_s is not None
         try:
             models, rtt_ms = await self._models(backend, address)
+            if self.fleet.backends.get(backend.name) is not backend:
+                return  # it left the fleet while probed (discovery)
             self.fleet.record_probe(backend.name, self.clock(), models, rtt_ms)
         except Exception as exc:  # whatever the backend said, it stops here
+            if self.fleet.backends.get(backend.name) is not backend:
+                return
             if isinstance(exc, grpc.aio.AioRpcError):
                 error = f"{exc.code().name}: {exc.details()}"
             elif isinstance(exc, BackendNotReady):
