@@ -429,12 +429,189 @@ class PoliciesSettings(_Strict):
     models: dict[str, PolicySettings] = {}
 
 
+FeedKind = Literal["aws-spot", "gcp-billing", "schedule", "electricity-maps"]
+PRICE_FEEDS: tuple[FeedKind, ...] = ("aws-spot", "gcp-billing", "schedule")
+"""Feed kinds that set prices; `electricity-maps` sets carbon intensity."""
+
+_SELECTOR_FIELDS: dict[FeedKind, tuple[set[str], set[str]]] = {
+    # kind: (fields it requires, fields it also allows)
+    "aws-spot": ({"instance_type"}, {"availability_zone", "product_description", "multiplier"}),
+    "gcp-billing": ({"sku_id"}, {"multiplier"}),
+    "schedule": (set(), {"key", "multiplier"}),
+    "electricity-maps": ({"zone"}, set()),
+}
+_MATCH_FIELDS = {
+    "instance_type",
+    "availability_zone",
+    "product_description",
+    "sku_id",
+    "key",
+    "zone",
+    "multiplier",
+}
+
+
+class FeedSelector(_Strict):
+    """Which backends one entry of a feed prices (or gives carbon intensity): the
+    backends it covers (`backends` or `hardware_class`, one of them) and which entry
+    of the feed's response is theirs (the fields of the feed's kind)."""
+
+    backends: list[str] | None = Field(None, min_length=1)
+    """The backends it covers, by name (a `discovery` group's name covers every
+    backend found for it)."""
+    hardware_class: str | None = None
+    """Or every backend of this hardware class."""
+    instance_type: str | None = None
+    """aws-spot: the EC2 instance type (`InstanceType`), e.g. `p5.48xlarge`. Required."""
+    availability_zone: str | None = None
+    """aws-spot: the zone (`AvailabilityZone`); unset: any zone, the dearest price in
+    force among them."""
+    product_description: str | None = None
+    """aws-spot: `ProductDescription`; default `Linux/UNIX`."""
+    sku_id: str | None = None
+    """gcp-billing: the SKU (`skuId`) whose hourly unit price applies. Required."""
+    key: str | None = None
+    """schedule: the value of the rows' `backend` column that applies; default: the
+    backend's own name."""
+    zone: str | None = None
+    """electricity-maps: the zone (`zone`, e.g. `DE`, `US-CAL-CISO`). Required."""
+    multiplier: float = Field(1.0, gt=0)
+    """Price feeds: the backend's price is the feed's price times this (its share of an
+    instance, the vCPUs of a per-vCPU SKU). Several gcp-billing selectors on one
+    backend add up (a machine's vCPU SKU plus its memory SKU)."""
+
+    @model_validator(mode="after")
+    def _covers_one_way(self) -> FeedSelector:
+        if (self.backends is None) == (self.hardware_class is None):
+            raise ValueError("a feed selector names `backends` or a `hardware_class`, one of them")
+        return self
+
+    def covers(self, name: str, hardware_class: str) -> bool:
+        """Whether it covers the backend (or `discovery` group) `name`."""
+        if self.backends is not None:
+            return name in self.backends
+        return hardware_class == self.hardware_class
+
+
+class FeedSettings(_Strict):
+    """A live feed of prices or carbon intensity, polled from an HTTP URL or a file, whose
+    readings apply to the backends its selectors cover. A backend whose feed has had no
+    good poll for `stale_after_s` falls back to its list price (`price_usd_per_hour`)
+    or carbon figure (`carbon_g_per_kwh`); a response that cannot be read keeps the last
+    good readings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Unique name, shown in metrics (`switchyard_feed_up{feed=...}`) and logs."""
+    kind: FeedKind
+    """The response's format: `aws-spot` (EC2 DescribeSpotPriceHistory's JSON),
+    `gcp-billing` (Cloud Billing catalog SKUs), `schedule` (CSV or JSON lines of
+    `time,backend,usd_per_hour`), `electricity-maps` (`/v3/carbon-intensity/latest`)."""
+    url: str | None = Field(None, pattern=r"^https?://\S+$")
+    """Where to poll it (http:// or https://). Exactly one of `url` and `file`."""
+    file: Path | None = None
+    """Or a file to read at each poll (written by a job of its own)."""
+    interval_s: float = Field(60.0, gt=0)
+    """How often it is polled; a failed poll is retried sooner (1 s, doubling, at most
+    this)."""
+    stale_after_s: float = Field(900.0, gt=0)
+    """With no good poll for this long, its backends fall back to their list figures
+    (`switchyard_feed_stale` 1, a log line) until a poll succeeds again."""
+    timeout_s: float = Field(10.0, gt=0)
+    """How long one fetch may take."""
+    auth_token_file: Path | None = None
+    """A file holding the token to send (read at each poll, so it can be rotated);
+    never the token itself in the fleet file."""
+    auth_header: str = Field("Authorization", pattern=r"^[A-Za-z0-9-]+$")
+    """The header that carries the token: `Authorization` sends `Bearer TOKEN`, any
+    other (`auth-token` for Electricity Maps, `X-Goog-Api-Key` for Google) the token
+    alone."""
+    selectors: list[FeedSelector] = Field(min_length=1)
+    """Which backends the feed covers, and which of its entries is each one's."""
+
+    @model_validator(mode="after")
+    def _source_and_selectors(self) -> FeedSettings:
+        if (self.url is None) == (self.file is None):
+            raise ValueError(f"feed {self.name!r}: set exactly one of `url` and `file`")
+        if self.stale_after_s < self.interval_s:
+            raise ValueError(
+                f"feed {self.name!r}: stale_after_s ({self.stale_after_s:g}) must be at "
+                f"least interval_s ({self.interval_s:g})"
+            )
+        required, allowed = _SELECTOR_FIELDS[self.kind]
+        for index, selector in enumerate(self.selectors):
+            given = {f for f in _MATCH_FIELDS if f in selector.model_fields_set}
+            missing = sorted(required - given)
+            extra = sorted(given - required - allowed)
+            where = f"feed {self.name!r} ({self.kind}) selector {index}"
+            if missing:
+                raise ValueError(f"{where}: needs {', '.join(missing)}")
+            if extra:
+                raise ValueError(f"{where}: {', '.join(extra)} is not for {self.kind} feeds")
+        return self
+
+    @property
+    def sets_prices(self) -> bool:
+        """It sets prices (else carbon intensity)."""
+        return self.kind in PRICE_FEEDS
+
+    def resolved(self, base_dir: Path) -> FeedSettings:
+        """The same settings with relative paths taken from `base_dir`."""
+        return self.model_copy(update=_resolved_paths(self, base_dir))
+
+
+def _check_feeds(feeds: list[FeedSettings], backends: list[BackendSettings]) -> None:
+    """ValueError unless every selector covers some backend, and no backend gets its
+    price (or carbon) from two feeds, or from two selectors of one feed (except
+    gcp-billing's, which add up)."""
+    names = {b.name for b in backends}
+    feed_names = [f.name for f in feeds]
+    duplicates = sorted({n for n in feed_names if feed_names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"feed names must be unique: {', '.join(duplicates)}")
+    owner: dict[tuple[bool, str], str] = {}
+    for feed in feeds:
+        covered: set[str] = set()
+        for index, selector in enumerate(feed.selectors):
+            unknown = sorted(set(selector.backends or ()) - names)
+            if unknown:
+                raise ValueError(
+                    f"feed {feed.name!r} selector {index}: unknown backends {', '.join(unknown)}"
+                )
+            these = {b.name for b in backends if selector.covers(b.name, b.hardware_class)}
+            if not these:
+                raise ValueError(
+                    f"feed {feed.name!r} selector {index}: no backend has hardware_class "
+                    f"{selector.hardware_class!r}"
+                )
+            twice = sorted(these & covered)
+            if twice and feed.kind != "gcp-billing":
+                raise ValueError(
+                    f"feed {feed.name!r}: backends {', '.join(twice)} are covered by two of "
+                    "its selectors"
+                )
+            covered |= these
+        for name in sorted(covered):
+            other = owner.setdefault((feed.sets_prices, name), feed.name)
+            if other != feed.name:
+                what = "price" if feed.sets_prices else "carbon intensity"
+                raise ValueError(
+                    f"backend {name!r} gets its {what} from two feeds: {other} and {feed.name}"
+                )
+
+
 class FleetConfig(_Strict):
     repository: Path = Path("models")
     """Model repository directory used by launched backends."""
     gateway: GatewaySettings = GatewaySettings()
     backends: list[BackendSettings] = Field(min_length=1)
     policies: PoliciesSettings = PoliciesSettings()
+    feeds: list[FeedSettings] = []
+    """Live price and carbon feeds (docs/fleet-file.md, `feeds`)."""
+
+    @model_validator(mode="after")
+    def _feeds(self) -> FleetConfig:
+        _check_feeds(self.feeds, self.backends)
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> FleetConfig:
@@ -488,6 +665,9 @@ def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetC
         updates["tls"] = config.gateway.tls.resolved(base_dir)
     if updates:
         config = config.model_copy(update={"gateway": config.gateway.model_copy(update=updates)})
+    if config.feeds:
+        feeds = [f.resolved(base_dir) for f in config.feeds]
+        config = config.model_copy(update={"feeds": feeds})
     if any(b.tls is not None for b in config.backends):
         backends = [
             b if b.tls is None else b.model_copy(update={"tls": b.tls.resolved(base_dir)})

@@ -151,6 +151,30 @@ class GatewayMetrics:
             "knew and keeps its own changes until the store is back.",
             registry=registry,
         )
+        self.feed_up = Gauge(
+            "switchyard_feed_up",
+            "1 when the price or carbon feed's last poll was good; 0 when it failed or its "
+            "answer could not be read (the last good readings are kept). Reported by the "
+            "gateway that polls the feed.",
+            ["feed"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.feed_last_success = Gauge(
+            "switchyard_feed_last_success_timestamp_seconds",
+            "When the feed was last polled successfully (seconds since the epoch).",
+            ["feed"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.feed_stale = Gauge(
+            "switchyard_feed_stale",
+            "1 when the feed has had no good poll for its stale_after_s, and its backends "
+            "fell back to their list prices (or carbon figures).",
+            ["feed"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.route_latency = Gauge(
             "switchyard_route_latency_ms",
             "Per route: predicted service time and observed latency, at p50 and p99.",
