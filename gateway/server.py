@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from backends.files import write_text_atomically
-from backends.process import use_uvloop
+from backends.process import die_with_parent, use_uvloop
 from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, FleetConfig, load_fleet
 from gateway.control.admin import AdminServicer, add_to_server, admin_token
@@ -189,8 +189,13 @@ def build_fleet(config: FleetConfig) -> FleetState:
     )
 
 
-async def start_gateway(config: FleetConfig, config_path: Path | None = None) -> Gateway:
-    """Starts every part; returns once launched backends listen and the server is up."""
+async def start_gateway(
+    config: FleetConfig, config_path: Path | None = None, reuse_port: bool = False
+) -> Gateway:
+    """Starts every part; returns once launched backends listen and the server is up.
+    `reuse_port`: the inference, REST, admin and probes ports are bound with
+    SO_REUSEPORT, shared with the other processes of a `--processes` group (otherwise a
+    port another program holds fails the start)."""
     settings = config.gateway
     loaded_stamp = None if config_path is None else file_stamp(config_path)
     registry = CollectorRegistry()
@@ -228,7 +233,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
     probes = None
     if settings.probes is not None:
         try:
-            probes = ProbePort(settings.probes)
+            probes = ProbePort(settings.probes, reuse_port=reuse_port)
         except RuntimeError as exc:
             raise StartupError(f"cannot serve probes on {settings.probes}: {exc}") from exc
     loop = asyncio.get_running_loop()
@@ -373,7 +378,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Calls gRPC accepted but has not yet handed to the servicer wait in its
             # backlog; past 1,000 it cancels them at random (CANCELLED, which a caller
             # cannot act on). A deep backlog instead: each call reaches the concurrency
@@ -416,6 +421,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
                 settings.http,
                 None if settings.tls is None else ssl_server_context(settings.tls),
                 settings.max_concurrent_rpcs or None,
+                reuse_port=reuse_port,
             )
         except OSError as exc:
             raise StartupError(f"cannot serve REST on {settings.http}: {exc}") from exc
@@ -427,7 +433,7 @@ async def start_gateway(config: FleetConfig, config_path: Path | None = None) ->
             "admin API off: set SWITCHYARD_ADMIN_TOKEN or gateway.admin_token_file to enable it"
         )
     else:
-        admin_server = grpc.aio.server()
+        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
         add_to_server(admin_server, AdminServicer(control, token, time.monotonic))
         try:
             if admin_credentials is None:
@@ -562,9 +568,12 @@ def describe(gateway: Gateway) -> str:
 
 
 async def serve(
-    config: FleetConfig, ready_file: Path | None, config_path: Path | None = None
+    config: FleetConfig,
+    ready_file: Path | None,
+    config_path: Path | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    gateway = await start_gateway(config, config_path)
+    gateway = await start_gateway(config, config_path, reuse_port)
     # What start-up built lives as long as the process: kept out of the collector's way,
     # a full collection under a flood holds the event loop 2-3 ms, not 45-55 ms.
     gc.collect()
@@ -617,6 +626,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write a JSON description here once serving (for scripts and tests)",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG shows the workers' logs")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="gateway processes sharing the inference, REST, admin and probes ports "
+        "(SO_REUSEPORT) under one parent that supervises them and the launched workers and "
+        "serves the merged /metrics; N > 1 shares control state over gateway.state, or a "
+        "private redis-server when that is memory (docs/operations.md)",
+    )
+    parser.add_argument(
+        "--process-of",
+        type=int,
+        default=None,
+        metavar="PID",
+        help=argparse.SUPPRESS,  # one process of a --processes group started by PID
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -646,9 +671,20 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.processes < 1:
+        print("switchyard: --processes must be at least 1", file=sys.stderr)
+        return 2
+    if args.processes > 1:
+        from gateway.control import processes
+
+        return processes.run(config, args.processes, args.ready_file, args.log_level)
+    if args.process_of is not None:
+        die_with_parent(args.process_of)
     use_uvloop()
     try:
-        asyncio.run(serve(config, args.ready_file, args.config))
+        asyncio.run(
+            serve(config, args.ready_file, args.config, reuse_port=args.process_of is not None)
+        )
     except (StartupError, ConfigError) as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1

@@ -8,8 +8,8 @@ until the second gateway's fleet routes at that price, and how long the admin ca
 took (it answers once the store holds the change).
 
 `python -m gateway.bench.shared_state [--out BENCHMARKS.md]` writes its section of
-BENCHMARKS.md (between markers) and leaves the rest. `RedisServer` starts and stops
-the redis-server process (the tests' fixture uses it too).
+BENCHMARKS.md (between markers) and leaves the rest. The redis-server process is
+gateway.control.redis_server's `RedisServer` (the tests' fixture uses it too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import time
@@ -26,10 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-import redis
 
 from gateway.bench.report import publish
 from gateway.config import FleetConfig
+from gateway.control.redis_server import RedisServer
 from gateway.report.markdown import markdown_table
 from gateway.routing.percentiles import percentile
 from gateway.server import Gateway, start_gateway
@@ -40,93 +39,6 @@ BEGIN = "<!-- shared-state: written by `python -m gateway.bench.shared_state` --
 END = "<!-- /shared-state -->"
 TOKEN = "shared-state-bench"
 TARGET_P99_S = 1.0
-
-
-class RedisServer:
-    """A redis-server of its own: on a Unix socket in `folder` (no TCP port, so none to
-    pick), nothing kept on disk, so a restart starts empty as a store that lost its
-    data does."""
-
-    def __init__(self, folder: Path, executable: str = "redis-server") -> None:
-        self.folder = folder
-        self.executable = executable
-        self.socket = folder / "redis.sock"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @staticmethod
-    def find() -> str | None:
-        """The redis-server executable on PATH, or None."""
-        return shutil.which("redis-server")
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}?db=0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), decode_responses=True)
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Starts it; returns once it answers PING (RuntimeError with its log if it
-        does not within `timeout_s`)."""
-        log = self.folder / "redis.log"
-        self.process = subprocess.Popen(
-            [
-                self.executable,
-                "--port",
-                "0",
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
-                "--logfile",
-                str(log),
-            ],
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout_s
-        client = self.client()
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server exited ({self.process.returncode}): {_tail(log)}"
-                    )
-                try:
-                    if self.socket.exists() and client.ping():
-                        return
-                except (redis.RedisError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server not answering after {timeout_s:g} s")
-                time.sleep(0.01)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-        self.socket.unlink(missing_ok=True)
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text()[-2000:]
-    except OSError:
-        return "(no log)"
 
 
 def bench_fleet(url: str) -> FleetConfig:

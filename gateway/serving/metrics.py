@@ -1,5 +1,15 @@
 """Prometheus metrics of the gateway, on a registry passed in (never the global one).
 
+In a process of a `switchyard serve --processes N` group, prometheus-client runs in its
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the parent before the process
+starts): every value is kept in a file of that folder too, and the parent serves them
+merged. Each gauge says how its processes' values merge (`multiprocess_mode`, ignored
+in a single process): summed over the live processes where each holds its own share
+(in flight, queue depth), the lowest where 1 means "every process sees it" (healthy,
+available, ready, store up), the highest for per-route predictions (the most
+pessimistic process), the most recent for prices (the same in every process).
+
+
 Imports prometheus_client and the standard library's HTTP server only: no grpc, no
 protobuf, and never the global registry.
 """
@@ -80,24 +90,28 @@ class GatewayMetrics:
             "switchyard_backend_in_flight",
             "Requests in flight per backend.",
             ["backend"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.healthy = Gauge(
             "switchyard_backend_healthy",
             "1 when the backend passes its health probes.",
             ["backend"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.price = Gauge(
             "switchyard_backend_price_usd_per_hour",
             "Current price of each backend.",
             ["backend"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.model_ready = Gauge(
             "switchyard_model_ready",
             "1 when some healthy backend has the model ready.",
             ["model"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.merged_batch = Histogram(
@@ -135,6 +149,7 @@ class GatewayMetrics:
             "switchyard_backend_available",
             "1 when the backend takes traffic (healthy, not drained, not ejected).",
             ["backend"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.queue_depth = Gauge(
@@ -142,6 +157,7 @@ class GatewayMetrics:
             "Requests in flight to the backend beyond its slots, waiting for one (at the "
             "gateway or at the backend), as the router models its queue.",
             ["backend"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.state_store_up = Gauge(
@@ -149,6 +165,7 @@ class GatewayMetrics:
             "1 while the control state's store answers (always 1 for memory or a file); 0 "
             "while a shared store cannot be reached: the gateway serves on the last state it "
             "knew and keeps its own changes until the store is back.",
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.feed_up = Gauge(
@@ -179,12 +196,14 @@ class GatewayMetrics:
             "switchyard_route_latency_ms",
             "Per route: predicted service time and observed latency, at p50 and p99.",
             ["backend", "model", "variant", "kind", "quantile"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.route_cost = Gauge(
             "switchyard_route_cost_usd_per_1m",
             "Per route: cost of one million inferences at the current price and estimate.",
             ["backend", "model", "variant"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.decisions = Counter(

@@ -54,12 +54,19 @@ class _Readiness(pb_grpc.GRPCInferenceServiceServicer):
 class ProbePort:
     """Health and readiness on `address`, served by two threads."""
 
-    def __init__(self, address: str, credentials: grpc.ServerCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ServerCredentials | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """`reuse_port`: SO_REUSEPORT, shared with the other processes of a
+        `--processes` group."""
         self._ready = threading.Event()
         self._health = health.HealthServicer()
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="probes"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
             maximum_concurrent_rpcs=64,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -222,7 +222,11 @@ class RestApp:
             elapsed_s = (time.perf_counter_ns() - start_ns) / 1e9
             metrics.latency.labels(label, "none", "rest").observe(elapsed_s)
             raise
-        reply = await self.servicer.infer(request.message.SerializeToString(), None, "rest")
+        tracing = self.servicer.tracing
+        carrier = None if tracing is None else tracing.carrier_of_headers(headers)
+        reply = await self.servicer.infer(
+            request.message.SerializeToString(), None, "rest", carrier
+        )
         try:
             answer, json_length = encode_infer_response(
                 pb.ModelInferResponse.FromString(reply), request
@@ -436,12 +440,13 @@ class RestServer:
         listen: str,
         context: ssl.SSLContext | None,
         limit_concurrency: int | None,
+        reuse_port: bool = False,
     ) -> None:
         # The app keeps the limit, answering past it as the gRPC listener does (429,
         # JSON): uvicorn's own limit answers a plain-text 503 and counts idle
         # kept-alive connections as requests.
         app.max_in_flight = limit_concurrency
-        self._socket = bind_listener(listen)
+        self._socket = bind_listener(listen, reuse_port)
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn_server(app, "httptools", context, timeout_graceful_shutdown=2)
         self._ticks: asyncio.Task[None] | None = None
@@ -485,8 +490,9 @@ def uvicorn_server(
     return server
 
 
-def bind_listener(listen: str) -> socket.socket:
-    """A listening socket at HOST:PORT (`[v6]:PORT` too); OSError when it cannot bind."""
+def bind_listener(listen: str, reuse_port: bool = False) -> socket.socket:
+    """A listening socket at HOST:PORT (`[v6]:PORT` too); OSError when it cannot bind.
+    `reuse_port`: SO_REUSEPORT, shared with the other processes of a `--processes` group."""
     host, port = listen.rsplit(":", 1)
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -496,6 +502,8 @@ def bind_listener(listen: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, int(port)))
         sock.listen(2048)
         sock.setblocking(False)
