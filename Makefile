@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis
+.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis kubectl
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ serve: models
 
 # The static checks before the tests: style, strict types, and the walls between the
 # planes (import-linter contracts in pyproject.toml).
-test: models check redis
+test: models check redis kubectl
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The shared-state tests and bench run a redis-server of their own (Debian's package),
@@ -57,6 +57,14 @@ redis:
 		&& { apt-get install -y -q redis-server >/dev/null 2>&1 \
 		     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } \
 		|| echo "redis-server not installed (apt-get install redis-server): the shared-state tests will skip"
+
+# The Kubernetes manifests' tests render them with `kubectl kustomize` (Debian's
+# kubernetes-client), installed here as root where apt-get can; elsewhere they skip.
+kubectl:
+	@command -v kubectl >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& { apt-get install -y -q kubernetes-client >/dev/null 2>&1 \
+		     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q kubernetes-client >/dev/null 2>&1; }; }; } \
+		|| echo "kubectl not installed (apt-get install kubernetes-client): the Kubernetes manifest tests will skip"
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check gateway backends tests protos/generate.py
