@@ -1,0 +1,354 @@
+"""Several gateways on several hosts route as one: hosts are network namespaces made by
+the test (tests/e2e/netns.py), each process runs in its own, and every request crosses
+a bridge between them.
+
+The hosts: `store` runs redis-server; `g1` and `g2` run `switchyard serve` on the same
+fleet file, sharing their control state through the store; `b1`, `b2` and `b3` each run
+one digits worker (`switchyard backend`), b1 the cheapest and b3 the dearest, each
+price ten times the last so that the router's choice does not hang on sub-millisecond
+differences in service time. The test process is the client, on the same segment. Each
+gateway's admin API listens on its host's loopback, as an SRE would reach it on the
+host: the test runs `switchyard admin` inside that host.
+
+Traffic goes through both gateways at once in each case, and each case checks that
+every request sent got one clean answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from tests.e2e import netns
+from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD
+from tests.e2e.traffic import OK, Traffic
+from tests.waiting import wait_until
+
+WORKER_PORT = 9000
+STORE_PORT = 6379
+PRICES = {"b1": 0.01, "b2": 0.1, "b3": 1.0}
+"""USD per hour: each ten times the last."""
+SPIKE = 10.0
+"""A price for b1 that makes it the dearest by far."""
+RATE_PER_S = 25.0
+"""Each gateway's share of the test traffic."""
+
+why_not = netns.available()
+pytestmark = pytest.mark.skipif(why_not is not None, reason=f"multi-host tests: {why_not}")
+
+
+@dataclass
+class Gateway:
+    host: netns.Host
+    process: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return str(self.info["address"])
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`switchyard admin ARGS` run on the gateway's host, against its admin API."""
+        return self.host.run(
+            [*SWITCHYARD, "admin", "--target", str(self.info["admin"]), *args],
+            cwd=ROOT,
+            env={**os.environ, "SWITCHYARD_ADMIN_TOKEN": ADMIN_TOKEN},
+        )
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample of the gateway's /metrics (None when absent)."""
+        url = f"http://{self.host.address}:{self.info['metrics_port']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(f"{name} "):
+                    return float(line.split()[1])
+        return None
+
+
+@dataclass
+class Cluster:
+    network: netns.Network
+    workdir: Path
+    repository: Path
+    store: netns.Host
+    gateways: list[Gateway] = field(default_factory=list)
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self, name: str) -> None:
+        host = self.network.hosts[name]
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            host.command(
+                [
+                    *(sys.executable, "-m", "backends.worker.server"),
+                    *("--repository", str(self.repository)),
+                    *("--listen", f"{host.address}:{WORKER_PORT}"),
+                    *("--threads", "1", "--hardware-class", f"cpu-{name}", "--models", "digits"),
+                ]
+            ),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:  # its first line says where it listens
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("event") == "listening":
+                    self.workers[name] = process
+                    return
+        raise AssertionError(
+            f"worker on {name} exited: {(self.workdir / f'{name}.log').read_text()}"
+        )
+
+    def start_gateway(self, name: str, fleet: Path) -> Gateway:
+        host = self.network.hosts[name]
+        ready = self.workdir / f"{name}-ready.json"
+        log_path = self.workdir / f"{name}.log"
+        process = subprocess.Popen(
+            host.command(
+                [*SWITCHYARD, "serve", "--config", str(fleet), "--ready-file", str(ready)]
+            ),
+            cwd=ROOT,
+            env={**os.environ, "SWITCHYARD_ADMIN_TOKEN": ADMIN_TOKEN},
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"gateway on {name} did not start:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        gateway = Gateway(host, process, json.loads(ready.read_text()), log_path)
+        self.gateways.append(gateway)
+        return gateway
+
+    def stop(self) -> None:
+        processes = [g.process for g in self.gateways] + [*self.workers.values(), *self.others]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def fleet_file(path: Path, repository: Path, network: netns.Network, gateway: netns.Host) -> Path:
+    store = network.hosts["store"].address
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "repository": str(repository),
+                "gateway": {
+                    "listen": f"{gateway.address}:8001",
+                    "http": None,
+                    "metrics": f"{gateway.address}:0",
+                    "admin": "127.0.0.1:0",
+                    "state": f"redis://{store}:{STORE_PORT}/0",
+                    "probe_interval_s": 0.2,
+                    "attempt_timeout_slack_s": 0.2,
+                },
+                "backends": [
+                    {
+                        "name": name,
+                        "address": f"{network.hosts[name].address}:{WORKER_PORT}",
+                        "hardware_class": f"cpu-{name}",
+                        "price_usd_per_hour": price,
+                    }
+                    for name, price in PRICES.items()
+                ],
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    redis_server = subprocess.run(["which", "redis-server"], capture_output=True, text=True)
+    if redis_server.returncode != 0:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    workdir = tmp_path_factory.mktemp("multihost")
+    network = netns.Network().open()
+    try:
+        store = network.add("store")
+        for name in ("g1", "g2", *PRICES):
+            network.add(name)
+        cluster = Cluster(network, workdir, repository, store)
+        try:
+            cluster.others.append(
+                subprocess.Popen(
+                    store.command(
+                        [
+                            redis_server.stdout.strip(),
+                            *("--bind", store.address, "--port", str(STORE_PORT)),
+                            *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
+                        ]
+                    ),
+                    stdout=(workdir / "store.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            for name in PRICES:
+                cluster.start_worker(name)
+            for name in ("g1", "g2"):
+                host = network.hosts[name]
+                cluster.start_gateway(
+                    name, fleet_file(workdir / f"{name}.yaml", repository, network, host)
+                )
+            yield cluster
+        finally:
+            cluster.stop()
+    finally:
+        network.close()
+        assert netns.leftovers(network.tag) == []
+
+
+@pytest.fixture
+async def traffic(cluster: Cluster) -> AsyncIterator[list[Traffic]]:
+    """Traffic through each gateway, started once every gateway routes to b1 (the
+    cheapest); stopped and checked (every request one clean answer) after the case."""
+    channels = [grpc.aio.insecure_channel(g.address) for g in cluster.gateways]
+    flows = [Traffic(channel, RATE_PER_S, timeout_s=20.0).start() for channel in channels]
+    try:
+        await wait_until(
+            lambda: all(_latest_from(flow, {"b1"}) for flow in flows),
+            timeout_s=30,
+            what="both gateways routing to b1, the cheapest",
+        )
+        yield flows
+    finally:
+        for flow in flows:
+            await flow.stop()
+        for channel in channels:
+            await channel.close()
+
+
+def _latest_from(flow: Traffic, backends: set[str], count: int = 5) -> bool:
+    latest = flow.latest(count)
+    return len(latest) == count and all(a.code == OK and a.backend in backends for a in latest)
+
+
+async def finish(traffic: list[Traffic]) -> None:
+    """Stops the traffic; every request sent through either gateway got one OK answer."""
+    for flow in traffic:
+        await flow.stop()
+    for flow in traffic:
+        assert flow.check() == {"OK": flow.sent}
+
+
+async def _set_price(gateway: Gateway, backend: str, usd_per_hour: float) -> str:
+    """Sets the price through `gateway`'s admin API (the traffic going on meanwhile);
+    returns what it warned of."""
+    result = await asyncio.to_thread(gateway.admin, "set-price", backend, str(usd_per_hour))
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+async def test_a_price_set_on_one_gateway_moves_both_gateways_traffic(
+    cluster: Cluster, traffic: list[Traffic]
+) -> None:
+    g1, _ = cluster.gateways
+    assert await _set_price(g1, "b1", SPIKE) == ""
+    try:
+        await wait_until(
+            lambda: all(_latest_from(flow, {"b2"}) for flow in traffic),
+            timeout_s=10,
+            what="both gateways' traffic on b2 after b1's price rose",
+        )
+    finally:
+        await _set_price(g1, "b1", PRICES["b1"])
+    await wait_until(
+        lambda: all(_latest_from(flow, {"b1"}) for flow in traffic),
+        timeout_s=10,
+        what="both gateways back on b1",
+    )
+    await finish(traffic)
+
+
+async def test_a_backend_host_whose_worker_is_killed_loses_no_request_at_either_gateway(
+    cluster: Cluster, traffic: list[Traffic]
+) -> None:
+    loop = asyncio.get_running_loop()
+    worker = cluster.workers["b1"]
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed_at = loop.time()
+    await wait_until(
+        lambda: all(
+            sum(1 for a in flow.answers if a.sent_s > killed_at + 0.5) >= 10 for flow in traffic
+        ),
+        timeout_s=20,
+        what="traffic after the kill",
+    )
+    for flow in traffic:
+        after = [a for a in flow.answers if a.sent_s > killed_at + 0.5]
+        assert {a.backend for a in after if a.code == OK} <= {"b2", "b3"}
+    # The host's worker comes back at the same address and the gateways return to it.
+    cluster.start_worker("b1")
+    await wait_until(
+        lambda: all(_latest_from(flow, {"b1"}) for flow in traffic),
+        timeout_s=30,
+        what="both gateways back on the restarted b1",
+    )
+    await finish(traffic)
+
+
+async def test_a_gateway_cut_off_from_the_store_keeps_serving_and_reconciles(
+    cluster: Cluster, traffic: list[Traffic]
+) -> None:
+    g1, g2 = cluster.gateways
+    flow1, flow2 = traffic
+    g1.host.cut_off_from(cluster.store)
+    try:
+        await wait_until(
+            lambda: g1.metric("switchyard_state_store_up") == 0.0,
+            timeout_s=20,
+            what="g1 reporting its store down",
+            interval_s=0.2,
+        )
+        assert g2.metric("switchyard_state_store_up") == 1.0
+        warning = await _set_price(g1, "b1", SPIKE)
+        assert warning.startswith("warning:"), f"no not-shared warning: {warning!r}"
+        await wait_until(lambda: _latest_from(flow1, {"b2"}), timeout_s=10, what="g1 on b2")
+        # g2 never heard of it: b1 is still the cheapest there.
+        assert _latest_from(flow2, {"b1"}, count=10)
+    finally:
+        g1.host.reconnect_to(cluster.store)
+    await wait_until(
+        lambda: g1.metric("switchyard_state_store_up") == 1.0,
+        timeout_s=20,
+        what="g1 reporting its store back",
+        interval_s=0.2,
+    )
+    await wait_until(
+        lambda: _latest_from(flow2, {"b2"}),
+        timeout_s=10,
+        what="g1's change reconciled into the store and applied on g2",
+    )
+    await _set_price(g1, "b1", PRICES["b1"])
+    await wait_until(
+        lambda: all(_latest_from(flow, {"b1"}) for flow in traffic),
+        timeout_s=10,
+        what="both gateways back on b1",
+    )
+    await finish(traffic)
