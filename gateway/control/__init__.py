@@ -3,5 +3,6 @@ workers, price schedules and the fleet file watch. Every change an SRE or a sche
 to a running gateway goes through `plane.Control`.
 
 Its modules may import the routing core, the serving metrics and backends; the routing
-core, the data plane's dispatch and the simulator import nothing from here.
+core and the data plane's dispatch import nothing from here, and the simulator only
+the feeds' formats (pure functions, to replay recorded feeds).
 """

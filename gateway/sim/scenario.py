@@ -37,6 +37,12 @@ events:                             # each has at_s and exactly one action
   - {at_s: 50, undrain: gpu}
   - {at_s: 20, multiply_rate: {factor: 5, for_s: 10}}   # optional model / sla_class filter
   - {at_s: 40, set_policy: {default: {latency_ms: 50}}} # replaces the policies whole
+feeds:                              # recorded price feeds, replayed as set_price events
+  - kind: aws-spot                  # aws-spot | gcp-billing | schedule (the fleet file's formats)
+    file: feeds/spot-history.json   # relative to the scenario's folder
+    start: 2024-05-01T12:00:00Z     # the recorded time at the scenario's 0 s
+    speedup: 60                     # recorded seconds per scenario second
+    selectors: [{backends: [gpu], instance_type: g5.xlarge, availability_zone: us-east-1a}]
 thresholds:
   attainment_min: 0.995             # switchyard, every feasible class
   max_cost_vs_lower_bound: 1.10     # switchyard cost / offline optimum
@@ -59,17 +65,28 @@ With `--short`, the run lasts `short.duration_s`, every rate is multiplied by
 `short.rate_scale`, and event times (and surge lengths, burst periods) are
 scaled by `short.duration_s / duration_s`, so the same story plays faster.
 
-Imports only pydantic and gateway.config (which reads the YAML): no router, no numpy.
+Imports only pydantic, gateway.config (which reads the YAML) and the feeds' formats
+(pure functions of bytes, to replay recorded feeds): no router, no numpy.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, Protocol, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
-from gateway.config import PoliciesSettings, validate_yaml
+from gateway.config import FeedSelector, FeedSettings, PoliciesSettings, validate_yaml
+from gateway.control.feeds.formats import FeedError, parse, price_changes
 
 R = TypeVar("R", covariant=True)
 
@@ -377,6 +394,66 @@ class Short(_Strict):
     rate_scale: float = Field(1.0, gt=0)
 
 
+class FeedReplay(_Strict):
+    """A recorded price feed (one answer of the fleet file's feed formats, e.g. a spot
+    price history) replayed on the scenario's timeline: each change of a covered
+    backend's price becomes a `set_price` event, the prices in force at `start` at 0 s."""
+
+    kind: Literal["aws-spot", "gcp-billing", "schedule"]
+    file: Path
+    """The recorded answer, relative to the scenario's folder."""
+    start: datetime | float
+    """The recorded time at the scenario's 0 s: ISO 8601 (no zone: UTC), or seconds since
+    the epoch."""
+    speedup: float = Field(1.0, gt=0)
+    """Recorded seconds per scenario second (60: an hour of history in a minute)."""
+    selectors: list[FeedSelector] = Field(min_length=1)
+    """As in the fleet file's feeds; they cover the scenario's backends."""
+
+    @model_validator(mode="after")
+    def _selectors_fit_the_kind(self) -> FeedReplay:
+        try:
+            FeedSettings(name="replay", kind=self.kind, file=self.file, selectors=self.selectors)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from exc
+        return self
+
+    @property
+    def start_s(self) -> float:
+        if isinstance(self.start, datetime):
+            start = self.start if self.start.tzinfo else self.start.replace(tzinfo=UTC)
+            return start.timestamp()
+        return self.start
+
+    def events(self, backends: list[ModelledBackend], duration_s: float) -> list[SetPriceEvent]:
+        """The feed's price changes as events; ScenarioError saying why when the file
+        cannot be read or covers no backend."""
+        targets: dict[str, list[FeedSelector]] = {}
+        for index, selector in enumerate(self.selectors):
+            covered = [b.name for b in backends if selector.covers(b.name, b.hardware_class)]
+            if not covered:
+                raise ScenarioError(f"feed {self.file} selector {index} covers no backend")
+            for name in covered:
+                targets.setdefault(name, []).append(selector)
+        try:
+            readings = parse(self.kind, [self.file.read_bytes()])
+        except OSError as exc:
+            raise ScenarioError(f"cannot read recorded feed {self.file}: {exc}") from exc
+        except FeedError as exc:
+            raise ScenarioError(f"recorded feed {self.file}: {exc}") from exc
+        start_s = self.start_s
+        until_s = start_s + duration_s * self.speedup
+        return [
+            SetPriceEvent(
+                at_s=(moment - start_s) / self.speedup,
+                set_price=SetPrice(backend=backend, usd_per_hour=usd_per_hour),
+            )
+            for moment, backend, usd_per_hour in price_changes(
+                self.kind, readings, targets, start_s, until_s
+            )
+        ]
+
+
 class Scenario(_Strict):
     scenario: Name
     description: str = ""
@@ -386,6 +463,9 @@ class Scenario(_Strict):
     policies: PoliciesSettings = PoliciesSettings()
     traffic: list[Traffic] = Field(min_length=1)
     events: list[Event] = []
+    feeds: list[FeedReplay] = []
+    """Recorded price feeds, replayed as `set_price` events (added to `events` when the
+    file is loaded)."""
     thresholds: Thresholds = Thresholds()
     short: Short | None = None
     live: Live = Live()
@@ -461,7 +541,16 @@ def parse_scenario(text: str, base_dir: Path, source: str = "scenario") -> Scena
     live = scenario.live
     if live.fleet is not None and not live.fleet.is_absolute():
         live = live.model_copy(update={"fleet": base_dir / live.fleet})
-    return scenario.model_copy(update={"traffic": traffic, "live": live})
+    feeds = [
+        f if f.file.is_absolute() else f.model_copy(update={"file": base_dir / f.file})
+        for f in scenario.feeds
+    ]
+    events = list(scenario.events)
+    for feed in feeds:
+        events += feed.events(scenario.backends, scenario.duration_s)
+    return scenario.model_copy(
+        update={"traffic": traffic, "live": live, "feeds": feeds, "events": events}
+    )
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -437,3 +437,25 @@ def change_times(readings: Readings) -> list[float]:
     """Every time at which the readings say something changes, in order (a recorded
     feed's timeline)."""
     return sorted({r.at_s for r in readings if r.at_s is not None})
+
+
+def price_changes(
+    kind: FeedKind,
+    readings: Readings,
+    targets: Mapping[str, list[FeedSelector]],
+    start_s: float,
+    until_s: float,
+) -> list[tuple[float, str, float]]:
+    """A recorded price feed as a timeline: (time, backend, USD per hour) each time a
+    backend's price changes from `start_s` to `until_s` (seconds since the epoch), the
+    prices in force at `start_s` first. A backend with no entry in force yet gets none
+    until it has one."""
+    times = [start_s] + [t for t in change_times(readings) if start_s < t <= until_s]
+    last: dict[str, float] = {}
+    changes = []
+    for moment in times:
+        for backend, value in sorted(evaluate(kind, readings, targets, moment).values.items()):
+            if last.get(backend) != value:
+                changes.append((moment, backend, value))
+                last[backend] = value
+    return changes
