@@ -197,6 +197,13 @@ class GatewaySettings(_Strict):
     "The gateway's hop"). A backend that serves no streams (KServe) gets unary calls; a
     stream that breaks fails its requests over, and is reopened. 0: one unary call per
     request."""
+    load_reports: bool = True
+    """Read the load report a Switchyard worker ends each answer with (its queue less
+    this gateway's requests: backends.protocol.load) and predict its queue wait from it
+    plus what this gateway sent since, so that several gateways sharing a backend do not
+    overfill it; the report is cut off the answer either way. false: each gateway goes by
+    its own requests alone, as it does for backends that send no reports (KServe,
+    Triton). docs/routing.md, "Load reports"."""
     request_overhead_ms: float = Field(0.0, ge=0)
     """Latency an SLA counts outside the gateway's calls to backends: the clients'
     network hop and the gateway's own gRPC handling, as the clients measure it. A

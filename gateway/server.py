@@ -186,6 +186,7 @@ def build_fleet(config: FleetConfig) -> FleetState:
             settings.eject_window_s,
             settings.eject_min_requests,
         ),
+        load_reports=settings.load_reports,
     )
 
 

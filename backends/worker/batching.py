@@ -37,6 +37,7 @@ import contextlib
 import itertools
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class _Pending:
     future: asyncio.Future[list[Array]] = field(compare=False)
     queued: bool = field(default=True, compare=False)
     """Waiting in the queue, so counted against its bound."""
+    caller: str = field(default="", compare=False)
+    """Who sent it (a gateway's `switchyard_caller`), for load reports."""
 
 
 class Batcher:
@@ -146,6 +149,10 @@ class Batcher:
         self.running = 0
         """Requests in the batch executing now."""
         self._running_since_ns = 0
+        self._waiters: dict[int, _Pending] = {}
+        """The requests counted in `waiting`, by arrival number (for load reports)."""
+        self._batch: list[_Pending] = []
+        """The batch executing now."""
         self._execution_ns = 0.0
         self._requests_per_execution = 1.0
         self.stats = BatchStats()
@@ -168,11 +175,13 @@ class Batcher:
         priority: int = 0,
         due_us: int | None = None,
         timeout_s: float | None = None,
+        caller: str = "",
     ) -> dict[str, Array]:
         """Runs one request (`priority` as Triton's, due `due_us` microseconds from now
-        or None, its deadline `timeout_s` seconds from now or None: see the module);
-        returns every output by name. QueueFull when the queue holds its limit;
-        DeadlineExceeded when the deadline passed before its batch formed."""
+        or None, its deadline `timeout_s` seconds from now or None: see the module;
+        `caller`: who sent it, for `others_load`); returns every output by name.
+        QueueFull when the queue holds its limit; DeadlineExceeded when the deadline
+        passed before its batch formed."""
         if self.waiting >= self.max_queue:
             self.stats.shed += 1
             raise QueueFull(
@@ -193,9 +202,11 @@ class Batcher:
             now_ns,
             NO_DEADLINE_NS if timeout_s is None else now_ns + int(timeout_s * 1e9),
             future,
+            caller=caller,
         )
         self._queue.put_nowait(pending)
         self.waiting += 1
+        self._waiters[pending.seq] = pending
         try:
             arrays = await future
         finally:
@@ -212,16 +223,45 @@ class Batcher:
         ns = self.waiting * execution_ns / max(1.0, self._requests_per_execution)
         return max(1, math.ceil(ns / 1e6))
 
+    def others_load(
+        self,
+        caller: str,
+        now_ns: int,
+        edges_ns: Sequence[int],
+        counts: list[int],
+        work: list[float],
+    ) -> int | None:
+        """Adds the requests waiting here that `caller` did not send to `counts` and
+        `work` (ns of expected work, the recent mean execution time per request), in
+        the bucket of `edges_ns` they are due within (the last: after them all, or no
+        due time); returns about how long (ns) until the batch running ends when it
+        holds a request of another caller's, else None."""
+        per_request_ns = self._execution_ns / max(1.0, self._requests_per_execution)
+        last = len(edges_ns)
+        for pending in self._waiters.values():
+            if pending.caller == caller:
+                continue
+            due = pending.due_ns
+            at = last if due == NO_DEADLINE_NS else bisect_left(edges_ns, due - now_ns)
+            counts[at] += 1
+            work[at] += per_request_ns
+        batch = self._batch
+        if not batch or all(p.caller == caller for p in batch):
+            return None
+        return max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
+
     def _dequeued(self, pending: _Pending) -> None:
         if pending.queued:
             pending.queued = False
             self.waiting -= 1
+            self._waiters.pop(pending.seq, None)
 
     def _requeue(self, pending: _Pending) -> None:
         self._queue.put_nowait(pending)
         if not pending.queued:
             pending.queued = True
             self.waiting += 1
+            self._waiters[pending.seq] = pending
 
     def _take(self, pending: _Pending) -> bool:
         """Takes `pending` off the queue for a batch: False when it is not to run (its
@@ -285,6 +325,7 @@ class Batcher:
             for pending in batch:
                 self.stats.queue_ns += start_ns - pending.enqueued_ns
             self.running, self._running_since_ns = len(batch), start_ns
+            self._batch = batch
             try:
                 if self._inline_below_ns and self._runs_fast():
                     results = self._run_batch(batch)
@@ -305,6 +346,7 @@ class Batcher:
                 continue
             finally:
                 self.running = 0
+                self._batch = []
             elapsed_ns = self._clock() - start_ns
             weight = EWMA_WEIGHT if self.stats.executions else 1.0
             self._execution_ns += weight * (elapsed_ns - self._execution_ns)

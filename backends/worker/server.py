@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -61,6 +62,13 @@ from backends.protocol.errors import (
     SwitchyardError,
     shown,
 )
+from backends.protocol.load import (
+    BUCKETS,
+    CALLER_PARAMETER,
+    DUE_EDGES_MS,
+    LoadReport,
+    report_field,
+)
 from backends.protocol.parameters import (
     DUE_PARAMETER,
     checked_due_us,
@@ -72,6 +80,7 @@ from backends.protocol.streams import (
     RETRY_AFTER_PARAMETER,
     STATUS_PARAMETER,
     WireError,
+    length_delimited,
     message_id,
 )
 from backends.worker.batching import DEFAULT_MAX_QUEUE
@@ -103,6 +112,10 @@ PENDING_CALLS_SOFT_LIMIT = 20_000
 PENDING_CALLS_HARD_LIMIT = 40_000
 """... and before it cancels every further one (gRPC's defaults: 1,000 and 3,000)."""
 
+_DUE_EDGES_NS = [int(edge * 1e6) for edge in DUE_EDGES_MS]
+_STREAM_INFER_RESPONSE = 2
+"""ModelStreamInferResponse.infer_response."""
+
 
 def default_max_concurrent_rpcs(max_queue: int, models: int) -> int:
     """The default limit on RPCs in progress with `models` models served: generous
@@ -120,6 +133,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, models: dict[str, ServedModel], settings: WorkerSettings) -> None:
         self.models = models
         self.settings = settings
+        self._reports = itertools.count(1)
+        """Load reports' sequence numbers."""
 
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.models.get(name)
@@ -183,7 +198,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest | bytes, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
         # A full queue's QueueFull carries its retry hint: aborts_with_status sends it
         # as the grpc-retry-pushback-ms trailer.
         return await self._infer(request, context.time_remaining())
@@ -192,23 +207,23 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest | bytes],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes]:
         """Requests run concurrently, each answered as it finishes (out of order), with
         its `id` echoed; an error is that request's answer (`error_message`, and its
         status and retry hint as parameters: backends.protocol.streams), never the
         stream's end. Each request's deadline is its `timeout` parameter (a stream has
         one gRPC deadline for all), or the stream's, whichever comes first. The stream
         ends when the caller's side ends and every answer is sent."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest | bytes) -> None:
             try:
                 response = await self._infer(request, context.time_remaining())
             except SwitchyardError as exc:
-                answers.put_nowait(_stream_error(request, exc))
+                answers.put_nowait(_stream_error(request, exc).SerializeToString())
             else:
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                answers.put_nowait(length_delimited(_STREAM_INFER_RESPONSE, response))
 
         async def read() -> None:
             try:
@@ -234,12 +249,12 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
         await reader
 
-    async def _infer(
-        self, given: pb.ModelInferRequest | bytes, remaining_s: float | None
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, given: pb.ModelInferRequest | bytes, remaining_s: float | None) -> bytes:
         """Runs one request with `remaining_s` left of its call's deadline (None: none)
-        or less, as Triton's `timeout` parameter says; a failure is counted and raised
-        as a SwitchyardError (any other exception as Internal)."""
+        or less, as Triton's `timeout` parameter says; returns the serialized answer,
+        with a load report at its end when the request names its caller (see
+        backends.protocol.load). A failure is counted and raised as a SwitchyardError
+        (any other exception as Internal)."""
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
         request = pb.ModelInferRequest()
@@ -251,13 +266,19 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             chosen = model.choose(decoded.parameters.get("switchyard_variant"))
             priority = checked_priority(decoded.parameters.get("priority"))
             due_us = checked_due_us(decoded.parameters.get(DUE_PARAMETER))
+            caller = decoded.parameters.get(CALLER_PARAMETER)
             timeout = decoded.parameters.get("timeout")
             if timeout is not None:
                 timeout_s = checked_timeout_us(timeout) / 1e6
                 remaining_s = timeout_s if remaining_s is None else min(remaining_s, timeout_s)
             try:
                 outputs = await chosen.batcher.infer(
-                    decoded.inputs, decoded.batch_size, priority, due_us, remaining_s
+                    decoded.inputs,
+                    decoded.batch_size,
+                    priority,
+                    due_us,
+                    remaining_s,
+                    caller=str(caller) if caller is not None else "",
                 )
             except SwitchyardError:
                 raise
@@ -275,13 +296,16 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 decoded.raw_output,
             )
             response.parameters["switchyard_variant"].string_param = chosen.name
+            answer = response.SerializeToString()
+            if caller is not None:
+                answer += self._load_report(str(caller))
             done_ns = time.perf_counter_ns()
             model.encode_ns += done_ns - computed_ns
             elapsed = done_ns - start_ns
             model.success[0] += 1
             model.success[1] += elapsed
             model.last_inference_ms = int(time.time() * 1000)
-            return response
+            return answer
         except asyncio.CancelledError:  # the caller went away, or its deadline passed
             if model is not None:
                 model.fail[0] += 1
@@ -296,6 +320,30 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             # A fault of ours: INTERNAL for the caller (a stream goes on), never UNKNOWN.
             log.exception("request for model %s failed", shown(request.model_name))
             raise Internal(internal_message(exc)) from exc
+
+    def _load_report(self, caller: str) -> bytes:
+        """This worker's queue now, less `caller`'s own requests, as the load report
+        field to end its answer with."""
+        now_ns = time.perf_counter_ns()
+        counts = [0] * BUCKETS
+        work_ns = [0.0] * BUCKETS
+        running = 0
+        rest_ns: int | None = None
+        for model in self.models.values():
+            for batcher in model.batchers():
+                ends_ns = batcher.others_load(caller, now_ns, _DUE_EDGES_NS, counts, work_ns)
+                if ends_ns is not None:
+                    running += 1
+                    rest_ns = ends_ns if rest_ns is None else min(rest_ns, ends_ns)
+        threads = self.settings.threads
+        report = LoadReport(
+            next(self._reports),
+            threads,
+            min(running, threads),
+            0 if rest_ns is None else rest_ns // 1000,
+            tuple((c, int(w / 1000)) for c, w in zip(counts, work_ns, strict=True)),
+        )
+        return report_field(report)
 
 
 def _parsed(request: pb.ModelInferRequest | bytes) -> pb.ModelInferRequest:
@@ -349,17 +397,14 @@ class _Registration:
 
 def add_servicer(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
     """The generated registration, except that ModelInfer and ModelStreamInfer take
-    their requests as bytes and parse them in the handler (`_parsed`)."""
+    their requests as bytes and parse them in the handler (`_parsed`), and give their
+    answers as bytes."""
     registration = _Registration()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registration)
     handlers = registration.handlers
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
-    )
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        servicer.ModelStreamInfer,
-        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
-    )
+    # Answers go out as the handlers serialized them (a load report at their end).
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 

@@ -8,8 +8,12 @@ Pure state: no I/O, no clock. Every method that depends on time takes `now_s`.
 Routes are long-lived objects (their estimates persist), rebuilt only when a
 backend's models or variants change; the router reads them without copying.
 
-Imports the estimates, the formulas and the protocol's tensor specs: no grpc,
-protobuf, clock, event loop or randomness.
+A backend that reports its load (a Switchyard worker: backends.protocol.load) has the
+other gateways' requests there stand in its queue as tickets of their own beside this
+gateway's (`record_report`).
+
+Imports the estimates, the formulas and the protocol's tensor specs and load reports: no
+grpc, protobuf, clock, event loop or randomness.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import exp, sqrt
 
+from backends.protocol.load import DUE_EDGES_MS, LoadReport
 from backends.protocol.tensors import TensorSpec
 from gateway.routing.estimates import LatencyEstimate, NetworkEstimate
 from gateway.routing.figures import g_co2_per_busy_ms, usd_per_busy_ms
@@ -46,6 +51,18 @@ def first_of_n_level(percentile: float, n: int) -> float:
     """The percentile level at which each of `n` requests in service must be read for
     the first of them to end by then at `percentile` (at least p99)."""
     return float(100.0 * (1.0 - (1.0 - max(percentile, 99.0) / 100.0) ** (1.0 / max(1, n))))
+
+
+REPORT_MAX_AGE_S = 0.5
+"""The longest a backend's load report stands: past it (or sooner, once the work it
+reported would be done: `BackendState.record_report`) the gateway's own view of that
+backend is all it goes by until the next report; and a report with a lower sequence
+number than the standing one is taken only once that one is this old (the worker
+restarted)."""
+
+OTHERS = object()
+"""The `attempt` of a ticket that stands for other gateways' requests on a backend, as
+its load report gave them."""
 
 
 SHARE_WINDOW_S = 10.0
@@ -87,14 +104,19 @@ class Ticket:
     arrival plus its SLA), what its route expects it to take, and when it took a
     slot (None while it waits)."""
 
-    __slots__ = ("attempt", "due_s", "expected_ms", "route", "started_s")
+    __slots__ = ("attempt", "count", "due_s", "expected_ms", "route", "started_s")
 
-    def __init__(self, route: Route | None, expected_ms: float, due_s: float) -> None:
+    def __init__(
+        self, route: Route | None, expected_ms: float, due_s: float, count: int = 1
+    ) -> None:
         self.route = route
         self.expected_ms = expected_ms
         self.due_s = due_s
+        self.count = count
+        """The requests it stands for (several: other gateways' waiting requests due
+        within one bucket of a load report, `expected_ms` their work together)."""
         self.attempt: object = None
-        """Whose request it is (the dispatcher's attempt)."""
+        """Whose request it is (the dispatcher's attempt; OTHERS: other gateways')."""
         self.started_s: float | None = None
 
 
@@ -167,6 +189,14 @@ class BackendState:
     usd_per_busy_ms: float = 0.0
     """Price per millisecond of one slot's time: cost of a request = this x service ms."""
     g_co2_per_busy_ms: float | None = None
+    report_seq: int = -1
+    """The standing load report's sequence number (-1: none yet)."""
+    report_at_s: float | None = None
+    """When the standing load report came."""
+    report_until_s: float = math.inf
+    """When the other gateways' tickets it placed leave the queue (inf: none there)."""
+    others: list[Ticket] = field(default_factory=list)
+    """The tickets the standing report placed (counted in `in_flight`)."""
 
     def __post_init__(self) -> None:
         self.set_price(self.price_usd_per_hour)
@@ -195,6 +225,8 @@ class BackendState:
         """A request sent to this backend at `now_s`, expected to take `expected_ms`,
         due at `due_s`: it takes a free slot, or waits behind the requests due before
         it. `budget_ms` (its SLA) counts its work in the rate of its class."""
+        if now_s >= self.report_until_s:
+            self._drop_others(now_s)
         self.in_flight += 1
         self._changed()
         if budget_ms is not None:
@@ -206,15 +238,95 @@ class BackendState:
                     rate[0] *= exp((rate[1] - now_s) * _PER_TAU)
                     rate[1] = now_s
                 rate[0] += expected_ms / WORK_RATE_TAU_S
-        ticket = Ticket(route, expected_ms, due_s)
+        return self._place(Ticket(route, expected_ms, due_s), now_s)
+
+    def _place(self, ticket: Ticket, now_s: float) -> Ticket:
+        """`ticket` takes a free slot, or waits behind the tickets due before it."""
         if len(self.serving) < self.slots:
             ticket.started_s = now_s
             self.serving.append(ticket)
         else:
+            due_s = ticket.due_s
             at = bisect_right(self._waiting_due, due_s, self._head)
             self._waiting_due.insert(at, due_s)
             self._waiting.insert(at, ticket)
         return ticket
+
+    def record_report(self, report: LoadReport, now_s: float) -> bool:
+        """The backend's load report (its queue less this gateway's requests), come
+        with an answer at `now_s`: the other gateways' requests it holds replace those of
+        the standing report in this backend's queue, beside this gateway's own tickets.
+        So the queue the router reads is the report's, plus what this gateway sent since,
+        less what of its own was answered since, whatever of its own was in transit.
+
+        The batches running for others take free slots (as requests started now, ending
+        in the report's `rest_us`), else wait ahead of everything; the others' waiting
+        requests of each deadline bucket wait as one ticket, due at the bucket's edge,
+        with their work together. They leave when the next report comes, or once the
+        work they stand for would be done (the slots' share of it), or REPORT_MAX_AGE_S
+        after the report, whichever is first; the gateway then goes by its own view.
+
+        A report whose sequence number is not above the standing one's (overtaken on
+        another stream) is ignored, unless the standing one is REPORT_MAX_AGE_S old.
+        Returns whether it was taken."""
+        at_s = self.report_at_s
+        if report.seq <= self.report_seq and at_s is not None and now_s - at_s < REPORT_MAX_AGE_S:
+            return False
+        self._drop_others(now_s)
+        self.report_seq, self.report_at_s = report.seq, now_s
+        others = self.others
+        work_ms = 0.0
+        running = min(report.in_service, self.slots)
+        if running:
+            rest_ms = report.rest_us / 1000.0
+            work_ms = rest_ms
+            for _ in range(running):
+                others.append(self._place(Ticket(None, rest_ms, now_s), now_s))
+        for edge_ms, (count, us) in zip((*DUE_EDGES_MS, math.inf), report.waiting, strict=False):
+            if count > 0:
+                ticket = Ticket(None, us / 1000.0, now_s + edge_ms * 0.001, count)
+                others.append(self._place(ticket, now_s))
+                work_ms += ticket.expected_ms / self.slots
+        if not others:
+            return True
+        for ticket in others:
+            ticket.attempt = OTHERS
+            self.in_flight += ticket.count
+        self.report_until_s = now_s + min(REPORT_MAX_AGE_S, work_ms * 0.001)
+        self._changed()
+        return True
+
+    def expire_report(self, now_s: float) -> None:
+        """The other gateways' tickets leave the queue if their time is up (see
+        `record_report`)."""
+        if now_s >= self.report_until_s:
+            self._drop_others(now_s)
+
+    def _drop_others(self, now_s: float) -> None:
+        """The standing report's tickets leave the queue; this gateway's own waiting
+        tickets take the slots they held."""
+        self.report_until_s = math.inf
+        if not self.others:
+            return
+        self.in_flight -= sum(t.count for t in self.others)
+        self.others = []
+        self.serving = [t for t in self.serving if t.attempt is not OTHERS]
+        head = self._head
+        kept = [
+            (t, due)
+            for t, due in zip(self._waiting[head:], self._waiting_due[head:], strict=True)
+            if t is not None and t.attempt is not OTHERS
+        ]
+        self._waiting = [t for t, _ in kept]
+        self._waiting_due = [due for _, due in kept]
+        self._head = 0
+        while self._waiting and len(self.serving) < self.slots:
+            ticket = self._waiting.pop(0)
+            del self._waiting_due[0]
+            assert ticket is not None
+            ticket.started_s = now_s
+            self.serving.append(ticket)
+        self._changed()
 
     @property
     def queued(self) -> int:
@@ -267,12 +379,14 @@ class BackendState:
         return nxt
 
     def clear(self) -> list[Ticket]:
-        """Every request in flight is lost (the backend died): returns them."""
+        """Every request in flight is lost (the backend died): returns this gateway's
+        (the standing load report is forgotten)."""
         lost = self.serving + [t for t in self._waiting[self._head :] if t is not None]
         self.serving, self._waiting, self._waiting_due, self._head = [], [], [], 0
         self.in_flight = 0
+        self.others, self.report_until_s, self.report_seq, self.report_at_s = [], math.inf, -1, None
         self._changed()
-        return lost
+        return [t for t in lost if t.attempt is not OTHERS]
 
     def tighter_load(self, budget_ms: float, now_s: float) -> float:
         """The share of this backend's slots that the work of classes with SLAs
@@ -293,6 +407,10 @@ class BackendState:
         whose route's service time is `service_ms` at `percentile` and `mean_ms` on
         average. Runs for every busy route of every request: what it derives from the
         queue is kept until the queue changes."""
+        if now_s >= self.report_until_s:
+            self._drop_others(now_s)  # other gateways' load as reported is done by now
+            if self.in_flight < self.slots:
+                return 0.0
         derived = self._by_budget.get(sla_ms)
         if derived is None or derived[0] != percentile:
             derived = self._derive_budget(sla_ms, percentile)
@@ -504,10 +622,14 @@ class FleetState:
         backends: Iterable[BackendState],
         ejection: Ejection = Ejection(),
         throttle: RetryThrottle = RetryThrottle(),
+        load_reports: bool = True,
     ) -> None:
         self.backends = {b.name: b for b in backends}
         self.ejection = ejection
         self.throttle = throttle
+        self.load_reports = load_reports
+        """Whether backends' load reports count (`BackendState.record_report`), or
+        only this gateway's own view of each backend's queue."""
         for state in self.backends.values():
             state.retry_tokens = throttle.max_tokens
         self._routes: dict[str, list[Route]] = {}
@@ -546,6 +668,7 @@ class FleetState:
         ejected backend whose back-off has passed is re-admitted."""
         state = self.backends[backend]
         changed = state.models != models
+        state.expire_report(now_s)
         state.healthy = True
         state.models = dict(models)
         state.last_probe_s = now_s
@@ -564,8 +687,11 @@ class FleetState:
         self, backend: str, now_s: float, error: str, confirm_after: int = 1
     ) -> None:
         """A failed probe or a refused connection: once `confirm_after` in a row, the
-        backend leaves the routes until a probe finds it ready again."""
-        state = self.backends[backend]
+        backend leaves the routes until a probe finds it ready again. A backend no
+        longer in the fleet (an attempt that outlived its removal) is passed over."""
+        state = self.backends.get(backend)
+        if state is None:
+            return
         state.last_probe_s = now_s
         state.last_error = error
         state.consecutive_failures += 1

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from backends.protocol.errors import DeadlineExceeded, SwitchyardError
+from backends.protocol.load import REPORT_FIELD_BYTES, ReportError, caller_field, split_report
 from backends.protocol.status import retry_after_ms
 from backends.protocol.streams import id_field
 from gateway.routing.fleet import FleetState, ModelInfo, Route
@@ -73,7 +75,13 @@ class Forward:
 
 class GrpcTransport:
     """Each attempt is one coalescer call of the job's bytes (the variant named when the
-    route's is not the backend's default), under the job's deadline and due time."""
+    route's is not the backend's default), under the job's deadline and due time.
+
+    A request to a Switchyard worker names this gateway (`switchyard_caller`, an id
+    drawn at start), and its answer ends with the worker's load report, less this
+    gateway's own requests (backends.protocol.load): the report goes to the backend's
+    queue model (`BackendState.record_report`, unless the fleet's `load_reports` is off)
+    and is cut off the answer, so callers never see it."""
 
     def __init__(
         self,
@@ -92,6 +100,8 @@ class GrpcTransport:
         """Calls may carry several requests, merged: their answers measure no route
         once they waited (see Attempt.alone)."""
         self._variant_suffixes: dict[str, bytes] = {}
+        self._caller = caller_field(uuid.uuid4().hex[:12])
+        """This gateway's name in its requests, for the workers' load reports."""
         self._streams = pool.streams > 0
         self.coalescer = Coalescer(
             self._send,
@@ -151,6 +161,8 @@ class GrpcTransport:
         """One backend call, as the coalescer makes it: on a stream where the backend
         serves them, else unary."""
         client = self.pool.client(route.address)
+        if route.deadlines:  # a Switchyard worker: it reports its load to the caller named
+            request += self._caller
         error: BackendCallError
         try:
             streams = client.streams
@@ -169,6 +181,13 @@ class GrpcTransport:
             error = exc
         else:
             self.metrics.attempts.labels(route.backend, "OK").inc()
+            try:
+                reply, report = split_report(reply)
+            except ReportError as exc:
+                log.warning("backend %s sent a malformed load report: %s", route.backend, exc)
+                return reply[:-REPORT_FIELD_BYTES]
+            if report is not None and self.fleet.load_reports:
+                route.state.record_report(report, self.clock())
             return reply
         code = error.code
         self.metrics.attempts.labels(route.backend, code.name).inc()

@@ -89,9 +89,10 @@ class CountingBatcher(Batcher):
         priority: int = 0,
         due_us: int | None = None,
         timeout_s: float | None = None,
+        caller: str = "",
     ) -> dict[str, Array]:
         self.arrived += 1
-        return await super().infer(inputs, rows, priority, due_us, timeout_s)
+        return await super().infer(inputs, rows, priority, due_us, timeout_s, caller)
 
 
 @dataclass
