@@ -264,6 +264,7 @@ async def start_gateway(
             metrics.route_cost.labels(*labels).set(cost_usd(r) * 1e6)
         for model in fleet.known_models():
             metrics.model_ready.labels(model).set(1 if fleet.model_ready(model) else 0)
+        control.publish_sla_targets()  # a model first learnt from a probe gets its targets
         ready = fleet.any_ready()
         if probes is not None:
             probes.set_ready(ready)

@@ -143,23 +143,25 @@ class Control:
         self._probe = probe
         self.routing = "switchyard"
         """The name of the chooser in force (one of ROUTING)."""
-        metrics.sla_targets.source = self.sla_targets
+        self.publish_sla_targets()
 
     def sla_targets(self) -> list[SlaTarget]:
         """The SLA target of each model the fleet knows (or the policies name), for the
-        default class and each class of the policies in force. Called by the metrics
-        server's thread at each scrape: it reads copies of the fleet's tables only."""
+        default class and each class of the policies in force."""
         book = self._policies()
-        models = set(book.settings.models)
-        for state in list(self.fleet.backends.values()):
-            models.update(list(state.models))
-            models.update(state.expected_models)
+        models = set(book.settings.models).union(self.fleet.known_models())
         targets = []
         for model in sorted(models):
             for sla_class in (None, *book.settings.classes):
                 policy = book.resolve(RouteRequest(model, sla_class=sla_class))
                 targets.append((model, policy.name, policy.latency_ms, policy.percentile))
         return targets
+
+    def publish_sla_targets(self) -> None:
+        """Puts the SLA targets in the metrics (switchyard_sla_target_*): at start, when
+        the policies change, and at each refresh of the fleet's metrics (a model first
+        learnt from a probe); nothing to do when they are unchanged."""
+        self.metrics.publish_sla_targets(self.sla_targets())
 
     def backend(self, name: str) -> BackendState:
         state = self.fleet.backends.get(name)
@@ -346,6 +348,7 @@ class Control:
 
     def _apply_policies(self, settings: PoliciesSettings, source: str) -> None:
         self._set_policies(PolicyBook(settings, self._policies().overhead_ms))
+        self.publish_sla_targets()
         log.info("policies replaced (%s)", source)
 
     def apply_fleet(self, previous: FleetConfig, config: FleetConfig, source: str) -> None:

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -66,46 +64,6 @@ def cache_children(metric: MetricWrapperBase) -> None:
 
 SlaTarget = tuple[str, str, float, float]
 """One SLA target: model, sla_class, latency_ms, percentile."""
-
-
-class SlaTargets(Collector):
-    """switchyard_sla_target_latency_ms and switchyard_sla_target_percentile, read from
-    `source` at each scrape: the targets follow the policies in force and the models
-    the fleet knows, however either changed (a fleet file edit, the admin API, a
-    backend first probed). `source` runs on the scrape's thread: it must only read."""
-
-    def __init__(self) -> None:
-        self.source: Callable[[], Iterable[SlaTarget]] = tuple
-
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        labels = ["model", "sla_class"]
-        return (
-            GaugeMetricFamily(
-                "switchyard_sla_target_latency_ms",
-                "The latency target of the SLA policy per model and class (sla_class: "
-                "default, or a class of the fleet's policies), the one the requests in "
-                "switchyard_sla_requests are held to.",
-                labels=labels,
-            ),
-            GaugeMetricFamily(
-                "switchyard_sla_target_percentile",
-                "The share of requests, in percent, that must meet "
-                "switchyard_sla_target_latency_ms, per model and class (99: an error "
-                "budget of 1% missed).",
-                labels=labels,
-            ),
-        )
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(self._families())
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        latency, percentile = self._families()
-        for model, sla_class, latency_ms, share in self.source():
-            latency.add_metric([model, sla_class], latency_ms)
-            percentile.add_metric([model, sla_class], share)
-        yield latency
-        yield percentile
 
 
 class GatewayMetrics:
@@ -260,9 +218,24 @@ class GatewayMetrics:
             ["model", "reason"],
             registry=registry,
         )
-        self.sla_targets = SlaTargets()
-        """Set its `source` to publish the SLA targets (the control plane does)."""
-        registry.register(self.sla_targets)
+        self.sla_target_latency = Gauge(
+            "switchyard_sla_target_latency_ms",
+            "The latency target of the SLA policy per model and class (sla_class: default, "
+            "or a class of the fleet's policies): the one switchyard_sla_requests holds "
+            "requests to.",
+            ["model", "sla_class"],
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.sla_target_percentile = Gauge(
+            "switchyard_sla_target_percentile",
+            "The share of requests, in percent, that must meet "
+            "switchyard_sla_target_latency_ms, per model and class (99: 1% may miss).",
+            ["model", "sla_class"],
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self._sla_targets: frozenset[SlaTarget] = frozenset()
         # What every request touches: its children remembered (see cache_children).
         for metric in (
             self.requests,
@@ -275,6 +248,22 @@ class GatewayMetrics:
             self.in_flight,
         ):
             cache_children(metric)
+
+    def publish_sla_targets(self, targets: Iterable[SlaTarget]) -> None:
+        """Sets the SLA target gauges to `targets`, removing the (model, class) pairs
+        no longer among them; nothing to do when they are unchanged."""
+        targets = frozenset(targets)
+        if targets == self._sla_targets:
+            return
+        kept = {(model, sla_class) for model, sla_class, _, _ in targets}
+        for model, sla_class, _, _ in self._sla_targets:
+            if (model, sla_class) not in kept:
+                self.sla_target_latency.remove(model, sla_class)
+                self.sla_target_percentile.remove(model, sla_class)
+        for model, sla_class, latency_ms, percentile in targets:
+            self.sla_target_latency.labels(model, sla_class).set(latency_ms)
+            self.sla_target_percentile.labels(model, sla_class).set(percentile)
+        self._sla_targets = targets
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
