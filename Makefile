@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis kubectl
+.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis kubectl promtool
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ serve: models
 
 # The static checks before the tests: style, strict types, and the walls between the
 # planes (import-linter contracts in pyproject.toml).
-test: models check redis kubectl
+test: models check redis kubectl promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The shared-state tests and bench run a redis-server of their own (Debian's package),
@@ -65,6 +65,14 @@ kubectl:
 		&& { apt-get install -y -q kubernetes-client >/dev/null 2>&1 \
 		     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q kubernetes-client >/dev/null 2>&1; }; }; } \
 		|| echo "kubectl not installed (apt-get install kubernetes-client): the Kubernetes manifest tests will skip"
+
+# The dashboard and alert tests run promtool (Debian's prometheus package, without its
+# recommended node exporter), installed here as root where apt-get can; elsewhere they skip.
+promtool:
+	@command -v promtool >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& { apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+		     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; }; } \
+		|| echo "promtool not installed (apt-get install prometheus): the promtool checks of the rules and dashboard will skip"
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check gateway backends tests protos/generate.py
