@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -236,9 +237,9 @@ class DiscoveryMetrics:
             ["group"],
             registry=registry,
         )
-        self.last_answer = Gauge(
-            "switchyard_discovery_last_answer_seconds",
-            "When the group's DNS name last answered (monotonic clock seconds)",
+        self.last_success = Gauge(
+            "switchyard_discovery_last_success_timestamp_seconds",
+            "When the group's DNS name last answered (seconds since the epoch)",
             ["group"],
             registry=registry,
         )
@@ -272,15 +273,17 @@ class Discovery:
         probe: Callable[[str], Awaitable[None]],
         release: Callable[[BackendState], Awaitable[None]],
         resolver: Callable[[str | None], Resolver] = DnsResolver,
+        wall_clock: Callable[[], float] = time.time,
         drain_poll_s: float = DRAIN_POLL_S,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         """`resolver(nameserver)` makes a group's resolver (`nameserver` None: the
-        system's)."""
+        system's); `wall_clock` (seconds since the epoch) stamps the last answer's gauge."""
         self.gateway = gateway
         self.members = members
         self.metrics = metrics
         self.clock = clock
+        self.wall_clock = wall_clock
         self._probe = probe
         self._release = release
         self.drain_poll_s = drain_poll_s
@@ -332,7 +335,7 @@ class Discovery:
             if g.failing:
                 log.info("discovery %s: %s answers again", group, settings.dns)
             g.failing = False
-            self.metrics.last_answer.labels(group).set(now)
+            self.metrics.last_success.labels(group).set(self.wall_clock())
             if step.kept:
                 log.warning(
                     "discovery %s: %s: %s; keeping the last known %d backends",

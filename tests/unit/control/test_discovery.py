@@ -191,6 +191,7 @@ class Gateway:
             probe=probe,
             release=release,
             resolver=resolver,
+            wall_clock=lambda: 1000.0 + self.now_s,
             drain_poll_s=0.001,
         )
 
@@ -247,7 +248,7 @@ async def test_a_failure_keeps_the_backends_and_says_so(caplog: pytest.LogCaptur
     gw = Gateway()
     await gw.answer("10.0.0.1")
     gw.now_s = 5.0
-    assert gw.gauge("switchyard_discovery_last_answer_seconds") == 0.0
+    assert gw.gauge("switchyard_discovery_last_success_timestamp_seconds") == 1000.0
     for _ in range(3):
         step = await gw.answer(error="A: no answer within 2 s")
     assert "no answer" in step.kept
@@ -259,7 +260,7 @@ async def test_a_failure_keeps_the_backends_and_says_so(caplog: pytest.LogCaptur
     assert "keeping the last known 1 backends" in failures[0].getMessage()
     await gw.answer("10.0.0.1")
     assert gw.gauge("switchyard_discovery_up") == 1
-    assert gw.gauge("switchyard_discovery_last_answer_seconds") == 5.0
+    assert gw.gauge("switchyard_discovery_last_success_timestamp_seconds") == 1005.0
 
 
 async def test_an_address_already_a_backend_is_left_out() -> None:
