@@ -9,13 +9,13 @@ in a single process): summed over the live processes where each holds its own sh
 available, ready, store up), the highest for per-route predictions (the most
 pessimistic process), the most recent for prices (the same in every process).
 
-
 Imports prometheus_client and the standard library's HTTP server only: no grpc, no
 protobuf, and never the global registry.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 import threading
 from collections.abc import Iterable
@@ -250,16 +250,17 @@ class GatewayMetrics:
             cache_children(metric)
 
     def publish_sla_targets(self, targets: Iterable[SlaTarget]) -> None:
-        """Sets the SLA target gauges to `targets`, removing the (model, class) pairs
-        no longer among them; nothing to do when they are unchanged."""
+        """Sets the SLA target gauges to `targets`; the (model, class) pairs no longer
+        among them read NaN (no target: multiprocess mode cannot remove a child);
+        nothing to do when they are unchanged."""
         targets = frozenset(targets)
         if targets == self._sla_targets:
             return
         kept = {(model, sla_class) for model, sla_class, _, _ in targets}
         for model, sla_class, _, _ in self._sla_targets:
             if (model, sla_class) not in kept:
-                self.sla_target_latency.remove(model, sla_class)
-                self.sla_target_percentile.remove(model, sla_class)
+                self.sla_target_latency.labels(model, sla_class).set(math.nan)
+                self.sla_target_percentile.labels(model, sla_class).set(math.nan)
         for model, sla_class, latency_ms, percentile in targets:
             self.sla_target_latency.labels(model, sla_class).set(latency_ms)
             self.sla_target_percentile.labels(model, sla_class).set(percentile)
