@@ -158,17 +158,20 @@ class FeedPoller:
         self._clock = clock
         self._wall_clock = wall_clock
         self._fetch = fetch
-        self._up = metrics.feed_up.labels(feed.name)
-        self._last_success = metrics.feed_last_success.labels(feed.name)
-        self._stale_gauge = metrics.feed_stale.labels(feed.name)
+        self._metrics = metrics
         self._gauges = (metrics.feed_up, metrics.feed_last_success, metrics.feed_stale)
         self._source = f"feed {feed.name}"
         self._what = "prices" if feed.sets_prices else "carbon intensities"
-        self.start()
+        self._reset()
 
     def start(self) -> None:
-        """A fresh start (`run` makes one): nothing applied yet, not stale, and the
-        staleness counted from now."""
+        """A fresh start (`run` makes one): nothing applied yet, not stale, the staleness
+        counted from now, and the feed's metrics reported from here."""
+        self._reset()
+        self._metrics.feed_up.labels(self.feed.name).set(0)
+        self._metrics.feed_stale.labels(self.feed.name).set(0)
+
+    def _reset(self) -> None:
         self._since_s = self._clock()
         """When the feed last polled well (at first: when the poller started)."""
         self.applied: dict[str, float] = {}
@@ -178,8 +181,6 @@ class FeedPoller:
         """Failed polls in a row."""
         self.problem: str | None = None
         """Why the last poll failed; None after a good one."""
-        self._up.set(0)
-        self._stale_gauge.set(0)
 
     def targets(self) -> dict[str, list[FeedSelector]]:
         """Each live backend the feed covers, with its selectors."""
@@ -216,7 +217,7 @@ class FeedPoller:
         if self.stale:
             log.info("feed %s: polled well again; its %s apply", self.feed.name, self._what)
             self.stale = False
-            self._stale_gauge.set(0)
+            self._metrics.feed_stale.labels(self.feed.name).set(0)
         elif self.problem is not None:
             log.info("feed %s: polled well again", self.feed.name)
         for backend, value in sorted(evaluation.values.items()):
@@ -232,13 +233,14 @@ class FeedPoller:
         self.failures = 0
         self.problem = None
         self._since_s = self._clock()
-        self._up.set(1)
-        self._last_success.set(self._wall_clock())
+        self._metrics.feed_up.labels(self.feed.name).set(1)
+        self._metrics.feed_stale.labels(self.feed.name).set(0)
+        self._metrics.feed_last_success.labels(self.feed.name).set(self._wall_clock())
         return True
 
     def _failed(self, why: str) -> None:
         self.failures += 1
-        self._up.set(0)
+        self._metrics.feed_up.labels(self.feed.name).set(0)
         if why != self.problem:
             log.warning(
                 "feed %s (%s) keeps the last good %s: %s",
@@ -258,7 +260,7 @@ class FeedPoller:
         if quiet_s < self.feed.stale_after_s:
             return False
         self.stale = True
-        self._stale_gauge.set(1)
+        self._metrics.feed_stale.labels(self.feed.name).set(1)
         fallen = sorted(self.applied)
         log.warning(
             "feed %s is stale (no good poll for %.0f s, stale_after_s %g): %s fall back to "

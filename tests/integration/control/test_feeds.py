@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import pytest
 
+from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2_grpc as pb_grpc
@@ -350,3 +351,19 @@ async def test_a_carbon_feed_moves_a_carbon_objective(
         )
         assert await backend_used(gw, repository) == "a"
         assert feed_metric(gw, "up", "grid") == 1
+
+
+async def test_with_a_shared_store_one_gateway_polls_and_both_get_its_prices(
+    pair: tuple[Worker, Worker], feeds: FeedServer, redis_server: RedisServer
+) -> None:
+    feeds.serve("/spot", spot({"m7i.large": 0.44, "c7i.large": 0.22}))
+    config = fleet(pair, [spot_feed(feeds.url("/spot"))], state=redis_server.url)
+    async with running(config) as one, running(config) as two:
+        for gw in (one, two):
+            await wait_until(lambda gw=gw: price(gw, "a") == 0.44, what="the feed's price")
+        # The lease holder alone polls and reports the feed.
+        reporting = [gw for gw in (one, two) if feed_metric(gw, "up") is not None]
+        assert len(reporting) == 1
+        feeds.serve("/spot", spot({"m7i.large": 0.66, "c7i.large": 0.22}))
+        for gw in (one, two):
+            await wait_until(lambda gw=gw: price(gw, "a") == 0.66, what="the shared change")
