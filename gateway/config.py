@@ -95,6 +95,37 @@ def _resolved_paths(settings: BaseModel, base_dir: Path) -> dict[str, Path]:
     }
 
 
+class TracingSettings(_Strict):
+    """OpenTelemetry tracing of each request (docs/operations.md, "Tracing"): a span for
+    the request, its routing decision and each attempt, children of the caller's W3C
+    `traceparent`, which goes on to the backends. Off unless configured. A setting left
+    unset follows OpenTelemetry's environment variables, as noted."""
+
+    exporter: Literal["otlp", "file", "none"] | None = None
+    """`otlp`: OTLP over gRPC to `endpoint`; `file`: JSON lines appended to `file`;
+    `none`: off. Unset: OTEL_TRACES_EXPORTER's (`otlp` or `none`), else off."""
+    endpoint: str | None = None
+    """The OTLP collector (`http://HOST:4317`; https for TLS). Unset:
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT, else
+    http://localhost:4317 (the exporter's other OTEL_EXPORTER_OTLP_* variables apply:
+    headers, certificate, timeout)."""
+    file: Path | None = None
+    """Where the `file` exporter appends its spans, one JSON object a line (relative to
+    the fleet file's folder)."""
+    service_name: str | None = None
+    """The spans' `service.name`. Unset: OTEL_SERVICE_NAME, else `switchyard-gateway`."""
+    sample_ratio: float | None = Field(None, ge=0, le=1)
+    """The share of requests without a caller's sampled trace context that are traced
+    (a caller's `traceparent` decides for its own requests). Unset:
+    OTEL_TRACES_SAMPLER_ARG, else 1."""
+
+    @model_validator(mode="after")
+    def _file_exporter_needs_file(self) -> TracingSettings:
+        if self.exporter == "file" and self.file is None:
+            raise ValueError("gateway.tracing: exporter `file` needs `file`, where spans go")
+        return self
+
+
 class GatewaySettings(_Strict):
     listen: HostPort = "127.0.0.1:8001"
     """Open Inference Protocol gRPC endpoint (port 0: any free port)."""
@@ -240,6 +271,9 @@ class GatewaySettings(_Strict):
     answer split back). Under load this divides the per-call cost of both hops; idle
     it adds nothing. Raise it for backends that run several calls at once well (a
     large GPU); 0 sends every request on its own."""
+    tracing: TracingSettings = TracingSettings()
+    """OpenTelemetry tracing (`exporter`, `endpoint`, `file`, `service_name`,
+    `sample_ratio`); off by default."""
 
     @model_validator(mode="after")
     def _metrics_tls_needs_tls(self) -> GatewaySettings:
@@ -670,6 +704,11 @@ def parse_fleet(text: str, base_dir: Path, source: str = "fleet file") -> FleetC
             updates[key] = base_dir / value
     if config.gateway.tls is not None:
         updates["tls"] = config.gateway.tls.resolved(base_dir)
+    trace_file = config.gateway.tracing.file
+    if trace_file is not None and not trace_file.is_absolute():
+        updates["tracing"] = config.gateway.tracing.model_copy(
+            update={"file": base_dir / trace_file}
+        )
     if updates:
         config = config.model_copy(update={"gateway": config.gateway.model_copy(update=updates)})
     if config.feeds:
