@@ -126,6 +126,7 @@ class Gateway:
         if self.rest is not None:
             await self.rest.stop()
         await self.server.stop(grace=2.0)
+        self.servicer.stop_tracing()
         await self.prober.stop()
         await self.supervisor.stop()
         await self.pool.close()
@@ -308,6 +309,7 @@ async def start_gateway(
         coalesce_in_flight=settings.coalesce_in_flight,
     )
     servicer.dispatcher.guard(settings, fleet.throttle)
+    servicer.trace_as(settings.tracing)  # off unless configured
 
     def set_policies(book: PolicyBook) -> None:
         servicer.policies = book

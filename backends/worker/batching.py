@@ -41,6 +41,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -63,6 +64,13 @@ INLINE_AFTER_EXECUTIONS = 8
 """Executions in a thread before a batcher may run them on the event loop: enough for the
 recent mean to say what a run costs (the first runs of a runtime are its slowest)."""
 """Weight of the newest execution in the recent means behind the retry estimate."""
+
+
+class BatchTrace(Protocol):
+    """A traced request's view of its batch (backends.worker.tracing)."""
+
+    def started(self, requests: int, rows: int) -> None:
+        """Its batch, of `requests` requests and `rows` rows, starts running now."""
 
 
 class QueueFull(Exhausted):
@@ -110,6 +118,8 @@ class _Pending:
     """Waiting in the queue, so counted against its bound."""
     caller: str = field(default="", compare=False)
     """Who sent it (a gateway's `switchyard_caller`), for load reports."""
+    trace: BatchTrace | None = field(default=None, compare=False)
+    """Told when its batch starts (a traced request)."""
 
 
 class Batcher:
@@ -176,10 +186,12 @@ class Batcher:
         due_us: int | None = None,
         timeout_s: float | None = None,
         caller: str = "",
+        trace: BatchTrace | None = None,
     ) -> dict[str, Array]:
         """Runs one request (`priority` as Triton's, due `due_us` microseconds from now
         or None, its deadline `timeout_s` seconds from now or None: see the module;
-        `caller`: who sent it, for `others_load`); returns every output by name.
+        `caller`: who sent it, for `others_load`; `trace`: told when its batch starts);
+        returns every output by name.
         QueueFull when the queue holds its limit; DeadlineExceeded when the deadline
         passed before its batch formed."""
         if self.waiting >= self.max_queue:
@@ -203,6 +215,7 @@ class Batcher:
             NO_DEADLINE_NS if timeout_s is None else now_ns + int(timeout_s * 1e9),
             future,
             caller=caller,
+            trace=trace,
         )
         self._queue.put_nowait(pending)
         self.waiting += 1
@@ -324,6 +337,8 @@ class Batcher:
                 continue
             for pending in batch:
                 self.stats.queue_ns += start_ns - pending.enqueued_ns
+                if pending.trace is not None:
+                    pending.trace.started(len(batch), sum(p.rows for p in batch))
             self.running, self._running_since_ns = len(batch), start_ns
             self._batch = batch
             try:

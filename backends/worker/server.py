@@ -44,6 +44,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -83,6 +84,7 @@ from backends.protocol.streams import (
     length_delimited,
     message_id,
 )
+from backends.tracing import TRACEPARENT, TraceSettings, TracingError
 from backends.worker.batching import DEFAULT_MAX_QUEUE
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -96,6 +98,9 @@ from backends.worker.served import (
 )
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # imported only where tracing is on (backends.worker.tracing)
+    from backends.worker.tracing import RequestTrace, WorkerTracing
 
 log = logging.getLogger("switchyard.backend")
 
@@ -130,9 +135,16 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The v2 API over the served models (a SwitchyardError raised by an RPC is the
     caller's status: backends.protocol.status)."""
 
-    def __init__(self, models: dict[str, ServedModel], settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        settings: WorkerSettings,
+        tracing: WorkerTracing | None = None,
+    ) -> None:
         self.models = models
         self.settings = settings
+        self.tracing = tracing
+        """Spans for each request's queue wait and run; None: off."""
         self._reports = itertools.count(1)
         """Load reports' sequence numbers."""
 
@@ -201,7 +213,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> bytes:
         # A full queue's QueueFull carries its retry hint: aborts_with_status sends it
         # as the grpc-retry-pushback-ms trailer.
-        return await self._infer(request, context.time_remaining())
+        if self.tracing is None:
+            return await self._infer(request, context.time_remaining())
+        metadata = context.invocation_metadata() or ()
+        return await self._infer(request, context.time_remaining(), metadata)
 
     async def ModelStreamInfer(
         self,
@@ -216,10 +231,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         ends when the caller's side ends and every answer is sent."""
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        metadata = None if self.tracing is None else (context.invocation_metadata() or ())
 
         async def answer(request: pb.ModelInferRequest | bytes) -> None:
             try:
-                response = await self._infer(request, context.time_remaining())
+                response = await self._infer(request, context.time_remaining(), metadata, True)
             except SwitchyardError as exc:
                 answers.put_nowait(_stream_error(request, exc).SerializeToString())
             else:
@@ -249,15 +265,23 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
         await reader
 
-    async def _infer(self, given: pb.ModelInferRequest | bytes, remaining_s: float | None) -> bytes:
+    async def _infer(
+        self,
+        given: pb.ModelInferRequest | bytes,
+        remaining_s: float | None,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        stream: bool = False,
+    ) -> bytes:
         """Runs one request with `remaining_s` left of its call's deadline (None: none)
         or less, as Triton's `timeout` parameter says; returns the serialized answer,
         with a load report at its end when the request names its caller (see
         backends.protocol.load). A failure is counted and raised as a SwitchyardError
-        (any other exception as Internal)."""
+        (any other exception as Internal). `metadata`: its call's, given where tracing
+        is on (`stream`: the call is a stream)."""
         start_ns = time.perf_counter_ns()
         model: ServedModel | None = None
         request = pb.ModelInferRequest()
+        trace: RequestTrace | None = None
         try:
             request = _parsed(given)
             model = self._model(request.model_name, request.model_version)
@@ -271,6 +295,12 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             if timeout is not None:
                 timeout_s = checked_timeout_us(timeout) / 1e6
                 remaining_s = timeout_s if remaining_s is None else min(remaining_s, timeout_s)
+            if metadata is not None and self.tracing is not None:
+                trace = self.tracing.request(
+                    metadata, decoded.parameters.get(TRACEPARENT), stream, start_ns
+                )
+                if trace is not None:
+                    trace.queued(model.name, chosen.name, decoded.batch_size)
             try:
                 outputs = await chosen.batcher.infer(
                     decoded.inputs,
@@ -279,6 +309,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                     due_us,
                     remaining_s,
                     caller=str(caller) if caller is not None else "",
+                    trace=trace,
                 )
             except SwitchyardError:
                 raise
@@ -305,16 +336,22 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.success[0] += 1
             model.success[1] += elapsed
             model.last_inference_ms = int(time.time() * 1000)
+            if trace is not None:
+                trace.finish()
             return answer
-        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+        except asyncio.CancelledError as exc:  # the caller went away, or its deadline passed
             if model is not None:
                 model.fail[0] += 1
                 model.fail[1] += time.perf_counter_ns() - start_ns
+            if trace is not None:
+                trace.finish(exc)
             raise
         except Exception as exc:
             if model is not None:
                 model.fail[0] += 1
                 model.fail[1] += time.perf_counter_ns() - start_ns
+            if trace is not None:
+                trace.finish(exc)
             if isinstance(exc, SwitchyardError):
                 raise
             # A fault of ours: INTERNAL for the caller (a stream goes on), never UNKNOWN.
@@ -431,10 +468,13 @@ def server_credentials(
 
 
 async def start_worker(
-    settings: WorkerSettings, listen: str, credentials: grpc.ServerCredentials | None = None
+    settings: WorkerSettings,
+    listen: str,
+    credentials: grpc.ServerCredentials | None = None,
+    tracing: WorkerTracing | None = None,
 ) -> tuple[grpc.aio.Server, int, dict[str, ServedModel], ThreadPoolExecutor]:
-    """Loads the models and starts serving on `listen` (over TLS with `credentials`);
-    returns the bound port."""
+    """Loads the models and starts serving on `listen` (over TLS with `credentials`,
+    tracing requests with `tracing`); returns the bound port."""
     executor = ThreadPoolExecutor(max_workers=max(2, settings.threads), thread_name_prefix="infer")
     models = await asyncio.get_running_loop().run_in_executor(None, load_models, settings, executor)
     for model in models.values():
@@ -461,7 +501,7 @@ async def start_worker(
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD_LIMIT),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
-    add_servicer(WorkerServicer(models, settings), server)
+    add_servicer(WorkerServicer(models, settings, tracing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if credentials is None:
@@ -480,9 +520,12 @@ async def start_worker(
 
 
 async def serve(
-    settings: WorkerSettings, listen: str, credentials: grpc.ServerCredentials | None = None
+    settings: WorkerSettings,
+    listen: str,
+    credentials: grpc.ServerCredentials | None = None,
+    tracing: WorkerTracing | None = None,
 ) -> None:
-    server, port, models, executor = await start_worker(settings, listen, credentials)
+    server, port, models, executor = await start_worker(settings, listen, credentials, tracing)
     host = listen.rsplit(":", 1)[0]
     print(
         json.dumps(
@@ -505,6 +548,8 @@ async def serve(
         for batcher in model.batchers():
             await batcher.stop()
     executor.shutdown(wait=False, cancel_futures=True)
+    if tracing is not None:
+        tracing.shutdown()  # the spans still held leave now
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -603,6 +648,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="require client certificates signed by these CAs (PEM): mTLS",
     )
+    parser.add_argument(
+        "--trace-exporter",
+        choices=["otlp", "file", "none"],
+        default=None,
+        help="OpenTelemetry spans of each request's queue wait and run, children of the "
+        "caller's traceparent: OTLP over gRPC, or JSON lines to --trace-file "
+        "(default: OTEL_TRACES_EXPORTER, otlp or none; else none)",
+    )
+    parser.add_argument(
+        "--trace-endpoint",
+        default=None,
+        help="the OTLP collector, http://HOST:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT, "
+        "else http://localhost:4317)",
+    )
+    parser.add_argument(
+        "--trace-file",
+        type=Path,
+        default=None,
+        help="where the file exporter appends its spans, one JSON object a line "
+        "(alone, it chooses the file exporter)",
+    )
+    parser.add_argument(
+        "--trace-service-name",
+        default=None,
+        help="service.name of the spans (default: OTEL_SERVICE_NAME, else switchyard-backend)",
+    )
+    parser.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        default=None,
+        help="share of the traces begun here that are recorded; a caller's sampled flag "
+        "decides for its own (default: OTEL_TRACES_SAMPLER_ARG, else 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -635,6 +714,26 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    exporter = args.trace_exporter
+    if exporter is None and args.trace_file is not None:
+        exporter = "file"
+    tracing = None
+    try:
+        trace_settings = TraceSettings(
+            exporter,
+            args.trace_endpoint,
+            args.trace_file,
+            args.trace_service_name,
+            args.trace_sample_ratio,
+        ).resolved("switchyard-backend")
+        if trace_settings.on:
+            from backends.worker.tracing import WorkerTracing, worker_provider
+
+            provider = worker_provider(trace_settings)
+            tracing = None if provider is None else WorkerTracing(provider)
+    except TracingError as exc:
+        print(f"tracing: {exc}", file=sys.stderr)
+        return 2
     settings = WorkerSettings(
         repository=args.repository,
         threads=args.threads,
@@ -660,7 +759,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     prepare_runtimes(settings.threads)
     use_uvloop()
-    asyncio.run(serve(settings, args.listen, credentials))
+    asyncio.run(serve(settings, args.listen, credentials, tracing))
     return 0
 
 

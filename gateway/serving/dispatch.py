@@ -164,6 +164,8 @@ class Job:
     queue: list[Route] | None = None
     """The routes retries and hedges take, best first: ranked on first need."""
     timer: TimerHandle | None = None
+    trace: Any = None
+    """The owner's trace of the request (the live gateway's spans); None: not traced."""
 
 
 @dataclass(eq=False, slots=True)
@@ -191,6 +193,8 @@ class Attempt:
     sent_s: float = 0.0
     settled: bool = False
     """It has left its backend's queue (answered, failed or given up)."""
+    trace: Any = None
+    """The owner's trace of the attempt (its span); None: not traced."""
 
 
 class Dispatcher:
@@ -212,6 +216,11 @@ class Dispatcher:
         self.throttle = throttle
         # An observer that counts no outcomes is not called for each answer.
         self._counts_outcomes = type(self.observer).outcome is not Observer.outcome
+
+    def observe_with(self, observer: Observer) -> None:
+        """Reports to `observer` from now on."""
+        self.observer = observer
+        self._counts_outcomes = type(observer).outcome is not Observer.outcome
 
     def guard(self, settings: GatewaySettings, throttle: RetryThrottle | None = None) -> None:
         """Takes the retry budget and attempt timeout the gateway's settings say, and

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -36,6 +36,8 @@ from backends.protocol.errors import (
     shown,
 )
 from backends.protocol.status import aborts_with_status, code_for, internal_message
+from backends.tracing import TraceSettings, TracingError
+from gateway.config import ConfigError, TracingSettings
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import (
@@ -58,13 +60,16 @@ from gateway.serving.converters import (
     stream_response,
     timeout_param_s,
 )
-from gateway.serving.dispatch import Dispatcher, Job, LoopTimers
+from gateway.serving.dispatch import Dispatcher, Job, LoopTimers, Observer, Transport
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendPool
 from gateway.serving.stats import ModelCounters
 from gateway.serving.transport import Forward, GatewayObserver, GrpcTransport
 from protos import gateway_pb2
 from protos import inference_pb2 as pb
+
+if TYPE_CHECKING:  # imported only where tracing is on (gateway.serving.tracing)
+    from gateway.serving.tracing import Carrier, GatewayTracing, RequestTrace
 
 log = logging.getLogger("switchyard.gateway")
 
@@ -102,11 +107,61 @@ class GatewayServicer:
             self.transport, LoopTimers(clock), GatewayObserver(fleet, metrics)
         )
         self.transport.dispatcher = self.dispatcher
+        self.tracing: GatewayTracing | None = None
+        """Spans for each request, its decision and attempts; None: off."""
+        self._untraced: tuple[Transport, Observer] = (self.transport, self.dispatcher.observer)
+
+    def trace_as(self, settings: TracingSettings) -> None:
+        """Traces requests as the fleet file's `gateway.tracing` says (a setting left
+        unset: as OpenTelemetry's environment variables say); nothing when that is off.
+        ConfigError when it names no exporter that can work."""
+        try:
+            resolved = TraceSettings(
+                settings.exporter,
+                settings.endpoint,
+                settings.file,
+                settings.service_name,
+                settings.sample_ratio,
+            ).resolved("switchyard-gateway")
+            if not resolved.on:
+                return
+            from gateway.serving.tracing import GatewayTracing, gateway_provider
+
+            provider = gateway_provider(resolved)
+        except TracingError as exc:
+            raise ConfigError(f"gateway.tracing: {exc}") from exc
+        if provider is not None:
+            self.trace(GatewayTracing(provider))
+
+    def trace(self, tracing: GatewayTracing) -> None:
+        """Traces every request from now on (tracing.py): the dispatcher's transport and
+        observer are wrapped with tracing's, which the untraced path never runs."""
+        self.stop_tracing()
+        self.tracing = tracing
+        dispatcher = self.dispatcher
+        self._untraced = (dispatcher.transport, dispatcher.observer)
+        dispatcher.transport = tracing.transport(self.transport)
+        dispatcher.observe_with(tracing.observer(dispatcher.observer))
+
+    def stop_tracing(self) -> None:
+        """Traces no more requests, and sends the spans still held."""
+        tracing = self.tracing
+        if tracing is None:
+            return
+        self.tracing = None
+        self.dispatcher.transport, observer = self._untraced
+        self.dispatcher.observe_with(observer)
+        self.transport.traced = False
+        tracing.shutdown()
 
     # ---- inference ---------------------------------------------------------------
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await self.infer(request, context.time_remaining())
+        tracing = self.tracing
+        if tracing is None:
+            return await self.infer(request, context.time_remaining())
+        carrier = tracing.carrier(context.invocation_metadata())
+        return await self.infer(request, context.time_remaining(), "grpc", carrier)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -117,6 +172,9 @@ class GatewayServicer:
         work."""
         window = asyncio.Semaphore(STREAM_WINDOW)
         pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue()
+        # Traced: the stream's own context is the parent of requests that name none.
+        tracing = self.tracing
+        carrier = None if tracing is None else tracing.carrier(context.invocation_metadata(), True)
 
         async def read() -> None:
             iterator = aiter(requests)
@@ -127,7 +185,9 @@ class GatewayServicer:
                 except StopAsyncIteration:
                     break
                 pending.put_nowait(
-                    asyncio.ensure_future(self.infer(request, context.time_remaining()))
+                    asyncio.ensure_future(
+                        self.infer(request, context.time_remaining(), "grpc", carrier)
+                    )
                 )
             pending.put_nowait(None)
 
@@ -149,13 +209,18 @@ class GatewayServicer:
                     leftover.cancel()
 
     async def infer(
-        self, request: bytes, time_remaining: float | None, protocol: str = "grpc"
+        self,
+        request: bytes,
+        time_remaining: float | None,
+        protocol: str = "grpc",
+        carrier: Carrier | None = None,
     ) -> bytes:
         """One inference request, a serialized ModelInferRequest, however it arrived
         (`protocol`: `grpc`, or `rest` for the REST binding's requests made into the
         same message): routed, dispatched, answered with the backend's response bytes
         and the gateway's response parameters; a failure raises the SwitchyardError
-        that names it."""
+        that names it. `carrier`: the caller's trace context, given where tracing is on
+        (None: not traced)."""
         start_ns = time.perf_counter_ns()
         model_label = "(unknown)"  # unknown names stay out of metric labels
         backend = variant = "none"
@@ -164,11 +229,19 @@ class GatewayServicer:
         backend_ns = 0
         counters: ModelCounters | None = None
         policy: Policy | None = None
+        trace: RequestTrace | None = None
+        cost: float | None = None
+        attempts = 0
+        failure: BaseException | None = None
         try:
             try:
                 header = gateway_pb2.InferRequestHeader.FromString(request)
             except DecodeError as exc:
                 raise InvalidInput("request is not a valid ModelInferRequest") from exc
+            if carrier is not None and self.tracing is not None:
+                trace = self.tracing.request(
+                    carrier, _traceparent_param(header), protocol, start_ns, header.model_name
+                )
             check_header(header)
             model = header.model_name
             info = self._model_info(model, header.model_version)
@@ -183,7 +256,11 @@ class GatewayServicer:
             routes = self.fleet.routes(model)
             if "switchyard_variant" in header.parameters:
                 routes = self._pinned(model, routes, header.parameters["switchyard_variant"])
+            if trace is not None:
+                trace.choosing()
             decision = self.chooser(route_req, routes, policy, arrived)
+            if trace is not None:
+                trace.decided(decision, route_req, routes, policy, arrived)
             self.metrics.decisions.labels(model, decision.reason).inc()
             if decision.route is None:
                 if decision.reason in ("infeasible-reject", "queue-full"):
@@ -200,6 +277,7 @@ class GatewayServicer:
                 deadline,
                 Forward(request, header, info),
             )
+            job.trace = trace
             await self.dispatcher.run(job, arrived)
             backend_ns = time.perf_counter_ns() - started
             assert job.winner is not None
@@ -214,6 +292,7 @@ class GatewayServicer:
             return reply + self._suffix(route, attempts) + cost_parameter(cost)
         except SwitchyardError as exc:  # a backend's own status included
             outcome = code_for(exc).name
+            failure = exc
             raise
         except asyncio.CancelledError:
             outcome = grpc.StatusCode.CANCELLED.name  # the caller went away
@@ -221,6 +300,7 @@ class GatewayServicer:
         except Exception as exc:
             # A fault of ours: INTERNAL (never UNKNOWN), counted as the failure it is.
             outcome = grpc.StatusCode.INTERNAL.name
+            failure = exc
             log.exception("request for model %s failed", shown(model_label))
             raise Internal(internal_message(exc)) from exc
         finally:
@@ -234,6 +314,10 @@ class GatewayServicer:
             if policy is not None and counters is not None:
                 met = outcome == "OK" and elapsed_ns / 1e6 <= policy.latency_ms
                 self.metrics.sla.labels(model_label, policy.name, "met" if met else "missed").inc()
+            if carrier is not None and self.tracing is not None:
+                if trace is None:  # not a request at all: its span says so
+                    trace = self.tracing.request(carrier, None, protocol, start_ns)
+                trace.finish(outcome, backend, variant, attempts, cost, failure)
 
     def _suffix(self, route: Route, attempts: int) -> bytes:
         key = (route.backend, route.variant, attempts)
@@ -397,6 +481,15 @@ class GatewayServicer:
                 reason="" if ready else "no healthy backend holds it",
             )
         return reply
+
+
+def _traceparent_param(header: gateway_pb2.InferRequestHeader) -> str | None:
+    """The request's own `traceparent` parameter (a stream's requests may each carry
+    one), if a string."""
+    param = header.parameters.get("traceparent")
+    if param is None or param.WhichOneof("parameter_choice") != "string_param":
+        return None
+    return param.string_param
 
 
 def _earliest(*timeouts: float | None) -> float | None:

@@ -12,7 +12,9 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -63,6 +65,10 @@ NO_VERDICT = frozenset(
     }
 )
 
+TRACED_ATTEMPT: ContextVar[Attempt | None] = ContextVar("switchyard_traced_attempt", default=None)
+"""The traced attempt whose call task this is (set by tracing as the task starts; tasks
+it starts inherit it, so a call checks the task is the attempt's own)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Forward:
@@ -103,6 +109,8 @@ class GrpcTransport:
         self._caller = caller_field(uuid.uuid4().hex[:12])
         """This gateway's name in its requests, for the workers' load reports."""
         self._streams = pool.streams > 0
+        self.traced = False
+        """Attempts may carry trace context to their backends (gateway.serving.tracing)."""
         self.coalescer = Coalescer(
             self._send,
             clock,
@@ -163,16 +171,20 @@ class GrpcTransport:
         client = self.pool.client(route.address)
         if route.deadlines:  # a Switchyard worker: it reports its load to the caller named
             request += self._caller
+        trace = _attempt_trace() if self.traced else None
+        metadata = None if trace is None else trace.metadata()
         error: BackendCallError
         try:
             streams = client.streams
             if streams is not None and streams.carries(request):
+                if trace is not None:  # a stream's requests have no metadata of their own
+                    request += trace.parameter()
                 try:
                     reply = await streams.infer(request, timeout_s)
                 except StreamsUnsupported:
-                    reply = await client.infer(request, timeout=timeout_s)
+                    reply = await client.infer(request, timeout=timeout_s, metadata=metadata)
             else:
-                reply = await client.infer(request, timeout=timeout_s)
+                reply = await client.infer(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             hint = retry_after_ms(exc.trailing_metadata())
@@ -204,6 +216,15 @@ class GrpcTransport:
             suffix = request_parameters({"switchyard_variant": variant})
             self._variant_suffixes[variant] = suffix
         return suffix
+
+
+def _attempt_trace() -> Any:
+    """The trace of the attempt this call is for: None where the call is not one
+    attempt's own (a merged call, sent from another attempt's task)."""
+    attempt = TRACED_ATTEMPT.get()
+    if attempt is None or attempt.call is not asyncio.current_task():
+        return None
+    return attempt.trace
 
 
 class GatewayObserver(Observer):

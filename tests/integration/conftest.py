@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from backends.runtimes.base import Array
-from backends.worker.batching import Batcher, RunFn
+from backends.worker.batching import Batcher, BatchTrace, RunFn
 from backends.worker.served import LoadedVariant, ServedModel, WorkerSettings
 from backends.worker.server import start_worker
 from gateway.bench.shared_state import RedisServer
@@ -90,9 +90,10 @@ class CountingBatcher(Batcher):
         due_us: int | None = None,
         timeout_s: float | None = None,
         caller: str = "",
+        trace: BatchTrace | None = None,
     ) -> dict[str, Array]:
         self.arrived += 1
-        return await super().infer(inputs, rows, priority, due_us, timeout_s, caller)
+        return await super().infer(inputs, rows, priority, due_us, timeout_s, caller, trace)
 
 
 @dataclass
