@@ -20,11 +20,23 @@ decision's `alternatives(now)` while the policy's retries allow (baselines, whos
 decisions carry no alternatives, choose again). Cost is the backend's price for
 the busy time each answered request took: `usd_per_busy_ms x drawn service ms`.
 
+Several gateways (`--gateways N`, `Replicas`): arrivals are spread over N routers
+(round-robin or at random, as a load balancer in front would), each with its own fleet
+state, route estimates, dispatcher and prober, over one set of modelled backends whose
+queues hold every gateway's calls (`_Backend`: what the backends really hold). Each
+gateway sees its own requests; with load reports, each answer also carries its
+backend's queue less that gateway's requests as it stood one network round trip before
+(or `report_delay_ms`), taken by the live rule (`BackendState.record_report`) before
+the answer settles, as the live transport does. Prices, drains, kills and policies
+reach every gateway at once (the shared control state). One gateway is exactly the
+single router's run.
+
 Each run is compared with the offline lower bound (`bound.py`) over the same trace
 (`arrivals.py`) of the modelled routes (`modelled.py`).
 
-Imports the router, the fleet state, the policy book, the serving Dispatcher and the
-scenario format; numpy; rich only for the table. No grpc, no protobuf.
+Imports the router, the fleet state, the policy book, the serving Dispatcher, the
+scenario format and the load reports' form (backends.protocol.load); numpy; rich only
+for the tables. No grpc, no protobuf.
 """
 
 from __future__ import annotations
@@ -35,16 +47,19 @@ import itertools
 import json
 import sys
 import time
+from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from backends.protocol.load import BUCKETS, DUE_EDGES_MS, LoadReport
 from gateway.config import GatewaySettings, PoliciesSettings
 from gateway.routing.estimates import service_sample
-from gateway.routing.fleet import BackendState, Route, Ticket
+from gateway.routing.fleet import BackendState, Route
 from gateway.routing.percentiles import percentile
 from gateway.routing.policy import PolicyBook
 from gateway.routing.router import (
@@ -87,14 +102,16 @@ class PolicyResult:
 
 
 class _RouteSim:
-    """Per-route simulation data, looked up once per attempt."""
+    """Per-route simulation data, looked up once per attempt (shared by every gateway's
+    route object for the same backend, model and variant)."""
 
-    __slots__ = ("backend", "pos", "rng", "samples", "scale")
+    __slots__ = ("backend", "mean_ms", "pos", "rng", "samples", "scale")
 
     def __init__(self, backend: int, rng: np.random.Generator, model: RouteModel) -> None:
         self.backend = backend
         self.rng = rng
         self.scale = (model.mu, model.sigma)
+        self.mean_ms = model.mean_ms
         self.samples: list[float] = []
         self.pos = 0
         self.refill()
@@ -105,8 +122,42 @@ class _RouteSim:
         self.pos = 0
 
 
+BALANCERS = ("round-robin", "random")
+
+
+@dataclass(frozen=True, slots=True)
+class Replicas:
+    """Several gateways routing one scenario: how many, how a load balancer in front
+    spreads the arrivals over them, and what each knows of the others' requests."""
+
+    gateways: int = 1
+    """Gateways, each with its own fleet state, route estimates, dispatcher (its retry
+    budget) and prober; prices, drains, kills and policies reach them all at once (the
+    shared control state makes it so within milliseconds)."""
+    reports: bool = False
+    """Each gateway takes the load reports its answers carry (the backend's queue less
+    its own requests: `BackendState.record_report`, the live gateway's rule); without,
+    it sees only its own requests, as gateways without load reports do."""
+    report_delay_ms: float | None = None
+    """How long after the backend's answer its report reaches the gateway: the queue it
+    holds is the backend's as of now less this (None: the backend's network round trip)."""
+    balancer: str = "round-robin"
+    """round-robin, or random (seeded from the scenario's seed)."""
+
+    def assignment(self, n: int, seed: int) -> list[int]:
+        """The gateway of each of `n` arrivals."""
+        if self.gateways == 1:
+            return [0] * n
+        if self.balancer == "random":
+            drawn = np.random.default_rng([seed, 3]).integers(0, self.gateways, n)
+        else:
+            drawn = np.arange(n) % self.gateways
+        out: list[int] = drawn.tolist()
+        return out
+
+
 class Simulation:
-    """One policy's run over a trace."""
+    """One policy's run over a trace, by one gateway or several (`Replicas`)."""
 
     def __init__(
         self,
@@ -115,6 +166,7 @@ class Simulation:
         chooser: Chooser,
         retry_by_alternatives: bool,
         latency_probe_interval_s: float = GatewaySettings().latency_probe_interval_s,
+        replicas: Replicas = Replicas(),
     ) -> None:
         """As in the live gateway, only attempts that found a free slot feed the
         route's service estimate."""
@@ -123,31 +175,40 @@ class Simulation:
         self.trace = trace
         self.chooser = chooser
         self.retry_by_alternatives = retry_by_alternatives
-        self.states = [
-            BackendState(
-                b.name, f"sim://{b.name}", b.hardware_class, b.price_usd_per_hour, slots=b.slots
-            )
-            for b in scenario.backends
-        ]
-        for state, backend in zip(self.states, scenario.backends, strict=True):
-            state.healthy = True
-            state.network.rtt_ms = backend.network_ms
-            state.refresh()
+        self.replicas = replicas
+        self.views = [self._states(scenario) for _ in range(replicas.gateways)]
+        """Each gateway's fleet state: its own view of every backend."""
         self.rtts = [b.network_ms for b in scenario.backends]
         self.sims: dict[Route, _RouteSim] = {}
-        self.routes: dict[str, list[Route]] = {}
+        self.routes: list[dict[str, list[Route]]] = [{} for _ in self.views]
         for index, model in enumerate(route_models(scenario)):
-            route = Route(self.states[model.backend], model.model, model.variant, model.default)
-            route.estimate.seed(model.p50_ms, model.p99_ms)
             rng = np.random.default_rng([scenario.seed, 1, index])
-            self.sims[route] = _RouteSim(model.backend, rng, model)
-            self.routes.setdefault(model.model, []).append(route)
+            sim = _RouteSim(model.backend, rng, model)
+            for states, routes in zip(self.views, self.routes, strict=True):
+                route = Route(states[model.backend], model.model, model.variant, model.default)
+                route.estimate.seed(model.p50_ms, model.p99_ms)
+                self.sims[route] = sim
+                routes.setdefault(model.model, []).append(route)
         self.requests = [
             RouteRequest(s.model, s.batch_size, s.sla_ms, s.sla_class) for s in scenario.traffic
         ]
         self.factors = [batch_factor(s.batch_size) for s in scenario.traffic]
         self.book = PolicyBook(scenario.policies)
         self.policies = [self.book.resolve(r) for r in self.requests]
+
+    @staticmethod
+    def _states(scenario: Scenario) -> list[BackendState]:
+        states = [
+            BackendState(
+                b.name, f"sim://{b.name}", b.hardware_class, b.price_usd_per_hour, slots=b.slots
+            )
+            for b in scenario.backends
+        ]
+        for state, backend in zip(states, scenario.backends, strict=True):
+            state.healthy = True
+            state.network.rtt_ms = backend.network_ms
+            state.refresh()
+        return states
 
     def set_policies(self, settings: PoliciesSettings) -> None:
         self.book = PolicyBook(settings)
@@ -161,15 +222,31 @@ class Simulation:
         n = len(times)
         latency = [INF] * n
         sla = [0.0] * n
+        replicas = self.replicas
+        gateway_of = replicas.assignment(n, self.scenario.seed)
         fleet = ModelledFleet(
-            self.states, self.rtts, self.sims, self.factors, streams, self.set_policies
+            self.views,
+            self.rtts,
+            self.sims,
+            self.factors,
+            streams,
+            gateway_of,
+            self.set_policies,
+            [
+                (b.network_ms if replicas.report_delay_ms is None else replicas.report_delay_ms)
+                * 0.001
+                for b in self.scenario.backends
+            ]
+            if replicas.reports
+            else None,
         )
-        dispatcher = fleet.dispatcher
+        dispatchers = fleet.dispatchers
         heap = fleet.heap
         pop = heapq.heappop
+        fire = fleet.fire
         chooser = self.chooser
         requests = self.requests
-        routes_of = [self.routes.get(r.model, []) for r in requests]
+        routes_of = [[routes.get(r.model, []) for r in requests] for routes in self.routes]
         events = sorted(self.scenario.events, key=lambda e: e.at_s)
         ev_index = 0
         probe_every = self.latency_probe_interval_s
@@ -204,7 +281,7 @@ class Simulation:
             """Completions, timers and events up to `until` (inclusive), in time order."""
             while True:
                 if heap and heap[0][0] <= until and heap[0][0] < next_event:
-                    fleet.fire(pop(heap), dispatcher)
+                    fire(pop(heap))
                 elif next_event <= until and next_event < INF:
                     apply(next_event)
                 else:
@@ -217,17 +294,19 @@ class Simulation:
                 advance(now)
                 policies = self.policies
             while heap and heap[0][0] <= now:
-                fleet.fire(pop(heap), dispatcher)
+                fire(pop(heap))
             k = streams[i]
+            g = gateway_of[i]
             policy = policies[k]
             sla[i] = policy.latency_ms
-            decision = chooser(requests[k], routes_of[k], policy, now)
+            routes = routes_of[g][k]
+            decision = chooser(requests[k], routes, policy, now)
             if decision.route is None:
                 continue
             fleet.now_s = now
-            job = Job(decision, policy, requests[k], routes_of[k], chooser, now, ident=i)
+            job = Job(decision, policy, requests[k], routes, chooser, now, ident=i)
             job.on_done = done
-            dispatcher.start(job, now)
+            dispatchers[g].start(job, now)
         next_probe = INF  # the run is over: no more probes, only the queues to empty
         next_event = events[ev_index].at_s if ev_index < len(events) else INF
         advance(INF)
@@ -236,12 +315,108 @@ class Simulation:
 
 @dataclass(slots=True)
 class ModelledCall:
-    """A modelled attempt's call: its backend, its drawn service time, when it was sent,
-    and the backend's life it belongs to (a killed backend's calls die with it)."""
+    """A modelled attempt's call: its backend, its drawn service time, when it was sent
+    and when it took a slot and ended, the gateway that sent it, its expected work (what
+    the backend's load report counts), and whether its gateway gave it up."""
 
     backend: int
     service_ms: float
     sent_s: float
+    gateway: int = 0
+    mean_ms: float = 0.0
+    started_s: float | None = None
+    ended_s: float = INF
+    cancelled: bool = False
+
+
+class _Backend:
+    """A modelled backend as it is, whatever any gateway thinks: its slots and its one
+    queue of every gateway's calls, earliest deadline first (ties in arrival order), as
+    the fleet state models it; its life (a kill starts a new one); and the calls that
+    ended lately, so that a load report can tell the queue as it stood a moment ago."""
+
+    __slots__ = ("life", "recent", "seq", "serving", "slots", "waiting", "waiting_due")
+
+    def __init__(self, slots: int, life: int) -> None:
+        self.slots = slots
+        self.life = life
+        self.seq = 0
+        """Its load reports' sequence number."""
+        self.serving: list[Attempt] = []
+        self.waiting: list[Attempt] = []
+        self.waiting_due: list[float] = []
+        self.recent: deque[Attempt] = deque()
+        """Calls that ended, oldest first (kept only while reports need them)."""
+
+    def admit(self, attempt: Attempt) -> bool:
+        """The call arrives: True when it takes a free slot, else it waits."""
+        if len(self.serving) < self.slots:
+            self.serving.append(attempt)
+            return True
+        at = bisect_right(self.waiting_due, attempt.job.due_s)
+        self.waiting_due.insert(at, attempt.job.due_s)
+        self.waiting.insert(at, attempt)
+        return False
+
+    def done(self, attempt: Attempt, now_s: float, keep: bool) -> Attempt | None:
+        """The call in service ends at `now_s` (`keep`: remembered for reports); returns
+        the waiting call that takes its slot."""
+        self.serving.remove(attempt)
+        if keep:
+            attempt.call.ended_s = now_s
+            self.recent.append(attempt)
+        if not self.waiting:
+            return None
+        del self.waiting_due[0]
+        nxt = self.waiting.pop(0)
+        nxt.call.started_s = now_s
+        self.serving.append(nxt)
+        return nxt
+
+    def withdraw(self, attempt: Attempt) -> None:
+        """A cancelled call leaves the queue if it waits (one in service runs on)."""
+        for at, waiting in enumerate(self.waiting):
+            if waiting is attempt:
+                del self.waiting[at], self.waiting_due[at]
+                return
+
+    def clear(self) -> list[Attempt]:
+        """Every call dies (the backend was killed): returns them."""
+        lost = self.serving + self.waiting
+        self.serving, self.waiting, self.waiting_due = [], [], []
+        self.recent.clear()
+        return lost
+
+    def report(self, gateway: int, at_s: float) -> LoadReport:
+        """Its load report to `gateway` as a Switchyard worker makes it, of its queue as
+        it stood at `at_s` (a moment ago, or now): the other gateways' calls in service
+        then (and how long until the first ends, by their expected work) and waiting
+        then (by how soon each was due)."""
+        self.seq += 1
+        recent = self.recent
+        while recent and recent[0].call.ended_s <= at_s:
+            recent.popleft()  # ended before then (the report times only move on)
+        rest_ms = []
+        counts = [0] * BUCKETS
+        work_us = [0.0] * BUCKETS
+        for attempt in itertools.chain(recent, self.serving, self.waiting):
+            call: ModelledCall = attempt.call
+            if call.gateway == gateway or call.sent_s > at_s:
+                continue
+            started_s = call.started_s
+            if started_s is not None and started_s <= at_s:
+                rest_ms.append(max(0.0, call.mean_ms - (at_s - started_s) * 1000.0))
+            else:
+                at = bisect_left(DUE_EDGES_MS, (attempt.job.due_s - at_s) * 1000.0)
+                counts[at] += 1
+                work_us[at] += call.mean_ms * 1000.0
+        return LoadReport(
+            self.seq,
+            self.slots,
+            len(rest_ms),
+            int(min(rest_ms) * 1000.0) if rest_ms else 0,
+            tuple(zip(counts, (int(w) for w in work_us), strict=True)),
+        )
 
 
 class _Timer:
@@ -256,36 +431,47 @@ class _Timer:
 
 
 class ModelledFleet(Observer):
-    """The simulated backends, as the Dispatcher sees them: its transport (each call
-    takes its drawn service time once it holds a slot of its backend's earliest-deadline
-    queue, the fleet state's own), its timers and its observer, over one event heap of
-    (time, request, backend life, sequence, what). The heap's order is time, then
-    request number."""
+    """The simulated backends, as the gateways' Dispatchers see them: their transport
+    (each call takes its drawn service time once it holds a slot of its backend's
+    earliest-deadline queue, shared by every gateway's calls), their timers and their
+    observer, over one event heap of (time, request, backend life, sequence, what). The
+    heap's order is time, then request number.
+
+    Each gateway has its own view of each backend (`views`): the requests it sent, and,
+    with `report_delays_s` (per backend), the load reports its answers carry, each of
+    the backend's queue as it stood that long before the answer."""
 
     def __init__(
         self,
-        states: list[BackendState],
+        views: list[list[BackendState]],
         rtts: list[float],
         sims: dict[Route, _RouteSim],
         factors: list[float],
         streams: list[int],
+        gateway_of: list[int],
         set_policies: Callable[[PoliciesSettings], None],
+        report_delays_s: list[float] | None = None,
     ) -> None:
-        self.dispatcher = Dispatcher(self, self, self)
         # The live gateway's retry budget, at its default. No attempt timeouts: no
         # modelled backend hangs, and under modelled overload they would only move
         # a baseline's queue about (each would cost a full queue prediction per send).
-        self.dispatcher.guard(GatewaySettings(attempt_timeout_slack_s=0))
+        settings = GatewaySettings(attempt_timeout_slack_s=0)
+        self.dispatchers = []
+        for _ in views:
+            dispatcher = Dispatcher(self, self, self)
+            dispatcher.guard(settings)
+            self.dispatchers.append(dispatcher)
         self.set_policies = set_policies
-        self.states = states
+        self.views = views
         self.rtts = rtts
         self.sims = sims
         self.factors = factors
         self.streams = streams
-        self.names = {s.name: i for i, s in enumerate(states)}
-        self.lives = list(range(len(states)))
-        """Each backend's current life: a kill starts a new one."""
-        self._next_life = len(states)
+        self.gateway_of = gateway_of
+        self.report_delays_s = report_delays_s
+        self.names = {s.name: i for i, s in enumerate(views[0])}
+        self.backends = [_Backend(s.slots, i) for i, s in enumerate(views[0])]
+        self._next_life = len(self.backends)
         self.heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = itertools.count()
         self.now_s = 0.0
@@ -300,33 +486,40 @@ class ModelledFleet(Observer):
         if pos >= SAMPLE_CHUNK:
             sim.refill()
             pos = 0
-        job = attempt.job
-        service_ms = sim.samples[pos] * self.factors[self.streams[job.ident]]
+        ident = attempt.job.ident
+        factor = self.factors[self.streams[ident]]
+        service_ms = sim.samples[pos] * factor
         sim.pos = pos + 1
         now = self.now_s
-        attempt.call = ModelledCall(sim.backend, service_ms, now)
-        if attempt.free_slot:
+        call = ModelledCall(
+            sim.backend, service_ms, now, self.gateway_of[ident], sim.mean_ms * factor
+        )
+        attempt.call = call
+        if self.backends[sim.backend].admit(attempt):
             self._serve(attempt, now)
 
     def cancel(self, attempt: Attempt) -> None:
-        attempt.call = None  # its heap entry, if any, finds no call
+        call: ModelledCall = attempt.call
+        call.cancelled = True  # its answer, if it is in service, reaches no one
+        self.backends[call.backend].withdraw(attempt)
 
     def _serve(self, attempt: Attempt, now: float) -> None:
         call: ModelledCall = attempt.call
+        call.started_s = now
         heapq.heappush(
             self.heap,
             (
                 now + call.service_ms * 0.001,
                 attempt.job.ident,
-                self.lives[call.backend],
+                self.backends[call.backend].life,
                 next(self._seq),
                 attempt,
             ),
         )
 
-    def fire(self, entry: tuple[float, int, int, int, Any], dispatcher: Dispatcher) -> None:
+    def fire(self, entry: tuple[float, int, int, int, Any]) -> None:
         """One heap entry's time has come: a call answers (unless it died with its
-        backend's life or was cancelled), or a timer fires."""
+        backend's life; a cancelled one only frees its slot), or a timer fires."""
         now, _, life, _, what = entry
         if isinstance(what, _Timer):
             if not what.cancelled:
@@ -334,17 +527,24 @@ class ModelledFleet(Observer):
                 what.callback(now)
             return
         attempt: Attempt = what
-        call: ModelledCall | None = attempt.call
-        if call is None or life != self.lives[call.backend]:
+        call: ModelledCall = attempt.call
+        backend = self.backends[call.backend]
+        if life != backend.life:
             return
         self.now_s = now
-        latency_ms = (now - call.sent_s) * 1000.0 + self.rtts[call.backend]
-        nxt = dispatcher.answered(attempt, None, latency_ms, now)
-        if nxt is not None:  # the waiting request due first takes the slot
-            waiting = nxt.attempt
-            assert isinstance(waiting, Attempt)
-            if waiting.call is not None:
-                self._serve(waiting, now)
+        delays = self.report_delays_s
+        # The waiting call due first takes the slot.
+        nxt = backend.done(attempt, now, delays is not None)
+        if not call.cancelled:
+            if delays is not None:
+                # As the live transport does, the gateway takes the report its answer
+                # carries before the answer settles its request.
+                report = backend.report(call.gateway, now - delays[call.backend])
+                attempt.route.state.record_report(report, now)
+            latency_ms = (now - call.sent_s) * 1000.0 + self.rtts[call.backend]
+            self.dispatchers[call.gateway].answered(attempt, None, latency_ms, now)
+        if nxt is not None:
+            self._serve(nxt, now)
 
     # ---- the timers ----
 
@@ -361,38 +561,48 @@ class ModelledFleet(Observer):
     def retried(self, job: Job, route: Route) -> None:
         self.retried_count += 1
 
-    # ---- scenario events and probes ----
+    # ---- scenario events (every gateway's view at once) and probes ----
+
+    def _views_of(self, backend: str) -> list[BackendState]:
+        b = self.names[backend]
+        return [states[b] for states in self.views]
 
     def set_price(self, backend: str, usd_per_hour: float) -> None:
-        self.states[self.names[backend]].set_price(usd_per_hour)
+        for state in self._views_of(backend):
+            state.set_price(usd_per_hour)
 
     def kill(self, backend: str) -> None:
-        """The backend dies: its calls in service and waiting fail (each retried by the
-        dispatcher, in request order) and it leaves the routes until restarted."""
+        """The backend dies: its calls in service and waiting fail (each retried by its
+        gateway's dispatcher, in request order) and it leaves every gateway's routes
+        until restarted."""
         b = self.names[backend]
-        state = self.states[b]
-        state.healthy = False
-        state.last_error = "killed"
-        state.refresh()
-        self.lives[b] = self._next_life  # the calls in service die with the old life
+        truth = self.backends[b]
+        truth.life = self._next_life  # the calls in service die with the old life
         self._next_life += 1
+        lost = sorted(truth.clear(), key=lambda a: a.job.ident)
+        for state in self._views_of(backend):
+            state.healthy = False
+            state.last_error = "killed"
+            state.refresh()
+            state.clear()
         now = self.now_s
-        lost = sorted(state.clear(), key=_request_number)
-        for ticket in lost:
-            attempt = ticket.attempt
-            assert isinstance(attempt, Attempt)
-            self.dispatcher.failed(attempt, BackendKilled(state.name), True, True, now)
+        for attempt in lost:
+            call: ModelledCall = attempt.call
+            if not call.cancelled:
+                self.dispatchers[call.gateway].failed(
+                    attempt, BackendKilled(backend), True, True, now
+                )
 
     def restart(self, backend: str) -> None:
-        state = self.states[self.names[backend]]
-        state.healthy = True
-        state.last_error = ""
-        state.refresh()
+        for state in self._views_of(backend):
+            state.healthy = True
+            state.last_error = ""
+            state.refresh()
 
     def drain(self, backend: str, drained: bool) -> None:
-        state = self.states[self.names[backend]]
-        state.drained = drained
-        state.refresh()
+        for state in self._views_of(backend):
+            state.drained = drained
+            state.refresh()
 
     def set_policy(self, policies: PoliciesSettings) -> None:
         self.set_policies(policies)
@@ -401,8 +611,8 @@ class ModelledFleet(Observer):
         pass  # already in the arrivals
 
     def probe(self, now: float, interval_s: float) -> None:
-        """The prober's latency probes: one inference on each available route that had
-        no sample for an interval (modelled unqueued: the route is idle)."""
+        """Each gateway's prober's latency probes: one inference on each available route
+        that had no sample for an interval (modelled unqueued: the route is idle)."""
         for route, sim in self.sims.items():
             last = route.estimate.last_sample_s
             if route.state.available and (last is None or now - last >= interval_s):
@@ -412,12 +622,6 @@ class ModelledFleet(Observer):
                 sim.pos += 1
                 rtt = self.rtts[sim.backend]
                 route.estimate.observe(service_sample(svc + rtt, rtt), now)
-
-
-def _request_number(ticket: Ticket) -> int:
-    attempt = ticket.attempt
-    assert isinstance(attempt, Attempt)
-    return attempt.job.ident
 
 
 class BackendKilled(Exception):
@@ -462,6 +666,31 @@ def summarise(
 # ---- the whole report -------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaRun:
+    """The SLA router's run by several gateways: one row of the gateways table."""
+
+    gateways: int
+    reports: bool
+    result: PolicyResult
+
+    def to_json(self, one_gateway_usd_per_1m: float) -> dict[str, Any]:
+        r = self.result
+        return {
+            "gateways": self.gateways,
+            "reports": self.reports,
+            "cost_usd_per_1m": r.cost_usd_per_1m,
+            "cost_vs_one_gateway": r.cost_usd_per_1m / one_gateway_usd_per_1m
+            if one_gateway_usd_per_1m
+            else None,
+            "attainment": r.attainment,
+            "p99_ms": r.p99_ms,
+            "answered": r.answered,
+            "failed": r.failed,
+            "retried": r.retried,
+        }
+
+
 @dataclass(slots=True)
 class Report:
     scenario: Scenario
@@ -470,13 +699,22 @@ class Report:
     bound: Bound
     results: dict[str, PolicyResult]
     checks: list[Check] = field(default_factory=list)
+    replicas: list[ReplicaRun] = field(default_factory=list)
+    """The SLA router by 1 and by several gateways (`simulate --gateways`); the first
+    row is one gateway's."""
+    replicas_by: Replicas = Replicas()
+    """How those runs spread arrivals and delayed reports."""
 
     @property
     def passed(self) -> bool:
         return all(c.met for c in self.checks)
 
+    @property
+    def runs(self) -> int:
+        return len(self.results) + len(self.replicas)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "scenario": self.scenario.scenario,
             "requests": self.requests,
             "wall_s": round(self.wall_s, 4),
@@ -484,6 +722,14 @@ class Report:
             "infeasible_classes": self.bound.infeasible_classes,
             "policies": {name: r.to_json() for name, r in self.results.items()},
         }
+        if self.replicas:
+            one = self.replicas[0].result.cost_usd_per_1m
+            out["gateways"] = {
+                "balancer": self.replicas_by.balancer,
+                "report_delay_ms": self.replicas_by.report_delay_ms,
+                "runs": [run.to_json(one) for run in self.replicas],
+            }
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,15 +793,32 @@ def check(scenario: Scenario, bound: Bound, results: dict[str, PolicyResult]) ->
     return out
 
 
+def replica_runs(gateways: Sequence[int], by: Replicas = Replicas()) -> list[Replicas]:
+    """The runs of `simulate --gateways`: one gateway, then each count above one without
+    and with load reports."""
+    if any(n < 1 for n in gateways):
+        raise ValueError(f"gateways must be at least 1, not {min(gateways)}")
+    runs = [replace(by, gateways=1, reports=False)]
+    for n in sorted(set(gateways) - {1}):
+        runs += [replace(by, gateways=n, reports=False), replace(by, gateways=n, reports=True)]
+    return runs
+
+
 def simulate(
     scenario: Scenario,
     policies: Sequence[str] = POLICIES,
     clock: Callable[[], float] = time.perf_counter,
+    gateways: Sequence[int] = (),
+    replicas_by: Replicas = Replicas(),
 ) -> Report:
+    """The policies over the scenario's trace, each by one gateway; with `gateways`
+    (counts), the SLA router also by one gateway and by each count, without and with
+    load reports, arrivals spread and reports delayed as `replicas_by` says."""
     # The solver's library loads before the clock starts, as the simulator's own
     # modules did: wall_s is the simulation's work (trace, bound, runs), not imports.
     import scipy.optimize  # noqa: F401
 
+    runs = replica_runs(gateways, replicas_by) if gateways else []
     started = clock()
     trace = make_trace(scenario)
     bound = lower_bound(scenario, trace)
@@ -567,8 +830,20 @@ def simulate(
         results[name] = summarise(
             scenario, trace, latency, sla, cost, retried, bound.infeasible_classes
         )
+    replicas = []
+    for replicas_of in runs:
+        sim = Simulation(
+            scenario,
+            trace,
+            chooser_for("switchyard"),
+            retry_by_alternatives=True,
+            replicas=replicas_of,
+        )
+        latency, sla, cost, retried = sim.run()
+        result = summarise(scenario, trace, latency, sla, cost, retried, bound.infeasible_classes)
+        replicas.append(ReplicaRun(replicas_of.gateways, replicas_of.reports, result))
     wall_s = clock() - started
-    report = Report(scenario, len(trace), wall_s, bound, results)
+    report = Report(scenario, len(trace), wall_s, bound, results, [], replicas, replicas_by)
     if "switchyard" in results and set(POLICIES) <= set(results):
         report.checks = check(scenario, bound, results)
     return report
@@ -589,6 +864,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the random seed of arrivals and service times (default: the scenario's `seed`)",
     )
+    parser.add_argument(
+        "--gateways",
+        type=_gateway_count,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also run the SLA router by N gateways (repeatable counts: --gateways 2 4), "
+        "each seeing its own requests, without and with the backends' load reports, "
+        "beside one gateway: cost per 1M and SLA attainment per class",
+    )
+    parser.add_argument(
+        "--balancer",
+        choices=BALANCERS,
+        default="round-robin",
+        help="how arrivals are spread over the gateways (default: round-robin)",
+    )
+    parser.add_argument(
+        "--report-delay-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="how long after a backend's answer its load report reaches the gateway "
+        "(default: the backend's network round trip)",
+    )
+
+
+def _gateway_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a gateway count is a whole number >= 1, not {text!r}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -598,7 +907,13 @@ def run(args: argparse.Namespace) -> int:
             scenario = scenario.shortened()
         if args.seed is not None:
             scenario = scenario.model_copy(update={"seed": args.seed})
-        report = simulate(scenario)
+        if args.report_delay_ms is not None and args.report_delay_ms < 0:
+            raise ScenarioError(f"--report-delay-ms must be >= 0, not {args.report_delay_ms:g}")
+        report = simulate(
+            scenario,
+            gateways=args.gateways,
+            replicas_by=Replicas(balancer=args.balancer, report_delay_ms=args.report_delay_ms),
+        )
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -615,11 +930,11 @@ def print_report(report: Report) -> None:
 
     console = Console(width=max(100, Console().width))
     scenario = report.scenario
-    runs = len(report.results)
+    runs = report.runs
     rate = report.requests * runs / report.wall_s if report.wall_s > 0 else 0.0
     console.print(
         f"[bold]{scenario.scenario}[/bold]: {scenario.description}\n"
-        f"{report.requests:,} requests over {scenario.duration_s:g} s, {runs} policies, "
+        f"{report.requests:,} requests over {scenario.duration_s:g} s, {runs} runs, "
         f"{report.wall_s:.2f} s wall ({rate:,.0f} simulated requests/s)"
     )
     classes = sorted({c for r in report.results.values() for c in r.p99_ms})
@@ -654,3 +969,46 @@ def print_report(report: Report) -> None:
     for c in report.checks:
         mark = "[green]pass[/green]" if c.met else "[red]FAIL[/red]"
         console.print(f"{mark}  {c.name}: {c.detail}")
+    if report.replicas:
+        print_replicas(console, report)
+
+
+def _met(result: PolicyResult, name: str) -> str:
+    met = result.attainment.get(name)
+    p99 = result.p99_ms.get(name)
+    cell = "infeasible" if met is None else f"{met:.2%}"
+    return cell + ("" if p99 is None else f" ({p99:.1f})")
+
+
+def print_replicas(console: Any, report: Report) -> None:
+    """The gateways table: the SLA router by one gateway and by several."""
+    from rich.table import Table
+
+    by = report.replicas_by
+    delay = (
+        "each backend's round trip" if by.report_delay_ms is None else f"{by.report_delay_ms:g} ms"
+    )
+    classes = sorted({c for run in report.replicas for c in run.result.p99_ms})
+    console.print(
+        f"SLA router by several gateways: arrivals {by.balancer}, load reports {delay} late"
+    )
+    table = Table(title="SLA met (p99 ms) per class; cost per 1M inferences")
+    table.add_column("gateways", justify="right")
+    table.add_column("reports")
+    table.add_column("$/1M", justify="right")
+    table.add_column("vs one", justify="right")
+    for name in classes:
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("failed", justify="right")
+    one = report.replicas[0].result.cost_usd_per_1m
+    for run in report.replicas:
+        r = run.result
+        table.add_row(
+            str(run.gateways),
+            "-" if run.gateways == 1 else ("yes" if run.reports else "no"),
+            f"{r.cost_usd_per_1m:.4f}",
+            f"{r.cost_usd_per_1m / one:.3f}x" if one else "-",
+            *[_met(r, name) for name in classes],
+            f"{r.failed:,}",
+        )
+    console.print(table)
