@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -181,7 +182,10 @@ class RequestTrace:
         """The request's span ends: `outcome` is its status code's name."""
         span = self.span
         if self.recording:
-            span.set_attribute("rpc.grpc.status_code_name", outcome)
+            span.set_attribute("switchyard.outcome", outcome)
+            code = getattr(grpc.StatusCode, outcome, None)
+            if code is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
             if backend != "none":
                 span.set_attribute("switchyard.backend", backend)
                 span.set_attribute("switchyard.variant", variant)

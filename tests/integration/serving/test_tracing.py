@@ -133,7 +133,8 @@ async def test_one_requests_spans_from_gateway_and_worker_form_one_trace(
         assert request.resource.attributes[SERVICE_NAME] == "switchyard-gateway"
         assert request.attributes is not None
         assert request.attributes["switchyard.backend"] == "cheap"
-        assert request.attributes["rpc.grpc.status_code_name"] == "OK"
+        assert request.attributes["switchyard.outcome"] == "OK"
+        assert request.attributes["rpc.grpc.status_code"] == 0
 
         assert parent_of(route) == request.context.span_id
         assert route.attributes is not None
