@@ -1,0 +1,224 @@
+"""Backend-reported load through real workers and gateways on 127.0.0.1: a worker's
+answers (unary and on a stream) end with its queue less the asking gateway's own
+requests, a gateway cuts the report off before its callers see the answer, and two
+gateways sharing a one-slot cheap backend keep its SLA with the reports (the second
+gateway's traffic spills to a dearer spare as the first fills the cheap one). Without
+them each gateway takes the other's requests queued ahead of its own for slow service:
+the SLA holds, but both shun the cheap backend and pay for the spare."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from backends.protocol.load import caller_field, split_report
+from backends.protocol.streams import id_field, read_answer
+from gateway.config import FleetConfig
+from gateway.server import Gateway, start_gateway
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from tests.integration.conftest import Worker, launch_worker, raw_request, samples, server_ready
+from tests.waiting import wait_until
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def digits_request(repository: Path) -> pb.ModelInferRequest:
+    inputs, _ = samples(repository, "digits")
+    return raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
+
+
+async def test_answers_carry_the_queue_less_the_callers_own(
+    worker: Worker, repository: Path
+) -> None:
+    request = digits_request(repository).SerializeToString()
+    images, _ = samples(repository, "cnn")
+    other = raw_request("cnn", {"image": images["image"][:1]}, {"image": "FP32"})
+    other_bytes = other.SerializeToString()
+    held = await worker.hold("digits")
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        unary = channel.unary_unary(INFER)
+        # Gateway "b" has one request running (held at the gate) and one waiting.
+        b_calls = [
+            asyncio.ensure_future(unary(request + caller_field("b"), timeout=30.0))
+            for _ in range(2)
+        ]
+        await wait_until(lambda: held.batcher.arrived == 2 and held.gate.holding)
+        # Gateway "a" asks another model: its answer reports b's requests, not its own.
+        plain, report = split_report(await unary(other_bytes + caller_field("a"), timeout=10.0))
+        assert report is not None
+        assert (report.slots, report.in_service, report.waiting_requests) == (1, 1, 1)
+        assert pb.ModelInferResponse.FromString(plain).model_name == "cnn"
+        # Gateway "b" sees its own requests left out.
+        _, own = split_report(await unary(other_bytes + caller_field("b"), timeout=10.0))
+        assert own is not None and own.seq > report.seq
+        assert (own.in_service, own.waiting_requests) == (0, 0)
+        # On a stream the answer's last field is the report too.
+        call = channel.stream_stream(STREAM)()
+        await call.write(other_bytes + caller_field("a") + id_field("s1"))
+        data = await call.read()
+        await call.done_writing()
+        answer = read_answer(data)  # infer_response's bytes, as the worker sent them
+        assert answer.id == "s1"
+        _, streamed = split_report(answer.response)
+        assert streamed is not None and streamed.in_service == 1 and streamed.seq > own.seq
+        # A caller that does not name itself (any v2 client) gets no report.
+        bare = await unary(other_bytes, timeout=10.0)
+        assert split_report(bare)[1] is None
+        assert "switchyard_load" not in pb.ModelInferResponse.FromString(bare).parameters
+        held.gate.open()
+        for done in await asyncio.gather(*b_calls):
+            assert split_report(done)[1] is not None
+
+
+def two_gateway_config(
+    cheap: Worker, spare: Worker, load_reports: bool, sla_ms: float
+) -> FleetConfig:
+    return FleetConfig.model_validate(
+        {
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "metrics": "127.0.0.1:0",
+                "http": None,
+                "probe_interval_s": 0.2,
+                "coalesce_in_flight": 0,
+                "load_reports": load_reports,
+            },
+            "backends": [
+                {"name": "cheap", "address": cheap.address, "price_usd_per_hour": 0.01},
+                {"name": "spare", "address": spare.address, "price_usd_per_hour": 1.0},
+            ],
+            "policies": {"default": {"latency_ms": sla_ms, "on_infeasible": "fastest"}},
+        }
+    )
+
+
+@dataclass
+class Tally:
+    """What the callers of one gateway saw."""
+
+    answers: int = 0
+    late: int = 0
+    where: Counter[str] = field(default_factory=Counter)
+    late_where: Counter[str] = field(default_factory=Counter)
+
+
+CHEAP_MS = 30.0
+"""The cheap backend's emulated service time (one slot)."""
+SLA_MS = 75.0
+"""Room for the request itself and two ahead of it on the cheap backend, not three."""
+CALLERS = 2
+"""Closed-loop callers per gateway: either gateway alone keeps at most one request ahead
+of another on the cheap backend; both, sending there at once, up to three."""
+LOAD_S = 3.0
+
+
+async def drive(
+    gw: Gateway,
+    request: pb.ModelInferRequest,
+    start: float,
+    counted_from: float,
+    until: float,
+    tally: Tally,
+) -> None:
+    """`CALLERS` callers, each sending one request after another from `start` to
+    `until`; the answers to those sent from `counted_from` on are tallied."""
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+
+        async def caller() -> None:
+            while time.perf_counter() < until:
+                sent = time.perf_counter()
+                reply = await stub.ModelInfer(request, timeout=10.0)
+                latency_ms = (time.perf_counter() - sent) * 1000.0
+                assert "switchyard_load" not in reply.parameters  # cut off by the gateway
+                if sent < counted_from:
+                    continue
+                backend = reply.parameters["switchyard_backend"].string_param
+                tally.answers += 1
+                tally.where[backend] += 1
+                if latency_ms > SLA_MS:
+                    tally.late += 1
+                    tally.late_where[backend] += 1
+
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+
+
+async def shared_cheap_backend(
+    cheap: Worker, spare: Worker, request: pb.ModelInferRequest, load_reports: bool
+) -> tuple[Tally, Tally]:
+    """Two gateways over the same two backends, each driven by its own callers at once."""
+    config = two_gateway_config(cheap, spare, load_reports, SLA_MS)
+    first, second = await start_gateway(config), await start_gateway(config)
+    try:
+        for gw in (first, second):
+            await wait_until(lambda gw=gw: server_ready(gw), timeout_s=30.0)
+        tallies = (Tally(), Tally())
+        # The first gateway's callers start, the second's join a second later; answers
+        # are tallied once both have run for a while.
+        now = time.perf_counter()
+        joined, counted, until = now + 1.0, now + 1.5, now + 1.5 + LOAD_S
+        await asyncio.gather(
+            drive(first, request, now, counted, until, tallies[0]),
+            drive(second, request, joined, counted, until, tallies[1]),
+        )
+        return tallies
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@pytest.fixture
+async def cheap_and_spare(repository: Path) -> AsyncIterator[tuple[Worker, Worker]]:
+    cheap = await launch_worker(
+        repository,
+        threads=1,
+        hardware_class="test-cheap",
+        emulate_latency_ms=CHEAP_MS,
+        models=("digits",),
+    )
+    spare = await launch_worker(
+        repository, threads=1, hardware_class="test-spare", models=("digits",)
+    )
+    yield cheap, spare
+    await cheap.stop()
+    await spare.stop()
+
+
+async def test_two_gateways_keep_a_shared_backends_sla_with_load_reports(
+    cheap_and_spare: tuple[Worker, Worker], repository: Path
+) -> None:
+    cheap, spare = cheap_and_spare
+    request = digits_request(repository)
+    with_reports = await shared_cheap_backend(cheap, spare, request, load_reports=True)
+    without = await shared_cheap_backend(cheap, spare, request, load_reports=False)
+    late_with = sum(t.late for t in with_reports)
+    late_without = sum(t.late for t in without)
+    answers_with = sum(t.answers for t in with_reports)
+    answers_without = sum(t.answers for t in without)
+    print(
+        f"with reports: {late_with}/{answers_with} late, "
+        f"{[dict(t.where) for t in with_reports]} late {[dict(t.late_where) for t in with_reports]}; "
+        f"without: {late_without}/{answers_without} "
+        f"late, {[dict(t.where) for t in without]} late {[dict(t.late_where) for t in without]}"
+    )
+    cheap_with = sum(t.where["cheap"] for t in with_reports)
+    cheap_without = sum(t.where["cheap"] for t in without)
+    # With the reports the first gateway keeps the cheap backend busy and within its SLA;
+    # the second sees the first's requests there and sends its own to the spare.
+    assert cheap_with >= 30
+    assert with_reports[1].where["spare"] > with_reports[1].where["cheap"]
+    assert late_with <= 0.05 * answers_with
+    # Without them each gateway reads the other's requests queued ahead of its own as
+    # the cheap backend's service time: its estimate grows past the SLA and both shun
+    # the cheap backend, which stands idle while they pay for the spare.
+    assert cheap_with >= 2 * cheap_without + 10
