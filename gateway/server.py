@@ -342,6 +342,7 @@ async def start_gateway(
         on_exit,
         pki,
         settings.restart_after_failed_probes,
+        settings.tracing,
     )
     control = Control(
         fleet,

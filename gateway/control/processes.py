@@ -295,6 +295,7 @@ class ProcessGroup:
             lambda name, address: log.info("backend %s listening on %s", name, address),
             lambda name, reason: None,  # the supervisor logs it; the processes probe it
             pki,
+            tracing=settings.tracing,
         )
         self.supervisor.start()
         late = await self.supervisor.wait_listening(settings.startup_timeout_s)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from backends.process import PARENT_PID_ENV
 from backends.protocol.errors import DeadlineExceeded, FailedPrecondition
-from gateway.config import BackendSettings
+from gateway.config import BackendSettings, TracingSettings
 from gateway.security import WorkerFiles, WorkerPKI
 
 log = logging.getLogger("switchyard.supervisor")
@@ -56,10 +56,15 @@ cloud credentials, ...): a worker needs none of the gateway's secrets."""
 
 
 def worker_command(
-    backend: BackendSettings, repository: Path, listen: str, tls: WorkerFiles | None = None
+    backend: BackendSettings,
+    repository: Path,
+    listen: str,
+    tls: WorkerFiles | None = None,
+    tracing: TracingSettings | None = None,
 ) -> list[str]:
     """The command that starts `backend`'s worker on `listen`, with mTLS from `tls`'s
-    files when given."""
+    files when given, and the gateway's `tracing` (its exporter, collector or file and
+    sample ratio; the worker's spans keep their own service name)."""
     launch = backend.launch
     assert launch is not None
     command = [
@@ -99,7 +104,25 @@ def worker_command(
         command += ["--precisions", *launch.precisions]
     if tls is not None:
         command += tls.arguments()
+    if tracing is not None:
+        command += tracing_arguments(tracing)
     return command
+
+
+def tracing_arguments(tracing: TracingSettings) -> list[str]:
+    """`switchyard backend`'s --trace-* flags for the settings given (none for those
+    left unset: the worker reads OpenTelemetry's environment variables, inherited from
+    the gateway, for them)."""
+    arguments: list[str] = []
+    if tracing.exporter is not None:
+        arguments += ["--trace-exporter", tracing.exporter]
+    if tracing.endpoint is not None:
+        arguments += ["--trace-endpoint", tracing.endpoint]
+    if tracing.file is not None:
+        arguments += ["--trace-file", str(tracing.file)]
+    if tracing.sample_ratio is not None:
+        arguments += ["--trace-sample-ratio", repr(tracing.sample_ratio)]
+    return arguments
 
 
 def worker_environment(
@@ -174,11 +197,14 @@ class Supervisor:
         on_exit: Callable[[str, str], None],
         pki: WorkerPKI | None = None,
         restart_after_failed_probes: int = 0,
+        tracing: TracingSettings | None = None,
     ) -> None:
         """`pki`: the CA that secures the workers' listeners (None: plaintext workers,
         for tests of supervision alone). `restart_after_failed_probes`: failed probes
-        in a row that get a listening worker killed and restarted (0: never)."""
+        in a row that get a listening worker killed and restarted (0: never).
+        `tracing`: the gateway's, which its workers follow."""
         self.repository = repository
+        self.tracing = tracing
         self.pki = pki
         self.restart_after_failed_probes = restart_after_failed_probes
         self.on_address = on_address
@@ -306,7 +332,9 @@ class Supervisor:
             worker.failed_probes = 0
             worker.kill_reason = ""
             worker.process = await asyncio.create_subprocess_exec(
-                *worker_command(worker.backend, self.repository, address, worker.tls_files),
+                *worker_command(
+                    worker.backend, self.repository, address, worker.tls_files, self.tracing
+                ),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=worker_environment(worker.backend),

@@ -141,3 +141,50 @@ def test_one_requests_spans_from_gateway_and_worker_share_one_trace(
     attempt_id = ours["switchyard.attempt"]["context"]["span_id"]
     assert theirs["switchyard.backend.request"]["parent_id"] == attempt_id
     assert ours["switchyard.route"]["attributes"]["switchyard.backend"] == "one"
+
+
+def test_a_launched_worker_follows_the_fleet_files_tracing(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker the gateway launches gets `gateway.tracing` (here: the same file, which
+    several processes may append to), and its spans join the caller's trace."""
+    trace_file = tmp_path / "spans.jsonl"
+    fleet = write_fleet(
+        tmp_path / "fleet.yaml",
+        repository,
+        [
+            {
+                "name": "launched",
+                "address": "127.0.0.1:0",
+                "price_usd_per_hour": 0.04,
+                "launch": {"threads": 1, "models": ["digits"]},
+            }
+        ],
+        tracing={"exporter": "file", "file": str(trace_file)},
+    )
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # both processes' spans leave soon
+    gateway: RunningGateway = start_serve(fleet, tmp_path)
+    try:
+        answer = subprocess.run(
+            [sys.executable, "-c", CLIENT, gateway.address, TRACEPARENT],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip() == "launched"
+        wait_until_blocking(
+            lambda: (
+                {"switchyard.attempt", "switchyard.backend.request"}
+                <= {s["name"] for s in of_trace(trace_file)}
+            ),
+            timeout_s=30.0,
+            what="the gateway's and the launched worker's spans in the one file",
+        )
+    finally:
+        stop(gateway)
+    named = {s["name"]: s for s in of_trace(trace_file)}
+    worker = named["switchyard.backend.request"]
+    assert worker["resource"]["attributes"]["service.name"] == "switchyard-backend"
+    assert worker["parent_id"] == named["switchyard.attempt"]["context"]["span_id"]

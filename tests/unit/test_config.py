@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_fleet, parse_fleet
+from gateway.config import (
+    BackendSettings,
+    ConfigError,
+    LaunchSettings,
+    TracingSettings,
+    load_fleet,
+    parse_fleet,
+)
 from gateway.control.supervisor import worker_command
 
 MINIMAL = """
@@ -84,3 +91,18 @@ def test_per_model_batching_reaches_the_worker_command(tmp_path: Path) -> None:
     at = command.index("--batching")
     assert command[at + 1 : at + 3] == ["cnn=0:0", "resnet=8:2000"]
     assert command[command.index("--max-queue-delay-us") + 1] == "50"
+
+
+def test_the_gateways_tracing_reaches_the_worker_command(tmp_path: Path) -> None:
+    backend = BackendSettings(name="w", address="127.0.0.1:0", launch=LaunchSettings())
+    plain = worker_command(backend, tmp_path, "127.0.0.1:0")
+    assert not [a for a in plain if a.startswith("--trace")]
+    tracing = TracingSettings(exporter="file", file=tmp_path / "spans.jsonl", sample_ratio=0.25)
+    command = worker_command(backend, tmp_path, "127.0.0.1:0", tracing=tracing)
+    assert command[len(plain) :] == [
+        *("--trace-exporter", "file"),
+        *("--trace-file", str(tmp_path / "spans.jsonl")),
+        *("--trace-sample-ratio", "0.25"),
+    ]
+    # Unset settings stay unset: the worker reads OTEL_* for them, as the gateway does.
+    assert worker_command(backend, tmp_path, "127.0.0.1:0", tracing=TracingSettings()) == plain
