@@ -309,8 +309,9 @@ class Control:
         self.backend(backend)
         if self.supervisor is None or backend not in self.supervisor.workers:
             raise NotSupervised(
-                f"backend {backend!r} is not launched by the gateway (no `launch` in the "
-                "fleet file), so it has no worker process to kill or restart"
+                f"backend {backend!r} has no worker process of this gateway's to kill or "
+                "restart: it has no `launch` in the fleet file, or this is one process of "
+                "`switchyard serve --processes N`, whose parent holds the workers"
             )
         return self.supervisor
 

@@ -286,7 +286,7 @@ async def test_bad_backends_and_missing_tokens_are_refused(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await method(apb.BackendRequest(backend="outside"), metadata=AUTH)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "'outside' is not launched by the gateway" in (info.value.details() or "")
+        assert "'outside' has no worker process of this gateway's" in (info.value.details() or "")
 
     calls = [
         lambda md: admin.ListBackends(apb.ListBackendsRequest(), metadata=md),
