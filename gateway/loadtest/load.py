@@ -1,7 +1,7 @@
 """`switchyard load`: plays a scenario against a live gateway, open loop.
 
-    switchyard load --target HOST:PORT --scenario FILE [--short] [--report DIR]
-                    [--baseline fastest-only ...] [--json]
+    switchyard load --target HOST:PORT [--target HOST:PORT ...] --scenario FILE [--short]
+                    [--report DIR] [--baseline fastest-only ...] [--json]
 
 Arrivals come from the scenario exactly as `simulate` draws them (Poisson,
 constant, bursts or a recorded trace; surges multiply the rate), scaled by the
@@ -24,6 +24,10 @@ minus due time) is recorded, and the run is flagged when its p99 passes
 report.MAX_LAG_P99_MS or it sent under report.MIN_SENT_FRACTION of the asked rate. It
 runs in its own process (uvloop when installed; `--cpus` pins it) so its CPU is its own
 budget.
+
+Several `--target`s (gateways sharing their control state) take the requests in turn,
+round-robin, as a load balancer in front of them would; the events and baselines go
+through the admin API named (the store carries them to the others).
 
 With `--baseline NAME` the same arrivals are replayed with the gateway's routing
 switched to that baseline (fastest-only, cheapest-only, round-robin,
@@ -252,17 +256,18 @@ class AdminEvents:
 
 
 class Run:
-    """One open-loop run of a plan against the gateway at `target`."""
+    """One open-loop run of a plan against the gateway at `targets` (several: each takes
+    the requests in turn)."""
 
     def __init__(
         self,
         plan: Plan,
-        target: str,
+        targets: str | Sequence[str],
         payloads: list[bytes],
         security: ChannelSecurity | None = None,
     ) -> None:
         self.plan = plan
-        self.target = target
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.payloads = payloads
         self.security = security
         """How the channels to the gateway are secured (None: plaintext)."""
@@ -321,7 +326,7 @@ class Run:
             backend = (
                 params["switchyard_backend"].string_param
                 if "switchyard_backend" in params
-                else self.target
+                else self.targets[i % len(self.targets)]
             )
             variant = (
                 params["switchyard_variant"].string_param if "switchyard_variant" in params else ""
@@ -362,7 +367,12 @@ class Run:
             # Each channel its own connection, not one shared subchannel.
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        channels = [secure_channel(self.target, self.security, options) for _ in range(CHANNELS)]
+        # Request i goes to targets[i % len(targets)]: channel c of each target in turn.
+        channels = [
+            secure_channel(target, self.security, options)
+            for _ in range(CHANNELS)
+            for target in self.targets
+        ]
         calls = [c.unary_unary(INFER_METHOD) for c in channels]
         loop = asyncio.get_running_loop()
         times: list[float] = self.plan.trace.times.tolist()
@@ -390,7 +400,7 @@ class Run:
                 send_s[i] = now - self.started
                 self.outstanding += 1
                 self.sent = i + 1
-                task = loop.create_task(self._one(calls[i % CHANNELS], i, payloads[streams[i]]))
+                task = loop.create_task(self._one(calls[i % len(calls)], i, payloads[streams[i]]))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if n == 0:
@@ -529,7 +539,13 @@ def share_checks(records: Records, checks: Sequence[ShareCheck]) -> list[tuple[s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="the gateway (HOST:PORT)")
+    parser.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        help="the gateway (HOST:PORT); repeat it for several gateways sharing their "
+        "control state, which take the requests in turn (round-robin)",
+    )
     parser.add_argument("--scenario", type=Path, required=True, help="scenario file (YAML)")
     parser.add_argument("--short", action="store_true", help="the scenario's short form")
     parser.add_argument(
@@ -632,7 +648,7 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
     if args.tls_ca is not None or args.tls_cert is not None:
         security = client_security(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     admin = _admin_for(args, scenario, security)
-    payloads = await _payloads(args.target, plan, security)
+    payloads = await _payloads(args.target[0], plan, security)
     live_backends: set[str] = set()
     if admin is not None:
         try:
