@@ -1,0 +1,271 @@
+"""Two gateways against one: the price-spike scenario's live fleet played through one
+gateway, then through two sharing their control state over a private redis-server,
+the load split between them; cost per 1M and SLA attainment per class side by side.
+
+Target: two gateways cost within 5% of one gateway's per 1M inferences, at equal SLA
+attainment per class (each class's share of requests answered within its SLA).
+
+    python -m gateway.bench.two_gateways [--scenario FILE] [--full] [--out BENCHMARKS.md]
+
+The fleet is the scenario's `live.fleet` (as `make demo` plays it: three local workers
+standing for the modelled small CPU, big CPU and GPU). The workers are started here, as
+the fleet's `launch` says but in plaintext (a gateway's launched workers take only its
+own mTLS), and both gateways are given their addresses. Both keep their control state
+in one redis-server of their own (RedisServer, on a Unix socket), so the scenario's
+prices and policies, set through the first gateway's admin API, are in force on both.
+Then `switchyard load` plays the scenario (its short form unless --full) twice with the
+same seed: against the first gateway alone, then against both, each taking every other
+request (`--target` twice). The second gateway is up in both runs (idle in the first
+but for its probes).
+
+Writes its section of BENCHMARKS.md (between markers) with --out. Runs the gateways,
+workers and load generator as processes: imports no grpc and no generated protobuf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import secrets
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.load import LoadRun, run_load
+from gateway.bench.report import publish
+from gateway.config import load_fleet
+from gateway.control.redis_server import RedisServer
+from gateway.control.supervisor import worker_command
+from gateway.report.markdown import markdown_table
+from gateway.sim.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+BEGIN = "<!-- two-gateways: written by `python -m gateway.bench.two_gateways` -->"
+END = "<!-- /two-gateways -->"
+START_TIMEOUT_S = 120.0
+LOAD_TIMEOUT_S = 300.0
+TARGET_COST_RATIO = 1.05
+
+
+def fleet_file(fleet_path: Path, state_url: str, workers: dict[str, str], path: Path) -> Path:
+    """The live fleet file for one of the gateways, written at `path`: every port picked
+    by the system, the shared store, the admin token from the environment, and the
+    backends at the running workers' addresses (name -> address), not launched."""
+    raw = yaml.safe_load(fleet_path.read_text())
+    repository = raw.get("repository")
+    if repository is not None:
+        raw["repository"] = str((fleet_path.parent / repository).resolve())
+    gateway = raw.setdefault("gateway", {})
+    for key in ("listen", "metrics", "admin"):
+        gateway[key] = "127.0.0.1:0"
+    gateway["http"] = None
+    gateway.pop("admin_token_file", None)
+    gateway["state"] = state_url
+    for backend in raw["backends"]:
+        backend.pop("launch", None)
+        backend["address"] = workers[backend["name"]]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def summary(run: LoadRun) -> dict[str, Any]:
+    out: dict[str, Any] = run.result["summary"]
+    return out
+
+
+def rows(one: dict[str, Any], two: dict[str, Any]) -> list[list[str]]:
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2%}"
+
+    out = []
+    cost_one, cost_two = one["cost_usd_per_1m"], two["cost_usd_per_1m"]
+    out.append(
+        [
+            "cost per 1M (USD)",
+            f"{cost_one:.4f}",
+            f"{cost_two:.4f}",
+            f"{cost_two / cost_one:.3f}x" if cost_one else "-",
+        ]
+    )
+    for name in sorted(set(one["attainment"]) | set(two["attainment"])):
+        a, b = one["attainment"].get(name), two["attainment"].get(name)
+        diff = f"{(b - a) * 100:+.2f} pt" if a is not None and b is not None else "-"
+        sla = one["sla"].get(name) or two["sla"].get(name)
+        target = f" (p{sla['percentile']:g} <= {sla['latency_ms']:g} ms)" if sla else ""
+        out.append([f"{name}{target}: SLA met", pct(a), pct(b), diff])
+    for key, label in (("answered", "answered"), ("ok", "OK")):
+        out.append([label, f"{one[key]:,}", f"{two[key]:,}", ""])
+
+    def errors(s: dict[str, Any]) -> str:
+        return ", ".join(f"{code} {n:,}" for code, n in sorted(s["errors"].items())) or "none"
+
+    out.append(["errors", errors(one), errors(two), ""])
+    out.append(
+        [
+            "sent / asked per s",
+            f"{one['sent_rate_per_s']:.1f} / {one['asked_rate_per_s']:.1f}",
+            f"{two['sent_rate_per_s']:.1f} / {two['asked_rate_per_s']:.1f}",
+            "",
+        ]
+    )
+    return out
+
+
+@contextlib.contextmanager
+def two_gateways(
+    fleet_path: Path, work: Path, env: dict[str, str]
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """A redis-server, the fleet's workers (plaintext, started here as the fleet's
+    `launch` says) and two gateways on them over that store; yields their ready files'
+    contents once each routes to every worker."""
+    executable = RedisServer.find()
+    if executable is None:
+        raise BenchError("redis-server not found (apt-get install redis-server)")
+    fleet = load_fleet(fleet_path)
+    store = RedisServer(work, executable)
+    store.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            workers = {}
+            for backend in fleet.backends:
+                if backend.launch is None:
+                    raise BenchError(f"{fleet_path}: backend {backend.name} is not launched")
+                command = worker_command(backend, fleet.repository, "127.0.0.1:0")
+                child = stack.enter_context(Child(backend.name, command, work, ROOT, env))
+                workers[backend.name] = child
+            addresses = {
+                name: child.wait_listening(START_TIMEOUT_S) for name, child in workers.items()
+            }
+            serve = [*switchyard_command(), "serve", "--config"]
+            ready = []
+            for name in ("first", "second"):
+                config = fleet_file(fleet_path, store.url, addresses, work / f"{name}.yaml")
+                ready_file = work / f"{name}.json"
+                command = [*serve, str(config), "--ready-file", str(ready_file)]
+                gateway = stack.enter_context(Child(name, command, work, ROOT, env))
+                ready.append((gateway, ready_file))
+            infos = [gateway.wait_ready_file(path, START_TIMEOUT_S) for gateway, path in ready]
+            for info in infos:
+                routes_ready(info["admin"], list(addresses), env, START_TIMEOUT_S)
+            yield infos[0], infos[1]
+    finally:
+        store.stop()
+
+
+def routes_ready(admin: str, backends: list[str], env: dict[str, str], timeout_s: float) -> None:
+    """Waits until every route of `backends` is ready at the gateway whose admin API is
+    at `admin` (`switchyard admin routes --json`)."""
+    command = [*switchyard_command(), "admin", "--target", admin, "--json", "routes"]
+    deadline = time.monotonic() + timeout_s
+    waiting = backends
+    while time.monotonic() < deadline:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        with contextlib.suppress(ValueError):
+            routes = json.loads(done.stdout).get("routes", [])
+            ready = {r["backend"] for r in routes if r["status"] == "ready"}
+            waiting = [b for b in backends if b not in ready]
+            if not waiting:
+                return
+        time.sleep(0.5)
+    raise BenchError(f"routes to {', '.join(waiting)} not ready at {admin}")
+
+
+def measure(scenario_path: Path, full: bool, work: Path) -> tuple[LoadRun, LoadRun]:
+    scenario = load_scenario(scenario_path)
+    fleet_path = scenario.live.fleet
+    if fleet_path is None:
+        raise BenchError(f"{scenario_path}: the scenario names no live fleet (live.fleet)")
+    env = {**os.environ, "SWITCHYARD_ADMIN_TOKEN": secrets.token_urlsafe(24)}
+    with two_gateways(fleet_path, work, env) as (first, second):
+        extra = [] if full else ["--short"]
+        target, admin = first["address"], first["admin"]
+        one = run_load(target, admin, scenario_path, work, env, LOAD_TIMEOUT_S, extra)
+        both = ["--target", second["address"], *extra]
+        two = run_load(target, admin, scenario_path, work, env, LOAD_TIMEOUT_S, both)
+    return one, two
+
+
+def section(scenario_path: Path, full: bool, one: LoadRun, two: LoadRun, took_s: float) -> str:
+    a, b = summary(one), summary(two)
+    ratio = b["cost_usd_per_1m"] / a["cost_usd_per_1m"] if a["cost_usd_per_1m"] else float("inf")
+    worst = max(
+        (abs(b["attainment"][k] - v) for k, v in a["attainment"].items() if k in b["attainment"]),
+        default=0.0,
+    )
+    status = "met" if ratio <= TARGET_COST_RATIO else "NOT met"
+    form = "full" if full else "short"
+    command = "python -m gateway.bench.two_gateways" + (" --full" if full else "")
+    return "\n".join(
+        [
+            "## Two gateways against one (price-spike, live)",
+            "",
+            f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (run took {took_s:.0f} s); "
+            f"Python {platform.python_version()}; {os.cpu_count()} CPUs shared by the two "
+            "gateways, the three workers, redis-server and the load generator (and whatever "
+            "else runs on the machine).",
+            f"- Command: `{command} --out BENCHMARKS.md`.",
+            f"- {scenario_path.name}, its {form} form, on its live fleet (as `make demo` plays "
+            "it); the same arrivals (same seed) through one gateway, then through two sharing "
+            "their control state over a private redis-server, the load generator sending "
+            "every other request to each. Workers answer with load reports (on by default). "
+            "SLA met: each class's share of requests answered OK within its SLA latency.",
+            "",
+            markdown_table(("", "one gateway", "two gateways", "two vs one"), rows(a, b)),
+            "",
+            f"Target: two gateways' cost per 1M within 5% of one gateway's: {ratio:.3f}x, "
+            f"{status}; the largest gap in SLA attainment between them over the classes: "
+            f"{worst * 100:.2f} points. `switchyard simulate --scenario {scenario_path.name} "
+            "--gateways 2 4` models the same question (docs/operations.md).",
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.bench.two_gateways", description=__doc__
+    )
+    parser.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "price-spike.yaml")
+    parser.add_argument("--full", action="store_true", help="the scenario's full form")
+    parser.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to update")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the gateways' and load runs' logs and fleet files here",
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                folder = args.logs
+            else:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="two-gw-")))
+            one, two = measure(args.scenario, args.full, folder)
+    except BenchError as exc:
+        print(f"two-gateways bench: {exc}")
+        return 1
+    publish(
+        section(args.scenario, args.full, one, two, time.monotonic() - started),
+        args.out,
+        BEGIN,
+        END,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
