@@ -104,7 +104,7 @@ class Ticket:
     arrival plus its SLA), what its route expects it to take, and when it took a
     slot (None while it waits)."""
 
-    __slots__ = ("attempt", "count", "due_s", "expected_ms", "route", "started_s")
+    __slots__ = ("attempt", "count", "due_s", "expected_ms", "route", "started_s", "timed")
 
     def __init__(
         self, route: Route | None, expected_ms: float, due_s: float, count: int = 1
@@ -118,6 +118,11 @@ class Ticket:
         self.attempt: object = None
         """Whose request it is (the dispatcher's attempt; OTHERS: other gateways')."""
         self.started_s: float | None = None
+        self.timed = True
+        """Whether `started_s` is when the backend took it up, as near as this gateway
+        can tell: False for a waiting request given its slot as other gateways'
+        reported requests left the model, or while they stood in it (the backend may
+        have served any gateway's request next), so its answer measures no route."""
 
 
 @dataclass(slots=True)
@@ -325,6 +330,7 @@ class BackendState:
             del self._waiting_due[0]
             assert ticket is not None
             ticket.started_s = now_s
+            ticket.timed = False
             self.serving.append(ticket)
         self._changed()
 
@@ -375,6 +381,7 @@ class BackendState:
             head = 0
         self._head = head
         nxt.started_s = now_s
+        nxt.timed = not self.others
         self.serving.append(nxt)
         return nxt
 

@@ -290,7 +290,7 @@ class Dispatcher:
         sample = None
         if attempt.free_slot:
             sample = service_sample(latency_ms, state.network.rtt_ms)
-        elif attempt.alone and ticket.started_s is not None:
+        elif attempt.alone and ticket.started_s is not None and ticket.timed:
             # It waited, then took the slot an answer freed: from then to its own answer
             # the slot was its (the backend takes its next request as it answers one).
             sample = (now_s - ticket.started_s) * 1000.0

@@ -333,7 +333,7 @@ class Prober:
         if free_slot:  # a slot freed meanwhile: its latency measures the route
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             sample = service_sample(elapsed_ms, state.network.rtt_ms)
-        elif ticket.started_s is not None:
+        elif ticket.started_s is not None and ticket.timed:
             sample = (now - ticket.started_s) * 1000.0
         else:
             return False  # answered while modelled waiting: nothing to measure by

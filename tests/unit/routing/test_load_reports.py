@@ -164,3 +164,37 @@ def test_the_report_travels_at_the_end_of_an_answer_and_is_cut_off() -> None:
         pb.ModelInferRequest(model_name="digits").SerializeToString() + caller_field("gw-1")
     )
     assert request.parameters["switchyard_caller"].string_param == "gw-1"
+
+
+def test_a_slot_given_as_reported_requests_leave_or_stand_times_nothing() -> None:
+    """A waiting request of this gateway's that takes its slot as a report's tickets
+    leave (or while they stand) got it at no time this gateway knows: the backend may
+    have served any gateway's request first. Its answer measures no route (timed
+    False); one that took a slot its own predecessor freed, no report standing, does."""
+    state = one_slot()
+    own = state.admit(None, 10.0, 0.050, 0.0)
+    state.record_report(report(1, in_service=1, rest_us=8000), 0.001)
+    behind = state.admit(None, 10.0, 0.060, 0.002)
+    assert behind.started_s is None
+    # The next report holds nothing of the others': theirs leave, and `behind` waits on.
+    state.record_report(report(2), 0.005)
+    assert behind.started_s is None
+    # Its predecessor answers while nothing of the others stands: a slot it can time.
+    assert state.finish(own, 0.010) is behind
+    assert behind.timed and behind.started_s == 0.010
+
+    state = one_slot()
+    first = state.admit(None, 10.0, 0.050, 0.0)
+    state.record_report(report(1, queued=waiting(e25=(1, 9000))), 0.001)
+    waits = state.admit(None, 10.0, 0.008, 0.002)  # due before the others' request
+    # An answer frees the slot while the others' request stands in the model.
+    assert state.finish(first, 0.010) is waits
+    assert not waits.timed
+
+    state = one_slot()
+    state.record_report(report(1, in_service=1, rest_us=20000), 0.0)
+    queued = state.admit(None, 10.0, 0.060, 0.001)
+    assert queued.started_s is None
+    # The report's tickets leave (a newer report without them): `queued` gets the slot.
+    state.record_report(report(2), 0.004)
+    assert queued.started_s == 0.004 and not queued.timed

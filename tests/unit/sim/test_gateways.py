@@ -60,7 +60,8 @@ def test_two_gateways_with_prompt_reports_cost_what_one_does() -> None:
     report = simulate(scenario, policies=[], gateways=[2], replicas_by=Replicas(report_delay_ms=0))
     runs = _runs(report)
     one, reported = runs[(1, False)], runs[(2, True)]
-    assert reported["cost_vs_one_gateway"] == pytest.approx(1.0, abs=0.02)
+    # Replicas' target: cost within 5% of one gateway's, at equal attainment per class.
+    assert reported["cost_vs_one_gateway"] == pytest.approx(1.0, abs=0.05)
     attainment_one = one["attainment"]
     assert isinstance(attainment_one, dict)
     for name, met in attainment_one.items():
