@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,12 @@ import grpc
 import pytest
 import yaml
 
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
 from tests.e2e import netns
 from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD
 from tests.e2e.traffic import OK, Traffic
+from tests.integration.conftest import raw_request, samples
 from tests.waiting import wait_until
 
 WORKER_PORT = 9000
@@ -46,6 +50,21 @@ SPIKE = 10.0
 """A price for b1 that makes it the dearest by far."""
 RATE_PER_S = 25.0
 """Each gateway's share of the test traffic."""
+SLOT_MS = 30.0
+"""b4's emulated service time: one request at a time, cnn only, the cheapest by far."""
+CNN_SLA_MS = 100.0
+"""cnn's SLA: two requests at b4 (one running, one waiting) meet it, three do not."""
+WORKERS = {
+    "b1": (["digits"], 0.0),
+    "b2": (["digits"], 0.0),
+    "b3": (["digits", "cnn"], 0.0),  # cnn's spare
+    "b4": (["cnn"], SLOT_MS),
+}
+"""Each worker host's models and emulated latency."""
+FLEET_PRICES = {**PRICES, "b4": 0.001}
+CALLERS = 2
+"""Closed-loop callers on cnn at each gateway: one gateway's fill b4 within the SLA, both
+gateways' do not."""
 
 why_not = netns.available()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=f"multi-host tests: {why_not}")
@@ -92,6 +111,7 @@ class Cluster:
 
     def start_worker(self, name: str) -> None:
         host = self.network.hosts[name]
+        models, emulate_ms = WORKERS[name]
         log = (self.workdir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             host.command(
@@ -99,7 +119,8 @@ class Cluster:
                     *(sys.executable, "-m", "backends.worker.server"),
                     *("--repository", str(self.repository)),
                     *("--listen", f"{host.address}:{WORKER_PORT}"),
-                    *("--threads", "1", "--hardware-class", f"cpu-{name}", "--models", "digits"),
+                    *("--threads", "1", "--hardware-class", f"cpu-{name}"),
+                    *("--models", *models, "--emulate-latency-ms", str(emulate_ms)),
                 ]
             ),
             cwd=ROOT,
@@ -174,8 +195,9 @@ def fleet_file(path: Path, repository: Path, network: netns.Network, gateway: ne
                         "hardware_class": f"cpu-{name}",
                         "price_usd_per_hour": price,
                     }
-                    for name, price in PRICES.items()
+                    for name, price in FLEET_PRICES.items()
                 ],
+                "policies": {"models": {"cnn": {"latency_ms": CNN_SLA_MS}}},
             }
         )
     )
@@ -191,7 +213,7 @@ def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     network = netns.Network().open()
     try:
         store = network.add("store")
-        for name in ("g1", "g2", *PRICES):
+        for name in ("g1", "g2", *WORKERS):
             network.add(name)
         cluster = Cluster(network, workdir, repository, store)
         try:
@@ -208,7 +230,7 @@ def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                     stderr=subprocess.STDOUT,
                 )
             )
-            for name in PRICES:
+            for name in WORKERS:
                 cluster.start_worker(name)
             for name in ("g1", "g2"):
                 host = network.hosts[name]
@@ -352,3 +374,86 @@ async def test_a_gateway_cut_off_from_the_store_keeps_serving_and_reconciles(
         what="both gateways back on b1",
     )
     await finish(traffic)
+
+
+@dataclass
+class Tally:
+    answers: int = 0
+    late: int = 0
+    where: Counter[str] = field(default_factory=Counter)
+    late_where: Counter[str] = field(default_factory=Counter)
+    slowest_ms: float = 0.0
+
+
+async def closed_loop(
+    gateway: Gateway,
+    request: pb.ModelInferRequest,
+    start_s: float,
+    count_from_s: float,
+    until_s: float,
+) -> Tally:
+    """`CALLERS` callers through `gateway`, each sending cnn requests one after another
+    from `start_s` to `until_s` (perf_counter); tallies the answers to those sent from
+    `count_from_s` on."""
+    tally = Tally()
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await asyncio.sleep(max(0.0, start_s - time.perf_counter()))
+
+        async def caller() -> None:
+            while time.perf_counter() < until_s:
+                sent = time.perf_counter()
+                reply = await stub.ModelInfer(request, timeout=10.0)
+                if sent < count_from_s:
+                    continue
+                tally.answers += 1
+                tally.where[reply.parameters["switchyard_backend"].string_param] += 1
+                latency_ms = (time.perf_counter() - sent) * 1e3
+                tally.slowest_ms = max(tally.slowest_ms, latency_ms)
+                if latency_ms > CNN_SLA_MS:
+                    tally.late += 1
+                    tally.late_where[reply.parameters["switchyard_backend"].string_param] += 1
+
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return tally
+
+
+async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
+    cluster: Cluster, repository: Path
+) -> None:
+    """b4 is one worker thread adding 30 ms to each run, far the cheapest for cnn; b3 is
+    the spare. One gateway's callers fill b4 within the SLA. With both gateways'
+    callers, each gateway learns the other's queue at b4 from b4's load reports, and
+    sends to the spare what b4 would answer past the SLA."""
+    images, _ = samples(repository, "cnn")
+    request = raw_request("cnn", {"image": images["image"][:1]}, {"image": "FP32"})
+    g1, g2 = cluster.gateways
+
+    async def on_b4(gateway: Gateway) -> bool:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        return reply.parameters["switchyard_backend"].string_param == "b4"
+
+    for gateway in (g1, g2):
+        await wait_until(lambda gateway=gateway: on_b4(gateway), timeout_s=30, what="cnn on b4")
+
+    now = time.perf_counter()
+    alone = await closed_loop(g1, request, now, now + 0.5, now + 3.0)
+    now = time.perf_counter()
+    joined, counted, until = now + 1.0, now + 1.5, now + 4.5
+    first, second = await asyncio.gather(
+        closed_loop(g1, request, now, counted, until),
+        closed_loop(g2, request, joined, counted, until),
+    )
+    print(
+        f"\none gateway: {alone.late}/{alone.answers} late, {dict(alone.where)}; "
+        f"two: g1 {first.late}/{first.answers} late {dict(first.where)}, "
+        f"g2 {second.late}/{second.answers} late {dict(second.where)}; late on "
+        f"{dict(first.late_where + second.late_where)}, slowest "
+        f"{max(first.slowest_ms, second.slowest_ms):.0f} ms"
+    )
+    assert alone.where["b4"] >= 0.9 * alone.answers, "one gateway's callers fit on b4"
+    assert alone.late <= 0.05 * alone.answers
+    both = first.answers + second.answers
+    assert first.where["b4"] + second.where["b4"] >= 30, "b4 kept busy"
+    assert first.late + second.late <= 0.05 * both, "b4's SLA held with two gateways"
