@@ -13,7 +13,7 @@ class ListRoutesRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class RouteStatus(_message.Message):
-    __slots__ = ("backend", "model", "variant", "default_variant", "hardware_class", "status", "detail", "price_usd_per_hour", "predicted_p50_ms", "predicted_p99_ms", "observed_p50_ms", "observed_p99_ms", "in_flight", "slots", "requests", "failures", "traffic_share", "cost_usd_per_1m", "carbon_g_per_1m", "samples", "address")
+    __slots__ = ("backend", "model", "variant", "default_variant", "hardware_class", "status", "detail", "price_usd_per_hour", "predicted_p50_ms", "predicted_p99_ms", "observed_p50_ms", "observed_p99_ms", "in_flight", "slots", "requests", "failures", "traffic_share", "cost_usd_per_1m", "carbon_g_per_1m", "samples", "address", "carbon_g_per_kwh", "power_w")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class RouteStatus(_message.Message):
     CARBON_G_PER_1M_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CARBON_G_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     variant: str
@@ -56,7 +58,9 @@ class RouteStatus(_message.Message):
     carbon_g_per_1m: float
     samples: int
     address: str
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., default_variant: _Optional[bool] = ..., hardware_class: _Optional[str] = ..., status: _Optional[str] = ..., detail: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p99_ms: _Optional[float] = ..., observed_p50_ms: _Optional[float] = ..., observed_p99_ms: _Optional[float] = ..., in_flight: _Optional[int] = ..., slots: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., traffic_share: _Optional[float] = ..., cost_usd_per_1m: _Optional[float] = ..., carbon_g_per_1m: _Optional[float] = ..., samples: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    carbon_g_per_kwh: float
+    power_w: float
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., default_variant: _Optional[bool] = ..., hardware_class: _Optional[str] = ..., status: _Optional[str] = ..., detail: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p99_ms: _Optional[float] = ..., observed_p50_ms: _Optional[float] = ..., observed_p99_ms: _Optional[float] = ..., in_flight: _Optional[int] = ..., slots: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., traffic_share: _Optional[float] = ..., cost_usd_per_1m: _Optional[float] = ..., carbon_g_per_1m: _Optional[float] = ..., samples: _Optional[int] = ..., address: _Optional[str] = ..., carbon_g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class ListRoutesResponse(_message.Message):
     __slots__ = ("routes",)
@@ -72,17 +76,31 @@ class SetPriceRequest(_message.Message):
     usd_per_hour: float
     def __init__(self, backend: _Optional[str] = ..., usd_per_hour: _Optional[float] = ...) -> None: ...
 
+class SetCarbonRequest(_message.Message):
+    __slots__ = ("backend", "g_per_kwh", "power_w")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    G_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    g_per_kwh: float
+    power_w: float
+    def __init__(self, backend: _Optional[str] = ..., g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
+
 class BackendStatus(_message.Message):
-    __slots__ = ("backend", "status", "price_usd_per_hour", "in_flight")
+    __slots__ = ("backend", "status", "price_usd_per_hour", "in_flight", "carbon_g_per_kwh", "power_w")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PRICE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CARBON_G_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
     backend: str
     status: str
     price_usd_per_hour: float
     in_flight: int
-    def __init__(self, backend: _Optional[str] = ..., status: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    carbon_g_per_kwh: float
+    power_w: float
+    def __init__(self, backend: _Optional[str] = ..., status: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., in_flight: _Optional[int] = ..., carbon_g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()

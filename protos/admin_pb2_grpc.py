@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.SetPriceRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.BackendStatus.FromString,
                 _registered_method=True)
+        self.SetCarbon = channel.unary_unary(
+                '/switchyard.admin.Admin/SetCarbon',
+                request_serializer=protos_dot_admin__pb2.SetCarbonRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.BackendStatus.FromString,
+                _registered_method=True)
         self.GetPolicy = channel.unary_unary(
                 '/switchyard.admin.Admin/GetPolicy',
                 request_serializer=protos_dot_admin__pb2.GetPolicyRequest.SerializeToString,
@@ -108,6 +113,16 @@ class AdminServicer:
 
     def SetPrice(self, request, context):
         """Sets a backend's price (USD per hour); routing follows at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCarbon(self, request, context):
+        """Sets a backend's carbon intensity (gCO2eq/kWh), and optionally its power draw,
+        for the carbon objective; routing follows at once. Applies on this gateway
+        (process) only, as each gateway polls its own carbon feeds; the backend's next
+        carbon feed reading or fleet file edit of its carbon replaces it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +209,11 @@ def add_AdminServicer_to_server(servicer, server):
             'SetPrice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPrice,
                     request_deserializer=protos_dot_admin__pb2.SetPriceRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.BackendStatus.SerializeToString,
+            ),
+            'SetCarbon': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCarbon,
+                    request_deserializer=protos_dot_admin__pb2.SetCarbonRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.BackendStatus.SerializeToString,
             ),
             'GetPolicy': grpc.unary_unary_rpc_method_handler(
@@ -300,6 +320,33 @@ class Admin:
             target,
             '/switchyard.admin.Admin/SetPrice',
             protos_dot_admin__pb2.SetPriceRequest.SerializeToString,
+            protos_dot_admin__pb2.BackendStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCarbon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.admin.Admin/SetCarbon',
+            protos_dot_admin__pb2.SetCarbonRequest.SerializeToString,
             protos_dot_admin__pb2.BackendStatus.FromString,
             options,
             channel_credentials,

@@ -1,5 +1,5 @@
 """The admin API (`switchyard.admin.Admin`, gRPC on port 8003): routes, prices,
-policies, drains, `explain`, the routing rule in force, and killing and
+carbon intensity, policies, drains, `explain`, the routing rule in force, and killing and
 restarting launched backend workers (failure drills), behind a bearer token.
 
 The token comes from the environment variable SWITCHYARD_ADMIN_TOKEN, else from
@@ -16,6 +16,7 @@ the routing core's views.
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import os
 import secrets
@@ -30,11 +31,13 @@ from pydantic import ValidationError
 from backends.protocol.errors import InvalidInput, Unauthenticated
 from backends.protocol.status import aborts_with_status
 from gateway.config import FleetConfig, PoliciesSettings
-from gateway.control.plane import BackendProcess, Control
+from gateway.control.plane import BackendProcess, Control, check_price
 from gateway.routing.fleet import BackendState, FleetState, Route
 from gateway.routing.router import ROUTING, RouteRequest, carbon_g, cost_usd, explain
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
+
+log = logging.getLogger("switchyard.control")
 
 TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
 SERVICE = "switchyard.admin.Admin"
@@ -100,7 +103,14 @@ def route_status(route: Route, shares: dict[str, float], now_s: float) -> apb.Ro
         carbon_g_per_1m=-1.0 if carbon is None else carbon * 1e6,
         samples=est.samples,
         address=state.address,
+        carbon_g_per_kwh=_known(state.carbon_g_per_kwh),
+        power_w=_known(state.power_w),
     )
+
+
+def _known(value: float | None) -> float:
+    """A figure that may be unknown, as the admin messages carry it (negative: unknown)."""
+    return -1.0 if value is None else value
 
 
 def _shares(fleet: FleetState, now_s: float) -> dict[str, float]:
@@ -117,6 +127,8 @@ def _backend_status(state: BackendState) -> apb.BackendStatus:
         status=state.status,
         price_usd_per_hour=state.price_usd_per_hour,
         in_flight=state.in_flight,
+        carbon_g_per_kwh=_known(state.carbon_g_per_kwh),
+        power_w=_known(state.power_w),
     )
 
 
@@ -199,6 +211,30 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> apb.BackendStatus:
         state = self.control.override_price(request.backend, request.usd_per_hour)
         await self._shared(context)
+        return _backend_status(state)
+
+    @_guarded
+    async def SetCarbon(
+        self, request: apb.SetCarbonRequest, context: grpc.aio.ServicerContext
+    ) -> apb.BackendStatus:
+        """On this gateway only (each polls its own carbon feeds, so none shares them)."""
+        check_price(request.g_per_kwh, "g_per_kwh")
+        check_price(request.power_w, "power_w")
+        state = self.control.backend(request.backend)
+        power_w = request.power_w or state.power_w
+        if power_w is None:
+            raise InvalidInput(
+                f"backend {request.backend!r} has no power_w in the fleet file: give power_w "
+                "too (carbon intensity alone gives no carbon per request)"
+            )
+        log.info(
+            "carbon intensity of %s: %s -> %g g/kWh at %g W (admin API)",
+            state.name,
+            state.carbon_g_per_kwh,
+            request.g_per_kwh,
+            power_w,
+        )
+        state.set_carbon(request.g_per_kwh, power_w)
         return _backend_status(state)
 
     @_guarded

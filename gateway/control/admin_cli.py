@@ -58,6 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     price = sub.add_parser("set-price", help="set a backend's price (USD per hour)")
     price.add_argument("backend")
     price.add_argument("usd_per_hour", type=float)
+    carbon = sub.add_parser(
+        "set-carbon",
+        help="set a backend's carbon intensity (gCO2eq/kWh) for the carbon objective, "
+        "on this gateway (process) only",
+    )
+    carbon.add_argument("backend")
+    carbon.add_argument("g_per_kwh", type=float)
+    carbon.add_argument(
+        "--power-w",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="also set its power draw while busy (default: keep the backend's)",
+    )
     policy = sub.add_parser("policy", help="show the SLA policies, or replace them")
     policy.add_argument("--set", type=Path, default=None, metavar="FILE", help="YAML policies")
     for name, text in (("drain", "take a backend out"), ("undrain", "put a backend back")):
@@ -86,6 +100,10 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
         return "ListRoutes", apb.ListRoutesRequest(model=args.model)
     if command == "set-price":
         return "SetPrice", apb.SetPriceRequest(backend=args.backend, usd_per_hour=args.usd_per_hour)
+    if command == "set-carbon":
+        return "SetCarbon", apb.SetCarbonRequest(
+            backend=args.backend, g_per_kwh=args.g_per_kwh, power_w=args.power_w
+        )
     if command == "policy":
         if args.set is None:
             return "GetPolicy", apb.GetPolicyRequest()
@@ -231,8 +249,12 @@ def _render(args: argparse.Namespace, reply: Message) -> Any:
     if isinstance(reply, apb.Routing):
         return f"routing: {reply.name} (available: {', '.join(reply.available)})"
     assert isinstance(reply, apb.BackendStatus)
+    carbon = ""
+    if args.admin_command == "set-carbon":
+        power = f"{reply.power_w:g} W" if reply.power_w >= 0 else "no power draw"
+        carbon = f", {reply.carbon_g_per_kwh:g} gCO2eq/kWh at {power}"
     return (
-        f"{reply.backend}: {reply.status}, ${reply.price_usd_per_hour:.4f}/h, "
+        f"{reply.backend}: {reply.status}, ${reply.price_usd_per_hour:.4f}/h{carbon}, "
         f"{reply.in_flight} in flight"
     )
 

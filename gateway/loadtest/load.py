@@ -49,7 +49,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ from gateway.sim.scenario import (
     MultiplyRate,
     Scenario,
     ScenarioError,
+    SetCarbonEvent,
     ShareCheck,
     action_of,
     load_scenario,
@@ -144,11 +145,26 @@ class Saved:
     policy_yaml: str
     prices: dict[str, float]
     routing: str | None
+    carbon: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """The backends whose carbon figures the run sets: (gCO2eq/kWh, W) before it."""
 
 
 async def backend_prices(admin: AdminClient) -> dict[str, float]:
     reply = await admin.call("ListRoutes", apb.ListRoutesRequest())
     return {r.backend: r.price_usd_per_hour for r in reply.routes}
+
+
+async def backend_carbon(admin: AdminClient) -> dict[str, tuple[float, float]]:
+    """Per backend: (gCO2eq/kWh, W), each negative when unknown."""
+    reply = await admin.call("ListRoutes", apb.ListRoutesRequest())
+    return {r.backend: (r.carbon_g_per_kwh, r.power_w) for r in reply.routes}
+
+
+def carbon_changes(scenario: Scenario) -> set[str]:
+    """The backends whose carbon figures a run sets: those with them in the scenario,
+    and those its set_carbon events name."""
+    named = {b.name for b in scenario.backends if b.power_w is not None}
+    return named | {e.set_carbon.backend for e in scenario.events if isinstance(e, SetCarbonEvent)}
 
 
 async def set_up(admin: AdminClient, plan: Plan, routing: str, console: Console) -> Saved:
@@ -157,6 +173,7 @@ async def set_up(admin: AdminClient, plan: Plan, routing: str, console: Console)
     policy = await admin.call("GetPolicy", apb.GetPolicyRequest())
     prices = await backend_prices(admin)
     saved = Saved(policy.yaml, prices, None)
+    carbon = await backend_carbon(admin) if carbon_changes(plan.scenario) else {}
     with contextlib.suppress(AdminCallError):
         saved.routing = (await admin.call("GetRouting", apb.GetRoutingRequest())).name
     if routing != "switchyard" or saved.routing not in (None, routing):
@@ -171,6 +188,17 @@ async def set_up(admin: AdminClient, plan: Plan, routing: str, console: Console)
                 "SetPrice",
                 apb.SetPriceRequest(backend=backend.name, usd_per_hour=backend.price_usd_per_hour),
             )
+            if backend.power_w is not None:
+                saved.carbon[backend.name] = carbon[backend.name]
+                g_per_kwh = backend.carbon_g_per_kwh
+                await admin.call(
+                    "SetCarbon",
+                    apb.SetCarbonRequest(
+                        backend=backend.name,
+                        g_per_kwh=0.0 if g_per_kwh is None else g_per_kwh,
+                        power_w=backend.power_w,
+                    ),
+                )
         else:
             missing.append(backend.name)
     if missing:
@@ -187,6 +215,13 @@ async def restore(admin: AdminClient, saved: Saved, killed: set[str]) -> None:
     for backend, price in saved.prices.items():
         with contextlib.suppress(AdminCallError):
             await admin.call("SetPrice", apb.SetPriceRequest(backend=backend, usd_per_hour=price))
+    for backend, (g_per_kwh, power_w) in saved.carbon.items():
+        if g_per_kwh >= 0 and power_w > 0:  # else the admin API cannot unset it: left as set
+            with contextlib.suppress(AdminCallError):
+                request = apb.SetCarbonRequest(
+                    backend=backend, g_per_kwh=g_per_kwh, power_w=power_w
+                )
+                await admin.call("SetCarbon", request)
     with contextlib.suppress(AdminCallError):
         await admin.call("SetPolicy", apb.PolicyDocument(yaml=saved.policy_yaml))
     if saved.routing is not None:
@@ -226,6 +261,11 @@ class AdminEvents:
         request = apb.SetPriceRequest(backend=backend, usd_per_hour=usd_per_hour)
         await self.admin.call("SetPrice", request)
         return f"price {backend} {usd_per_hour:g} USD/h"
+
+    async def set_carbon(self, backend: str, g_per_kwh: float) -> str:
+        request = apb.SetCarbonRequest(backend=backend, g_per_kwh=g_per_kwh)
+        await self.admin.call("SetCarbon", request)
+        return f"carbon {backend} {g_per_kwh:g} g/kWh"
 
     async def kill(self, backend: str) -> str:
         reply = await self.admin.call("KillBackend", apb.BackendRequest(backend=backend))
@@ -506,9 +546,14 @@ class LiveView:
 # ---- checks of the scenario's live thresholds ----------------------------------------
 
 
-def backend_share(records: Records, backend: str, from_s: float, to_s: float) -> float | None:
+def backend_share(
+    records: Records, backend: str, from_s: float, to_s: float, sla_class: str | None = None
+) -> float | None:
     """`backend`'s share (all its routes) of the OK answers to requests sent in
-    [from_s, to_s); None when the window has no OK answer."""
+    [from_s, to_s) (of `sla_class` only, when given); None when the window has none."""
+    if sla_class is not None:
+        classes = np.asarray([s.sla_class == sla_class for s in records.streams], dtype=bool)
+        records = records.where(classes[records.stream])
     shares = loadreport.window_shares(records, from_s, to_s)
     if not shares or any(math.isnan(v) for v in shares.values()):
         return None
@@ -518,13 +563,14 @@ def backend_share(records: Records, backend: str, from_s: float, to_s: float) ->
 def share_checks(records: Records, checks: Sequence[ShareCheck]) -> list[tuple[str, bool, str]]:
     out = []
     for c in checks:
-        share = backend_share(records, c.backend, c.from_s, c.to_s)
+        share = backend_share(records, c.backend, c.from_s, c.to_s, c.sla_class)
         bounds = []
         if c.min_share is not None:
             bounds.append(f">= {c.min_share:.0%}")
         if c.max_share is not None:
             bounds.append(f"<= {c.max_share:.0%}")
-        name = f"{c.backend} share {c.from_s:g}-{c.to_s:g} s {' and '.join(bounds)}"
+        whose = f" of {c.sla_class}" if c.sla_class is not None else ""
+        name = f"{c.backend} share{whose} {c.from_s:g}-{c.to_s:g} s {' and '.join(bounds)}"
         if share is None:
             out.append((name, False, "no answers in the window"))
             continue

@@ -88,6 +88,22 @@ class Records:
         ok: BoolArray = self.answered & (self.status == self.statuses.index("OK"))
         return ok
 
+    def where(self, mask: BoolArray) -> Records:
+        """The rows where `mask` (one bool per row) holds."""
+        return Records(
+            self.streams,
+            self.routes,
+            self.statuses,
+            self.send_s[mask],
+            self.scheduled_s[mask],
+            self.stream[mask],
+            self.latency_ms[mask],
+            self.status[mask],
+            self.route[mask],
+            self.cost_usd[mask],
+            self.answered[mask],
+        )
+
     def class_names(self) -> list[str]:
         return sorted({s.sla_class for s in self.streams})
 

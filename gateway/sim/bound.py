@@ -52,6 +52,9 @@ class _Segment:
     def set_price(self, backend: str, usd_per_hour: float) -> None:
         self.prices[backend] = usd_per_hour
 
+    def set_carbon(self, backend: str, g_per_kwh: float) -> None:
+        pass  # the bound is the cheapest plan: carbon does not change it
+
     def kill(self, backend: str) -> None:
         self.down.add(backend)
 

@@ -16,6 +16,8 @@ backends:                           # simulate: the modelled backends; load: nam
   - name: small-cpu                 # the live fleet's name (gateway/demo_fleet.yaml)
     hardware_class: cpu-x86-64-v4-1c
     price_usd_per_hour: 0.04
+    carbon_g_per_kwh: 350           # optional, with power_w: for the carbon objective
+    power_w: 20
     slots: 1                        # requests served at once; more wait, earliest deadline first
     network_ms: 0.2                 # round trip gateway <-> backend, added to each attempt
     models:                         # service time per model (and variant), batch 1
@@ -31,23 +33,29 @@ traffic:
   # optional: sla_ms (the request's own SLA), batch_size, start_s, end_s
 events:                             # each has at_s and exactly one action
   - {at_s: 20, set_price: {backend: small-cpu, usd_per_hour: 0.4}}
+  - {at_s: 25, set_carbon: {backend: small-cpu, g_per_kwh: 120}}   # needs its power_w
   - {at_s: 30, kill: big-cpu}       # in-flight requests fail and are retried elsewhere
   - {at_s: 45, restart: big-cpu}
   - {at_s: 10, drain: gpu}          # takes no new requests; in-flight ones finish
   - {at_s: 50, undrain: gpu}
   - {at_s: 20, multiply_rate: {factor: 5, for_s: 10}}   # optional model / sla_class filter
   - {at_s: 40, set_policy: {default: {latency_ms: 50}}} # replaces the policies whole
-feeds:                              # recorded price feeds, replayed as set_price events
-  - kind: aws-spot                  # aws-spot | gcp-billing | schedule (the fleet file's formats)
+feeds:                              # recorded feeds, replayed as set_price (set_carbon) events
+  - kind: aws-spot                  # aws-spot | gcp-billing | schedule | electricity-maps
     file: feeds/spot-history.json   # relative to the scenario's folder
     start: 2024-05-01T12:00:00Z     # the recorded time at the scenario's 0 s
     speedup: 60                     # recorded seconds per scenario second
     selectors: [{backends: [gpu], instance_type: g5.xlarge, availability_zone: us-east-1a}]
+  # electricity-maps: Electricity Maps answers with a `datetime` each (a JSON list of
+  # /v3/carbon-intensity/latest answers, or a /v3/carbon-intensity/history answer);
+  # selectors name a `zone`; the backends they cover need power_w
 thresholds:
   attainment_min: 0.995             # switchyard, every feasible class
   max_cost_vs_lower_bound: 1.10     # switchyard cost / offline optimum
   min_saving_vs_fastest_only: 0.40  # optional: 1 - switchyard / fastest-only cost
   cheapest_only_must_miss: true     # cheapest-only misses attainment_min in some class
+  shares:                           # simulate: a backend's share of the SLA router's answers
+    - {backend: small-cpu, sla_class: gold, from_s: 25, to_s: 40, min_share: 0.8}
   live:                             # what `load` checks against the live gateway
     classes: [silver, default]      # held to their SLA (default: all): p99 <= 10 ms means
                                     # 99% of the class's requests OK within 10 ms
@@ -71,6 +79,8 @@ Imports only pydantic, gateway.config (which reads the YAML) and the feeds' form
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, Protocol, Self, TypeVar
@@ -86,7 +96,14 @@ from pydantic import (
 )
 
 from gateway.config import FeedSelector, FeedSettings, PoliciesSettings, validate_yaml
-from gateway.control.feeds.formats import FeedError, parse, price_changes
+from gateway.control.feeds.formats import (
+    CarbonIntensity,
+    FeedError,
+    evaluate,
+    parse,
+    parse_carbon_intensity,
+    price_changes,
+)
 
 R = TypeVar("R", covariant=True)
 
@@ -117,6 +134,12 @@ class ModelledBackend(_Strict):
     """The backend's name in the live fleet, so `load` can address it."""
     hardware_class: str = "cpu"
     price_usd_per_hour: float = Field(ge=0)
+    carbon_g_per_kwh: float | None = Field(None, ge=0)
+    """Carbon intensity of its power (gCO2eq/kWh), for the carbon objective; with
+    `power_w`, as in the fleet file."""
+    power_w: float | None = Field(None, gt=0)
+    """Power draw while busy (W), for the carbon objective; `set_carbon` events and
+    carbon feeds need it."""
     slots: int = Field(1, ge=1)
     """Requests it serves at once; the rest wait, earliest deadline first (their
     arrival plus their SLA), as the live gateway and its workers queue them."""
@@ -169,6 +192,12 @@ class SetPrice(_Strict):
     usd_per_hour: float = Field(ge=0)
 
 
+class SetCarbon(_Strict):
+    backend: Name
+    g_per_kwh: float = Field(ge=0)
+    """The backend's new carbon intensity (gCO2eq/kWh); its power draw stays."""
+
+
 class MultiplyRate(_Strict):
     factor: float = Field(gt=0)
     for_s: float = Field(gt=0)
@@ -184,6 +213,8 @@ class EventTarget(Protocol[R]):
     its action names; a surge (`multiply_rate`) is already in the arrivals."""
 
     def set_price(self, backend: str, usd_per_hour: float) -> R: ...
+
+    def set_carbon(self, backend: str, g_per_kwh: float) -> R: ...
 
     def kill(self, backend: str) -> R: ...
 
@@ -218,6 +249,17 @@ class SetPriceEvent(_EventBase):
 
     def apply(self, target: EventTarget[R]) -> R:
         return target.set_price(self.set_price.backend, self.set_price.usd_per_hour)
+
+
+class SetCarbonEvent(_EventBase):
+    set_carbon: SetCarbon
+
+    @property
+    def backend(self) -> str:
+        return self.set_carbon.backend
+
+    def apply(self, target: EventTarget[R]) -> R:
+        return target.set_carbon(self.set_carbon.backend, self.set_carbon.g_per_kwh)
 
 
 class KillEvent(_EventBase):
@@ -295,6 +337,7 @@ _EVENTS: dict[str, type[_EventBase]] = {
     "undrain": UndrainEvent,
     "multiply_rate": MultiplyRateEvent,
     "set_policy": SetPolicyEvent,
+    "set_carbon": SetCarbonEvent,
 }
 ACTIONS = tuple(_EVENTS)
 
@@ -312,6 +355,7 @@ def _action(value: object) -> str | None:
 
 Event = Annotated[
     Annotated[SetPriceEvent, Tag("set_price")]
+    | Annotated[SetCarbonEvent, Tag("set_carbon")]
     | Annotated[KillEvent, Tag("kill")]
     | Annotated[RestartEvent, Tag("restart")]
     | Annotated[DrainEvent, Tag("drain")]
@@ -335,10 +379,13 @@ def action_of(event: Event) -> str:
 
 
 class ShareCheck(_Strict):
-    """A backend's share of the answers in a window of a live run (scenario seconds,
-    scaled with the short form): e.g. that traffic left a backend while its price spiked."""
+    """A backend's share of the answers in a window of a run (scenario seconds, scaled
+    with the short form): e.g. that traffic left a backend while its price spiked."""
 
     backend: Name
+    sla_class: str | None = None
+    """Only the answers to this class's requests (the class attainment is reported
+    under: `default` for requests naming none); default: every answer."""
     from_s: float = Field(ge=0)
     to_s: float = Field(gt=0)
     min_share: float | None = Field(None, ge=0, le=1)
@@ -351,6 +398,10 @@ class ShareCheck(_Strict):
         if self.min_share is None and self.max_share is None:
             raise ValueError(f"share check on {self.backend}: give min_share or max_share")
         return self
+
+    def scaled(self, scale: float) -> ShareCheck:
+        """The check in a run `scale` times as long (the short form)."""
+        return self.model_copy(update={"from_s": self.from_s * scale, "to_s": self.to_s * scale})
 
 
 class LiveThresholds(_Strict):
@@ -386,6 +437,9 @@ class Thresholds(_Strict):
     """1 - Switchyard's cost / fastest-only's cost."""
     cheapest_only_must_miss: bool = False
     """The cheapest-only baseline must miss attainment_min in some feasible class."""
+    shares: list[ShareCheck] = []
+    """A backend's share of the SLA router's answers in a window of the simulated run
+    (e.g. that a carbon-objective class moved when carbon intensity changed)."""
     live: LiveThresholds = LiveThresholds()
 
 
@@ -395,13 +449,17 @@ class Short(_Strict):
 
 
 class FeedReplay(_Strict):
-    """A recorded price feed (one answer of the fleet file's feed formats, e.g. a spot
-    price history) replayed on the scenario's timeline: each change of a covered
-    backend's price becomes a `set_price` event, the prices in force at `start` at 0 s."""
+    """A recorded price or carbon feed (one answer of the fleet file's feed formats, e.g.
+    a spot price history) replayed on the scenario's timeline: each change of a covered
+    backend's price becomes a `set_price` event, of its carbon intensity a `set_carbon`
+    event, the figures in force at `start` at 0 s."""
 
-    kind: Literal["aws-spot", "gcp-billing", "schedule"]
+    kind: Literal["aws-spot", "gcp-billing", "schedule", "electricity-maps"]
     file: Path
-    """The recorded answer, relative to the scenario's folder."""
+    """The recorded answer, relative to the scenario's folder. electricity-maps: readings
+    with their `datetime`, as a JSON list of `/v3/carbon-intensity/latest` answers or
+    a `/v3/carbon-intensity/history` answer (`{"zone", "history": [...]}`, or a list of
+    such answers, one per zone)."""
     start: datetime | float
     """The recorded time at the scenario's 0 s: ISO 8601 (no zone: UTC), or seconds since
     the epoch."""
@@ -425,24 +483,43 @@ class FeedReplay(_Strict):
             return start.timestamp()
         return self.start
 
-    def events(self, backends: list[ModelledBackend], duration_s: float) -> list[SetPriceEvent]:
-        """The feed's price changes as events; ScenarioError saying why when the file
-        cannot be read or covers no backend."""
+    def events(
+        self, backends: list[ModelledBackend], duration_s: float
+    ) -> list[SetPriceEvent] | list[SetCarbonEvent]:
+        """The feed's price (or carbon intensity) changes as events; ScenarioError
+        saying why when the file cannot be read or covers no backend, or a carbon
+        feed covers one with no power_w."""
         targets: dict[str, list[FeedSelector]] = {}
         for index, selector in enumerate(self.selectors):
-            covered = [b.name for b in backends if selector.covers(b.name, b.hardware_class)]
+            covered = [b for b in backends if selector.covers(b.name, b.hardware_class)]
             if not covered:
                 raise ScenarioError(f"feed {self.file} selector {index} covers no backend")
-            for name in covered:
-                targets.setdefault(name, []).append(selector)
+            for backend in covered:
+                if self.kind == "electricity-maps" and backend.power_w is None:
+                    raise ScenarioError(
+                        f"carbon feed {self.file} covers {backend.name}, which has no "
+                        "power_w (carbon intensity alone gives no carbon per request)"
+                    )
+                targets.setdefault(backend.name, []).append(selector)
+        start_s = self.start_s
+        until_s = start_s + duration_s * self.speedup
         try:
-            readings = parse(self.kind, [self.file.read_bytes()])
+            data = self.file.read_bytes()
+            if self.kind == "electricity-maps":
+                return [
+                    SetCarbonEvent(
+                        at_s=(moment - start_s) / self.speedup,
+                        set_carbon=SetCarbon(backend=backend, g_per_kwh=g_per_kwh),
+                    )
+                    for moment, backend, g_per_kwh in carbon_changes(
+                        recorded_carbon(data), targets, start_s, until_s
+                    )
+                ]
+            readings = parse(self.kind, [data])
         except OSError as exc:
             raise ScenarioError(f"cannot read recorded feed {self.file}: {exc}") from exc
         except FeedError as exc:
             raise ScenarioError(f"recorded feed {self.file}: {exc}") from exc
-        start_s = self.start_s
-        until_s = start_s + duration_s * self.speedup
         return [
             SetPriceEvent(
                 at_s=(moment - start_s) / self.speedup,
@@ -452,6 +529,65 @@ class FeedReplay(_Strict):
                 self.kind, readings, targets, start_s, until_s
             )
         ]
+
+
+def recorded_carbon(data: bytes) -> list[CarbonIntensity]:
+    """A recorded Electricity Maps feed's readings, each with its time: a JSON list of
+    `/v3/carbon-intensity/latest` answers, or `/v3/carbon-intensity/history` answers
+    (`{"zone", "history": [{"carbonIntensity", "datetime", ...}]}`, alone or in a
+    list); FeedError when a reading has no `datetime` (it cannot be placed in time)."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        document = None  # the feed's parser says what is wrong
+    answers = document if isinstance(document, list) else [document]
+    if document is not None and any(isinstance(a, dict) and "history" in a for a in answers):
+        flat: list[object] = []
+        for index, answer in enumerate(answers):
+            history = answer.get("history") if isinstance(answer, dict) else None
+            if not isinstance(history, list):
+                raise FeedError(f"answer {index}: history missing or not a list")
+            zone = answer.get("zone") if isinstance(answer, dict) else None
+            flat += [
+                {"zone": zone, **entry} if isinstance(entry, dict) and zone else entry
+                for entry in history
+            ]
+        data = json.dumps(flat).encode()
+    readings = parse_carbon_intensity(data)
+    for reading in readings:
+        if reading.at_s is None:
+            raise FeedError(f"a reading of {reading.zone} has no datetime, so no place in time")
+    return readings
+
+
+def carbon_changes(
+    readings: list[CarbonIntensity],
+    targets: dict[str, list[FeedSelector]],
+    start_s: float,
+    until_s: float,
+) -> list[tuple[float, str, float]]:
+    """A recorded carbon feed as a timeline: (time, backend, gCO2eq/kWh) each time a
+    covered backend's intensity changes from `start_s` to `until_s` (seconds since the
+    epoch), those in force at `start_s` first; per zone, the latest reading at or
+    before a time is in force (a zone with none yet gives its backends none)."""
+    times = sorted(
+        {start_s} | {r.at_s for r in readings if r.at_s is not None and start_s < r.at_s <= until_s}
+    )
+    last: dict[str, float] = {}
+    changes = []
+    for moment in times:
+        in_force: dict[str, CarbonIntensity] = {}
+        for reading in readings:
+            at_s = reading.at_s if reading.at_s is not None else -math.inf
+            best = in_force.get(reading.zone)
+            if at_s <= moment and (best is None or at_s >= (best.at_s or -math.inf)):
+                in_force[reading.zone] = reading
+        values = evaluate("electricity-maps", list(in_force.values()), targets, moment).values
+        for backend, value in sorted(values.items()):
+            if last.get(backend) != value:
+                changes.append((moment, backend, value))
+                last[backend] = value
+    return changes
 
 
 class Scenario(_Strict):
@@ -464,8 +600,8 @@ class Scenario(_Strict):
     traffic: list[Traffic] = Field(min_length=1)
     events: list[Event] = []
     feeds: list[FeedReplay] = []
-    """Recorded price feeds, replayed as `set_price` events (added to `events` when the
-    file is loaded)."""
+    """Recorded price and carbon feeds, replayed as `set_price` and `set_carbon` events
+    (added to `events` when the file is loaded)."""
     thresholds: Thresholds = Thresholds()
     short: Short | None = None
     live: Live = Live()
@@ -481,12 +617,32 @@ class Scenario(_Strict):
                 raise ValueError(f"event at {event.at_s:g} s: unknown backend {event.backend!r}")
             if event.at_s > self.duration_s:
                 raise ValueError(f"event at {event.at_s:g} s is after the end ({self.duration_s})")
+            if (
+                isinstance(event, SetCarbonEvent)
+                and self.backend_named(event.backend).power_w is None
+            ):
+                raise ValueError(
+                    f"set_carbon at {event.at_s:g} s: backend {event.backend!r} has no power_w "
+                    "(carbon intensity alone gives no carbon per request)"
+                )
+        classes = {t.class_name for t in self.traffic}
+        for share in self.thresholds.shares + self.thresholds.live.shares:
+            if share.backend not in names:
+                raise ValueError(f"share check on unknown backend {share.backend!r}")
+            if share.sla_class is not None and share.sla_class not in classes:
+                raise ValueError(
+                    f"share check on {share.backend}: no traffic of class {share.sla_class!r} "
+                    f"(classes: {', '.join(sorted(classes))})"
+                )
         for stream in self.traffic:
             if stream.model not in served:
                 raise ValueError(f"traffic for {stream.model!r}, which no backend serves")
             if stream.sla_class is not None and stream.sla_class not in self.policies.classes:
                 raise ValueError(f"traffic for unknown sla_class {stream.sla_class!r}")
         return self
+
+    def backend_named(self, name: str) -> ModelledBackend:
+        return next(b for b in self.backends if b.name == name)
 
     def shortened(self) -> Scenario:
         """The short form (`--short`): shorter, optionally lighter, same story."""
@@ -508,12 +664,12 @@ class Scenario(_Strict):
         ]
         events = [e.scaled(scale) for e in self.events]
         live = self.thresholds.live
-        shares = [
-            c.model_copy(update={"from_s": c.from_s * scale, "to_s": c.to_s * scale})
-            for c in live.shares
-        ]
+        shares = [c.scaled(scale) for c in live.shares]
         thresholds = self.thresholds.model_copy(
-            update={"live": live.model_copy(update={"shares": shares})}
+            update={
+                "live": live.model_copy(update={"shares": shares}),
+                "shares": [c.scaled(scale) for c in self.thresholds.shares],
+            }
         )
         return self.model_copy(
             update={

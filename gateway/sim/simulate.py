@@ -19,6 +19,10 @@ its in-flight and queued requests; each is retried on the next route of its
 decision's `alternatives(now)` while the policy's retries allow (baselines, whose
 decisions carry no alternatives, choose again). Cost is the backend's price for
 the busy time each answered request took: `usd_per_busy_ms x drawn service ms`.
+A backend's carbon intensity (its `carbon_g_per_kwh` and `power_w`, changed by
+`set_carbon` events and replayed carbon feeds) is its fleet state's, which the carbon
+objective reads; the scenario's `thresholds.shares` are checked on the SLA router's run
+(which backend answered each request).
 
 Several gateways (`--gateways N`, `Replicas`): arrivals are spread over N routers
 (round-robin or at random, as a load balancer in front would), each with its own fleet
@@ -70,7 +74,7 @@ from gateway.routing.router import (
     chooser_for,
 )
 from gateway.serving.dispatch import Attempt, Dispatcher, Job, Observer
-from gateway.sim.arrivals import FloatArray, Trace, make_trace
+from gateway.sim.arrivals import FloatArray, IntArray, Trace, make_trace
 from gateway.sim.bound import Bound, lower_bound
 from gateway.sim.modelled import RouteModel, route_models
 from gateway.sim.scenario import MultiplyRate, Scenario, ScenarioError, load_scenario
@@ -195,12 +199,20 @@ class Simulation:
         self.factors = [batch_factor(s.batch_size) for s in scenario.traffic]
         self.book = PolicyBook(scenario.policies)
         self.policies = [self.book.resolve(r) for r in self.requests]
+        self.answered_by: IntArray = np.zeros(0, dtype=np.int64)
+        """After `run`: per request, the index of the backend that answered it (-1: none)."""
 
     @staticmethod
     def _states(scenario: Scenario) -> list[BackendState]:
         states = [
             BackendState(
-                b.name, f"sim://{b.name}", b.hardware_class, b.price_usd_per_hour, slots=b.slots
+                b.name,
+                f"sim://{b.name}",
+                b.hardware_class,
+                b.price_usd_per_hour,
+                slots=b.slots,
+                carbon_g_per_kwh=b.carbon_g_per_kwh,
+                power_w=b.power_w,
             )
             for b in scenario.backends
         ]
@@ -222,6 +234,7 @@ class Simulation:
         n = len(times)
         latency = [INF] * n
         sla = [0.0] * n
+        answered_by = [-1] * n
         replicas = self.replicas
         gateway_of = replicas.assignment(n, self.scenario.seed)
         fleet = ModelledFleet(
@@ -263,6 +276,7 @@ class Simulation:
             call: ModelledCall = attempt.call
             now = fleet.now_s
             latency[job.ident] = (now - times[job.ident]) * 1000.0 + rtts[call.backend]
+            answered_by[job.ident] = call.backend
             fleet.cost += attempt.route.state.usd_per_busy_ms * call.service_ms
 
         def apply(event_at: float) -> None:
@@ -310,6 +324,7 @@ class Simulation:
         next_probe = INF  # the run is over: no more probes, only the queues to empty
         next_event = events[ev_index].at_s if ev_index < len(events) else INF
         advance(INF)
+        self.answered_by = np.asarray(answered_by, dtype=np.int64)
         return np.asarray(latency), np.asarray(sla), fleet.cost, fleet.retried_count
 
 
@@ -571,6 +586,10 @@ class ModelledFleet(Observer):
         for state in self._views_of(backend):
             state.set_price(usd_per_hour)
 
+    def set_carbon(self, backend: str, g_per_kwh: float) -> None:
+        for state in self._views_of(backend):
+            state.set_carbon(g_per_kwh, state.power_w)
+
     def kill(self, backend: str) -> None:
         """The backend dies: its calls in service and waiting fail (each retried by its
         gateway's dispatcher, in request order) and it leaves every gateway's routes
@@ -737,7 +756,7 @@ class Check:
     """One of the scenario's thresholds, checked."""
 
     key: str
-    """attainment, cost_vs_bound, saving_vs_fastest or cheapest_misses."""
+    """attainment, cost_vs_bound, saving_vs_fastest, cheapest_misses or shares."""
     name: str
     met: bool
     detail: str
@@ -793,6 +812,32 @@ def check(scenario: Scenario, bound: Bound, results: dict[str, PolicyResult]) ->
     return out
 
 
+def share_checks(scenario: Scenario, trace: Trace, answered_by: IntArray) -> list[Check]:
+    """The scenario's simulated share thresholds on a run: per check, the backend's
+    share of the answers to the requests (of its class) sent in its window."""
+    names = [b.name for b in scenario.backends]
+    classes = np.asarray([s.class_name for s in scenario.traffic])[trace.streams]
+    out = []
+    for c in scenario.thresholds.shares:
+        inside = (trace.times >= c.from_s) & (trace.times < c.to_s) & (answered_by >= 0)
+        if c.sla_class is not None:
+            inside &= classes == c.sla_class
+        bounds = [f">= {c.min_share:.0%}"] if c.min_share is not None else []
+        bounds += [f"<= {c.max_share:.0%}"] if c.max_share is not None else []
+        whose = f" of {c.sla_class}" if c.sla_class is not None else ""
+        name = f"{c.backend} share{whose} {c.from_s:g}-{c.to_s:g} s {' and '.join(bounds)}"
+        total = int(inside.sum())
+        if not total:
+            out.append(Check("shares", name, False, "no answers in the window"))
+            continue
+        share = float((answered_by[inside] == names.index(c.backend)).sum()) / total
+        met = (c.min_share is None or share >= c.min_share) and (
+            c.max_share is None or share <= c.max_share
+        )
+        out.append(Check("shares", name, met, f"{share:.1%} of {total:,}"))
+    return out
+
+
 def replica_runs(gateways: Sequence[int], by: Replicas = Replicas()) -> list[Replicas]:
     """The runs of `simulate --gateways`: one gateway, then each count above one without
     and with load reports."""
@@ -823,10 +868,13 @@ def simulate(
     trace = make_trace(scenario)
     bound = lower_bound(scenario, trace)
     results = {}
+    shares: list[Check] = []
     for name in policies:
         chooser = chooser_for(name)
         sim = Simulation(scenario, trace, chooser, retry_by_alternatives=name == "switchyard")
         latency, sla, cost, retried = sim.run()
+        if name == "switchyard":
+            shares = share_checks(scenario, trace, sim.answered_by)
         results[name] = summarise(
             scenario, trace, latency, sla, cost, retried, bound.infeasible_classes
         )
@@ -845,7 +893,7 @@ def simulate(
     wall_s = clock() - started
     report = Report(scenario, len(trace), wall_s, bound, results, [], replicas, replicas_by)
     if "switchyard" in results and set(POLICIES) <= set(results):
-        report.checks = check(scenario, bound, results)
+        report.checks = check(scenario, bound, results) + shares
     return report
 
 

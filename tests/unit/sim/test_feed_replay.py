@@ -67,7 +67,7 @@ def test_the_shipped_spot_feed_scenario_replays_its_spike() -> None:
     [
         (("file: prices.csv", "file: gone.csv"), "cannot read recorded feed"),
         (("{backends: [a]}, ", "{backends: [c]}, "), "selector 0 covers no backend"),
-        (("kind: schedule", "kind: electricity-maps"), "Input should be 'aws-spot'"),
+        (("kind: schedule", "kind: electricity-maps"), "selector 0: needs zone"),
         (("{backends: [a]}, ", "{backends: [a], sku_id: X}, "), "sku_id is not for schedule feeds"),
     ],
 )

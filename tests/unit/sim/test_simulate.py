@@ -19,7 +19,16 @@ from gateway.sim.simulate import POLICIES, Report, simulate
 from tests import ROOT
 
 SCENARIOS = ROOT / "scenarios"
-NAMES = ("steady", "price-spike", "backend-failure", "surge", "sla-mix", "drain", "spot-feed")
+NAMES = (
+    "steady",
+    "price-spike",
+    "backend-failure",
+    "surge",
+    "sla-mix",
+    "drain",
+    "spot-feed",
+    "carbon-feed",
+)
 
 
 @functools.cache
