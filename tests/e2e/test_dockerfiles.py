@@ -3,7 +3,10 @@ without a container runtime: what they COPY exists in the build context, the pac
 they install are the project's (with extras it declares), the commands they RUN are real
 (the runtime-only install is run against an empty site-packages), the base images carry
 pinned tags, the user is the non-root number the Kubernetes manifests run as, and the
-entry point with its default arguments parses with the real command-line parser."""
+entry point with its default arguments parses with the real command-line parser. The
+backend image's RUNTIME build argument picks its stages (cpu, or cuda for the GPU image):
+each value names stages that exist, and the cuda stages install the `cuda` extra and point
+TVM at the CUDA files that extra's wheels carry."""
 
 from __future__ import annotations
 
@@ -62,6 +65,40 @@ def of(path: Path, keyword: str) -> list[str]:
     return [rest for k, rest in instructions(path) if k == keyword]
 
 
+RUNTIMES = ("cpu", "cuda")
+"""The values of the backend image's RUNTIME build argument (`--build-arg RUNTIME=cuda`)."""
+
+
+def build_args(path: Path) -> dict[str, str]:
+    """Each ARG with its default ("" when it has none)."""
+    out = {}
+    for line in of(path, "ARG"):
+        name, _, default = line.partition("=")
+        out[name] = default
+    return out
+
+
+def expansions(text: str, args: dict[str, str]) -> list[str]:
+    """`text` with ${RUNTIME} as each of its values (`text` alone when it names none)."""
+    if "RUNTIME" not in args or "${RUNTIME}" not in text:
+        return [text]
+    return [text.replace("${RUNTIME}", value) for value in RUNTIMES]
+
+
+def stage_of(path: Path, name: str) -> list[tuple[str, str]]:
+    """The instructions of the stage called `name` (`FROM ... AS name` up to the next FROM)."""
+    out: list[tuple[str, str]] = []
+    inside = False
+    for keyword, rest in instructions(path):
+        if keyword == "FROM":
+            words = rest.split()
+            inside = len(words) == 3 and words[2] == name
+        elif inside:
+            out.append((keyword, rest))
+    assert inside or out, f"{path}: no stage {name}"
+    return out
+
+
 def parse(add_arguments: Any, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)
@@ -73,13 +110,17 @@ def test_base_images_are_pinned_to_the_project_python(image: str) -> None:
     python = PYPROJECT["project"]["requires-python"]  # ">=3.11,<3.12"
     minor = python.split(",")[0].removeprefix(">=")
     stages: set[str] = set()
+    args = build_args(DOCKERFILES[image])
     for line in of(DOCKERFILES[image], "FROM"):
         words = line.split()
-        base = words[0]
-        if base not in stages:
-            name, _, tag = base.partition(":")
-            assert name == "python", base
-            assert tag.startswith(f"{minor}.") and tag != "latest", f"{base}: pin a patch release"
+        for base in expansions(words[0], args):
+            if base not in stages:
+                assert "$" not in base, f"{base}: not a stage above it"
+                name, _, tag = base.partition(":")
+                assert name == "python", base
+                assert tag.startswith(f"{minor}.") and tag != "latest", (
+                    f"{base}: pin a patch release"
+                )
         if len(words) == 3 and words[1].upper() == "AS":
             stages.add(words[2])
 
@@ -155,3 +196,51 @@ def test_the_entry_point_parses(image: str) -> None:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     exposed = {int(p) for line in of(DOCKERFILES[image], "EXPOSE") for p in line.split()}
     assert exposed == {p["containerPort"] for p in container["ports"]}
+
+
+def test_the_backend_images_runtime_argument_picks_the_gpu_stages() -> None:
+    path = DOCKERFILES["backend"]
+    assert build_args(path) == {"RUNTIME": "cpu"}, "the plain build is the CPU image"
+    froms = [line.split() for line in of(path, "FROM")]
+    # The final stage, and the build output it copies, follow the argument.
+    assert froms[-1] == ["runtime-${RUNTIME}"]
+    assert ["build-${RUNTIME}", "AS", "build"] in froms
+    stages = {words[2] for words in froms if len(words) == 3}
+    for runtime in RUNTIMES:
+        assert {f"build-{runtime}", f"runtime-{runtime}"} <= stages, runtime
+    # The cuda build installs the cuda extra, which pyproject pins: cuda-bindings (TVM's
+    # NVRTC path imports cuda.bindings.nvrtc), CUDA 13's NVRTC and runtime library (the
+    # TVM wheel's libtvm_runtime_cuda links libcudart.so.13), and CCCL's headers.
+    (run,) = [rest for k, rest in stage_of(path, "build-cuda") if k == "RUN"]
+    assert "'.[backend,cuda]'" in run and "runtime-only" in run
+    cuda = PYPROJECT["project"]["optional-dependencies"]["cuda"]
+    pinned = dict(spec.split("==") for spec in cuda)
+    assert all("==" in spec for spec in cuda), cuda
+    for package in (
+        "cuda-bindings",
+        "nvidia-cuda-nvrtc",
+        "nvidia-cuda-runtime",
+        "nvidia-cuda-cccl",
+    ):
+        assert package in pinned, package
+    assert pinned["cuda-bindings"].startswith("13.") and pinned["nvidia-cuda-nvrtc"].startswith(
+        "13."
+    )
+    assert "cuda" not in PYPROJECT["project"]["optional-dependencies"]["backend"]
+    # The cuda runtime stage points TVM at the wheels' files (site-packages/nvidia/cu13),
+    # in the venv the build made, of the project's Python.
+    minor = PYPROJECT["project"]["requires-python"].split(",")[0].removeprefix(">=")
+    cu13 = f"/opt/switchyard/lib/python{minor}/site-packages/nvidia/cu13"
+    env = {}
+    for keyword, rest in stage_of(path, "runtime-cuda"):
+        if keyword == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    assert env["CUDA_PATH"] == cu13
+    assert env["LD_LIBRARY_PATH"] == f"{cu13}/lib"
+    assert env["TVM_CUDA_NVRTC_EXTRA_OPTS"] == f"-I{cu13}/include/cccl"
+    assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    # The CPU image sets none of them.
+    cpu_env = " ".join(rest for k, rest in stage_of(path, "runtime-cpu") if k == "ENV")
+    assert "CUDA" not in cpu_env

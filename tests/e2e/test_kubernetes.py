@@ -256,7 +256,9 @@ def test_images_carry_pinned_tags(folder: Path) -> None:
             assert name and "/" not in tag, f"{image}: no tag"
             assert tag != "latest", image
             assert tag[0].isdigit(), f"{image}: a version, not a moving name"
-            if name.endswith(("switchyard-gateway", "switchyard-backend")):
+            if name.endswith(
+                ("switchyard-gateway", "switchyard-backend", "switchyard-backend-gpu")
+            ):
                 assert tag == VERSION, f"{image}: the project is {VERSION}"
 
 
@@ -418,6 +420,11 @@ def test_prod_pools_land_on_their_hardware() -> None:
         "tolerations"
     ]
     assert parse(worker_cli.add_arguments, container["args"]).hardware_class.startswith("gpu-")
+    # The GPU image (deploy/backend.Dockerfile --build-arg RUNTIME=cuda), which runs the
+    # class's CUDA variants; the CPU pools keep the CPU image.
+    assert container["image"] == f"switchyard-backend-gpu:{VERSION}"
+    (pool_gpu,) = worker_deployments(render(KUBERNETES / "pools" / "gpu"))
+    assert pool_gpu["spec"]["template"]["spec"]["containers"][0]["image"] == container["image"]
 
     avx512 = one(docs, "Deployment", "switchyard-backend-avx512")
     pod = avx512["spec"]["template"]["spec"]
@@ -437,6 +444,7 @@ def test_prod_pools_land_on_their_hardware() -> None:
     assert parse(worker_cli.add_arguments, container["args"]).hardware_class.startswith(
         "cpu-x86-64-v4-"
     )
+    assert container["image"] == f"switchyard-backend:{VERSION}"
 
 
 def test_no_private_key_is_committed() -> None:
