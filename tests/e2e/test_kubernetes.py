@@ -1,8 +1,9 @@
 """The Kubernetes manifests (deploy/kubernetes): each kustomization renders with
 `kubectl kustomize` and every object it renders validates against the Kubernetes API
 schema of KUBERNETES_VERSION (kubernetes-validate, strict: an unknown field is an
-error); the ServiceMonitor, a Prometheus Operator CRD outside that schema, is checked
-structurally here. Then what the rendered objects must say: kubelet's probes reach the
+error); the ServiceMonitor and the PrometheusRule, Prometheus Operator CRDs outside that
+schema, are checked structurally here (the PrometheusRule holds deploy/prometheus/rules.yaml's
+groups as rendered, which promtool checks, and is in step with its generator). Then what the rendered objects must say: kubelet's probes reach the
 gateway's probe port (gRPC, on the pod's address: readiness on its health service,
 liveness on the `liveness` service that stays SERVING whatever the backends); every
 container has requests and limits, runs as non-root on a read-only root filesystem and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import importlib.util
 import shutil
 import subprocess
 import tomllib
@@ -162,14 +164,37 @@ def check_service_monitor(monitor: Doc, docs: list[Doc]) -> None:
         assert endpoint.get("path", "/metrics") == "/metrics"
 
 
+RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
+
+
+def check_prometheus_rule(rule: Doc, docs: list[Doc]) -> None:
+    """A PrometheusRule (monitoring.coreos.com/v1): rules.yaml's groups, whole, beside the
+    gateway Service it is about, with that Service's labels (the ServiceMonitor's too)."""
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    service = one(docs, "Service", "switchyard-gateway")
+    assert rule["metadata"].get("namespace") == service["metadata"].get("namespace")
+    assert rule["metadata"]["labels"] == service["metadata"]["labels"]
+    for group in rule["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules"} and group["rules"], group.get("name")
+        for entry in group["rules"]:
+            assert ("record" in entry) != ("alert" in entry), entry
+            assert isinstance(entry["expr"], str) and entry["expr"].strip()
+
+
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=name_of)
 def test_every_rendered_object_validates(folder: Path) -> None:
     docs = render(folder)
     assert docs
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            assert doc["kind"] == "ServiceMonitor", doc["kind"]
-            check_service_monitor(doc, docs)
+            assert doc["kind"] in ("ServiceMonitor", "PrometheusRule"), doc["kind"]
+            if doc["kind"] == "ServiceMonitor":
+                check_service_monitor(doc, docs)
+            else:
+                check_prometheus_rule(doc, docs)
             continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -451,3 +476,51 @@ def test_no_private_key_is_committed() -> None:
     for path in KUBERNETES.rglob("*"):
         if path.is_file():
             assert "PRIVATE KEY" not in path.read_text(errors="replace"), path
+
+
+def generator() -> Any:
+    """deploy/prometheus/prometheusrule.py, the PrometheusRule's generator, as a module."""
+    path = ROOT / "deploy" / "prometheus" / "prometheusrule.py"
+    spec = importlib.util.spec_from_file_location("prometheusrule", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_prometheus_rule_is_in_step_with_rules_yaml(tmp_path: Path) -> None:
+    module = generator()
+    committed = (KUBERNETES / "base" / "prometheusrule.yaml").read_text()
+    assert committed == module.manifest(RULES.read_text()), (
+        "deploy/kubernetes/base/prometheusrule.yaml is out of step with rules.yaml: run "
+        "python deploy/prometheus/prometheusrule.py"
+    )
+    assert module.main(["--check"]) == 0
+    # An edit of the rules shows: the check fails until the manifest is written again.
+    edited = RULES.read_text().replace("rate5m", "rate6m", 1)
+    assert module.manifest(edited) != committed
+    with pytest.raises(ValueError, match="groups"):
+        module.manifest("rules: []")
+    # Every base-derived kustomization carries it once.
+    for folder in DEPLOYABLE:
+        rules = [d for d in render(folder) if d["kind"] == "PrometheusRule"]
+        assert len(rules) == 1, name_of(folder)
+
+
+def test_promtool_checks_the_rendered_rules(tmp_path: Path) -> None:
+    """The rules as kustomize renders them (block text and all) are what Prometheus loads."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        reason = (
+            "promtool is not installed (Debian: apt-get install --no-install-recommends "
+            "prometheus, which `make test` runs as root)"
+        )
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    rule = one(render(KUBERNETES / "overlays" / "prod"), "PrometheusRule", "switchyard-gateway")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    done = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
