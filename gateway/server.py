@@ -308,6 +308,7 @@ async def start_gateway(
         metrics,
         coalesce_in_flight=settings.coalesce_in_flight,
     )
+    prober.caller = servicer.transport.caller
     servicer.dispatcher.guard(settings, fleet.throttle)
     servicer.trace_as(settings.tracing)  # off unless configured
 

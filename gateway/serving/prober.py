@@ -64,6 +64,10 @@ class Prober:
         the probe taking the next slot that frees."""
         self.fleet = fleet
         self.pool = pool
+        self.caller = b""
+        """This gateway's name as its requests to Switchyard workers carry it (the
+        transport's `caller`): a latency probe is this gateway's own request, never
+        another gateway's in the load reports that come back."""
         self.clock = clock
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -316,7 +320,7 @@ class Prober:
         if request is None:
             return False
         if route.deadlines:
-            request += due_parameter(0)
+            request += due_parameter(0) + self.caller
         state = route.state
         now = self.clock()
         ticket = state.admit(route, route.estimate.mean_ms, now, now)
@@ -346,6 +350,8 @@ class Prober:
         request = self._probe_request(route)
         if request is None:
             return 0
+        if route.deadlines:
+            request += self.caller
         client = self.pool.client(route.address)
         # The probe holds a slot like any request, so a request sent meanwhile knows
         # it may wait and does not take its own latency for the route's service time.

@@ -106,8 +106,9 @@ class GrpcTransport:
         """Calls may carry several requests, merged: their answers measure no route
         once they waited (see Attempt.alone)."""
         self._variant_suffixes: dict[str, bytes] = {}
-        self._caller = caller_field(uuid.uuid4().hex[:12])
-        """This gateway's name in its requests, for the workers' load reports."""
+        self.caller = caller_field(uuid.uuid4().hex[:12])
+        """This gateway's name in its requests (the field as sent), for the workers'
+        load reports; its latency probes carry it too (Prober.caller)."""
         self._streams = pool.streams > 0
         self.traced = False
         """Attempts may carry trace context to their backends (gateway.serving.tracing)."""
@@ -170,7 +171,7 @@ class GrpcTransport:
         serves them, else unary."""
         client = self.pool.client(route.address)
         if route.deadlines:  # a Switchyard worker: it reports its load to the caller named
-            request += self._caller
+            request += self.caller
         trace = _attempt_trace() if self.traced else None
         metadata = None if trace is None else trace.metadata()
         error: BackendCallError
