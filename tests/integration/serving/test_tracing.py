@@ -28,6 +28,10 @@ from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, fleet_config, raw_request, samples, server_ready
 from tests.waiting import wait_until
 
+DEAR_USD_PER_HOUR = 0.8
+"""Twenty times cheap's price: the first request goes to cheap whatever the two
+workers' sub-millisecond warm-up samples say."""
+
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CALLER_SPAN_ID = 0x00F067AA0BA902B7
 TRACEPARENT = f"00-{TRACE_ID:032x}-{CALLER_SPAN_ID:016x}-01"
@@ -106,7 +110,7 @@ async def test_one_requests_spans_from_gateway_and_worker_form_one_trace(
     cheap, dear = workers
     gw = await traced_gateway(
         fleet_config(
-            {"cheap": (cheap.address, 0.04), "dear": (dear.address, 0.08)},
+            {"cheap": (cheap.address, 0.04), "dear": (dear.address, DEAR_USD_PER_HOUR)},
             backend_streams=backend_streams,
         ),
         exporter,
@@ -222,7 +226,8 @@ async def test_rest_takes_the_traceparent_header(
 ) -> None:
     cheap, dear = workers
     gw = await traced_gateway(
-        fleet_config({"cheap": (cheap.address, 0.04), "dear": (dear.address, 0.08)}), exporter
+        fleet_config({"cheap": (cheap.address, 0.04), "dear": (dear.address, DEAR_USD_PER_HOUR)}),
+        exporter,
     )
     try:
         assert gw.rest is not None
@@ -264,7 +269,7 @@ async def test_untraced_again_the_gateway_sends_no_trace_context(
     gw = await traced_gateway(
         # No latency probes: the workers' only request is the test's.
         fleet_config(
-            {"cheap": (cheap.address, 0.04), "dear": (dear.address, 0.08)},
+            {"cheap": (cheap.address, 0.04), "dear": (dear.address, DEAR_USD_PER_HOUR)},
             latency_probe_interval_s=0,
         ),
         InMemorySpanExporter(),  # its own: stopping the gateway's tracing stops it
