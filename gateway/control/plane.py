@@ -8,7 +8,8 @@ The admin API's changes are kept in a `StateStore` (gateway.control.state) and
 restored at start (`Control.restore`); the fleet file and the price schedule replace
 them when they change the same value later (the last change wins). A store shared by
 several gateways (gateway.control.shared_state) hands each one the others' changes
-(`Control.apply_state`).
+(`Control.apply_state`), and carries each gateway's ejections to the others
+(`Control.share_ejection`).
 
 Imports no grpc and no generated protobuf: the admin API converts at its edge.
 """
@@ -20,8 +21,13 @@ import csv
 import hashlib
 import logging
 import math
+import os
+import socket
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from backends.protocol.errors import InvalidInput, NotFound, Unavailable
@@ -32,6 +38,7 @@ from gateway.control.state import (
     MemoryStateStore,
     PoliciesOverride,
     PriceOverride,
+    SharedEjection,
     StateStore,
 )
 from gateway.control.supervisor import NotSupervised, Supervised, Supervisor
@@ -123,12 +130,17 @@ class Control:
         store: StateStore | None = None,
         supervisor: Supervisor | None = None,
         probe: Callable[[str], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        gateway_id: str | None = None,
     ) -> None:
         """`set_chooser` installs the servicer's chooser; `config` is the fleet file in
         force; `wall_clock` gives seconds since the epoch (when an admin change was
-        made, where the price schedule stands); `store` keeps the admin API's changes
-        (None: in memory only); `supervisor` runs the launched workers (None: none
-        are); `probe` health-probes one backend now."""
+        made, where the price schedule stands, when a shared ejection ends); `store`
+        keeps the admin API's changes (None: in memory only); `supervisor` runs the
+        launched workers (None: none are); `probe` health-probes one backend now;
+        `clock` is the fleet's clock (monotonic seconds, as its ejections' ends are);
+        `gateway_id` names this gateway in the ejections it shares (default:
+        host:pid:token)."""
         self.fleet = fleet
         self.metrics = metrics
         self._policies = policies
@@ -143,6 +155,12 @@ class Control:
         self._probe = probe
         self.routing = "switchyard"
         """The name of the chooser in force (one of ROUTING)."""
+        self._clock = clock
+        self.gateway_id = (
+            gateway_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        if self.store.shared:
+            fleet.on_ejection = self.share_ejection
         self.publish_sla_targets()
 
     def sla_targets(self) -> list[SlaTarget]:
@@ -278,6 +296,56 @@ class Control:
         log.info("backend %s %s", backend, "drained" if drained else "undrained")
         return state
 
+    def share_ejection(self, backend: BackendState) -> None:
+        """This gateway's outlier detection ejected `backend`, or saw it answer after a
+        run of ejections (a clean spell, `ejections` back to 0). An ejection goes to the
+        shared store with its end by the wall clock, its count in the run and why, for
+        the other gateways (`apply_state`); a clean spell takes the backend's ejection
+        out of the store once it is over, so the next run starts from the base time
+        again. Told only with a shared store: a file keeps no ejections."""
+        name = backend.name
+        wall_s = self._wall_clock()
+        if backend.ejections == 0:
+            known = self.state.ejections.get(name)
+            if known is not None and known.until_s <= wall_s:
+                self._keep(self.state.with_ejection(name, None), required=False)
+            return
+        if backend.ejected_until_s is None:
+            return
+        until_s = wall_s + backend.ejected_until_s - self._clock()
+        ejection = SharedEjection(
+            until_s, wall_s, backend.ejections, self.gateway_id, backend.ejection_why
+        )
+        self._keep(self.state.with_ejection(name, ejection), required=False)
+
+    def _apply_ejections(self, state: ControlState, source: str) -> None:
+        """Puts the other gateways' ejections in `state` in force here: each backend's
+        count in its run of ejections (this gateway's next ejection backs off from it),
+        and each ejection not over yet, the earliest made first, within the fleet's
+        maximum ejected share (one past it is not applied: routes say so; it is tried
+        again at the next change of the state). This gateway's own are in force
+        already."""
+        wall_s, now_s = self._wall_clock(), self._clock()
+        for name, ejection in sorted(state.ejections.items(), key=lambda item: item[1].at_s):
+            if ejection.by == self.gateway_id:
+                continue
+            left_s = ejection.until_s - wall_s
+            until = _utc(ejection.until_s)
+            detail = f"ejected until {until} by gateway {ejection.by} after {ejection.why}"
+            if self.fleet.apply_ejection(
+                name, ejection.count, now_s + left_s if left_s > 0 else None, now_s, detail
+            ):
+                self.metrics.ejections_shared.labels(name).inc()
+                self.metrics.available.labels(name).set(0)
+                log.warning(
+                    "backend %s ejected until %s by gateway %s (%s): %s",
+                    name,
+                    until,
+                    ejection.by,
+                    source,
+                    ejection.why,
+                )
+
     def set_routing(self, name: str, source: str) -> str:
         """Puts the chooser called `name` in force for the next request, kept across
         restarts; an unknown name is InvalidInput naming the known ones."""
@@ -394,9 +462,10 @@ class Control:
         """Puts `state` in force on the live fleet (from a shared store: the changes of
         every gateway), each value only where it differs from what is in force: each
         backend's price (the admin API's, else the price schedule's, else the fleet
-        file's), its drain, the policies (the admin API's, else the fleet file's) and
-        the routing rule (the default when none). Backends this fleet does not have
-        are passed over. Nothing is saved: the state comes from the store."""
+        file's), its drain, the other gateways' ejections (`_apply_ejections`), the
+        policies (the admin API's, else the fleet file's) and the routing rule (the
+        default when none). Backends this fleet does not have are passed over. Nothing
+        is saved: the state comes from the store."""
         for name, backend in self.fleet.backends.items():
             override = state.prices.get(name)
             if override is not None:
@@ -411,6 +480,7 @@ class Control:
             drained = name in state.drained
             if drained != backend.drained:
                 self._apply_drained(name, drained)
+        self._apply_ejections(state, source)
         if state.policies != self.state.policies:
             policies = self.config.policies if state.policies is None else state.policies.policies
             self._apply_policies(policies, source)
@@ -476,6 +546,7 @@ class Control:
                 kept = replace(kept, policies=None)
         for backend in sorted(kept.drained & set(self.fleet.backends)):
             self._apply_drained(backend, True)
+        self._apply_ejections(kept, f"restored from {where}")
         if kept.routing is not None:
             try:
                 self._apply_routing(
@@ -527,6 +598,11 @@ class Control:
                 self.set_price(backend, change.usd_per_hour, "price schedule", scheduled=True)
             except UnknownBackend as exc:
                 log.error("price schedule: %s", exc)
+
+
+def _utc(epoch_s: float) -> str:
+    """A wall-clock time as routes show it (UTC, to the millisecond)."""
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 """The control state shared by several gateways that route as one (`gateway.state:
 redis://HOST:PORT/DB`): the admin API's prices, policies, drains and routing rule,
-the price schedule's start and prices, in one Redis store.
+the price schedule's start and prices, and the backends each gateway's outlier
+detection ejected (until when by the wall clock, the count in the run, by whom and
+why: `Control.share_ejection`), in one Redis store.
 
 The whole `ControlState` is one JSON value (gateway.control.state's format) in a hash
 with a version and an epoch (a new one whenever the value is created afresh, as after

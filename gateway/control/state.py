@@ -1,7 +1,9 @@
 """What the control plane keeps across a restart: the changes made through the admin
 API (prices, SLA policies, drains, the routing rule) and when the price schedule
 started, behind one small interface (`StateStore`), so that a store shared by several
-gateways (gateway.control.shared_state) stands in for the file.
+gateways (gateway.control.shared_state) stands in for the file. A shared store also
+carries what only matters while several gateways run: the price schedule's latest
+prices and the backends' ejections (`SharedEjection`), which no file keeps.
 
 The file (`FileStateStore`) is JSON, written aside, synced and renamed
 (`backends.files.write_atomically`): a reader, or a gateway starting after a crash,
@@ -61,6 +63,30 @@ class PoliciesOverride:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedEjection:
+    """A backend ejected by one gateway's passive outlier detection, for every gateway
+    sharing the store: each keeps it out of its routes until `until_s`."""
+
+    until_s: float
+    """When it ends (seconds since the epoch: the gateways' monotonic clocks differ)."""
+    at_s: float
+    """When it was made (seconds since the epoch)."""
+    count: int
+    """Its place in the backend's run of ejections without a clean spell (1: the
+    first): the next ejection, by whichever gateway, lasts longer."""
+    by: str
+    """The gateway that made it (host:pid:token)."""
+    why: str
+    """What ejected it (the failures and the last error)."""
+
+
+def later_ejection(a: SharedEjection, b: SharedEjection) -> SharedEjection:
+    """Of two ejections of one backend, the one further in its run, else the one that
+    ends later."""
+    return max(a, b, key=lambda e: (e.count, e.until_s, e.at_s))
+
+
+@dataclass(frozen=True, slots=True)
 class ControlState:
     """The control plane's changes that outlive the process."""
 
@@ -74,6 +100,10 @@ class ControlState:
     scheduled: Mapping[str, float] = field(default_factory=dict)
     """The price schedule's last price per backend (USD per hour), kept only in a
     shared store: one gateway plays the schedule, every gateway applies its prices."""
+    ejections: Mapping[str, SharedEjection] = field(default_factory=dict)
+    """Each backend's latest ejection by any gateway, kept only in a shared store (not
+    an admin change: a file does not keep it), until a gateway sees the backend answer
+    after it ended (a clean spell, which ends the run)."""
 
     def with_price(self, backend: str, price: PriceOverride | None) -> ControlState:
         prices = {k: v for k, v in self.prices.items() if k != backend}
@@ -87,6 +117,12 @@ class ControlState:
             scheduled[backend] = usd_per_hour
         return replace(self, scheduled=scheduled)
 
+    def with_ejection(self, backend: str, ejection: SharedEjection | None) -> ControlState:
+        ejections = {k: v for k, v in self.ejections.items() if k != backend}
+        if ejection is not None:
+            ejections[backend] = ejection
+        return replace(self, ejections=ejections)
+
     def with_drained(self, backend: str, drained: bool) -> ControlState:
         names = self.drained | {backend} if drained else self.drained - {backend}
         return replace(self, drained=frozenset(names))
@@ -98,11 +134,17 @@ class ControlState:
             prices={k: v for k, v in self.prices.items() if k not in names},
             drained=self.drained - names,
             scheduled={k: v for k, v in self.scheduled.items() if k not in names},
+            ejections={k: v for k, v in self.ejections.items() if k not in names},
         )
 
     def backends(self) -> frozenset[str]:
         """Every backend the state speaks of."""
-        return frozenset(self.prices) | self.drained | frozenset(self.scheduled)
+        return (
+            frozenset(self.prices)
+            | self.drained
+            | frozenset(self.scheduled)
+            | frozenset(self.ejections)
+        )
 
 
 def _merge_map(stored: Mapping[str, Any], base: Mapping[str, Any], mine: Mapping[str, Any]) -> Any:
@@ -115,11 +157,34 @@ def _merge_map(stored: Mapping[str, Any], base: Mapping[str, Any], mine: Mapping
     return merged
 
 
+def _merge_ejections(
+    stored: Mapping[str, SharedEjection],
+    base: Mapping[str, SharedEjection],
+    mine: Mapping[str, SharedEjection],
+) -> dict[str, SharedEjection]:
+    """Ejections merge by meaning, not by the later write: one made here beside another
+    gateway's of the same backend keeps the later of the two (`later_ejection`), and one
+    removed here (its run ended) goes only if nobody ejected the backend again since."""
+    merged = dict(stored)
+    for key in base.keys() | mine.keys():
+        theirs, known = stored.get(key), base.get(key)
+        if key not in mine:
+            if theirs == known:
+                merged.pop(key, None)
+        elif known != mine[key]:
+            if theirs is None or theirs == known:
+                merged[key] = mine[key]
+            else:
+                merged[key] = later_ejection(theirs, mine[key])
+    return merged
+
+
 def merge_state(stored: ControlState, base: ControlState, mine: ControlState) -> ControlState:
     """`mine`'s changes from `base` made on `stored`: one backend's price, one drain,
-    the policies, the routing rule or the schedule's start, each on its own, so that a
-    change made here never undoes another gateway's change of something else (for the
-    same value, the later write wins)."""
+    one ejection, the policies, the routing rule or the schedule's start, each on its
+    own, so that a change made here never undoes another gateway's change of something
+    else (for the same value, the later write wins; for ejections, see
+    `_merge_ejections`)."""
     merged = stored
     if mine.prices != base.prices:
         merged = replace(merged, prices=_merge_map(merged.prices, base.prices, mine.prices))
@@ -130,6 +195,10 @@ def merge_state(stored: ControlState, base: ControlState, mine: ControlState) ->
     if mine.drained != base.drained:
         drained = (merged.drained | (mine.drained - base.drained)) - (base.drained - mine.drained)
         merged = replace(merged, drained=frozenset(drained))
+    if mine.ejections != base.ejections:
+        merged = replace(
+            merged, ejections=_merge_ejections(merged.ejections, base.ejections, mine.ejections)
+        )
     if mine.policies != base.policies:
         merged = replace(merged, policies=mine.policies)
     if mine.routing != base.routing:
@@ -193,6 +262,14 @@ class _PoliciesRecord(_Strict):
     fleet_policies: PoliciesSettings
 
 
+class _EjectionRecord(_Strict):
+    until_s: float
+    at_s: float
+    count: int = Field(ge=1)
+    by: str
+    why: str
+
+
 class _StateRecord(_Strict):
     version: int = FORMAT_VERSION
     prices: dict[str, _PriceRecord] = {}
@@ -201,6 +278,7 @@ class _StateRecord(_Strict):
     routing: str | None = None
     schedule_start_s: float | None = None
     scheduled: dict[str, Annotated[float, Field(ge=0)]] = {}
+    ejections: dict[str, _EjectionRecord] = {}
 
 
 def _policies_data(settings: PoliciesSettings) -> dict[str, Any]:
@@ -231,6 +309,11 @@ def encode_state(state: ControlState) -> str:
     }
     if state.scheduled:
         record["scheduled"] = dict(sorted(state.scheduled.items()))
+    if state.ejections:
+        record["ejections"] = {
+            name: {"until_s": e.until_s, "at_s": e.at_s, "count": e.count, "by": e.by, "why": e.why}
+            for name, e in sorted(state.ejections.items())
+        }
     return json.dumps(record, indent=1, allow_nan=False) + "\n"
 
 
@@ -262,6 +345,10 @@ def decode_state(text: str, source: str) -> ControlState:
         routing=record.routing,
         schedule_start_s=record.schedule_start_s,
         scheduled=dict(record.scheduled),
+        ejections={
+            name: SharedEjection(e.until_s, e.at_s, e.count, e.by, e.why)
+            for name, e in record.ejections.items()
+        },
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from math import exp, sqrt
 
@@ -146,6 +146,8 @@ class BackendState:
     """Set while passive outlier detection keeps it out of the routes."""
     ejections: int = 0
     """Ejections in a row without a clean spell: the back-off doubles with each."""
+    ejection_why: str = ""
+    """What ejected it last (the failures and the last error)."""
     attempt_failures: int = 0
     """Consecutive failed or timed-out attempts (passive outlier detection)."""
     window_start_s: float = 0.0
@@ -644,6 +646,11 @@ class FleetState:
         self.warming = False
         """Set while the gateway's routes take their warm-up measurements (the prober
         sets and clears it): the gateway is not ready meanwhile."""
+        self.on_ejection: Callable[[BackendState], None] | None = None
+        """Told (by the data plane's observer, after `record_attempt`) of each ejection
+        this gateway's outlier detection makes and of each clean spell that ends a run
+        of them (`ejections` back to 0): the control plane shares them with the other
+        gateways over a shared store. None: nobody listens."""
 
     # ---- updates (prober, pool, supervisor, admin) ----
 
@@ -754,7 +761,39 @@ class FleetState:
         state.ejections += 1
         state.ejected_until_s = now_s + backoff
         state.window_start_s, state.window_attempts, state.window_failures = now_s, 0, 0
-        state.last_error = f"ejected for {backoff:g} s after {why}: {error}"
+        state.ejection_why = f"{why}: {error}"
+        state.last_error = f"ejected for {backoff:g} s after {state.ejection_why}"
+        state.refresh()
+        return True
+
+    def apply_ejection(
+        self, backend: str, count: int, until_s: float | None, now_s: float, detail: str
+    ) -> bool:
+        """Another gateway's ejection of `backend`, the `count`-th of its run, lasting
+        until `until_s` (on this gateway's clock; None: over). The run's count is taken
+        here (this gateway's next ejection of the backend backs off from it); an ejection
+        not over yet takes the backend out of the routes until `until_s` as one made here
+        would (a probe re-admits it after that, not before), or keeps it out until then
+        if it was out already for less long, unless one more ejection would pass the
+        fleet's maximum share (`detail` says so then, as routes show `last_error`).
+        Returns whether the backend left the routes. An unknown backend is passed over."""
+        state = self.backends.get(backend)
+        if state is None:
+            return False
+        state.ejections = max(state.ejections, count)
+        if until_s is None or until_s <= now_s:
+            return False
+        if state.ejected_until_s is not None:
+            if until_s > state.ejected_until_s:
+                state.ejected_until_s = until_s
+                state.last_error = detail
+            return False
+        if not self._may_eject():
+            state.last_error = f"not {detail}: the most the fleet may eject are out"
+            return False
+        state.ejected_until_s = until_s
+        state.window_start_s, state.window_attempts, state.window_failures = now_s, 0, 0
+        state.last_error = detail
         state.refresh()
         return True
 

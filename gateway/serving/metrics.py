@@ -146,7 +146,13 @@ class GatewayMetrics:
         )
         self.ejections = Counter(
             "switchyard_backend_ejections",
-            "Backends ejected by passive outlier detection.",
+            "Backends ejected by this gateway's passive outlier detection.",
+            ["backend"],
+            registry=registry,
+        )
+        self.ejections_shared = Counter(
+            "switchyard_backend_ejections_shared",
+            "Ejections another gateway made, applied here from the shared store.",
             ["backend"],
             registry=registry,
         )

@@ -230,7 +230,8 @@ def _attempt_trace() -> Any:
 
 class GatewayObserver(Observer):
     """Retries and hedges in the decision metrics; each attempt's outcome in the route's
-    observed latency and the fleet's passive outlier detection."""
+    observed latency and the fleet's passive outlier detection, whose ejections (and
+    the clean spells that end their runs) go to `FleetState.on_ejection`."""
 
     def __init__(self, fleet: FleetState, metrics: GatewayMetrics) -> None:
         self.fleet = fleet
@@ -251,11 +252,19 @@ class GatewayObserver(Observer):
         now_s: float,
     ) -> None:
         route = attempt.route
+        state = route.state
         if latency_ms is not None:
             route.observed.observe(latency_ms, now_s)
-        if self.fleet.record_attempt(route, _verdict(fault, error), now_s, _describe(error)):
+        fleet = self.fleet
+        run = state.ejections
+        ejected = fleet.record_attempt(route, _verdict(fault, error), now_s, _describe(error))
+        if ejected:
             self.metrics.ejections.labels(route.backend).inc()
-            log.warning("backend %s ejected: %s", route.backend, route.state.last_error)
+            log.warning("backend %s ejected: %s", route.backend, state.last_error)
+        # An ejection made here, or a clean spell that ended a run, goes to whoever
+        # listens (the control plane, with a shared store).
+        if (ejected or (run and not state.ejections)) and fleet.on_ejection is not None:
+            fleet.on_ejection(state)
 
 
 def _verdict(fault: bool, error: BaseException | None) -> bool | None:
