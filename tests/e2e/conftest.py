@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.waiting import wait_until_blocking
 
 ROOT = Path(__file__).resolve().parents[2]
 SWITCHYARD = [sys.executable, "-m", "gateway.cli"]
@@ -73,22 +75,37 @@ def write_fleet(
     return path
 
 
-def start_serve(fleet: Path, workdir: Path, timeout_s: float = 60) -> RunningGateway:
-    ready = workdir / "ready.json"
-    log_path = workdir / "gateway.log"
+def start_serve(
+    fleet: Path,
+    workdir: Path,
+    timeout_s: float = 60,
+    name: str = "gateway",
+    prefix: Sequence[str] = (),
+) -> RunningGateway:
+    """`switchyard serve` on `fleet`, once its ready file is written; `name` names its
+    ready file and log in `workdir`, `prefix` goes before the command (`ip netns exec
+    HOST`, to run it on a test host)."""
+    ready = workdir / ("ready.json" if name == "gateway" else f"{name}-ready.json")
+    log_path = workdir / f"{name}.log"
     process = subprocess.Popen(
-        [*SWITCHYARD, "serve", "--config", str(fleet), "--ready-file", str(ready)],
+        [*prefix, *SWITCHYARD, "serve", "--config", str(fleet), "--ready-file", str(ready)],
         cwd=ROOT,
         env={**os.environ, "SWITCHYARD_ADMIN_TOKEN": ADMIN_TOKEN},
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"gateway did not start:\n{log_path.read_text()}")
-        time.sleep(0.1)
+    try:
+        wait_until_blocking(
+            lambda: ready.exists() or process.poll() is not None,
+            timeout_s,
+            f"{name} writing its ready file",
+            interval_s=0.1,
+        )
+        if not ready.exists():
+            raise AssertionError(f"{name} exited")
+    except AssertionError as exc:
+        process.kill()
+        raise AssertionError(f"{name} did not start ({exc}):\n{log_path.read_text()}") from None
     return RunningGateway(process, json.loads(ready.read_text()), log_path)
 
 

@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -37,7 +36,7 @@ import yaml
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.e2e import netns
-from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD
+from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD, RunningGateway, start_serve
 from tests.e2e.traffic import OK, Traffic
 from tests.integration.conftest import raw_request, samples
 from tests.waiting import wait_until
@@ -71,15 +70,10 @@ pytestmark = pytest.mark.skipif(why_not is not None, reason=f"multi-host tests: 
 
 
 @dataclass
-class Gateway:
-    host: netns.Host
-    process: subprocess.Popen[bytes]
-    info: dict[str, Any]
-    log_path: Path
+class Gateway(RunningGateway):
+    """`switchyard serve` on a test host."""
 
-    @property
-    def address(self) -> str:
-        return str(self.info["address"])
+    host: netns.Host
 
     def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`switchyard admin ARGS` run on the gateway's host, against its admin API."""
@@ -139,24 +133,8 @@ class Cluster:
 
     def start_gateway(self, name: str, fleet: Path) -> Gateway:
         host = self.network.hosts[name]
-        ready = self.workdir / f"{name}-ready.json"
-        log_path = self.workdir / f"{name}.log"
-        process = subprocess.Popen(
-            host.command(
-                [*SWITCHYARD, "serve", "--config", str(fleet), "--ready-file", str(ready)]
-            ),
-            cwd=ROOT,
-            env={**os.environ, "SWITCHYARD_ADMIN_TOKEN": ADMIN_TOKEN},
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"gateway on {name} did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        gateway = Gateway(host, process, json.loads(ready.read_text()), log_path)
+        running = start_serve(fleet, self.workdir, name=name, prefix=host.command([]))
+        gateway = Gateway(running.process, running.info, running.log_path, host)
         self.gateways.append(gateway)
         return gateway
 
@@ -252,11 +230,7 @@ async def traffic(cluster: Cluster) -> AsyncIterator[list[Traffic]]:
     channels = [grpc.aio.insecure_channel(g.address) for g in cluster.gateways]
     flows = [Traffic(channel, RATE_PER_S, timeout_s=20.0).start() for channel in channels]
     try:
-        await wait_until(
-            lambda: all(_latest_from(flow, {"b1"}) for flow in flows),
-            timeout_s=30,
-            what="both gateways routing to b1, the cheapest",
-        )
+        await routed_to(flows, "b1", "both gateways routing to b1, the cheapest", timeout_s=30)
         yield flows
     finally:
         for flow in flows:
@@ -268,6 +242,11 @@ async def traffic(cluster: Cluster) -> AsyncIterator[list[Traffic]]:
 def _latest_from(flow: Traffic, backends: set[str], count: int = 5) -> bool:
     latest = flow.latest(count)
     return len(latest) == count and all(a.code == OK and a.backend in backends for a in latest)
+
+
+async def routed_to(flows: list[Traffic], backend: str, what: str, timeout_s: float = 10) -> None:
+    """Waits until each flow's latest answers all came from `backend`."""
+    await wait_until(lambda: all(_latest_from(flow, {backend}) for flow in flows), timeout_s, what)
 
 
 async def finish(traffic: list[Traffic]) -> None:
@@ -292,18 +271,12 @@ async def test_a_price_set_on_one_gateway_moves_both_gateways_traffic(
     g1, _ = cluster.gateways
     assert await _set_price(g1, "b1", SPIKE) == ""
     try:
-        await wait_until(
-            lambda: all(_latest_from(flow, {"b2"}) for flow in traffic),
-            timeout_s=10,
-            what="both gateways' traffic on b2 after b1's price rose",
+        await routed_to(
+            traffic, "b2", "both gateways' traffic on b2 after b1's price rose", timeout_s=10
         )
     finally:
         await _set_price(g1, "b1", PRICES["b1"])
-    await wait_until(
-        lambda: all(_latest_from(flow, {"b1"}) for flow in traffic),
-        timeout_s=10,
-        what="both gateways back on b1",
-    )
+    await routed_to(traffic, "b1", "both gateways back on b1")
     await finish(traffic)
 
 
@@ -327,11 +300,7 @@ async def test_a_backend_host_whose_worker_is_killed_loses_no_request_at_either_
         assert {a.backend for a in after if a.code == OK} <= {"b2", "b3"}
     # The host's worker comes back at the same address and the gateways return to it.
     cluster.start_worker("b1")
-    await wait_until(
-        lambda: all(_latest_from(flow, {"b1"}) for flow in traffic),
-        timeout_s=30,
-        what="both gateways back on the restarted b1",
-    )
+    await routed_to(traffic, "b1", "both gateways back on the restarted b1", timeout_s=30)
     await finish(traffic)
 
 
@@ -351,7 +320,7 @@ async def test_a_gateway_cut_off_from_the_store_keeps_serving_and_reconciles(
         assert g2.metric("switchyard_state_store_up") == 1.0
         warning = await _set_price(g1, "b1", SPIKE)
         assert warning.startswith("warning:"), f"no not-shared warning: {warning!r}"
-        await wait_until(lambda: _latest_from(flow1, {"b2"}), timeout_s=10, what="g1 on b2")
+        await routed_to([flow1], "b2", "g1 on b2")
         # g2 never heard of it: b1 is still the cheapest there.
         assert _latest_from(flow2, {"b1"}, count=10)
     finally:
@@ -362,17 +331,9 @@ async def test_a_gateway_cut_off_from_the_store_keeps_serving_and_reconciles(
         what="g1 reporting its store back",
         interval_s=0.2,
     )
-    await wait_until(
-        lambda: _latest_from(flow2, {"b2"}),
-        timeout_s=10,
-        what="g1's change reconciled into the store and applied on g2",
-    )
+    await routed_to([flow2], "b2", "g1's change reconciled into the store and applied on g2")
     await _set_price(g1, "b1", PRICES["b1"])
-    await wait_until(
-        lambda: all(_latest_from(flow, {"b1"}) for flow in traffic),
-        timeout_s=10,
-        what="both gateways back on b1",
-    )
+    await routed_to(traffic, "b1", "both gateways back on b1")
     await finish(traffic)
 
 
