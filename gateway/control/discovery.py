@@ -276,9 +276,11 @@ class Discovery:
         wall_clock: Callable[[], float] = time.time,
         drain_poll_s: float = DRAIN_POLL_S,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """`resolver(nameserver)` makes a group's resolver (`nameserver` None: the
-        system's); `wall_clock` (seconds since the epoch) stamps the last answer's gauge."""
+        system's); `wall_clock` (seconds since the epoch) stamps the last answer's gauge;
+        `sleep` waits between a draining backend's counts of its requests in flight."""
         self.gateway = gateway
         self.members = members
         self.metrics = metrics
@@ -288,6 +290,7 @@ class Discovery:
         self._release = release
         self.drain_poll_s = drain_poll_s
         self.drain_timeout_s = drain_timeout_s
+        self._sleep = sleep
         self.groups: dict[str, _Group] = {}
         for g in groups:
             if g.discovery is None:
@@ -388,7 +391,7 @@ class Discovery:
         for _ in range(max(1, round(self.drain_timeout_s / self.drain_poll_s))):
             if state.in_flight <= 0:
                 break
-            await asyncio.sleep(self.drain_poll_s)
+            await self._sleep(self.drain_poll_s)
         if state.in_flight > 0:
             log.warning(
                 "backend %s: %d requests still in flight %g s after it left; closing "

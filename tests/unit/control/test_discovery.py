@@ -29,6 +29,7 @@ from gateway.control.state import ControlState, MemoryStateStore, PriceOverride
 from gateway.routing.fleet import BackendState, FleetState
 from gateway.routing.policy import PolicyBook
 from gateway.serving.metrics import GatewayMetrics
+from tests.waiting import wait_until
 
 FLEET = """
 backends:
@@ -192,8 +193,15 @@ class Gateway:
             release=release,
             resolver=resolver,
             wall_clock=lambda: 1000.0 + self.now_s,
-            drain_poll_s=0.001,
+            sleep=self.drain_pause,
+            drain_timeout_s=1e9,  # a drain here ends when its requests do, never by time
         )
+        self.drain_counts = 0
+        """How many times a drain has found requests in flight and waited."""
+
+    async def drain_pause(self, seconds: float) -> None:
+        self.drain_counts += 1
+        await asyncio.sleep(0)
 
     async def answer(self, *addresses: str, error: str = "") -> Step:
         self.resolver.answer = Answer(frozenset(addresses), error)
@@ -236,7 +244,7 @@ async def test_a_vanished_address_leaves_the_routes_at_once_and_is_released_when
     gw.resolver.answer = Answer(frozenset({"10.0.0.2"}))
     await gw.discovery.resolve("workers")
     assert "workers-10-0-0-1" not in gw.fleet.backends
-    await asyncio.sleep(0.02)
+    await wait_until(lambda: gw.drain_counts >= 3, what="the drain counting its request")
     assert gw.released == []  # still draining
     leaving.in_flight = 0
     await gw.discovery.settled()
