@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,16 @@ from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, RunFn
 from backends.worker.served import LoadedVariant
 from gateway.control.redis_server import RedisServer
-from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
-from protos import admin_pb2_grpc
-from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, fleet_config, gateway_clients, raw_request, samples
+from tests.integration.conftest import Worker
+from tests.integration.control.group import GENEROUS_S, member, timed
 from tests.waiting import wait_until
 
 TOKEN = "shared-ejections-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-GENEROUS_S = 10.0
-"""How long a test waits for an ejection to reach the other gateway (the target is
-1 s; the delay each test saw is printed)."""
+PRICES = (0.01, 1.0)
+"""cheap's and dear's, far apart: cheap stays the cheaper per request whatever either's
+first measured service times (cost is price x service time)."""
 
 
 class Broken(Exception):
@@ -69,63 +66,6 @@ async def faulty(worker: Worker, model: str = "digits") -> AsyncIterator[Faulty]
         await batcher.stop()
 
 
-@dataclass
-class Member:
-    gateway: Gateway
-    admin: admin_pb2_grpc.AdminStub
-    stub: pb_grpc.GRPCInferenceServiceStub
-
-    def status(self, backend: str) -> str:
-        return self.gateway.fleet.backends[backend].status
-
-    def metric(self, name: str, backend: str) -> float:
-        value = self.gateway.registry.get_sample_value(name, {"backend": backend})
-        return 0.0 if value is None else value
-
-    async def infer(self, repository: Path) -> str:
-        inputs, _ = samples(repository, "digits")
-        request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
-        reply = await self.stub.ModelInfer(request, timeout=10)
-        return str(reply.parameters["switchyard_backend"].string_param)
-
-    async def eject_through(self, backend: str, repository: Path) -> None:
-        """Sends requests (each retried on the other backend, so answered) until this
-        gateway's outlier detection ejects `backend`."""
-        for _ in range(20):
-            assert await self.infer(repository) in ("cheap", "dear")
-            if self.status(backend) == "ejected":
-                return
-        pytest.fail(f"{backend} not ejected: {self.gateway.fleet.backends[backend].last_error}")
-
-
-@asynccontextmanager
-async def member(pair: tuple[Worker, Worker], url: str, **gateway: object) -> AsyncIterator[Member]:
-    a, b = pair
-    config = fleet_config(
-        # Far apart: cheap stays the cheaper per request whatever either's first
-        # measured service times (cost is price x service time).
-        {"cheap": (a.address, 0.01), "dear": (b.address, 1.0)},
-        admin="127.0.0.1:0",
-        state=url,
-        latency_probe_interval_s=0,
-        **gateway,
-    )
-    gw = await start_gateway(config)
-    try:
-        async with gateway_clients(gw) as (stub, admin):
-            yield Member(gw, admin, stub)
-    finally:
-        await gw.stop()
-
-
-async def timed(what: str, predicate: object) -> float:
-    start = time.perf_counter()
-    await wait_until(predicate, GENEROUS_S, what)  # type: ignore[arg-type]
-    took = time.perf_counter() - start
-    print(f"{what}: {took * 1000:.1f} ms")
-    return took
-
-
 @pytest.fixture(autouse=True)
 def token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWITCHYARD_ADMIN_TOKEN", TOKEN)
@@ -135,11 +75,11 @@ async def test_one_gateways_ejection_leaves_the_others_routes_until_its_end(
     pair: tuple[Worker, Worker], redis_server: RedisServer, repository: Path
 ) -> None:
     # Long enough that the other gateway sees it before it ends, on a busy machine.
-    settings = {"eject_base_s": 3.0}
+    settings = {"eject_base_s": 3.0, "latency_probe_interval_s": 0}
     async with (
         faulty(pair[0]) as runtime,
-        member(pair, redis_server.url, **settings) as one,
-        member(pair, redis_server.url, **settings) as two,
+        member(pair, redis_server.url, PRICES, **settings) as one,
+        member(pair, redis_server.url, PRICES, **settings) as two,
     ):
         assert await one.infer(repository) == "cheap"
         assert await two.infer(repository) == "cheap"
@@ -183,11 +123,11 @@ async def test_with_the_store_down_each_gateway_ejects_on_its_own(
 ) -> None:
     """The ejection made while the store is gone is written once it is back, and the
     other gateway applies it then (it lasts long enough here)."""
-    settings = {"eject_base_s": 30.0}
+    settings = {"eject_base_s": 30.0, "latency_probe_interval_s": 0}
     async with (
         faulty(pair[0]) as runtime,
-        member(pair, redis_server.url, **settings) as one,
-        member(pair, redis_server.url, **settings) as two,
+        member(pair, redis_server.url, PRICES, **settings) as one,
+        member(pair, redis_server.url, PRICES, **settings) as two,
     ):
         redis_server.stop()
         await wait_until(

@@ -9,10 +9,7 @@ the first stops. Real gateways in process over real workers and a real redis-ser
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -24,68 +21,13 @@ from gateway.control.admin import NOT_SHARED
 from gateway.control.admin_client import AdminClient
 from gateway.control.shared_state import KEY, LEASE_PREFIX
 from gateway.control.state import ControlState, decode_state, encode_state
-from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
-from protos import admin_pb2_grpc
-from protos import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import Worker, fleet_config, gateway_clients, raw_request, samples
+from tests.integration.conftest import Worker
+from tests.integration.control.group import GENEROUS_S, member, timed
 from tests.waiting import wait_until
 
 TOKEN = "shared-state-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-GENEROUS_S = 10.0
-"""How long a test waits for a change to reach the other gateway (the target is 1 s;
-the delay each test saw is printed)."""
-
-
-@dataclass
-class Member:
-    """One gateway of the group, with its admin and inference stubs."""
-
-    gateway: Gateway
-    admin: admin_pb2_grpc.AdminStub
-    stub: pb_grpc.GRPCInferenceServiceStub
-
-    def price(self, backend: str) -> float:
-        return self.gateway.fleet.backends[backend].price_usd_per_hour
-
-    def drained(self, backend: str) -> bool:
-        return self.gateway.fleet.backends[backend].drained
-
-    def store_up(self) -> float | None:
-        return self.gateway.registry.get_sample_value("switchyard_state_store_up")
-
-    async def infer(self, repository: Path) -> str:
-        inputs, _ = samples(repository, "digits")
-        request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
-        reply = await self.stub.ModelInfer(request, timeout=10)
-        return reply.parameters["switchyard_backend"].string_param
-
-
-@asynccontextmanager
-async def member(pair: tuple[Worker, Worker], url: str, **gateway: object) -> AsyncIterator[Member]:
-    a, b = pair
-    config = fleet_config(
-        {"cheap": (a.address, 0.04), "dear": (b.address, 0.08)},
-        admin="127.0.0.1:0",
-        state=url,
-        **gateway,
-    )
-    gw = await start_gateway(config)
-    try:
-        async with gateway_clients(gw) as (stub, admin):
-            yield Member(gw, admin, stub)
-    finally:
-        await gw.stop()
-
-
-async def timed(what: str, predicate: object) -> float:
-    """Waits for `predicate`; prints and returns how long it took."""
-    start = time.perf_counter()
-    await wait_until(predicate, GENEROUS_S, what)  # type: ignore[arg-type]
-    took = time.perf_counter() - start
-    print(f"{what}: {took * 1000:.1f} ms")
-    return took
 
 
 def stored_state(server: RedisServer) -> ControlState:
