@@ -2,9 +2,7 @@
 answers (unary and on a stream) end with its queue less the asking gateway's own
 requests, a gateway cuts the report off before its callers see the answer, and two
 gateways sharing a one-slot cheap backend keep its SLA with the reports (the second
-gateway's traffic spills to a dearer spare as the first fills the cheap one). Without
-them each gateway takes the other's requests queued ahead of its own for slow service:
-the SLA holds, but both shun the cheap backend and pay for the spare."""
+gateway's traffic spills to a dearer spare as the first fills the cheap one)."""
 
 from __future__ import annotations
 
@@ -200,28 +198,20 @@ async def test_two_gateways_keep_a_shared_backends_sla_with_load_reports(
     cheap, spare = cheap_and_spare
     request = digits_request(repository)
     with_reports = await shared_cheap_backend(cheap, spare, request, load_reports=True)
-    without = await shared_cheap_backend(cheap, spare, request, load_reports=False)
-    late_with = sum(t.late for t in with_reports)
-    late_without = sum(t.late for t in without)
-    answers_with = sum(t.answers for t in with_reports)
-    answers_without = sum(t.answers for t in without)
+    late = sum(t.late for t in with_reports)
+    answers = sum(t.answers for t in with_reports)
     print(
-        f"with reports: {late_with}/{answers_with} late, "
-        f"{[dict(t.where) for t in with_reports]} late {[dict(t.late_where) for t in with_reports]}; "
-        f"without: {late_without}/{answers_without} "
-        f"late, {[dict(t.where) for t in without]} late {[dict(t.late_where) for t in without]}"
+        f"{late}/{answers} late, {[dict(t.where) for t in with_reports]} "
+        f"late {[dict(t.late_where) for t in with_reports]}"
     )
-    cheap_with = sum(t.where["cheap"] for t in with_reports)
-    cheap_without = sum(t.where["cheap"] for t in without)
-    # With the reports the first gateway keeps the cheap backend busy and within its SLA;
-    # the second sees the first's requests there and sends its own to the spare.
+    # The first gateway keeps the cheap backend busy and within its SLA; the second sees
+    # the first's requests there and sends its own to the spare.
     # (80-98 answers in most runs; as few as 17 in one of 18 on a loaded machine: a
     # gateway's first answers from a backend busy with the other's requests overstate its
     # service time until reports and later answers bring the estimate back.)
-    assert cheap_with >= 15
+    # Without the reports the outcome varies from run to run (both gateways shun the
+    # cheap backend, each reading the other's requests queued ahead of its own as slow
+    # service, or the first keeps it nearly as busy), so it is not compared here.
+    assert sum(t.where["cheap"] for t in with_reports) >= 15
     assert with_reports[1].where["spare"] > with_reports[1].where["cheap"]
-    assert late_with <= 0.05 * answers_with
-    # Without them each gateway reads the other's requests queued ahead of its own as
-    # the cheap backend's service time: its estimate grows past the SLA and both shun
-    # the cheap backend, which stands idle while they pay for the spare.
-    assert cheap_with >= 2 * cheap_without + 10
+    assert late <= 0.05 * answers
