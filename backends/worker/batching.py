@@ -27,6 +27,12 @@ may also carry a deadline (`timeout_s`: the caller's gRPC deadline or Triton's
 `timeout`); one whose deadline has passed when its batch is formed is answered
 `DeadlineExceeded` without running, and counted in `BatchStats.expired`.
 
+A worker's batchers (one per model variant) share its inference slots (`Slots`, one
+per thread): at most that many batches run at once, whatever the models and variants,
+and a slot that frees goes to the formed batch due first among them all (priority
+level, then due time, then arrival). So the worker is one queue, earliest deadline
+first, over as many slots as it says it has, which is how a gateway models it.
+
 Arrays in, arrays out: imports no grpc, no protobuf and nothing from the gateway.
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import math
 import time
@@ -64,6 +71,49 @@ INLINE_AFTER_EXECUTIONS = 8
 """Executions in a thread before a batcher may run them on the event loop: enough for the
 recent mean to say what a run costs (the first runs of a runtime are its slowest)."""
 """Weight of the newest execution in the recent means behind the retry estimate."""
+
+
+class Slots:
+    """A worker's inference slots, shared by the batchers of all its models and
+    variants: at most `count` batches run at once, and a slot that frees goes to the
+    waiting batch that ranks first by its key (priority level, due time, arrival)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+        self.free = self.count
+        self._waiting: list[tuple[tuple[int, int], int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Batches formed and waiting for a slot."""
+        return sum(1 for *_, future in self._waiting if not future.done())
+
+    async def acquire(self, key: tuple[int, int]) -> None:
+        """Takes a slot for a batch ranked by `key` (level, due ns), waiting for one to
+        free if none is; returns holding it (give it back with `release`)."""
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (key, next(self._order), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a slot as it was cancelled: pass it on
+            else:
+                future.cancel()  # left in the heap, skipped by `release`
+            raise
+
+    def release(self) -> None:
+        """Gives a slot back: to the waiting batch ranked first, else it is free."""
+        while self._waiting:
+            *_, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)
+                return
+        self.free += 1
 
 
 class BatchTrace(Protocol):
@@ -136,11 +186,14 @@ class Batcher:
         name: str = "this model",
         clock_ns: Clock = time.perf_counter_ns,
         inline_below_us: int = 0,
+        slots: Slots | None = None,
     ) -> None:
         """`max_queue`: most requests waiting (at least 1); `name` names the model
         (and variant) in the errors callers see; `inline_below_us`: executions whose
         recent mean is below this run on the event loop, not in `executor` (0: never;
-        `run` must then never block on anything but its own compute)."""
+        `run` must then never block on anything but its own compute); `slots`: the
+        worker's inference slots, shared with its other batchers (None: this batcher's
+        one batch at a time is its only bound)."""
         self._run = run
         self._executor = executor
         self._outputs = list(output_names)
@@ -161,8 +214,11 @@ class Batcher:
         self._running_since_ns = 0
         self._waiters: dict[int, _Pending] = {}
         """The requests counted in `waiting`, by arrival number (for load reports)."""
+        self._slots = slots
         self._batch: list[_Pending] = []
         """The batch executing now."""
+        self._formed: list[_Pending] = []
+        """A batch formed and waiting for one of the worker's slots."""
         self._execution_ns = 0.0
         self._requests_per_execution = 1.0
         self.stats = BatchStats()
@@ -251,7 +307,7 @@ class Batcher:
         holds a request of another caller's, else None."""
         per_request_ns = self._execution_ns / max(1.0, self._requests_per_execution)
         last = len(edges_ns)
-        for pending in self._waiters.values():
+        for pending in itertools.chain(self._waiters.values(), self._formed):
             if pending.caller == caller:
                 continue
             due = pending.due_ns
@@ -335,45 +391,65 @@ class Batcher:
             batch = [p for p in formed if not p.future.done() and self._in_time(p, start_ns)]
             if not batch:
                 continue
-            for pending in batch:
-                self.stats.queue_ns += start_ns - pending.enqueued_ns
-                if pending.trace is not None:
-                    pending.trace.started(len(batch), sum(p.rows for p in batch))
-            self.running, self._running_since_ns = len(batch), start_ns
-            self._batch = batch
-            try:
-                if self._inline_below_ns and self._runs_fast():
-                    results = self._run_batch(batch)
-                else:
-                    results = await loop.run_in_executor(self._executor, self._run_batch, batch)
-            except Exception as exc:  # delivered to the callers, never kills the loop
-                if len(batch) == 1:
-                    _deliver(batch[0].future, exc)
-                    continue
-                for pending in batch:  # isolate the culprit
-                    try:
-                        single = await loop.run_in_executor(
-                            self._executor, self._run_batch, [pending]
-                        )
-                        _deliver(pending.future, single[0])
-                    except Exception as single_exc:
-                        _deliver(pending.future, single_exc)
+            slots = self._slots
+            if slots is None:
+                await self._execute(loop, batch, start_ns)
                 continue
+            self._formed = batch
+            try:
+                await slots.acquire(min((p.level, p.due_ns) for p in batch))
             finally:
-                self.running = 0
-                self._batch = []
-            elapsed_ns = self._clock() - start_ns
-            weight = EWMA_WEIGHT if self.stats.executions else 1.0
-            self._execution_ns += weight * (elapsed_ns - self._execution_ns)
-            self._requests_per_execution += weight * (len(batch) - self._requests_per_execution)
-            size = sum(p.rows for p in batch)
-            self.stats.executions += 1
-            self.stats.inferences += size
-            self.stats.compute_ns += elapsed_ns
-            count, total = self.stats.by_size.get(size, (0, 0))
-            self.stats.by_size[size] = (count + 1, total + elapsed_ns)
-            for pending, result in zip(batch, results, strict=True):
-                _deliver(pending.future, result)
+                self._formed = []
+            try:
+                start_ns = self._clock()
+                batch = [p for p in batch if not p.future.done() and self._in_time(p, start_ns)]
+                if batch:
+                    await self._execute(loop, batch, start_ns)
+            finally:
+                slots.release()
+
+    async def _execute(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], start_ns: int
+    ) -> None:
+        """Runs a formed batch (in a worker thread, or on the event loop for a model
+        that runs fast) and delivers each request its outputs or its error."""
+        for pending in batch:
+            self.stats.queue_ns += start_ns - pending.enqueued_ns
+            if pending.trace is not None:
+                pending.trace.started(len(batch), sum(p.rows for p in batch))
+        self.running, self._running_since_ns = len(batch), start_ns
+        self._batch = batch
+        try:
+            if self._inline_below_ns and self._runs_fast():
+                results = self._run_batch(batch)
+            else:
+                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+        except Exception as exc:  # delivered to the callers, never kills the loop
+            if len(batch) == 1:
+                _deliver(batch[0].future, exc)
+                return
+            for pending in batch:  # isolate the culprit
+                try:
+                    single = await loop.run_in_executor(self._executor, self._run_batch, [pending])
+                    _deliver(pending.future, single[0])
+                except Exception as single_exc:
+                    _deliver(pending.future, single_exc)
+            return
+        finally:
+            self.running = 0
+            self._batch = []
+        elapsed_ns = self._clock() - start_ns
+        weight = EWMA_WEIGHT if self.stats.executions else 1.0
+        self._execution_ns += weight * (elapsed_ns - self._execution_ns)
+        self._requests_per_execution += weight * (len(batch) - self._requests_per_execution)
+        size = sum(p.rows for p in batch)
+        self.stats.executions += 1
+        self.stats.inferences += size
+        self.stats.compute_ns += elapsed_ns
+        count, total = self.stats.by_size.get(size, (0, 0))
+        self.stats.by_size[size] = (count + 1, total + elapsed_ns)
+        for pending, result in zip(batch, results, strict=True):
+            _deliver(pending.future, result)
 
     def _runs_fast(self) -> bool:
         """The recent executions were short enough to run on the event loop: handing

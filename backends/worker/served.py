@@ -46,7 +46,7 @@ from backends.protocol.tensors import NUMPY_DTYPES
 from backends.repository import ManifestError, ModelRepository, Variant
 from backends.runtimes.base import Array, RuntimeAdapter
 from backends.runtimes.loader import load_adapter
-from backends.worker.batching import DEFAULT_MAX_QUEUE, Batcher, RunFn
+from backends.worker.batching import DEFAULT_MAX_QUEUE, Batcher, RunFn, Slots
 from protos import inference_pb2 as pb
 
 log = logging.getLogger("switchyard.backend")
@@ -68,7 +68,10 @@ class WorkerSettings:
     models: tuple[str, ...] = ()
     """Models to serve; empty: every model in the repository."""
     emulate_latency_ms: float = 0.0
-    """Added per row of every execution, standing for slower hardware (reported in metadata)."""
+    """Added per row of every execution, standing for slower hardware (reported in
+    metadata). Such a worker merges no requests unless `max_batch_rows` or `batching`
+    asks it to: emulated rows gain nothing from a batch, and a merged batch holds its
+    first request for the others' rows."""
     max_queue_delay_us: int = 0
     """How long a batch may wait for more requests; 0 batches only what is already queued."""
     max_batch_rows: int = 0
@@ -102,8 +105,12 @@ class WorkerSettings:
 
 
 def model_batching(settings: WorkerSettings, model: str) -> tuple[int, int]:
-    """(max_batch_rows, max_queue_delay_us) for `model`: its own, else the worker's."""
-    return settings.batching.get(model, (settings.max_batch_rows, settings.max_queue_delay_us))
+    """(max_batch_rows, max_queue_delay_us) for `model`: its own, else the worker's
+    (one row, no merging, for an emulated worker that sets neither)."""
+    rows = settings.max_batch_rows
+    if rows <= 0 and settings.emulate_latency_ms > 0:
+        rows = 1
+    return settings.batching.get(model, (rows, settings.max_queue_delay_us))
 
 
 def parse_batching(items: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -441,6 +448,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
     names = list(settings.models) or repository.models()
     flags = cpu_flags()
     served: dict[str, ServedModel] = {}
+    slots = Slots(settings.threads)
     for name in names:
         scan = repository.scan(name)
         for refused in scan.refused:
@@ -478,6 +486,7 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
                 settings.max_queue,
                 f"model {name!r} (variant {variant.name})",
                 inline_below_us=0 if settings.emulate_latency_ms > 0 else settings.inline_below_us,
+                slots=slots,
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)
             figure = profiled_figure(variant, settings)
