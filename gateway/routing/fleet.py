@@ -65,6 +65,14 @@ OTHERS = object()
 its load report gave them."""
 
 
+OTHERS_RATE_TAU_S = 1.0
+"""The time constant of a backend's rate of other callers' requests, as its load
+reports' sequence numbers count them; and of that rate's fade once reports stop."""
+
+SHARED_WINDOW_S = 1.0
+"""How long after a load report last showed other callers' requests on a backend this
+gateway takes it to be shared (`BackendState.shared`)."""
+
 SHARE_WINDOW_S = 10.0
 """The time constant of a route's recent traffic (its share in `switchyard admin routes`)."""
 
@@ -204,6 +212,14 @@ class BackendState:
     """When the other gateways' tickets it placed leave the queue (inf: none there)."""
     others: list[Ticket] = field(default_factory=list)
     """The tickets the standing report placed (counted in `in_flight`)."""
+    others_seen_s: float = -math.inf
+    """When a load report last showed other callers' requests here."""
+    others_rate: float = 0.0
+    """Other callers' requests answered here per second, recently: the reports the
+    backend sent between two of this gateway's, less its own (`unseen`)."""
+    report_work_ms: float = 0.0
+    """The others' work the standing report holds (its running batches' rest and its
+    waiting work, shared by the slots)."""
 
     def __post_init__(self) -> None:
         self.set_price(self.price_usd_per_hour)
@@ -279,10 +295,19 @@ class BackendState:
         at_s = self.report_at_s
         if report.seq <= self.report_seq and at_s is not None and now_s - at_s < REPORT_MAX_AGE_S:
             return False
+        if at_s is not None and report.seq > self.report_seq and now_s > at_s:
+            # The reports sent to others since this gateway's last: their answers.
+            gap_s = now_s - at_s
+            weight = 1.0 - exp(-gap_s / OTHERS_RATE_TAU_S)
+            rate = (report.seq - self.report_seq - 1) / gap_s
+            self.others_rate += weight * (rate - self.others_rate)
         self._drop_others(now_s)
         self.report_seq, self.report_at_s = report.seq, now_s
+        self.report_work_ms = 0.0
+        if report.in_service or report.waiting_requests:
+            self.others_seen_s = now_s
         others = self.others
-        work_ms = 0.0
+        work_ms = rest_ms = 0.0
         running = min(report.in_service, self.slots)
         if running:
             rest_ms = report.rest_us / 1000.0
@@ -299,9 +324,44 @@ class BackendState:
         for ticket in others:
             ticket.attempt = OTHERS
             self.in_flight += ticket.count
+        # The others' waiting requests run in their turn, after this gateway's requests
+        # due before them and those in service: the others' tickets stand until the
+        # work of the whole queue as it now stands would be done.
+        queue_ms = sum(t.expected_ms for t in self._waiting[self._head :] if t is not None)
+        for ticket in self.serving:
+            if ticket.attempt is not OTHERS and ticket.started_s is not None:
+                queue_ms += max(0.0, ticket.expected_ms - (now_s - ticket.started_s) * 1000.0)
+        work_ms = max(work_ms, (queue_ms + rest_ms * running) / self.slots)
         self.report_until_s = now_s + min(REPORT_MAX_AGE_S, work_ms * 0.001)
+        self.report_work_ms = work_ms
         self._changed()
         return True
+
+    def unseen_ms(self, mean_ms: float, now_s: float) -> float:
+        """The wait (ms) of one more request behind other callers' requests that reached
+        the backend after its standing load report was made, which no report has shown
+        yet: their recent rate (faded as the report ages) over the time since the report
+        (plus a round trip: the report was made half of one before it came, the request
+        arrives half of one after it leaves), up to the report's work and one request's
+        more (those that came earlier have been served), less the slots free in this
+        gateway's view, each taking `mean_ms` of a slot. 0 without reports of others."""
+        rate = self.others_rate
+        at_s = self.report_at_s
+        if rate <= 0.0 or at_s is None:
+            return 0.0
+        age_s = now_s - at_s
+        window_s = min(age_s + self.network.rtt_ms * 0.001, (self.report_work_ms + mean_ms) * 0.001)
+        ahead = rate * window_s * exp(-age_s / OTHERS_RATE_TAU_S) - max(
+            0, self.slots - self.in_flight
+        )
+        return ahead * mean_ms / self.slots if ahead > 0.0 else 0.0
+
+    def shared(self, now_s: float) -> bool:
+        """Whether other callers (other gateways) send here too, as this gateway's load
+        reports said within SHARED_WINDOW_S: its requests then go at once, never held
+        at the gateway behind its own call in flight (`gateway.serving.coalescer`),
+        where the others' requests reaching the backend meanwhile would go first."""
+        return now_s - self.others_seen_s < SHARED_WINDOW_S
 
     def expire_report(self, now_s: float) -> None:
         """The other gateways' tickets leave the queue if their time is up (see
@@ -394,6 +454,7 @@ class BackendState:
         self.serving, self._waiting, self._waiting_due, self._head = [], [], [], 0
         self.in_flight = 0
         self.others, self.report_until_s, self.report_seq, self.report_at_s = [], math.inf, -1, None
+        self.others_seen_s, self.others_rate, self.report_work_ms = -math.inf, 0.0, 0.0
         self._changed()
         return [t for t in lost if t.attempt is not OTHERS]
 

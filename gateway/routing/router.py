@@ -143,11 +143,14 @@ def queue_wait_ms(
     requests due first, shared by the slots, plus the spread of that many waits
     (about sqrt(n) times one request's spread above its mean). Tighter classes
     arriving meanwhile go ahead too: the wait is inflated by 1 / (1 - rho)^2,
-    rho the share of the slots their work takes.
+    rho the share of the slots their work takes. On a backend other gateways send to,
+    their requests sent since its last load report are ahead too, at their recent rate
+    (`BackendState.unseen_ms`), free slot or not.
     """
+    unseen = state.unseen_ms(mean_ms, now_s) if state.others_rate > 0.0 else 0.0
     if state.in_flight < state.slots:
-        return 0.0
-    return state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s)
+        return unseen
+    return state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s) + unseen
 
 
 def predict_ms(
@@ -225,6 +228,8 @@ def _choose(
             wait = state.wait_ms(mean, service, sla, pct, now_s)
         else:
             wait = 0.0
+        if state.others_rate > 0.0:  # other gateways' requests sent since their last report
+            wait += state.unseen_ms(mean, now_s)
         pred = predicted_ms(state.network.rtt_ms, service, factor, wait)
         cost = per_request(state.usd_per_busy_ms, mean, factor)
         if pred <= sla and cost <= cap:
