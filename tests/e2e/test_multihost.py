@@ -49,10 +49,12 @@ SPIKE = 10.0
 """A price for b1 that makes it the dearest by far."""
 RATE_PER_S = 25.0
 """Each gateway's share of the test traffic."""
-SLOT_MS = 30.0
+SLOT_MS = 40.0
 """b4's emulated service time: one request at a time, cnn only, the cheapest by far."""
 CNN_SLA_MS = 100.0
-"""cnn's SLA: two requests at b4 (one running, one waiting) meet it, three do not."""
+"""cnn's SLA: two requests at b4 (one running, one waiting: about 84 ms) meet it, three
+(about 126 ms) do not. (At 30 ms a run three took 96-100 ms: whether the third met the
+SLA was a coin toss, for any router.)"""
 WORKERS = {
     "b1": (["digits"], 0.0),
     "b2": (["digits"], 0.0),
@@ -382,16 +384,11 @@ async def closed_loop(
 async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
     cluster: Cluster, repository: Path
 ) -> None:
-    """b4 is one worker thread adding 30 ms to each run, far the cheapest for cnn; b3 is
+    """b4 is one worker thread adding 40 ms to each run, far the cheapest for cnn; b3 is
     the spare. One gateway's callers fill b4 within the SLA. With both gateways'
-    callers, each gateway learns the other's queue at b4 from b4's load reports, and
-    sends to the spare what b4 would answer past the SLA.
-
-    Two gateways do not yet hold the SLA as reliably as one: most runs here have 0-2% of
-    their answers late, but about one in four locks into overfilling b4 (12-59% late), each
-    gateway sending there between the answers that bring it the other's queue. That
-    known defect is reported as an expected failure (XFAIL, with the figures), never a
-    pass; everything else is asserted."""
+    callers, each gateway learns the other's queue at b4 from b4's load reports (and
+    the other's requests sent since, at their recent rate), and sends to the spare what
+    b4 would answer past the SLA: no more than 5% of the answers late, as for one."""
     images, _ = samples(repository, "cnn")
     request = raw_request("cnn", {"image": images["image"][:1]}, {"image": "FP32"})
     g1, g2 = cluster.gateways
@@ -425,8 +422,7 @@ async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
     assert first.where["b4"] + second.where["b4"] >= 30, "b4 kept busy"
     assert first.where["b3"] + second.where["b3"] > 0, "the rest spilled to the spare"
     late_share = (first.late + second.late) / both
-    if late_share > 0.05:
-        pytest.xfail(
-            f"two gateways overfilled b4: {late_share:.0%} of their answers late (one gateway: "
-            f"{alone.late}/{alone.answers}); the load reports do not yet keep them off it"
-        )
+    assert late_share <= 0.05, (
+        f"two gateways overfilled b4: {late_share:.0%} of their answers late (one gateway: "
+        f"{alone.late}/{alone.answers})"
+    )
