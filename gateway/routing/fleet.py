@@ -307,7 +307,7 @@ class BackendState:
         if report.in_service or report.waiting_requests:
             self.others_seen_s = now_s
         others = self.others
-        work_ms = rest_ms = 0.0
+        work_ms = 0.0
         running = min(report.in_service, self.slots)
         if running:
             rest_ms = report.rest_us / 1000.0
@@ -327,11 +327,13 @@ class BackendState:
         # The others' waiting requests run in their turn, after this gateway's requests
         # due before them and those in service: the others' tickets stand until the
         # work of the whole queue as it now stands would be done.
+        # (The others' running batches count once: in service, or waiting ahead of
+        # everything where this gateway's own requests hold the slots in its view.)
         queue_ms = sum(t.expected_ms for t in self._waiting[self._head :] if t is not None)
         for ticket in self.serving:
-            if ticket.attempt is not OTHERS and ticket.started_s is not None:
+            if ticket.started_s is not None:
                 queue_ms += max(0.0, ticket.expected_ms - (now_s - ticket.started_s) * 1000.0)
-        work_ms = max(work_ms, (queue_ms + rest_ms * running) / self.slots)
+        work_ms = max(work_ms, queue_ms / self.slots)
         self.report_until_s = now_s + min(REPORT_MAX_AGE_S, work_ms * 0.001)
         self.report_work_ms = work_ms
         self._changed()

@@ -147,10 +147,12 @@ def queue_wait_ms(
     their requests sent since its last load report are ahead too, at their recent rate
     (`BackendState.unseen_ms`), free slot or not.
     """
-    unseen = state.unseen_ms(mean_ms, now_s) if state.others_rate > 0.0 else 0.0
-    if state.in_flight < state.slots:
-        return unseen
-    return state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s) + unseen
+    wait = 0.0
+    if state.in_flight >= state.slots:
+        wait = state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s)
+    if state.others_rate > 0.0:  # after `wait_ms`, which drops a report whose work is done
+        wait += state.unseen_ms(mean_ms, now_s)
+    return wait
 
 
 def predict_ms(
