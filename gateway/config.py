@@ -314,7 +314,8 @@ class LaunchSettings(_Strict):
     """A backend the gateway starts and supervises as a local worker process."""
 
     threads: int = Field(1, ge=1)
-    """Inference threads: the instance size the worker stands for."""
+    """Inference threads: the instance size the worker stands for, and its slots (at
+    most this many batches run at once across its models and variants)."""
     models: list[str] | None = None
     """Models it serves; default: every model in the repository."""
     emulate_latency_ms: float = Field(0.0, ge=0)

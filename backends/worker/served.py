@@ -63,7 +63,8 @@ class WorkerSettings:
     repository: Path
     threads: int = 1
     """Threads for inference: the runtime's intra-op pool, so the worker stands for an
-    instance with this many cores."""
+    instance with this many cores; and its slots: at most this many batches run at
+    once across its models and variants, the one due first next (batching.Slots)."""
     hardware_class: str = "cpu"
     models: tuple[str, ...] = ()
     """Models to serve; empty: every model in the repository."""

@@ -133,7 +133,8 @@ def queue_wait_ms(
     now_s: float,
 ) -> float:
     """The wait of one more request, due in `sla_ms`, on a backend whose slots are
-    all busy, at the percentile `service_ms` is for (0 while a slot is free).
+    all busy, at the percentile `service_ms` is for (0 while a slot is free, but for
+    other gateways' requests sent since the backend's last load report).
 
     Backends take waiting requests earliest deadline first, so only the work due
     before this one is ahead of it: the time until the first busy slot frees (each
