@@ -346,10 +346,13 @@ class BackendState:
         (plus a round trip: the report was made half of one before it came, the request
         arrives half of one after it leaves), up to the report's work and one request's
         more (those that came earlier have been served), less the slots free in this
-        gateway's view, each taking `mean_ms` of a slot. 0 without reports of others."""
+        gateway's view, each taking `mean_ms` of a slot. 0 unless the backend is `shared`
+        (its reports showed other callers' requests lately): a lone gateway's reports skip
+        numbers too, for its latency probes' answers and for reports overtaken on another
+        stream, which are its own."""
         rate = self.others_rate
         at_s = self.report_at_s
-        if rate <= 0.0 or at_s is None:
+        if rate <= 0.0 or at_s is None or not self.shared(now_s):
             return 0.0
         age_s = now_s - at_s
         window_s = min(age_s + self.network.rtt_ms * 0.001, (self.report_work_ms + mean_ms) * 0.001)

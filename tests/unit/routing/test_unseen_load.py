@@ -123,6 +123,19 @@ def test_no_unseen_wait_without_reports_of_others() -> None:
     assert state.others_rate == 0.0 and state.unseen_ms(2.0, 1.6) == 0.0
 
 
+def test_a_lone_gateways_skipped_numbers_add_no_unseen_wait() -> None:
+    """Alone at a backend, a gateway's reports skip numbers all the same (its latency
+    probes' answers, reports overtaken on another stream), but none shows another
+    caller's request: the backend is not shared, and nothing unseen is counted."""
+    state = one_slot()
+    state.record_report(report(10), 1.0)
+    state.record_report(report(14), 1.01)  # three probes' answers between
+    state.record_report(report(13), 1.011)  # overtaken: ignored
+    assert state.others_rate > 0.0 and not state.shared(1.012)
+    state.admit(None, 2.0, 1.1, 1.012)
+    assert state.unseen_ms(2.0, 1.012) == 0.0
+
+
 def test_the_unseen_wait_grows_with_the_reports_age_up_to_its_work_then_fades() -> None:
     state = reported()
     rate, mean = state.others_rate, 2.0
@@ -142,7 +155,9 @@ def test_the_unseen_wait_grows_with_the_reports_age_up_to_its_work_then_fades() 
     capped = rate * 0.008 * mean
     assert state.unseen_ms(mean, 10.008) == pytest.approx(capped * math.exp(-0.008))
     assert state.unseen_ms(mean, 10.2) == pytest.approx(capped * math.exp(-0.2))
-    assert state.unseen_ms(mean, 11.0) == pytest.approx(capped * math.exp(-1.0))
+    assert state.unseen_ms(mean, 10.9) == pytest.approx(capped * math.exp(-0.9))
+    # Once no report has shown the others for SHARED_WINDOW_S, none is counted.
+    assert state.unseen_ms(mean, 10.0 + SHARED_WINDOW_S) == 0.0
     # A round trip counts too: the report was made half of one before it came, and
     # a request sent now reaches the backend half of one after.
     far = reported(rtt_ms=3.0)
