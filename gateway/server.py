@@ -499,11 +499,9 @@ async def start_gateway(
             clock=time.monotonic,
             wall_clock=time.time,
         )
-        # With a shared store, one gateway at a time polls a price feed (a lease) and its
-        # prices are shared; carbon feeds are polled by every gateway.
-        feed_lease = None
-        if shared_state is not None and feed.sets_prices:
-            feed_lease = shared_state.lease(f"feed:{feed.name}")
+        # With a shared store, one gateway at a time polls a feed (a lease) and its prices
+        # or carbon figures are shared.
+        feed_lease = None if shared_state is None else shared_state.lease(f"feed:{feed.name}")
         tasks.append(loop.create_task(run_leased(feed_lease, poller.run, stop)))
     return Gateway(
         config=config,

@@ -120,9 +120,9 @@ class AdminServicer:
 
     def SetCarbon(self, request, context):
         """Sets a backend's carbon intensity (gCO2eq/kWh), and optionally its power draw,
-        for the carbon objective; routing follows at once. Applies on this gateway
-        (process) only, as each gateway polls its own carbon feeds; the backend's next
-        carbon feed reading or fleet file edit of its carbon replaces it.
+        for the carbon objective; routing follows at once. Reaches every gateway
+        sharing the state store, as a price does; the backend's next carbon feed
+        reading or fleet file edit of its carbon replaces it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -217,7 +217,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetCarbon(
         self, request: apb.SetCarbonRequest, context: grpc.aio.ServicerContext
     ) -> apb.BackendStatus:
-        """On this gateway only (each polls its own carbon feeds, so none shares them)."""
+        """On every gateway sharing the store, as a price is (on this one only with a
+        local store, and not kept across a restart)."""
         check_price(request.g_per_kwh, "g_per_kwh")
         check_price(request.power_w, "power_w")
         state = self.control.backend(request.backend)
@@ -227,14 +228,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 f"backend {request.backend!r} has no power_w in the fleet file: give power_w "
                 "too (carbon intensity alone gives no carbon per request)"
             )
-        log.info(
-            "carbon intensity of %s: %s -> %g g/kWh at %g W (admin API)",
-            state.name,
-            state.carbon_g_per_kwh,
-            request.g_per_kwh,
-            power_w,
-        )
-        state.set_carbon(request.g_per_kwh, power_w)
+        state = self.control.set_carbon(state.name, request.g_per_kwh, power_w, "admin API")
+        await self._shared(context)
         return _backend_status(state)
 
     @_guarded

@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     price.add_argument("usd_per_hour", type=float)
     carbon = sub.add_parser(
         "set-carbon",
-        help="set a backend's carbon intensity (gCO2eq/kWh) for the carbon objective, "
-        "on this gateway (process) only",
+        help="set a backend's carbon intensity (gCO2eq/kWh) for the carbon objective "
+        "(on every gateway sharing the state store)",
     )
     carbon.add_argument("backend")
     carbon.add_argument("g_per_kwh", type=float)

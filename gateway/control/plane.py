@@ -1,6 +1,6 @@
 """The control plane: every change an SRE or a schedule makes to a running
-gateway goes through here (prices, policies, drains, routing, killing and
-restarting launched workers), from the admin API, the fleet file when it changes
+gateway goes through here (prices, carbon figures, policies, drains, routing, killing
+and restarting launched workers), from the admin API, the fleet file when it changes
 on disk, and price schedules replayed against the clock. Routing reads the
 result on the next request.
 
@@ -34,6 +34,7 @@ from backends.protocol.errors import InvalidInput, NotFound, Unavailable
 from gateway.config import ConfigError, FleetConfig, PoliciesSettings, parse_fleet
 from gateway.control.discovery import discovery_group
 from gateway.control.state import (
+    CarbonFigures,
     ControlState,
     MemoryStateStore,
     PoliciesOverride,
@@ -196,6 +197,15 @@ class Control:
         group = discovery_group(self.config.backends, backend)
         return None if group is None else group.price_usd_per_hour
 
+    def fleet_carbon(self, backend: str) -> tuple[float | None, float | None] | None:
+        """The backend's carbon intensity and power draw in the fleet file: its own
+        entry's, or its discovery group's; None when the file has neither."""
+        for b in self.config.backends:
+            if b.name == backend and b.discovery is None:
+                return b.carbon_g_per_kwh, b.power_w
+        group = discovery_group(self.config.backends, backend)
+        return None if group is None else (group.carbon_g_per_kwh, group.power_w)
+
     def add_backend(self, state: BackendState, source: str) -> bool:
         """A backend that joins the running fleet (found by discovery), out of the
         routes until a probe finds it ready, with the changes in force for its name
@@ -210,6 +220,9 @@ class Control:
             self._apply_price(state.name, override.usd_per_hour, source)
         elif state.name in self.state.scheduled:
             self._apply_price(state.name, self.state.scheduled[state.name], source)
+        carbon = self.state.carbon.get(state.name)
+        if carbon is not None:
+            self._apply_carbon(state.name, carbon.g_per_kwh, carbon.power_w, source)
         self.metrics.price.labels(state.name).set(state.price_usd_per_hour)
         self.metrics.healthy.labels(state.name).set(0)
         if state.name in self.state.drained:
@@ -283,6 +296,42 @@ class Control:
         )
         self._keep(self.state.with_price(backend, override), required=True)
         return self._apply_price(backend, usd_per_hour, "admin API")
+
+    def _apply_carbon(
+        self, backend: str, g_per_kwh: float | None, power_w: float | None, source: str
+    ) -> BackendState:
+        state = self.backend(backend)
+        if (state.carbon_g_per_kwh, state.power_w) != (g_per_kwh, power_w):
+            log.info(
+                "carbon intensity of %s: %s -> %s g/kWh at %s W (%s)",
+                backend,
+                state.carbon_g_per_kwh,
+                g_per_kwh,
+                power_w,
+                source,
+            )
+        state.set_carbon(g_per_kwh, power_w)
+        return state
+
+    def set_carbon(
+        self,
+        backend: str,
+        g_per_kwh: float | None,
+        power_w: float | None,
+        source: str,
+        *,
+        listed: bool = False,
+    ) -> BackendState:
+        """A backend's carbon intensity (gCO2eq/kWh) and power draw (W), from the admin
+        API or a carbon feed, or (`listed`) the fleet file's figures back in force (an
+        edit of the file, a stale feed). A shared store keeps them for the other
+        gateways (the last change wins; the fleet file's are kept as none, so each
+        gateway goes back to its own file's); a local store does not keep them."""
+        state = self._apply_carbon(backend, g_per_kwh, power_w, source)
+        if self.store.shared:
+            figures = None if listed else CarbonFigures(g_per_kwh, power_w)
+            self._keep(self.state.with_carbon(backend, figures), required=False)
+        return state
 
     def set_drained(self, backend: str, drained: bool) -> BackendState:
         """Drains or undrains a backend (the admin API's), kept across restarts."""
@@ -443,7 +492,7 @@ class Control:
                     b.carbon_g_per_kwh,
                     b.power_w,
                 ):
-                    state.set_carbon(b.carbon_g_per_kwh, b.power_w)
+                    self.set_carbon(name, b.carbon_g_per_kwh, b.power_w, source, listed=True)
         if config.policies != previous.policies:
             self.set_policies(config.policies, source)
         if config.feeds != previous.feeds:
@@ -462,6 +511,7 @@ class Control:
         """Puts `state` in force on the live fleet (from a shared store: the changes of
         every gateway), each value only where it differs from what is in force: each
         backend's price (the admin API's, else the price schedule's, else the fleet
+        file's), its carbon figures (the admin API's or a carbon feed's, else the fleet
         file's), its drain, the other gateways' ejections (`_apply_ejections`), the
         policies (the admin API's, else the fleet file's) and the routing rule (the
         default when none). Backends this fleet does not have are passed over. Nothing
@@ -477,6 +527,12 @@ class Control:
                 )
             if price != backend.price_usd_per_hour:
                 self._apply_price(name, price, source)
+            figures = state.carbon.get(name)
+            carbon = (
+                self.fleet_carbon(name) if figures is None else (figures.g_per_kwh, figures.power_w)
+            )
+            if carbon is not None and carbon != (backend.carbon_g_per_kwh, backend.power_w):
+                self._apply_carbon(name, *carbon, source)
             drained = name in state.drained
             if drained != backend.drained:
                 self._apply_drained(name, drained)
@@ -499,7 +555,8 @@ class Control:
 
     def restore(self) -> None:
         """Puts back the admin API's changes kept in the store, over the fleet file
-        just loaded: prices, policies, drains and the routing rule. What no longer
+        just loaded: prices, policies, drains, the routing rule and (a shared store's)
+        carbon figures. What no longer
         applies is dropped with a log line: changes for backends no longer in the
         fleet, a price or policies the fleet file changed since they were set (the
         file's edit is the later change), a routing rule that no longer exists."""
@@ -546,6 +603,11 @@ class Control:
                 kept = replace(kept, policies=None)
         for backend in sorted(kept.drained & set(self.fleet.backends)):
             self._apply_drained(backend, True)
+        for backend, figures in sorted(kept.carbon.items()):
+            if backend in self.fleet.backends:
+                self._apply_carbon(
+                    backend, figures.g_per_kwh, figures.power_w, f"restored from {where}"
+                )
         self._apply_ejections(kept, f"restored from {where}")
         if kept.routing is not None:
             try:

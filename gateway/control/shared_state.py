@@ -1,17 +1,21 @@
 """The control state shared by several gateways that route as one (`gateway.state:
 redis://HOST:PORT/DB`): the admin API's prices, policies, drains and routing rule,
-the price schedule's start and prices, and the backends each gateway's outlier
+the price schedule's start and prices, the backends each gateway's outlier
 detection ejected (until when by the wall clock, the count in the run, by whom and
-why: `Control.share_ejection`), in one Redis store.
+why: `Control.share_ejection`), and the backends' carbon figures set through the admin
+API or by a carbon feed, in one Redis store.
 
 The whole `ControlState` is one JSON value (gateway.control.state's format) in a hash
 with a version and an epoch (a new one whenever the value is created afresh, as after
-a store lost its data). A gateway writes its changes as a read-modify-write in a
-WATCH/MULTI transaction: the changes from the state it last read, made on the state
-stored now (`merge_state`), so two gateways' changes of different values never undo
-each other. Each write publishes `epoch:version` on a channel; every gateway listens,
-and every `resync_s` reads the version anyway (a lost message costs at most that
-long), and applies a newer state to its live fleet (`Control.apply_state`).
+a store lost its data); its carbon figures are a field of their own in that hash
+(`carbon`), which a gateway of a version that does not know them never reads or
+writes, so it keeps them through its writes. A gateway writes its changes as a
+read-modify-write in a WATCH/MULTI transaction: the changes from the state it last
+read, made on the state stored now (`merge_state`), so two gateways' changes of
+different values never undo each other. Each write publishes `epoch:version` on a
+channel; every gateway listens, and every `resync_s` reads the version anyway (a lost
+message costs at most that long), and applies a newer state to its live fleet
+(`Control.apply_state`).
 
 A store that cannot be reached changes nothing in serving: each gateway keeps the
 last state it knew, says so (a warning, `switchyard_state_store_up` 0) and keeps its
@@ -19,8 +23,9 @@ own changes; when the store is back they are written (on top of what the others
 wrote meanwhile) and the others' changes applied. A store that lost its data is
 written again from what the gateway knows.
 
-Singletons (the price schedule's player) take a `RedisLease`: `SET key owner NX PX`,
-renewed every third of its time, released at stop; held while renewed in time.
+Singletons (the price schedule's player, each feed's poller) take a `RedisLease`:
+`SET key owner NX PX`, renewed every third of its time, released at stop; held while
+renewed in time.
 
 Imports redis-py's asyncio client and the control state: no grpc, no protobuf.
 """
@@ -34,7 +39,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,12 +49,21 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
 from backends.protocol.errors import InvalidInput
-from gateway.control.state import ControlState, StateError, decode_state, encode_state, merge_state
+from gateway.control.state import (
+    ControlState,
+    StateError,
+    decode_carbon,
+    decode_state,
+    encode_carbon,
+    encode_state,
+    merge_state,
+)
 
 log = logging.getLogger("switchyard.control")
 
 KEY = "switchyard:state"
-"""The hash holding the state (`state`, `version`, `epoch`)."""
+"""The hash holding the state (`state`, `version`, `epoch`, and `carbon`: its carbon
+figures)."""
 CHANNEL = "switchyard:state:changed"
 """Where each new `epoch:version` is announced."""
 LEASE_PREFIX = "switchyard:lease:"
@@ -299,6 +313,7 @@ class RedisStateStore:
                         self._key,
                         mapping={
                             "state": encode_state(merged),
+                            "carbon": encode_carbon(merged),
                             "epoch": new.epoch,
                             "version": new.version,
                         },
@@ -329,7 +344,10 @@ class RedisStateStore:
             return None, ControlState()
         try:
             head = Head(fields["epoch"], int(fields["version"]))
-            return head, decode_state(fields["state"], f"{self._where} key {self._key}")
+            source = f"{self._where} key {self._key}"
+            state = decode_state(fields["state"], source)
+            carbon = decode_carbon(fields.get("carbon"), source)
+            return head, replace(state, carbon=carbon)
         except (KeyError, ValueError, StateError) as exc:
             log.error("%s holds no valid state, writing it afresh: %s", self._where, exc)
             return None, ControlState()

@@ -3,7 +3,11 @@ API (prices, SLA policies, drains, the routing rule) and when the price schedule
 started, behind one small interface (`StateStore`), so that a store shared by several
 gateways (gateway.control.shared_state) stands in for the file. A shared store also
 carries what only matters while several gateways run: the price schedule's latest
-prices and the backends' ejections (`SharedEjection`), which no file keeps.
+prices, the backends' ejections (`SharedEjection`) and their carbon figures set through
+the admin API or a carbon feed (`CarbonFigures`), which no file keeps. The carbon
+figures have a format of their own (`encode_carbon`), kept beside the state rather than
+in it, so that a gateway of a version that does not know them reads and writes the
+state as before and leaves them alone.
 
 The file (`FileStateStore`) is JSON, written aside, synced and renamed
 (`backends.files.write_atomically`): a reader, or a gateway starting after a crash,
@@ -37,6 +41,8 @@ STATE_FILE_NAME = "state.json"
 is not set."""
 
 FORMAT_VERSION = 1
+CARBON_FORMAT_VERSION = 1
+"""The carbon figures' own format (`encode_carbon`), beside the state's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,17 @@ class SharedEjection:
     """What ejected it (the failures and the last error)."""
 
 
+@dataclass(frozen=True, slots=True)
+class CarbonFigures:
+    """A backend's carbon figures set through one gateway's admin API or by the carbon
+    feed it polls, in force on every gateway sharing the store."""
+
+    g_per_kwh: float | None
+    """Carbon intensity of its power (gCO2eq/kWh); None: unknown."""
+    power_w: float | None
+    """Power draw while busy (W); None: unknown."""
+
+
 def later_ejection(a: SharedEjection, b: SharedEjection) -> SharedEjection:
     """Of two ejections of one backend, the one further in its run, else the one that
     ends later."""
@@ -104,6 +121,10 @@ class ControlState:
     """Each backend's latest ejection by any gateway, kept only in a shared store (not
     an admin change: a file does not keep it), until a gateway sees the backend answer
     after it ended (a clean spell, which ends the run)."""
+    carbon: Mapping[str, CarbonFigures] = field(default_factory=dict)
+    """Carbon figures per backend from the admin API or a carbon feed, kept only in a
+    shared store (a lone gateway's last until it restarts); a backend with none has the
+    fleet file's."""
 
     def with_price(self, backend: str, price: PriceOverride | None) -> ControlState:
         prices = {k: v for k, v in self.prices.items() if k != backend}
@@ -123,6 +144,12 @@ class ControlState:
             ejections[backend] = ejection
         return replace(self, ejections=ejections)
 
+    def with_carbon(self, backend: str, figures: CarbonFigures | None) -> ControlState:
+        carbon = {k: v for k, v in self.carbon.items() if k != backend}
+        if figures is not None:
+            carbon[backend] = figures
+        return replace(self, carbon=carbon)
+
     def with_drained(self, backend: str, drained: bool) -> ControlState:
         names = self.drained | {backend} if drained else self.drained - {backend}
         return replace(self, drained=frozenset(names))
@@ -135,6 +162,7 @@ class ControlState:
             drained=self.drained - names,
             scheduled={k: v for k, v in self.scheduled.items() if k not in names},
             ejections={k: v for k, v in self.ejections.items() if k not in names},
+            carbon={k: v for k, v in self.carbon.items() if k not in names},
         )
 
     def backends(self) -> frozenset[str]:
@@ -144,6 +172,7 @@ class ControlState:
             | self.drained
             | frozenset(self.scheduled)
             | frozenset(self.ejections)
+            | frozenset(self.carbon)
         )
 
 
@@ -181,10 +210,10 @@ def _merge_ejections(
 
 def merge_state(stored: ControlState, base: ControlState, mine: ControlState) -> ControlState:
     """`mine`'s changes from `base` made on `stored`: one backend's price, one drain,
-    one ejection, the policies, the routing rule or the schedule's start, each on its
-    own, so that a change made here never undoes another gateway's change of something
-    else (for the same value, the later write wins; for ejections, see
-    `_merge_ejections`)."""
+    one ejection, one backend's carbon figures, the policies, the routing rule or the
+    schedule's start, each on its own, so that a change made here never undoes another
+    gateway's change of something else (for the same value, the later write wins; for
+    ejections, see `_merge_ejections`)."""
     merged = stored
     if mine.prices != base.prices:
         merged = replace(merged, prices=_merge_map(merged.prices, base.prices, mine.prices))
@@ -199,6 +228,8 @@ def merge_state(stored: ControlState, base: ControlState, mine: ControlState) ->
         merged = replace(
             merged, ejections=_merge_ejections(merged.ejections, base.ejections, mine.ejections)
         )
+    if mine.carbon != base.carbon:
+        merged = replace(merged, carbon=_merge_map(merged.carbon, base.carbon, mine.carbon))
     if mine.policies != base.policies:
         merged = replace(merged, policies=mine.policies)
     if mine.routing != base.routing:
@@ -281,12 +312,22 @@ class _StateRecord(_Strict):
     ejections: dict[str, _EjectionRecord] = {}
 
 
+class _CarbonFiguresRecord(_Strict):
+    g_per_kwh: float | None = Field(ge=0)
+    power_w: float | None = Field(ge=0)
+
+
+class _CarbonRecord(_Strict):
+    version: int = CARBON_FORMAT_VERSION
+    backends: dict[str, _CarbonFiguresRecord] = {}
+
+
 def _policies_data(settings: PoliciesSettings) -> dict[str, Any]:
     return settings.model_dump(mode="json", exclude_none=True)
 
 
 def encode_state(state: ControlState) -> str:
-    """The state as the file's JSON."""
+    """The state as the file's JSON, without its carbon figures (`encode_carbon`)."""
     record: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "prices": {
@@ -350,6 +391,42 @@ def decode_state(text: str, source: str) -> ControlState:
             for name, e in record.ejections.items()
         },
     )
+
+
+def encode_carbon(state: ControlState) -> str:
+    """The state's carbon figures as JSON (not in `encode_state`: a shared store keeps
+    them beside the state)."""
+    record = {
+        "version": CARBON_FORMAT_VERSION,
+        "backends": {
+            name: {"g_per_kwh": c.g_per_kwh, "power_w": c.power_w}
+            for name, c in sorted(state.carbon.items())
+        },
+    }
+    return json.dumps(record, allow_nan=False)
+
+
+def decode_carbon(text: str | None, source: str) -> dict[str, CarbonFigures]:
+    """Carbon figures from `encode_carbon`'s JSON; none when `text` is None (a store
+    written only by gateways that do not know them); StateError naming `source` and
+    what is wrong."""
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise StateError(f"{source}: carbon figures are not valid JSON: {exc}") from exc
+    found = data.get("version") if isinstance(data, dict) else None
+    if found != CARBON_FORMAT_VERSION:
+        raise StateError(
+            f"{source}: carbon figures of format version {found!r}, "
+            f"expected {CARBON_FORMAT_VERSION}"
+        )
+    try:
+        record = _CarbonRecord.model_validate(data)
+    except ValidationError as exc:
+        raise StateError(f"{source}: carbon figures: {exc}") from exc
+    return {name: CarbonFigures(c.g_per_kwh, c.power_w) for name, c in record.backends.items()}
 
 
 def _no_constant(name: str) -> float:

@@ -309,8 +309,8 @@ class FeedPoller:
 
 class ControlFeedTarget:
     """A feed's figures applied through the control plane: prices with
-    `Control.set_price` (shared, with a shared store, as the price schedule's are),
-    carbon intensity on the backend's state (each gateway polls its carbon feeds)."""
+    `Control.set_price`, carbon intensity with `Control.set_carbon` (both shared, with a
+    shared store, as the price schedule's prices are: one gateway polls the feed)."""
 
     def __init__(self, control: Control, prices: bool) -> None:
         self._control = control
@@ -345,15 +345,9 @@ class ControlFeedTarget:
                 self._control.set_price(backend, value, source, scheduled=True)
             return
         state = self._control.backend(backend)
-        g_per_kwh = value
-        if g_per_kwh is None and entry is not None:
-            g_per_kwh = entry.carbon_g_per_kwh
-        if state.carbon_g_per_kwh != g_per_kwh:
-            log.info(
-                "carbon intensity of %s: %s -> %s g/kWh (%s)",
-                backend,
-                state.carbon_g_per_kwh,
-                g_per_kwh,
-                source,
-            )
-        state.set_carbon(g_per_kwh, state.power_w)
+        if value is None:
+            in_file = self._control.fleet_carbon(backend)
+            g_per_kwh = state.carbon_g_per_kwh if in_file is None else in_file[0]
+            self._control.set_carbon(backend, g_per_kwh, state.power_w, source, listed=True)
+        else:
+            self._control.set_carbon(backend, value, state.power_w, source)
