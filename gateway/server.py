@@ -138,25 +138,8 @@ class Gateway:
 
 
 def forget_backend_metrics(metrics: GatewayMetrics, state: BackendState) -> None:
-    """Drops the gauges of a backend that left the fleet (its counters stay)."""
-    gauges = (metrics.healthy, metrics.available, metrics.price, metrics.queue_depth)
-    for gauge in (*gauges, metrics.in_flight):
-        try:
-            gauge.remove(state.name)
-        except KeyError:
-            pass
-    for model, info in state.models.items():
-        for variant in info.all_variants():
-            keys = [(state.name, model, variant)] + [
-                (state.name, model, variant, kind, quantile)
-                for kind in ("predicted", "observed")
-                for quantile in ("0.5", "0.99")
-            ]
-            for key in keys:
-                try:
-                    (metrics.route_cost if len(key) == 3 else metrics.route_latency).remove(*key)
-                except KeyError:
-                    pass
+    """Drops every series of a backend that left the fleet (its gauges and counters)."""
+    metrics.forget_backend(state.name)
 
 
 def check_admin_listen(config: FleetConfig) -> None:

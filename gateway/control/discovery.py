@@ -10,7 +10,10 @@ goes through the control plane (`Members`: `Control.add_backend` and
 - a new address joins the fleet unhealthy, out of the routes, and is probed at once:
   it takes traffic once its readiness probe passes (as any backend that comes up);
 - an address gone from the answer leaves the routes at once (no new requests) while
-  the requests in flight on it finish; then its channel is closed (`release`);
+  the requests in flight on it finish; then its channel is closed and its metric series
+  removed (`release`), and what the admin API set for its name (a price, a drain) is
+  forgotten (`Members.forget_backend`): a pod that later takes the address is a new
+  backend, which starts from the group's settings;
 - a failed resolution (a timeout, SERVFAIL, a refused query, no server) keeps the last
   known set, with a log line and `switchyard_discovery_up{group} 0`;
 - NXDOMAIN or an answer with no records is taken for an empty group only once it has
@@ -219,6 +222,11 @@ class Members(Protocol):
         finish); None when there is none of that name."""
         ...
 
+    def forget_backend(self, name: str, source: str) -> None:
+        """Forgets what the admin API set for the backend `name` (its price, its drain;
+        with a shared store, for every gateway): it has left for good."""
+        ...
+
 
 class DiscoveryMetrics:
     """The discovery gauges, on the gateway's registry."""
@@ -366,7 +374,21 @@ class Discovery:
             return
         g.names[address] = name
         log.info("discovery %s: %s joins at %s once probed ready", g.settings.name, name, address)
-        self._spawn(self._probes, self._probe(name))
+        self._spawn(self._probes, self._first_probe(g, state))
+
+    async def _first_probe(self, g: _Group, state: BackendState) -> None:
+        """Probes a joining backend; says why when it is not ready (a handshake that
+        fails on the group's TLS settings, a port where nothing listens), as the
+        prober says nothing of a backend that was never healthy."""
+        await self._probe(state.name)
+        if not state.healthy and state.last_error:
+            log.warning(
+                "discovery %s: %s at %s is not ready yet: %s",
+                g.settings.name,
+                state.name,
+                state.address,
+                state.last_error,
+            )
 
     def _leave(self, g: _Group, address: str) -> None:
         name = g.names.pop(address, None)
@@ -384,9 +406,9 @@ class Discovery:
             settings.dns,
             state.in_flight,
         )
-        self._spawn(self._drains, self._drain(state))
+        self._spawn(self._drains, self._drain(g, state))
 
-    async def _drain(self, state: BackendState) -> None:
+    async def _drain(self, g: _Group, state: BackendState) -> None:
         # Counted, not waited on: the routing core's state has no event to await.
         for _ in range(max(1, round(self.drain_timeout_s / self.drain_poll_s))):
             if state.in_flight <= 0:
@@ -401,6 +423,13 @@ class Discovery:
                 self.drain_timeout_s,
             )
         await self._release(state)
+        if state.name in g.names.values():
+            # Its address came back while it drained: the same backend, as it was.
+            log.info("backend %s drained; its address is back", state.name)
+            return
+        settings = g.settings.discovery
+        assert settings is not None
+        self.members.forget_backend(state.name, f"discovery {g.settings.name} ({settings.dns})")
         log.info("backend %s drained and removed", state.name)
 
     def _spawn(self, tasks: set[asyncio.Task[None]], work: Awaitable[None]) -> None:

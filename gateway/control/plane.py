@@ -234,13 +234,22 @@ class Control:
     def remove_backend(self, name: str, source: str) -> BackendState | None:
         """Takes a backend out of the running fleet and its routes at once (gone from
         discovery): no new requests go to it, those in flight finish. What the admin
-        API set for it stays in the control state, for its name's return. None when
+        API set for it stays in the control state until `forget_backend`. None when
         the fleet has no backend of that name."""
         if name not in self.fleet.backends:
             return None
         state = self.fleet.remove_backend(name)
         log.info("backend %s at %s removed from the routes (%s)", name, state.address, source)
         return state
+
+    def forget_backend(self, name: str, source: str) -> None:
+        """Forgets what the admin API (or a schedule, or another gateway's ejection) set
+        for `name`, a backend that left for good (gone from discovery and drained), in
+        the store too: a backend that later takes its name starts afresh."""
+        forgotten = self.state.without_backends(frozenset({name}))
+        if forgotten != self.state:
+            log.info("backend %s: its admin changes forgotten (%s)", name, source)
+            self._keep(forgotten, required=False)
 
     def _keep(self, state: ControlState, *, required: bool) -> None:
         """Saves `state` in the store and makes it the state in force. `required`: a

@@ -16,6 +16,7 @@ protobuf, and never the global registry.
 from __future__ import annotations
 
 import math
+import os
 import ssl
 import threading
 from collections.abc import Iterable
@@ -46,9 +47,11 @@ LATENCY_BUCKETS_S = (
 def cache_children(metric: MetricWrapperBase) -> None:
     """Makes `metric.labels(...)` with positional values remember each child it made: the
     serving path asks for the same few children on every request, and prometheus_client
-    checks and converts the values and takes a lock each time. The children are never
-    removed here (a removed child would stay in the cache)."""
-    original = metric.labels
+    checks and converts the values and takes a lock each time. `remove_by_labels` forgets
+    the children it removes here too (else a later `labels` would hand back a child the
+    registry no longer shows)."""
+    original, original_remove = metric.labels, metric.remove_by_labels
+    names: tuple[str, ...] = metric._labelnames
     children: dict[tuple[str, ...], Any] = {}
 
     def labels(*values: str, **named: str) -> Any:
@@ -59,7 +62,20 @@ def cache_children(metric: MetricWrapperBase) -> None:
             child = children[values] = original(*values)
         return child
 
+    def remove_by_labels(match: dict[str, str]) -> None:
+        original_remove(match)
+        where = {names.index(name): value for name, value in match.items()}
+        for values in [v for v in children if all(v[i] == x for i, x in where.items())]:
+            del children[values]
+
     setattr(metric, "labels", labels)  # noqa: B010 (a method replaced on one instance)
+    setattr(metric, "remove_by_labels", remove_by_labels)  # noqa: B010
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client keeps values in PROMETHEUS_MULTIPROC_DIR's files (a
+    process of a `--processes` group), where it cannot remove a child."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
 
 
 SlaTarget = tuple[str, str, float, float]
@@ -254,6 +270,26 @@ class GatewayMetrics:
             self.in_flight,
         ):
             cache_children(metric)
+
+    def backend_metrics(self) -> list[MetricWrapperBase]:
+        """Every metric of the gateway's that has a `backend` label."""
+        return [
+            metric
+            for metric in vars(self).values()
+            if isinstance(metric, MetricWrapperBase) and "backend" in metric._labelnames
+        ]
+
+    def forget_backend(self, backend: str) -> None:
+        """Removes every series of `backend` (each metric with a `backend` label: its
+        counters, histograms and gauges, per route too), for a backend that has left the
+        fleet for good (gone from discovery and drained), so that series do not pile up
+        as pods come and go. Not in a `--processes` group: prometheus_client cannot
+        remove a child in its multiprocess mode (the series stay until that process
+        exits)."""
+        if multiprocess_mode():
+            return
+        for metric in self.backend_metrics():
+            metric.remove_by_labels({"backend": backend})
 
     def publish_sla_targets(self, targets: Iterable[SlaTarget]) -> None:
         """Sets the SLA target gauges to `targets`; the (model, class) pairs no longer

@@ -291,12 +291,35 @@ async def test_admin_changes_for_a_discovered_name_wait_for_it_and_apply_when_it
     await gw.answer("10.0.0.1", "10.0.0.2")
     assert gw.fleet.backends["workers-10-0-0-1"].price_usd_per_hour == 0.02
     assert gw.fleet.backends["workers-10-0-0-2"].drained
-    # The admin API drains a discovered backend; it leaves and comes back: still drained.
-    gw.control.set_drained("workers-10-0-0-1", True)
-    await gw.answer("10.0.0.2")
-    assert "workers-10-0-0-1" in gw.store.load().drained
+
+
+async def test_a_vanished_names_admin_changes_are_forgotten_once_it_has_drained() -> None:
+    gw = Gateway()
     await gw.answer("10.0.0.1", "10.0.0.2")
-    assert gw.fleet.backends["workers-10-0-0-1"].drained
+    gw.control.set_drained("workers-10-0-0-1", True)
+    gw.control.override_price("workers-10-0-0-1", 0.01)
+    gw.control.set_drained("workers-10-0-0-2", True)
+    # Back while it drains: the same backend, as it was.
+    leaving = gw.fleet.backends["workers-10-0-0-1"]
+    leaving.in_flight = 1
+    gw.resolver.answer = Answer(frozenset({"10.0.0.2"}))
+    await gw.discovery.resolve("workers")
+    gw.resolver.answer = Answer(frozenset({"10.0.0.1", "10.0.0.2"}))
+    await gw.discovery.resolve("workers")
+    leaving.in_flight = 0
+    await gw.discovery.settled()
+    assert gw.released == [leaving]
+    back = gw.fleet.backends["workers-10-0-0-1"]
+    assert back.drained and back.price_usd_per_hour == 0.01
+    # Gone and drained: forgotten, in the store too; a pod that takes the address later
+    # is a new backend at the group's price, undrained. The other name keeps its drain.
+    await gw.answer("10.0.0.2")
+    kept = gw.store.load()
+    assert "workers-10-0-0-1" not in kept.backends()
+    assert kept.drained == frozenset({"workers-10-0-0-2"})
+    await gw.answer("10.0.0.1", "10.0.0.2")
+    new = gw.fleet.backends["workers-10-0-0-1"]
+    assert not new.drained and new.price_usd_per_hour == 0.08
 
 
 async def test_shared_state_applies_to_discovered_backends() -> None:
