@@ -104,6 +104,13 @@ def backend_state(
     )
 
 
+def own_in_flight(state: BackendState) -> int:
+    """This gateway's requests in flight on the backend: its `in_flight` less the other
+    gateways' requests that their load reports stand for (a report's tickets leave only
+    as the fleet ages them, which it no longer does for a backend that left)."""
+    return state.in_flight - sum(ticket.count for ticket in state.others)
+
+
 def host_port(address: str, port: int) -> str:
     """`address:port`, an IPv6 address in brackets."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -404,22 +411,24 @@ class Discovery:
             g.settings.name,
             name,
             settings.dns,
-            state.in_flight,
+            own_in_flight(state),
         )
         self._spawn(self._drains, self._drain(g, state))
 
     async def _drain(self, g: _Group, state: BackendState) -> None:
-        # Counted, not waited on: the routing core's state has no event to await.
+        # Counted, not waited on: the routing core's state has no event to await. Only
+        # this gateway's own requests: the others' (from load reports on a backend
+        # gateways share) are not for it to wait on.
         for _ in range(max(1, round(self.drain_timeout_s / self.drain_poll_s))):
-            if state.in_flight <= 0:
+            if own_in_flight(state) <= 0:
                 break
             await self._sleep(self.drain_poll_s)
-        if state.in_flight > 0:
+        if (left := own_in_flight(state)) > 0:
             log.warning(
                 "backend %s: %d requests still in flight %g s after it left; closing "
                 "its channel (they fail over)",
                 state.name,
-                state.in_flight,
+                left,
                 self.drain_timeout_s,
             )
         await self._release(state)
