@@ -9,72 +9,36 @@ last known set when the DNS server stops."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
-from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
-from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
+from dnslib.server import DNSServer
 
-from backends.worker.served import WorkerSettings
-from backends.worker.server import start_worker
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
-from protos import inference_pb2 as pb
 from tests.integration.conftest import Worker, gateway_clients, raw_request, samples
+from tests.integration.control.dns import (
+    NAME,
+    Records,
+    answered_by,
+    nameserver,
+    running_dns,
+    worker_on,
+)
 from tests.waiting import wait_until
 
-NAME = "workers.test.internal."
 TOKEN = "test-discovery"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
-class Records(BaseResolver):  # type: ignore[misc]
-    """Answers NAME with the addresses the test sets (A and AAAA); other names NXDOMAIN."""
-
-    def __init__(self) -> None:
-        self.addresses: set[str] = set()
-        self.lock = threading.Lock()
-
-    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
-        reply = request.reply()
-        question = request.q
-        if str(question.qname) != NAME:
-            reply.header.rcode = RCODE.NXDOMAIN
-            return reply
-        with self.lock:
-            addresses = sorted(self.addresses)
-        for address in addresses:
-            if ":" in address and question.qtype == QTYPE.AAAA:
-                reply.add_answer(RR(NAME, QTYPE.AAAA, rdata=AAAA(address), ttl=0))
-            elif ":" not in address and question.qtype == QTYPE.A:
-                reply.add_answer(RR(NAME, QTYPE.A, rdata=A(address), ttl=0))
-        return reply
-
-
 @pytest.fixture
 def dns_server() -> Iterator[tuple[DNSServer, Records]]:
-    records = Records()
-    server = DNSServer(records, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda s: None))
-    server.start_thread()
-    yield server, records
-    server.stop()
-    server.server.server_close()
-
-
-async def worker_on(repository: Path, host: str, port: int) -> Worker:
-    settings = WorkerSettings(
-        repository=repository,
-        threads=1,
-        hardware_class="test-1c",
-        models=("digits",),
-    )
-    server, bound, models, executor = await start_worker(settings, f"{host}:{port}")
-    return Worker(f"{host}:{bound}", server, models, executor)
+    with running_dns() as served:
+        yield served
 
 
 @asynccontextmanager
@@ -112,7 +76,7 @@ async def discovered_fleet(
                         "port": port,
                         "interval_s": 0.2,
                         "timeout_s": 0.5,
-                        "nameserver": f"127.0.0.1:{dns.server.server_address[1]}",
+                        "nameserver": nameserver(dns),
                     },
                 }
             ],
@@ -124,10 +88,6 @@ async def discovered_fleet(
     finally:
         await gw.stop()
         await first.stop()
-
-
-def answered_by(reply: pb.ModelInferResponse) -> str:
-    return reply.parameters["switchyard_backend"].string_param
 
 
 def discovery_gauge(gw: Gateway, name: str) -> float | None:
