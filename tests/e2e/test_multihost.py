@@ -51,10 +51,11 @@ RATE_PER_S = 25.0
 """Each gateway's share of the test traffic."""
 SLOT_MS = 40.0
 """b4's emulated service time: one request at a time, cnn only, the cheapest by far."""
-CNN_SLA_MS = 100.0
-"""cnn's SLA: two requests at b4 (one running, one waiting: about 84 ms) meet it, three
-(about 126 ms) do not. (At 30 ms a run three took 96-100 ms: whether the third met the
-SLA was a coin toss, for any router.)"""
+CNN_SLA_MS = 115.0
+"""cnn's SLA: two requests at b4 (one running, one waiting: about 84 ms) meet it, with
+room for a stall of the shared machine, three (about 126 ms) do not. (At 30 ms a run
+against 100 ms, three took 96-100 ms: whether the third met the SLA was a coin toss,
+for any router.)"""
 WORKERS = {
     "b1": (["digits"], 0.0),
     "b2": (["digits"], 0.0),
