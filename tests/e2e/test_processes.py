@@ -210,6 +210,33 @@ def test_an_admin_change_reaches_both_processes(group: tuple[RunningGateway, Pat
         )
 
 
+def test_set_carbon_reaches_both_processes(group: tuple[RunningGateway, Path]) -> None:
+    """Carbon figures are shared as prices are: after a `set-carbon` that one process
+    took, the requests each process answers count carbon (the fleet gives none)."""
+    gateway, _ = group
+    ports = {p["pid"]: p["metrics_port"] for p in gateway.info["processes"]}
+    for port in ports.values():
+        assert total(scrape(port), "switchyard_carbon_grams_total") == 0
+    done = gateway.admin("set-carbon", "small", "100", "--power-w", "50")
+    assert done.returncode == 0, done.stderr
+    connections = connections_on_both(gateway.info, at_least=1)
+
+    def counts_carbon(conn: Connection) -> bool:
+        assert conn.infer() == 200
+        return total(scrape(ports[conn.pid]), "switchyard_carbon_grams_total") > 0
+
+    try:
+        for conn in connections:
+            wait_until_blocking(
+                lambda conn=conn: counts_carbon(conn),  # type: ignore[misc]
+                10,
+                f"carbon counted by the process with pid {conn.pid}",
+            )
+    finally:
+        for conn in connections:
+            conn.http.close()
+
+
 def test_a_killed_process_is_restarted_and_the_other_loses_no_request(
     group: tuple[RunningGateway, Path],
 ) -> None:
