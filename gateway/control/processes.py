@@ -13,8 +13,8 @@ log line each time); SIGTERM or SIGINT stops the processes first (each drains wh
 it has in flight), then the workers.
 
 Each process routes on its own (its own probes and estimates), with the control state
-(prices, policies, drains, the routing rule, ejections) shared over `gateway.state` as
-separate gateways share it; when the fleet says `memory` (or names no store), the
+(prices, carbon figures, policies, drains, the routing rule, ejections) shared over
+`gateway.state` as separate gateways share it; when the fleet says `memory` (or names no store), the
 parent starts a private redis-server on a Unix socket for its processes. Each process
 reaches the launched workers as remote backends at the addresses they listen on, over
 mTLS with the parent's client certificate of the workers' private CA.
