@@ -16,6 +16,7 @@ from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from backends.worker.served import WorkerSettings
 from backends.worker.server import start_worker
+from gateway.config import FleetConfig
 from protos import inference_pb2 as pb
 from tests.integration.conftest import Worker
 
@@ -80,3 +81,47 @@ async def worker_on(
 
 def answered_by(reply: pb.ModelInferResponse) -> str:
     return reply.parameters["switchyard_backend"].string_param
+
+
+def discovery_config(
+    dns: DNSServer,
+    port: int,
+    *,
+    state: str | None = None,
+    tls: dict[str, str] | None = None,
+    static: str | None = None,
+) -> FleetConfig:
+    """A fleet of the group `workers` (NAME, `port`, 0.05 USD/h), over `tls`, with a
+    backend `static` at `static` (0.05 USD/h) if given, keeping its control state at
+    `state`."""
+    group: dict[str, object] = {
+        "name": "workers",
+        "price_usd_per_hour": 0.05,
+        "discovery": {
+            "dns": NAME,
+            "port": port,
+            "interval_s": 0.2,
+            "timeout_s": 0.5,
+            "nameserver": nameserver(dns),
+        },
+    }
+    if tls is not None:
+        group["tls"] = tls
+    backends: list[dict[str, object]] = [group]
+    if static is not None:
+        backends.append({"name": "static", "address": static, "price_usd_per_hour": 0.05})
+    gateway: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "metrics": "127.0.0.1:0",
+        "http": None,
+        "admin": "127.0.0.1:0",
+        "probe_interval_s": 0.2,
+        # No warm-up or latency probes: what is in flight on a backend is the callers'.
+        "latency_probe_interval_s": 3600,
+        "warmup_samples": 0,
+        # A request held at a leaving backend finishes there, as the drain counts.
+        "attempt_timeout_slack_s": 0,
+    }
+    if state is not None:
+        gateway["state"] = state
+    return FleetConfig.model_validate({"gateway": gateway, "backends": backends})

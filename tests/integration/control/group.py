@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.bench.shared_state import RedisServer
+from gateway.control.shared_state import KEY
+from gateway.control.state import ControlState, decode_state
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2_grpc
 from protos import inference_pb2_grpc as pb_grpc
@@ -95,3 +98,14 @@ async def timed(what: str, predicate: object) -> float:
     took = time.perf_counter() - start
     print(f"{what}: {took * 1000:.1f} ms")
     return took
+
+
+def stored_state(server: RedisServer) -> ControlState:
+    """The control state the store holds now (its `state` field, decoded)."""
+    client = server.client()
+    try:
+        text = client.hget(KEY, "state")
+    finally:
+        client.close()
+    assert isinstance(text, str), "nothing stored"
+    return decode_state(text, "store")

@@ -17,15 +17,13 @@ import grpc
 import pytest
 from dnslib.server import DNSServer
 
-from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from tests.integration.conftest import Worker, gateway_clients, raw_request, samples
 from tests.integration.control.dns import (
-    NAME,
     Records,
     answered_by,
-    nameserver,
+    discovery_config,
     running_dns,
     worker_on,
 )
@@ -51,37 +49,7 @@ async def discovered_fleet(
     port = int(first.address.rsplit(":", 1)[1])
     records.addresses = {"127.0.0.2"}
     monkeypatch.setenv("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-    config = FleetConfig.model_validate(
-        {
-            "gateway": {
-                "listen": "127.0.0.1:0",
-                "metrics": "127.0.0.1:0",
-                "http": None,
-                "admin": "127.0.0.1:0",
-                "probe_interval_s": 0.2,
-                # No warm-up or latency probes: what is in flight on a backend is the
-                # callers' requests alone.
-                "latency_probe_interval_s": 3600,
-                "warmup_samples": 0,
-                # A request held at a leaving backend finishes there (not retried
-                # elsewhere as a hung attempt), as the drain assertions count.
-                "attempt_timeout_slack_s": 0,
-            },
-            "backends": [
-                {
-                    "name": "workers",
-                    "price_usd_per_hour": 0.05,
-                    "discovery": {
-                        "dns": NAME,
-                        "port": port,
-                        "interval_s": 0.2,
-                        "timeout_s": 0.5,
-                        "nameserver": nameserver(dns),
-                    },
-                }
-            ],
-        }
-    )
+    config = discovery_config(dns, port)
     gw = await start_gateway(config)
     try:
         yield gw, first, port

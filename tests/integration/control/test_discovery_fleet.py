@@ -25,8 +25,6 @@ from backends.worker.server import server_credentials
 from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
 from gateway.control.discovery import own_in_flight
-from gateway.control.shared_state import KEY
-from gateway.control.state import ControlState, decode_state
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
@@ -37,11 +35,11 @@ from tests.integration.control.dns import (
     NAME,
     Records,
     answered_by,
-    nameserver,
+    discovery_config,
     running_dns,
     worker_on,
 )
-from tests.integration.control.group import timed
+from tests.integration.control.group import stored_state, timed
 from tests.integration.security.certs import PKI
 from tests.waiting import wait_until
 
@@ -61,50 +59,6 @@ def dns_server() -> Iterator[tuple[DNSServer, Records]]:
         yield served
 
 
-def discovery_config(
-    dns: DNSServer,
-    port: int,
-    *,
-    state: str | None = None,
-    tls: dict[str, str] | None = None,
-    static: str | None = None,
-) -> FleetConfig:
-    """A fleet of the group `workers` (NAME, `port`, 0.05 USD/h), over `tls`, with a
-    backend `static` at `static` (0.05 USD/h) if given, keeping its control state at
-    `state`."""
-    group: dict[str, object] = {
-        "name": "workers",
-        "price_usd_per_hour": 0.05,
-        "discovery": {
-            "dns": NAME,
-            "port": port,
-            "interval_s": 0.2,
-            "timeout_s": 0.5,
-            "nameserver": nameserver(dns),
-        },
-    }
-    if tls is not None:
-        group["tls"] = tls
-    backends: list[dict[str, object]] = [group]
-    if static is not None:
-        backends.append({"name": "static", "address": static, "price_usd_per_hour": 0.05})
-    gateway: dict[str, object] = {
-        "listen": "127.0.0.1:0",
-        "metrics": "127.0.0.1:0",
-        "http": None,
-        "admin": "127.0.0.1:0",
-        "probe_interval_s": 0.2,
-        # No warm-up or latency probes: what is in flight on a backend is the callers'.
-        "latency_probe_interval_s": 3600,
-        "warmup_samples": 0,
-        # A request held at a leaving backend finishes there, as the drain counts.
-        "attempt_timeout_slack_s": 0,
-    }
-    if state is not None:
-        gateway["state"] = state
-    return FleetConfig.model_validate({"gateway": gateway, "backends": backends})
-
-
 Clients = tuple[pb_grpc.GRPCInferenceServiceStub, admin_pb2_grpc.AdminStub]
 
 
@@ -115,16 +69,6 @@ def digits_request(repository: Path) -> pb.ModelInferRequest:
 
 async def answers(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> str:
     return answered_by(await stub.ModelInfer(request, timeout=10))
-
-
-def stored_state(server: RedisServer) -> ControlState:
-    client = server.client()
-    try:
-        text = client.hget(KEY, "state")
-    finally:
-        client.close()
-    assert isinstance(text, str), "nothing stored"
-    return decode_state(text, "store")
 
 
 def series_of(gw: Gateway, backend: str) -> list[str]:

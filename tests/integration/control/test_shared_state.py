@@ -20,24 +20,14 @@ from gateway.bench.shared_state import RedisServer
 from gateway.control.admin import NOT_SHARED
 from gateway.control.admin_client import AdminClient
 from gateway.control.shared_state import KEY, LEASE_PREFIX
-from gateway.control.state import ControlState, decode_state, encode_state
+from gateway.control.state import decode_state, encode_state
 from protos import admin_pb2 as apb
 from tests.integration.conftest import Worker
-from tests.integration.control.group import GENEROUS_S, member, timed
+from tests.integration.control.group import GENEROUS_S, member, stored_state, timed
 from tests.waiting import wait_until
 
 TOKEN = "shared-state-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-
-
-def stored_state(server: RedisServer) -> ControlState:
-    client = server.client()
-    try:
-        text = client.hget(KEY, "state")
-    finally:
-        client.close()
-    assert isinstance(text, str), "nothing stored"
-    return decode_state(text, "store")
 
 
 @pytest.fixture(autouse=True)
