@@ -216,14 +216,32 @@ async def test_streaming_through_the_gateway(gw_stub, repository: Path) -> None:
     assert "unknown model 'nope'" in replies[8].error_message
 
 
-async def test_load_fills_the_cheap_backend_then_spills_under_a_tight_sla(gw_stub) -> None:  # type: ignore[no-untyped-def]
-    req = raw_request("cnn", {"image": np.zeros((1, 3, 32, 32), np.float32)}, {"image": "FP32"})
-    # A loose SLA (the default, 100 ms): the cheap backend takes the whole burst.
-    replies = await asyncio.gather(*(gw_stub.ModelInfer(req) for _ in range(40)))
-    used = {r.parameters["switchyard_backend"].string_param for r in replies}
-    assert used == {"cheap"}
-    # A tight one: the queue on the cheap backend soon predicts a miss; the rest spill.
-    req.parameters["sla_ms"].double_param = 3.0
-    replies = await asyncio.gather(*(gw_stub.ModelInfer(req) for _ in range(40)))
-    used = {r.parameters["switchyard_backend"].string_param for r in replies}
-    assert used == {"cheap", "dear"}
+async def test_load_fills_the_cheap_backend_then_spills_under_a_tight_sla(two_workers) -> None:  # type: ignore[no-untyped-def]
+    # A request's cost is the backend's price times its estimated busy time, and the
+    # busy time is measured: the backend taking a burst answers slower while the burst,
+    # the gateway and the other worker share this machine's two cores (its estimates
+    # here rose to 2.2x the idle one's), so at twice the price "dear" could be the
+    # cheaper per request. At eight times the price it is not. The same slowing makes
+    # 40 requests queued on one slot about 4 ms each: 160 ms, over the default 100 ms
+    # SLA, so the loose SLA is a second.
+    a, b = two_workers
+    gw = await start_gateway(fleet_config({"cheap": (a.address, 0.01), "dear": (b.address, 0.08)}))
+    try:
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            from protos import inference_pb2_grpc as pb_grpc
+
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            image = {"image": np.zeros((1, 3, 32, 32), np.float32)}
+            req = raw_request("cnn", image, {"image": "FP32"})
+            # A loose SLA: the cheap backend takes the whole burst.
+            req.parameters["sla_ms"].double_param = 1000.0
+            replies = await asyncio.gather(*(stub.ModelInfer(req) for _ in range(40)))
+            used = {r.parameters["switchyard_backend"].string_param for r in replies}
+            assert used == {"cheap"}
+            # A tight one: the queue on the cheap backend soon predicts a miss; the rest spill.
+            req.parameters["sla_ms"].double_param = 3.0
+            replies = await asyncio.gather(*(stub.ModelInfer(req) for _ in range(40)))
+            used = {r.parameters["switchyard_backend"].string_param for r in replies}
+            assert used == {"cheap", "dear"}
+    finally:
+        await gw.stop()
