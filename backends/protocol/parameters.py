@@ -23,6 +23,15 @@ from backends.protocol.errors import InvalidInput, shown
 DUE_PARAMETER = "switchyard_due_us"
 """The request parameter by which a request is due: microseconds from its arrival."""
 
+REFUSE_LATE_PARAMETER = "switchyard_refuse_late"
+"""The request parameter (a bool) by which a request with a due time asks to be refused
+at once (RESOURCE_EXHAUSTED, `LATE_REFUSAL` in its message) rather than queued when the
+worker predicts it would be answered past that time: a gateway whose view of a shared
+backend's queue is partial sends it, and sends a refused request elsewhere."""
+
+LATE_REFUSAL = "would be answered past its due time"
+"""What the message of a request refused by `REFUSE_LATE_PARAMETER` says."""
+
 PROFILE_PARAMETER = "switchyard_profile"
 """The model-configuration parameter holding the worker's profile of each variant."""
 
@@ -76,6 +85,18 @@ def checked_due_us(value: object) -> int | None:
     """The `switchyard_due_us` request parameter as given (None when absent), checked
     as `priority` is: InvalidInput unless it is an integer in 0..MAX_DUE_US."""
     return None if value is None else _non_negative_int(DUE_PARAMETER, value, MAX_DUE_US)
+
+
+def checked_refuse_late(value: object) -> bool:
+    """The `switchyard_refuse_late` request parameter (False when absent): InvalidInput
+    unless it is a bool."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidInput(
+            f"request parameter {REFUSE_LATE_PARAMETER!r} must be a bool, got {shown(value)}"
+        )
+    return value
 
 
 def parameter_number(name: str, value: object) -> int | float:

@@ -17,7 +17,10 @@ or no priority) after every explicit level. Within a level, earliest deadline
 first: a request may say by when it is due with `switchyard_due_us` (microseconds
 from its arrival; the gateway sends what is left of the request's SLA), and those
 that do not say come after those that do; arrival order among equals. The due time
-is a soft priority, never a deadline: a request past it still runs.
+is a soft priority, never a deadline: a request past it still runs. A sender that
+would rather hear at once than be answered late (a gateway with other backends to go
+to) asks the worker to refuse a request it predicts past its due time: `answer_in_ns`
+is that prediction, from what waits ahead across the worker's batchers.
 
 The queue is bounded (`max_queue` requests waiting, not counting those already in a
 batch): a request that finds it full is shed at once with `QueueFull`, which says
@@ -45,7 +48,7 @@ import itertools
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -145,6 +148,9 @@ class BatchStats:
     """Requests refused because the queue was full."""
     expired: int = 0
     """Requests whose deadline passed before their batch formed: answered, never run."""
+    refused_late: int = 0
+    """Requests refused at arrival, as their senders asked, because they would have been
+    answered past their due time (backends.protocol.parameters.REFUSE_LATE_PARAMETER)."""
 
 
 NO_DEADLINE_NS = 2**63
@@ -319,6 +325,28 @@ class Batcher:
             return None
         return max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
 
+    def per_request_ns(self) -> float | None:
+        """The recent mean execution time per request (ns); None before the first."""
+        if not self.stats.executions:
+            return None
+        return self._execution_ns / max(1.0, self._requests_per_execution)
+
+    def ahead(self, level: int, due_ns: int, now_ns: int) -> tuple[float, int | None]:
+        """What a request ranked (`level`, `due_ns`) would find here at `now_ns`: the
+        expected work (ns) of the requests waiting that rank at or before it (in the
+        queue, or in a batch formed and waiting for a slot), and how long (ns) the batch
+        running has left (None: none runs)."""
+        per_request = self.per_request_ns() or 0.0
+        rank = (level, due_ns)
+        count = 0
+        for pending in itertools.chain(self._waiters.values(), self._formed):
+            if (pending.level, pending.due_ns) <= rank:
+                count += 1
+        rest: int | None = None
+        if self._batch:
+            rest = max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
+        return count * per_request, rest
+
     def _dequeued(self, pending: _Pending) -> None:
         if pending.queued:
             pending.queued = False
@@ -475,6 +503,31 @@ class Batcher:
             split.append([out[offset : offset + pending.rows] for out in outputs])
             offset += pending.rows
         return split
+
+
+def answer_in_ns(
+    batchers: Iterable[Batcher], slots: int, own: Batcher, level: int, due_ns: int, now_ns: int
+) -> float | None:
+    """About how long (ns) until a request for `own`, ranked (`level`, `due_ns`), would be
+    answered by a worker of `slots` slots whose batchers are `batchers`: the work of
+    every request ahead of it (waiting and ranked at or before it, and what the batches
+    running have left) shared by the slots (none while a slot is free and nothing
+    waits ahead), plus its own run at `own`'s recent mean. None when `own` has not run
+    yet (nothing to go by)."""
+    own_ns = own.per_request_ns()
+    if own_ns is None:
+        return None
+    waiting = left = 0.0
+    running = 0
+    for batcher in batchers:
+        work, rest = batcher.ahead(level, due_ns, now_ns)
+        waiting += work
+        if rest is not None:
+            running += 1
+            left += rest
+    if waiting == 0.0 and running < slots:
+        return own_ns
+    return (waiting + left) / max(1, slots) + own_ns
 
 
 def _deliver(future: asyncio.Future[list[Array]], result: list[Array] | BaseException) -> None:

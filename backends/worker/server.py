@@ -57,6 +57,7 @@ from backends.protocol.codec import (
     encode_response,
 )
 from backends.protocol.errors import (
+    Exhausted,
     Internal,
     InvalidInput,
     ModelNotFound,
@@ -72,9 +73,13 @@ from backends.protocol.load import (
 )
 from backends.protocol.parameters import (
     DUE_PARAMETER,
+    LATE_REFUSAL,
+    REFUSE_LATE_PARAMETER,
     checked_due_us,
     checked_priority,
+    checked_refuse_late,
     checked_timeout_us,
+    priority_level,
 )
 from backends.protocol.status import aborts_with_status, code_for, internal_message
 from backends.protocol.streams import (
@@ -85,7 +90,7 @@ from backends.protocol.streams import (
     message_id,
 )
 from backends.tracing import TRACEPARENT, TraceSettings, TracingError
-from backends.worker.batching import DEFAULT_MAX_QUEUE
+from backends.worker.batching import DEFAULT_MAX_QUEUE, Batcher, answer_in_ns
 from backends.worker.served import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MEASURE_BUDGET_S,
@@ -291,6 +296,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             priority = checked_priority(decoded.parameters.get("priority"))
             due_us = checked_due_us(decoded.parameters.get(DUE_PARAMETER))
             caller = decoded.parameters.get(CALLER_PARAMETER)
+            if due_us is not None and checked_refuse_late(
+                decoded.parameters.get(REFUSE_LATE_PARAMETER)
+            ):
+                self._refuse_if_late(model.name, chosen.batcher, priority, due_us)
             timeout = decoded.parameters.get("timeout")
             if timeout is not None:
                 timeout_s = checked_timeout_us(timeout) / 1e6
@@ -357,6 +366,24 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             # A fault of ours: INTERNAL for the caller (a stream goes on), never UNKNOWN.
             log.exception("request for model %s failed", shown(request.model_name))
             raise Internal(internal_message(exc)) from exc
+
+    def _refuse_if_late(self, model: str, batcher: Batcher, priority: int, due_us: int) -> None:
+        """Exhausted (RESOURCE_EXHAUSTED) when a request due in `due_us` would be
+        answered later than that, behind the work ahead of it in this worker's queues
+        (`batching.answer_in_ns`): its sender asked to be told at once, to send it
+        elsewhere (`switchyard_refuse_late`), rather than wait here past its time."""
+        now_ns = time.perf_counter_ns()
+        batchers = (b for m in self.models.values() for b in m.batchers())
+        due_ns = now_ns + due_us * 1000
+        answer_ns = answer_in_ns(
+            batchers, self.settings.threads, batcher, priority_level(priority), due_ns, now_ns
+        )
+        if answer_ns is not None and answer_ns > due_us * 1000:
+            batcher.stats.refused_late += 1
+            raise Exhausted(
+                f"model {model}: {LATE_REFUSAL} ({answer_ns / 1e6:.1f} ms from now, due in "
+                f"{due_us / 1000:.1f} ms); refused as {REFUSE_LATE_PARAMETER} asked"
+            )
 
     def _load_report(self, caller: str) -> bytes:
         """This worker's queue now, less `caller`'s own requests, as the load report
