@@ -16,6 +16,7 @@ from backends.protocol.errors import InvalidInput, shown
 from backends.protocol.parameters import (
     DUE_PARAMETER,
     PROFILE_PARAMETER,
+    REFUSE_LATE_PARAMETER,
     VariantProfile,
     checked_priority,
     checked_sla_ms,
@@ -200,6 +201,14 @@ def due_parameter(due_us: int) -> bytes:
     request for a backend that queues by deadline."""
     message = pb.ModelInferRequest()
     message.parameters[DUE_PARAMETER].int64_param = due_us
+    return message.SerializeToString()
+
+
+def refuse_late_parameter() -> bytes:
+    """Serialized ModelInferRequest holding only `switchyard_refuse_late` (true), to
+    append to a request for a worker that is to refuse it rather than answer it late."""
+    message = pb.ModelInferRequest()
+    message.parameters[REFUSE_LATE_PARAMETER].bool_param = True
     return message.SerializeToString()
 
 

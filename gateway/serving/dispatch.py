@@ -195,6 +195,10 @@ class Attempt:
     """It has left its backend's queue (answered, failed or given up)."""
     trace: Any = None
     """The owner's trace of the attempt (its span); None: not traced."""
+    refuse_late: bool = False
+    """It asks its backend to refuse it at once if it would be answered past its due
+    time (`Dispatcher.refused`): sent to a Switchyard worker that other gateways send
+    to as well, whose queue this gateway sees only as of its last load report."""
 
 
 class Dispatcher:
@@ -333,9 +337,38 @@ class Dispatcher:
             self._arm(job, now_s)
         return nxt
 
+    def refused(self, attempt: Attempt, error: BaseException, now_s: float) -> Ticket | None:
+        """`attempt`'s backend refused it at once, as it asked (`Attempt.refuse_late`): it
+        would have been answered past its due time there, behind requests this gateway
+        did not know of (other gateways'). The request goes to the next route, as after
+        a retryable failure; where there is none (or the retries or their budget are
+        spent), back to the same backend, this time to wait its turn there: a refusal
+        never costs a request. Returns the waiting ticket that took its slot."""
+        if attempt.settled:
+            return None
+        job = attempt.job
+        nxt = self._settle(attempt, now_s)
+        if not attempt.timed_out:
+            self.observer.outcome(attempt, None, False, error, now_s)
+        if job.done:
+            return nxt
+        if self._past_deadline(job, now_s):
+            if not job.pending:
+                self._end(job, self._deadline_error(job), now_s)
+            return nxt
+        retry = self._next_route(job, now_s)
+        if retry is not None:
+            self.observer.retried(job, retry)
+            self._launch(job, retry, now_s)
+        elif not job.pending:
+            self._launch(job, attempt.route, now_s, refusable=False)
+        if not job.hedged or self.attempt_timeout is not None:
+            self._arm(job, now_s)
+        return nxt
+
     # ---- inside ---------------------------------------------------------------------------
 
-    def _launch(self, job: Job, route: Route, now_s: float) -> None:
+    def _launch(self, job: Job, route: Route, now_s: float, refusable: bool = True) -> None:
         job.tried += 1
         hedge_at_s = None
         if not job.hedged:
@@ -354,6 +387,8 @@ class Dispatcher:
         attempt = Attempt(job, route, ticket, ticket.started_s is not None)
         attempt.hedge_at_s = hedge_at_s
         attempt.sent_s = now_s
+        if refusable and route.deadlines and job.due_s < math.inf:
+            attempt.refuse_late = route.state.shared(now_s)
         if timeout_at_s is not None:
             attempt.timeout_at_s = timeout_at_s
         ticket.attempt = attempt

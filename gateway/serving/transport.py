@@ -20,11 +20,12 @@ import grpc
 
 from backends.protocol.errors import DeadlineExceeded, SwitchyardError
 from backends.protocol.load import REPORT_FIELD_BYTES, ReportError, caller_field, split_report
+from backends.protocol.parameters import LATE_REFUSAL
 from backends.protocol.status import retry_after_ms
 from backends.protocol.streams import id_field
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.serving.coalescer import Coalescer
-from gateway.serving.converters import request_parameters
+from gateway.serving.converters import refuse_late_parameter, request_parameters
 from gateway.serving.dispatch import Attempt, Dispatcher, Job, Observer
 from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.pool import BackendCallError, BackendPool
@@ -64,6 +65,11 @@ NO_VERDICT = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
+"""The code of a worker's refusal of a request it would answer past its due time."""
+REFUSE_LATE = refuse_late_parameter()
+"""The parameter, as appended to a request, that asks a worker for that refusal."""
 
 TRACED_ATTEMPT: ContextVar[Attempt | None] = ContextVar("switchyard_traced_attempt", default=None)
 """The traced attempt whose call task this is (set by tracing as the task starts; tasks
@@ -136,6 +142,8 @@ class GrpcTransport:
         request = forward.request
         if not route.default:
             request = request + self._variant_parameter(route.variant)
+        if attempt.refuse_late:
+            request = request + REFUSE_LATE
         timeout_s = None if job.deadline_s is None else job.deadline_s - self.clock()
         dispatcher = self.dispatcher
         assert dispatcher is not None
@@ -150,7 +158,12 @@ class GrpcTransport:
             raise  # the dispatcher gave it up
         except BackendCallError as exc:
             code = exc.code
-            dispatcher.failed(attempt, exc, code in RETRYABLE, code in BACKEND_FAULTS, self.clock())
+            if attempt.refuse_late and code == REFUSED and LATE_REFUSAL in exc.details:
+                dispatcher.refused(attempt, exc, self.clock())
+            else:
+                dispatcher.failed(
+                    attempt, exc, code in RETRYABLE, code in BACKEND_FAULTS, self.clock()
+                )
         except SwitchyardError as exc:
             dispatcher.failed(attempt, exc, False, True, self.clock())
         except Exception as exc:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from backends.protocol.errors import DeadlineExceeded, InvalidInput, Unavailable
+from backends.protocol.errors import DeadlineExceeded, Exhausted, InvalidInput, Unavailable
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import BackendState, RetryThrottle, Route
 from gateway.routing.router import Policy, RouteRequest, choose, fastest_only, predict_ms
@@ -408,3 +408,73 @@ def test_a_timed_out_attempt_is_never_retried_on_its_own_route() -> None:
     assert rig.transport.sent == [first] and first.timed_out and not job.done
     rig.answer(first)
     assert job.winner is first
+
+
+def shared_worker(name: str, price: float) -> Route:
+    """A Switchyard worker's route (it takes due times) whose load reports showed other
+    gateways' requests just now."""
+    r = route(name, price)
+    r.deadlines = True
+    r.state.others_seen_s = 0.0
+    return r
+
+
+def refuse(rig: Rig, attempt: Attempt) -> None:
+    error = Exhausted("model m: would be answered past its due time")
+    rig.dispatcher.refused(attempt, error, rig.timers.now_s)
+
+
+def test_only_an_attempt_on_a_shared_worker_asks_to_be_refused_rather_than_late() -> None:
+    rig = Rig()
+    rig.start([shared_worker("cheap", 0.1)], Policy(latency_ms=10))
+    lone = route("lone", 0.1)
+    lone.deadlines = True
+    rig.start([lone], Policy(latency_ms=10))
+    rig.start([route("foreign", 0.1)], Policy(latency_ms=10))
+    assert [a.refuse_late for a in rig.transport.sent] == [True, False, False]
+
+
+def test_a_late_refusal_sends_the_request_to_the_next_route_at_once() -> None:
+    rig = Rig()
+    cheap, dear = shared_worker("cheap", 0.1), route("dear", 0.4)
+    job = rig.start([dear, cheap], Policy(latency_ms=10))
+    first = rig.transport.sent[0]
+    assert first.route is cheap and first.refuse_late
+    refuse(rig, first)
+    assert [a.route.backend for a in rig.transport.sent] == ["cheap", "dear"]
+    assert rig.observer.retries == ["dear"]
+    assert rig.observer.outcomes == [("cheap", False)]  # a refusal is no fault
+    assert cheap.state.in_flight == 0 and dear.state.in_flight == 1
+    rig.answer(rig.transport.sent[1])
+    assert job.winner is not None and job.winner.route is dear
+
+
+def test_a_late_refusal_with_nowhere_else_to_go_waits_its_turn_at_the_same_backend() -> None:
+    rig = Rig()
+    only = shared_worker("only", 0.1)
+    job = rig.start([only], Policy(latency_ms=10))
+    refuse(rig, rig.transport.sent[0])
+    again = rig.transport.sent[1]
+    assert again.route is only and not again.refuse_late  # this time it is not refused
+    assert not job.done and only.state.in_flight == 1
+    rig.answer(again)
+    assert job.winner is again and job.error is None
+
+
+def test_a_late_refusal_past_the_retry_limit_still_costs_no_request() -> None:
+    rig = Rig()
+    cheap, dear = shared_worker("cheap", 0.1), route("dear", 0.4)
+    job = rig.start([dear, cheap], Policy(latency_ms=10, retries=0))
+    refuse(rig, rig.transport.sent[0])
+    assert [a.route.backend for a in rig.transport.sent] == ["cheap", "cheap"]
+    rig.answer(rig.transport.sent[1])
+    assert job.winner is not None and job.error is None
+
+
+def test_a_late_refusal_after_the_deadline_ends_the_job_with_it() -> None:
+    rig = Rig()
+    job = rig.start([shared_worker("only", 0.1)], Policy(latency_ms=10), deadline_s=0.05)
+    rig.timers.now_s = 0.06
+    refuse(rig, rig.transport.sent[0])
+    assert job.done and isinstance(job.error, DeadlineExceeded)
+    assert len(rig.transport.sent) == 1
