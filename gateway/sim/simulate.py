@@ -60,7 +60,9 @@ from typing import Any
 
 import numpy as np
 
+from backends.protocol.errors import Exhausted
 from backends.protocol.load import BUCKETS, DUE_EDGES_MS, LoadReport
+from backends.protocol.parameters import LATE_REFUSAL
 from gateway.config import GatewaySettings, PoliciesSettings
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, Route
@@ -191,6 +193,9 @@ class Simulation:
             for states, routes in zip(self.views, self.routes, strict=True):
                 route = Route(states[model.backend], model.model, model.variant, model.default)
                 route.estimate.seed(model.p50_ms, model.p99_ms)
+                # With reports, the backends are Switchyard workers: they take due times
+                # and refuse, at once, a request they would answer late if it asks.
+                route.deadlines = replicas.reports
                 self.sims[route] = sim
                 routes.setdefault(model.model, []).append(route)
         self.requests = [
@@ -363,6 +368,22 @@ class _Backend:
         self.recent: deque[Attempt] = deque()
         """Calls that ended, oldest first (kept only while reports need them)."""
 
+    def answer_in_ms(self, due_s: float, mean_ms: float, now_s: float) -> float:
+        """How soon a worker predicts a call due at `due_s` of mean `mean_ms` would be
+        answered (`backends.worker.batching.answer_in_ns`): the expected work ahead of it
+        (what the calls in service have left, and the waiting calls due no later),
+        shared by the slots, plus its own; its own alone while a slot is free."""
+        if len(self.serving) < self.slots:
+            return mean_ms
+        work = 0.0
+        for attempt in self.serving:
+            call: ModelledCall = attempt.call
+            started_s = call.started_s if call.started_s is not None else now_s
+            work += max(0.0, call.mean_ms - (now_s - started_s) * 1000.0)
+        for waiting in self.waiting[: bisect_right(self.waiting_due, due_s)]:
+            work += waiting.call.mean_ms
+        return work / self.slots + mean_ms
+
     def admit(self, attempt: Attempt) -> bool:
         """The call arrives: True when it takes a free slot, else it waits."""
         if len(self.serving) < self.slots:
@@ -434,6 +455,10 @@ class _Backend:
         )
 
 
+LATE = Exhausted(f"modelled worker: {LATE_REFUSAL}")
+"""What a modelled worker's refusal of a late request says."""
+
+
 class _Timer:
     __slots__ = ("callback", "cancelled")
 
@@ -492,6 +517,8 @@ class ModelledFleet(Observer):
         self.now_s = 0.0
         self.cost = 0.0
         self.retried_count = 0
+        self.refused_count = 0
+        """Attempts refused by their backend as they would have been answered late."""
 
     # ---- the transport ----
 
@@ -510,7 +537,20 @@ class ModelledFleet(Observer):
             sim.backend, service_ms, now, self.gateway_of[ident], sim.mean_ms * factor
         )
         attempt.call = call
-        if self.backends[sim.backend].admit(attempt):
+        backend = self.backends[sim.backend]
+        if attempt.refuse_late:
+            due_s = attempt.job.due_s
+            if now + backend.answer_in_ms(due_s, call.mean_ms, now) * 0.001 > due_s:
+                # Refused on arrival; the refusal reaches the gateway a round trip on.
+                self.refused_count += 1
+                dispatcher = self.dispatchers[call.gateway]
+
+                def refused(at_s: float) -> None:
+                    dispatcher.refused(attempt, LATE, at_s)
+
+                self.call_at(now + self.rtts[sim.backend] * 0.001, refused)
+                return
+        if backend.admit(attempt):
             self._serve(attempt, now)
 
     def cancel(self, attempt: Attempt) -> None:
