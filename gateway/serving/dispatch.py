@@ -43,7 +43,7 @@ from gateway.config import GatewaySettings
 from gateway.routing.budget import RetryBudget
 from gateway.routing.estimates import service_sample
 from gateway.routing.figures import predicted_ms as predicted
-from gateway.routing.fleet import RetryThrottle, Route, Ticket
+from gateway.routing.fleet import BackendState, RetryThrottle, Route, Ticket
 from gateway.routing.router import (
     Chooser,
     Decision,
@@ -356,7 +356,7 @@ class Dispatcher:
             if not job.pending:
                 self._end(job, self._deadline_error(job), now_s)
             return nxt
-        retry = self._next_route(job, now_s)
+        retry = self._next_route(job, now_s, avoid=attempt.route.state)
         if retry is not None:
             self.observer.retried(job, retry)
             self._launch(job, retry, now_s)
@@ -395,8 +395,11 @@ class Dispatcher:
         job.pending.append(attempt)
         self.transport.send(attempt)
 
-    def _next_route(self, job: Job, now_s: float) -> Route | None:
-        """The next available route for a retry or a hedge, while retries allow."""
+    def _next_route(
+        self, job: Job, now_s: float, avoid: BackendState | None = None
+    ) -> Route | None:
+        """The next available route for a retry or a hedge, while retries allow (none on
+        backend `avoid`: one that refused the request, whatever the variant)."""
         if job.tried > job.policy.retries:
             return None
         queue = job.queue
@@ -406,7 +409,11 @@ class Dispatcher:
         while queue:
             candidate = queue.pop(0)
             state = candidate.state
-            if not state.available or any(a.route is candidate for a in job.pending):
+            if (
+                not state.available
+                or state is avoid
+                or any(a.route is candidate for a in job.pending)
+            ):
                 continue  # down, or already running this request (a timed-out attempt)
             if throttle is not None and state.retry_tokens <= throttle.max_tokens * 0.5:
                 continue

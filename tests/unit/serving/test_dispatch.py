@@ -478,3 +478,15 @@ def test_a_late_refusal_after_the_deadline_ends_the_job_with_it() -> None:
     refuse(rig, rig.transport.sent[0])
     assert job.done and isinstance(job.error, DeadlineExceeded)
     assert len(rig.transport.sent) == 1
+
+
+def test_a_late_refusal_skips_the_other_variants_of_the_refusing_backend() -> None:
+    rig = Rig()
+    fp32 = shared_worker("cheap", 0.1)
+    int8 = Route(fp32.state, "m", "int8", False)
+    int8.deadlines = True
+    int8.estimate.seed(1.0, 2.0)
+    dear = route("dear", 0.4)
+    rig.start([dear, int8, fp32], Policy(latency_ms=10))
+    refuse(rig, rig.transport.sent[0])
+    assert [a.route.backend for a in rig.transport.sent] == ["cheap", "dear"]
