@@ -217,8 +217,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetCarbon(
         self, request: apb.SetCarbonRequest, context: grpc.aio.ServicerContext
     ) -> apb.BackendStatus:
-        """On every gateway sharing the store, as a price is (on this one only with a
-        local store, and not kept across a restart)."""
+        """On every gateway sharing the store, as a price is; with a local store, kept
+        in the state file across restarts, as a price is."""
         check_price(request.g_per_kwh, "g_per_kwh")
         check_price(request.power_w, "power_w")
         state = self.control.backend(request.backend)
@@ -228,7 +228,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 f"backend {request.backend!r} has no power_w in the fleet file: give power_w "
                 "too (carbon intensity alone gives no carbon per request)"
             )
-        state = self.control.set_carbon(state.name, request.g_per_kwh, power_w, "admin API")
+        state = self.control.override_carbon(state.name, request.g_per_kwh, power_w)
         await self._shared(context)
         return _backend_status(state)
 

@@ -331,16 +331,30 @@ class Control:
         *,
         listed: bool = False,
     ) -> BackendState:
-        """A backend's carbon intensity (gCO2eq/kWh) and power draw (W), from the admin
-        API or a carbon feed, or (`listed`) the fleet file's figures back in force (an
-        edit of the file, a stale feed). A shared store keeps them for the other
-        gateways (the last change wins; the fleet file's are kept as none, so each
-        gateway goes back to its own file's); a local store does not keep them."""
+        """A backend's carbon intensity (gCO2eq/kWh) and power draw (W), from a carbon
+        feed, or (`listed`) the fleet file's figures back in force (an edit of the file,
+        a stale feed). A shared store keeps them for the other gateways (the last change
+        wins; the fleet file's are kept as none, so each gateway goes back to its own
+        file's); a local store keeps none (a feed is polled afresh at start) and forgets
+        the admin API's for the backend (the last change wins)."""
         state = self._apply_carbon(backend, g_per_kwh, power_w, source)
-        if self.store.shared:
-            figures = None if listed else CarbonFigures(g_per_kwh, power_w)
-            self._keep(self.state.with_carbon(backend, figures), required=False)
+        shared = self.store.shared and not listed
+        figures = CarbonFigures(g_per_kwh, power_w) if shared else None
+        self._keep(self.state.with_carbon(backend, figures), required=False)
         return state
+
+    def override_carbon(
+        self, backend: str, g_per_kwh: float | None, power_w: float | None
+    ) -> BackendState:
+        """Carbon figures set through the admin API: on every gateway sharing the store,
+        else kept in the state file across restarts (with the fleet file's figures of
+        the time: a file edited since wins at start), until the fleet file or a carbon
+        feed changes the backend's figures."""
+        self.backend(backend)
+        fleet = None if self.store.shared else self.fleet_carbon(backend)
+        figures = CarbonFigures(g_per_kwh, power_w, fleet)
+        self._keep(self.state.with_carbon(backend, figures), required=True)
+        return self._apply_carbon(backend, g_per_kwh, power_w, "admin API")
 
     def set_drained(self, backend: str, drained: bool) -> BackendState:
         """Drains or undrains a backend (the admin API's), kept across restarts."""
@@ -564,11 +578,11 @@ class Control:
 
     def restore(self) -> None:
         """Puts back the admin API's changes kept in the store, over the fleet file
-        just loaded: prices, policies, drains, the routing rule and (a shared store's)
-        carbon figures. What no longer
-        applies is dropped with a log line: changes for backends no longer in the
-        fleet, a price or policies the fleet file changed since they were set (the
-        file's edit is the later change), a routing rule that no longer exists."""
+        just loaded: prices, policies, drains, the routing rule and carbon figures.
+        What no longer applies is dropped with a log line: changes for backends no
+        longer in the fleet, a price, carbon figures or policies the fleet file changed
+        since they were set (the file's edit is the later change), a routing rule that
+        no longer exists."""
         stored = kept = self.store.load()
         where = self.store.where
         # Discovered backends are not in the fleet yet: what was set for them waits
@@ -613,7 +627,20 @@ class Control:
         for backend in sorted(kept.drained & set(self.fleet.backends)):
             self._apply_drained(backend, True)
         for backend, figures in sorted(kept.carbon.items()):
-            if backend in self.fleet.backends:
+            in_file = self.fleet_carbon(backend)
+            if figures.fleet is not None and in_file is not None and in_file != figures.fleet:
+                log.warning(
+                    "%s: the fleet file changed %s's carbon figures since the admin API "
+                    "set them (%s -> %s g/kWh, %s -> %s W), so the file's apply",
+                    where,
+                    backend,
+                    figures.fleet[0],
+                    in_file[0],
+                    figures.fleet[1],
+                    in_file[1],
+                )
+                kept = kept.with_carbon(backend, None)
+            elif backend in self.fleet.backends:
                 self._apply_carbon(
                     backend, figures.g_per_kwh, figures.power_w, f"restored from {where}"
                 )

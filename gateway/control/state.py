@@ -4,16 +4,20 @@ started, behind one small interface (`StateStore`), so that a store shared by se
 gateways (gateway.control.shared_state) stands in for the file. A shared store also
 carries what only matters while several gateways run: the price schedule's latest
 prices, the backends' ejections (`SharedEjection`) and their carbon figures set through
-the admin API or a carbon feed (`CarbonFigures`), which no file keeps. The carbon
-figures have a format of their own (`encode_carbon`), kept beside the state rather than
-in it, so that a gateway of a version that does not know them reads and writes the
-state as before and leaves them alone.
+the admin API or a carbon feed (`CarbonFigures`). The carbon figures have a format of
+their own (`encode_carbon`), kept beside the state rather than in it, so that a gateway
+of a version that does not know them reads and writes the state as before and leaves
+them alone.
 
 The file (`FileStateStore`) is JSON, written aside, synced and renamed
 (`backends.files.write_atomically`): a reader, or a gateway starting after a crash,
 sees the old state or the whole new one. A file that cannot be read or does not
 validate is logged and moved aside as `NAME.corrupt`; the gateway then starts from
-the fleet file alone.
+the fleet file alone. The carbon figures set through the admin API go in a file of
+their own beside it (`NAME.carbon`, `encode_carbon`'s format; none while there are no
+figures), which a gateway of an older version never reads, nor moves aside, nor
+writes; that file, when not valid, is moved aside as `NAME.carbon.corrupt` and the
+rest of the state stands.
 
 Imports pydantic and the fleet file's settings: no grpc, no protobuf, no clock (the
 times in the state are the callers').
@@ -39,6 +43,8 @@ log = logging.getLogger("switchyard.control")
 STATE_FILE_NAME = "state.json"
 """The state file's name beside `gateway.admin_token_file` when `gateway.state_file`
 is not set."""
+CARBON_FILE_SUFFIX = ".carbon"
+"""The carbon figures' file is the state file's name with this added."""
 
 FORMAT_VERSION = 1
 CARBON_FORMAT_VERSION = 1
@@ -95,6 +101,11 @@ class CarbonFigures:
     """Carbon intensity of its power (gCO2eq/kWh); None: unknown."""
     power_w: float | None
     """Power draw while busy (W); None: unknown."""
+    fleet: tuple[float | None, float | None] | None = None
+    """The fleet file's figures for the backend (intensity, power draw) when these were
+    set through the admin API with a local store: a fleet file that says otherwise at
+    start was edited since, and its figures win. None: not known (a shared store's
+    figures, whose format has no room for them)."""
 
 
 def later_ejection(a: SharedEjection, b: SharedEjection) -> SharedEjection:
@@ -122,9 +133,9 @@ class ControlState:
     an admin change: a file does not keep it), until a gateway sees the backend answer
     after it ended (a clean spell, which ends the run)."""
     carbon: Mapping[str, CarbonFigures] = field(default_factory=dict)
-    """Carbon figures per backend from the admin API or a carbon feed, kept only in a
-    shared store (a lone gateway's last until it restarts); a backend with none has the
-    fleet file's."""
+    """Carbon figures per backend: a shared store's from the admin API or a carbon
+    feed; a state file's from the admin API only (a feed is polled afresh at start, and
+    its figures go stale without it). A backend with none has the fleet file's."""
 
     def with_price(self, backend: str, price: PriceOverride | None) -> ControlState:
         prices = {k: v for k, v in self.prices.items() if k != backend}
@@ -312,9 +323,17 @@ class _StateRecord(_Strict):
     ejections: dict[str, _EjectionRecord] = {}
 
 
+class _FleetCarbonRecord(_Strict):
+    g_per_kwh: float | None = Field(ge=0)
+    power_w: float | None = Field(ge=0)
+
+
 class _CarbonFiguresRecord(_Strict):
     g_per_kwh: float | None = Field(ge=0)
     power_w: float | None = Field(ge=0)
+    fleet: _FleetCarbonRecord | None = None
+    """Only in a state file's carbon figures (never in a shared store's, which older
+    gateways read)."""
 
 
 class _CarbonRecord(_Strict):
@@ -393,15 +412,19 @@ def decode_state(text: str, source: str) -> ControlState:
     )
 
 
+def _carbon_data(figures: CarbonFigures) -> dict[str, Any]:
+    data: dict[str, Any] = {"g_per_kwh": figures.g_per_kwh, "power_w": figures.power_w}
+    if figures.fleet is not None:
+        data["fleet"] = {"g_per_kwh": figures.fleet[0], "power_w": figures.fleet[1]}
+    return data
+
+
 def encode_carbon(state: ControlState) -> str:
-    """The state's carbon figures as JSON (not in `encode_state`: a shared store keeps
-    them beside the state)."""
+    """The state's carbon figures as JSON (not in `encode_state`: a store keeps them
+    beside the state)."""
     record = {
         "version": CARBON_FORMAT_VERSION,
-        "backends": {
-            name: {"g_per_kwh": c.g_per_kwh, "power_w": c.power_w}
-            for name, c in sorted(state.carbon.items())
-        },
+        "backends": {name: _carbon_data(c) for name, c in sorted(state.carbon.items())},
     }
     return json.dumps(record, allow_nan=False)
 
@@ -426,7 +449,14 @@ def decode_carbon(text: str | None, source: str) -> dict[str, CarbonFigures]:
         record = _CarbonRecord.model_validate(data)
     except ValidationError as exc:
         raise StateError(f"{source}: carbon figures: {exc}") from exc
-    return {name: CarbonFigures(c.g_per_kwh, c.power_w) for name, c in record.backends.items()}
+    return {
+        name: CarbonFigures(
+            c.g_per_kwh,
+            c.power_w,
+            None if c.fleet is None else (c.fleet.g_per_kwh, c.fleet.power_w),
+        )
+        for name, c in record.backends.items()
+    }
 
 
 def _no_constant(name: str) -> float:
@@ -434,16 +464,23 @@ def _no_constant(name: str) -> float:
 
 
 class FileStateStore:
-    """The state in one JSON file."""
+    """The state in one JSON file, and its carbon figures in another beside it
+    (`carbon_path`), written only while there are some."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.carbon_path = path.with_name(path.name + CARBON_FILE_SUFFIX)
 
     @property
     def where(self) -> str:
         return f"state file {self.path}"
 
     def load(self) -> ControlState:
+        state = self._load_state()
+        carbon = self._load_carbon()
+        return replace(state, carbon=carbon) if carbon else state
+
+    def _load_state(self) -> ControlState:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -457,19 +494,46 @@ class FileStateStore:
             problem = f"{self.path}: not UTF-8 text: {exc}"
         except StateError as exc:
             problem = str(exc)
-        aside = self.path.with_name(self.path.name + ".corrupt")
-        try:
-            self.path.replace(aside)
-            kept = f"moved aside to {aside}"
-        except OSError as exc:
-            kept = f"left in place (cannot move it aside: {exc})"
+        kept = _set_aside(self.path)
         log.error("state file not valid, starting from the fleet file; %s: %s", kept, problem)
         return ControlState()
+
+    def _load_carbon(self) -> dict[str, CarbonFigures]:
+        """The carbon figures' file (none when there is none); one that cannot be read
+        or is not valid leaves the fleet file's figures in force (logged)."""
+        try:
+            raw = self.carbon_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.error(
+                "cannot read the carbon figures' file %s, the fleet file's apply: %s",
+                self.carbon_path,
+                exc,
+            )
+            return {}
+        try:
+            return decode_carbon(raw.decode("utf-8"), str(self.carbon_path))
+        except UnicodeDecodeError as exc:
+            problem = f"{self.carbon_path}: not UTF-8 text: {exc}"
+        except StateError as exc:
+            problem = str(exc)
+        kept = _set_aside(self.carbon_path)
+        log.error(
+            "carbon figures' file not valid, the fleet file's figures apply; %s: %s",
+            kept,
+            problem,
+        )
+        return {}
 
     def save(self, state: ControlState) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(self.path, encode_state(state))
+            if state.carbon:
+                write_text_atomically(self.carbon_path, encode_carbon(state) + "\n")
+            else:
+                self.carbon_path.unlink(missing_ok=True)
         except OSError as exc:
             raise Unavailable(f"cannot save the gateway's {self.where}: {exc}") from exc
 
@@ -479,6 +543,16 @@ class FileStateStore:
 
     async def flush(self) -> str | None:
         return None
+
+
+def _set_aside(path: Path) -> str:
+    """Moves a file that is not valid aside as `NAME.corrupt`; what became of it."""
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        path.replace(aside)
+    except OSError as exc:
+        return f"left in place (cannot move it aside: {exc})"
+    return f"moved aside to {aside}"
 
 
 class MemoryStateStore:

@@ -15,6 +15,7 @@ from backends.protocol.errors import InvalidInput, Unavailable
 from gateway.config import FleetConfig, PoliciesSettings, parse_fleet
 from gateway.control.plane import Control, PriceChange, schedule_position
 from gateway.control.state import (
+    CarbonFigures,
     ControlState,
     FileStateStore,
     MemoryStateStore,
@@ -167,6 +168,69 @@ def test_changes_for_backends_no_longer_in_the_fleet_are_dropped(
     )
 
 
+def carbon(plane: Plane, backend: str) -> tuple[float | None, float | None]:
+    state = plane.fleet.backends[backend]
+    return state.carbon_g_per_kwh, state.power_w
+
+
+def test_admin_carbon_figures_are_kept_in_the_file_until_a_later_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As an admin price: back after a restart; a carbon feed's figure (not kept: the
+    feed is polled afresh at start) or a fleet file edit, live or made while down, is
+    the later change and the admin API's figures go."""
+    caplog.set_level(logging.WARNING, logger="switchyard.control")
+    clock = Clock(1000.0)
+    path = tmp_path / "state.json"
+    first = started(fleet(), FileStateStore(path), clock)
+    first.control.override_carbon("a", 50.0, 20.0)
+    first.control.override_carbon("b", 70.0, 30.0)
+    assert store_carbon(path) == {
+        "a": CarbonFigures(50.0, 20.0, (None, None)),
+        "b": CarbonFigures(70.0, 30.0, (None, None)),
+    }
+
+    second = started(fleet(), FileStateStore(path), clock)
+    assert (carbon(second, "a"), carbon(second, "b")) == ((50.0, 20.0), (70.0, 30.0))
+    second.control.set_carbon("b", 10.0, 30.0, "feed grid")
+    assert carbon(second, "b") == (10.0, 30.0) and set(store_carbon(path)) == {"a"}
+
+    third = started(fleet(), FileStateStore(path), clock)
+    assert (carbon(third, "a"), carbon(third, "b")) == ((50.0, 20.0), (None, None))
+    edited = fleet(FLEET.replace("0.1}", "0.1, carbon_g_per_kwh: 400, power_w: 25}"))
+    fourth = started(edited, FileStateStore(path), clock)
+    assert carbon(fourth, "a") != (50.0, 20.0) and store_carbon(path) == {}
+    assert "the fleet file changed a's carbon figures since the admin API set them" in caplog.text
+
+    fourth.control.override_carbon("b", 5.0, 10.0)
+    fourth.control.apply_fleet(
+        edited, fleet(FLEET.replace("0.3}", "0.3, carbon_g_per_kwh: 9, power_w: 9}")), "fleet"
+    )
+    assert carbon(fourth, "b") == (9.0, 9.0) and store_carbon(path) == {}
+
+
+def store_carbon(path: Path) -> dict[str, CarbonFigures]:
+    return dict(FileStateStore(path).load().carbon)
+
+
+class SharedMemory(MemoryStateStore):
+    @property
+    def shared(self) -> bool:
+        return True
+
+
+def test_a_shared_stores_admin_carbon_figures_carry_no_fleet_figures() -> None:
+    """Their format in the store has no room for them (older gateways read it)."""
+    store = SharedMemory()
+    plane = started(fleet(), store, Clock(1000.0))
+    plane.control.override_carbon("a", 50.0, 20.0)
+    plane.control.set_carbon("b", 10.0, 30.0, "feed grid")
+    assert store.load().carbon == {
+        "a": CarbonFigures(50.0, 20.0),
+        "b": CarbonFigures(10.0, 30.0),
+    }
+
+
 class BrokenStore(MemoryStateStore):
     def save(self, state: ControlState) -> None:
         raise Unavailable("cannot save the gateway's state file /x: read-only file system")
@@ -178,7 +242,10 @@ def test_an_admin_change_that_cannot_be_kept_is_not_made() -> None:
         plane.control.override_price("a", 0.9)
     with pytest.raises(Unavailable):
         plane.control.set_drained("a", True)
+    with pytest.raises(Unavailable):
+        plane.control.override_carbon("a", 5.0, 5.0)
     assert plane.price("a") == 0.1 and not plane.fleet.backends["a"].drained
+    assert carbon(plane, "a") == (None, None)
 
 
 @pytest.mark.parametrize("price", [float("nan"), float("inf"), float("-inf"), -0.5])
