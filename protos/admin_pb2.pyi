@@ -63,10 +63,12 @@ class RouteStatus(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., default_variant: _Optional[bool] = ..., hardware_class: _Optional[str] = ..., status: _Optional[str] = ..., detail: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p99_ms: _Optional[float] = ..., observed_p50_ms: _Optional[float] = ..., observed_p99_ms: _Optional[float] = ..., in_flight: _Optional[int] = ..., slots: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., traffic_share: _Optional[float] = ..., cost_usd_per_1m: _Optional[float] = ..., carbon_g_per_1m: _Optional[float] = ..., samples: _Optional[int] = ..., address: _Optional[str] = ..., carbon_g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class ListRoutesResponse(_message.Message):
-    __slots__ = ("routes",)
+    __slots__ = ("routes", "without_routes")
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_ROUTES_FIELD_NUMBER: _ClassVar[int]
     routes: _containers.RepeatedCompositeFieldContainer[RouteStatus]
-    def __init__(self, routes: _Optional[_Iterable[_Union[RouteStatus, _Mapping]]] = ...) -> None: ...
+    without_routes: _containers.RepeatedCompositeFieldContainer[BackendStatus]
+    def __init__(self, routes: _Optional[_Iterable[_Union[RouteStatus, _Mapping]]] = ..., without_routes: _Optional[_Iterable[_Union[BackendStatus, _Mapping]]] = ...) -> None: ...
 
 class SetPriceRequest(_message.Message):
     __slots__ = ("backend", "usd_per_hour")
@@ -87,20 +89,24 @@ class SetCarbonRequest(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("backend", "status", "price_usd_per_hour", "in_flight", "carbon_g_per_kwh", "power_w")
+    __slots__ = ("backend", "status", "price_usd_per_hour", "in_flight", "carbon_g_per_kwh", "power_w", "detail", "address")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PRICE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CARBON_G_PER_KWH_FIELD_NUMBER: _ClassVar[int]
     POWER_W_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     status: str
     price_usd_per_hour: float
     in_flight: int
     carbon_g_per_kwh: float
     power_w: float
-    def __init__(self, backend: _Optional[str] = ..., status: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., in_flight: _Optional[int] = ..., carbon_g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
+    detail: str
+    address: str
+    def __init__(self, backend: _Optional[str] = ..., status: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., in_flight: _Optional[int] = ..., carbon_g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ..., detail: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()
@@ -183,7 +189,7 @@ class BackendRequest(_message.Message):
     def __init__(self, backend: _Optional[str] = ...) -> None: ...
 
 class BackendProcess(_message.Message):
-    __slots__ = ("backend", "pid", "supervised", "held_down", "status", "address", "price_usd_per_hour", "restarts")
+    __slots__ = ("backend", "pid", "supervised", "held_down", "status", "address", "price_usd_per_hour", "restarts", "detail", "carbon_g_per_kwh", "power_w")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     SUPERVISED_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +198,9 @@ class BackendProcess(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PRICE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CARBON_G_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
     backend: str
     pid: int
     supervised: bool
@@ -200,7 +209,10 @@ class BackendProcess(_message.Message):
     address: str
     price_usd_per_hour: float
     restarts: int
-    def __init__(self, backend: _Optional[str] = ..., pid: _Optional[int] = ..., supervised: _Optional[bool] = ..., held_down: _Optional[bool] = ..., status: _Optional[str] = ..., address: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
+    detail: str
+    carbon_g_per_kwh: float
+    power_w: float
+    def __init__(self, backend: _Optional[str] = ..., pid: _Optional[int] = ..., supervised: _Optional[bool] = ..., held_down: _Optional[bool] = ..., status: _Optional[str] = ..., address: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., restarts: _Optional[int] = ..., detail: _Optional[str] = ..., carbon_g_per_kwh: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class ListBackendsResponse(_message.Message):
     __slots__ = ("backends",)

@@ -129,7 +129,22 @@ def _backend_status(state: BackendState) -> apb.BackendStatus:
         in_flight=state.in_flight,
         carbon_g_per_kwh=_known(state.carbon_g_per_kwh),
         power_w=_known(state.power_w),
+        detail=state.last_error,
+        address=state.address,
     )
+
+
+def without_routes(fleet: FleetState, model: str) -> list[BackendState]:
+    """The fleet's backends with no route at all (never ready: their models are not
+    known), in fleet order; with `model`, those that may hold it (the fleet file names
+    no models for them, or names it)."""
+    routed = {r.backend for r in fleet.all_routes()}
+    return [
+        state
+        for name, state in fleet.backends.items()
+        if name not in routed
+        and (not model or not state.expected_models or model in state.expected_models)
+    ]
 
 
 def _backend_process(process: BackendProcess) -> apb.BackendProcess:
@@ -143,6 +158,9 @@ def _backend_process(process: BackendProcess) -> apb.BackendProcess:
         address=state.address,
         price_usd_per_hour=state.price_usd_per_hour,
         restarts=0 if worker is None else worker.restarts,
+        detail=state.last_error,
+        carbon_g_per_kwh=_known(state.carbon_g_per_kwh),
+        power_w=_known(state.power_w),
     )
 
 
@@ -203,7 +221,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         routes = self.fleet.routes(request.model) if request.model else self.fleet.all_routes()
         if request.model and not routes and request.model not in self.fleet.known_models():
             raise InvalidInput(f"unknown model {request.model!r}")
-        return apb.ListRoutesResponse(routes=[route_status(r, shares, now) for r in routes])
+        return apb.ListRoutesResponse(
+            routes=[route_status(r, shares, now) for r in routes],
+            without_routes=[_backend_status(b) for b in without_routes(self.fleet, request.model)],
+        )
 
     @_guarded
     async def SetPrice(

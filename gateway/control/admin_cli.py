@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TLS: the name to check the certificate against (default: the target's host)",
     )
     sub = parser.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
-    routes = sub.add_parser("routes", help="every route's live state (a table)")
+    routes = sub.add_parser(
+        "routes", help="every route's live state (a table), and each backend with none and why"
+    )
     routes.add_argument("--model", default="", help="only this model's routes")
     routes.add_argument("--watch", type=float, default=0.0, metavar="S", help="refresh every S s")
     price = sub.add_parser("set-price", help="set a backend's price (USD per hour)")
@@ -174,12 +176,51 @@ def routes_table(reply: apb.ListRoutesResponse) -> Any:
     return table
 
 
+def without_routes_lines(reply: apb.ListRoutesResponse) -> list[str]:
+    """Each backend with no routes and why, for below the routes table."""
+    lines = []
+    for b in reply.without_routes:
+        why = b.detail or ("not probed yet" if b.status == "unhealthy" else "no models known")
+        lines.append(f"{b.backend} at {b.address}: no routes, {b.status}: {why}")
+    return lines
+
+
+def routes_view(reply: apb.ListRoutesResponse) -> Any:
+    """The routes table, and below it each backend that has none, with why."""
+    from rich.console import Group
+    from rich.text import Text
+
+    table = routes_table(reply)
+    lines = without_routes_lines(reply)
+    if not lines:
+        return table
+    # Text, not markup: an error's words may hold brackets.
+    return Group(table, Text("backends with no routes:"), *(Text("  " + line) for line in lines))
+
+
+def _figure(value: float) -> str:
+    """A figure that may be unknown (negative)."""
+    return f"{value:g}" if value >= 0 else "-"
+
+
 def backends_table(reply: apb.ListBackendsResponse) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="backends")
-    for column in ("backend", "pid", "status", "held", "restarts", "address", "$/h"):
-        numeric = column in ("pid", "restarts", "$/h")
+    for column in (
+        "backend",
+        "pid",
+        "status",
+        "held",
+        "restarts",
+        "address",
+        "$/h",
+        "gCO2/kWh",
+        "W",
+        "detail",
+    ):
+        numeric = column in ("pid", "restarts", "$/h", "gCO2/kWh", "W")
         table.add_column(column, justify="right" if numeric else "left")
     for b in reply.backends:
         status = b.status if b.status == "ready" else f"[red]{b.status}[/red]"
@@ -191,8 +232,14 @@ def backends_table(reply: apb.ListBackendsResponse) -> Any:
             str(b.restarts) if b.supervised else "-",
             b.address,
             f"{b.price_usd_per_hour:.4f}",
+            _figure(b.carbon_g_per_kwh),
+            _figure(b.power_w),
+            Text(b.detail),
         )
-    table.caption = "pid and restarts: for the workers the gateway launches"
+    table.caption = (
+        "pid and restarts: for the workers the gateway launches; "
+        "gCO2/kWh and W: its carbon intensity and power draw (- unknown)"
+    )
     return table
 
 
@@ -237,7 +284,7 @@ def explain_view(reply: apb.ExplainResponse) -> Any:
 
 def _render(args: argparse.Namespace, reply: Message) -> Any:
     if isinstance(reply, apb.ListRoutesResponse):
-        return routes_table(reply)
+        return routes_view(reply)
     if isinstance(reply, apb.ExplainResponse):
         return explain_view(reply)
     if isinstance(reply, apb.PolicyDocument):

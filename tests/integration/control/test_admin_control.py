@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -346,3 +347,84 @@ async def test_admin_cli_lists_kills_restarts_and_sets_routing(
     assert code == 1 and "INVALID_ARGUMENT: unknown routing 'nope'" in err
     code, _, err = await cli("kill", "outside")
     assert code == 1 and "FAILED_PRECONDITION" in err
+
+
+async def test_admin_cli_routes_says_why_a_backend_has_no_routes(
+    outside: Worker,
+    repository: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A backend whose address refuses connections was never ready, so it has no
+    routes: `switchyard admin routes` names it below the table with its address, its
+    status and the probe's error (as `backends` shows it), `--json` carries it in
+    `without_routes`, and a backend with routes is not among them."""
+    monkeypatch.setenv("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+    # A port bound but not listening: connections to it are refused while it is held.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        refusing = f"127.0.0.1:{held.getsockname()[1]}"
+        config = FleetConfig.model_validate(
+            {
+                "repository": str(repository),
+                "gateway": {
+                    "listen": "127.0.0.1:0",
+                    "metrics": "127.0.0.1:0",
+                    "admin": "127.0.0.1:0",
+                    "probe_interval_s": 0.2,
+                    "latency_probe_interval_s": 0,
+                },
+                "backends": [
+                    {"name": "outside", "address": outside.address, "price_usd_per_hour": 0.1},
+                    {"name": "nowhere", "address": refusing, "price_usd_per_hour": 0.01},
+                ],
+            }
+        )
+        gw = await start_gateway(config)
+        try:
+            async with gateway_clients(gw) as (_, admin):
+
+                async def probed() -> bool:
+                    reply = await admin.ListRoutes(apb.ListRoutesRequest(), metadata=AUTH)
+                    return any(r.backend == "outside" for r in reply.routes) and any(
+                        b.backend == "nowhere" and b.detail for b in reply.without_routes
+                    )
+
+                await wait_until(probed, timeout_s=30, what="both backends probed")
+                detail = (await listed(admin))["nowhere"].detail
+            assert detail.startswith("UNAVAILABLE: ")
+            target = gw.admin_address
+            assert target is not None
+
+            code = await asyncio.to_thread(admin_command, target, "routes")
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            table, _, below = out.partition("backends with no routes:")
+            assert "outside" in table and "digits" in table and "nowhere" not in table
+            # The console wraps long lines: compare the words (the probe's error, which
+            # the next probe writes again, may word the refusal differently).
+            words = " ".join(below.split())
+            assert words.startswith(f"nowhere at {refusing}: no routes, unhealthy: UNAVAILABLE: ")
+
+            code = await asyncio.to_thread(admin_command, target, "--json", "routes")
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            reply = json.loads(out)
+            assert {r["backend"] for r in reply["routes"]} == {"outside"}
+            [unrouted] = reply["without_routes"]
+            assert (unrouted["backend"], unrouted["status"], unrouted["address"]) == (
+                "nowhere",
+                "unhealthy",
+                refusing,
+            )
+            assert unrouted["detail"].startswith("UNAVAILABLE: ")
+
+            code = await asyncio.to_thread(admin_command, target, "routes", "--model", "digits")
+            out, _ = capsys.readouterr()
+            assert code == 0 and f"nowhere at {refusing}: no routes, unhealthy" in out
+
+            code = await asyncio.to_thread(admin_command, target, "backends")
+            out, _ = capsys.readouterr()
+            assert code == 0 and "UNAVAILABLE" in out and "detail" in out
+        finally:
+            await gw.stop()

@@ -1,5 +1,5 @@
 """What survives a restart of the gateway, seen through the admin API and where
-requests go: the admin API's prices, drains, policies and routing rule come back from
+requests go: the admin API's prices, carbon figures, drains, policies and routing rule come back from
 the state file; the price schedule resumes at its wall-clock offset; the fleet file's
 watcher outlives files it cannot use; NaN and infinity are refused at the admin API and
 its command line. Real gateways in process over real workers, started twice on the same
@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -162,6 +163,66 @@ async def test_a_fleet_file_edit_made_while_down_wins_over_an_older_admin_price(
         assert await gw.prices() == {"cheap": 0.05, "dear": 0.2}
         assert "the fleet file changed cheap's price since the admin API set it" in caplog.text
         assert await gw.backend_used() == "cheap"
+
+
+async def test_carbon_figures_set_through_the_admin_api_are_restored_after_a_restart(
+    pair: tuple[Worker, Worker],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    repository: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`switchyard admin set-carbon` on a gateway with a state file: after a restart
+    the figures are back (the fleet file still says otherwise), the carbon objective
+    routes by them, and `admin backends` shows them. They are kept beside the state
+    file, whose content a gateway of the version before carbon figures reads whole."""
+    monkeypatch.setenv("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+    backends = two_backends(pair, cheap=0.01, dear=0.01)
+    backends[0].update(carbon_g_per_kwh=900, power_w=50)
+    backends[1].update(carbon_g_per_kwh=100, power_w=50)
+    fleet = write_fleet(
+        tmp_path / "fleet.yaml",
+        backends,
+        {"default": {"latency_ms": 1000, "objective": "carbon"}},
+        state_file="state.json",
+    )
+    state_file = tmp_path / "state.json"
+
+    async def carbon(gw: Running) -> dict[str, tuple[float, float]]:
+        reply = await gw.admin.ListBackends(apb.ListBackendsRequest(), metadata=AUTH)
+        return {b.backend: (b.carbon_g_per_kwh, b.power_w) for b in reply.backends}
+
+    async with running(fleet, repository) as gw:
+        assert [await gw.backend_used() for _ in range(3)] == ["dear"] * 3
+        target = gw.gateway.admin_address
+        assert target is not None
+        code = await asyncio.to_thread(admin_command, target, "set-carbon", "cheap", "1")
+        out, _ = capsys.readouterr()
+        assert code == 0 and "1 gCO2eq/kWh at 50 W" in out, out
+        assert [await gw.backend_used() for _ in range(3)] == ["cheap"] * 3
+    kept = json.loads(state_file.read_text())
+    assert "carbon" not in kept and kept["version"] == 1
+    assert json.loads((tmp_path / "state.json.carbon").read_text())["backends"]["cheap"] == {
+        "g_per_kwh": 1.0,
+        "power_w": 50.0,
+        "fleet": {"g_per_kwh": 900.0, "power_w": 50.0},
+    }
+
+    async with running(fleet, repository) as gw:
+        assert await carbon(gw) == {"cheap": (1.0, 50.0), "dear": (100.0, 50.0)}
+        assert [await gw.backend_used() for _ in range(3)] == ["cheap"] * 3
+        target = gw.gateway.admin_address
+        assert target is not None
+        code = await asyncio.to_thread(admin_command, target, "backends")
+        out, _ = capsys.readouterr()
+        assert code == 0, out
+        rows = {
+            cells[0]: cells
+            for line in out.splitlines()
+            if len(cells := [c.strip() for c in re.split("[│┃]", line)[1:-1]]) > 8
+        }
+        assert rows["backend"][7:9] == ["gCO2/kWh", "W"]
+        assert rows["cheap"][7:9] == ["1", "50"] and rows["dear"][7:9] == ["100", "50"]
 
 
 SCHEDULE = "offset_s,backend,usd_per_hour\n0,cheap,0.1\n3600,cheap,0.9\n7200,cheap,0.05\n"
