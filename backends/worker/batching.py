@@ -109,6 +109,13 @@ class Slots:
                 future.cancel()  # left in the heap, skipped by `release`
             raise
 
+    def first_waiting(self) -> tuple[int, int] | None:
+        """The key of the batch waiting for a slot that ranks first (None: none waits)."""
+        waiting = self._waiting
+        while waiting and waiting[0][2].done():
+            heapq.heappop(waiting)  # cancelled while it waited
+        return waiting[0][0] if waiting else None
+
     def release(self) -> None:
         """Gives a slot back: to the waiting batch ranked first, else it is free."""
         while self._waiting:
@@ -347,6 +354,17 @@ class Batcher:
             rest = max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
         return count * per_request, rest
 
+    def latest_due_ns(self) -> int | None:
+        """The latest due time (ns, the batcher's clock) among the requests waiting here
+        that give one (in the queue, or in a batch formed and waiting for a slot); None
+        when none does."""
+        latest: int | None = None
+        for pending in itertools.chain(self._waiters.values(), self._formed):
+            due = pending.due_ns
+            if due != NO_DEADLINE_NS and (latest is None or due > latest):
+                latest = due
+        return latest
+
     def _dequeued(self, pending: _Pending) -> None:
         if pending.queued:
             pending.queued = False
@@ -380,10 +398,19 @@ class Batcher:
             return False
         return True
 
-    async def _next_batch(self) -> list[_Pending]:
-        first = await self._queue.get()
-        while not self._take(first):
-            first = await self._queue.get()
+    async def _next_batch(self, wait: bool = True) -> list[_Pending]:
+        """The next batch to run; with `wait` false, an empty one when no request that is
+        to run waits now (rather than waiting for one)."""
+        while True:
+            if wait:
+                first = await self._queue.get()
+            else:
+                try:
+                    first = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return []
+            if self._take(first):
+                break
         batch = [first]
         if not self._batching:
             return batch
@@ -412,29 +439,58 @@ class Batcher:
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
+        held = False  # this batcher kept the slot its last batch ran in (see `_keeps`)
         while True:
-            formed = await self._next_batch()
-            start_ns = self._clock()
-            # Formed now: one whose deadline passed while the batch gathered is dropped.
-            batch = [p for p in formed if not p.future.done() and self._in_time(p, start_ns)]
-            if not batch:
-                continue
-            slots = self._slots
-            if slots is None:
-                await self._execute(loop, batch, start_ns)
-                continue
-            self._formed = batch
             try:
-                await slots.acquire(min((p.level, p.due_ns) for p in batch))
-            finally:
-                self._formed = []
-            try:
+                formed = await self._next_batch(wait=not held)
+                start_ns = self._clock()
+                # Formed now: one whose deadline passed while the batch gathered is dropped.
+                batch = [p for p in formed if not p.future.done() and self._in_time(p, start_ns)]
+                slots = self._slots
+                if not batch:
+                    if held:
+                        assert slots is not None
+                        held = False
+                        slots.release()
+                    continue
+                if slots is None:
+                    await self._execute(loop, batch, start_ns)
+                    continue
+                if not held:
+                    self._formed = batch
+                    try:
+                        await slots.acquire(min((p.level, p.due_ns) for p in batch))
+                    finally:
+                        self._formed = []
+                held = True
                 start_ns = self._clock()
                 batch = [p for p in batch if not p.future.done() and self._in_time(p, start_ns)]
                 if batch:
                     await self._execute(loop, batch, start_ns)
-            finally:
-                slots.release()
+                held = self._keeps(slots)
+                if not held:
+                    slots.release()
+            except BaseException:
+                if held:
+                    assert self._slots is not None
+                    held = False
+                    self._slots.release()
+                raise
+
+    def _keeps(self, slots: Slots) -> bool:
+        """Whether this batcher keeps the slot its batch just ran in for its next batch:
+        when the request waiting here that ranks first ranks before every batch waiting
+        for a slot. (Its next batch forms only now, after the slot would have gone to
+        them: without this, two batchers' requests would take turns at the slot
+        whatever their due times.)"""
+        queue: list[_Pending] = self._queue._queue  # type: ignore[attr-defined]
+        while queue and queue[0].future.done():
+            self._dequeued(heapq.heappop(queue))  # its caller went away
+        if not queue:
+            return False
+        head = queue[0]
+        other = slots.first_waiting()
+        return other is None or (head.level, head.due_ns) < other
 
     async def _execute(
         self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], start_ns: int

@@ -224,6 +224,38 @@ async def test_a_freed_slot_goes_to_the_batch_due_first_across_batchers() -> Non
         assert await order((b, 7_000, 0), (a, 7_000, 0)) == ["b", "a"]
 
 
+async def test_a_batcher_keeps_the_slot_for_its_own_next_request_when_it_is_due_first() -> None:
+    """While a's batch runs, a's next request waits in a's queue (a's one batch at a time
+    is running) and b's, due later, forms and waits for the slot. When a's batch ends,
+    a's next request is due first and runs next; the slots do not take turns between
+    batchers."""
+    runs, slots, clock = Runs(), Slots(1), Clock()
+    async with batchers(runs, slots, {"a": True, "b": False}, clock) as made:
+        a, b = made["a"], made["b"]
+        first = asyncio.create_task(a.infer(row(1), 1, 0, 10_000))
+        await wait_until(lambda: runs.holding("a"), what="a's first batch to run")
+        second = asyncio.create_task(a.infer(row(2), 1, 0, 20_000))
+        await wait_until(lambda: a.waiting == 1, what="a's next request to queue")
+        later = asyncio.create_task(b.infer(row(3), 1, 0, 30_000))
+        await wait_until(batches_waiting(slots, 1), what="b's batch to wait for the slot")
+        runs.open("a")
+        await asyncio.gather(first, second, later)
+        assert runs.started == [("a", 1.0), ("a", 2.0), ("b", 3.0)]
+        # Due after b's, a's next request gives the slot up to b's batch.
+        runs.close("a")
+        runs.started.clear()
+        first = asyncio.create_task(a.infer(row(4), 1, 0, 10_000))
+        await wait_until(lambda: runs.holding("a"), what="a's batch to run")
+        second = asyncio.create_task(a.infer(row(5), 1, 0, 90_000))
+        await wait_until(lambda: a.waiting == 1, what="a's next request to queue")
+        sooner = asyncio.create_task(b.infer(row(6), 1, 0, 30_000))
+        await wait_until(batches_waiting(slots, 1), what="b's batch to wait for the slot")
+        runs.open("a")
+        await asyncio.gather(first, second, sooner)
+        assert runs.started == [("a", 4.0), ("b", 6.0), ("a", 5.0)]
+        assert (slots.free, slots.waiting) == (1, 0)
+
+
 async def test_a_request_cancelled_while_its_batch_waits_for_a_slot_never_runs() -> None:
     runs, slots = Runs(), Slots(1)
     async with batchers(runs, slots, {"busy": True, "a": False}) as made:
