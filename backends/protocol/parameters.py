@@ -29,6 +29,13 @@ at once (RESOURCE_EXHAUSTED, `LATE_REFUSAL` in its message) rather than queued w
 worker predicts it would be answered past that time: a gateway whose view of a shared
 backend's queue is partial sends it, and sends a refused request elsewhere."""
 
+AFTER_WAITING_PARAMETER = "switchyard_after_waiting"
+"""The request parameter (a bool) by which a request is due when the latest-due of the
+requests waiting at the worker as it arrives is (at once, where none waits), whatever
+`switchyard_due_us` says: it goes after every one of them and ahead of those that come
+later. A gateway's latency probe of a busy backend sends it: it runs within the time the
+queue takes to drain, and makes none of the requests already waiting late."""
+
 LATE_REFUSAL = "would be answered past its due time"
 """What the message of a request refused by `REFUSE_LATE_PARAMETER` says."""
 
@@ -87,15 +94,13 @@ def checked_due_us(value: object) -> int | None:
     return None if value is None else _non_negative_int(DUE_PARAMETER, value, MAX_DUE_US)
 
 
-def checked_refuse_late(value: object) -> bool:
-    """The `switchyard_refuse_late` request parameter (False when absent): InvalidInput
-    unless it is a bool."""
+def checked_flag(name: str, value: object) -> bool:
+    """A bool request parameter, `switchyard_refuse_late` or `switchyard_after_waiting`
+    (False when absent): InvalidInput naming it unless it is a bool."""
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidInput(
-            f"request parameter {REFUSE_LATE_PARAMETER!r} must be a bool, got {shown(value)}"
-        )
+        raise InvalidInput(f"request parameter {name!r} must be a bool, got {shown(value)}")
     return value
 
 

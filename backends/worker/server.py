@@ -72,12 +72,13 @@ from backends.protocol.load import (
     report_field,
 )
 from backends.protocol.parameters import (
+    AFTER_WAITING_PARAMETER,
     DUE_PARAMETER,
     LATE_REFUSAL,
     REFUSE_LATE_PARAMETER,
     checked_due_us,
+    checked_flag,
     checked_priority,
-    checked_refuse_late,
     checked_timeout_us,
     priority_level,
 )
@@ -296,9 +297,14 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             priority = checked_priority(decoded.parameters.get("priority"))
             due_us = checked_due_us(decoded.parameters.get(DUE_PARAMETER))
             caller = decoded.parameters.get(CALLER_PARAMETER)
-            if due_us is not None and checked_refuse_late(
-                decoded.parameters.get(REFUSE_LATE_PARAMETER)
+            if checked_flag(
+                AFTER_WAITING_PARAMETER, decoded.parameters.get(AFTER_WAITING_PARAMETER)
             ):
+                due_us = self._after_waiting_us()
+            refuse_late = checked_flag(
+                REFUSE_LATE_PARAMETER, decoded.parameters.get(REFUSE_LATE_PARAMETER)
+            )
+            if due_us is not None and refuse_late:
                 self._refuse_if_late(model.name, chosen.batcher, priority, due_us)
             timeout = decoded.parameters.get("timeout")
             if timeout is not None:
@@ -366,6 +372,22 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             # A fault of ours: INTERNAL for the caller (a stream goes on), never UNKNOWN.
             log.exception("request for model %s failed", shown(request.model_name))
             raise Internal(internal_message(exc)) from exc
+
+    def _after_waiting_us(self) -> int:
+        """How soon (us) the latest-due of the requests waiting across this worker's
+        batchers is due (0: none waits, or it is overdue): the due time of a request
+        that asks to go after them (`switchyard_after_waiting`)."""
+        now_ns = time.perf_counter_ns()
+        latest = max(
+            (
+                due
+                for m in self.models.values()
+                for b in m.batchers()
+                if (due := b.latest_due_ns()) is not None
+            ),
+            default=now_ns,
+        )
+        return max(0, (latest - now_ns) // 1000 + 1)  # +1: after it, its clock read later
 
     def _refuse_if_late(self, model: str, batcher: Batcher, priority: int, due_us: int) -> None:
         """Exhausted (RESOURCE_EXHAUSTED) when a request due in `due_us` would be

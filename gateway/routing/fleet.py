@@ -406,6 +406,17 @@ class BackendState:
         """Requests in flight that wait for a slot."""
         return len(self._waiting) - self._head
 
+    def latest_due_s(self, now_s: float) -> float:
+        """When the latest-due of the requests waiting here in this gateway's view is due
+        (`now_s` where none waits, or none gives a due time): the due time of a request
+        that is to go after every one of them (a latency probe of a busy backend)."""
+        latest = now_s
+        for due in reversed(self._waiting_due[self._head :]):
+            if due < math.inf:
+                latest = max(latest, due)
+                break
+        return latest
+
     def due_before(self, due_s: float) -> tuple[int, float]:
         """How many waiting requests are due by `due_s`, and the work (ms) they are
         expected to take: what is ahead of a request due then."""

@@ -14,6 +14,7 @@ import logging
 from backends.protocol import codec
 from backends.protocol.errors import InvalidInput, shown
 from backends.protocol.parameters import (
+    AFTER_WAITING_PARAMETER,
     DUE_PARAMETER,
     PROFILE_PARAMETER,
     REFUSE_LATE_PARAMETER,
@@ -201,6 +202,17 @@ def due_parameter(due_us: int) -> bytes:
     request for a backend that queues by deadline."""
     message = pb.ModelInferRequest()
     message.parameters[DUE_PARAMETER].int64_param = due_us
+    return message.SerializeToString()
+
+
+def after_waiting_parameter() -> bytes:
+    """Serialized ModelInferRequest holding `switchyard_due_us` (0) and
+    `switchyard_after_waiting` (true), to append to a latency probe of a busy Switchyard
+    worker: it goes after every request waiting there (an older worker, which knows only
+    the due time, runs it next)."""
+    message = pb.ModelInferRequest()
+    message.parameters[DUE_PARAMETER].int64_param = 0
+    message.parameters[AFTER_WAITING_PARAMETER].bool_param = True
     return message.SerializeToString()
 
 

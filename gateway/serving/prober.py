@@ -26,7 +26,7 @@ from backends.protocol.codec import MAX_ZEROS_BYTES, zeros_request
 from backends.protocol.errors import InvalidInput
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, FleetState, ModelInfo, Route
-from gateway.serving.converters import due_parameter, model_info
+from gateway.serving.converters import after_waiting_parameter, model_info
 from gateway.serving.pool import BackendPool
 from protos import inference_pb2 as pb
 
@@ -68,6 +68,7 @@ class Prober:
         """This gateway's name as its requests to Switchyard workers carry it (the
         transport's `caller`): a latency probe is this gateway's own request, never
         another gateway's in the load reports that come back."""
+        self._after_waiting = after_waiting_parameter()
         self.clock = clock
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -312,18 +313,21 @@ class Prober:
             return None
 
     async def _queued_probe(self, route: Route) -> bool:
-        """One probe of a route whose backend has no free slot: due at once, so that it
-        takes the next slot that frees (the backend's queue, and the gateway's model of
-        it, are earliest deadline first); its sample is the time from when it took that
-        slot to its answer. It costs the requests waiting there one service time."""
+        """One probe of a route whose backend has no free slot: due when the latest-due
+        of the requests waiting there is, so that it goes after every one of them and
+        ahead of those that come later (the backend's queue, and the gateway's model of
+        it, are earliest deadline first; a Switchyard worker places it so by its own
+        queue, `switchyard_after_waiting`, which holds the other gateways' requests too);
+        its sample is the time from when it took a slot to its answer. It makes none of
+        the requests waiting late; those that come while it waits know it is ahead."""
         request = self._probe_request(route)
         if request is None:
             return False
         if route.deadlines:
-            request += due_parameter(0) + self.caller
+            request += self._after_waiting + self.caller
         state = route.state
         now = self.clock()
-        ticket = state.admit(route, route.estimate.mean_ms, now, now)
+        ticket = state.admit(route, route.estimate.mean_ms, state.latest_due_s(now), now)
         free_slot = ticket.started_s is not None
         started = time.perf_counter()
         try:

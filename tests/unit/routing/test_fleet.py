@@ -217,3 +217,16 @@ def test_a_probe_timeout_takes_a_backend_out_only_when_it_happens_twice_in_a_row
     # A refused connection takes it out at once.
     fleet.record_failure("b1", 5.0, "UNAVAILABLE: connection refused")
     assert not fleet.backends["b1"].available
+
+
+def test_latest_due_is_when_the_last_waiting_request_is_due_else_now() -> None:
+    state = BackendState("b", "127.0.0.1:1", "cpu", 1.0, slots=1)
+    assert state.latest_due_s(5.0) == 5.0  # nothing waits
+    state.admit(None, 1.0, 9.0, 5.0)  # takes the slot: it does not wait
+    assert state.latest_due_s(5.0) == 5.0
+    state.admit(None, 1.0, 7.0, 5.0)
+    state.admit(None, 1.0, 8.0, 5.0)
+    state.admit(None, 1.0, float("inf"), 5.0)  # no due time: not a time to go by
+    assert state.latest_due_s(5.0) == 8.0
+    probe = state.admit(None, 1.0, state.latest_due_s(5.0), 5.0)
+    assert state.due_before(8.0)[0] == 3 and probe.started_s is None  # after the two due
