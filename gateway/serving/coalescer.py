@@ -27,7 +27,8 @@ default 0 last), then earliest deadline first (a request's arrival plus its SLA,
 as the router predicts waits), then in arrival order; a merged call carries its
 best priority. A backend whose queue also goes by deadline (a Switchyard worker)
 is told, as each call leaves, how long its request has left (`switchyard_due_us`;
-a merged call: its earliest).
+a merged call: its earliest), less the backend's network round trip: the time the
+request still has on arrival for its answer to be back by then.
 
 Imports grpc and generated protobuf (it reads request headers and merges tensors);
 nothing of the control plane.
@@ -223,7 +224,7 @@ class Coalescer:
                 merged.parameters["priority"].uint64_param = level
             due_s = min(w.rank[1] for w in batch)
             if route.deadlines and due_s < INF:
-                merged.parameters[DUE_PARAMETER].int64_param = self._due_us(due_s)
+                merged.parameters[DUE_PARAMETER].int64_param = self._due_us(route, due_s)
             try:
                 reply = await self._send(route, merged.SerializeToString(), self._timeout(batch))
                 parts = split_response(pb.ModelInferResponse.FromString(reply), requests)
@@ -253,10 +254,13 @@ class Coalescer:
         backend queues by deadline."""
         if not route.deadlines or due_s == INF:
             return request
-        return request + due_parameter(self._due_us(due_s))
+        return request + due_parameter(self._due_us(route, due_s))
 
-    def _due_us(self, due_s: float) -> int:
-        return max(0, int((due_s - self._clock()) * 1e6))
+    def _due_us(self, route: Route, due_s: float) -> int:
+        """How long (us) a request due at `due_s` has at `route`'s backend once there:
+        what is left of it, less the way there and back (its network round trip)."""
+        left_s = due_s - self._clock() - route.state.network.rtt_ms * 0.001
+        return max(0, int(left_s * 1e6))
 
     def _timeout(self, batch: list[_Waiting]) -> float | None:
         deadlines = [w.deadline for w in batch]
