@@ -317,9 +317,12 @@ class Prober:
         of the requests waiting there is, so that it goes after every one of them and
         ahead of those that come later (the backend's queue, and the gateway's model of
         it, are earliest deadline first; a Switchyard worker places it so by its own
-        queue, `switchyard_after_waiting`, which holds the other gateways' requests too);
+        queue, `switchyard_after_waiting`, which holds the other gateways' requests too;
+        a backend no other gateway sends to has only this gateway's requests in transit
+        waiting there, the rest held by its coalescer, so the model places it first);
         its sample is the time from when it took a slot to its answer. It makes none of
-        the requests waiting late; those that come while it waits know it is ahead."""
+        the requests waiting at the backend late; those that come while it waits know
+        it is ahead."""
         request = self._probe_request(route)
         if request is None:
             return False
@@ -327,7 +330,11 @@ class Prober:
             request += self._after_waiting + self.caller
         state = route.state
         now = self.clock()
-        ticket = state.admit(route, route.estimate.mean_ms, state.latest_due_s(now), now)
+        # Where the worker will place it in this gateway's view: after every request
+        # waiting, where they all wait at the worker (a shared backend gets every request
+        # at once); else first, as this gateway's own wait here, held by its coalescer.
+        due_s = state.latest_due_s(now) if state.shared(now) else now
+        ticket = state.admit(route, route.estimate.mean_ms, due_s, now)
         free_slot = ticket.started_s is not None
         started = time.perf_counter()
         try:
@@ -355,7 +362,10 @@ class Prober:
         if request is None:
             return 0
         if route.deadlines:
-            request += self.caller
+            # Free in this gateway's view, the backend may not be (other gateways, or
+            # its own requests in transit): after its waiting requests, not after all
+            # that come (a request with no due time ranks after every one with one).
+            request += self._after_waiting + self.caller
         client = self.pool.client(route.address)
         # The probe holds a slot like any request, so a request sent meanwhile knows
         # it may wait and does not take its own latency for the route's service time.
