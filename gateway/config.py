@@ -246,10 +246,11 @@ class GatewaySettings(_Strict):
     warm-up)."""
     latency_probe_when_busy: bool = True
     """A route due a latency probe whose backend has no free slot (saturated by its
-    other routes' traffic) is probed all the same: the probe takes the next slot that
-    frees, ahead of the queue, so no route goes unmeasured for much longer than
-    `latency_probe_interval_s`. Each costs the requests waiting there one service time;
-    false: such routes wait for a free slot (which a saturated backend never has)."""
+    other routes' traffic) is probed all the same: the probe goes after the requests
+    waiting there and ahead of those that come later, so no route goes unmeasured for
+    much longer than `latency_probe_interval_s` plus the time the queue takes to drain.
+    Each costs the requests that come while it waits one service time; false: such
+    routes wait for a free slot (which a saturated backend never has)."""
     warmup_samples: int = Field(3, ge=0)
     """Latency probes each route takes before the gateway says it is ready (gRPC health,
     ServerReady, the probe port), as its backend becomes ready; 0: ready without them."""
