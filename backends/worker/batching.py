@@ -33,8 +33,10 @@ may also carry a deadline (`timeout_s`: the caller's gRPC deadline or Triton's
 A worker's batchers (one per model variant) share its inference slots (`Slots`, one
 per thread): at most that many batches run at once, whatever the models and variants,
 and a slot that frees goes to the formed batch due first among them all (priority
-level, then due time, then arrival). So the worker is one queue, earliest deadline
-first, over as many slots as it says it has, which is how a gateway models it.
+level, then due time, then arrival), or stays with the batcher whose batch just ran
+when the request waiting there ranks before them (its next batch forms only then). So
+the worker is one queue, earliest deadline first, over as many slots as it says it
+has, which is how a gateway models it.
 
 Arrays in, arrays out: imports no grpc, no protobuf and nothing from the gateway.
 """
