@@ -72,12 +72,16 @@ class Round:
 
 @contextlib.contextmanager
 def group(
-    repository: Path, model: str, count: int, work: Path
+    repository: Path, model: str, count: int, work: Path, load_reports: bool = True
 ) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
-    """`switchyard serve --processes count`: its ready file's description, and the pids
-    of its gateway processes (gateway-I) and of its worker (worker)."""
+    """`switchyard serve --processes count` (`gateway.load_reports` as given): its ready
+    file's description, and the pids of its gateway processes (gateway-I) and of its
+    worker (worker)."""
     fleet = work / "fleet.yaml"
-    fleet.write_text(fleet_yaml(repository, model, http=True))
+    text = fleet_yaml(repository, model, http=True)
+    if not load_reports:
+        text = text.replace("gateway:\n", "gateway:\n  load_reports: false\n", 1)
+    fleet.write_text(text)
     ready = work / f"ready-{count}.json"
     ready.unlink(missing_ok=True)
     command = [
@@ -99,7 +103,8 @@ def group(
             raise BenchError("the gateway's ready file names no REST port")
         if count > 1:
             members = described.get("processes", [])
-            pids = {f"gateway-{m['index']}": int(m["pid"]) for m in members if m.get("pid")}
+            running = [int(m["pid"]) for m in members if m.get("pid")]
+            pids = {f"gateway-{i}": pid for i, pid in enumerate(running)}
             if len(pids) != count:
                 raise BenchError(f"the ready file names {len(pids)} of {count} processes")
         else:
@@ -123,7 +128,10 @@ def measure(args: argparse.Namespace, work: Path) -> list[Round]:
     rounds: list[Round] = []
     order = [2, 1] * args.rounds
     for index, count in enumerate(order):
-        with group(repository, args.model, count, work) as (described, pids):
+        with group(repository, args.model, count, work, args.load_reports) as (
+            described,
+            pids,
+        ):
             address = f"127.0.0.1:{described['http_port']}"
             sample = load_sample(
                 args, address, path, body_file, headers, pids, work, f"load-{index}"
@@ -177,7 +185,8 @@ def section(args: argparse.Namespace, rounds: Sequence[Round], took_s: float) ->
             f"- Command: `{command}`.",
             f"- `{args.model}` ({args.variant}) over REST, batch 1 in the binary tensor "
             f"extension, {args.concurrency} keep-alive connections, closed loop, "
-            f"{args.warmup_s:g} s warm-up, {args.duration_s:g} s window; rounds take turns "
+            f"{args.warmup_s:g} s warm-up, {args.duration_s:g} s window; load reports "
+            f"{'on' if args.load_reports else 'off'}; rounds take turns "
             "(2, 1, 2, 1, ...). CPU per request: each gateway process's user + system time "
             "over the window, per request answered by all of them.",
             "- With a core for each process (the bound): the kernel spreads connections, not "
@@ -217,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--duration-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each count")
+    parser.add_argument(
+        "--no-load-reports",
+        dest="load_reports",
+        action="store_false",
+        help="gateway.load_reports: false (a group's processes then see the worker as "
+        "their own, and merge requests for it)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to write")
     args = parser.parse_args(argv)
     started = datetime.now(UTC)

@@ -25,7 +25,12 @@ def test_the_busiest_process_bounds_the_group() -> None:
 
 def test_the_section_judges_the_target_by_the_bound() -> None:
     args = argparse.Namespace(
-        model="digits", variant="ort-cpu-fp32", concurrency=16, warmup_s=2.0, duration_s=8.0
+        model="digits",
+        variant="ort-cpu-fp32",
+        concurrency=16,
+        warmup_s=2.0,
+        duration_s=8.0,
+        load_reports=True,
     )
     rounds = [
         Round(2, 900.0, 9.0, [320.0, 300.0], 800.0),
