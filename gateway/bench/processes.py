@@ -36,7 +36,7 @@ from typing import Any
 
 from gateway.bench.harness import BenchError, Child, switchyard_command
 from gateway.bench.report import publish
-from gateway.bench.rest import fleet_yaml, infer_body, load_sample
+from gateway.bench.rest import fleet_yaml, infer_request_files, load_sample
 from gateway.report.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,14 +117,7 @@ def group(
 
 def measure(args: argparse.Namespace, work: Path) -> list[Round]:
     repository = args.repository.resolve()
-    body, json_length = infer_body(repository, args.model, args.variant)
-    body_file = work / "infer-body.bin"
-    body_file.write_bytes(body)
-    headers = [
-        "Content-Type: application/octet-stream",
-        f"Inference-Header-Content-Length: {json_length}",
-    ]
-    path = f"/v2/models/{args.model}/infer"
+    body_file, headers, path = infer_request_files(repository, args.model, args.variant, work)
     rounds: list[Round] = []
     order = [2, 1] * args.rounds
     for index, count in enumerate(order):

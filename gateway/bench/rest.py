@@ -731,6 +731,21 @@ def load_sample(
     )
 
 
+def infer_request_files(
+    repository: Path, model: str, variant: str, work: Path
+) -> tuple[Path, list[str], str]:
+    """`infer_body`'s request written to a file in `work` for the load generator: the
+    file, its headers and the model's infer path."""
+    body, json_length = infer_body(repository, model, variant)
+    body_file = work / "infer-body.bin"
+    body_file.write_bytes(body)
+    headers = [
+        "Content-Type: application/octet-stream",
+        f"Inference-Header-Content-Length: {json_length}",
+    ]
+    return body_file, headers, f"/v2/models/{model}/infer"
+
+
 @contextlib.contextmanager
 def gateway_and_kserve(
     args: argparse.Namespace, work: Path, peers_python: Path | None
@@ -784,14 +799,9 @@ def measure_bindings(
     log: Callable[[str], None],
 ) -> None:
     """Steps 1-3 of the module's docstring."""
-    body, json_length = infer_body(args.repository.resolve(), args.model, args.variant)
-    body_file = work / "infer-body.bin"
-    body_file.write_bytes(body)
-    headers = [
-        "Content-Type: application/octet-stream",
-        f"Inference-Header-Content-Length: {json_length}",
-    ]
-    path = f"/v2/models/{args.model}/infer"
+    body_file, headers, path = infer_request_files(
+        args.repository.resolve(), args.model, args.variant, work
+    )
     with gateway_and_kserve(args, work, peers_python) as (described, pids, kserve):
         grpc_address = str(described["address"])
         http_address = f"127.0.0.1:{described['http_port']}"
