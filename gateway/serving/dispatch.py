@@ -311,11 +311,18 @@ class Dispatcher:
         return nxt
 
     def failed(
-        self, attempt: Attempt, error: BaseException, retryable: bool, fault: bool, now_s: float
+        self,
+        attempt: Attempt,
+        error: BaseException,
+        retryable: bool,
+        fault: bool,
+        now_s: float,
+        refused: bool = False,
     ) -> Ticket | None:
         """`attempt` failed at `now_s`: `retryable` when another route may serve the
         request, `fault` when the failure originated at the backend (it counts toward
-        ejecting it). Returns the waiting ticket that took its slot."""
+        ejecting it), `refused` when its backend refused it at once as it asked
+        (see `Dispatcher.refused`). Returns the waiting ticket that took its slot."""
         if attempt.settled:
             return None
         job = attempt.job
@@ -325,10 +332,13 @@ class Dispatcher:
         if job.done:
             return nxt
         if retryable and not self._past_deadline(job, now_s):
-            retry = self._next_route(job, now_s)
+            avoid = attempt.route.state if refused else None
+            retry = self._next_route(job, now_s, avoid)
             if retry is not None:
                 self.observer.retried(job, retry)
                 self._launch(job, retry, now_s)
+            elif refused and not job.pending:
+                self._launch(job, attempt.route, now_s, refusable=False)
         if not job.pending:
             if retryable and self._past_deadline(job, now_s):
                 error = self._deadline_error(job)
@@ -340,31 +350,12 @@ class Dispatcher:
     def refused(self, attempt: Attempt, error: BaseException, now_s: float) -> Ticket | None:
         """`attempt`'s backend refused it at once, as it asked (`Attempt.refuse_late`): it
         would have been answered past its due time there, behind requests this gateway
-        did not know of (other gateways'). The request goes to the next route, as after
-        a retryable failure; where there is none (or the retries or their budget are
-        spent), back to the same backend, this time to wait its turn there: a refusal
-        never costs a request. Returns the waiting ticket that took its slot."""
-        if attempt.settled:
-            return None
-        job = attempt.job
-        nxt = self._settle(attempt, now_s)
-        if not attempt.timed_out:
-            self.observer.outcome(attempt, None, False, error, now_s)
-        if job.done:
-            return nxt
-        if self._past_deadline(job, now_s):
-            if not job.pending:
-                self._end(job, self._deadline_error(job), now_s)
-            return nxt
-        retry = self._next_route(job, now_s, avoid=attempt.route.state)
-        if retry is not None:
-            self.observer.retried(job, retry)
-            self._launch(job, retry, now_s)
-        elif not job.pending:
-            self._launch(job, attempt.route, now_s, refusable=False)
-        if not job.hedged or self.attempt_timeout is not None:
-            self._arm(job, now_s)
-        return nxt
+        did not know of (other gateways'). The request goes to the next route on another
+        backend, as after a retryable failure; where there is none (or the retries or
+        their budget are spent), back to the same backend, this time to wait its turn
+        there: a refusal never costs a request. Returns the waiting ticket that took its
+        slot."""
+        return self.failed(attempt, error, True, False, now_s, refused=True)
 
     # ---- inside ---------------------------------------------------------------------------
 
