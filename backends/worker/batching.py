@@ -50,7 +50,7 @@ import itertools
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -320,9 +320,9 @@ class Batcher:
         the bucket of `edges_ns` they are due within (the last: after them all, or no
         due time); returns about how long (ns) until the batch running ends when it
         holds a request of another caller's, else None."""
-        per_request_ns = self._execution_ns / max(1.0, self._requests_per_execution)
+        per_request_ns = self._per_request_ns()
         last = len(edges_ns)
-        for pending in itertools.chain(self._waiters.values(), self._formed):
+        for pending in self._waiting():
             if pending.caller == caller:
                 continue
             due = pending.due_ns
@@ -332,36 +332,41 @@ class Batcher:
         batch = self._batch
         if not batch or all(p.caller == caller for p in batch):
             return None
-        return max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
+        return self._rest_ns(now_ns)
 
     def per_request_ns(self) -> float | None:
         """The recent mean execution time per request (ns); None before the first."""
-        if not self.stats.executions:
-            return None
+        return self._per_request_ns() if self.stats.executions else None
+
+    def _per_request_ns(self) -> float:
         return self._execution_ns / max(1.0, self._requests_per_execution)
+
+    def _rest_ns(self, now_ns: int) -> int:
+        """About how long (ns) the batch running has left: the recent mean execution
+        time less how long it has run (0 once past it)."""
+        return max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
+
+    def _waiting(self) -> Iterator[_Pending]:
+        """The requests waiting here: in the queue, then in a batch formed and waiting
+        for a slot."""
+        return itertools.chain(self._waiters.values(), self._formed)
 
     def ahead(self, level: int, due_ns: int, now_ns: int) -> tuple[float, int | None]:
         """What a request ranked (`level`, `due_ns`) would find here at `now_ns`: the
         expected work (ns) of the requests waiting that rank at or before it (in the
         queue, or in a batch formed and waiting for a slot), and how long (ns) the batch
         running has left (None: none runs)."""
-        per_request = self.per_request_ns() or 0.0
         rank = (level, due_ns)
-        count = 0
-        for pending in itertools.chain(self._waiters.values(), self._formed):
-            if (pending.level, pending.due_ns) <= rank:
-                count += 1
-        rest: int | None = None
-        if self._batch:
-            rest = max(0, int(self._execution_ns) - (now_ns - self._running_since_ns))
-        return count * per_request, rest
+        count = sum(1 for p in self._waiting() if (p.level, p.due_ns) <= rank)
+        rest = self._rest_ns(now_ns) if self._batch else None
+        return count * self._per_request_ns(), rest
 
     def latest_due_ns(self) -> int | None:
         """The latest due time (ns, the batcher's clock) among the requests waiting here
         that give one (in the queue, or in a batch formed and waiting for a slot); None
         when none does."""
         latest: int | None = None
-        for pending in itertools.chain(self._waiters.values(), self._formed):
+        for pending in self._waiting():
             due = pending.due_ns
             if due != NO_DEADLINE_NS and (latest is None or due > latest):
                 latest = due

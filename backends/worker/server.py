@@ -41,7 +41,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -373,18 +373,17 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("request for model %s failed", shown(request.model_name))
             raise Internal(internal_message(exc)) from exc
 
+    def _batchers(self) -> Iterator[Batcher]:
+        """Every batcher of this worker: one per model variant."""
+        return (b for model in self.models.values() for b in model.batchers())
+
     def _after_waiting_us(self) -> int:
         """How soon (us) the latest-due of the requests waiting across this worker's
         batchers is due (0: none waits, or it is overdue): the due time of a request
         that asks to go after them (`switchyard_after_waiting`)."""
         now_ns = time.perf_counter_ns()
         latest = max(
-            (
-                due
-                for m in self.models.values()
-                for b in m.batchers()
-                if (due := b.latest_due_ns()) is not None
-            ),
+            (due for b in self._batchers() if (due := b.latest_due_ns()) is not None),
             default=now_ns,
         )
         return max(0, (latest - now_ns) // 1000 + 1)  # +1: after it, its clock read later
@@ -395,11 +394,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         (`batching.answer_in_ns`): its sender asked to be told at once, to send it
         elsewhere (`switchyard_refuse_late`), rather than wait here past its time."""
         now_ns = time.perf_counter_ns()
-        batchers = (b for m in self.models.values() for b in m.batchers())
+        level = priority_level(priority)
         due_ns = now_ns + due_us * 1000
-        answer_ns = answer_in_ns(
-            batchers, self.settings.threads, batcher, priority_level(priority), due_ns, now_ns
-        )
+        threads = self.settings.threads
+        answer_ns = answer_in_ns(self._batchers(), threads, batcher, level, due_ns, now_ns)
         if answer_ns is not None and answer_ns > due_us * 1000:
             batcher.stats.refused_late += 1
             raise Exhausted(
