@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,6 +39,8 @@ from backends.protocol.errors import Unavailable
 from gateway.config import GatewaySettings, PoliciesSettings
 
 log = logging.getLogger("switchyard.control")
+
+T = TypeVar("T")
 
 STATE_FILE_NAME = "state.json"
 """The state file's name beside `gateway.admin_token_file` when `gateway.state_file`
@@ -481,50 +483,24 @@ class FileStateStore:
         return replace(state, carbon=carbon) if carbon else state
 
     def _load_state(self) -> ControlState:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return ControlState()
-        except OSError as exc:
-            log.error("cannot read %s, starting from the fleet file: %s", self.where, exc)
-            return ControlState()
-        try:
-            return decode_state(raw.decode("utf-8"), str(self.path))
-        except UnicodeDecodeError as exc:
-            problem = f"{self.path}: not UTF-8 text: {exc}"
-        except StateError as exc:
-            problem = str(exc)
-        kept = _set_aside(self.path)
-        log.error("state file not valid, starting from the fleet file; %s: %s", kept, problem)
-        return ControlState()
+        state = _read_valid(
+            self.path,
+            decode_state,
+            f"cannot read {self.where}, starting from the fleet file",
+            "state file not valid, starting from the fleet file",
+        )
+        return ControlState() if state is None else state
 
     def _load_carbon(self) -> dict[str, CarbonFigures]:
         """The carbon figures' file (none when there is none); one that cannot be read
         or is not valid leaves the fleet file's figures in force (logged)."""
-        try:
-            raw = self.carbon_path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.error(
-                "cannot read the carbon figures' file %s, the fleet file's apply: %s",
-                self.carbon_path,
-                exc,
-            )
-            return {}
-        try:
-            return decode_carbon(raw.decode("utf-8"), str(self.carbon_path))
-        except UnicodeDecodeError as exc:
-            problem = f"{self.carbon_path}: not UTF-8 text: {exc}"
-        except StateError as exc:
-            problem = str(exc)
-        kept = _set_aside(self.carbon_path)
-        log.error(
-            "carbon figures' file not valid, the fleet file's figures apply; %s: %s",
-            kept,
-            problem,
+        carbon = _read_valid(
+            self.carbon_path,
+            decode_carbon,
+            f"cannot read the carbon figures' file {self.carbon_path}, the fleet file's apply",
+            "carbon figures' file not valid, the fleet file's figures apply",
         )
-        return {}
+        return {} if carbon is None else carbon
 
     def save(self, state: ControlState) -> None:
         try:
@@ -543,6 +519,29 @@ class FileStateStore:
 
     async def flush(self) -> str | None:
         return None
+
+
+def _read_valid(
+    path: Path, decode: Callable[[str, str], T], unreadable: str, invalid: str
+) -> T | None:
+    """`decode` of the text of the file at `path` (naming it as its source); None when
+    there is none, when it cannot be read (logged: `unreadable`), or when it is not valid
+    (logged: `invalid`, and moved aside)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("%s: %s", unreadable, exc)
+        return None
+    try:
+        return decode(raw.decode("utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        problem = f"{path}: not UTF-8 text: {exc}"
+    except StateError as exc:
+        problem = str(exc)
+    log.error("%s; %s: %s", invalid, _set_aside(path), problem)
+    return None
 
 
 def _set_aside(path: Path) -> str:
