@@ -97,12 +97,34 @@ class WorkerSettings:
     as its profile; nothing is written to the repository. Off here, so a worker built in
     process (tests, benches) keeps a default that no timing decides; `switchyard backend`
     turns it on unless given `--no-measure-at-start`."""
-    inline_below_us: int = 0
+    inline_below_us: int | None = None
     """A variant whose recent runs average under this many microseconds runs on the
     event loop, not handed to an inference thread and back (see backends.worker.batching):
-    less CPU and latency per request for a tiny model at low concurrency, but no overlap
-    of compute with the gRPC work, so less throughput under concurrent load (measured in
-    docs/bring-your-own-model.md). 0: every run in a thread. Never with `emulate_latency_ms`."""
+    less CPU and latency per request, but no overlap of compute with the gRPC work, and
+    for a variant that batches, smaller batches under concurrent load (measured in
+    docs/bring-your-own-model.md). 0: every run in a thread. None: `inline_below_us_for`
+    decides per variant (inline below AUTO_INLINE_BELOW_US where nothing is lost). Never
+    with `emulate_latency_ms`."""
+
+
+AUTO_INLINE_BELOW_US = 1000
+"""The inline threshold a worker takes by itself (`inline_below_us_for`): a run this short
+holds back the requests that arrive meanwhile for at most this long."""
+
+
+def inline_below_us_for(settings: WorkerSettings, batch_rows: int) -> int:
+    """The inline threshold of a variant that merges up to `batch_rows` rows per run (0
+    or 1: none): the worker's `inline_below_us` where set; else AUTO_INLINE_BELOW_US
+    for a variant that merges nothing on a one-thread worker, where a thread of its own
+    gains nothing (no batch forms while it runs, and the one slot takes one run at a
+    time) but costs a hand-off and a wake-up each way, which on tinyconv took a third
+    of the worker's CPU per request (BENCHMARKS.md, "The gateway's hop"); else 0. Always
+    0 with emulated latency (a sleep must not stop the loop)."""
+    if settings.emulate_latency_ms > 0:
+        return 0
+    if settings.inline_below_us is not None:
+        return settings.inline_below_us
+    return AUTO_INLINE_BELOW_US if settings.threads == 1 and batch_rows <= 1 else 0
 
 
 def model_batching(settings: WorkerSettings, model: str) -> tuple[int, int]:
@@ -478,15 +500,16 @@ def load_models(settings: WorkerSettings, executor: ThreadPoolExecutor) -> dict[
             if settings.emulate_latency_ms > 0:
                 run = _with_delay(adapter.run, settings.emulate_latency_ms / 1000.0)
             rows, delay_us = model_batching(settings, name)
+            batch_rows = _batch_rows(variant.manifest.max_batch_size, rows)
             batcher = Batcher(
                 run,
                 executor,
                 [s.name for s in adapter.outputs],
-                _batch_rows(variant.manifest.max_batch_size, rows),
+                batch_rows,
                 delay_us / 1e6,
                 settings.max_queue,
                 f"model {name!r} (variant {variant.name})",
-                inline_below_us=0 if settings.emulate_latency_ms > 0 else settings.inline_below_us,
+                inline_below_us=inline_below_us_for(settings, batch_rows),
                 slots=slots,
             )
             loaded[variant.name] = LoadedVariant(variant, adapter, batcher)

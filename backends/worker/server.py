@@ -93,6 +93,7 @@ from backends.protocol.streams import (
 from backends.tracing import TRACEPARENT, TraceSettings, TracingError
 from backends.worker.batching import DEFAULT_MAX_QUEUE, Batcher, answer_in_ns
 from backends.worker.served import (
+    AUTO_INLINE_BELOW_US,
     DEFAULT_MAX_MESSAGE_BYTES,
     MEASURE_BUDGET_S,
     MEASURE_RUNS,
@@ -659,10 +660,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inline-below-us",
         type=int,
-        default=0,
+        default=None,
         help="run a variant whose recent runs average under this many microseconds on "
-        "the event loop, not in an inference thread: less CPU and latency at low "
-        "concurrency, less throughput under concurrent load (default 0: never)",
+        "the event loop, not in an inference thread: less CPU and latency per request, "
+        "but for a variant that batches, smaller batches under concurrent load; 0: "
+        f"never (default: {AUTO_INLINE_BELOW_US} us for a variant that merges no rows "
+        "on a one-thread worker, else never)",
     )
     parser.add_argument(
         "--max-queue",
@@ -795,7 +798,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         precisions=tuple(args.precisions),
         measure_at_start=args.measure_at_start,
-        inline_below_us=max(0, args.inline_below_us),
+        inline_below_us=None if args.inline_below_us is None else max(0, args.inline_below_us),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cpus:

@@ -18,6 +18,7 @@ from backends.repository import ModelRepository
 from backends.runtimes.base import Array
 from backends.runtimes.loader import load_adapter
 from backends.worker.batching import INLINE_AFTER_EXECUTIONS, Batcher
+from backends.worker.served import AUTO_INLINE_BELOW_US
 from tests.integration.conftest import launch_worker, samples
 
 
@@ -118,6 +119,28 @@ async def test_onnx_runtime_inline_answers_as_in_a_thread(repository: Path) -> N
                 np.testing.assert_allclose(
                     one[name].astype(np.float64), array.astype(np.float64), rtol=1e-5, atol=1e-7
                 )
+
+
+async def test_a_one_thread_worker_runs_a_variant_that_merges_nothing_inline_by_itself(
+    repository: Path,
+) -> None:
+    """With no `inline_below_us` given, a variant that merges no rows (here capped at
+    one row a run) on a one-thread worker runs inline below AUTO_INLINE_BELOW_US; one
+    that batches, one on a two-thread worker, and one whose worker says 0 run in a
+    thread."""
+    cases = (
+        ({"threads": 1, "max_batch_rows": 1}, AUTO_INLINE_BELOW_US * 1000),
+        ({"threads": 1}, 0),  # digits merges up to 64 rows a run
+        ({"threads": 2, "max_batch_rows": 1}, 0),
+        ({"threads": 1, "max_batch_rows": 1, "inline_below_us": 0}, 0),
+    )
+    for settings, expected_ns in cases:
+        worker = await launch_worker(repository, models=["digits"], **settings)
+        try:
+            for batcher in worker.models["digits"].batchers():
+                assert batcher._inline_below_ns == expected_ns, settings
+        finally:
+            await worker.stop()
 
 
 async def test_the_workers_setting_reaches_its_batchers_but_never_with_emulated_latency(
