@@ -262,7 +262,9 @@ def section_markdown(
         f"{args.repository} {' '.join(args.models)}` builds them): `tinyconv`, a conv net of "
         "fixed batch 1 (about 6 MFLOP, nothing for the gateway to merge), and `midconv`, "
         "about 0.37 GFLOP a row with any batch. KServe serves "
-        f"`{args.variant}`; the worker serves the variant it measured fastest at start.",
+        f"`{args.variant}`; the worker serves the variant it measured fastest at start, "
+        "and at one thread runs a variant that merges no rows (`tinyconv`) on its event "
+        "loop, as KServe runs its model (`--inline-below-us`, on by default there).",
         "",
     ]
     for model in results.models:
