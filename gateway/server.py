@@ -16,6 +16,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -175,12 +176,16 @@ def build_fleet(config: FleetConfig) -> FleetState:
 
 
 async def start_gateway(
-    config: FleetConfig, config_path: Path | None = None, reuse_port: bool = False
+    config: FleetConfig,
+    config_path: Path | None = None,
+    reuse_port: bool = False,
+    caller_group: str | None = None,
 ) -> Gateway:
     """Starts every part; returns once launched backends listen and the server is up.
     `reuse_port`: the inference, REST, admin and probes ports are bound with
     SO_REUSEPORT, shared with the other processes of a `--processes` group (otherwise a
-    port another program holds fails the start)."""
+    port another program holds fails the start); `caller_group`: that group's name in
+    this process's requests to workers (backends.protocol.load)."""
     settings = config.gateway
     loaded_stamp = None if config_path is None else file_stamp(config_path)
     registry = CollectorRegistry()
@@ -291,6 +296,8 @@ async def start_gateway(
         metrics,
         coalesce_in_flight=settings.coalesce_in_flight,
     )
+    if caller_group is not None:
+        servicer.transport.name_caller(caller_group)
     prober.caller = servicer.transport.caller
     servicer.dispatcher.guard(settings, fleet.throttle)
     servicer.trace_as(settings.tracing)  # off unless configured
@@ -559,8 +566,9 @@ async def serve(
     ready_file: Path | None,
     config_path: Path | None = None,
     reuse_port: bool = False,
+    caller_group: str | None = None,
 ) -> None:
-    gateway = await start_gateway(config, config_path, reuse_port)
+    gateway = await start_gateway(config, config_path, reuse_port, caller_group)
     # What start-up built lives as long as the process: kept out of the collector's way,
     # a full collection under a flood holds the event loop 2-3 ms, not 45-55 ms.
     gc.collect()
@@ -665,12 +673,22 @@ def run(args: argparse.Namespace) -> int:
         from gateway.control import processes
 
         return processes.run(config, args.processes, args.ready_file, args.log_level)
+    caller_group = None
     if args.process_of is not None:
+        from gateway.control.processes import CALLER_GROUP_ENV
+
         die_with_parent(args.process_of)
+        caller_group = os.environ.get(CALLER_GROUP_ENV) or None
     use_uvloop()
     try:
         asyncio.run(
-            serve(config, args.ready_file, args.config, reuse_port=args.process_of is not None)
+            serve(
+                config,
+                args.ready_file,
+                args.config,
+                reuse_port=args.process_of is not None,
+                caller_group=caller_group,
+            )
         )
     except (StartupError, ConfigError) as exc:
         print(f"switchyard: {exc}", file=sys.stderr)

@@ -18,6 +18,12 @@ running that hold other callers' requests and about how long until the first of 
 ends, and the other callers' waiting requests by how soon each is due (the buckets of
 DUE_EDGES_MS), each bucket's count and expected work.
 
+A caller may name a group it belongs to, `GROUP/ID` (the processes of one `switchyard
+serve --processes N`): its report then ends with one more figure, the requests in it
+(waiting or in service) of callers outside that group, so that the group's processes
+can tell one another from other gateways. A caller without a group gets the report
+without it, as a worker that knows no groups sends to everyone.
+
 Plain bytes and values: no grpc, no generated code, nothing from the gateway.
 """
 
@@ -52,6 +58,16 @@ _MAP_KEY, _MAP_VALUE = 1, 2
 _RESPONSE_PARAMETERS = 4  # ModelInferResponse.parameters
 
 
+GROUP_SEPARATOR = "/"
+"""Between a caller's group and its own id (`GROUP/ID`)."""
+
+
+def caller_group(caller: str) -> str | None:
+    """The group a caller id names (`GROUP/ID`: GROUP), None when it names none."""
+    group, separator, _ = caller.partition(GROUP_SEPARATOR)
+    return group if separator else None
+
+
 class ReportError(ValueError):
     """A load report that does not read as one."""
 
@@ -73,6 +89,9 @@ class LoadReport:
     waiting: tuple[tuple[int, int], ...]
     """Per bucket of DUE_EDGES_MS: (other callers' requests waiting, due within that
     edge, their expected work in us)."""
+    foreign: int | None = None
+    """Requests (waiting or in service) of callers outside the asking caller's group;
+    None when the caller names no group (or the worker knows none)."""
 
     @property
     def waiting_requests(self) -> int:
@@ -89,6 +108,8 @@ class LoadReport:
             f"{self.seq % SEQ_MODULUS} {min(self.slots, MAX_COUNT)}"
             f" {min(self.in_service, MAX_COUNT)} {min(self.rest_us, MAX_US)} {cells}"
         )
+        if self.foreign is not None:
+            text += f" {min(self.foreign, MAX_COUNT)}"
         return text.ljust(REPORT_WIDTH)
 
 
@@ -142,16 +163,20 @@ def split_report(answer: bytes) -> tuple[bytes, LoadReport | None]:
 def parse_report(text: bytes) -> LoadReport:
     """A report's string, read. ReportError when it is not one."""
     parts = text.split()
-    if len(parts) != 4 + BUCKETS:
-        raise ReportError(f"load report has {len(parts)} fields, not {4 + BUCKETS}")
+    if len(parts) not in (4 + BUCKETS, 5 + BUCKETS):
+        raise ReportError(
+            f"load report has {len(parts)} fields, not {4 + BUCKETS} (or {5 + BUCKETS})"
+        )
     try:
         seq, slots, in_service, rest_us = (int(p) for p in parts[:4])
         waiting = []
-        for cell in parts[4:]:
+        for cell in parts[4 : 4 + BUCKETS]:
             count, _, work = cell.partition(b":")
             waiting.append((int(count), int(work)))
+        foreign = int(parts[4 + BUCKETS]) if len(parts) > 4 + BUCKETS else None
     except ValueError as exc:
         raise ReportError(f"load report does not read: {exc}") from exc
-    if min(seq, slots, in_service, rest_us, *(v for pair in waiting for v in pair)) < 0:
+    figures = (seq, slots, in_service, rest_us, *(v for pair in waiting for v in pair))
+    if min(figures) < 0 or (foreign is not None and foreign < 0):
         raise ReportError("load report holds a negative figure")
-    return LoadReport(seq, slots, in_service, rest_us, tuple(waiting))
+    return LoadReport(seq, slots, in_service, rest_us, tuple(waiting), foreign)

@@ -58,6 +58,7 @@ from typing import Protocol
 import numpy as np
 
 from backends.protocol.errors import DeadlineExceeded, Exhausted
+from backends.protocol.load import GROUP_SEPARATOR
 from backends.protocol.parameters import priority_level
 from backends.runtimes.base import Array
 
@@ -314,25 +315,34 @@ class Batcher:
         edges_ns: Sequence[int],
         counts: list[int],
         work: list[float],
-    ) -> int | None:
+        group: str | None = None,
+    ) -> tuple[int | None, int]:
         """Adds the requests waiting here that `caller` did not send to `counts` and
         `work` (ns of expected work, the recent mean execution time per request), in
         the bucket of `edges_ns` they are due within (the last: after them all, or no
-        due time); returns about how long (ns) until the batch running ends when it
-        holds a request of another caller's, else None."""
+        due time). Returns about how long (ns) until the batch running ends when it
+        holds a request of another caller's (else None), and how many requests here,
+        waiting or running, callers outside `group` sent (`GROUP/...`; 0 when `group`
+        is None)."""
         per_request_ns = self._per_request_ns()
         last = len(edges_ns)
+        foreign = 0
+        prefix = None if group is None else group + GROUP_SEPARATOR
         for pending in self._waiting():
             if pending.caller == caller:
                 continue
+            if prefix is not None and not pending.caller.startswith(prefix):
+                foreign += 1
             due = pending.due_ns
             at = last if due == NO_DEADLINE_NS else bisect_left(edges_ns, due - now_ns)
             counts[at] += 1
             work[at] += per_request_ns
         batch = self._batch
+        if prefix is not None:
+            foreign += sum(1 for p in batch if not p.caller.startswith(prefix))
         if not batch or all(p.caller == caller for p in batch):
-            return None
-        return self._rest_ns(now_ns)
+            return None, foreign
+        return self._rest_ns(now_ns), foreign
 
     def per_request_ns(self) -> float | None:
         """The recent mean execution time per request (ns); None before the first."""

@@ -69,6 +69,7 @@ from backends.protocol.load import (
     CALLER_PARAMETER,
     DUE_EDGES_MS,
     LoadReport,
+    caller_group,
     report_field,
 )
 from backends.protocol.parameters import (
@@ -408,15 +409,21 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _load_report(self, caller: str) -> bytes:
         """This worker's queue now, less `caller`'s own requests, as the load report
-        field to end its answer with."""
+        field to end its answer with; with the requests of callers outside `caller`'s
+        group, where it names one (backends.protocol.load)."""
         now_ns = time.perf_counter_ns()
         counts = [0] * BUCKETS
         work_ns = [0.0] * BUCKETS
         running = 0
+        foreign = 0
+        group = caller_group(caller)
         rest_ns: int | None = None
         for model in self.models.values():
             for batcher in model.batchers():
-                ends_ns = batcher.others_load(caller, now_ns, _DUE_EDGES_NS, counts, work_ns)
+                ends_ns, outside = batcher.others_load(
+                    caller, now_ns, _DUE_EDGES_NS, counts, work_ns, group
+                )
+                foreign += outside
                 if ends_ns is not None:
                     running += 1
                     rest_ns = ends_ns if rest_ns is None else min(rest_ns, ends_ns)
@@ -427,6 +434,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             min(running, threads),
             0 if rest_ns is None else rest_ns // 1000,
             tuple((c, int(w / 1000)) for c, w in zip(counts, work_ns, strict=True)),
+            None if group is None else foreign,
         )
         return report_field(report)
 

@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ log = logging.getLogger("switchyard.processes")
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """Where prometheus-client's multiprocess mode keeps a process's values (read by
 prometheus-client when it is imported: set only in the environment of the processes)."""
+
+CALLER_GROUP_ENV = "SWITCHYARD_CALLER_GROUP"
+"""The group's name, the same for each of its processes, which they name themselves by
+in their requests to workers (`GROUP/ID`), so that the workers' load reports tell the
+group's processes apart from other gateways (backends.protocol.load)."""
 
 STOP_GRACE_S = 15.0
 """How long a process may take to drain and exit after SIGTERM before it is killed."""
@@ -193,6 +199,8 @@ class ProcessGroup:
         self._folder = Path(tempfile.mkdtemp(prefix="switchyard-processes-"))  # mode 0700
         self._metrics_dir = self._folder / "metrics"
         self._metrics_dir.mkdir()
+        self.caller_group = uuid.uuid4().hex[:8]
+        """The group's name in its processes' requests to workers (CALLER_GROUP_ENV)."""
         self._config_file = self._folder / "fleet.json"
         self._sockets: list[socket.socket] = []
         self._metrics_server: Any = None
@@ -352,7 +360,11 @@ class ProcessGroup:
             *self._command(member),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,  # its describe(): the parent prints the group's
-            env={**os.environ, MULTIPROC_DIR_ENV: str(self._metrics_dir)},
+            env={
+                **os.environ,
+                MULTIPROC_DIR_ENV: str(self._metrics_dir),
+                CALLER_GROUP_ENV: self.caller_group,
+            },
             # Its own session: a terminal's Ctrl-C reaches the parent, which stops it.
             start_new_session=True,
         )

@@ -214,6 +214,9 @@ class BackendState:
     """The tickets the standing report placed (counted in `in_flight`)."""
     others_seen_s: float = -math.inf
     """When a load report last showed other callers' requests here."""
+    foreign_seen_s: float = -math.inf
+    """When a load report last showed requests here of callers outside this gateway's
+    group (`--processes`): every other caller's, where the report does not tell."""
     others_rate: float = 0.0
     """Other callers' requests answered here per second, recently: the reports the
     backend sent between two of this gateway's, less its own (`unseen`)."""
@@ -306,6 +309,8 @@ class BackendState:
         self.report_work_ms = 0.0
         if report.in_service or report.waiting_requests:
             self.others_seen_s = now_s
+            if report.foreign is None or report.foreign:
+                self.foreign_seen_s = now_s
         others = self.others
         work_ms = 0.0
         running = min(report.in_service, self.slots)
@@ -367,6 +372,17 @@ class BackendState:
         at the gateway behind its own call in flight (`gateway.serving.coalescer`),
         where the others' requests reaching the backend meanwhile would go first."""
         return now_s - self.others_seen_s < SHARED_WINDOW_S
+
+    def shared_outside_group(self, now_s: float) -> bool:
+        """Whether gateways other than this one's process group (`switchyard serve
+        --processes N`) send here too, as its load reports said within SHARED_WINDOW_S;
+        `shared` where the reports do not tell the group's processes apart (no group,
+        or a worker that knows none). The group's processes split one gateway's traffic
+        by connection: each holds a request behind its own call in flight and merges
+        what waits (`gateway.serving.coalescer`), as the one process would, rather than
+        send every request at once as it must where other gateways' requests would
+        take the backend's queue meanwhile."""
+        return now_s - self.foreign_seen_s < SHARED_WINDOW_S
 
     def expire_report(self, now_s: float) -> None:
         """The other gateways' tickets leave the queue if their time is up (see
@@ -471,6 +487,7 @@ class BackendState:
         self.in_flight = 0
         self.others, self.report_until_s, self.report_seq, self.report_at_s = [], math.inf, -1, None
         self.others_seen_s, self.others_rate, self.report_work_ms = -math.inf, 0.0, 0.0
+        self.foreign_seen_s = -math.inf
         self._changed()
         return [t for t in lost if t.attempt is not OTHERS]
 

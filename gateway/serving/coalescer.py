@@ -18,9 +18,11 @@ call that fails for any reason other than the backend being unavailable is
 retried request by request, so one bad request never fails its neighbours.
 
 A backend that other gateways send to as well (their requests show in its load
-reports: `BackendState.shared`) gets every request at once: a request held here would
-lose its place to theirs, which reach the backend's queue meanwhile, and the backend's
-own batcher merges what waits there.
+reports: `BackendState.shared_outside_group`) gets every request at once: a request held
+here would lose its place to theirs, which reach the backend's queue meanwhile, and the
+backend's own batcher merges what waits there. The other processes of this gateway's own
+`--processes` group do not count: they split one gateway's traffic by connection, and
+each merges its share as the one process would.
 
 Waiting requests leave by Triton's `priority` (a lower non-zero value first, the
 default 0 last), then earliest deadline first (a request's arrival plus its SLA,
@@ -148,7 +150,11 @@ class Coalescer:
         by the clock, which ranks it among the waiting); a backend's error status
         raises BackendCallError."""
         state = self._routes.setdefault(route.key, _RouteState())
-        if state.in_flight < self._limit or self._limit <= 0 or route.state.shared(self._clock()):
+        if (
+            state.in_flight < self._limit
+            or self._limit <= 0
+            or route.state.shared_outside_group(self._clock())
+        ):
             return await self._direct(route, state, request, timeout_s, due_s)
         key = group_key(header, info)
         parsed = None if key is None else _checked(request)

@@ -19,7 +19,13 @@ from typing import Any
 import grpc
 
 from backends.protocol.errors import DeadlineExceeded, SwitchyardError
-from backends.protocol.load import REPORT_FIELD_BYTES, ReportError, caller_field, split_report
+from backends.protocol.load import (
+    GROUP_SEPARATOR,
+    REPORT_FIELD_BYTES,
+    ReportError,
+    caller_field,
+    split_report,
+)
 from backends.protocol.parameters import LATE_REFUSAL
 from backends.protocol.status import retry_after_ms
 from backends.protocol.streams import id_field
@@ -112,9 +118,10 @@ class GrpcTransport:
         """Calls may carry several requests, merged: their answers measure no route
         once they waited (see Attempt.alone)."""
         self._variant_suffixes: dict[str, bytes] = {}
-        self.caller = caller_field(uuid.uuid4().hex[:12])
+        self.caller = b""
         """This gateway's name in its requests (the field as sent), for the workers'
         load reports; its latency probes carry it too (Prober.caller)."""
+        self.name_caller(None)
         self._streams = pool.streams > 0
         self.traced = False
         """Attempts may carry trace context to their backends (gateway.serving.tracing)."""
@@ -124,6 +131,13 @@ class GrpcTransport:
             coalesce_in_flight,
             lambda route, n: metrics.merged_batch.labels(route.backend, route.model).observe(n),
         )
+
+    def name_caller(self, group: str | None) -> None:
+        """Names this gateway afresh in its requests: an id of its own, within `group`
+        where given (`GROUP/ID`: a `--processes` group's processes share one, so the
+        workers' reports tell them apart from other gateways)."""
+        own = uuid.uuid4().hex[:12]
+        self.caller = caller_field(own if group is None else f"{group}{GROUP_SEPARATOR}{own}")
 
     def send(self, attempt: Attempt) -> None:
         attempt.alone = not self._merges

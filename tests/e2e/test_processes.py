@@ -197,6 +197,47 @@ def test_both_processes_answer_and_the_metrics_merge_their_counts(
     assert value(merged, "switchyard_gateway_processes") == 2
 
 
+def test_each_process_merges_its_own_requests_beside_the_others(
+    group: tuple[RunningGateway, Path],
+) -> None:
+    """Both processes send to the one worker, so each one's load reports show the
+    other's requests there; as they name one group, neither takes the other for another
+    gateway, and each still holds its requests behind its own call in flight and merges
+    them (`switchyard_coalesced_requests_per_call`), wave after wave, as one process
+    would. Four requests at a time on each process, 100 ms of emulated work a row."""
+    gateway, _ = group
+    info = gateway.info
+    pids = [p["pid"] for p in info["processes"]]
+    opened = connections_on_both(info, at_least=4)
+    chosen = [c for pid in pids for c in [c for c in opened if c.pid == pid][:4]]
+
+    def merged_calls() -> dict[int, float]:
+        return {
+            p["pid"]: total(
+                scrape(p["metrics_port"]), "switchyard_coalesced_requests_per_call_count"
+            )
+            for p in info["processes"]
+        }
+
+    def wave() -> None:
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda c=c: statuses.append(c.infer())) for c in chosen]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert statuses == [200] * len(chosen)
+
+    wave()  # each process's first call goes alone: the others' reports come with it
+    before = merged_calls()
+    for _ in range(3):
+        wave()
+    after = merged_calls()
+    for conn in opened:
+        conn.http.close()
+    assert all(after[pid] > before[pid] for pid in pids), (before, after)
+
+
 def test_an_admin_change_reaches_both_processes(group: tuple[RunningGateway, Path]) -> None:
     gateway, _ = group
     done = gateway.admin("set-price", "small", "0.5")

@@ -15,13 +15,16 @@ from backends.protocol.load import (
     BUCKETS,
     DUE_EDGES_MS,
     REPORT_FIELD_BYTES,
+    REPORT_WIDTH,
     LoadReport,
     ReportError,
     caller_field,
+    caller_group,
+    parse_report,
     report_field,
     split_report,
 )
-from gateway.routing.fleet import OTHERS, REPORT_MAX_AGE_S, BackendState
+from gateway.routing.fleet import OTHERS, REPORT_MAX_AGE_S, SHARED_WINDOW_S, BackendState
 from gateway.routing.router import Policy, choose
 from protos import inference_pb2 as pb
 from tests.unit.routing.builders import REQ, route
@@ -164,6 +167,44 @@ def test_the_report_travels_at_the_end_of_an_answer_and_is_cut_off() -> None:
         pb.ModelInferRequest(model_name="digits").SerializeToString() + caller_field("gw-1")
     )
     assert request.parameters["switchyard_caller"].string_param == "gw-1"
+
+
+def test_a_report_to_a_caller_in_a_group_ends_with_the_requests_from_outside_it() -> None:
+    """A caller that names a group (`GROUP/ID`) gets one more figure, the requests of
+    callers outside its group; a report without it (a caller with no group, or a worker
+    that knows none) reads as before, with no figure (None)."""
+    assert caller_group("g1/abc") == "g1" and caller_group("abc") is None
+    grouped = LoadReport(5, 1, 1, 800, waiting(later=(2, 1600)), foreign=0)
+    wire = report_field(grouped)
+    assert len(wire) == REPORT_FIELD_BYTES
+    assert split_report(b"answer" + wire) == (b"answer", grouped)
+    plain = LoadReport(5, 1, 1, 800, waiting(later=(2, 1600)))
+    assert split_report(b"answer" + report_field(plain))[1] == plain
+    assert plain.foreign is None
+    biggest = LoadReport(10**12 - 1, 99_999, 99_999, 99_999_999, waiting(), foreign=10**6)
+    assert parse_report(report_field(biggest)[-REPORT_WIDTH:]).foreign == 99_999
+    with pytest.raises(ReportError):
+        parse_report((grouped.text().rstrip()[:-1] + "-1").ljust(REPORT_WIDTH).encode())
+    with pytest.raises(ReportError):  # a figure too many
+        parse_report((grouped.text().rstrip() + " 3").ljust(REPORT_WIDTH).encode())
+
+
+def test_only_requests_from_outside_the_group_make_a_backend_shared_outside_it() -> None:
+    """Reports that show only the group's other processes' requests make the backend
+    shared (its queue holds them) but not shared outside the group; one showing a
+    request from outside it, or one that does not tell (no group figure), make it
+    both, for SHARED_WINDOW_S."""
+    state = BackendState("b", "addr", "cpu", 1.0)
+    siblings = LoadReport(1, 1, 0, 0, waiting(later=(2, 1600)), foreign=0)
+    assert state.record_report(siblings, 10.0)
+    assert state.shared(10.0) and not state.shared_outside_group(10.0)
+    outside = LoadReport(2, 1, 0, 0, waiting(later=(2, 1600)), foreign=1)
+    assert state.record_report(outside, 10.5)
+    assert state.shared_outside_group(10.5)
+    assert not state.shared_outside_group(10.5 + SHARED_WINDOW_S)
+    untold = LoadReport(3, 1, 0, 0, waiting(later=(1, 800)))
+    assert state.record_report(untold, 20.0)
+    assert state.shared(20.0) and state.shared_outside_group(20.0)
 
 
 def test_a_slot_given_as_reported_requests_leave_or_stand_times_nothing() -> None:

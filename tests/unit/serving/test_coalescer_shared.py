@@ -101,6 +101,19 @@ async def test_a_shared_backend_gets_every_request_at_once() -> None:
     assert coalescer.merged_calls == 0 and backend.most_in_flight == 3
 
 
+async def test_a_backend_shared_only_with_this_gateways_own_group_still_merges() -> None:
+    """The others a report shows are the requests of this gateway's own `--processes`
+    group (its group figure says none come from outside it): requests are held behind
+    the call in flight and merge, as on an unshared backend."""
+    route = backend_route()
+    siblings = LoadReport(1, 1, 0, 0, ((0, 0),) * (BUCKETS - 1) + ((1, 2000),), foreign=0)
+    assert route.state.record_report(siblings, 1.0)
+    assert route.state.shared(1.0) and not route.state.shared_outside_group(1.0)
+    backend, coalescer, (held, *values) = await three_requests(route, Clock(1.0))
+    assert held == 1 and values == [1, 2, 3]
+    assert coalescer.merged_calls == 1 and backend.most_in_flight == 1
+
+
 async def test_once_no_report_shows_others_for_a_while_requests_are_held_again() -> None:
     route = backend_route()
     route.state.record_report(others_waiting(1), 1.0)

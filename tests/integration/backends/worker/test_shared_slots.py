@@ -305,36 +305,44 @@ async def test_a_batch_waiting_for_a_slot_counts_as_waiting_in_load_reports() ->
         assert a.stats.by_size == {2: (1, 4_000_000)}
         per_request_ns = 2_000_000.0
 
-        held = asyncio.create_task(busy.infer(row(0), 1, caller="gw-x"))
+        held = asyncio.create_task(busy.infer(row(0), 1, caller="x"))
         await wait_until(lambda: runs.holding("busy"), what="busy's batch to run")
-        # A batch of two forms in a (one request of gw-b's, one of gw-a's, due in 20 ms)
-        # and waits for the slot; a third (gw-b's, no due time) waits in a's queue.
+        # A batch of two forms in a (one request of g/b's, one of g/a's, due in 20 ms)
+        # and waits for the slot; a third (g/b's, no due time) waits in a's queue.
         formed = [
             asyncio.create_task(a.infer(row(1), 1, due_us=20_000, caller=caller))
-            for caller in ("gw-b", "gw-a")
+            for caller in ("g/b", "g/a")
         ]
         await wait_until(lambda: slots.waiting == 1 and a.waiting == 0, what="a's batch to form")
-        queued = asyncio.create_task(a.infer(row(2), 1, caller="gw-b"))
+        queued = asyncio.create_task(a.infer(row(2), 1, caller="g/b"))
         await wait_until(lambda: a.waiting == 1, what="a third request to queue")
         assert a.running == 0
 
         def others(caller: str) -> tuple[int | None, list[int], list[float]]:
             counts, work = [0] * BUCKETS, [0.0] * BUCKETS
-            ends = a.others_load(caller, clock.ns, EDGES_NS, counts, work)
+            ends, foreign = a.others_load(caller, clock.ns, EDGES_NS, counts, work)
+            assert foreign == 0  # no group named: none counted
             return ends, counts, work
 
         within_25ms = DUE_EDGES_MS.index(25.0)
-        # gw-a's view: gw-b's two, waiting (the formed one due within 25 ms, the other
+        # g/a's view: g/b's two, waiting (the formed one due within 25 ms, the other
         # due never); none running in a (its batch has no slot), its own left out.
-        ends, counts, work = others("gw-a")
+        ends, counts, work = others("g/a")
         assert ends is None
         assert counts[within_25ms] == 1 and counts[-1] == 1 and sum(counts) == 2
         assert work[within_25ms] == per_request_ns and work[-1] == per_request_ns
-        # gw-b's view: gw-a's one, waiting in the formed batch.
-        ends, counts, work = others("gw-b")
+        # g/b's view: g/a's one, waiting in the formed batch.
+        ends, counts, work = others("g/b")
         assert ends is None and counts[within_25ms] == 1 and sum(counts) == 1
-        # The batch running in `busy` holds gw-x's request: running, for any other caller.
-        assert busy.others_load("gw-a", clock.ns, EDGES_NS, [0] * BUCKETS, [0.0] * BUCKETS) == 0
+        # As group g's: every request waiting in a is the group's own, none foreign.
+        counts = [0] * BUCKETS
+        ends, foreign = a.others_load("g/a", clock.ns, EDGES_NS, counts, [0.0] * BUCKETS, "g")
+        assert (ends, sum(counts), foreign) == (None, 2, 0)
+        # The batch running in `busy` holds x's request: running, for any other caller,
+        # and from outside group g.
+        blank = [0] * BUCKETS, [0.0] * BUCKETS
+        assert busy.others_load("g/a", clock.ns, EDGES_NS, *blank) == (0, 0)
+        assert busy.others_load("g/a", clock.ns, EDGES_NS, *blank, "g") == (0, 1)
         queued.cancel()  # its caller leaves: nothing waits for more rows at the end
         runs.open("busy")
         answers = await asyncio.gather(held, *formed)
