@@ -441,7 +441,8 @@ class Batcher:
                 if remaining <= 0:
                     break
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
                 except TimeoutError:
                     break
             if item.key != first.key or rows + item.rows > self._max_rows:

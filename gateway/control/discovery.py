@@ -473,7 +473,8 @@ class Discovery:
         assert settings is not None
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), settings.interval_s)
+                async with asyncio.timeout(settings.interval_s):
+                    await stop.wait()
                 return
             except TimeoutError:
                 pass

@@ -779,7 +779,8 @@ async def watch_fleet_file(
     missing = False
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), interval_s)
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
             return
         except TimeoutError:
             pass
@@ -839,7 +840,8 @@ async def replay_prices(
             delay = start + change.offset_s - clock()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
                     return
                 except TimeoutError:
                     pass

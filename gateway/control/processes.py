@@ -406,7 +406,8 @@ class ProcessGroup:
                 backoff_s,
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff_s)
+                async with asyncio.timeout(backoff_s):
+                    await self._stopping.wait()
             if self._stopping.is_set():
                 return
             backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)

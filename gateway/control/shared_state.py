@@ -232,9 +232,13 @@ class RedisStateStore:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a cancellation that lands inside a redis-py command can be lost
+            # there (the task goes on to its next wait), and a gateway that stops must
+            # not wait for it forever.
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
+            for task in stuck:
+                log.warning("shared store task %s did not stop when cancelled", task.get_name())
         for lease in self._leases:
             await lease.release()
         await self._client.aclose()
@@ -261,22 +265,25 @@ class RedisStateStore:
                     if message is not None:
                         self._wake.set()
             except (RedisError, OSError):
-                pass  # the sync reports the store down; subscribe again later
+                _raise_if_cancelled()  # else the sync reports the store down
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            _raise_if_cancelled()
             await asyncio.sleep(self._resync_s)
 
     async def _keep_in_step(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._resync_s)
+                async with asyncio.timeout(self._resync_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._sync()
                 self._error = None
                 self._set_up(True)
             except (RedisError, OSError) as exc:
+                _raise_if_cancelled()
                 self._error = f"{type(exc).__name__}: {exc}"
                 self._set_up(False, self._error)
             self._attempts += 1
@@ -408,6 +415,7 @@ class RedisLease:
             if not taken:
                 taken = bool(await self._client.eval(_RENEW, 1, self.key, self.owner, str(ttl_ms)))  # type: ignore[misc]
         except (RedisError, OSError):
+            _raise_if_cancelled()
             return loop.time() < self._held_until
         self._held_until = sent + self.ttl_s if taken else 0.0
         return bool(taken)
@@ -442,7 +450,8 @@ class RedisLease:
                     await running
                     running = None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
+                    async with asyncio.timeout(self.ttl_s / 3):
+                        await stop.wait()
         finally:
             job_stop.set()
             if running is not None:
@@ -458,3 +467,17 @@ async def run_leased(lease: RedisLease | None, job: Job, stop: asyncio.Event) ->
         await job(stop)
     else:
         await lease.hold(job, stop)
+
+
+CLOSE_WAIT_S = 2.0
+"""How long `close` waits for the store's background tasks once cancelled."""
+
+
+def _raise_if_cancelled() -> None:
+    """CancelledError when the running task has been asked to stop: redis-py can answer
+    a cancellation that lands inside a command with a connection error instead, which a
+    loop that outlives store outages would otherwise take for one and go on, and its
+    `close` would wait for it forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -377,7 +377,8 @@ class Supervisor:
             if remaining is not None and remaining <= 0:
                 return
             try:
-                await asyncio.wait_for(worker.wake.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await worker.wake.wait()
             except TimeoutError:
                 return
             worker.wake.clear()

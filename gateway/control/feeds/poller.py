@@ -300,7 +300,8 @@ class FeedPoller:
                 await self.poll()
                 self.check_stale()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.delay_s())
+                    async with asyncio.timeout(self.delay_s()):
+                        await stop.wait()
         finally:
             for gauge in self._gauges:
                 with contextlib.suppress(KeyError):
