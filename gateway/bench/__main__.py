@@ -39,7 +39,7 @@ from types import FrameType
 from rich.console import Console
 
 from gateway.bench import harness, report
-from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.harness import BenchError, Child, serve_command
 from gateway.bench.report import DIRECT, GATEWAY, GATEWAY_UNARY, KSERVE, Measurement, Results
 from gateway.config import BackendSettings, LaunchSettings
 from gateway.control.supervisor import worker_command
@@ -122,15 +122,7 @@ def start_target(
         fleet.write_text(fleet_yaml(repository, args.threads, streams=key == GATEWAY))
         ready = work / "ready.json"
         ready.unlink(missing_ok=True)
-        command = [
-            *switchyard_command(),
-            "serve",
-            "--config",
-            str(fleet),
-            "--ready-file",
-            str(ready),
-        ]
-        with Child("gateway", command, work, ROOT) as child:
+        with Child("gateway", serve_command(fleet, ready), work, ROOT) as child:
             description = child.wait_ready_file(ready, STARTUP_TIMEOUT_S)
             pids = {"gateway": child.process.pid}
             worker_pid = description.get("pids", {}).get("cpu")  # the fleet's one backend

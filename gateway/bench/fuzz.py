@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from backends.protocol.tensors import ELEMENT_BYTES, TensorSpec
-from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.harness import BenchError, Child, serve_command
 from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
 from protos import inference_pb2 as pb
@@ -589,15 +589,7 @@ def run_against_gateway(repository: Path, requests: int, seed_value: int, batch:
         fleet = work / "fleet.yaml"
         fleet.write_text(fleet_yaml(repository.resolve()))
         ready = work / "ready.json"
-        command = [
-            *switchyard_command(),
-            "serve",
-            "--config",
-            str(fleet),
-            "--ready-file",
-            str(ready),
-        ]
-        with Child("gateway", command, work, ROOT) as child:
+        with Child("gateway", serve_command(fleet, ready), work, ROOT) as child:
             description = child.wait_ready_file(ready, STARTUP_TIMEOUT_S)
             pids = [int(p) for p in description.get("pids", {}).values()]
             tally = fuzz(str(description["address"]), requests, seed_value, batch)

@@ -69,6 +69,20 @@ def switchyard_command() -> list[str]:
     return [str(entry)] if entry.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
+def serve_command(fleet: Path, ready: Path, *options: str) -> list[str]:
+    """`switchyard serve` on the fleet file `fleet`, its ready file at `ready`, and
+    `options` after them."""
+    return [
+        *switchyard_command(),
+        "serve",
+        "--config",
+        str(fleet),
+        "--ready-file",
+        str(ready),
+        *options,
+    ]
+
+
 class Child:
     """One process the bench started, with its output in `log_dir`; as a context
     manager, stopped on the way out."""

@@ -43,7 +43,13 @@ from rich.console import Console
 
 from gateway.bench import harness
 from gateway.bench.__main__ import machine_note
-from gateway.bench.harness import BenchError, Child, PerfAnalyzerRow, switchyard_command
+from gateway.bench.harness import (
+    BenchError,
+    Child,
+    PerfAnalyzerRow,
+    serve_command,
+    switchyard_command,
+)
 from gateway.bench.report import publish
 from gateway.loadtest.report import sla_met
 from gateway.report.markdown import markdown_table
@@ -205,7 +211,7 @@ def gateway(fleet: dict[str, Any], name: str, work: Path) -> Iterator[Any]:
     path.write_text(yaml.safe_dump(fleet, sort_keys=False))
     ready = work / f"{name}-ready.json"
     ready.unlink(missing_ok=True)
-    command = [*switchyard_command(), "serve", "--config", str(path), "--ready-file", str(ready)]
+    command = serve_command(path, ready)
     with Child(name, command, work, ROOT) as child:
         yield child.wait_ready_file(ready, STARTUP_TIMEOUT_S)
 

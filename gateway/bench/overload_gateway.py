@@ -61,7 +61,7 @@ from typing import Any
 
 import grpc
 
-from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.harness import BenchError, Child, serve_command
 from gateway.bench.loadgen import cpu_seconds
 from gateway.bench.overload import PUSHBACK_KEY, Probe, flood_request, latency_row, probe_until
 from gateway.bench.report import publish
@@ -424,8 +424,7 @@ async def one_fleet(args: argparse.Namespace, emulate_latency_ms: float) -> Run:
         repository = args.repository.resolve()
         fleet.write_text(fleet_yaml(repository, args.model, args.sla_ms, emulate_latency_ms))
         ready = work / "ready.json"
-        command = [*switchyard_command(), "serve", "--config", str(fleet), "--ready-file"]
-        with Child("gateway", [*command, str(ready)], work, ROOT) as gateway:
+        with Child("gateway", serve_command(fleet, ready), work, ROOT) as gateway:
             described = gateway.wait_ready_file(ready, STARTUP_TIMEOUT_S)
             target = str(described["address"])
             if not described.get("probes_port"):

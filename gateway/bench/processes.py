@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.harness import BenchError, Child, serve_command
 from gateway.bench.report import publish
 from gateway.bench.rest import fleet_yaml, infer_request_files, load_sample
 from gateway.report.markdown import markdown_table
@@ -84,16 +84,7 @@ def group(
     fleet.write_text(text)
     ready = work / f"ready-{count}.json"
     ready.unlink(missing_ok=True)
-    command = [
-        *switchyard_command(),
-        "serve",
-        "--config",
-        str(fleet),
-        "--ready-file",
-        str(ready),
-        "--log-level",
-        "WARNING",
-    ]
+    command = serve_command(fleet, ready, "--log-level", "WARNING")
     if count > 1:
         command += ["--processes", str(count)]
     env = {**os.environ, "SWITCHYARD_ADMIN_TOKEN": "bench"}

@@ -64,7 +64,7 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.bench import harness
-from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.harness import BenchError, Child, serve_command
 from gateway.bench.loadgen import cpu_seconds
 from gateway.bench.report import publish
 from gateway.report.markdown import markdown_table
@@ -757,7 +757,7 @@ def gateway_and_kserve(
     fleet.write_text(fleet_yaml(repository, args.model, http=True))
     ready = work / "ready.json"
     ready.unlink(missing_ok=True)
-    command = [*switchyard_command(), "serve", "--config", str(fleet), "--ready-file", str(ready)]
+    command = serve_command(fleet, ready)
     with contextlib.ExitStack() as stack:
         gateway = stack.enter_context(Child("gateway", command, work, ROOT))
         kserve = None

@@ -52,7 +52,7 @@ from typing import Any
 import grpc
 import yaml
 
-from gateway.bench.harness import BenchError, Child, switchyard_command
+from gateway.bench.harness import BenchError, Child, serve_command, switchyard_command
 from gateway.bench.load import LoadRun, run_load
 from gateway.bench.report import publish
 from gateway.config import load_fleet
@@ -251,12 +251,11 @@ def two_gateways(
             addresses = {
                 name: child.wait_listening(START_TIMEOUT_S) for name, child in workers.items()
             }
-            serve = [*switchyard_command(), "serve", "--config"]
             ready = []
             for name in ("first", "second"):
                 config = fleet_file(fleet_path, store.url, addresses, work / f"{name}.yaml")
                 ready_file = work / f"{name}.json"
-                command = [*serve, str(config), "--ready-file", str(ready_file)]
+                command = serve_command(config, ready_file)
                 gateway = stack.enter_context(Child(name, command, work, ROOT, env))
                 ready.append((gateway, ready_file))
             infos = [gateway.wait_ready_file(path, START_TIMEOUT_S) for gateway, path in ready]
