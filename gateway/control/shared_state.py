@@ -78,6 +78,8 @@ COMMAND_TIMEOUT_S = 1.0
 """A Redis command's longest wait (connect or answer) before the store counts as down."""
 LEASE_TTL_S = 3.0
 """A lease lasts this long unless renewed (every third of it)."""
+CLOSE_WAIT_S = 2.0
+"""How long `close` waits for the store's background tasks once cancelled."""
 
 Job = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -467,10 +469,6 @@ async def run_leased(lease: RedisLease | None, job: Job, stop: asyncio.Event) ->
         await job(stop)
     else:
         await lease.hold(job, stop)
-
-
-CLOSE_WAIT_S = 2.0
-"""How long `close` waits for the store's background tasks once cancelled."""
 
 
 def _raise_if_cancelled() -> None:
