@@ -83,6 +83,14 @@ class AccuracyEntry(BaseModel):
     min_top1_agreement: float | None = None
     passed: bool
     """False: the variant is never served (policy may not override this for int8)."""
+    int8_dot: Literal["exact", "saturating", "never-saturates"] | None = None
+    """How the CPU that ran the check multiplied int8, for an ONNX Runtime int8 variant
+    (`backends.compile.cpu.int8_dot_products`): `exact` (VNNI, AMX) or `saturating`
+    (x86-64 without VNNI), with 8-bit weights; `never-saturates`: 7-bit weights, whose
+    products never saturate, so every CPU computes what the check saw. A check passed
+    where products are exact says nothing of a CPU where they saturate (their outputs
+    differ, some models' greatly): such a worker refuses the variant. None: not
+    recorded, or not such a variant."""
 
 
 class TuningEntry(BaseModel):
@@ -134,6 +142,10 @@ class Manifest(BaseModel):
     device: str = "cpu"
     """Where it runs: `cpu` or `cuda`."""
     accuracy: AccuracyEntry | None = None
+    int8_weight_bits: Literal[7, 8] | None = None
+    """An ONNX Runtime int8 variant's weights: 8 bits, or 7 (`reduce_range`), whose
+    products with uint8 activations never saturate a CPU without VNNI. None: not int8,
+    or not recorded (8)."""
     tuning: TuningEntry | None = None
     build_s: float | None = None
     """Wall time the build took (tuning included)."""

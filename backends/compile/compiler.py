@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backends.compile.cpu import cpu_flags, cpu_model, missing_flags
+from backends.compile.cpu import cpu_flags, cpu_model, int8_dot_products, missing_flags
 from backends.compile.profiler import HardwareClass, measure_in_process, record
 from backends.compile.variants import (
     DEFAULT_TOLERANCES,
@@ -221,11 +221,25 @@ def _skip(reason: str) -> Callable[[], Manifest]:
     return build
 
 
+def int8_weight_bits(flags: frozenset[str]) -> int:
+    """The int8 variants' weight bits by default: 8 where this CPU's int8 products are
+    exact (VNNI, AMX); else 7, which never saturate, so the accuracy checked here holds
+    on every CPU (with 8 bits, a CPU without VNNI saturates and most int8 models fail
+    their check there)."""
+    return 8 if int8_dot_products(flags) == "exact" else 7
+
+
 def ort_plans(
-    repository: ModelRepository, model: str, samples: SampleSet, compute: str = FLOAT_PRECISION
+    repository: ModelRepository,
+    model: str,
+    samples: SampleSet,
+    compute: str = FLOAT_PRECISION,
+    weight_bits: int | None = None,
 ) -> list[Plan]:
     """ONNX Runtime's variants: full precision, named for what the model computes in,
-    and the reduced-precision ones where they apply and their accuracy can be checked."""
+    and the reduced-precision ones where they apply and their accuracy can be checked
+    (int8 weights of `weight_bits`; None: `int8_weight_bits` of this CPU)."""
+    bits = int8_weight_bits(cpu_flags()) if weight_bits is None else weight_bits
     why_not: str | None = None
     if compute != FLOAT_PRECISION:
         why_not = f"no float tensors: the model computes in {compute}"
@@ -248,12 +262,14 @@ def ort_plans(
         Plan(
             ORT_INT8_DYNAMIC,
             "int8",
-            _skip(why_not) if why_not else lambda: build_ort_int8_dynamic(repository, model),
+            _skip(why_not) if why_not else lambda: build_ort_int8_dynamic(repository, model, bits),
         ),
         Plan(
             ORT_INT8_QDQ,
             "int8",
-            _skip(why_not) if why_not else lambda: build_ort_int8_qdq(repository, model, samples),
+            _skip(why_not)
+            if why_not
+            else lambda: build_ort_int8_qdq(repository, model, samples, bits),
         ),
     ]
 
@@ -634,10 +650,12 @@ def compile_model(
     tolerances: Mapping[str, Tolerance] = DEFAULT_TOLERANCES,
     progress: ProgressFn | None = None,
     extra_plans: Callable[[ModelRepository, str, SampleSet], list[Plan]] | None = None,
+    int8_weight_bits: int | None = None,
 ) -> list[Outcome]:
     """Builds and checks the variants of `source` as model `name`. `tuning_records`: a
     tuning folder (`<folder>/<target>/`) whose records tuned TVM builds take before
-    tuning (`backends.compile.tvm.tuning.records_for(name)` for a demo model)."""
+    tuning (`backends.compile.tvm.tuning.records_for(name)` for a demo model).
+    `int8_weight_bits`: 7 or 8 (None: as this CPU needs, see `int8_weight_bits`)."""
     say = progress or (lambda _: None)
     unknown = [
         t
@@ -662,13 +680,14 @@ def compile_model(
     reference, unchecked = _reference(destination, samples, inputs)
     if unchecked is not None:
         samples = SampleSet({}, 0, samples.batched, samples.source, unchecked)
-    elif samples.source == "random":  # what the profiler times the variants on
-        stored = repository.root / name / "samples" / "inputs.npz"
+    elif not (stored := repository.root / name / "samples" / "inputs.npz").is_file():
+        # What the profiler (and the worker, measuring at start) times the variants on:
+        # the check's own rows (random ones, or the first of the calibration data).
         stored.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(stored, **samples.inputs)  # type: ignore[arg-type]
+        np.savez(stored, **{k: a[:MIN_SAMPLES] for k, a in samples.inputs.items()})  # type: ignore[arg-type]
     plans: list[Plan] = []
     if ORT_TARGET in targets:
-        plans += ort_plans(repository, name, samples, compute)
+        plans += ort_plans(repository, name, samples, compute, int8_weight_bits)
     if ORT_CUDA_TARGET in targets:
         plans.append(Plan(ORT_CUDA_FP32, "fp32", lambda: build_ort_cuda_fp32(repository, name)))
     if any(t.startswith(TVM_PREFIX) for t in targets):
@@ -733,16 +752,18 @@ def _build(
     variant = Variant(
         model, manifest.variant, repository.root / model / "variants" / manifest.variant, manifest
     )
+    # Built for other hardware (a GPU, or CPU features this host lacks: a fleet's
+    # AVX-512 class compiled on an AVX2 host): written unchecked, for the worker that
+    # runs it. Running it here would kill the process (an illegal instruction).
+    elsewhere = None
     if manifest.device != "cpu":
+        elsewhere = f"needs a {manifest.device} device"
+    elif missing := missing_flags(manifest.required_cpu_flags, cpu_flags()):
+        elsewhere = f"this CPU lacks {', '.join(missing)}"
+    if elsewhere is not None:
         manifest = manifest.model_copy(update={"build_s": build_s})
         repository.write_variant(manifest)
-        return Outcome(
-            manifest.variant,
-            "built",
-            f"not checked: needs a {manifest.device} device",
-            manifest,
-            build_s,
-        )
+        return Outcome(manifest.variant, "built", f"not checked: {elsewhere}", manifest, build_s)
     tolerance = tolerance_for(manifest.precision)
     try:
         adapter = load_adapter(variant, threads=1)
@@ -750,6 +771,13 @@ def _build(
             accuracy = unchecked_accuracy(samples, tolerance)
         else:
             accuracy = check_accuracy(adapter, samples, reference, tolerance)
+            if manifest.runtime == "onnxruntime" and manifest.precision == "int8":
+                dot = (
+                    "never-saturates"
+                    if manifest.int8_weight_bits == 7
+                    else int8_dot_products(cpu_flags())
+                )
+                accuracy = accuracy.model_copy(update={"int8_dot": dot})
     except Exception as exc:
         return Outcome(manifest.variant, "failed", f"check failed: {type(exc).__name__}: {exc}")
     manifest = manifest.model_copy(update={"accuracy": accuracy, "build_s": build_s})
@@ -837,6 +865,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="PRECISION=MAXDIFF[:MINTOP1], e.g. int8=0.1:0.99",
+    )
+    parser.add_argument(
+        "--int8-weight-bits",
+        type=int,
+        choices=(7, 8),
+        default=None,
+        metavar="{7,8}",
+        help="weights of the ONNX Runtime int8 variants: 8, or 7, whose products never "
+        "saturate a CPU without VNNI (default: 8 on a CPU with VNNI or AMX, else 7; a "
+        "variant of 8 checked with VNNI is refused by workers without it: build with 7 "
+        "for a fleet with such CPUs)",
     )
     parser.add_argument(
         "--hardware-class",
@@ -943,6 +982,7 @@ def run(args: argparse.Namespace, read_fleet: FleetReader | None = None) -> int:
                 tuning_records=args.tuning_records or records_for(args.name),
                 tolerances=tolerances,
                 progress=lambda text: status.update(text),
+                int8_weight_bits=args.int8_weight_bits,
             )
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")

@@ -281,8 +281,11 @@ def _has_quantizable_ops(source: Path, ops: set[str]) -> bool:
     return any(node.op_type in ops for node in onnx.load(str(source)).graph.node)
 
 
-def build_ort_int8_dynamic(repository: ModelRepository, model: str) -> Manifest:
-    """Dynamic quantisation: int8 weights, activations quantised per batch at run time."""
+def build_ort_int8_dynamic(
+    repository: ModelRepository, model: str, weight_bits: int = 8
+) -> Manifest:
+    """Dynamic quantisation: int8 weights (`weight_bits` 7: reduce_range, see
+    `Manifest.int8_weight_bits`), activations quantised per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source, rewrites = prepared_source(repository.source(model))
@@ -296,10 +299,11 @@ def build_ort_int8_dynamic(repository: ModelRepository, model: str) -> Manifest:
             artifact,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=weight_bits == 7,
         )
     manifest = onnx_manifest(
         repository, model, ORT_INT8_DYNAMIC, artifact, "int8", rewrites=rewrites
-    )
+    ).model_copy(update={"int8_weight_bits": weight_bits})
     repository.write_variant(manifest)
     return manifest
 
@@ -346,8 +350,11 @@ def _named(model_path: Path, scratch: Path) -> tuple[Path, list[str]]:
     return out, head
 
 
-def build_ort_int8_qdq(repository: ModelRepository, model: str, calibration: SampleSet) -> Manifest:
-    """Static QDQ quantisation, per-channel weights, calibrated on `calibration`."""
+def build_ort_int8_qdq(
+    repository: ModelRepository, model: str, calibration: SampleSet, weight_bits: int = 8
+) -> Manifest:
+    """Static QDQ quantisation, per-channel weights (`weight_bits` 7: reduce_range, see
+    `Manifest.int8_weight_bits`), calibrated on `calibration`."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -376,8 +383,11 @@ def build_ort_int8_qdq(repository: ModelRepository, model: str, calibration: Sam
             # usual: it is a sliver of the compute and where int8 error turns into
             # flipped classes (quantised probabilities also tie close calls).
             nodes_to_exclude=head,
+            reduce_range=weight_bits == 7,
         )
-    manifest = onnx_manifest(repository, model, ORT_INT8_QDQ, artifact, "int8", rewrites=rewrites)
+    manifest = onnx_manifest(
+        repository, model, ORT_INT8_QDQ, artifact, "int8", rewrites=rewrites
+    ).model_copy(update={"int8_weight_bits": weight_bits})
     repository.write_variant(manifest)
     return manifest
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.compile.cpu import cpu_flags, missing_flags
+from backends.compile.cpu import cpu_flags, int8_dot_products, missing_flags
 from backends.compile.profiler import batch_inputs, figures, first_input, time_runs
 from backends.compile.variants import ORT_FP32
 from backends.profiles import (
@@ -339,6 +339,16 @@ def refused_by_policy(
         return f"failed its accuracy check ({'; '.join(missed) or 'marked failed'})"
     if accuracy is None and manifest.precision != "fp32":
         return "was never checked against the fp32 reference"
+    if (
+        accuracy is not None
+        and accuracy.int8_dot == "exact"
+        and int8_dot_products(flags) == "saturating"
+    ):
+        return (
+            "passed its accuracy check on a CPU whose int8 dot products are exact (VNNI); "
+            "this CPU has no VNNI, where ONNX Runtime's int8 kernels saturate and the "
+            "outputs differ: compile it on this hardware to check it here"
+        )
     if settings.precisions and manifest.precision not in settings.precisions:
         return f"precision {manifest.precision} is not allowed here"
     if manifest.device != "cpu":

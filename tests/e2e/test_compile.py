@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from backends.compile.cpu import int8_dot_products
 from backends.compile.tvm.targets import host_cpu_flags
 from backends.demo.convnets import build_cnn
 from backends.profiles import profile_entry, read_profile
@@ -63,7 +64,7 @@ def test_fleet_of_v4_cpus_builds_ort_and_avx512_only(tmp_path: Path) -> None:
         "3",
     )
     avx512_here = AVX512 <= host_cpu_flags()
-    assert proc.returncode == (0 if avx512_here else 1), proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu-x86-64-v4-1c -> tvm-llvm-avx512, cpu-x86-64-v4-2c -> tvm-llvm-avx512" in proc.stdout
     assert "targets: ort tvm-llvm-avx512 ort-cuda\n" in proc.stdout
     variants = {v.name: v.manifest for v in ModelRepository(tmp_path / "models").variants("cnn")}
@@ -72,6 +73,10 @@ def test_fleet_of_v4_cpus_builds_ort_and_avx512_only(tmp_path: Path) -> None:
     assert sorted(v for v in variants if v != "ort-cuda-fp32") == sorted([*ORT_VARIANTS, tvm])
     assert variants[tvm].target == "llvm-avx512"
     assert "avx512f" in variants[tvm].required_cpu_flags
+    if not avx512_here:  # built for the fleet, never run here (it would die of SIGILL)
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"│ {tvm} "))
+        assert "not checked: this CPU lacks avx512" in row, proc.stdout
+        assert variants[tvm].accuracy is None
     # Measured as each class of the fleet this host stands for, at its cores; on a host
     # without AVX-512, as the host's own class (the fleet's are not its level).
     cores = len(os.sched_getaffinity(0))
@@ -259,6 +264,10 @@ def test_compile_profiles_what_it_built_as_this_hosts_class(tmp_path: Path) -> N
         "cnn",
         "--repository",
         str(root),
+        # The model's own sample images: random noise sits on class boundaries, where
+        # int8's top-1 agreement says little.
+        "--calibration",
+        str(tmp_path / "source" / "samples" / "inputs.npz"),
         "--profile-runs",
         "5",
     )
@@ -266,7 +275,13 @@ def test_compile_profiles_what_it_built_as_this_hosts_class(tmp_path: Path) -> N
     cls = host_class()
     variants = ModelRepository(root).variants("cnn")
     passed = {v.name for v in variants if v.manifest.accuracy and v.manifest.accuracy.passed}
-    assert passed >= {"ort-cpu-fp32", "ort-cpu-int8-qdq"}
+    assert passed >= {"ort-cpu-fp32", "ort-cpu-int8-qdq"}, proc.stdout
+    # int8 built for this CPU: 8-bit weights where its int8 products are exact, else 7.
+    qdq = next(v.manifest for v in variants if v.name == "ort-cpu-int8-qdq")
+    exact = int8_dot_products(host_cpu_flags()) == "exact"
+    assert qdq.int8_weight_bits == (8 if exact else 7)
+    assert qdq.accuracy is not None
+    assert qdq.accuracy.int8_dot == ("exact" if exact else "never-saturates")
     assert measured_classes(root, "cnn") == {v: {(cls, 1, 1), (cls, 1, 8)} for v in passed}
     assert re.search(rf"p50 ms\s*{cls}", proc.stdout), proc.stdout  # the column header
     text = " ".join(proc.stdout.split())
