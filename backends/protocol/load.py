@@ -19,10 +19,18 @@ ends, and the other callers' waiting requests by how soon each is due (the bucke
 DUE_EDGES_MS), each bucket's count and expected work.
 
 A caller may name a group it belongs to, `GROUP/ID` (the processes of one `switchyard
-serve --processes N`): its report then ends with one more figure, the requests in it
+serve --processes N`): its report then holds one more figure, the requests in it
 (waiting or in service) of callers outside that group, so that the group's processes
 can tell one another from other gateways. A caller without a group gets the report
 without it, as a worker that knows no groups sends to everyone.
+
+The report ends with how long the answer's own request waited in the worker's queue for
+its run to start (`q` and microseconds), so that the caller can tell the service its
+answer took from the wait (behind other gateways' requests, which it does not see
+as it sends): its latency, less that wait and the network, is a clean sample of the
+backend's service time. A worker before this figure sends none; a gateway before it
+reads such a report as malformed (it logs that and keeps its own view): upgrade the
+gateways first.
 
 Plain bytes and values: no grpc, no generated code, nothing from the gateway.
 """
@@ -58,6 +66,9 @@ _MAP_KEY, _MAP_VALUE = 1, 2
 _RESPONSE_PARAMETERS = 4  # ModelInferResponse.parameters
 
 
+QUEUED_TAG = "q"
+"""Marks the report's figure of the answer's own wait (`q1250`: 1.25 ms)."""
+
 GROUP_SEPARATOR = "/"
 """Between a caller's group and its own id (`GROUP/ID`)."""
 
@@ -92,6 +103,9 @@ class LoadReport:
     foreign: int | None = None
     """Requests (waiting or in service) of callers outside the asking caller's group;
     None when the caller names no group (or the worker knows none)."""
+    queued_us: int | None = None
+    """How long the answer's own request waited in the worker's queue before its run
+    began; None when the worker does not say."""
 
     @property
     def waiting_requests(self) -> int:
@@ -110,6 +124,8 @@ class LoadReport:
         )
         if self.foreign is not None:
             text += f" {min(self.foreign, MAX_COUNT)}"
+        if self.queued_us is not None:
+            text += f" {QUEUED_TAG}{min(self.queued_us, MAX_US)}"
         return text.ljust(REPORT_WIDTH)
 
 
@@ -163,11 +179,14 @@ def split_report(answer: bytes) -> tuple[bytes, LoadReport | None]:
 def parse_report(text: bytes) -> LoadReport:
     """A report's string, read. ReportError when it is not one."""
     parts = text.split()
-    if len(parts) not in (4 + BUCKETS, 5 + BUCKETS):
+    tagged = bool(parts) and parts[-1][:1] == _QUEUED_BYTE
+    if len(parts) - tagged not in (4 + BUCKETS, 5 + BUCKETS):
         raise ReportError(
-            f"load report has {len(parts)} fields, not {4 + BUCKETS} (or {5 + BUCKETS})"
+            f"load report has {len(parts) - tagged} figures before its wait, not "
+            f"{4 + BUCKETS} (or {5 + BUCKETS})"
         )
     try:
+        queued = int(parts.pop()[1:]) if tagged else None
         seq, slots, in_service, rest_us = (int(p) for p in parts[:4])
         waiting = []
         for cell in parts[4 : 4 + BUCKETS]:
@@ -177,6 +196,9 @@ def parse_report(text: bytes) -> LoadReport:
     except ValueError as exc:
         raise ReportError(f"load report does not read: {exc}") from exc
     figures = (seq, slots, in_service, rest_us, *(v for pair in waiting for v in pair))
-    if min(figures) < 0 or (foreign is not None and foreign < 0):
+    if min(figures) < 0 or min(foreign or 0, queued or 0) < 0:
         raise ReportError("load report holds a negative figure")
-    return LoadReport(seq, slots, in_service, rest_us, tuple(waiting), foreign)
+    return LoadReport(seq, slots, in_service, rest_us, tuple(waiting), foreign, queued)
+
+
+_QUEUED_BYTE = QUEUED_TAG.encode()

@@ -186,6 +186,8 @@ class _Pending:
     """Who sent it (a gateway's `switchyard_caller`), for load reports."""
     trace: BatchTrace | None = field(default=None, compare=False)
     """Told when its batch starts (a traced request)."""
+    started_ns: int = field(default=0, compare=False)
+    """When its batch started (0: not yet)."""
 
 
 class Batcher:
@@ -266,6 +268,23 @@ class Batcher:
         returns every output by name.
         QueueFull when the queue holds its limit; DeadlineExceeded when the deadline
         passed before its batch formed."""
+        outputs, _ = await self.infer_waited(
+            inputs, rows, priority, due_us, timeout_s, caller, trace
+        )
+        return outputs
+
+    async def infer_waited(
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        priority: int = 0,
+        due_us: int | None = None,
+        timeout_s: float | None = None,
+        caller: str = "",
+        trace: BatchTrace | None = None,
+    ) -> tuple[dict[str, Array], int]:
+        """`infer`, and how long (ns) the request waited here before its batch started
+        (for its caller's load report)."""
         if self.waiting >= self.max_queue:
             self.stats.shed += 1
             raise QueueFull(
@@ -296,7 +315,7 @@ class Batcher:
             arrays = await future
         finally:
             self._dequeued(pending)  # the caller went away: it waits no more
-        return dict(zip(self._outputs, arrays, strict=True))
+        return dict(zip(self._outputs, arrays, strict=True)), pending.started_ns - now_ns
 
     def retry_after_ms(self) -> int:
         """About when the queue has room, in ms: the requests waiting x the recent mean
@@ -516,6 +535,7 @@ class Batcher:
         """Runs a formed batch (in a worker thread, or on the event loop for a model
         that runs fast) and delivers each request its outputs or its error."""
         for pending in batch:
+            pending.started_ns = start_ns
             self.stats.queue_ns += start_ns - pending.enqueued_ns
             if pending.trace is not None:
                 pending.trace.started(len(batch), sum(p.rows for p in batch))

@@ -319,7 +319,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if trace is not None:
                     trace.queued(model.name, chosen.name, decoded.batch_size)
             try:
-                outputs = await chosen.batcher.infer(
+                outputs, queued_ns = await chosen.batcher.infer_waited(
                     decoded.inputs,
                     decoded.batch_size,
                     priority,
@@ -346,7 +346,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.parameters["switchyard_variant"].string_param = chosen.name
             answer = response.SerializeToString()
             if caller is not None:
-                answer += self._load_report(str(caller))
+                answer += self._load_report(str(caller), queued_ns)
             done_ns = time.perf_counter_ns()
             model.encode_ns += done_ns - computed_ns
             elapsed = done_ns - start_ns
@@ -407,10 +407,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{due_us / 1000:.1f} ms); refused as {REFUSE_LATE_PARAMETER} asked"
             )
 
-    def _load_report(self, caller: str) -> bytes:
+    def _load_report(self, caller: str, queued_ns: int) -> bytes:
         """This worker's queue now, less `caller`'s own requests, as the load report
         field to end its answer with; with the requests of callers outside `caller`'s
-        group, where it names one (backends.protocol.load)."""
+        group, where it names one, and the answer's own wait, `queued_ns`
+        (backends.protocol.load)."""
         now_ns = time.perf_counter_ns()
         counts = [0] * BUCKETS
         work_ns = [0.0] * BUCKETS
@@ -435,6 +436,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             0 if rest_ns is None else rest_ns // 1000,
             tuple((c, int(w / 1000)) for c, w in zip(counts, work_ns, strict=True)),
             None if group is None else foreign,
+            max(0, queued_ns) // 1000,
         )
         return report_field(report)
 

@@ -77,6 +77,24 @@ SHARE_WINDOW_S = 10.0
 """The time constant of a route's recent traffic (its share in `switchyard admin routes`)."""
 
 
+def poisson_quantile(mean: float, q: float) -> float:
+    """The least count of a Poisson variable of `mean` whose cumulative probability
+    reaches `q` (0 < q < 1): how many arrivals a window expecting `mean` holds at that
+    percentile. Where the mean is large its own value stands (the tail adds little, and
+    the sum would be long)."""
+    if mean <= 0.0:
+        return 0.0
+    if mean > 50.0:
+        return mean
+    term = cumulative = exp(-mean)
+    count = 0
+    while cumulative < q:
+        count += 1
+        term *= mean / count
+        cumulative += term
+    return float(count)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A model as a backend reports it (metadata and configuration, as domain types)."""
@@ -344,14 +362,17 @@ class BackendState:
         self._changed()
         return True
 
-    def unseen_ms(self, mean_ms: float, now_s: float) -> float:
+    def unseen_ms(self, mean_ms: float, now_s: float, percentile: float | None = None) -> float:
         """The wait (ms) of one more request behind other callers' requests that reached
         the backend after its standing load report was made, which no report has shown
         yet: their recent rate (faded as the report ages) over the time since the report
         (plus a round trip: the report was made half of one before it came, the request
         arrives half of one after it leaves), up to the report's work and one request's
         more (those that came earlier have been served), less the slots free in this
-        gateway's view, each taking `mean_ms` of a slot. 0 unless the backend is `shared`
+        gateway's view, each taking `mean_ms` of a slot. With `percentile` (the router's:
+        its SLA is met at a percentile, not on average), the count is the Poisson
+        quantile of that expectation there (`poisson_quantile`): a window expecting 0.3
+        of them holds one more than one time in four. 0 unless the backend is `shared`
         (its reports showed other callers' requests lately): a lone gateway's reports skip
         numbers too, for its latency probes' answers and for reports overtaken on another
         stream, which are its own."""
@@ -361,9 +382,10 @@ class BackendState:
             return 0.0
         age_s = now_s - at_s
         window_s = min(age_s + self.network.rtt_ms * 0.001, (self.report_work_ms + mean_ms) * 0.001)
-        ahead = rate * window_s * exp(-age_s / OTHERS_RATE_TAU_S) - max(
-            0, self.slots - self.in_flight
-        )
+        expected = rate * window_s * exp(-age_s / OTHERS_RATE_TAU_S)
+        if percentile is not None:
+            expected = poisson_quantile(expected, percentile / 100.0)
+        ahead = expected - max(0, self.slots - self.in_flight)
         return ahead * mean_ms / self.slots if ahead > 0.0 else 0.0
 
     def shared(self, now_s: float) -> bool:

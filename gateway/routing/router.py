@@ -145,14 +145,14 @@ def queue_wait_ms(
     (about sqrt(n) times one request's spread above its mean). Tighter classes
     arriving meanwhile go ahead too: the wait is inflated by 1 / (1 - rho)^2,
     rho the share of the slots their work takes. On a backend other gateways send to,
-    their requests sent since its last load report are ahead too, at their recent rate
-    (`BackendState.unseen_ms`), free slot or not.
+    their requests sent since its last load report are ahead too, as many as their
+    recent rate brings at the percentile (`BackendState.unseen_ms`), free slot or not.
     """
     wait = 0.0
     if state.in_flight >= state.slots:
         wait = state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s)
     if state.others_rate > 0.0:  # after `wait_ms`, which drops a report whose work is done
-        wait += state.unseen_ms(mean_ms, now_s)
+        wait += state.unseen_ms(mean_ms, now_s, percentile)
     return wait
 
 
@@ -232,7 +232,7 @@ def _choose(
         else:
             wait = 0.0
         if state.others_rate > 0.0:  # other gateways' requests sent since their last report
-            wait += state.unseen_ms(mean, now_s)
+            wait += state.unseen_ms(mean, now_s, pct)
         pred = predicted_ms(state.network.rtt_ms, service, factor, wait)
         cost = per_request(state.usd_per_busy_ms, mean, factor)
         if pred <= sla and cost <= cap:

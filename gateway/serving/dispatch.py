@@ -19,7 +19,10 @@ sent, its latency less the network round trip; one that waited and travelled alo
 the time from when it took its slot (the answer that freed it) to its own answer, so
 that a backend kept busy by a flood, where no request finds a free slot, still shows
 how long it takes (its latency, queue included, would feed the estimate's own error
-back, magnified by the queue).
+back, magnified by the queue). Where the backend says how long the request waited in
+its queue (a Switchyard worker's load report), its latency less that wait and the
+network measures the route whatever the gateway knew of the queue: a backend that
+other gateways keep busy too does not look slow to this one.
 
 Nothing here does I/O or reads a clock. The transport starts and cancels calls and
 reports their ends (`answered`, `failed`) with the time they ended; timers come from
@@ -280,10 +283,17 @@ class Dispatcher:
     # ---- what the transport reports -------------------------------------------------------
 
     def answered(
-        self, attempt: Attempt, reply: Any, latency_ms: float, now_s: float
+        self,
+        attempt: Attempt,
+        reply: Any,
+        latency_ms: float,
+        now_s: float,
+        queued_ms: float | None = None,
     ) -> Ticket | None:
         """`attempt` answered at `now_s`, `latency_ms` after it was sent (as the gateway
-        saw it, network included). Returns the waiting ticket that took its slot."""
+        saw it, network included); `queued_ms`: how long it waited in its backend's
+        queue, where the backend said (a Switchyard worker's load report; None: not
+        said). Returns the waiting ticket that took its slot."""
         if attempt.settled:
             return None  # given up already (a report that raced its cancel)
         job = attempt.job
@@ -292,7 +302,12 @@ class Dispatcher:
         ticket = attempt.ticket
         nxt = self._settle(attempt, now_s)
         sample = None
-        if attempt.free_slot:
+        if queued_ms is not None:
+            # Its backend said how long it waited there (behind requests of its own or of
+            # other gateways, which this one saw only as of their last report): the rest
+            # of its latency, less the network, is its service, however busy the backend.
+            sample = service_sample(latency_ms - queued_ms, state.network.rtt_ms)
+        elif attempt.free_slot:
             sample = service_sample(latency_ms, state.network.rtt_ms)
         elif attempt.alone and ticket.started_s is not None and ticket.timed:
             # It waited, then took the slot an answer freed: from then to its own answer

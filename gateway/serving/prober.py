@@ -24,6 +24,7 @@ import grpc
 
 from backends.protocol.codec import MAX_ZEROS_BYTES, zeros_request
 from backends.protocol.errors import InvalidInput
+from backends.protocol.load import ReportError, split_report
 from gateway.routing.estimates import service_sample
 from gateway.routing.fleet import BackendState, FleetState, ModelInfo, Route
 from gateway.serving.converters import after_waiting_parameter, model_info
@@ -338,15 +339,18 @@ class Prober:
         free_slot = ticket.started_s is not None
         started = time.perf_counter()
         try:
-            await self.pool.client(route.address).infer(request, timeout=self.timeout_s)
+            answer = await self.pool.client(route.address).infer(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.debug("latency probe of %r failed: %s", route, exc.details())
             return False
         finally:
             state.finish(ticket, self.clock())
         now = self.clock()
-        if free_slot:  # a slot freed meanwhile: its latency measures the route
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
+        queued_ms = self._queued_ms(answer)
+        if free_slot or queued_ms is not None:
+            # A slot freed meanwhile, or the worker said how long the probe waited there:
+            # its latency (less that wait) measures the route.
+            elapsed_ms = (time.perf_counter() - started) * 1000.0 - (queued_ms or 0.0)
             sample = service_sample(elapsed_ms, state.network.rtt_ms)
         elif ticket.started_s is not None and ticket.timed:
             sample = (now - ticket.started_s) * 1000.0
@@ -385,8 +389,11 @@ class Prober:
             measured = 0
             for _ in range(samples):
                 started = time.perf_counter()
-                await client.infer(request, timeout=self.timeout_s)
+                answer = await client.infer(request, timeout=self.timeout_s)
                 elapsed_ms = (time.perf_counter() - started) * 1000.0
+                # Behind other gateways' requests at the worker, the probe's wait there
+                # is not the route's service: the worker's report says how long it was.
+                elapsed_ms -= self._queued_ms(answer) or 0.0
                 sample = service_sample(elapsed_ms, state.network.rtt_ms)
                 route.estimate.observe(sample, self.clock())
                 measured += 1
@@ -396,6 +403,20 @@ class Prober:
         finally:
             state.finish(ticket, self.clock())
         return measured
+
+    def _queued_ms(self, answer: bytes) -> float | None:
+        """How long (ms) a probe waited in its worker's queue, as the load report ending
+        its answer says; None where there is none (not a Switchyard worker, or the
+        fleet's `load_reports` off) or it does not read."""
+        if not self.fleet.load_reports:
+            return None
+        try:
+            _, report = split_report(answer)
+        except ReportError:
+            return None
+        if report is None or report.queued_us is None:
+            return None
+        return report.queued_us * 0.001
 
     async def _models(
         self, backend: BackendState, address: str

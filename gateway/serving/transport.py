@@ -77,6 +77,12 @@ REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED
 REFUSE_LATE = refuse_late_parameter()
 """The parameter, as appended to a request, that asks a worker for that refusal."""
 
+ANSWER_QUEUED_MS: ContextVar[float | None] = ContextVar("switchyard_answer_queued_ms", default=None)
+"""How long (ms) the answer to the call last made in this task waited in its backend's
+queue, as the backend's load report said (`LoadReport.queued_us`); set by `_send`, read
+by the attempt whose task made the call. A merged call is made in a task of the
+coalescer's: its attempts see none."""
+
 TRACED_ATTEMPT: ContextVar[Attempt | None] = ContextVar("switchyard_traced_attempt", default=None)
 """The traced attempt whose call task this is (set by tracing as the task starts; tasks
 it starts inherit it, so a call checks the task is the attempt's own)."""
@@ -189,7 +195,8 @@ class GrpcTransport:
                 # A stream's answer names the stream's id for the request: the caller's
                 # own (or none) goes back in its place.
                 reply += id_field(forward.header.id)
-            dispatcher.answered(attempt, reply, latency_ms, self.clock())
+            queued_ms = ANSWER_QUEUED_MS.get()
+            dispatcher.answered(attempt, reply, latency_ms, self.clock(), queued_ms)
         finally:
             in_flight.dec()
 
@@ -228,6 +235,8 @@ class GrpcTransport:
                 return reply[:-REPORT_FIELD_BYTES]
             if report is not None and self.fleet.load_reports:
                 route.state.record_report(report, self.clock())
+                if report.queued_us is not None:
+                    ANSWER_QUEUED_MS.set(report.queued_us * 0.001)
             return reply
         code = error.code
         self.metrics.attempts.labels(route.backend, code.name).inc()

@@ -591,13 +591,17 @@ class ModelledFleet(Observer):
         # The waiting call due first takes the slot.
         nxt = backend.done(attempt, now, delays is not None)
         if not call.cancelled:
+            queued_ms = None
             if delays is not None:
                 # As the live transport does, the gateway takes the report its answer
-                # carries before the answer settles its request.
+                # carries before the answer settles its request, and the answer's own
+                # wait at the worker from it.
                 report = backend.report(call.gateway, now - delays[call.backend])
                 attempt.route.state.record_report(report, now)
+                assert call.started_s is not None  # it was served: it answers
+                queued_ms = (call.started_s - call.sent_s) * 1000.0
             latency_ms = (now - call.sent_s) * 1000.0 + self.rtts[call.backend]
-            self.dispatchers[call.gateway].answered(attempt, None, latency_ms, now)
+            self.dispatchers[call.gateway].answered(attempt, None, latency_ms, now, queued_ms)
         if nxt is not None:
             self._serve(nxt, now)
 

@@ -82,7 +82,7 @@ class CountingBatcher(Batcher):
         super().__init__(run, executor, output_names, max_batch_size)
         self.arrived = 0
 
-    async def infer(
+    async def infer_waited(
         self,
         inputs: dict[str, Array],
         rows: int,
@@ -91,9 +91,9 @@ class CountingBatcher(Batcher):
         timeout_s: float | None = None,
         caller: str = "",
         trace: BatchTrace | None = None,
-    ) -> dict[str, Array]:
+    ) -> tuple[dict[str, Array], int]:
         self.arrived += 1
-        return await super().infer(inputs, rows, priority, due_us, timeout_s, caller, trace)
+        return await super().infer_waited(inputs, rows, priority, due_us, timeout_s, caller, trace)
 
 
 @dataclass

@@ -204,14 +204,15 @@ async def test_two_gateways_keep_a_shared_backends_sla_with_load_reports(
         f"{late}/{answers} late, {[dict(t.where) for t in with_reports]} "
         f"late {[dict(t.late_where) for t in with_reports]}"
     )
-    # The first gateway keeps the cheap backend busy and within its SLA; the second sees
-    # the first's requests there and sends its own to the spare.
-    # (80-98 answers in most runs; as few as 17 in one of 18 on a loaded machine: a
-    # gateway's first answers from a backend busy with the other's requests overstate its
-    # service time until reports and later answers bring the estimate back.)
+    # The gateways keep the cheap backend busy (it answers at most LOAD_S / CHEAP_MS,
+    # 100, in the window) and within its SLA; the rest spills to the spare. Each answer's
+    # report says how long it waited there, so neither gateway reads the other's
+    # requests, queued ahead of its own, as slow service (88-94 answers in 6 runs; before
+    # the reports carried that wait, 2-98, and both gateways shunned the cheap backend in
+    # about one run in five).
     # Without the reports the outcome varies from run to run (both gateways shun the
     # cheap backend, each reading the other's requests queued ahead of its own as slow
     # service, or the first keeps it nearly as busy), so it is not compared here.
-    assert sum(t.where["cheap"] for t in with_reports) >= 15
+    assert sum(t.where["cheap"] for t in with_reports) >= 50
     assert with_reports[1].where["spare"] > with_reports[1].where["cheap"]
     assert late <= 0.05 * answers

@@ -189,6 +189,32 @@ def test_a_report_to_a_caller_in_a_group_ends_with_the_requests_from_outside_it(
         parse_report((grouped.text().rstrip() + " 3").ljust(REPORT_WIDTH).encode())
 
 
+def test_a_report_ends_with_the_answers_own_wait_in_the_queue() -> None:
+    """The answer's own wait at the worker travels as the report's last figure (`q` and
+    microseconds), with or without the group's figure; a report without it (a worker
+    before it) reads as None; the widest report still fits the fixed width."""
+    for foreign in (None, 3):
+        report = LoadReport(7, 2, 1, 900, waiting(later=(1, 800)), foreign, queued_us=1250)
+        assert report.text().rstrip().endswith(" q1250")
+        assert split_report(b"answer" + report_field(report)) == (b"answer", report)
+    widest = LoadReport(
+        10**12 - 1,
+        99_999,
+        99_999,
+        99_999_999,
+        tuple((99_999, 99_999_999) for _ in range(BUCKETS)),
+        foreign=99_999,
+        queued_us=10**9,
+    )
+    assert len(widest.text()) == REPORT_WIDTH
+    assert parse_report(report_field(widest)[-REPORT_WIDTH:]).queued_us == 99_999_999
+    assert parse_report(LoadReport(1, 1, 0, 0, waiting()).text().encode()).queued_us is None
+    for bad in ("q-5", "qx", "q"):
+        with pytest.raises(ReportError):
+            text = LoadReport(1, 1, 0, 0, waiting()).text().rstrip() + f" {bad}"
+            parse_report(text.ljust(REPORT_WIDTH).encode())
+
+
 def test_only_requests_from_outside_the_group_make_a_backend_shared_outside_it() -> None:
     """Reports that show only the group's other processes' requests make the backend
     shared (its queue holds them) but not shared outside the group; one showing a

@@ -17,6 +17,7 @@ from gateway.routing.fleet import (
     REPORT_MAX_AGE_S,
     SHARED_WINDOW_S,
     BackendState,
+    poisson_quantile,
 )
 from gateway.routing.router import Policy, choose, predict_ms, queue_wait_ms
 from tests.unit.routing.builders import REQ, route
@@ -136,6 +137,31 @@ def test_a_lone_gateways_skipped_numbers_add_no_unseen_wait() -> None:
     assert state.unseen_ms(2.0, 1.012) == 0.0
 
 
+def test_the_poisson_quantile_counts_the_arrivals_a_window_holds_at_a_percentile() -> None:
+    assert poisson_quantile(0.0, 0.99) == 0.0
+    # A third of an arrival expected: none 72% of the time, so one at p50 is not needed,
+    # at p90 and p99 it is (27% hold one or more), and two at p99 (4.5% hold two or more).
+    assert poisson_quantile(1 / 3, 0.5) == 0.0
+    assert poisson_quantile(1 / 3, 0.9) == 1.0
+    assert poisson_quantile(1 / 3, 0.99) == 2.0
+    assert poisson_quantile(4.0, 0.99) == 9.0  # scipy.stats.poisson.ppf(0.99, 4)
+    assert poisson_quantile(80.0, 0.99) == 80.0  # large: its mean stands
+
+
+def test_the_unseen_wait_at_a_percentile_counts_whole_requests() -> None:
+    """The router meets its SLA at a percentile: the unseen requests it counts are as
+    many as the others' rate brings there, not their expected fraction."""
+    state = reported()
+    mean, now = 2.0, 10.002
+    expected = state.unseen_ms(mean, now) / mean  # requests, at their mean
+    assert 0.0 < expected < 1.0
+    assert state.unseen_ms(mean, now, 99.0) == pytest.approx(
+        poisson_quantile(expected, 0.99) * mean
+    )
+    assert state.unseen_ms(mean, now, 99.0) >= mean > state.unseen_ms(mean, now)
+    assert queue_wait_ms(state, mean, 3.0, 100.0, 99.0, now) >= state.unseen_ms(mean, now, 99.0)
+
+
 def test_the_unseen_wait_grows_with_the_reports_age_up_to_its_work_then_fades() -> None:
     state = reported()
     rate, mean = state.others_rate, 2.0
@@ -225,7 +251,7 @@ def test_the_router_counts_the_unseen_wait_and_picks_the_next_route() -> None:
     assert decision.route is dear
     assert cheap.state.in_flight == 0
     mean = cheap.estimate.mean_ms
-    unseen = cheap.state.unseen_ms(mean, now)
+    unseen = cheap.state.unseen_ms(mean, now, 99.0)
     assert unseen > 5.0 - 3.0
     # `queue_wait_ms` is that wait alone (no queue of its own), and so the prediction.
     wait = queue_wait_ms(cheap.state, mean, cheap.estimate.p99_ms, 5.0, 99.0, now)

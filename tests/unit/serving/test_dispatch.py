@@ -132,8 +132,10 @@ class Rig:
         self.dispatcher.start(job, self.timers.now_s)
         return job
 
-    def answer(self, attempt: Attempt, latency_ms: float = 1.0) -> None:
-        self.dispatcher.answered(attempt, b"reply", latency_ms, self.timers.now_s)
+    def answer(
+        self, attempt: Attempt, latency_ms: float = 1.0, queued_ms: float | None = None
+    ) -> None:
+        self.dispatcher.answered(attempt, b"reply", latency_ms, self.timers.now_s, queued_ms)
 
     def fail(self, attempt: Attempt, retryable: bool = True, fault: bool = True) -> None:
         error = Unavailable("down") if retryable else InvalidInput("bad")
@@ -215,6 +217,26 @@ def test_an_attempt_answered_while_it_waited_measures_nothing() -> None:
     rig.timers.advance(0.007)
     rig.answer(a1, latency_ms=7.0)
     assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
+
+
+def test_an_answer_whose_backend_says_how_long_it_queued_measures_the_rest() -> None:
+    # Another gateway's requests held the backend: this one found a slot free as far as
+    # it knew, and waited 20 ms of its 27 there. The backend's report of that wait
+    # leaves 7 ms of service, not 27. A request that waited here too (its slot not yet
+    # free) measures its latency less the wait as well, merged or not.
+    rig = Rig()
+    only = unseeded("only")
+    rig.start([only], Policy(latency_ms=1000))
+    rig.start([only], Policy(latency_ms=1000))
+    a1, a2 = rig.transport.sent
+    a2.alone = False
+    assert a1.free_slot and not a2.free_slot
+    rig.timers.advance(0.027)
+    rig.answer(a1, latency_ms=27.0, queued_ms=20.0)
+    assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
+    rig.timers.advance(0.034)
+    rig.answer(a2, latency_ms=34.0, queued_ms=27.0)
+    assert only.estimate.samples == 2 and only.estimate.mean_ms == pytest.approx(7.0)
 
 
 def test_a_retryable_failure_goes_to_the_next_best_route() -> None:
