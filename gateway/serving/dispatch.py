@@ -20,9 +20,9 @@ the time from when it took its slot (the answer that freed it) to its own answer
 that a backend kept busy by a flood, where no request finds a free slot, still shows
 how long it takes (its latency, queue included, would feed the estimate's own error
 back, magnified by the queue). Where the backend says how long the request waited in
-its queue (a Switchyard worker's load report), its latency less that wait and the
-network measures the route whatever the gateway knew of the queue: a backend that
-other gateways keep busy too does not look slow to this one.
+its queue (a Switchyard worker's load report) and other gateways send there too, its
+latency less that wait and the network measures the route whatever the gateway knew of
+the queue: a backend that other gateways keep busy does not look slow to this one.
 
 Nothing here does I/O or reads a clock. The transport starts and cancels calls and
 reports their ends (`answered`, `failed`) with the time they ended; timers come from
@@ -302,10 +302,13 @@ class Dispatcher:
         ticket = attempt.ticket
         nxt = self._settle(attempt, now_s)
         sample = None
-        if queued_ms is not None:
-            # Its backend said how long it waited there (behind requests of its own or of
-            # other gateways, which this one saw only as of their last report): the rest
-            # of its latency, less the network, is its service, however busy the backend.
+        if queued_ms is not None and state.shared(now_s):
+            # Its backend, which other gateways send to as well, said how long it waited
+            # there (behind their requests, which this one saw only as of their last
+            # report): the rest of its latency, less the network, is its service. Where
+            # this gateway alone sends, a wait its queue model did not foresee stays in
+            # the sample, as the backend's own slowness (fewer slots than it says, a
+            # stall), which the estimate must learn.
             sample = service_sample(latency_ms - queued_ms, state.network.rtt_ms)
         elif attempt.free_slot:
             sample = service_sample(latency_ms, state.network.rtt_ms)

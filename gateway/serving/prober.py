@@ -346,7 +346,7 @@ class Prober:
         finally:
             state.finish(ticket, self.clock())
         now = self.clock()
-        queued_ms = self._queued_ms(answer)
+        queued_ms = self._queued_ms(answer) if state.shared(now) else None
         if free_slot or queued_ms is not None:
             # A slot freed meanwhile, or the worker said how long the probe waited there:
             # its latency (less that wait) measures the route.
@@ -393,7 +393,8 @@ class Prober:
                 elapsed_ms = (time.perf_counter() - started) * 1000.0
                 # Behind other gateways' requests at the worker, the probe's wait there
                 # is not the route's service: the worker's report says how long it was.
-                elapsed_ms -= self._queued_ms(answer) or 0.0
+                if state.shared(self.clock()):
+                    elapsed_ms -= self._queued_ms(answer) or 0.0
                 sample = service_sample(elapsed_ms, state.network.rtt_ms)
                 route.estimate.observe(sample, self.clock())
                 measured += 1

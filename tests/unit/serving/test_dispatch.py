@@ -219,24 +219,40 @@ def test_an_attempt_answered_while_it_waited_measures_nothing() -> None:
     assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
 
 
-def test_an_answer_whose_backend_says_how_long_it_queued_measures_the_rest() -> None:
+def test_an_answer_whose_shared_backend_says_how_long_it_queued_measures_the_rest() -> None:
     # Another gateway's requests held the backend: this one found a slot free as far as
     # it knew, and waited 20 ms of its 27 there. The backend's report of that wait
     # leaves 7 ms of service, not 27. A request that waited here too (its slot not yet
     # free) measures its latency less the wait as well, merged or not.
     rig = Rig()
     only = unseeded("only")
+    only.state.others_seen_s = 0.0  # its reports showed another gateway's requests
     rig.start([only], Policy(latency_ms=1000))
     rig.start([only], Policy(latency_ms=1000))
     a1, a2 = rig.transport.sent
     a2.alone = False
     assert a1.free_slot and not a2.free_slot
     rig.timers.advance(0.027)
+    assert only.state.shared(rig.timers.now_s)
     rig.answer(a1, latency_ms=27.0, queued_ms=20.0)
     assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(7.0)
     rig.timers.advance(0.034)
     rig.answer(a2, latency_ms=34.0, queued_ms=27.0)
     assert only.estimate.samples == 2 and only.estimate.mean_ms == pytest.approx(7.0)
+
+
+def test_a_backend_this_gateway_alone_sends_to_keeps_its_unforeseen_waits() -> None:
+    # No other gateway's requests there: a wait this gateway's queue model did not
+    # foresee is the backend's own (fewer slots than it says, a stall), and stays in the
+    # sample of a request that found a slot free, as the estimate must learn it.
+    rig = Rig()
+    only = unseeded("only")
+    rig.start([only], Policy(latency_ms=1000))
+    (attempt,) = rig.transport.sent
+    rig.timers.advance(0.027)
+    assert not only.state.shared(rig.timers.now_s)
+    rig.answer(attempt, latency_ms=27.0, queued_ms=20.0)
+    assert only.estimate.samples == 1 and only.estimate.mean_ms == pytest.approx(27.0)
 
 
 def test_a_retryable_failure_goes_to_the_next_best_route() -> None:
