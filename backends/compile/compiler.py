@@ -221,7 +221,7 @@ def _skip(reason: str) -> Callable[[], Manifest]:
     return build
 
 
-def int8_weight_bits(flags: frozenset[str]) -> int:
+def default_int8_weight_bits(flags: frozenset[str]) -> int:
     """The int8 variants' weight bits by default: 8 where this CPU's int8 products are
     exact (VNNI, AMX); else 7, which never saturate, so the accuracy checked here holds
     on every CPU (with 8 bits, a CPU without VNNI saturates and most int8 models fail
@@ -238,8 +238,8 @@ def ort_plans(
 ) -> list[Plan]:
     """ONNX Runtime's variants: full precision, named for what the model computes in,
     and the reduced-precision ones where they apply and their accuracy can be checked
-    (int8 weights of `weight_bits`; None: `int8_weight_bits` of this CPU)."""
-    bits = int8_weight_bits(cpu_flags()) if weight_bits is None else weight_bits
+    (int8 weights of `weight_bits`; None: `default_int8_weight_bits` of this CPU)."""
+    bits = default_int8_weight_bits(cpu_flags()) if weight_bits is None else weight_bits
     why_not: str | None = None
     if compute != FLOAT_PRECISION:
         why_not = f"no float tensors: the model computes in {compute}"
@@ -655,7 +655,7 @@ def compile_model(
     """Builds and checks the variants of `source` as model `name`. `tuning_records`: a
     tuning folder (`<folder>/<target>/`) whose records tuned TVM builds take before
     tuning (`backends.compile.tvm.tuning.records_for(name)` for a demo model).
-    `int8_weight_bits`: 7 or 8 (None: as this CPU needs, see `int8_weight_bits`)."""
+    `int8_weight_bits`: 7 or 8 (None: as this CPU needs, `default_int8_weight_bits`)."""
     say = progress or (lambda _: None)
     unknown = [
         t

@@ -346,7 +346,7 @@ class Prober:
         finally:
             state.finish(ticket, self.clock())
         now = self.clock()
-        queued_ms = self._queued_ms(answer) if state.shared(now) else None
+        queued_ms = self._queued_ms(state, answer, now)
         if free_slot or queued_ms is not None:
             # A slot freed meanwhile, or the worker said how long the probe waited there:
             # its latency (less that wait) measures the route.
@@ -393,8 +393,7 @@ class Prober:
                 elapsed_ms = (time.perf_counter() - started) * 1000.0
                 # Behind other gateways' requests at the worker, the probe's wait there
                 # is not the route's service: the worker's report says how long it was.
-                if state.shared(self.clock()):
-                    elapsed_ms -= self._queued_ms(answer) or 0.0
+                elapsed_ms -= self._queued_ms(state, answer, self.clock()) or 0.0
                 sample = service_sample(elapsed_ms, state.network.rtt_ms)
                 route.estimate.observe(sample, self.clock())
                 measured += 1
@@ -405,11 +404,13 @@ class Prober:
             state.finish(ticket, self.clock())
         return measured
 
-    def _queued_ms(self, answer: bytes) -> float | None:
+    def _queued_ms(self, state: BackendState, answer: bytes, now_s: float) -> float | None:
         """How long (ms) a probe waited in its worker's queue, as the load report ending
-        its answer says; None where there is none (not a Switchyard worker, or the
-        fleet's `load_reports` off) or it does not read."""
-        if not self.fleet.load_reports:
+        its answer says, where other gateways send there too (`shared`: as the
+        dispatcher takes a request's wait off its sample); None where the backend is this
+        gateway's alone, there is no report (not a Switchyard worker, or the fleet's
+        `load_reports` off) or it does not read."""
+        if not self.fleet.load_reports or not state.shared(now_s):
             return None
         try:
             _, report = split_report(answer)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.compile.compiler import int8_weight_bits
+from backends.compile.compiler import default_int8_weight_bits
 from backends.compile.cpu import int8_dot_products
 from backends.repository import AccuracyEntry, ArtifactEntry, Manifest, TensorEntry, Variant
 from backends.worker.served import WorkerSettings, refused_by_policy
@@ -36,7 +36,7 @@ def test_a_cpus_int8_products_and_the_weights_built_for_it(
     flags: frozenset[str], dot: str | None, bits: int
 ) -> None:
     assert int8_dot_products(flags) == dot
-    assert int8_weight_bits(flags) == bits
+    assert default_int8_weight_bits(flags) == bits
 
 
 def int8_variant(int8_dot: str | None, passed: bool = True) -> Variant:
