@@ -32,6 +32,13 @@ backend's service time. A worker before this figure sends none; a gateway before
 reads such a report as malformed (it logs that and keeps its own view): upgrade the
 gateways first.
 
+Before that wait it holds how many latency probes (requests that asked to go after those
+waiting, `switchyard_after_waiting`) the worker has answered (`p` and the count, modulo
+PROBE_MODULUS), so that the caller can tell, of the reports sent to others between two of
+its own, the other gateways' requests from the gateways' probes: periodic and few, they
+count apart. Tagged figures are read in any order after the plain ones, and a tag the
+gateway does not know is skipped, so later figures need no lockstep upgrade.
+
 Plain bytes and values: no grpc, no generated code, nothing from the gateway.
 """
 
@@ -68,6 +75,13 @@ _RESPONSE_PARAMETERS = 4  # ModelInferResponse.parameters
 
 QUEUED_TAG = "q"
 """Marks the report's figure of the answer's own wait (`q1250`: 1.25 ms)."""
+
+PROBES_TAG = "p"
+"""Marks the report's count of the latency probes the worker has answered (`p17`)."""
+
+PROBE_MODULUS = 10**4
+"""The probe count wraps here (the widest report then still fits REPORT_WIDTH); a gateway
+takes the difference of two reports' counts modulo it."""
 
 GROUP_SEPARATOR = "/"
 """Between a caller's group and its own id (`GROUP/ID`)."""
@@ -106,6 +120,9 @@ class LoadReport:
     queued_us: int | None = None
     """How long the answer's own request waited in the worker's queue before its run
     began; None when the worker does not say."""
+    probes: int | None = None
+    """Latency probes (`switchyard_after_waiting` requests) the worker has answered, this
+    answer's own included, modulo PROBE_MODULUS; None when the worker does not say."""
 
     @property
     def waiting_requests(self) -> int:
@@ -124,6 +141,8 @@ class LoadReport:
         )
         if self.foreign is not None:
             text += f" {min(self.foreign, MAX_COUNT)}"
+        if self.probes is not None:
+            text += f" {PROBES_TAG}{self.probes % PROBE_MODULUS}"
         if self.queued_us is not None:
             text += f" {QUEUED_TAG}{min(self.queued_us, MAX_US)}"
         return text.ljust(REPORT_WIDTH)
@@ -179,14 +198,18 @@ def split_report(answer: bytes) -> tuple[bytes, LoadReport | None]:
 def parse_report(text: bytes) -> LoadReport:
     """A report's string, read. ReportError when it is not one."""
     parts = text.split()
-    tagged = bool(parts) and parts[-1][:1] == _QUEUED_BYTE
-    if len(parts) - tagged not in (4 + BUCKETS, 5 + BUCKETS):
+    tags: dict[bytes, int] = {}
+    while parts and parts[-1][:1].isalpha():  # tagged figures, after the plain ones
+        tagged = parts.pop()
+        try:
+            tags.setdefault(tagged[:1], int(tagged[1:]))
+        except ValueError as exc:
+            raise ReportError(f"load report's figure {tagged!r} does not read: {exc}") from exc
+    if len(parts) not in (4 + BUCKETS, 5 + BUCKETS):
         raise ReportError(
-            f"load report has {len(parts) - tagged} figures before its wait, not "
-            f"{4 + BUCKETS} (or {5 + BUCKETS})"
+            f"load report has {len(parts)} plain figures, not {4 + BUCKETS} (or {5 + BUCKETS})"
         )
     try:
-        queued = int(parts.pop()[1:]) if tagged else None
         seq, slots, in_service, rest_us = (int(p) for p in parts[:4])
         waiting = []
         for cell in parts[4 : 4 + BUCKETS]:
@@ -195,10 +218,12 @@ def parse_report(text: bytes) -> LoadReport:
         foreign = int(parts[4 + BUCKETS]) if len(parts) > 4 + BUCKETS else None
     except ValueError as exc:
         raise ReportError(f"load report does not read: {exc}") from exc
+    queued, probes = tags.get(_QUEUED_BYTE), tags.get(_PROBES_BYTE)
     figures = (seq, slots, in_service, rest_us, *(v for pair in waiting for v in pair))
-    if min(figures) < 0 or min(foreign or 0, queued or 0) < 0:
+    if min(figures) < 0 or min(foreign or 0, queued or 0, probes or 0) < 0:
         raise ReportError("load report holds a negative figure")
-    return LoadReport(seq, slots, in_service, rest_us, tuple(waiting), foreign, queued)
+    return LoadReport(seq, slots, in_service, rest_us, tuple(waiting), foreign, queued, probes)
 
 
 _QUEUED_BYTE = QUEUED_TAG.encode()
+_PROBES_BYTE = PROBES_TAG.encode()

@@ -68,6 +68,7 @@ from backends.protocol.load import (
     BUCKETS,
     CALLER_PARAMETER,
     DUE_EDGES_MS,
+    PROBE_MODULUS,
     LoadReport,
     caller_group,
     report_field,
@@ -155,6 +156,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Spans for each request's queue wait and run; None: off."""
         self._reports = itertools.count(1)
         """Load reports' sequence numbers."""
+        self._probes = 0
+        """Latency probes answered (`switchyard_after_waiting` requests), for the reports."""
 
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.models.get(name)
@@ -299,9 +302,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             priority = checked_priority(decoded.parameters.get("priority"))
             due_us = checked_due_us(decoded.parameters.get(DUE_PARAMETER))
             caller = decoded.parameters.get(CALLER_PARAMETER)
-            if checked_flag(
+            probe = checked_flag(
                 AFTER_WAITING_PARAMETER, decoded.parameters.get(AFTER_WAITING_PARAMETER)
-            ):
+            )
+            if probe:
                 due_us = self._after_waiting_us()
             refuse_late = checked_flag(
                 REFUSE_LATE_PARAMETER, decoded.parameters.get(REFUSE_LATE_PARAMETER)
@@ -345,6 +349,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             response.parameters["switchyard_variant"].string_param = chosen.name
             answer = response.SerializeToString()
+            if probe:
+                self._probes += 1
             if caller is not None:
                 answer += self._load_report(str(caller), queued_ns)
             done_ns = time.perf_counter_ns()
@@ -410,8 +416,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _load_report(self, caller: str, queued_ns: int) -> bytes:
         """This worker's queue now, less `caller`'s own requests, as the load report
         field to end its answer with; with the requests of callers outside `caller`'s
-        group, where it names one, and the answer's own wait, `queued_ns`
-        (backends.protocol.load)."""
+        group, where it names one, the latency probes answered so far and the answer's
+        own wait, `queued_ns` (backends.protocol.load)."""
         now_ns = time.perf_counter_ns()
         counts = [0] * BUCKETS
         work_ns = [0.0] * BUCKETS
@@ -437,6 +443,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             tuple((c, int(w / 1000)) for c, w in zip(counts, work_ns, strict=True)),
             None if group is None else foreign,
             max(0, queued_ns) // 1000,
+            self._probes % PROBE_MODULUS,
         )
         return report_field(report)
 

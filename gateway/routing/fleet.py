@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from math import exp, sqrt
 
-from backends.protocol.load import DUE_EDGES_MS, LoadReport
+from backends.protocol.load import DUE_EDGES_MS, PROBE_MODULUS, LoadReport
 from backends.protocol.tensors import TensorSpec
 from gateway.routing.estimates import LatencyEstimate, NetworkEstimate
 from gateway.routing.figures import g_co2_per_busy_ms, usd_per_busy_ms
@@ -237,7 +237,14 @@ class BackendState:
     group (`--processes`): every other caller's, where the report does not tell."""
     others_rate: float = 0.0
     """Other callers' requests answered here per second, recently: the reports the
-    backend sent between two of this gateway's, less its own (`unseen`)."""
+    backend sent between two of this gateway's, less its own and the latency probes'
+    (`unseen_ms`)."""
+    probes_rate: float = 0.0
+    """Latency probes answered here per second, recently, as the reports' probe counts
+    tell (every gateway's, this one's own among them; 0 where the backend does not say,
+    its probes then counted in `others_rate`)."""
+    report_probes: int | None = None
+    """The standing load report's probe count (None: none told)."""
     report_work_ms: float = 0.0
     """The others' work the standing report holds (its running batches' rest and its
     waiting work, shared by the slots)."""
@@ -320,10 +327,16 @@ class BackendState:
             # The reports sent to others since this gateway's last: their answers.
             gap_s = now_s - at_s
             weight = 1.0 - exp(-gap_s / OTHERS_RATE_TAU_S)
-            rate = (report.seq - self.report_seq - 1) / gap_s
+            answered = report.seq - self.report_seq - 1
+            probes = 0
+            if report.probes is not None and self.report_probes is not None:
+                probes = min(answered, (report.probes - self.report_probes) % PROBE_MODULUS)
+                self.probes_rate += weight * (probes / gap_s - self.probes_rate)
+            rate = (answered - probes) / gap_s
             self.others_rate += weight * (rate - self.others_rate)
         self._drop_others(now_s)
         self.report_seq, self.report_at_s = report.seq, now_s
+        self.report_probes = report.probes
         self.report_work_ms = 0.0
         if report.in_service or report.waiting_requests:
             self.others_seen_s = now_s
@@ -370,22 +383,26 @@ class BackendState:
         arrives half of one after it leaves), up to the report's work and one request's
         more (those that came earlier have been served), less the slots free in this
         gateway's view, each taking `mean_ms` of a slot. With `percentile` (the router's:
-        its SLA is met at a percentile, not on average), the count is the Poisson
-        quantile of that expectation there (`poisson_quantile`): a window expecting 0.3
-        of them holds one more than one time in four. 0 unless the backend is `shared`
-        (its reports showed other callers' requests lately): a lone gateway's reports skip
-        numbers too, for its latency probes' answers and for reports overtaken on another
+        its SLA is met at a percentile, not on average), the count of requests is the
+        Poisson quantile of that expectation there (`poisson_quantile`): a window
+        expecting 0.3 of them holds one more than one time in four. The gateways'
+        latency probes, periodic and few (one a route every few seconds, where it gets
+        no traffic), count at their expected number: at the percentile, a probe a
+        second would stand a whole request ahead of every request on a one-slot backend
+        that an idle gateway probes. 0 unless the backend is `shared` (its reports
+        showed other callers' requests lately): a lone gateway's reports skip numbers
+        too, for its latency probes' answers and for reports overtaken on another
         stream, which are its own."""
-        rate = self.others_rate
         at_s = self.report_at_s
-        if rate <= 0.0 or at_s is None or not self.shared(now_s):
+        if at_s is None or not self.shared(now_s):
             return 0.0
         age_s = now_s - at_s
         window_s = min(age_s + self.network.rtt_ms * 0.001, (self.report_work_ms + mean_ms) * 0.001)
-        expected = rate * window_s * exp(-age_s / OTHERS_RATE_TAU_S)
+        fade = window_s * exp(-age_s / OTHERS_RATE_TAU_S)
+        expected = self.others_rate * fade
         if percentile is not None:
             expected = poisson_quantile(expected, percentile / 100.0)
-        ahead = expected - max(0, self.slots - self.in_flight)
+        ahead = expected + self.probes_rate * fade - max(0, self.slots - self.in_flight)
         return ahead * mean_ms / self.slots if ahead > 0.0 else 0.0
 
     def shared(self, now_s: float) -> bool:
@@ -509,7 +526,7 @@ class BackendState:
         self.in_flight = 0
         self.others, self.report_until_s, self.report_seq, self.report_at_s = [], math.inf, -1, None
         self.others_seen_s, self.others_rate, self.report_work_ms = -math.inf, 0.0, 0.0
-        self.foreign_seen_s = -math.inf
+        self.foreign_seen_s, self.probes_rate, self.report_probes = -math.inf, 0.0, None
         self._changed()
         return [t for t in lost if t.attempt is not OTHERS]
 

@@ -146,13 +146,14 @@ def queue_wait_ms(
     arriving meanwhile go ahead too: the wait is inflated by 1 / (1 - rho)^2,
     rho the share of the slots their work takes. On a backend other gateways send to,
     their requests sent since its last load report are ahead too, as many as their
-    recent rate brings at the percentile (`BackendState.unseen_ms`), free slot or not.
+    recent rate brings at the percentile, and the gateways' latency probes as many as
+    theirs brings on average (`BackendState.unseen_ms`), free slot or not.
     """
     wait = 0.0
     if state.in_flight >= state.slots:
         wait = state.wait_ms(mean_ms, service_ms, sla_ms, percentile, now_s)
-    if state.others_rate > 0.0:  # after `wait_ms`, which drops a report whose work is done
-        wait += state.unseen_ms(mean_ms, now_s, percentile)
+    if state.others_rate > 0.0 or state.probes_rate > 0.0:  # after `wait_ms`, which drops
+        wait += state.unseen_ms(mean_ms, now_s, percentile)  # a report whose work is done
     return wait
 
 
@@ -231,8 +232,8 @@ def _choose(
             wait = state.wait_ms(mean, service, sla, pct, now_s)
         else:
             wait = 0.0
-        if state.others_rate > 0.0:  # other gateways' requests sent since their last report
-            wait += state.unseen_ms(mean, now_s, pct)
+        if state.others_rate > 0.0 or state.probes_rate > 0.0:  # others' requests and probes
+            wait += state.unseen_ms(mean, now_s, pct)  # sent since their last report
         pred = predicted_ms(state.network.rtt_ms, service, factor, wait)
         cost = per_request(state.usd_per_busy_ms, mean, factor)
         if pred <= sla and cost <= cap:

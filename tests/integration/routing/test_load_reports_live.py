@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from backends.protocol.load import caller_field, split_report
+from backends.protocol.parameters import AFTER_WAITING_PARAMETER
 from backends.protocol.streams import id_field, read_answer
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
@@ -72,6 +73,18 @@ async def test_answers_carry_the_queue_less_the_callers_own(
         bare = await unary(other_bytes, timeout=10.0)
         assert split_report(bare)[1] is None
         assert "switchyard_load" not in pb.ModelInferResponse.FromString(bare).parameters
+        # A latency probe (a request after those waiting) counts in every report from then:
+        # the gateways tell the probes among the reports they did not get from requests.
+        assert streamed.probes is not None
+        probe = pb.ModelInferRequest()
+        probe.CopyFrom(other)
+        probe.parameters[AFTER_WAITING_PARAMETER].bool_param = True
+        _, probed = split_report(
+            await unary(probe.SerializeToString() + caller_field("a"), timeout=10.0)
+        )
+        assert probed is not None and probed.probes == streamed.probes + 1
+        _, after = split_report(await unary(other_bytes + caller_field("b"), timeout=10.0))
+        assert after is not None and after.probes == probed.probes and after.seq > probed.seq
         held.gate.open()
         for done in await asyncio.gather(*b_calls):
             assert split_report(done)[1] is not None

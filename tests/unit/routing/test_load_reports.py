@@ -14,6 +14,7 @@ import pytest
 from backends.protocol.load import (
     BUCKETS,
     DUE_EDGES_MS,
+    PROBE_MODULUS,
     REPORT_FIELD_BYTES,
     REPORT_WIDTH,
     LoadReport,
@@ -43,9 +44,13 @@ def waiting(**by_edge_ms: tuple[int, int]) -> tuple[tuple[int, int], ...]:
 
 
 def report(
-    seq: int, in_service: int = 0, rest_us: int = 0, queued: tuple[tuple[int, int], ...] = ()
+    seq: int,
+    in_service: int = 0,
+    rest_us: int = 0,
+    queued: tuple[tuple[int, int], ...] = (),
+    probes: int | None = None,
 ) -> LoadReport:
-    return LoadReport(seq, 1, in_service, rest_us, queued or NONE_WAITING)
+    return LoadReport(seq, 1, in_service, rest_us, queued or NONE_WAITING, probes=probes)
 
 
 def one_slot() -> BackendState:
@@ -213,6 +218,42 @@ def test_a_report_ends_with_the_answers_own_wait_in_the_queue() -> None:
         with pytest.raises(ReportError):
             text = LoadReport(1, 1, 0, 0, waiting()).text().rstrip() + f" {bad}"
             parse_report(text.ljust(REPORT_WIDTH).encode())
+
+
+def test_a_report_tells_the_probes_answered_and_its_tagged_figures_read_in_any_order() -> None:
+    """The probe count (`p`) goes before the wait, wraps at PROBE_MODULUS, and the widest
+    report with it still fits the fixed width; tagged figures read in any order, and a tag
+    this gateway does not know is skipped (a later worker's figure)."""
+    report = LoadReport(7, 2, 1, 900, waiting(later=(1, 800)), 3, queued_us=1250, probes=42)
+    assert report.text().rstrip().endswith(" 3 p42 q1250")
+    assert split_report(b"answer" + report_field(report)) == (b"answer", report)
+    widest = LoadReport(
+        10**12 - 1,
+        99_999,
+        99_999,
+        99_999_999,
+        tuple((99_999, 99_999_999) for _ in range(BUCKETS)),
+        foreign=99_999,
+        queued_us=10**9,
+        probes=PROBE_MODULUS - 1,
+    )
+    assert len(widest.text()) == REPORT_WIDTH
+    read = parse_report(widest.text().encode())
+    assert (read.probes, read.queued_us, read.foreign) == (PROBE_MODULUS - 1, 99_999_999, 99_999)
+    wrapped = LoadReport(1, 1, 0, 0, waiting(), probes=PROBE_MODULUS + 5)
+    assert parse_report(wrapped.text().encode()).probes == 5
+    plain = LoadReport(1, 1, 0, 0, waiting()).text().rstrip()
+    for tail, queued, probes in (
+        (" q10 p2", 10, 2),
+        (" p2 q10", 10, 2),
+        (" z77 p2", None, 2),  # unknown tag: skipped
+        (" p2", None, 2),
+    ):
+        read = parse_report((plain + tail).ljust(REPORT_WIDTH).encode())
+        assert (read.queued_us, read.probes) == (queued, probes), tail
+    for bad in (" p-1", " p", " px"):
+        with pytest.raises(ReportError):
+            parse_report((plain + bad).ljust(REPORT_WIDTH).encode())
 
 
 def test_only_requests_from_outside_the_group_make_a_backend_shared_outside_it() -> None:

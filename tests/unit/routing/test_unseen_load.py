@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from backends.protocol.load import PROBE_MODULUS
 from gateway.routing.fleet import (
     OTHERS_RATE_TAU_S,
     REPORT_MAX_AGE_S,
@@ -114,6 +115,58 @@ def reported(slots: int = 1, rtt_ms: float = 0.0) -> BackendState:
     assert state.others_rate == pytest.approx(300.0, rel=1e-3)
     assert state.report_work_ms == pytest.approx(6.0 / slots)
     return state
+
+
+def test_the_probes_among_the_skipped_reports_count_apart() -> None:
+    """Reports that tell the worker's probe count split the reports sent to others
+    between two of this gateway's into probes and other callers' requests; a report that
+    does not tell (an older worker) leaves them all requests, as before."""
+    state = one_slot()
+    state.record_report(report(1, probes=7), 0.0)
+    # Reports 2 to 7 went to others in half a second, 2 of them answering probes.
+    state.record_report(report(8, probes=9), 0.5)
+    weight = 1.0 - math.exp(-0.5 / OTHERS_RATE_TAU_S)
+    assert state.others_rate == pytest.approx(weight * 4 / 0.5)
+    assert state.probes_rate == pytest.approx(weight * 2 / 0.5)
+    # The count wraps at PROBE_MODULUS; never more probes than reports skipped.
+    wrap = one_slot()
+    wrap.record_report(report(1, probes=PROBE_MODULUS - 1), 0.0)
+    wrap.record_report(report(4, probes=1), 0.5)
+    assert wrap.probes_rate == pytest.approx(weight * 2 / 0.5) and wrap.others_rate == 0.0
+    odd = one_slot()
+    odd.record_report(report(1, probes=0), 0.0)
+    odd.record_report(report(3, probes=50), 0.5)
+    assert odd.probes_rate == pytest.approx(weight * 1 / 0.5) and odd.others_rate == 0.0
+    untold = one_slot()
+    untold.record_report(report(1), 0.0)
+    untold.record_report(report(8), 0.5)
+    assert untold.others_rate == pytest.approx(weight * 6 / 0.5) and untold.probes_rate == 0.0
+
+
+def test_an_idle_gateways_probes_count_at_their_expected_number_not_the_percentile() -> None:
+    """A one-slot backend that another, idle gateway probes about once a second: at p99,
+    counted as requests, a probe would stand a whole request ahead of every request;
+    counted at their expected number, they add that fraction of one."""
+    probed, counted = one_slot(), one_slot()
+    for state, probes in ((probed, 0), (counted, None)):
+        state.network.rtt_ms = 0.0
+        state.record_report(report(1, probes=probes), 0.0)
+        # A probe of the other gateway's running as this report was made: shared.
+        later = None if probes is None else 10
+        state.record_report(report(12, in_service=1, rest_us=5000, probes=later), 10.0)
+    assert probed.others_rate == 0.0 and probed.probes_rate > 0.0
+    assert counted.others_rate == pytest.approx(probed.probes_rate)
+    mean, now = 30.0, 10.02
+    assert probed.shared(now) and counted.shared(now)
+    for state in (probed, counted):  # the report's work done; one request of its own runs
+        state.expire_report(now)
+        state.admit(None, mean, now + 0.1, now)
+        assert state.in_flight == 1
+    assert counted.unseen_ms(mean, now, 99.0) == pytest.approx(mean)  # one whole request
+    fraction = probed.probes_rate * 0.02 * math.exp(-0.02)
+    assert probed.unseen_ms(mean, now, 99.0) == pytest.approx(fraction * mean)
+    assert probed.unseen_ms(mean, now, 99.0) == probed.unseen_ms(mean, now)
+    assert 0.0 < probed.unseen_ms(mean, now, 99.0) < 0.05 * mean
 
 
 def test_no_unseen_wait_without_reports_of_others() -> None:
