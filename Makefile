@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis kubectl promtool
+.PHONY: serve test check bench demo protos check-protos lint typecheck clean models models-tvm tuning redis kubectl promtool peers
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,13 @@ serve: models
 
 # The static checks before the tests: style, strict types, and the walls between the
 # planes (import-linter contracts in pyproject.toml).
-test: models check redis kubectl promtool
+test: models check redis kubectl promtool peers
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# KServe 0.21 in a virtualenv of its own (its protobuf modules clash with ours in one
+# process): the foreign-backend tests and the bench run it as a peer.
+peers: $(STAMP)
+	$(PY) -m gateway.bench.peers_venv .bench/peers-venv
 
 # The shared-state tests and bench run a redis-server of their own (Debian's package),
 # installed here as root where apt-get can; elsewhere those tests skip, saying why.
