@@ -5,7 +5,8 @@ the load split between them; cost per 1M and SLA attainment per class side by si
 Target: two gateways cost within 5% of one gateway's per 1M inferences, at equal SLA
 attainment per class (each class's share of requests answered within its SLA).
 
-    python -m gateway.bench.two_gateways [--scenario FILE] [--full] [--out BENCHMARKS.md]
+    python -m gateway.bench.two_gateways [--scenario FILE] [--full] [--rate-scale F]
+        [--out BENCHMARKS.md]
 
 The fleet is the scenario's `live.fleet` (as `make demo` plays it: three local workers
 standing for the modelled small CPU, big CPU and GPU). The workers are started here, as
@@ -300,7 +301,9 @@ class Measured:
     with two gateway processes on its cores, left out)."""
 
 
-def measure(scenario_path: Path, full: bool, work: Path) -> tuple[Measured, Measured]:
+def measure(
+    scenario_path: Path, full: bool, work: Path, rate_scale: float = 1.0
+) -> tuple[Measured, Measured]:
     scenario = load_scenario(scenario_path)
     fleet_path = scenario.live.fleet
     if fleet_path is None:
@@ -315,7 +318,7 @@ def measure(scenario_path: Path, full: bool, work: Path) -> tuple[Measured, Meas
     env = {**os.environ, "SWITCHYARD_ADMIN_TOKEN": secrets.token_urlsafe(24)}
     out = []
     with two_gateways(fleet_path, work, env) as (first, second, addresses):
-        extra = [] if full else ["--short"]
+        extra = ([] if full else ["--short"]) + ["--rate-scale", f"{rate_scale:g}"]
         target, admin = first["address"], first["admin"]
         for name, more in (("one", []), ("two", ["--target", second["address"]])):
             report = work / f"report-{name}"
@@ -341,7 +344,14 @@ def measure(scenario_path: Path, full: bool, work: Path) -> tuple[Measured, Meas
     )
 
 
-def section(scenario_path: Path, full: bool, one: Measured, two: Measured, took_s: float) -> str:
+def section(
+    scenario_path: Path,
+    full: bool,
+    one: Measured,
+    two: Measured,
+    took_s: float,
+    rate_scale: float = 1.0,
+) -> str:
     a, b = summary(one.run), summary(two.run)
     cost_one, cost_two = one.busy_cost_usd_per_1m, two.busy_cost_usd_per_1m
     ratio = cost_two / cost_one if cost_one else float("inf")
@@ -354,6 +364,13 @@ def section(scenario_path: Path, full: bool, one: Measured, two: Measured, took_
     routed = two.routed_cost_usd_per_1m / one.routed_cost_usd_per_1m
     form = "full" if full else "short"
     command = "python -m gateway.bench.two_gateways" + (" --full" if full else "")
+    if rate_scale != 1.0:
+        command += f" --rate-scale {rate_scale:g}"
+    scaled = (
+        ""
+        if rate_scale == 1.0
+        else f", every rate times {rate_scale:g} (beyond the scenario's live rate scale)"
+    )
     return "\n".join(
         [
             "## Two gateways against one (price-spike, live)",
@@ -363,9 +380,9 @@ def section(scenario_path: Path, full: bool, one: Measured, two: Measured, took_
             "gateways, the three workers, redis-server and the load generator (and whatever "
             "else runs on the machine).",
             f"- Command: `{command} --out BENCHMARKS.md`.",
-            f"- {scenario_path.name}, its {form} form, on its live fleet (as `make demo` plays "
-            "it); the same arrivals (same seed) through one gateway, then through two sharing "
-            "their control state over a private redis-server, the load generator sending "
+            f"- {scenario_path.name}, its {form} form{scaled}, on its live fleet (as `make demo` "
+            "plays it); the same arrivals (same seed) through one gateway, then through two "
+            "sharing their control state over a private redis-server, the load generator sending "
             "every other request to each. Workers answer with load reports (on by default). "
             "SLA met: each class's share of requests answered OK within its SLA latency.",
             "- Cost at the backends' busy time: each OK answer's backend at its price when "
@@ -397,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the scenario's full form")
     parser.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to update")
     parser.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="multiply every rate (a machine too small for the scenario's load runs it lighter)",
+    )
+    parser.add_argument(
         "--logs",
         type=Path,
         default=None,
@@ -412,12 +435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 folder = args.logs
             else:
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="two-gw-")))
-            one, two = measure(args.scenario, args.full, folder)
+            one, two = measure(args.scenario, args.full, folder, args.rate_scale)
     except BenchError as exc:
         print(f"two-gateways bench: {exc}")
         return 1
     publish(
-        section(args.scenario, args.full, one, two, time.monotonic() - started),
+        section(args.scenario, args.full, one, two, time.monotonic() - started, args.rate_scale),
         args.out,
         BEGIN,
         END,
