@@ -420,10 +420,10 @@ async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
         f"{dict(first.late_where + second.late_where)}, slowest "
         f"{max(first.slowest_ms, second.slowest_ms):.0f} ms"
     )
-    # The idle second gateway's latency probes at b4 are another caller's requests there,
-    # which g1 counts at the SLA's percentile between reports: now and then it sends a
-    # request to the spare rather than risk one behind a probe (88-100% on b4 in 7 runs).
-    assert alone.where["b4"] >= 0.8 * alone.answers, "one gateway's callers fit on b4"
+    # The idle second gateway's latency probes at b4 count at their expected number, not
+    # as requests at the SLA's percentile (which sent 10-35% of these answers to the spare,
+    # 0-2 late either way): 70-71 of 70-71 on b4 in three runs.
+    assert alone.where["b4"] >= 0.9 * alone.answers, "one gateway's callers fit on b4"
     assert alone.late <= 0.05 * alone.answers
     both = first.answers + second.answers
     assert first.where["b4"] + second.where["b4"] >= 30, "b4 kept busy"
