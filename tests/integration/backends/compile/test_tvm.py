@@ -216,6 +216,26 @@ def test_importing_the_compiler_module_does_not_import_tvm() -> None:
     assert done.stdout.strip() == "False"
 
 
+def test_tuning_loads_only_the_x86_tensor_intrinsics() -> None:
+    """MetaSchedule's tune contexts import every tensor intrinsic TVM has (CUDA's alone
+    takes about 19 s on a 2-core Zen 3); tuning, for x86 targets only, loads x86's, and
+    the real package is importable whole afterwards."""
+    code = (
+        "import sys\n"
+        "from backends.compile.tvm.search import TENSOR_INTRINSICS, _x86_tensor_intrinsics_only\n"
+        "with _x86_tensor_intrinsics_only():\n"
+        "    import tvm.s_tir.tensor_intrin as ti\n"
+        "    loaded = sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
+        "                    if m.startswith(TENSOR_INTRINSICS + '.'))\n"
+        "    print(loaded, hasattr(ti, 'x86'))\n"
+        "print(TENSOR_INTRINSICS in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["['x86'] True", "False"]
+
+
 def test_untuned_library_runs_runtime_only(
     untuned: TvmBuild, host_target: TvmTarget, repository: Path, tmp_path: Path
 ) -> None:
