@@ -154,7 +154,7 @@ async def test_oversized_message_is_resource_exhausted(two_workers) -> None:  # 
 
 
 async def test_deadline_travels_to_the_backend(repository: Path) -> None:
-    slow = await launch_worker(repository, emulate_latency_ms=300)
+    slow = await launch_worker(repository, emulate_latency_ms=300, models=("digits",))
     gw = await start_gateway(fleet_config({"slow": (slow.address, 0.1)}))
     try:
         async with grpc.aio.insecure_channel(gw.address) as channel:

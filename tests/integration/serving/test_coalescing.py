@@ -29,7 +29,7 @@ from tests.waiting import wait_until
 @pytest.fixture
 async def slow_gateway(repository: Path) -> AsyncIterator[tuple[Gateway, Worker]]:
     # 30 ms per backend call, so requests arriving meanwhile wait and merge.
-    worker = await launch_worker(repository, emulate_latency_ms=30)
+    worker = await launch_worker(repository, emulate_latency_ms=30, models=("digits",))
     gateway = await start_gateway(fleet_config({"slow": (worker.address, 0.1)}))
     yield gateway, worker
     await gateway.stop()
