@@ -194,6 +194,20 @@ def test_a_report_to_a_caller_in_a_group_ends_with_the_requests_from_outside_it(
         parse_report((grouped.text().rstrip() + " 3").ljust(REPORT_WIDTH).encode())
 
 
+def widest_report(probes: int | None = None) -> LoadReport:
+    """A report with every figure at or past its widest (the wait too long to write)."""
+    return LoadReport(
+        10**12 - 1,
+        99_999,
+        99_999,
+        99_999_999,
+        tuple((99_999, 99_999_999) for _ in range(BUCKETS)),
+        foreign=99_999,
+        queued_us=10**9,
+        probes=probes,
+    )
+
+
 def test_a_report_ends_with_the_answers_own_wait_in_the_queue() -> None:
     """The answer's own wait at the worker travels as the report's last figure (`q` and
     microseconds), with or without the group's figure; a report without it (a worker
@@ -202,15 +216,7 @@ def test_a_report_ends_with_the_answers_own_wait_in_the_queue() -> None:
         report = LoadReport(7, 2, 1, 900, waiting(later=(1, 800)), foreign, queued_us=1250)
         assert report.text().rstrip().endswith(" q1250")
         assert split_report(b"answer" + report_field(report)) == (b"answer", report)
-    widest = LoadReport(
-        10**12 - 1,
-        99_999,
-        99_999,
-        99_999_999,
-        tuple((99_999, 99_999_999) for _ in range(BUCKETS)),
-        foreign=99_999,
-        queued_us=10**9,
-    )
+    widest = widest_report()
     assert len(widest.text()) == REPORT_WIDTH
     assert parse_report(report_field(widest)[-REPORT_WIDTH:]).queued_us == 99_999_999
     assert parse_report(LoadReport(1, 1, 0, 0, waiting()).text().encode()).queued_us is None
@@ -227,16 +233,7 @@ def test_a_report_tells_the_probes_answered_and_its_tagged_figures_read_in_any_o
     report = LoadReport(7, 2, 1, 900, waiting(later=(1, 800)), 3, queued_us=1250, probes=42)
     assert report.text().rstrip().endswith(" 3 p42 q1250")
     assert split_report(b"answer" + report_field(report)) == (b"answer", report)
-    widest = LoadReport(
-        10**12 - 1,
-        99_999,
-        99_999,
-        99_999_999,
-        tuple((99_999, 99_999_999) for _ in range(BUCKETS)),
-        foreign=99_999,
-        queued_us=10**9,
-        probes=PROBE_MODULUS - 1,
-    )
+    widest = widest_report(probes=PROBE_MODULUS - 1)
     assert len(widest.text()) == REPORT_WIDTH
     read = parse_report(widest.text().encode())
     assert (read.probes, read.queued_us, read.foreign) == (PROBE_MODULUS - 1, 99_999_999, 99_999)
