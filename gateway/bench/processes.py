@@ -18,7 +18,7 @@ would give, were nothing else (the worker, the clients) the bottleneck.
 
 That bound still holds the contention of this machine: the two processes take turns at
 the cores with each other, the worker and the load generator, which raises the CPU each
-spends per request. So a third kind of round models the group without it: one process
+spends per request. So a third kind of round models the group without that: one process
 alone on half the connections, the share each of two processes serves. The processes of
 a group share nothing on a request's way (each has its own connections, event loop, calls
 to the worker and coalescer), so with a core each, two such processes serve
@@ -196,10 +196,12 @@ def section(args: argparse.Namespace, rounds: Sequence[Round], took_s: float) ->
             "- With a core for each process (the bound): the kernel spreads connections, not "
             "requests, over the processes, and each tops out at one core, so N processes "
             "serve at most 1 / (the busiest process's CPU per request) a second.",
-            f"- Modeled without this machine's contention: one process alone on {full // 2} "
-            "connections, the share each of two serves (a group's processes share nothing on "
-            "a request's way), so two with a core each serve 2 / (its CPU per request) a "
-            f"second, against one process's 1 / (its CPU per request on {full}).",
+            f"- Modeled: one process alone on {full // 2} connections, the share each of two "
+            "serves (a group's processes share nothing on a request's way), so two with a core "
+            "each serve 2 / (its CPU per request) a second, against one process's 1 / (its CPU "
+            f"per request on {full}). The bound above still holds the two processes' contention "
+            "for these cores with each other; the model leaves it out, and like the one-process "
+            "rounds keeps the worker's and the load generator's.",
             "",
             markdown_table(
                 (
@@ -218,9 +220,9 @@ def section(args: argparse.Namespace, rounds: Sequence[Round], took_s: float) ->
             f"Two processes / one, measured here: {measured:.2f}x (no core to spare: not the "
             f"question). With a core for each process, by the bound: {bound:.2f}x (target "
             f">= {TARGET:g}x: {status}), were the worker and the clients not the bottleneck. "
-            f"Modeled, two processes with a core each and none of this machine's contention: "
-            f"2 x {one_cpu:,.0f} / {half_cpu:,.0f} us = {modeled:.2f}x (target >= {TARGET:g}x: "
-            f"{modeled_status}).",
+            "Modeled, two processes with a core each, each as one process alone on half the "
+            f"connections: 2 x {one_cpu:,.0f} / {half_cpu:,.0f} us = {modeled:.2f}x (target "
+            f">= {TARGET:g}x: {modeled_status}), on the same condition.",
             "",
         ]
     )
