@@ -343,6 +343,9 @@ class Batcher:
         holds a request of another caller's (else None), and how many requests here,
         waiting or running, callers outside `group` sent (`GROUP/...`; 0 when `group`
         is None)."""
+        batch = self._batch
+        if not batch and not self._waiters and not self._formed:
+            return None, 0  # idle (every answer's report asks each batcher of the worker)
         per_request_ns = self._per_request_ns()
         last = len(edges_ns)
         foreign = 0
@@ -356,7 +359,6 @@ class Batcher:
             at = last if due == NO_DEADLINE_NS else bisect_left(edges_ns, due - now_ns)
             counts[at] += 1
             work[at] += per_request_ns
-        batch = self._batch
         if prefix is not None:
             foreign += sum(1 for p in batch if not p.caller.startswith(prefix))
         if not batch or all(p.caller == caller for p in batch):
