@@ -40,13 +40,22 @@ from rich.console import Console
 
 from gateway.bench import harness, report
 from gateway.bench.harness import BenchError, Child, serve_command
-from gateway.bench.report import DIRECT, GATEWAY, GATEWAY_UNARY, KSERVE, Measurement, Results
+from gateway.bench.report import (
+    BARE_PROXY,
+    DIRECT,
+    GATEWAY,
+    GATEWAY_UNARY,
+    KSERVE,
+    Measurement,
+    Results,
+)
 from gateway.config import BackendSettings, LaunchSettings
 from gateway.control.supervisor import worker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_LABELS = {
     DIRECT: "backend direct",
+    BARE_PROXY: "bare proxy -> backend",
     GATEWAY: "gateway -> backend",
     GATEWAY_UNARY: "gateway -> backend, unary calls",
     KSERVE: "KServe 0.21",
@@ -117,6 +126,27 @@ def start_target(
         command = worker_command(backend, repository, "127.0.0.1:0")
         with Child("backend", command, work, ROOT) as child:
             yield child.wait_listening(STARTUP_TIMEOUT_S), {"worker": child.process.pid}
+    elif key == BARE_PROXY:
+        # The same worker behind the floor of a Python hop; its CPU goes in the gateway's
+        # column, as the process on the way.
+        backend = BackendSettings(
+            name="cpu", address="127.0.0.1:0", launch=LaunchSettings(threads=args.threads)
+        )
+        command = worker_command(backend, repository, "127.0.0.1:0")
+        with Child("backend", command, work, ROOT) as worker:
+            backend_address = worker.wait_listening(STARTUP_TIMEOUT_S)
+            proxy_command = [
+                sys.executable,
+                "-m",
+                "gateway.bench.bare_proxy",
+                "--backend",
+                backend_address,
+            ]
+            with Child("bare-proxy", proxy_command, work, ROOT) as proxy:
+                yield (
+                    proxy.wait_listening(STARTUP_TIMEOUT_S),
+                    {"gateway": proxy.process.pid, "worker": worker.process.pid},
+                )
     elif key in (GATEWAY, GATEWAY_UNARY):
         fleet = work / f"fleet-{key}.yaml"
         fleet.write_text(fleet_yaml(repository, args.threads, streams=key == GATEWAY))
@@ -248,7 +278,7 @@ def section_markdown(
         "",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} (run took {elapsed_s:.0f} s)",
         f"- Command: `{argv}`",
-        f'- The same four targets, load client and rounds as "Results" above, each server '
+        f'- The same targets, load client and rounds as "Results" above, each server '
         f"with {args.threads} ONNX Runtime thread(s), on models of `{args.repository}` "
         "(`python -m backends.demo --repository "
         f"{args.repository} {' '.join(args.models)}` builds them): `tinyconv`, a conv net of "
@@ -305,7 +335,7 @@ def write_markdown(
         "",
         "## What is measured",
         "",
-        f"Each model is served by four targets, each with {args.threads} ONNX Runtime "
+        f"Each model is served by the targets below, each with {args.threads} ONNX Runtime "
         f"intra-op thread(s). KServe serves `{args.repository}/MODEL/variants/"
         f"{args.variant}/model.onnx`; the Switchyard worker serves its model as users get "
         "it: the variant it measured fastest when it started, among those that passed their "
@@ -313,13 +343,19 @@ def write_markdown(
         "",
         "1. **backend direct**: one Switchyard backend worker (`python -m backends.worker "
         f"--threads {args.threads}`), requests sent straight to it;",
-        "2. **gateway -> backend**: `switchyard serve` with a one-backend fleet "
+        "2. **bare proxy -> backend**: the same worker behind `gateway/bench/bare_proxy.py`, "
+        "a grpc.aio proxy that forwards each call's bytes over two long-lived streams as the "
+        "gateway does, and does nothing else (no routing, deadlines, retries, load reports, "
+        "metrics): what a Python hop costs at all, so that the gateway against it is what "
+        "the gateway's own work costs (its CPU is in the gateway column; plain TCP to the "
+        "worker, where the gateway's launched worker is over mTLS);",
+        "3. **gateway -> backend**: `switchyard serve` with a one-backend fleet "
         "(the same worker, launched by the gateway, over mTLS as launched workers are); "
         "requests go through the gateway, which forwards them over its long-lived "
         "streams to the worker (`backend_streams`, default 2);",
-        "3. **gateway -> backend, unary calls**: the same with `backend_streams: 0`, one "
+        "4. **gateway -> backend, unary calls**: the same with `backend_streams: 0`, one "
         "unary call to the worker per request, side by side;",
-        "4. **KServe 0.21**: KServe's `ModelServer` with a custom `kserve.Model` whose "
+        "5. **KServe 0.21**: KServe's `ModelServer` with a custom `kserve.Model` whose "
         "`predict` runs ONNX Runtime on the v2 `InferRequest` (`gateway/bench/kserve_peer.py`), "
         f"gRPC only, bound to 127.0.0.1; KServe logging: {args.kserve_logging}.",
         "",
@@ -336,7 +372,7 @@ def write_markdown(
         "concurrency: throughput is the calls answered in the window over its length, "
         "latencies are send-to-answer times of those calls (nearest-rank percentiles). The "
         "same client drives all the targets, because Triton's perf_analyzer cannot drive "
-        "KServe (see notes); perf_analyzer cross-checks the other two below.",
+        "KServe (see notes); perf_analyzer cross-checks the others below.",
         "",
         "## Results",
         "",

@@ -26,6 +26,8 @@ GATEWAY = "gateway"
 GATEWAY_UNARY = "gateway-unary"
 """The gateway with `backend_streams: 0`: one unary call to the backend per request."""
 KSERVE = "kserve"
+BARE_PROXY = "bare-proxy"
+"""gateway.bench.bare_proxy in front of the same worker: the floor of a Python hop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +105,18 @@ def ratios(
         return a.throughput_per_s / b.throughput_per_s
 
     gw_high, gw_low = get(GATEWAY, high), get(GATEWAY, low)
+    bare_low = get(BARE_PROXY, low)
     vs_kserve = divide(gw_high, get(KSERVE, high))
     vs_direct = divide(gw_high, get(DIRECT, high))
     direct_low = get(DIRECT, low)
     overhead = (
         gw_low.latency_p50_ms - direct_low.latency_p50_ms
         if gw_low is not None and direct_low is not None
+        else math.nan
+    )
+    bare_overhead = (
+        bare_low.latency_p50_ms - direct_low.latency_p50_ms
+        if bare_low is not None and direct_low is not None
         else math.nan
     )
     return [
@@ -134,6 +142,14 @@ def ratios(
             f"<= {OVERHEAD_P50_TARGET_MS:g} ms",
             None if math.isnan(overhead) else overhead <= OVERHEAD_P50_TARGET_MS,
         ),
+        Ratio(
+            f"gateway / bare proxy throughput, c={high}",
+            divide(gw_high, get(BARE_PROXY, high)),
+            "x",
+            "-",
+            None,
+        ),
+        Ratio(f"bare proxy p50 - backend-direct p50, c={low}", bare_overhead, "ms", "-", None),
     ]
 
 
