@@ -44,7 +44,8 @@ async def test_the_bare_proxy_relays_calls_to_its_backend(
             async def ask(row: int) -> pb.ModelInferResponse:
                 request = raw_request("digits", {"input": rows[row : row + 1]}, {"input": "FP32"})
                 request.id = f"caller-{row}"
-                return await via.ModelInfer(request)
+                answer: pb.ModelInferResponse = await via.ModelInfer(request)
+                return answer
 
             answers = await asyncio.gather(*(ask(row) for row in range(len(rows))))
             for row, answer in enumerate(answers):
