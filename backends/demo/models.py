@@ -48,6 +48,9 @@ Imports no grpc, no generated protobuf and nothing from the gateway.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +90,17 @@ BENCH_BUILDERS: dict[str, Callable[[Path], None]] = {
 # Models whose point is transport, not compute: the fp32 variant is all they need.
 FP32_ONLY = frozenset({"echo"})
 
+BUILD_RECORD = ".demo-build.json"
+"""Written at a repository's root by `python -m backends.demo` into an empty folder
+(or none): what built it (the
+digest of `source_digest`), the models built, and a digest of each file it wrote, so
+that a copy can stand in for a fresh build of the same code (`is_fresh_build`)."""
+
+_BUILD_LIBRARIES = ("numpy", "onnx", "onnxruntime", "scikit-learn", "skl2onnx", "torch", "magika")
+"""The libraries whose versions a build's outputs depend on (training, export,
+quantisation, magika's shipped model)."""
+_NOT_BUILT = frozenset({BUILD_RECORD, ".built"})  # the record itself, make's stamp
+
 
 def build(root: Path, models: list[str] | None = None) -> list[str]:
     """Builds the demo models (all by default) and compiles their ONNX Runtime
@@ -107,6 +121,55 @@ def build(root: Path, models: list[str] | None = None) -> list[str]:
     return built
 
 
+def source_digest() -> str:
+    """A digest of what a demo build depends on: every file of the backends package
+    (the builders, the compiler and its checks, the runtimes) and the versions of the
+    libraries in _BUILD_LIBRARIES."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(package)).encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for library in _BUILD_LIBRARIES:
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        digest.update(f"{library}={version}\0".encode())
+    return digest.hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name not in _NOT_BUILT
+    }
+
+
+def record_build(root: Path, models: list[str]) -> None:
+    """Writes BUILD_RECORD for the models just built at `root`."""
+    record = {"source": source_digest(), "models": sorted(models), "files": _file_digests(root)}
+    (root / BUILD_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def is_fresh_build(root: Path, models: list[str]) -> bool:
+    """Whether `root` holds exactly what `build(root, models)` would make now: built by
+    this code and these libraries, of these models, and changed since in no file (a
+    TVM variant added, a profile written, a file edited: not fresh)."""
+    try:
+        record = json.loads((root / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(record, dict)
+        and record.get("models") == sorted(models)
+        and record.get("source") == source_digest()
+        and record.get("files") == _file_digests(root)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,8 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"default: all but {', '.join(BENCH_BUILDERS)}",
     )
     args = parser.parse_args(argv)
-    for name in build(args.repository, args.models or None):
+    # Only a build into an empty folder is recorded: one over an earlier repository
+    # leaves whatever else was there (TVM variants, profiles) among the files.
+    (args.repository / BUILD_RECORD).unlink(missing_ok=True)
+    empty = not args.repository.exists() or not any(args.repository.iterdir())
+    built = build(args.repository, args.models or None)
+    for name in built:
         print(f"built {args.repository / name}")
+    if empty:
+        record_build(args.repository, built)
     return 0
 
 
