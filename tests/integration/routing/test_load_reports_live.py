@@ -7,6 +7,7 @@ gateway's traffic spills to a dearer spare as the first fills the cheap one)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -122,14 +123,16 @@ class Tally:
     late_where: Counter[str] = field(default_factory=Counter)
 
 
-CHEAP_MS = 30.0
-"""The cheap backend's emulated service time (one slot)."""
-SLA_MS = 75.0
+CHEAP_MS = 60.0
+"""The cheap backend's emulated service time (one slot): long beside this machine's
+stalls of the shared event loop, so that one stall does not read as the backend's
+service (a p99 sample over the SLA stays in the route's sketch for the whole run)."""
+SLA_MS = 150.0
 """Room for the request itself and two ahead of it on the cheap backend, not three."""
 CALLERS = 2
 """Closed-loop callers per gateway: either gateway alone keeps at most one request ahead
 of another on the cheap backend; both, sending there at once, up to three."""
-LOAD_S = 3.0
+LOAD_S = 5.0
 
 
 async def drive(
@@ -174,14 +177,25 @@ async def shared_cheap_backend(
         for gw in (first, second):
             await wait_until(lambda gw=gw: server_ready(gw), timeout_s=30.0)
         tallies = (Tally(), Tally())
+        # What the test process holds by now (a whole suite's objects, in a full run) is
+        # kept out of the collector's way while the gateways, workers and callers share
+        # its event loop, as a gateway process keeps what it built at start-up
+        # (gateway.server): a full collection of that heap stalls every one of them at
+        # once, the cheap backend's answers look slow, and both gateways shun it (24
+        # answers there in a full suite run, 53-86 alone).
+        gc.collect()
+        gc.freeze()
         # The first gateway's callers start, the second's join a second later; answers
         # are tallied once both have run for a while.
         now = time.perf_counter()
         joined, counted, until = now + 1.0, now + 1.5, now + 1.5 + LOAD_S
-        await asyncio.gather(
-            drive(first, request, now, counted, until, tallies[0]),
-            drive(second, request, joined, counted, until, tallies[1]),
-        )
+        try:
+            await asyncio.gather(
+                drive(first, request, now, counted, until, tallies[0]),
+                drive(second, request, joined, counted, until, tallies[1]),
+            )
+        finally:
+            gc.unfreeze()
         return tallies
     finally:
         await first.stop()
@@ -218,14 +232,17 @@ async def test_two_gateways_keep_a_shared_backends_sla_with_load_reports(
         f"late {[dict(t.late_where) for t in with_reports]}"
     )
     # The gateways keep the cheap backend busy (it answers at most LOAD_S / CHEAP_MS,
-    # 100, in the window) and within its SLA; the rest spills to the spare. Each answer's
+    # 83, in the window) and within its SLA; the rest spills to the spare. Each answer's
     # report says how long it waited there, so neither gateway reads the other's
-    # requests, queued ahead of its own, as slow service (77-94 answers in 10 runs; before
-    # the reports carried that wait, 2-98, and both gateways shunned the cheap backend in
-    # about one run in five).
+    # requests, queued ahead of its own, as slow service. (At 30 ms and a 75 ms SLA over
+    # 3 s: 77-94 answers of 100 in 10 runs on a faster machine, 53-86 alone on a slower
+    # one and 24 once in a full suite run there, where a stall of the shared event loop
+    # made both gateways shun it; before the reports carried that wait, 2-98, and both
+    # gateways shunned the cheap backend in about one run in five.)
     # Without the reports the outcome varies from run to run (both gateways shun the
     # cheap backend, each reading the other's requests queued ahead of its own as slow
     # service, or the first keeps it nearly as busy), so it is not compared here.
-    assert sum(t.where["cheap"] for t in with_reports) >= 50
+    capacity = LOAD_S * 1000.0 / CHEAP_MS
+    assert sum(t.where["cheap"] for t in with_reports) >= 0.5 * capacity
     assert with_reports[1].where["spare"] > with_reports[1].where["cheap"]
     assert late <= 0.05 * answers
