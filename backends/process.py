@@ -40,6 +40,16 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit(f"the process that started this one ({parent_pid}) is gone")
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set when SIGTERM or SIGINT arrives (handled on the running loop): what a
+    server process awaits before its orderly stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def dies_with_this_process() -> Callable[[], None]:
     """A `preexec_fn` for subprocess: the child dies with this process
     (`die_with_parent`)."""

@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Coroutine
@@ -30,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from backends.files import write_text_atomically
-from backends.process import die_with_parent, use_uvloop
+from backends.process import die_with_parent, stop_on_signals, use_uvloop
 from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, FleetConfig, load_fleet
 from gateway.control.admin import AdminServicer, add_to_server, admin_token
@@ -593,11 +592,7 @@ async def serve(
                 }
             ),
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_on_signals().wait()
     log.info("shutting down")
     await gateway.stop()
 

@@ -38,7 +38,6 @@ import itertools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -51,7 +50,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import __version__
-from backends.process import PARENT_PID_ENV, die_with_parent, use_uvloop
+from backends.process import PARENT_PID_ENV, die_with_parent, stop_on_signals, use_uvloop
 from backends.protocol.codec import (
     decode_request,
     encode_response,
@@ -603,11 +602,7 @@ async def serve(
         ),
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_on_signals().wait()
     await server.stop(grace=2.0)
     for model in models.values():
         for batcher in model.batchers():

@@ -26,13 +26,12 @@ import asyncio
 import itertools
 import json
 import os
-import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from backends.process import use_uvloop
+from backends.process import stop_on_signals, use_uvloop
 from backends.protocol.streams import id_field, message_id, read_answer
 
 SERVICE = "inference.GRPCInferenceService"
@@ -155,11 +154,7 @@ async def serve(backend: str, listen: str, streams: int) -> None:
         host = listen.rsplit(":", 1)[0]
         event = {"event": "listening", "address": f"{host}:{port}", "pid": os.getpid()}
         print(json.dumps(event), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await stop_on_signals().wait()
         await server.stop(grace=1.0)
         for stream in proxy.streams:
             stream.reader.cancel()

@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from backends.files import write_text_atomically
-from backends.process import use_uvloop
+from backends.process import stop_on_signals, use_uvloop
 from gateway.config import BackendTLS, FleetConfig
 from gateway.control.admin import admin_token
 from gateway.control.redis_server import RedisServer
@@ -519,10 +519,7 @@ class ProcessGroup:
 async def serve_group(
     config: FleetConfig, count: int, ready_file: Path | None, log_level: str
 ) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     group = ProcessGroup(config, count, ready_file, log_level)
     try:
         await group.start()
