@@ -10,71 +10,72 @@ every subcommand from the help strings here.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
-
-COMMANDS = {
-    "serve": "run the gateway (default: the embedded demo fleet)",
-    "backend": "run one backend worker over a model repository",
-    "compile": "build and check every variant of a model",
-    "profile": "measure every variant on each hardware class",
-    "report": "the shop-around table and chart",
-    "simulate": "the router against modelled backends and baselines (a scenario file)",
-    "load": "open-loop load from a scenario against a live gateway, with a report",
-    "admin": "the SRE's controls over a running gateway",
-}
+from dataclasses import dataclass
 
 Runner = Callable[[argparse.Namespace], int]
 
 
-def command_module(command: str, parser: argparse.ArgumentParser) -> Runner:
-    """Imports `command`'s module, adds its arguments to `parser`, and returns what
-    runs it."""
-    if command == "serve":
-        from gateway import server
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help line, and the module whose functions add its arguments
+    and run it."""
 
-        server.add_arguments(parser)
-        return server.run
-    if command == "backend":
-        from backends.worker import server as worker
+    help: str
+    module: str
+    add_arguments: str = "add_arguments"
+    run: str = "run"
 
-        worker.add_arguments(parser)
-        return worker.run
-    if command == "compile":
-        from backends.compile import compiler
 
-        compiler.add_arguments(parser)
+COMMANDS = {
+    "serve": Command("run the gateway (default: the embedded demo fleet)", "gateway.server"),
+    "backend": Command("run one backend worker over a model repository", "backends.worker.server"),
+    "compile": Command("build and check every variant of a model", "backends.compile.compiler"),
+    "profile": Command(
+        "measure every variant on each hardware class",
+        "gateway.report.shoparound",
+        "add_profile_arguments",
+        "run_profile",
+    ),
+    "report": Command(
+        "the shop-around table and chart",
+        "gateway.report.shoparound",
+        "add_report_arguments",
+        "run_report",
+    ),
+    "simulate": Command(
+        "the router against modelled backends and baselines (a scenario file)",
+        "gateway.sim.simulate",
+    ),
+    "load": Command(
+        "open-loop load from a scenario against a live gateway, with a report",
+        "gateway.loadtest.load",
+    ),
+    "admin": Command("the SRE's controls over a running gateway", "gateway.control.admin_cli"),
+}
 
-        def run_compile(args: argparse.Namespace) -> int:
-            from gateway.config import fleet_hardware
 
-            return compiler.run(args, read_fleet=fleet_hardware)
+def command_runner(name: str, parser: argparse.ArgumentParser) -> Runner:
+    """Imports subcommand `name`'s module, adds its arguments to `parser`, and returns
+    what runs it."""
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
+    getattr(module, command.add_arguments)(parser)
+    run: Runner = getattr(module, command.run)
+    if name != "compile":
+        return run
+    compile_model: Callable[..., int] = run
 
-        return run_compile
-    if command in ("profile", "report"):
-        from gateway.report import shoparound
+    def run_compile(args: argparse.Namespace) -> int:
+        # The backends import nothing from the gateway: the fleet file's reader comes
+        # from here, once the command runs.
+        from gateway.config import fleet_hardware
 
-        if command == "profile":
-            shoparound.add_profile_arguments(parser)
-            return shoparound.run_profile
-        shoparound.add_report_arguments(parser)
-        return shoparound.run_report
-    if command == "simulate":
-        from gateway.sim import simulate
+        return compile_model(args, read_fleet=fleet_hardware)
 
-        simulate.add_arguments(parser)
-        return simulate.run
-    if command == "load":
-        from gateway.loadtest import load
-
-        load.add_arguments(parser)
-        return load.run
-    if command == "admin":
-        from gateway.control import admin_cli
-
-        admin_cli.add_arguments(parser)
-        return admin_cli.run
-    raise ValueError(f"unknown command {command!r}")
+    return run_compile
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,11 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend that meets its latency SLA.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    parsers = {name: sub.add_parser(name, help=c.help) for name, c in COMMANDS.items()}
     # The top-level parser takes no option but --help, so the first word that is not an
     # option names the subcommand; only its module is loaded.
     given = next((a for a in arguments if not a.startswith("-")), None)
-    runners = {given: command_module(given, parsers[given])} if given in parsers else {}
+    runners = {given: command_runner(given, parsers[given])} if given in parsers else {}
     args = parser.parse_args(arguments)
     runner = runners.get(args.command)
     if runner is None:

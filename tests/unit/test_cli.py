@@ -4,6 +4,7 @@ stack, the compiler or the simulator)."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,15 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         main(["--help"])
     assert exited.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
-    for name, text in COMMANDS.items():
-        assert name in shown and text in shown
+    for name, command in COMMANDS.items():
+        assert name in shown and command.help in shown
+
+
+def test_every_subcommand_names_functions_its_module_has() -> None:
+    for name, command in COMMANDS.items():
+        module = importlib.import_module(command.module)
+        assert callable(getattr(module, command.add_arguments, None)), name
+        assert callable(getattr(module, command.run, None)), name
 
 
 def test_an_unknown_subcommand_is_refused_naming_the_choices(
