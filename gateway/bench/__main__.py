@@ -117,35 +117,25 @@ def start_target(
     repository = args.repository.resolve()
     work = work / f"round{round_number}"
     work.mkdir(exist_ok=True)
-    if key == DIRECT:
+    if key in (DIRECT, BARE_PROXY):
         # The worker as the gateway launches it (its defaults: no emulated delay, the
         # variant's own batching), on a hardware class of no profile.
         backend = BackendSettings(
             name="cpu", address="127.0.0.1:0", launch=LaunchSettings(threads=args.threads)
         )
         command = worker_command(backend, repository, "127.0.0.1:0")
-        with Child("backend", command, work, ROOT) as child:
-            yield child.wait_listening(STARTUP_TIMEOUT_S), {"worker": child.process.pid}
-    elif key == BARE_PROXY:
-        # The same worker behind the floor of a Python hop; its CPU goes in the gateway's
-        # column, as the process on the way.
-        backend = BackendSettings(
-            name="cpu", address="127.0.0.1:0", launch=LaunchSettings(threads=args.threads)
-        )
-        command = worker_command(backend, repository, "127.0.0.1:0")
         with Child("backend", command, work, ROOT) as worker:
             backend_address = worker.wait_listening(STARTUP_TIMEOUT_S)
-            proxy_command = [
-                sys.executable,
-                "-m",
-                "gateway.bench.bare_proxy",
-                "--backend",
-                backend_address,
-            ]
-            with Child("bare-proxy", proxy_command, work, ROOT) as proxy:
+            if key == DIRECT:
+                yield backend_address, {"worker": worker.process.pid}
+                return
+            # The same worker behind the floor of a Python hop; its CPU goes in the
+            # gateway's column, as the process on the way.
+            proxy = [sys.executable, "-m", "gateway.bench.bare_proxy", "--backend", backend_address]
+            with Child("bare-proxy", proxy, work, ROOT) as proxy_child:
                 yield (
-                    proxy.wait_listening(STARTUP_TIMEOUT_S),
-                    {"gateway": proxy.process.pid, "worker": worker.process.pid},
+                    proxy_child.wait_listening(STARTUP_TIMEOUT_S),
+                    {"gateway": proxy_child.process.pid, "worker": worker.process.pid},
                 )
     elif key in (GATEWAY, GATEWAY_UNARY):
         fleet = work / f"fleet-{key}.yaml"

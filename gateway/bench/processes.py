@@ -79,6 +79,11 @@ class Round:
         return 1e6 / busiest if busiest else 0.0
 
 
+def half_of(connections: int) -> int:
+    """The connections each of two processes serves: the model's one-process rounds."""
+    return max(1, connections // 2)
+
+
 @contextlib.contextmanager
 def group(
     repository: Path, model: str, count: int, work: Path, load_reports: bool = True
@@ -119,8 +124,8 @@ def measure(args: argparse.Namespace, work: Path) -> list[Round]:
     repository = args.repository.resolve()
     body_file, headers, path = infer_request_files(repository, args.model, args.variant, work)
     rounds: list[Round] = []
-    half = max(1, args.concurrency // 2)
-    order = [(2, args.concurrency), (1, args.concurrency), (1, half)] * args.rounds
+    full = args.concurrency
+    order = [(2, full), (1, full), (1, half_of(full))] * args.rounds
     for index, (count, connections) in enumerate(order):
         with group(repository, args.model, count, work, args.load_reports) as (
             described,
@@ -190,13 +195,13 @@ def section(args: argparse.Namespace, rounds: Sequence[Round], took_s: float) ->
             f"extension, {args.concurrency} keep-alive connections, closed loop, "
             f"{args.warmup_s:g} s warm-up, {args.duration_s:g} s window; load reports "
             f"{'on' if args.load_reports else 'off'}; rounds take turns "
-            f"(2 processes on {full} connections, 1 on {full}, 1 on {full // 2}, and again). "
+            f"(2 processes on {full} connections, 1 on {full}, 1 on {half_of(full)}, and again). "
             "CPU per request: each gateway process's user + system time "
             "over the window, per request answered by all of them.",
             "- With a core for each process (the bound): the kernel spreads connections, not "
             "requests, over the processes, and each tops out at one core, so N processes "
             "serve at most 1 / (the busiest process's CPU per request) a second.",
-            f"- Modeled: one process alone on {full // 2} connections, the share each of two "
+            f"- Modeled: one process alone on {half_of(full)} connections, the share each of two "
             "serves (a group's processes share nothing on a request's way), so two with a core "
             "each serve 2 / (its CPU per request) a second, against one process's 1 / (its CPU "
             f"per request on {full}). The bound above still holds the two processes' contention "

@@ -104,21 +104,15 @@ def ratios(
             return math.nan
         return a.throughput_per_s / b.throughput_per_s
 
-    gw_high, gw_low = get(GATEWAY, high), get(GATEWAY, low)
-    bare_low = get(BARE_PROXY, low)
+    def p50_over_direct(target: str) -> float:
+        """`target`'s p50 less backend direct's, at the lowest concurrency."""
+        a, b = get(target, low), get(DIRECT, low)
+        return math.nan if a is None or b is None else a.latency_p50_ms - b.latency_p50_ms
+
+    gw_high = get(GATEWAY, high)
     vs_kserve = divide(gw_high, get(KSERVE, high))
     vs_direct = divide(gw_high, get(DIRECT, high))
-    direct_low = get(DIRECT, low)
-    overhead = (
-        gw_low.latency_p50_ms - direct_low.latency_p50_ms
-        if gw_low is not None and direct_low is not None
-        else math.nan
-    )
-    bare_overhead = (
-        bare_low.latency_p50_ms - direct_low.latency_p50_ms
-        if bare_low is not None and direct_low is not None
-        else math.nan
-    )
+    overhead = p50_over_direct(GATEWAY)
     return [
         Ratio(
             f"gateway / KServe throughput, c={high}",
@@ -149,7 +143,13 @@ def ratios(
             "-",
             None,
         ),
-        Ratio(f"bare proxy p50 - backend-direct p50, c={low}", bare_overhead, "ms", "-", None),
+        Ratio(
+            f"bare proxy p50 - backend-direct p50, c={low}",
+            p50_over_direct(BARE_PROXY),
+            "ms",
+            "-",
+            None,
+        ),
     ]
 
 

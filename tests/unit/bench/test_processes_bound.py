@@ -10,6 +10,16 @@ import pytest
 
 from gateway.bench.processes import Round, section
 
+ARGS = argparse.Namespace(
+    model="digits",
+    variant="ort-cpu-fp32",
+    concurrency=16,
+    warmup_s=2.0,
+    duration_s=8.0,
+    load_reports=True,
+)
+"""A bench run's options, as the section reads them."""
+
 
 def test_the_busiest_process_bounds_the_group() -> None:
     one = Round(1, 16, 1000.0, 8.0, [600.0], 900.0)
@@ -24,20 +34,12 @@ def test_the_busiest_process_bounds_the_group() -> None:
 
 
 def test_the_section_judges_the_target_by_the_bound() -> None:
-    args = argparse.Namespace(
-        model="digits",
-        variant="ort-cpu-fp32",
-        concurrency=16,
-        warmup_s=2.0,
-        duration_s=8.0,
-        load_reports=True,
-    )
     rounds = [
         Round(2, 16, 900.0, 9.0, [320.0, 300.0], 800.0),
         Round(1, 16, 1000.0, 8.0, [600.0], 800.0),
         Round(1, 8, 700.0, 6.0, [800.0], 900.0),
     ]
-    text = section(args, rounds, 30.0)
+    text = section(ARGS, rounds, 30.0)
     assert "measured here: 0.90x" in text
     assert "by the bound: 1.88x (target >= 1.6x: met)" in text
     assert "320 / 300" in text
@@ -47,21 +49,13 @@ def test_the_section_judges_the_target_by_the_bound() -> None:
 
 
 def test_the_model_halves_the_connections_and_judges_the_target() -> None:
-    args = argparse.Namespace(
-        model="digits",
-        variant="ort-cpu-fp32",
-        concurrency=16,
-        warmup_s=2.0,
-        duration_s=8.0,
-        load_reports=True,
-    )
     rounds = [
         Round(2, 16, 900.0, 9.0, [500.0, 480.0], 800.0),
         Round(1, 16, 1000.0, 8.0, [600.0], 800.0),
         Round(1, 8, 700.0, 6.0, [650.0], 900.0),
         Round(1, 8, 700.0, 6.0, [690.0], 900.0),
     ]
-    text = section(args, rounds, 30.0)
+    text = section(ARGS, rounds, 30.0)
     assert "| 1 | 8 |" in text
     # The median of the half rounds (670 us).
     assert "2 x 600 / 670 us = 1.79x (target >= 1.6x: met)" in text
