@@ -9,7 +9,7 @@ import pytest
 
 from backends.compile.variants import build_ort_fp32
 from backends.demo.echo import ECHO_TYPES, build_echo
-from backends.demo.models import BUILD_RECORD, BUILDERS, build, is_fresh_build
+from backends.demo.models import BUILDERS, NOT_BUILT, build, is_fresh_build
 from backends.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +23,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     made = ROOT / "models"
     if is_fresh_build(made, list(BUILDERS)):
-        shutil.copytree(
-            made, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(BUILD_RECORD, ".built")
-        )
+        shutil.copytree(made, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_BUILT))
     else:
         build(root)
     # FP16 has no typed-contents field, so typed requests need a model without it.

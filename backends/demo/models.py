@@ -99,7 +99,8 @@ that a copy can stand in for a fresh build of the same code (`is_fresh_build`)."
 _BUILD_LIBRARIES = ("numpy", "onnx", "onnxruntime", "scikit-learn", "skl2onnx", "torch", "magika")
 """The libraries whose versions a build's outputs depend on (training, export,
 quantisation, magika's shipped model)."""
-_NOT_BUILT = frozenset({BUILD_RECORD, ".built"})  # the record itself, make's stamp
+NOT_BUILT = frozenset({BUILD_RECORD, ".built"})
+"""Files at a repository's root that the build did not write: its record, make's stamp."""
 
 
 def build(root: Path, models: list[str] | None = None) -> list[str]:
@@ -125,12 +126,8 @@ def source_digest() -> str:
     """A digest of what a demo build depends on: every file of the backends package
     (the builders, the compiler and its checks, the runtimes) and the versions of the
     libraries in _BUILD_LIBRARIES."""
-    digest = hashlib.sha256()
     package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(package)).encode() + b"\0")
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest = hashlib.sha256(json.dumps(_file_digests(package), sort_keys=True).encode())
     for library in _BUILD_LIBRARIES:
         try:
             version = importlib.metadata.version(library)
@@ -141,10 +138,11 @@ def source_digest() -> str:
 
 
 def _file_digests(root: Path) -> dict[str, str]:
+    """Each file under `root` -> its SHA-256, but for NOT_BUILT and Python's caches."""
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name not in _NOT_BUILT
+        if path.is_file() and path.name not in NOT_BUILT and "__pycache__" not in path.parts
     }
 
 
