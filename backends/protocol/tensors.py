@@ -122,13 +122,20 @@ def shown_shape(shape: Sequence[int]) -> str:
 def shape_problem(shape: Sequence[int]) -> str | None:
     """Why a caller-given shape is malformed, or None: more than MAX_RANK dimensions, a
     negative one, or more than MAX_ELEMENTS elements (the product taken with an early
-    stop, each dimension bounded first). Cheap, and before any allocation."""
+    stop, each dimension bounded first). Cheap, and before any allocation: one pass
+    over at most MAX_RANK dimensions, no message made unless one is wrong."""
     if len(shape) > MAX_RANK:
         return f"shape {shown_shape(shape)} has rank {len(shape)}; at most {MAX_RANK} is allowed"
+    count = 1
+    too_many = False
     for dim in shape:
         if dim < 0:
             return f"shape {shown_shape(shape)} has a negative dimension {dim}"
-    if any(dim > MAX_ELEMENTS for dim in shape) or element_count(shape) > MAX_ELEMENTS:
+        if dim > MAX_ELEMENTS:
+            too_many = True
+        elif count <= MAX_ELEMENTS or dim == 0:  # at most MAX_ELEMENTS squared
+            count *= dim
+    if too_many or count > MAX_ELEMENTS:
         return f"shape {shown_shape(shape)} has more than {MAX_ELEMENTS} elements"
     return None
 

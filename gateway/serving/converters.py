@@ -110,16 +110,21 @@ def check_header(header: gateway_pb2.InferRequestHeader) -> None:
     """What the gateway checks of every request before routing it (the backend checks
     the rest against the model): at most MAX_TENSORS inputs and outputs, parameters maps
     within their bounds, and every input's shape well formed (no negative dimension,
-    not too many elements). InvalidInput naming what was wrong."""
+    not too many elements). InvalidInput naming what was wrong. The names a problem
+    would be reported under are made only for a map that has entries or a shape that
+    is wrong: most requests have neither, and this runs on every one."""
     codec.check_request_size(len(header.inputs), len(header.outputs))
-    codec.parameter_values("request", header.parameters)
+    if header.parameters:
+        codec.parameter_values("request", header.parameters)
     for tensor in header.inputs:
-        codec.parameter_values(f"input {shown(tensor.name)}", tensor.parameters)
+        if tensor.parameters:
+            codec.parameter_values(f"input {shown(tensor.name)}", tensor.parameters)
         problem = shape_problem(tensor.shape)
         if problem:
             raise InvalidInput(f"input {shown(tensor.name)}: {problem}")
     for out in header.outputs:
-        codec.parameter_values(f"output {shown(out.name)}", out.parameters)
+        if out.parameters:
+            codec.parameter_values(f"output {shown(out.name)}", out.parameters)
 
 
 def _value(param: pb.InferParameter) -> object:

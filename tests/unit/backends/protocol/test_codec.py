@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 import struct
 
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 from backends.protocol.codec import Signature, decode_request, encode_response, zeros_request
 from backends.protocol.errors import InvalidInput
 from backends.protocol.tensors import (
+    MAX_ELEMENTS,
+    MAX_RANK,
     TensorSpec,
     decode_bytes_tensor,
     encode_bytes_tensor,
@@ -175,6 +179,27 @@ def test_shapes_are_bounded_before_anything_is_allocated() -> None:
     assert "more than" in str(shape_problem([2**62, 0]))  # each dimension bounded
     assert "more than" in str(shape_problem([2**20] * 30))  # the product, stopped early
     assert shape_problem([0, 2**31]) is None  # empty, and no dimension over the bound
+    assert shape_problem([2**31, 2**31, 0]) is None  # a zero after the product ran over
+    assert "negative dimension -3" in str(shape_problem([2**40, -3]))  # before the size
+
+
+def test_shape_problem_agrees_with_its_definition() -> None:
+    """The one-pass check says what its definition does, on shapes of every kind: rank
+    first, then a negative dimension, then a dimension or the product over the bound."""
+    rng = random.Random(7)
+    dims = [0, 1, 2, 3, 7, 1000, -1, -5, 2**15, 2**16, 2**31, 2**31 + 1, 2**40, 2**62]
+    for _ in range(20_000):
+        shape = [rng.choice(dims) for _ in range(rng.randint(0, 34))]
+        if len(shape) > MAX_RANK:
+            expected = "has rank"
+        elif any(d < 0 for d in shape):
+            expected = f"negative dimension {next(d for d in shape if d < 0)}"
+        elif any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+            expected = "more than"
+        else:
+            assert shape_problem(shape) is None, shape
+            continue
+        assert expected in str(shape_problem(shape)), shape
 
 
 def test_bytes_contents_are_checked_against_the_count_before_the_array() -> None:
