@@ -104,7 +104,7 @@ def input_bytes(spec: InputSpec, samples: Path | None) -> bytes:
 def _service_pb2() -> Any:
     """tritonclient's generated messages, imported late: importing this module must
     not bring protobuf package `inference` into a process that may hold ours."""
-    from tritonclient.grpc import service_pb2  # type: ignore[import-untyped]
+    from tritonclient.grpc import service_pb2
 
     return service_pb2
 
