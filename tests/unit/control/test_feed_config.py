@@ -3,6 +3,7 @@ feed per backend's price (or carbon), paths relative to the fleet file."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ BACKENDS = [
 ]
 
 
-def fleet(*feeds: dict[str, object]) -> str:
+def fleet(*feeds: Mapping[str, object]) -> str:
     return yaml.safe_dump({"backends": BACKENDS, "feeds": list(feeds)})
 
 

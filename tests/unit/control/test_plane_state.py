@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from backends.protocol.errors import InvalidInput, Unavailable
-from gateway.config import FleetConfig, PoliciesSettings, parse_fleet
+from gateway.config import BackendSettings, FleetConfig, PoliciesSettings, parse_fleet
 from gateway.control.plane import Control, PriceChange, schedule_position
 from gateway.control.state import (
     CarbonFigures,
@@ -44,14 +44,18 @@ class Clock:
         return self.now_s
 
 
+def state_of(backend: BackendSettings) -> BackendState:
+    assert backend.address is not None  # every backend here has an address
+    return BackendState(
+        backend.name, backend.address, backend.hardware_class, backend.price_usd_per_hour
+    )
+
+
 class Plane:
     """A Control over a fleet, with what it installs in the servicer in view."""
 
     def __init__(self, config: FleetConfig, store: StateStore, clock: Clock) -> None:
-        self.fleet = FleetState(
-            BackendState(b.name, b.address, b.hardware_class, b.price_usd_per_hour)
-            for b in config.backends
-        )
+        self.fleet = FleetState(state_of(b) for b in config.backends)
         self.book = PolicyBook(config.policies)
         self.chooser: Chooser = choose
         self.control = Control(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import BackendTLS, FleetConfig
 from gateway.control.processes import process_config, reserve_port, with_port
 
-FLEET = {
+FLEET: dict[str, Any] = {
     "repository": "/models",
     "gateway": {
         "listen": "0.0.0.0:0",
@@ -62,7 +63,7 @@ def test_each_process_serves_the_held_ports_and_reaches_the_workers_as_remote_ba
 
 
 def test_a_worker_not_listening_yet_keeps_its_configured_address() -> None:
-    fleet = {**FLEET, "backends": [{**FLEET["backends"][0], "address": "127.0.0.1:9101"}]}  # type: ignore[dict-item]
+    fleet = {**FLEET, "backends": [{**FLEET["backends"][0], "address": "127.0.0.1:9101"}]}
     served = process_config(FleetConfig.model_validate(fleet), {}, {}, TLS, "redis://r:6379/0")
     assert served.backends[0].address == "127.0.0.1:9101"
 

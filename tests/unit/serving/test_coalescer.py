@@ -144,7 +144,12 @@ def leave_order(arrivals: list[tuple[str, float | None, int | None]]) -> list[st
 def test_waiting_requests_leave_by_priority_then_arrival() -> None:
     """While the first request holds the one call slot, the others wait; they leave by
     Triton's `priority` (1, then 2, then the default)."""
-    arrivals = [("first", None, None), ("default", None, None), ("p2", None, 2), ("p1", None, 1)]
+    arrivals: list[tuple[str, float | None, int | None]] = [
+        ("first", None, None),
+        ("default", None, None),
+        ("p2", None, 2),
+        ("p1", None, 1),
+    ]
     assert leave_order(arrivals) == ["first", "p1", "p2", "default"]
 
 

@@ -14,7 +14,7 @@ from backends.protocol.errors import DeadlineExceeded, Exhausted, InvalidInput, 
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import BackendState, RetryThrottle, Route
 from gateway.routing.router import Policy, RouteRequest, choose, fastest_only, predict_ms
-from gateway.serving.dispatch import Attempt, AttemptTimeout, Dispatcher, Job
+from gateway.serving.dispatch import Attempt, AttemptTimeout, Dispatcher, Job, Observer
 
 REQ = RouteRequest("m")
 
@@ -70,7 +70,7 @@ class ScriptedTransport:
         self.cancelled.append(attempt)
 
 
-class Counting:
+class Counting(Observer):
     def __init__(self) -> None:
         self.retries: list[str] = []
         self.hedges: list[str] = []
@@ -380,6 +380,7 @@ def test_an_attempt_past_its_timeout_counts_once_and_the_request_goes_on_elsewhe
     (first,) = rig.transport.sent
     assert first.route is hung
     assert first.timeout_at_s == pytest.approx((p99_ms + 50.0) / 1000)
+    assert first.timeout_at_s is not None
     rig.timers.advance(0.99 * first.timeout_at_s)
     assert len(rig.transport.sent) == 1
     rig.timers.advance(first.timeout_at_s + 0.001)

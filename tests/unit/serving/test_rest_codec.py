@@ -211,11 +211,12 @@ def test_json_floats_round_to_the_nearest_value_of_the_datatype() -> None:
     # Ties (1 + 2**-8, 1 + 3 * 2**-8 in BF16; 1 + 2**-11 in FP16) round to even.
     wide = [0.1, 1 / 3, 1 + 2**-8, 1 + 3 * 2**-8, 3.0e38, 2]
     half = [0.1, 1 / 3, 1 + 2**-11, 65519.0, 6e-8, 2]
-    for datatype, values, want in [
+    cases: list[tuple[str, list[float], np.ndarray]] = [
         ("FP16", half, np.array(half, dtype=np.float16)),
         ("FP32", wide, np.array(wide, dtype=np.float32)),
         ("BF16", wide, np.array(wide, dtype=ml_dtypes.bfloat16)),
-    ]:
+    ]
+    for datatype, values, want in cases:
         body = orjson.dumps(tensor_json(datatype=datatype, shape=[6], data=values))
         [raw] = decode_infer_request(body, None, "m", "1").message.raw_input_contents
         assert raw == want.tobytes(), datatype
@@ -990,6 +991,7 @@ def test_random_tensors_round_trip_through_request_and_response(
     """A tensor tritonclient sends comes back from the response as tritonclient reads it."""
     seeded = np.random.default_rng(rng.getrandbits(32))
     count = int(np.prod(shape))
+    array: np.ndarray
     if datatype == "BYTES":
         array = np.array(
             [

@@ -5,7 +5,9 @@ context read and written, and the file exporter's lines."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -42,7 +44,8 @@ def test_a_decision_span_names_the_choice_and_each_rejected_route_with_why() -> 
     assert attributes["switchyard.route.cost_usd"] == pytest.approx(decision.cost_usd)
     assert attributes["switchyard.policy.latency_ms"] == 20.0
     assert attributes["switchyard.route.candidates"] == 4
-    rejected = {line.split(":", 1)[0]: line for line in attributes["switchyard.route.rejected"]}  # type: ignore[union-attr]
+    lines = cast("Sequence[str]", attributes["switchyard.route.rejected"])
+    rejected = {line.split(":", 1)[0]: line for line in lines}
     assert set(rejected) == {"cheap-slow/v", "dear/v", "down/v"}
     assert "> SLA 20 ms" in rejected["cheap-slow/v"]
     assert "dearer than the chosen route" in rejected["dear/v"]

@@ -40,7 +40,7 @@ def test_a_recorded_schedule_becomes_price_events(tmp_path: Path) -> None:
     (tmp_path / "prices.csv").write_text(CSV)
     scenario = parse_scenario(SCENARIO, tmp_path)
     prices = sorted(
-        (e.at_s, e.set_price.backend, e.set_price.usd_per_hour)  # type: ignore[union-attr]
+        (e.at_s, e.set_price.backend, e.set_price.usd_per_hour)
         for e in scenario.events
         if hasattr(e, "set_price")
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.sim import simulate
+from gateway.sim.scenario import load_scenario
 
 STEADY = Path(__file__).resolve().parents[3] / "scenarios" / "steady.yaml"
 
@@ -26,7 +27,7 @@ def simulated(capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, obje
 def test_the_seed_reproduces_a_run_and_another_seed_draws_another(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    scenario_seed = simulate.load_scenario(STEADY).seed
+    scenario_seed = load_scenario(STEADY).seed
     default = simulated(capsys)
     assert simulated(capsys, "--seed", str(scenario_seed)) == default
     other = simulated(capsys, "--seed", str(scenario_seed + 1))

@@ -48,7 +48,7 @@ def int8_variant(int8_dot: str | None, passed: bool = True) -> Variant:
         tolerance_max_abs_diff=0.25,
         min_top1_agreement=0.99,
         passed=passed,
-        int8_dot=int8_dot,  # type: ignore[arg-type]
+        int8_dot=int8_dot,
     )
     manifest = Manifest(
         model="m",
