@@ -61,3 +61,17 @@ class InferRequestHeader(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[InferRequestHeader.InputHeader]
     outputs: _containers.RepeatedCompositeFieldContainer[InferRequestHeader.OutputHeader]
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ..., inputs: _Optional[_Iterable[_Union[InferRequestHeader.InputHeader, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[InferRequestHeader.OutputHeader, _Mapping]]] = ...) -> None: ...
+
+class StreamAnswerHeader(_message.Message):
+    __slots__ = ("error_message", "infer_response")
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INFER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    error_message: str
+    infer_response: bytes
+    def __init__(self, error_message: _Optional[str] = ..., infer_response: _Optional[bytes] = ...) -> None: ...
+
+class AnswerId(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...

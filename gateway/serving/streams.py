@@ -15,7 +15,11 @@ backend that answers the stream UNIMPLEMENTED (one without ModelStreamInfer: KSe
 its requests in flight, and every later one, sent as unary calls instead
 (`StreamsUnsupported`).
 
-Imports grpc; no generated code (the bytes are read at the wire level), no routing.
+An answer is read with the gateway's two header messages (protos/gateway.proto:
+`StreamAnswerHeader`, then the answer's `AnswerId`), parsed in protobuf's C code and
+leaving the tensors unparsed; an error answer, or one those do not read, is read at the
+wire level (backends.protocol.streams.read_answer), which says what is malformed and reads
+an id as far as the bytes go. Imports grpc; no routing.
 """
 
 from __future__ import annotations
@@ -26,9 +30,18 @@ import logging
 from collections import deque
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from backends.protocol.status import StatusError
-from backends.protocol.streams import WireError, id_field, read_answer, timeout_field
+from backends.protocol.streams import (
+    StreamAnswer,
+    WireError,
+    id_field,
+    message_id,
+    read_answer,
+    timeout_field,
+)
+from protos.gateway_pb2 import AnswerId, StreamAnswerHeader
 
 log = logging.getLogger("switchyard.gateway")
 
@@ -125,7 +138,7 @@ class _Stream:
         self.answers += 1
         self.mux.refusals = 0
         try:
-            answer = read_answer(data)
+            answer = read_stream_answer(data)
         except WireError as exc:
             log.warning("backend %s sent a malformed stream answer: %s", self.mux.address, exc)
             return
@@ -243,6 +256,24 @@ class StreamMux:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def read_stream_answer(data: bytes) -> StreamAnswer:
+    """A stream answer, read: an answer's bytes and id through the header messages (C
+    code, as nearly every answer is); an error answer, or one they do not read (a string
+    not UTF-8, malformed bytes), at the wire level. WireError when malformed."""
+    try:
+        head = StreamAnswerHeader.FromString(data)
+    except DecodeError:
+        return read_answer(data)  # says what is wrong, or reads it leniently
+    if head.error_message:
+        return read_answer(data)  # its status and retry hint are in the response
+    response = head.infer_response
+    try:
+        request_id = AnswerId.FromString(response).id
+    except DecodeError:
+        request_id = message_id(response)  # as far as the bytes go
+    return StreamAnswer(request_id, response)
 
 
 def _expire(future: asyncio.Future[bytes]) -> None:
