@@ -49,7 +49,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
         if word != "default":
             taken.append(ipaddress.ip_network(word, strict=False))
     for _ in range(64):
-        subnet = ipaddress.ip_network(f"10.213.{secrets.randbelow(256)}.0/24")
+        subnet = ipaddress.IPv4Network(f"10.213.{secrets.randbelow(256)}.0/24")
         if not any(subnet.overlaps(other) for other in taken):
             return subnet
     raise RuntimeError("no free 10.213.x.0/24 for the test network")

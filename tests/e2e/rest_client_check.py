@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,19 @@ def echo_values(datatype: str) -> np.ndarray:
     """Values that tell the datatype's edges apart (its extremes where it has them)."""
     dtype = ECHO_DTYPES[datatype]
     count = ROWS * 4
+    values: np.ndarray
     if datatype == "BOOL":
         values = np.arange(count) % 3 == 0
     elif datatype == "BYTES":
         values = np.array([f"s{i}-é✓".encode() for i in range(count)], dtype=np.object_)
     elif datatype.startswith("FP"):
-        info = np.finfo(dtype)
+        finfo = np.finfo(dtype)
         values = np.linspace(-2.5, 2.5, count).astype(dtype)
-        values[0], values[1] = info.max, info.tiny
+        values[0], values[1] = finfo.max, finfo.tiny
     else:
-        info = np.iinfo(dtype)
+        iinfo = np.iinfo(dtype)
         values = np.arange(count).astype(dtype)
-        values[0], values[-1] = info.min, info.max
+        values[0], values[-1] = iinfo.min, iinfo.max
     return values.reshape(ROWS, 4)
 
 
@@ -196,19 +198,20 @@ def main() -> None:
     ]
 
     # Failures: the status and the server's message, as the client shows them.
-    failures = {}
+    failures: dict[str, object] = {}
     bad = httpclient.InferInput("input", [1, 63], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 63), np.float32), binary_data=True)
     unknown = httpclient.InferInput("input", list(x.shape), "FP32")
     unknown.set_data_from_numpy(x)
-    for case, call in {
+    calls: dict[str, Callable[[], object]] = {
         "bad_shape": lambda: client.infer("digits", [bad]),
         "bad_shape_compressed": lambda: client.infer(
             "digits", [bad], response_compression_algorithm="gzip"
         ),
         "unknown_model": lambda: client.infer("nope", [unknown]),
         "unknown_version": lambda: client.get_model_metadata("digits", "99"),
-    }.items():
+    }
+    for case, call in calls.items():
         try:
             call()
             failures[case] = "accepted"

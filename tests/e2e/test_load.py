@@ -135,7 +135,8 @@ def test_short_form_live_run_and_its_checks(
     def gpu_share(klass: str) -> float:
         rows = [r for r in records if r["sla_class"] == klass and r["status"] == "OK"]
         assert rows, f"{scenario}: no {klass} answers"
-        return sum(r["backend"] == "gpu" for r in rows) / len(rows)
+        on_gpu: int = sum(r["backend"] == "gpu" for r in rows)
+        return on_gpu / len(rows)
 
     attainment = summary["attainment"]
     gold, default = gpu_share("gold"), gpu_share("default")

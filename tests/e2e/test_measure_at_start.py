@@ -50,7 +50,9 @@ def served_default(repository: Path, log: Path, *flags: str) -> str:
         assert address is not None, f"worker exited: {log.read_text()}"
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            config = stub.ModelConfig(pb.ModelConfigRequest(name=MODEL), timeout=30).config
+            config: pb.ModelConfig = stub.ModelConfig(
+                pb.ModelConfigRequest(name=MODEL), timeout=30
+            ).config
         return config.parameters["switchyard_variant"].string_value
     finally:
         process.terminate()

@@ -27,6 +27,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -399,11 +400,13 @@ async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
 
     async def on_b4(gateway: Gateway) -> bool:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
-            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+            reply: pb.ModelInferResponse = await pb_grpc.GRPCInferenceServiceStub(
+                channel
+            ).ModelInfer(request, timeout=10)
         return reply.parameters["switchyard_backend"].string_param == "b4"
 
     for gateway in (g1, g2):
-        await wait_until(lambda gateway=gateway: on_b4(gateway), timeout_s=30, what="cnn on b4")
+        await wait_until(partial(on_b4, gateway), timeout_s=30, what="cnn on b4")
 
     now = time.perf_counter()
     alone = await closed_loop(g1, request, now, now + 0.5, now + 3.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -71,7 +72,9 @@ async def test_requests_through_the_gateway_run_by_priority(one_slot: RunningGat
 
         async def in_flight_is(count: int) -> bool:
             """The gateway holds `count` requests in flight on the worker's one route."""
-            reply = await admin.ListRoutes(apb.ListRoutesRequest(model="digits"), metadata=AUTH)
+            reply: apb.ListRoutesResponse = await admin.ListRoutes(
+                apb.ListRoutesRequest(model="digits"), metadata=AUTH
+            )
             (route,) = reply.routes
             return route.in_flight == count
 
@@ -83,14 +86,14 @@ async def test_requests_through_the_gateway_run_by_priority(one_slot: RunningGat
             request.parameters["tag"].string_param = name
             if priority is not None:
                 request.parameters["priority"].uint64_param = priority
-            reply = await stub.ModelInfer(request, timeout=30)
+            reply: pb.ModelInferResponse = await stub.ModelInfer(request, timeout=30)
             finished.append(name)
             return reply
 
         calls = []
         for count, (name, priority) in enumerate(arrivals, start=1):
             calls.append(asyncio.ensure_future(infer(name, priority)))
-            await wait_until(lambda n=count: in_flight_is(n), what=f"{name} to be in flight")
+            await wait_until(partial(in_flight_is, count), what=f"{name} to be in flight")
         replies = await asyncio.gather(*calls)
     assert finished == ["first", "p1", "p2", "p3", "p0"]
     assert {r.parameters["switchyard_backend"].string_param for r in replies} == {"one"}

@@ -244,8 +244,12 @@ def test_an_admin_change_reaches_both_processes(group: tuple[RunningGateway, Pat
     assert done.returncode == 0, done.stderr
     ports = [p["metrics_port"] for p in gateway.info["processes"]]
     for port in ports:
+
+        def new_price(port: int = port) -> bool:
+            return value(scrape(port), "switchyard_backend_price_usd_per_hour") == 0.5
+
         wait_until_blocking(
-            lambda port=port: value(scrape(port), "switchyard_backend_price_usd_per_hour") == 0.5,
+            new_price,
             10,
             f"the new price in the process with metrics on {port}",
         )
@@ -362,7 +366,11 @@ def test_sigterm_drains_the_requests_in_flight_and_stops_every_process(
     assert gateway.process.wait(30) == 0, gateway.log()
     pids = [p["pid"] for p in info["processes"]] + list(info["pids"].values())
     for pid in pids:
-        wait_until_blocking(lambda pid=pid: not alive(pid), 10, f"process {pid} to end")
+
+        def ended(pid: int = pid) -> bool:
+            return not alive(pid)
+
+        wait_until_blocking(ended, 10, f"process {pid} to end")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", info["http_port"]), 1)
 

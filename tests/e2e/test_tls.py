@@ -181,7 +181,7 @@ def test_the_launched_worker_answers_only_the_gateway(tls_served: RunningGateway
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.ServerLive(pb.ServerLiveRequest(), timeout=5)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _environ(pid: int) -> dict[str, str]:

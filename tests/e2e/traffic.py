@@ -53,7 +53,7 @@ class Traffic:
         self.timeout_s = timeout_s
         self.sent = 0
         self.answers: list[Answer] = []
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Task[Answer]] = set()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

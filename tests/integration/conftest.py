@@ -12,6 +12,7 @@ from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,8 +22,8 @@ from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, BatchTrace, RunFn
 from backends.worker.served import LoadedVariant, ServedModel, WorkerSettings
 from backends.worker.server import start_worker
-from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
+from gateway.control.redis_server import RedisServer
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2_grpc
 from protos import inference_pb2 as pb
@@ -141,10 +142,10 @@ class Worker:
         await self.server.stop(None)
 
 
-async def launch_worker(repository: Path, **settings: object) -> Worker:
+async def launch_worker(repository: Path, **settings: Any) -> Worker:
     server, port, models, executor = await start_worker(
         WorkerSettings(repository=repository, **settings),
-        "127.0.0.1:0",  # type: ignore[arg-type]
+        "127.0.0.1:0",
     )
     return Worker(f"127.0.0.1:{port}", server, models, executor)
 

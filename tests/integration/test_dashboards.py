@@ -266,7 +266,7 @@ _SAMPLE_SUFFIXES = {
 def exported_names(text: str) -> set[str]:
     """The sample names a /metrics text can hold, from its `# TYPE` lines (a labelled
     family with no children yet shows those lines but no samples)."""
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(family.name + suffix for suffix in _SAMPLE_SUFFIXES[family.type])
     return names
@@ -299,7 +299,7 @@ async def test_every_query_names_a_metric_the_gateway_serves(
     assert 'switchyard_sla_requests_total{model="digits",outcome="met",sla_class="gold"}' in text
 
     rule_exprs, recorded = rule_queries(load_rules())
-    missing = {}
+    missing: dict[str, list[str]] = {}
     for where, expr in dashboard_queries(load_dashboard()) + rule_exprs:
         names = metric_names(expr)
         assert names, f"{where}: no metric in {expr!r}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -201,7 +202,7 @@ async def test_a_dead_backend_costs_no_request(two_workers, repository: Path) ->
 async def test_streaming_through_the_gateway(gw_stub, repository: Path) -> None:  # type: ignore[no-untyped-def]
     inputs, reference = samples(repository, "digits")
 
-    async def requests():  # type: ignore[no-untyped-def]
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
         for i in range(8):
             req = raw_request("digits", {"input": inputs["input"][i : i + 1]}, {"input": "FP32"})
             req.id = str(i)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.shared_state import RedisServer
+from gateway.control.redis_server import RedisServer
 from gateway.control.shared_state import KEY
 from gateway.control.state import ControlState, decode_state
 from gateway.server import Gateway, start_gateway

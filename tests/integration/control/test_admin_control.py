@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -289,7 +289,7 @@ async def test_bad_backends_and_missing_tokens_are_refused(
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "'outside' has no worker process of this gateway's" in (info.value.details() or "")
 
-    calls = [
+    calls: list[Callable[[tuple[tuple[str, str], ...]], Awaitable[object]]] = [
         lambda md: admin.ListBackends(apb.ListBackendsRequest(), metadata=md),
         lambda md: admin.KillBackend(apb.BackendRequest(backend="cheap"), metadata=md),
         lambda md: admin.RestartBackend(apb.BackendRequest(backend="cheap"), metadata=md),

@@ -22,9 +22,9 @@ from dnslib.server import DNSServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.worker.server import server_credentials
-from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
 from gateway.control.discovery import own_in_flight
+from gateway.control.redis_server import RedisServer
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc

@@ -21,9 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import pytest
 
-from gateway.bench.shared_state import RedisServer
 from gateway.config import FleetConfig
+from gateway.control.redis_server import RedisServer
 from gateway.server import Gateway, start_gateway
+from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, raw_request, samples
 from tests.waiting import wait_until
@@ -176,7 +177,9 @@ async def backend_used(gw: Gateway, repository: Path) -> str:
     inputs, _ = samples(repository, "digits")
     request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
     async with grpc.aio.insecure_channel(gw.address) as channel:
-        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        reply: pb.ModelInferResponse = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=10
+        )
     return reply.parameters["switchyard_backend"].string_param
 
 
@@ -360,10 +363,18 @@ async def test_with_a_shared_store_one_gateway_polls_and_both_get_its_prices(
     config = fleet(pair, [spot_feed(feeds.url("/spot"))], state=redis_server.url)
     async with running(config) as one, running(config) as two:
         for gw in (one, two):
-            await wait_until(lambda gw=gw: price(gw, "a") == 0.44, what="the feed's price")
+
+            def fed(gw: Gateway = gw) -> bool:
+                return price(gw, "a") == 0.44
+
+            await wait_until(fed, what="the feed's price")
         # The lease holder alone polls and reports the feed.
         reporting = [gw for gw in (one, two) if feed_metric(gw, "up") is not None]
         assert len(reporting) == 1
         feeds.serve("/spot", spot({"m7i.large": 0.66, "c7i.large": 0.22}))
         for gw in (one, two):
-            await wait_until(lambda gw=gw: price(gw, "a") == 0.66, what="the shared change")
+
+            def changed(gw: Gateway = gw) -> bool:
+                return price(gw, "a") == 0.66
+
+            await wait_until(changed, what="the shared change")

@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
+from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import raw_request, samples
 from tests.waiting import wait_until
@@ -80,7 +81,7 @@ async def served_by_solo(gateway: Gateway, repository: Path) -> bool:
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
-            reply = await stub.ModelInfer(
+            reply: pb.ModelInferResponse = await stub.ModelInfer(
                 raw_request("digits", inputs, {"input": "FP32"}), timeout=5
             )
         except grpc.aio.AioRpcError:

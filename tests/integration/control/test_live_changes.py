@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from gateway.control import admin_cli
 from gateway.server import start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
+from protos import inference_pb2 as pb
 from tests.integration.conftest import Worker, gateway_clients, raw_request, samples
 from tests.waiting import wait_until
 
@@ -130,7 +132,7 @@ async def test_a_looping_price_schedule_changes_prices_as_listed(
             # 0.5 s in, then 1.0 s, then (the loop) 1.5 s: a's price goes 0.5, 0.9, 0.5.
             # Sorted by offset: replayed in file order, 0.9 would give way to 0.5 at once.
             for price in (0.5, 0.9, 0.5):
-                await wait_until(lambda p=price: a_costs(p), what=f"a's price to become {price}")
+                await wait_until(partial(a_costs, price), what=f"a's price to become {price}")
             # b's one change came with a's at 1.0 s and is never undone by the loop.
             assert (await prices())["b"] == 0.02
             assert "price schedule: unknown backend 'nope' (backends: a, b)" in caplog.text
@@ -183,7 +185,7 @@ async def test_fleet_file_edits_of_carbon_and_policies_apply_live(
         async with gateway_clients(gw) as (stub, admin):
 
             async def backend_used() -> str:
-                reply = await stub.ModelInfer(request)
+                reply: pb.ModelInferResponse = await stub.ModelInfer(request)
                 return reply.parameters["switchyard_backend"].string_param
 
             async def policies() -> dict[str, Any]:

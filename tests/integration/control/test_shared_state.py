@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from gateway.bench.shared_state import RedisServer
 from gateway.control.admin import NOT_SHARED
 from gateway.control.admin_client import AdminClient
+from gateway.control.redis_server import RedisServer
 from gateway.control.shared_state import KEY, LEASE_PREFIX
 from gateway.control.state import decode_state, encode_state
 from protos import admin_pb2 as apb
@@ -86,7 +87,7 @@ async def test_two_gateways_changes_of_different_values_both_stand(
         for gw in (one, two):
             await timed(
                 "both changes on each gateway",
-                lambda gw=gw: gw.price("cheap") == 3.0 and gw.drained("dear"),  # type: ignore[misc]
+                lambda gw=gw: gw.price("cheap") == 3.0 and gw.drained("dear"),
             )
         stored = stored_state(redis_server)
         assert stored.prices["cheap"].usd_per_hour == 3.0 and stored.drained == {"dear"}
@@ -174,7 +175,7 @@ async def test_one_gateway_plays_the_price_schedule_and_the_other_takes_over(
         # A second a step: each price stands long enough to be seen on a busy machine.
         "offset_s,backend,usd_per_hour\n0,cheap,1.0\n1,cheap,2.0\n2,cheap,3.0\n3,dear,0.08\n"
     )
-    settings = {"price_schedule": str(schedule), "price_schedule_loop": True}
+    settings: dict[str, Any] = {"price_schedule": str(schedule), "price_schedule_loop": True}
     lease_key = LEASE_PREFIX + "price-schedule"
     client = redis_server.client()
     async with AsyncExitStack() as stack:

@@ -27,6 +27,7 @@ from gateway.config import load_fleet
 from gateway.server import Gateway, start_gateway
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
+from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, gateway_clients, raw_request, samples
 from tests.integration.control.test_live_changes import (
@@ -49,7 +50,7 @@ class Running:
     async def backend_used(self) -> str:
         inputs, _ = samples(self.repository, "digits")
         request = raw_request("digits", {"input": inputs["input"][:1]}, {"input": "FP32"})
-        reply = await self.stub.ModelInfer(request)
+        reply: pb.ModelInferResponse = await self.stub.ModelInfer(request)
         return reply.parameters["switchyard_backend"].string_param
 
     async def prices(self) -> dict[str, float]:
@@ -301,9 +302,11 @@ async def test_the_fleet_watcher_outlives_files_it_cannot_use(
         ]
         for content, reason in versions:
             path.write_bytes(content)
-            await wait_until(
-                lambda r=reason: logged(r) > 0, what=f"the watcher to reject: {reason}"
-            )
+
+            def rejected(r: str = reason) -> bool:
+                return logged(r) > 0
+
+            await wait_until(rejected, what=f"the watcher to reject: {reason}")
             # The same content again (a touch): not logged again.
             stat = path.stat()
             os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -175,7 +176,7 @@ async def shared_cheap_backend(
     first, second = await start_gateway(config), await start_gateway(config)
     try:
         for gw in (first, second):
-            await wait_until(lambda gw=gw: server_ready(gw), timeout_s=30.0)
+            await wait_until(partial(server_ready, gw), timeout_s=30.0)
         tallies = (Tally(), Tally())
         # What the test process holds by now (a whole suite's objects, in a full run) is
         # kept out of the collector's way while the gateways, workers and callers share

@@ -426,12 +426,11 @@ async def test_requests_wait_earliest_deadline_first(
                     continue
                 # Sent on its own, it waits at the worker; else at the gateway.
                 at_worker = 1 if coalesce_in_flight else row + 1
-                await wait_until(
-                    lambda n=row + 1, w=at_worker: (
-                        state.in_flight == n and held.batcher.arrived == w
-                    ),
-                    what=f"{name} to wait",
-                )
+
+                def waiting(n: int = row + 1, w: int = at_worker) -> bool:
+                    return state.in_flight == n and held.batcher.arrived == w
+
+                await wait_until(waiting, what=f"{name} to wait")
             assert (state.in_flight, state.queued) == (4, 3)
             now = gw.servicer.clock()
             assert state.due_before(now + 1.0)[0] == 1  # only the tight one is due soon

@@ -66,7 +66,7 @@ async def test_every_datatype_comes_back_as_over_unary_calls(
     assert len(streamed.outputs) == len(request.inputs)
 
 
-class UnaryHop(grpc.GenericRpcHandler):
+class UnaryHop(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped here (Any)
     """Forwards every unary call's bytes to `channel` (so the gateway's probes and
     metadata calls pass); serves no streaming method (UNIMPLEMENTED), as KServe."""
 

@@ -39,13 +39,15 @@ async def slow_gateway(repository: Path) -> AsyncIterator[tuple[Gateway, Worker]
 async def _calls(worker: Worker) -> int:
     async with grpc.aio.insecure_channel(worker.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))
+        stats: pb.ModelStatisticsResponse = await stub.ModelStatistics(
+            pb.ModelStatisticsRequest(name="digits")
+        )
         return stats.model_stats[0].inference_stats.success.count
 
 
 async def test_concurrent_requests_share_calls_and_get_their_own_rows(
-    slow_gateway, repository: Path
-) -> None:  # type: ignore[no-untyped-def]
+    slow_gateway: tuple[Gateway, Worker], repository: Path
+) -> None:
     gateway, worker = slow_gateway
     inputs, reference = samples(repository, "digits")
     x = inputs["input"]

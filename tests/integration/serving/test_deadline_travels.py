@@ -77,7 +77,7 @@ class RecordingHop:
         return reply
 
 
-class _Forward(grpc.GenericRpcHandler):
+class _Forward(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped here (Any)
     def __init__(self, hop: RecordingHop) -> None:
         self.hop = hop
 

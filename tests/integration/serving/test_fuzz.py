@@ -119,7 +119,7 @@ async def test_a_fault_of_the_gateway_is_internal_logged_and_counted_as_a_failur
     gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     chooser = gateway.servicer.chooser
-    gateway.servicer.chooser = FailingChooser()  # type: ignore[assignment]
+    gateway.servicer.chooser = FailingChooser()
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -167,7 +167,7 @@ async def test_a_stream_holds_at_most_its_window_in_flight(
         def time_remaining(self) -> float | None:
             return None
 
-    replies = gateway.servicer.model_stream_infer(requests(), Context())  # type: ignore[arg-type]
+    replies = gateway.servicer.model_stream_infer(requests(), Context())
     first = asyncio.ensure_future(anext(replies))
     registry = gateway.servicer.metrics.registry
     await wait_until(

@@ -33,7 +33,7 @@ async def test_a_latency_probe_takes_the_round_trip_of_its_own_connection(
         fleet_config({"one": (worker.address, 0.04)}, latency_probe_interval_s=0)
     )
     try:
-        await wait_until(lambda: gw.fleet.available_routes("digits"), what="digits routed")
+        await wait_until(lambda: bool(gw.fleet.available_routes("digits")), what="digits routed")
         # No health probe from here on: the only round trips are the latency probe's.
         await gw.prober.stop()
         state = gw.fleet.backends["one"]

@@ -14,7 +14,7 @@ import gzip
 import ssl
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,8 @@ def labels_of(answer: Answer) -> list[int]:
         return list(out["data"])
     raw = answer.body[int(length) :]
     assert len(raw) == out["parameters"]["binary_data_size"]
-    return np.frombuffer(raw, "<i8").tolist()
+    labels: list[int] = np.frombuffer(raw, "<i8").tolist()
+    return labels
 
 
 @pytest.fixture
@@ -501,7 +502,10 @@ async def test_compression_as_the_caller_asks(rest_gateway: Gateway, repository:
     port = rest_gateway.rest.port
     inputs, reference = samples(repository, "digits")
     x, labels = inputs["input"][:4], reference["label"][:4].tolist()
-    decoders = {"gzip": gzip.decompress, "deflate": zlib.decompress}
+    decoders: dict[str, Callable[[bytes], bytes]] = {
+        "gzip": gzip.decompress,
+        "deflate": zlib.decompress,
+    }
     body = json_infer(x)
 
     def gzip_members(data: bytes) -> bytes:
@@ -688,7 +692,7 @@ async def test_a_backends_own_failure_is_502_and_the_gateways_is_not_blamed(
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-class ShortAnswers(grpc.GenericRpcHandler):
+class ShortAnswers(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped here (Any)
     """A hop in front of a worker that forwards every call, and cuts the last byte off
     each inference answer's first output: a backend whose answers do not fit their
     shapes."""

@@ -10,6 +10,7 @@ import asyncio
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import grpc
 import orjson
@@ -145,7 +146,7 @@ async def test_one_requests_spans_from_gateway_and_worker_form_one_trace(
         assert route.attributes["switchyard.backend"] == "cheap"
         assert route.attributes["switchyard.route.reason"] == "cheapest-feasible"
         assert route.attributes["switchyard.route.predicted_ms"] > 0  # type: ignore[operator]
-        [rejected] = route.attributes["switchyard.route.rejected"]  # type: ignore[misc]
+        [rejected] = cast("Sequence[str]", route.attributes["switchyard.route.rejected"])
         assert rejected.startswith("dear/") and "dearer than the chosen route" in rejected
 
         assert parent_of(attempt) == request.context.span_id
@@ -251,7 +252,7 @@ async def test_rest_takes_the_traceparent_header(
         with await asyncio.to_thread(urllib.request.urlopen, call, timeout=30) as answer:
             assert answer.status == 200
         await wait_until(
-            lambda: named(of_trace(exporter), "switchyard.backend.request"),
+            lambda: bool(named(of_trace(exporter), "switchyard.backend.request")),
             what="the worker's span of the REST request",
         )
         [request] = named(of_trace(exporter), "switchyard.request")
@@ -283,7 +284,7 @@ async def test_untraced_again_the_gateway_sends_no_trace_context(
         # The workers still trace: their span of this request begins a trace of its own,
         # the gateway having sent no context.
         await wait_until(
-            lambda: named(exporter.get_finished_spans(), "switchyard.backend.request"),
+            lambda: bool(named(exporter.get_finished_spans(), "switchyard.backend.request")),
             what="the worker's span",
         )
         [served] = named(exporter.get_finished_spans(), "switchyard.backend.request")

@@ -121,7 +121,7 @@ def resnet_request(repository: Path) -> pb.ModelInferRequest:
     )
 
 
-async def outcome(call: grpc.aio.UnaryUnaryCall) -> Outcome:  # type: ignore[type-arg]
+async def outcome(call: grpc.aio.UnaryUnaryCall) -> Outcome:
     try:
         await call
     except grpc.aio.AioRpcError as exc:
@@ -136,9 +136,9 @@ def default_batcher(worker: Worker, model: str) -> Batcher:
 
 async def statistics(worker: Worker, model: str) -> pb.ModelStatistics:
     async with grpc.aio.insecure_channel(worker.address) as channel:
-        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model)
-        )
+        reply: pb.ModelStatisticsResponse = await pb_grpc.GRPCInferenceServiceStub(
+            channel
+        ).ModelStatistics(pb.ModelStatisticsRequest(name=model))
     return reply.model_stats[0]
 
 

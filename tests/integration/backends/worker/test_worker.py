@@ -4,6 +4,7 @@ outputs, every datatype raw and typed, and every kind of bad input."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -70,8 +71,9 @@ def _echo_inputs() -> dict[str, np.ndarray]:
         elif datatype == "BOOL":
             arrays[datatype] = np.array([[True, False, True, True]] * 2)
         else:
-            info = np.iinfo if NUMPY_DTYPES[datatype].kind in "iu" else np.finfo
-            lim = info(NUMPY_DTYPES[datatype])  # type: ignore[arg-type]
+            # NUMPY_DTYPES holds dtype[generic]: its kind says integer or floating.
+            dtype = NUMPY_DTYPES[datatype]
+            lim = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)  # type: ignore[type-var]
             arrays[datatype] = np.array(
                 [[lim.min, lim.max, 0, 1]] * 2, dtype=NUMPY_DTYPES[datatype]
             )
@@ -119,9 +121,9 @@ async def test_every_datatype_round_trips(stub, raw: bool) -> None:  # type: ign
                 assert got.tolist() == array.ravel().tolist()
         else:
             assert not reply.raw_output_contents
-            field = [f for f, v in out.contents.ListFields()]
-            assert len(field) == 1
-            values = list(getattr(out.contents, field[0].name))
+            fields = [f for f, v in out.contents.ListFields()]
+            assert len(fields) == 1
+            values = list(getattr(out.contents, fields[0].name))
             assert values == array.ravel().tolist()
 
 
@@ -325,7 +327,7 @@ async def _check_batched(stub: pb_grpc.GRPCInferenceServiceStub, repository: Pat
 async def test_streaming_inference(stub, repository: Path) -> None:  # type: ignore[no-untyped-def]
     inputs, reference = samples(repository, "digits")
 
-    async def requests():  # type: ignore[no-untyped-def]
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
         for i in range(4):
             req = raw_request("digits", {"input": inputs["input"][i : i + 1]}, {"input": "FP32"})
             req.id = str(i)
@@ -380,9 +382,11 @@ async def _run_order(
             if row == 0:
                 await wait_until(lambda: held.gate.holding, what="the first request to run")
             else:
-                await wait_until(
-                    lambda n=row + 1: held.batcher.arrived == n, what=f"{name} to queue"
-                )
+
+                def queued(n: int = row + 1) -> bool:
+                    return held.batcher.arrived == n
+
+                await wait_until(queued, what=f"{name} to queue")
         held.gate.open()
         await asyncio.gather(*calls)
     return [names[row] for row in held.rows_run("input")]
