@@ -82,7 +82,7 @@ promtool:
 check: $(STAMP)
 	$(VENV)/bin/ruff check gateway backends tests protos/generate.py
 	$(VENV)/bin/ruff format --check gateway backends tests protos/generate.py
-	$(VENV)/bin/mypy gateway backends protos/generate.py
+	$(VENV)/bin/mypy gateway backends tests protos/generate.py
 	$(VENV)/bin/lint-imports
 
 lint typecheck: check
