@@ -52,10 +52,12 @@ RATE_PER_S = 25.0
 """Each gateway's share of the test traffic."""
 SLOT_MS = 30.0
 """b4's emulated service time: one request at a time, cnn only, the cheapest by far."""
-CNN_SLA_MS = 110.0
+CNN_SLA_MS = 120.0
 """cnn's SLA: three requests at b4 (about 96 ms: one gateway's two callers and a latency
-probe) meet it, four (about 128 ms) do not. (Against 100 ms a third took 96-100 ms, a
-coin toss for any router.)"""
+probe, plus the hops' 5-15 ms here) meet it, four (about 128 ms) do not. (Against 100 ms
+a third took 96-100 ms, a coin toss for any router; against 110 ms, 0-11% of b4's
+answers came late with two gateways, 6 runs on a 2-core AMD Zen 3 VM, where 120 ms gave
+1-6%.)"""
 WORKERS = {
     "b1": (["digits"], 0.0),
     "b2": (["digits"], 0.0),
@@ -408,10 +410,13 @@ async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
     for gateway in (g1, g2):
         await wait_until(partial(on_b4, gateway), timeout_s=30, what="cnn on b4")
 
+    # Counted over 5.5 s alone and 6 s together: one stall of this machine (the slowest
+    # answers take 150-230 ms) makes the 3-4 answers in flight late at once, which over
+    # the 2.5 s and 3 s counted before (70 and 80 answers from b4) was up to 7% of them.
     now = time.perf_counter()
-    alone = await closed_loop(g1, request, now, now + 0.5, now + 3.0)
+    alone = await closed_loop(g1, request, now, now + 0.5, now + 6.0)
     now = time.perf_counter()
-    joined, counted, until = now + 1.0, now + 1.5, now + 4.5
+    joined, counted, until = now + 1.0, now + 1.5, now + 7.5
     first, second = await asyncio.gather(
         closed_loop(g1, request, now, counted, until),
         closed_loop(g2, request, joined, counted, until),
@@ -425,7 +430,7 @@ async def test_two_gateways_sharing_a_one_slot_backend_keep_its_sla_as_one_does(
     )
     # The idle second gateway's latency probes at b4 count at their expected number, not
     # as requests at the SLA's percentile (which sent 10-35% of these answers to the spare,
-    # 0-2 late either way): 70-71 of 70-71 on b4 in three runs.
+    # 0-2 late either way): 70-71 of 70-71 on b4 in three runs over 2.5 s.
     assert alone.where["b4"] >= 0.9 * alone.answers, "one gateway's callers fit on b4"
     assert alone.late <= 0.05 * alone.answers
     both = first.answers + second.answers
