@@ -32,7 +32,8 @@ from backends.files import write_text_atomically
 from backends.process import die_with_parent, stop_on_signals, use_uvloop
 from backends.protocol.errors import InvalidInput
 from gateway.config import ConfigError, FleetConfig, load_fleet
-from gateway.control.admin import AdminServicer, add_to_server, admin_token
+from gateway.control.admin import AdminServicer, add_to_server
+from gateway.control.admin_token import admin_token
 from gateway.control.discovery import (
     Discovery,
     DiscoveryMetrics,

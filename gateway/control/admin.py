@@ -18,10 +18,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import os
-import secrets
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -30,7 +27,8 @@ from pydantic import ValidationError
 
 from backends.protocol.errors import InvalidInput, Unauthenticated
 from backends.protocol.status import aborts_with_status
-from gateway.config import FleetConfig, PoliciesSettings
+from gateway.config import PoliciesSettings
+from gateway.control.admin_token import NOT_SHARED, TOKEN_ENV
 from gateway.control.plane import BackendProcess, Control, check_price
 from gateway.routing.fleet import BackendState, FleetState, Route
 from gateway.routing.router import ROUTING, RouteRequest, carbon_g, cost_usd, explain
@@ -39,40 +37,7 @@ from protos import admin_pb2_grpc
 
 log = logging.getLogger("switchyard.control")
 
-TOKEN_ENV = "SWITCHYARD_ADMIN_TOKEN"
 SERVICE = "switchyard.admin.Admin"
-NOT_SHARED = "switchyard-not-shared"
-"""Trailing metadata of a change applied on this gateway that its shared state store
-did not take in time (unreachable): why. The change is written when the store is back."""
-
-
-def admin_token(config: FleetConfig, create: bool = True) -> str | None:
-    """The admin token: the environment's, else the fleet's token file (created when
-    missing and `create`), else None."""
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    if token:
-        return token
-    path = config.gateway.admin_token_file
-    if path is None:
-        return None
-    return read_token_file(path, create)
-
-
-def read_token_file(path: Path, create: bool) -> str | None:
-    try:
-        token = path.read_text().strip()
-        if token:
-            return token
-    except FileNotFoundError:
-        pass
-    if not create:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    return token
 
 
 def route_status(route: Route, shares: dict[str, float], now_s: float) -> apb.RouteStatus:

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway.config import ConfigError, load_fleet
-from gateway.control.admin import NOT_SHARED, TOKEN_ENV, admin_token, read_token_file
+from gateway.control.admin_token import NOT_SHARED, TOKEN_ENV, admin_token, read_token_file
 from gateway.security import ChannelSecurity, client_security, secure_channel
 from protos import admin_pb2_grpc
 

@@ -48,7 +48,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from backends.files import write_text_atomically
 from backends.process import stop_on_signals, use_uvloop
 from gateway.config import BackendTLS, FleetConfig
-from gateway.control.admin import admin_token
+from gateway.control.admin_token import admin_token
 from gateway.control.redis_server import RedisServer
 from gateway.control.supervisor import MAX_BACKOFF_S, MIN_BACKOFF_S, STABLE_AFTER_S, Supervisor
 from gateway.security import WorkerPKI, ssl_server_context

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.control.admin import NOT_SHARED
+from gateway.control.admin_token import NOT_SHARED
 from gateway.control.redis_server import RedisServer
 from gateway.control.shared_state import KEY, LEASE_PREFIX
 from gateway.control.state import (

@@ -17,8 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from gateway.control.admin import NOT_SHARED
 from gateway.control.admin_client import AdminClient
+from gateway.control.admin_token import NOT_SHARED
 from gateway.control.redis_server import RedisServer
 from gateway.control.shared_state import KEY, LEASE_PREFIX
 from gateway.control.state import decode_state, encode_state
