@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.routing.router import Policy
+from gateway.routing.sla import Policy
 
 STATE_URL = re.compile(r"^(redis|rediss|unix)://\S+$")
 """A shared state store's URL (redis-py's forms)."""

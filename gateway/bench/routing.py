@@ -23,13 +23,13 @@ from gateway.routing.fleet import BackendState, Route
 from gateway.routing.percentiles import percentile
 from gateway.routing.router import (
     Chooser,
-    Policy,
     RoundRobin,
     RouteRequest,
     cheapest_only,
     choose,
     least_loaded,
 )
+from gateway.routing.sla import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
 BEGIN = "<!-- routing: written by `python -m gateway.bench.routing` -->"

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from backends.protocol.errors import InvalidInput
 from gateway.config import PoliciesSettings, PolicySettings
-from gateway.routing.router import Policy, RouteRequest
+from gateway.routing.router import RouteRequest
+from gateway.routing.sla import Policy
 
 
 def _updates(settings: PolicySettings) -> dict[str, object]:

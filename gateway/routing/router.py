@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from gateway.routing.figures import per_request, predicted_ms
 from gateway.routing.fleet import DEFAULT_ROW_FRACTION, BackendState, Route
+from gateway.routing.sla import Policy
 
 ROW_FRACTION = DEFAULT_ROW_FRACTION
 """Extra service time per extra row of a batch, as a fraction of one row's, where a
@@ -48,32 +49,6 @@ class RouteRequest:
     sla_ms: float | None = None
     sla_class: str | None = None
     priority: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The SLA policy that applies to a request (resolved from the fleet's policies)."""
-
-    latency_ms: float = 100.0
-    percentile: float = 99.0
-    objective: str = "cost"
-    on_infeasible: str = "fastest"
-    max_cost_usd_per_1m: float | None = None
-    retries: int = 2
-    """Further attempts on the next-best routes after a failed one (deadline allowing)."""
-    hedge: bool = False
-    """Send a second attempt to the next route when the first runs past its predicted p95."""
-    name: str = "default"
-    """The class name for metrics: the request's `sla_class`, `custom` for its own
-    `sla_ms`, else `default`."""
-    overhead_ms: float = 0.0
-    """What the SLA counts outside the gateway's calls to backends (the gateway's
-    `request_overhead_ms`): routes must meet `latency_ms` less this."""
-
-    @property
-    def budget_ms(self) -> float:
-        """The latency a route's prediction must meet: the SLA less the overhead."""
-        return self.latency_ms - self.overhead_ms
 
 
 REASONS = {

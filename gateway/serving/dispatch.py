@@ -47,14 +47,8 @@ from gateway.routing.budget import RetryBudget
 from gateway.routing.estimates import service_sample
 from gateway.routing.figures import predicted_ms as predicted
 from gateway.routing.fleet import BackendState, RetryThrottle, Route, Ticket
-from gateway.routing.router import (
-    Chooser,
-    Decision,
-    Policy,
-    RouteRequest,
-    batch_factor,
-    hedge_after_ms,
-)
+from gateway.routing.router import Chooser, Decision, RouteRequest, batch_factor, hedge_after_ms
+from gateway.routing.sla import Policy
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,14 +40,8 @@ from backends.tracing import TraceSettings, TracingError
 from gateway.config import ConfigError, TracingSettings
 from gateway.routing.fleet import FleetState, ModelInfo, Route
 from gateway.routing.policy import PolicyBook
-from gateway.routing.router import (
-    Chooser,
-    Policy,
-    carbon_g,
-    choose,
-    cost_usd,
-    retry_hint_ms,
-)
+from gateway.routing.router import Chooser, carbon_g, choose, cost_usd, retry_hint_ms
+from gateway.routing.sla import Policy
 from gateway.serving.converters import (
     REMOTE_VARIANT,
     check_header,

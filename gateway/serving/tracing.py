@@ -38,7 +38,8 @@ from opentelemetry.util.types import AttributeValue
 from backends.tracing import TRACEPARENT, TRACESTATE, TraceSettings, first_value
 from backends.tracing.provider import parent_context, trace_metadata, tracer_provider
 from gateway.routing.fleet import Route
-from gateway.routing.router import Decision, Policy, RouteRequest, explain
+from gateway.routing.router import Decision, RouteRequest, explain
+from gateway.routing.sla import Policy
 from gateway.serving.converters import request_parameters
 from gateway.serving.dispatch import Attempt, AttemptTimedOut, Job, Observer
 from gateway.serving.transport import TRACED_ATTEMPT, GrpcTransport

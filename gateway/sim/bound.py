@@ -20,7 +20,8 @@ import numpy as np
 from gateway.config import PoliciesSettings
 from gateway.routing.figures import per_request, predicted_ms, usd_per_busy_ms
 from gateway.routing.policy import PolicyBook
-from gateway.routing.router import Policy, RouteRequest, batch_factor
+from gateway.routing.router import RouteRequest, batch_factor
+from gateway.routing.sla import Policy
 from gateway.sim.arrivals import Trace
 from gateway.sim.modelled import RouteModel, route_models
 from gateway.sim.scenario import MultiplyRate, MultiplyRateEvent, Scenario

@@ -1,6 +1,7 @@
 """`switchyard`'s entry point: every subcommand is listed, and only the module of the
 one given is loaded (an SRE's `switchyard admin routes` does not import the serving
-stack, the compiler or the simulator)."""
+stack, the compiler or the simulator, nor the admin API's server side, the control plane,
+the router or numpy)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ HEAVY = (
     "backends.compile.compiler",
     "gateway.sim.simulate",
     "gateway.loadtest.load",
+    "gateway.control.admin",
+    "gateway.control.plane",
+    "gateway.routing.router",
+    "numpy",
 )
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from gateway.bench.fuzz import BAD_CONTENTS_INPUT, fuzz
-from gateway.routing.router import Decision, Policy, RouteRequest
+from gateway.routing.router import Decision, RouteRequest
+from gateway.routing.sla import Policy
 from gateway.server import Gateway, start_gateway
 from gateway.serving.servicer import STREAM_WINDOW
 from protos import inference_pb2 as pb

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.routing.fleet import BackendState, Route
-from gateway.routing.router import Policy, RouteRequest, choose, explain
+from gateway.routing.router import RouteRequest, choose, explain
+from gateway.routing.sla import Policy
 
 FEASIBLE_REASONS = {"cheapest-feasible", "fastest-feasible", "lowest-carbon-feasible"}
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.routing.fleet import BackendState, Ejection, FleetState, Route
-from gateway.routing.router import ROW_FRACTION, Policy, choose
+from gateway.routing.router import ROW_FRACTION, choose
+from gateway.routing.sla import Policy
 from tests.unit.routing.builders import INFO, REQ, route, two_backends
 
 

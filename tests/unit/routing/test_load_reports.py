@@ -26,7 +26,8 @@ from backends.protocol.load import (
     split_report,
 )
 from gateway.routing.fleet import OTHERS, REPORT_MAX_AGE_S, SHARED_WINDOW_S, BackendState
-from gateway.routing.router import Policy, choose
+from gateway.routing.router import choose
+from gateway.routing.sla import Policy
 from protos import inference_pb2 as pb
 from tests.unit.routing.builders import REQ, route
 

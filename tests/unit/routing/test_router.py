@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from gateway.routing.estimates import LatencyEstimate
 from gateway.routing.fleet import BackendState, Route
 from gateway.routing.router import (
-    Policy,
     RoundRobin,
     RouteRequest,
     cheapest_only,
@@ -25,6 +24,7 @@ from gateway.routing.router import (
     predict_ms,
     retry_hint_ms,
 )
+from gateway.routing.sla import Policy
 from tests.unit.routing.builders import REQ, busy, names, route
 
 # What the estimates read for a seeded route, worked out by hand (not by the code under

@@ -20,7 +20,8 @@ from gateway.routing.fleet import (
     BackendState,
     poisson_quantile,
 )
-from gateway.routing.router import Policy, choose, predict_ms, queue_wait_ms
+from gateway.routing.router import choose, predict_ms, queue_wait_ms
+from gateway.routing.sla import Policy
 from tests.unit.routing.builders import REQ, route
 from tests.unit.routing.test_load_reports import one_slot, report, waiting
 

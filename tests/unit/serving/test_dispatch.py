@@ -13,7 +13,8 @@ import pytest
 from backends.protocol.errors import DeadlineExceeded, Exhausted, InvalidInput, Unavailable
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import BackendState, RetryThrottle, Route
-from gateway.routing.router import Policy, RouteRequest, choose, fastest_only, predict_ms
+from gateway.routing.router import RouteRequest, choose, fastest_only, predict_ms
+from gateway.routing.sla import Policy
 from gateway.serving.dispatch import Attempt, AttemptTimeout, Dispatcher, Job, Observer
 
 REQ = RouteRequest("m")

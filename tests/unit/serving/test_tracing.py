@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from backends.tracing import TraceSettings, TracingError, first_value
 from backends.tracing.provider import JsonLinesExporter, parent_context, traceparent_of
 from gateway.config import ConfigError, TracingSettings, parse_fleet
-from gateway.routing.router import Policy, RouteRequest, choose
+from gateway.routing.router import RouteRequest, choose
+from gateway.routing.sla import Policy
 from gateway.serving.tracing import GatewayTracing, decision_attributes
 from tests.unit.routing.builders import route
 
