@@ -21,8 +21,9 @@ import yaml
 from tests.e2e.conftest import ADMIN_TOKEN, ROOT, SWITCHYARD, RunningGateway, start_serve, stop
 
 STARVED_LAG_MS = 10.0
-"""The load generator's p99 lateness against its own schedule past which a run's SLA
-attainment is the machine's, not the router's (quiet runs: 3-7 ms)."""
+"""The load generator's p99 lateness against its own schedule (the report's `lag_p99_ms`)
+past which a run's SLA attainment is the machine's, not the router's (quiet runs: 1.5-7 ms;
+half the report's own MAX_LAG_P99_MS, past which it says the generator did not keep up)."""
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +159,8 @@ def test_short_form_live_run_and_its_checks(
     # no class's attainment says anything of the routing (a whole-suite run's drain had
     # the GPU stand-in's 1.5 ms run answered in 27 ms at p50, silver 47% and default 76%
     # within their SLAs, with the generator's sends 18 ms late at p99, where quiet runs
-    # send 3-7 ms late at p99), and the test says so instead.
-    lag_ms = sorted((float(r["send_s"]) - float(r["scheduled_s"])) * 1000 for r in records)
-    lag_p99_ms = lag_ms[int(0.99 * (len(lag_ms) - 1))]
+    # send 1.5-7 ms late at p99), and the test says so instead.
+    lag_p99_ms = summary["lag_p99_ms"]  # the report's own figure (gateway.loadtest.report)
     if lag_p99_ms > STARVED_LAG_MS:
         print(
             f"{scenario}: attainment not held: the load generator sent {lag_p99_ms:.1f} ms "
