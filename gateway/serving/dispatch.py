@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,7 +101,13 @@ class Timers(Protocol):
 
 class Transport(Protocol):
     """Starts and cancels attempts' calls. It reports each started call's end to the
-    dispatcher, once: `answered` or `failed` (never after `cancel`)."""
+    dispatcher, once: `answered` or `failed` (never after `cancel`).
+
+    A transport may also have `inline(attempt)`: the attempt's call as a coroutine, for
+    `Dispatcher.run` to await in the request's own task rather than start a task of its
+    own (a task costs the live gateway a creation, a turn of the event loop to start and
+    another to report). The coroutine reports the call's end as `send`'s task does, and
+    `cancel` cancels the task that awaits it (`Attempt.call`)."""
 
     def send(self, attempt: Attempt) -> None: ...
 
@@ -163,6 +169,10 @@ class Job:
     timer: TimerHandle | None = None
     trace: Any = None
     """The owner's trace of the request (the live gateway's spans); None: not traced."""
+    inline: bool = False
+    """Its next attempt is to be run in the request's own task (`Dispatcher.run`'s
+    first), not sent: `_launch` leaves it in `inline_attempt`."""
+    inline_attempt: Attempt | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -247,23 +257,55 @@ class Dispatcher:
     async def run(self, job: Job, now_s: float) -> Job:
         """`start`, then waits for the job's end (the live gateway): returns the job
         with its winner, or raises its error. Cancelled (the caller went away), it
-        abandons the job's attempts."""
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        abandons the job's attempts.
+
+        Where the transport runs calls inline (`Transport`), the first attempt's call is
+        awaited here, in the caller's task; its retries and hedges get tasks of their
+        own. Given up by the dispatcher while it runs (a hedge won, the deadline
+        passed), that call is cancelled through this task, which takes the cancellation
+        back (`Task.uncancel`) and goes on to the job's end; a cancellation of the
+        caller's own, at the same moment or any other, still ends it."""
+        future: asyncio.Future[Job] | None = None
 
         def done(finished: Job) -> None:
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(finished)
 
         job.on_done = done
+        inline = getattr(self.transport, "inline", None)
+        job.inline = inline is not None
         self.start(job, now_s)
         try:
-            await future
+            attempt = job.inline_attempt
+            if attempt is not None and inline is not None:
+                job.inline_attempt = None
+                await self._run_inline(attempt, inline)
+            if not job.done:
+                future = asyncio.get_running_loop().create_future()
+                await future
         except asyncio.CancelledError:
             self.abandon(job, self.timers.now())
             raise
         if job.error is not None:
             raise job.error
         return job
+
+    @staticmethod
+    async def _run_inline(
+        attempt: Attempt, inline: Callable[[Attempt], Coroutine[Any, Any, None]]
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        attempt.call = task  # the transport's cancel cancels this task while it runs
+        try:
+            await inline(attempt)
+        except asyncio.CancelledError:
+            # Settled before its end was reported: the dispatcher gave it up (and
+            # cancelled this task once). Any other cancellation is the caller's.
+            if not attempt.settled or task.uncancel() > 0:
+                raise
+        finally:
+            attempt.call = None
 
     def abandon(self, job: Job, now_s: float) -> None:
         """The job's caller is gone: its attempts are cancelled and leave their queues
@@ -396,6 +438,10 @@ class Dispatcher:
             attempt.timeout_at_s = timeout_at_s
         ticket.attempt = attempt
         job.pending.append(attempt)
+        if job.inline:  # `run` awaits its call in the request's own task
+            job.inline = False
+            job.inline_attempt = attempt
+            return
         self.transport.send(attempt)
 
     def _next_route(

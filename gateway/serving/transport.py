@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +149,12 @@ class GrpcTransport:
         attempt.alone = not self._merges
         attempt.call = asyncio.ensure_future(self._attempt(attempt))
 
+    def inline(self, attempt: Attempt) -> Coroutine[Any, Any, None]:
+        """The attempt's call, for the dispatcher to await in the request's own task
+        (see `Transport`)."""
+        attempt.alone = not self._merges
+        return self._attempt(attempt)
+
     def cancel(self, attempt: Attempt) -> None:
         task: asyncio.Future[None] | None = attempt.call
         if task is not None:
@@ -169,6 +175,9 @@ class GrpcTransport:
         assert dispatcher is not None
         in_flight = self.metrics.in_flight.labels(route.backend)
         in_flight.inc()
+        # A task made after an inline attempt's call copies the request's context, with
+        # that call's figure in it: each attempt reads its own call's only.
+        ANSWER_QUEUED_MS.set(None)
         sent_ns = time.perf_counter_ns()
         try:
             reply = await self.coalescer.call(
