@@ -129,8 +129,11 @@ class Gateway:
         await self.server.stop(grace=2.0)
         self.servicer.stop_tracing()
         await self.prober.stop()
-        await self.supervisor.stop()
+        # Nothing is forwarded any more: the streams to the backends close before the
+        # launched workers are told to stop, which would otherwise wait out their
+        # grace for those streams to end.
         await self.pool.close()
+        await self.supervisor.stop()
         if self.probes is not None:
             self.probes.stop()
         shutdown = getattr(self._metrics_server, "shutdown", None)
