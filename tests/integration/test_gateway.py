@@ -10,10 +10,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.server import start_gateway
 from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.backends.worker.test_worker import BAD_REQUESTS
 from tests.integration.conftest import (
     fleet_config,
@@ -90,16 +92,34 @@ async def test_inference_through_the_gateway(gateway, gw_stub, repository: Path)
     assert 'switchyard_backend_healthy{backend="cheap"} 1.0' in body
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_stub(repository: Path) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    """A stub of one gateway (in front of two workers) for the module's bad-request cases,
+    which change nothing there: one gateway for them all, not one each."""
+    a = await launch_worker(repository, threads=1, hardware_class="test-1c")
+    b = await launch_worker(repository, threads=1, hardware_class="test-1c")
+    gw = await start_gateway(fleet_config({"cheap": (a.address, 0.04), "dear": (b.address, 0.08)}))
+    try:
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            yield pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await gw.stop()
+        await a.stop()
+        await b.stop()
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(
     ("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
 )
-async def test_bad_input_through_the_gateway(gw_stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_input_through_the_gateway(shared_stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await gw_stub.ModelInfer(request_)
+        await shared_stub.ModelInfer(request_)
     assert info.value.code() == code, info.value.details()
     assert message in (info.value.details() or "")
 
 
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -114,12 +134,12 @@ async def test_bad_input_through_the_gateway(gw_stub, case, request_, code, mess
         ({"priority": pb.InferParameter(string_param="urgent")}, "'priority' must be a number"),
     ],
 )
-async def test_bad_routing_parameters(gw_stub, params, message) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_routing_parameters(shared_stub, params, message) -> None:  # type: ignore[no-untyped-def]
     req = raw_request("digits", {"input": np.zeros((1, 64), np.float32)}, {"input": "FP32"})
     for key, value in params.items():
         req.parameters[key].CopyFrom(value)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await gw_stub.ModelInfer(req)
+        await shared_stub.ModelInfer(req)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (info.value.details() or "")
 

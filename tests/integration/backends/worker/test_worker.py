@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from backends.demo.echo import ECHO_TYPES
 from backends.protocol.tensors import NUMPY_DTYPES, encode_bytes_tensor
@@ -49,12 +50,25 @@ async def test_metadata_config_and_index(stub) -> None:  # type: ignore[no-untyp
     ]
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_stub(repository: Path) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    """A stub of one worker for the module's cases that only read from it (inference,
+    datatypes, bad requests): one worker for them all, not one each."""
+    worker = await launch_worker(repository, threads=1, hardware_class="test-1c")
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            yield pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await worker.stop()
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("model", ["digits", "cnn", "resnet", "mobilenet", "transformer", "magika"])
-async def test_inference_matches_reference(stub, repository: Path, model: str) -> None:  # type: ignore[no-untyped-def]
+async def test_inference_matches_reference(shared_stub, repository: Path, model: str) -> None:  # type: ignore[no-untyped-def]
     inputs, reference = samples(repository, model)
-    meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
+    meta = await shared_stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
     types = {t.name: t.datatype for t in meta.inputs}
-    reply = await stub.ModelInfer(raw_request(model, inputs, types))
+    reply = await shared_stub.ModelInfer(raw_request(model, inputs, types))
     assert reply.parameters["switchyard_variant"].string_param == "ort-cpu-fp32"
     for name, expected in reference.items():
         got = output(reply, name, expected.dtype.type)
@@ -80,8 +94,9 @@ def _echo_inputs() -> dict[str, np.ndarray]:
     return arrays
 
 
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
-async def test_every_datatype_round_trips(stub, raw: bool) -> None:  # type: ignore[no-untyped-def]
+async def test_every_datatype_round_trips(shared_stub, raw: bool) -> None:  # type: ignore[no-untyped-def]
     arrays = _echo_inputs()
     req = pb.ModelInferRequest(model_name="echo" if raw else "echo_typed", id="req-7")
     if not raw:
@@ -106,7 +121,7 @@ async def test_every_datatype_round_trips(stub, raw: bool) -> None:  # type: ign
         for datatype, array in arrays.items():
             data = encode_bytes_tensor(array) if datatype == "BYTES" else array.tobytes()
             req.raw_input_contents.append(data)
-    reply = await stub.ModelInfer(req)
+    reply = await shared_stub.ModelInfer(req)
     assert reply.id == "req-7"
     by_name = {o.name: (i, o) for i, o in enumerate(reply.outputs)}
     for datatype, array in arrays.items():
@@ -218,12 +233,13 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(
     ("case", "request_", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
 )
-async def test_bad_input_gets_a_clear_status(stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_input_gets_a_clear_status(shared_stub, case, request_, code, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.ModelInfer(request_)
+        await shared_stub.ModelInfer(request_)
     assert info.value.code() == code, info.value.details()
     assert message in (info.value.details() or "")
 
