@@ -157,6 +157,19 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Load reports' sequence numbers."""
         self._probes = 0
         """Latency probes answered (`switchyard_after_waiting` requests), for the reports."""
+        self._intakes: set[asyncio.Task[None]] = set()
+        """The streams' readers while they take requests (`end_streams` stops them)."""
+        self._ending = False
+
+    def end_streams(self) -> None:
+        """The worker stops: every stream takes no further request, answers those it
+        took and ends (OK), and a stream opened from now on ends at once. Its callers
+        (a gateway's long-lived streams, idle most of the time) learn it now, not when
+        the server's grace runs out, and send elsewhere; a request they sent that the
+        stream did not take fails with the stream's end, which a gateway retries."""
+        self._ending = True
+        for intake in self._intakes:
+            intake.cancel()
 
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.models.get(name)
@@ -253,10 +266,24 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
-                    task = asyncio.ensure_future(answer(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                intake = asyncio.current_task()
+                assert intake is not None
+                if not self._ending:
+                    self._intakes.add(intake)
+                    try:
+                        async for request in request_iterator:
+                            task = asyncio.ensure_future(answer(request))
+                            running.add(task)
+                            task.add_done_callback(running.discard)
+                    except asyncio.CancelledError:
+                        # Once the worker ends its streams, a cancellation here stops the
+                        # intake only: the requests taken are still answered (where the
+                        # caller went away instead, their own tasks are cancelled too).
+                        if not self._ending:
+                            raise
+                        intake.uncancel()
+                    finally:
+                        self._intakes.discard(intake)
                 while running:
                     await asyncio.wait(set(running))
             finally:
@@ -536,9 +563,10 @@ async def start_worker(
     listen: str,
     credentials: grpc.ServerCredentials | None = None,
     tracing: WorkerTracing | None = None,
-) -> tuple[grpc.aio.Server, int, dict[str, ServedModel], ThreadPoolExecutor]:
+) -> tuple[grpc.aio.Server, int, dict[str, ServedModel], ThreadPoolExecutor, WorkerServicer]:
     """Loads the models and starts serving on `listen` (over TLS with `credentials`,
-    tracing requests with `tracing`); returns the bound port."""
+    tracing requests with `tracing`); returns the bound port, and the servicer whose
+    `end_streams` a stop calls first."""
     executor = ThreadPoolExecutor(max_workers=max(2, settings.threads), thread_name_prefix="infer")
     models = await asyncio.get_running_loop().run_in_executor(None, load_models, settings, executor)
     for model in models.values():
@@ -565,7 +593,8 @@ async def start_worker(
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD_LIMIT),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
-    add_servicer(WorkerServicer(models, settings, tracing), server)
+    servicer = WorkerServicer(models, settings, tracing)
+    add_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if credentials is None:
@@ -580,7 +609,7 @@ async def start_worker(
     await health_servicer.set("inference.GRPCInferenceService", serving)
     for name in models:
         await health_servicer.set(name, serving)
-    return server, port, models, executor
+    return server, port, models, executor, servicer
 
 
 async def serve(
@@ -589,7 +618,9 @@ async def serve(
     credentials: grpc.ServerCredentials | None = None,
     tracing: WorkerTracing | None = None,
 ) -> None:
-    server, port, models, executor = await start_worker(settings, listen, credentials, tracing)
+    server, port, models, executor, servicer = await start_worker(
+        settings, listen, credentials, tracing
+    )
     host = listen.rsplit(":", 1)[0]
     print(
         json.dumps(
@@ -603,6 +634,7 @@ async def serve(
         flush=True,
     )
     await stop_on_signals().wait()
+    servicer.end_streams()
     await server.stop(grace=2.0)
     for model in models.values():
         for batcher in model.batchers():

@@ -21,7 +21,7 @@ import pytest
 from backends.runtimes.base import Array
 from backends.worker.batching import Batcher, BatchTrace, RunFn
 from backends.worker.served import LoadedVariant, ServedModel, WorkerSettings
-from backends.worker.server import start_worker
+from backends.worker.server import WorkerServicer, start_worker
 from gateway.config import FleetConfig
 from gateway.control.redis_server import RedisServer
 from gateway.server import Gateway, start_gateway
@@ -116,6 +116,7 @@ class Worker:
     models: dict[str, ServedModel] = field(default_factory=dict)
     executor: Executor | None = None
     gates: list[Gate] = field(default_factory=list)
+    servicer: WorkerServicer | None = None
 
     async def hold(
         self, model: str, max_batch_rows: int = 1, closed: bool = True, delay_s: float = 0.0
@@ -143,11 +144,11 @@ class Worker:
 
 
 async def launch_worker(repository: Path, **settings: Any) -> Worker:
-    server, port, models, executor = await start_worker(
+    server, port, models, executor, servicer = await start_worker(
         WorkerSettings(repository=repository, **settings),
         "127.0.0.1:0",
     )
-    return Worker(f"127.0.0.1:{port}", server, models, executor)
+    return Worker(f"127.0.0.1:{port}", server, models, executor, servicer=servicer)
 
 
 @pytest.fixture

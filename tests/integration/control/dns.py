@@ -75,7 +75,7 @@ async def worker_on(
         hardware_class="test-1c",
         models=("digits",),
     )
-    server, bound, models, executor = await start_worker(settings, f"{host}:{port}", credentials)
+    server, bound, models, executor, _ = await start_worker(settings, f"{host}:{port}", credentials)
     return Worker(f"{host}:{bound}", server, models, executor)
 
 

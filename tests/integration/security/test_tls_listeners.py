@@ -266,7 +266,7 @@ async def tls_backend(repository: Path, pki: PKI) -> AsyncIterator[tuple[Worker,
     own = PKI(pki.directory, "backend")
     leaf = own.server("backend", hosts=("backend.internal",))
     credentials = server_credentials(leaf.cert_file, leaf.key_file, own.ca_file)
-    server, port, models, executor = await start_worker(
+    server, port, models, executor, _ = await start_worker(
         WorkerSettings(repository=repository, threads=1, hardware_class="test-1c"),
         "127.0.0.1:0",
         credentials,

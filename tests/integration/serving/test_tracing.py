@@ -47,7 +47,7 @@ def provider(exporter: InMemorySpanExporter, service: str) -> TracerProvider:
 async def traced_worker(
     repository: Path, exporter: InMemorySpanExporter, **settings: object
 ) -> Worker:
-    server, port, models, executor = await start_worker(
+    server, port, models, executor, _ = await start_worker(
         WorkerSettings(
             repository=repository,
             threads=1,

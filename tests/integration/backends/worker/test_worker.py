@@ -362,6 +362,50 @@ async def test_streaming_inference(stub, repository: Path) -> None:  # type: ign
     assert error.infer_response.parameters["switchyard_status"].string_param == "INVALID_ARGUMENT"
 
 
+async def test_a_stopping_worker_ends_its_streams_once_their_requests_are_answered(
+    repository: Path,
+) -> None:
+    """What the worker does first when it stops (`end_streams`): a stream with a request
+    in flight takes no further request, answers the one it took and ends OK; an idle
+    stream (a gateway's, between requests) ends OK at once; a stream opened after ends at
+    once. Without it, the server's stop would hold both open for its grace and then
+    cancel them, the request in flight included."""
+    worker = await launch_worker(repository, threads=1, hardware_class="test-1c")
+    held = await worker.hold("digits")
+    assert worker.servicer is not None
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            busy = stub.ModelStreamInfer()
+            idle = stub.ModelStreamInfer()
+            await idle.wait_for_connection()
+            first = _one_row(repository, {})
+            first.id = "taken"
+            await busy.write(first)
+            await wait_until(lambda: held.gate.holding, what="the first request running")
+            worker.servicer.end_streams()
+            # The idle stream ends now, though its caller has not closed it (the bound
+            # only turns a stream left open into a failure).
+            assert await asyncio.wait_for(idle.read(), 30) == grpc.aio.EOF
+            assert await idle.code() == grpc.StatusCode.OK
+            late = _one_row(repository, {})
+            late.id = "not taken"
+            await busy.write(late)
+            held.gate.open()
+            reply = await busy.read()
+            assert isinstance(reply, pb.ModelStreamInferResponse)
+            assert reply.infer_response.id == "taken" and not reply.error_message
+            # "not taken" is never answered.
+            assert await asyncio.wait_for(busy.read(), 30) == grpc.aio.EOF
+            assert await busy.code() == grpc.StatusCode.OK
+            assert held.batcher.arrived == 1
+            after = stub.ModelStreamInfer()
+            assert await asyncio.wait_for(after.read(), 30) == grpc.aio.EOF
+            assert await after.code() == grpc.StatusCode.OK
+    finally:
+        await worker.stop()
+
+
 Params = dict[str, int | str]
 
 
