@@ -248,7 +248,7 @@ class GrpcTransport:
                     ANSWER_QUEUED_MS.set(report.queued_us * 0.001)
             return reply
         code = error.code
-        self.metrics.attempts.labels(route.backend, code.name).inc()
+        self.metrics.attempts.labels(route.backend, _outcome(error)).inc()
         if code == grpc.StatusCode.UNAVAILABLE:
             # Passive health: a backend that refuses connections leaves the routes
             # until a probe finds it ready again.
@@ -262,6 +262,21 @@ class GrpcTransport:
             suffix = request_parameters({"switchyard_variant": variant})
             self._variant_suffixes[variant] = suffix
         return suffix
+
+
+REFUSED_LATE = "REFUSED_LATE"
+"""The attempts metric's outcome for a worker's refusal of a request it would answer past
+its due time, as the gateway asked (a RESOURCE_EXHAUSTED of its own: a gateway sharing the
+worker with others learnt of their requests, not a queue shedding load)."""
+
+
+def _outcome(error: BackendCallError) -> str:
+    """An attempt's failure as the attempts metric names it: its status code's name, or
+    REFUSED_LATE."""
+    code: grpc.StatusCode = error.code
+    if code == REFUSED and LATE_REFUSAL in error.details:
+        return REFUSED_LATE
+    return str(code.name)
 
 
 def _attempt_trace() -> Any:

@@ -2,7 +2,8 @@
 answers (unary and on a stream) end with its queue less the asking gateway's own
 requests, a gateway cuts the report off before its callers see the answer, and two
 gateways sharing a one-slot cheap backend keep its SLA with the reports (the second
-gateway's traffic spills to a dearer spare as the first fills the cheap one)."""
+gateway's traffic spills to a dearer spare as the first fills the cheap one); a worker's
+late refusal of a gateway's request is counted as one and served elsewhere."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import grpc
 import pytest
 
 from backends.protocol.load import caller_field, split_report
-from backends.protocol.parameters import AFTER_WAITING_PARAMETER
+from backends.protocol.parameters import AFTER_WAITING_PARAMETER, DUE_PARAMETER
 from backends.protocol.streams import id_field, read_answer
 from gateway.config import FleetConfig
 from gateway.server import Gateway, start_gateway
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import Worker, launch_worker, raw_request, samples, server_ready
+from tests.integration.serving.test_attempts_live import attempts, scrape
 from tests.waiting import wait_until
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -93,7 +95,12 @@ async def test_answers_carry_the_queue_less_the_callers_own(
 
 
 def two_gateway_config(
-    cheap: Worker, spare: Worker, load_reports: bool, sla_ms: float
+    cheap: Worker,
+    spare: Worker,
+    load_reports: bool,
+    sla_ms: float,
+    spare_usd_per_hour: float = 1.0,
+    **gateway: object,
 ) -> FleetConfig:
     return FleetConfig.model_validate(
         {
@@ -104,10 +111,15 @@ def two_gateway_config(
                 "probe_interval_s": 0.2,
                 "coalesce_in_flight": 0,
                 "load_reports": load_reports,
+                **gateway,
             },
             "backends": [
                 {"name": "cheap", "address": cheap.address, "price_usd_per_hour": 0.01},
-                {"name": "spare", "address": spare.address, "price_usd_per_hour": 1.0},
+                {
+                    "name": "spare",
+                    "address": spare.address,
+                    "price_usd_per_hour": spare_usd_per_hour,
+                },
             ],
             "policies": {"default": {"latency_ms": sla_ms, "on_infeasible": "fastest"}},
         }
@@ -247,3 +259,101 @@ async def test_two_gateways_keep_a_shared_backends_sla_with_load_reports(
     assert sum(t.where["cheap"] for t in with_reports) >= 0.5 * capacity
     assert with_reports[1].where["spare"] > with_reports[1].where["cheap"]
     assert late <= 0.05 * answers
+
+
+REFUSAL_RUN_MS = 200.0
+"""The refusal test's cheap backend's emulated run: long beside this machine's stalls."""
+REFUSAL_SLA_MS = 2000.0
+"""Room, as the gateway sees the cheap backend, for its request behind a few others."""
+BURST = 14
+"""The other caller's requests due at once: 2.8 s of work at the cheap backend, past the
+SLA, ahead of the gateway's request there."""
+
+
+async def test_a_late_refusal_is_counted_as_one_and_its_request_served_elsewhere(
+    repository: Path,
+) -> None:
+    """A gateway that has seen another caller's requests at a worker asks it to refuse
+    what it would answer late; when the other caller's burst comes between two of the
+    gateway's reports, the worker refuses, the gateway sends the request to its next
+    route at once, and its attempts metric counts the refusal as `REFUSED_LATE`, apart
+    from a queue that sheds load (RESOURCE_EXHAUSTED)."""
+    cheap = await launch_worker(
+        repository,
+        threads=1,
+        hardware_class="test-cheap",
+        emulate_latency_ms=REFUSAL_RUN_MS,
+        max_batch_rows=1,  # each request an execution of its own
+        models=("digits",),
+    )
+    spare = await launch_worker(
+        repository, threads=1, hardware_class="test-spare", models=("digits",)
+    )
+    # No latency probe takes the cheap slot (and no warm-up: the routes start from the
+    # workers' own figures, the emulated run's). The spare costs more a request than the
+    # cheap backend's 200 ms run, fast as it is.
+    config = two_gateway_config(
+        cheap, spare, True, REFUSAL_SLA_MS, 10_000.0, latency_probe_interval_s=0.0
+    )
+    try:
+        gw = await start_gateway(config)
+    except BaseException:
+        await cheap.stop()
+        await spare.stop()
+        raise
+    request = digits_request(repository)
+    body = request.SerializeToString()
+
+    def other(due_ms: float) -> bytes:
+        """A request of another caller ("x"), due in `due_ms`."""
+        due = pb.ModelInferRequest()
+        due.parameters[DUE_PARAMETER].int64_param = int(due_ms * 1000)
+        return body + due.SerializeToString() + caller_field("x")
+
+    try:
+        await wait_until(partial(server_ready, gw), timeout_s=30.0)
+        async with (
+            grpc.aio.insecure_channel(gw.address) as gw_channel,
+            grpc.aio.insecure_channel(cheap.address) as x_channel,
+        ):
+            stub = pb_grpc.GRPCInferenceServiceStub(gw_channel)
+            x = x_channel.unary_unary(INFER)
+            sent: list[asyncio.Future[bytes]] = []
+
+            # The gateway's way to the cheap backend is open (its stream), so that its
+            # next request gets there within one run.
+            warm = await stub.ModelInfer(request, timeout=30.0)
+            assert warm.parameters["switchyard_backend"].string_param == "cheap"
+            # "x" has one request running and two waiting, due long after the gateway's:
+            # the gateway's next answer reports one of them at least (the worker may have
+            # formed the other's batch before the gateway's request came), and the
+            # gateway sees the worker shared from then on.
+            sent.append(asyncio.ensure_future(x(other(1.0), timeout=30.0)))
+            for _ in range(2):
+                sent.append(asyncio.ensure_future(x(other(60_000.0), timeout=30.0)))
+            await wait_until(lambda: queued(cheap) == 3, what="x's three requests at the worker")
+            first = await stub.ModelInfer(request, timeout=30.0)
+            assert first.parameters["switchyard_backend"].string_param == "cheap"
+            assert gw.fleet.backends["cheap"].shared(time.monotonic())
+            # Then "x" sends a burst due at once, which the gateway has not seen.
+            for _ in range(BURST):
+                sent.append(asyncio.ensure_future(x(other(1.0), timeout=30.0)))
+            await wait_until(lambda: queued(cheap) >= BURST, what="the burst at the worker")
+            second = await stub.ModelInfer(request, timeout=30.0)
+            assert second.parameters["switchyard_backend"].string_param == "spare"
+            assert second.parameters["switchyard_attempts"].string_param == "2"
+            counted = attempts(await scrape(gw))
+            assert counted.get("cheap/REFUSED_LATE") == 1, counted
+            assert "cheap/RESOURCE_EXHAUSTED" not in counted
+            await asyncio.gather(*sent)
+    finally:
+        await gw.stop()
+        await cheap.stop()
+        await spare.stop()
+
+
+def queued(worker: Worker) -> int:
+    """Requests at `worker`'s digits batcher: waiting, or in its batch running."""
+    served = worker.models["digits"]
+    batcher = served.variants[served.default].batcher
+    return batcher.running + len(list(batcher._waiting()))
