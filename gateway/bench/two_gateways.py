@@ -16,8 +16,10 @@ in one redis-server of their own (RedisServer, on a Unix socket), so the scenari
 prices and policies, set through the first gateway's admin API, are in force on both.
 Then `switchyard load` plays the scenario (its short form unless --full) twice with the
 same seed: against the first gateway alone, then against both, each taking every other
-request (`--target` twice). The second gateway is up in both runs (idle in the first
-but for its probes).
+request (`--target` twice). The second gateway starts only after the first run: even
+idle, its latency probes name it to the workers, so the first gateway would see its
+workers shared with another gateway (and ask them to refuse what they would answer late)
+in the run that stands for one gateway alone.
 
 Cost per 1M is given twice. As the gateways say it: each answer's `switchyard_cost_usd`,
 the price times the route's estimated mean service time, so a gateway whose estimates
@@ -44,6 +46,7 @@ import secrets
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -52,6 +55,7 @@ from typing import Any
 
 import grpc
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.bench.harness import BenchError, Child, serve_command, switchyard_command
 from gateway.bench.load import LoadRun, run_load
@@ -61,6 +65,7 @@ from gateway.control.redis_server import RedisServer
 from gateway.control.supervisor import worker_command
 from gateway.report.markdown import markdown_table
 from gateway.routing.figures import usd_per_busy_ms
+from gateway.serving.transport import REFUSED_LATE
 from gateway.sim.scenario import Scenario, SetPriceEvent, load_scenario
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -111,6 +116,24 @@ def worker_counts(addresses: dict[str, str]) -> dict[str, tuple[int, int]]:
         ns = sum(m.inference_stats.compute_infer.ns for m in stats.model_stats)
         out[name] = (count, ns)
     return out
+
+
+def gateway_counts(metrics_ports: Sequence[int]) -> tuple[float, float]:
+    """Late refusals and retries so far, summed over the gateways whose /metrics are on
+    `metrics_ports` (127.0.0.1)."""
+    refused = retries = 0.0
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "switchyard_backend_attempts_total":
+                    if sample.labels.get("outcome") == REFUSED_LATE:
+                        refused += sample.value
+                elif sample.name == "switchyard_decisions_total":
+                    if sample.labels.get("reason") == "retry":
+                        retries += sample.value
+    return refused, retries
 
 
 def busy_ms(
@@ -211,6 +234,15 @@ def rows(one_run: Measured, two_run: Measured) -> list[list[str]]:
         out.append([f"{name}{target}: SLA met", pct(a), pct(b), diff])
     for key, label in (("answered", "answered"), ("ok", "OK")):
         out.append([label, f"{one[key]:,}", f"{two[key]:,}", ""])
+    out.append(
+        [
+            "attempts refused late by a worker, as asked",
+            f"{one_run.refused_late:,.0f}",
+            f"{two_run.refused_late:,.0f}",
+            "",
+        ]
+    )
+    out.append(["retries", f"{one_run.retries:,.0f}", f"{two_run.retries:,.0f}", ""])
 
     def errors(s: dict[str, Any]) -> str:
         return ", ".join(f"{code} {n:,}" for code, n in sorted(s["errors"].items())) or "none"
@@ -227,13 +259,46 @@ def rows(one_run: Measured, two_run: Measured) -> list[list[str]]:
     return out
 
 
+class Gateways:
+    """The store, the workers and the gateways of `two_gateways`: the first gateway runs
+    from the start, the second once `start_second` is called."""
+
+    def __init__(
+        self,
+        fleet_path: Path,
+        work: Path,
+        env: dict[str, str],
+        store: RedisServer,
+        stack: contextlib.ExitStack,
+        addresses: dict[str, str],
+    ) -> None:
+        self.fleet_path, self.work, self.env = fleet_path, work, env
+        self.store, self.stack, self.addresses = store, stack, addresses
+        self.first = self._start("first")
+        self.second: dict[str, Any] | None = None
+
+    def start_second(self) -> dict[str, Any]:
+        self.second = self._start("second")
+        return self.second
+
+    def _start(self, name: str) -> dict[str, Any]:
+        """Starts gateway `name`; its ready file's contents once it routes to every worker."""
+        config = fleet_file(
+            self.fleet_path, self.store.url, self.addresses, self.work / f"{name}.yaml"
+        )
+        ready_file = self.work / f"{name}.json"
+        command = serve_command(config, ready_file)
+        gateway = self.stack.enter_context(Child(name, command, self.work, ROOT, self.env))
+        info: dict[str, Any] = gateway.wait_ready_file(ready_file, START_TIMEOUT_S)
+        routes_ready(info["admin"], list(self.addresses), self.env, START_TIMEOUT_S)
+        return info
+
+
 @contextlib.contextmanager
-def two_gateways(
-    fleet_path: Path, work: Path, env: dict[str, str]
-) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
+def two_gateways(fleet_path: Path, work: Path, env: dict[str, str]) -> Iterator[Gateways]:
     """A redis-server, the fleet's workers (plaintext, started here as the fleet's
-    `launch` says) and two gateways on them over that store; yields their ready files'
-    contents once each routes to every worker, and the workers' addresses by name."""
+    `launch` says) and the first gateway on them over that store, ready to route to every
+    worker; the second gateway when asked (`Gateways.start_second`)."""
     executable = RedisServer.find()
     if executable is None:
         raise BenchError("redis-server not found (apt-get install redis-server)")
@@ -252,17 +317,7 @@ def two_gateways(
             addresses = {
                 name: child.wait_listening(START_TIMEOUT_S) for name, child in workers.items()
             }
-            ready = []
-            for name in ("first", "second"):
-                config = fleet_file(fleet_path, store.url, addresses, work / f"{name}.yaml")
-                ready_file = work / f"{name}.json"
-                command = serve_command(config, ready_file)
-                gateway = stack.enter_context(Child(name, command, work, ROOT, env))
-                ready.append((gateway, ready_file))
-            infos = [gateway.wait_ready_file(path, START_TIMEOUT_S) for gateway, path in ready]
-            for info in infos:
-                routes_ready(info["admin"], list(addresses), env, START_TIMEOUT_S)
-            yield infos[0], infos[1], addresses
+            yield Gateways(fleet_path, work, env, store, stack, addresses)
     finally:
         store.stop()
 
@@ -295,6 +350,10 @@ class Measured:
     """Each worker's mean execution time per inference over the run."""
     records: Path
     """The run's per-request records (the load report's requests.csv)."""
+    refused_late: float = 0.0
+    """Attempts the workers refused as the gateways asked (`REFUSED_LATE`), both gateways."""
+    retries: float = 0.0
+    """Retries the gateways sent (`switchyard_decisions_total{reason="retry"}`)."""
     routed_cost_usd_per_1m: float = math.nan
     """Cost per 1M at the one-gateway run's busy times: where this run's traffic went,
     priced alike in both runs (the machine's contention, which slows the workers more
@@ -317,11 +376,19 @@ def measure(
     played = scenario if full else scenario.shortened()
     env = {**os.environ, "SWITCHYARD_ADMIN_TOKEN": secrets.token_urlsafe(24)}
     out = []
-    with two_gateways(fleet_path, work, env) as (first, second, addresses):
+    with two_gateways(fleet_path, work, env) as gateways:
+        addresses, first = gateways.addresses, gateways.first
         extra = ([] if full else ["--short"]) + ["--rate-scale", f"{rate_scale:g}"]
         target, admin = first["address"], first["admin"]
-        for name, more in (("one", []), ("two", ["--target", second["address"]])):
+        for name in ("one", "two"):
+            more = []
+            ports = [first["metrics_port"]]
+            if name == "two":
+                second = gateways.start_second()
+                more = ["--target", second["address"]]
+                ports.append(second["metrics_port"])
             report = work / f"report-{name}"
+            refused_before, retries_before = gateway_counts(ports)
             before = worker_counts(addresses)
             run = run_load(
                 target,
@@ -335,7 +402,17 @@ def measure(
             busy = busy_ms(before, worker_counts(addresses))
             records = report / "requests.csv"
             cost = busy_cost_per_1m(records, played, prices, slots, busy)
-            out.append(Measured(run, cost, busy, records))
+            refused, retries = gateway_counts(ports)
+            out.append(
+                Measured(
+                    run,
+                    cost,
+                    busy,
+                    records,
+                    refused - refused_before,
+                    retries - retries_before,
+                )
+            )
     one, two = out
     routed = busy_cost_per_1m(two.records, played, prices, slots, one.busy_ms)
     return (
