@@ -275,11 +275,9 @@ class Gateways:
         self.fleet_path, self.work, self.env = fleet_path, work, env
         self.store, self.stack, self.addresses = store, stack, addresses
         self.first = self._start("first")
-        self.second: dict[str, Any] | None = None
 
     def start_second(self) -> dict[str, Any]:
-        self.second = self._start("second")
-        return self.second
+        return self._start("second")
 
     def _start(self, name: str) -> dict[str, Any]:
         """Starts gateway `name`; its ready file's contents once it routes to every worker."""

@@ -187,7 +187,7 @@ class GrpcTransport:
             raise  # the dispatcher gave it up
         except BackendCallError as exc:
             code = exc.code
-            if attempt.refuse_late and code == REFUSED and LATE_REFUSAL in exc.details:
+            if attempt.refuse_late and _late_refusal(exc):
                 dispatcher.refused(attempt, exc, self.clock())
             else:
                 dispatcher.failed(
@@ -270,13 +270,16 @@ its due time, as the gateway asked (a RESOURCE_EXHAUSTED of its own: a gateway s
 worker with others learnt of their requests, not a queue shedding load)."""
 
 
+def _late_refusal(error: BackendCallError) -> bool:
+    """Whether `error` is a worker's refusal of a request it would answer past its due
+    time (as asked: `Attempt.refuse_late`)."""
+    return bool(error.code == REFUSED and LATE_REFUSAL in error.details)
+
+
 def _outcome(error: BackendCallError) -> str:
     """An attempt's failure as the attempts metric names it: its status code's name, or
     REFUSED_LATE."""
-    code: grpc.StatusCode = error.code
-    if code == REFUSED and LATE_REFUSAL in error.details:
-        return REFUSED_LATE
-    return str(code.name)
+    return REFUSED_LATE if _late_refusal(error) else str(error.code.name)
 
 
 def _attempt_trace() -> Any:
